@@ -1,0 +1,237 @@
+#include "common/process.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+extern char** environ;
+
+namespace muster {
+
+namespace {
+constexpr std::size_t kErrTail = 4096;
+
+void SplitLines(std::string& pending, const char* data, std::size_t n, bool is_stderr,
+                const RunOptions& o) {
+  pending.append(data, n);
+  std::size_t pos;
+  while ((pos = pending.find('\n')) != std::string::npos) {
+    if (o.on_line) o.on_line(is_stderr, pending.substr(0, pos));
+    pending.erase(0, pos + 1);
+  }
+  if (pending.size() > 64 * 1024) {  // an endless line: flush it in pieces
+    if (o.on_line) o.on_line(is_stderr, pending);
+    pending.clear();
+  }
+}
+}  // namespace
+
+std::string RunResult::Describe() const {
+  std::string s;
+  if (!start_error.empty()) return "could not start: " + start_error;
+  if (timed_out) {
+    s = "timed out and was killed";
+  } else if (exited) {
+    s = "exited with status " + std::to_string(exit_code);
+  } else {
+    s = "was killed by signal " + std::to_string(signal);
+  }
+  std::string tail = err_tail;
+  while (!tail.empty() && (tail.back() == '\n' || tail.back() == ' ')) tail.pop_back();
+  if (!tail.empty()) {
+    auto cut = tail.size() > 1500 ? tail.substr(tail.size() - 1500) : tail;
+    s += ": " + cut;
+  }
+  return s;
+}
+
+std::string ArgvToString(const std::vector<std::string>& argv) {
+  std::string s;
+  for (const auto& a : argv) {
+    if (!s.empty()) s += ' ';
+    if (a.find_first_of(" \t\n'\"\\$") == std::string::npos && !a.empty()) {
+      s += a;
+    } else {
+      s += '\'';
+      for (char c : a) {
+        if (c == '\'') {
+          s += "'\\''";
+        } else {
+          s += c;
+        }
+      }
+      s += '\'';
+    }
+  }
+  return s;
+}
+
+RunResult SystemProcessRunner::Run(const RunOptions& o) {
+  RunResult r;
+  if (o.argv.empty() || o.argv[0].empty() || o.argv[0][0] != '/') {
+    r.start_error = "program path must be absolute: '" + (o.argv.empty() ? "" : o.argv[0]) + "'";
+    return r;
+  }
+  int out_pipe[2], err_pipe[2], in_pipe[2], exec_pipe[2];
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0 ||
+      ::pipe2(in_pipe, O_CLOEXEC) != 0 || ::pipe2(exec_pipe, O_CLOEXEC) != 0) {
+    r.start_error = std::string("pipe: ") + std::strerror(errno);
+    return r;
+  }
+  // Build argv/envp before fork (no allocation in the child).
+  std::vector<char*> argv;
+  for (const auto& a : o.argv) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  std::vector<std::string> env_store;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string kv = *e;
+    auto eq = kv.find('=');
+    if (eq != std::string::npos && o.env.count(kv.substr(0, eq)) != 0) continue;
+    env_store.push_back(std::move(kv));
+  }
+  for (const auto& [k, v] : o.env) env_store.push_back(k + "=" + v);
+  std::vector<char*> envp;
+  for (auto& e : env_store) envp.push_back(e.data());
+  envp.push_back(nullptr);
+
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    r.start_error = std::string("fork: ") + std::strerror(errno);
+    for (int fd : {out_pipe[0], out_pipe[1], err_pipe[0], err_pipe[1], in_pipe[0], in_pipe[1],
+                   exec_pipe[0], exec_pipe[1]}) {
+      ::close(fd);
+    }
+    return r;
+  }
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    ::dup2(in_pipe[0], 0);
+    ::dup2(out_pipe[1], 1);
+    ::dup2(err_pipe[1], 2);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::signal(SIGPIPE, SIG_DFL);
+    if (!o.cwd.empty() && ::chdir(o.cwd.c_str()) != 0) {
+      int e = errno;
+      (void)!::write(exec_pipe[1], &e, sizeof e);
+      ::_exit(127);
+    }
+    ::execve(argv[0], argv.data(), envp.data());
+    int e = errno;
+    (void)!::write(exec_pipe[1], &e, sizeof e);
+    ::_exit(127);
+  }
+  ::setpgid(pid, pid);
+  ::close(out_pipe[1]);
+  ::close(err_pipe[1]);
+  ::close(in_pipe[0]);
+  ::close(exec_pipe[1]);
+  int exec_errno = 0;
+  if (::read(exec_pipe[0], &exec_errno, sizeof exec_errno) == sizeof exec_errno) {
+    r.start_error = o.argv[0] + ": " + std::strerror(exec_errno);
+  }
+  ::close(exec_pipe[0]);
+
+  // Feed stdin (small inputs; written in the loop below to avoid deadlock).
+  std::size_t in_off = 0;
+  int in_fd = in_pipe[1];
+  if (o.input.empty()) {
+    ::close(in_fd);
+    in_fd = -1;
+  } else {
+    ::fcntl(in_fd, F_SETFL, O_NONBLOCK);
+  }
+  auto deadline = std::chrono::steady_clock::now() + o.timeout;
+  std::string out_pending, err_pending;
+  int fds_open = 2;
+  bool out_open = true, err_open = true;
+  char buf[16384];
+  while (fds_open > 0) {
+    auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
+      r.timed_out = true;
+      ::kill(-pid, SIGKILL);
+      break;
+    }
+    int wait_ms = static_cast<int>(
+        std::min<long long>(1000, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1));
+    pollfd p[3];
+    int n = 0;
+    int oi = -1, ei = -1, ii = -1;
+    if (out_open) { p[n] = {out_pipe[0], POLLIN, 0}; oi = n++; }
+    if (err_open) { p[n] = {err_pipe[0], POLLIN, 0}; ei = n++; }
+    if (in_fd >= 0) { p[n] = {in_fd, POLLOUT, 0}; ii = n++; }
+    int rc = ::poll(p, static_cast<nfds_t>(n), wait_ms);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    auto drain = [&](int idx, int fd, bool is_err, bool& open) {
+      if (idx < 0 || !(p[idx].revents & (POLLIN | POLLHUP | POLLERR))) return;
+      ssize_t k = ::read(fd, buf, sizeof buf);
+      if (k <= 0) {
+        if (k < 0 && errno == EINTR) return;
+        open = false;
+        --fds_open;
+        return;
+      }
+      auto len = static_cast<std::size_t>(k);
+      if (is_err) {
+        r.err_tail.append(buf, len);
+        if (r.err_tail.size() > kErrTail) r.err_tail.erase(0, r.err_tail.size() - kErrTail);
+        SplitLines(err_pending, buf, len, true, o);
+      } else {
+        if (r.out.size() < o.max_output) r.out.append(buf, std::min(len, o.max_output - r.out.size()));
+        SplitLines(out_pending, buf, len, false, o);
+      }
+    };
+    drain(oi, out_pipe[0], false, out_open);
+    drain(ei, err_pipe[0], true, err_open);
+    if (ii >= 0 && (p[ii].revents & (POLLOUT | POLLERR | POLLHUP))) {
+      ssize_t k = ::write(in_fd, o.input.data() + in_off, o.input.size() - in_off);
+      if (k > 0) in_off += static_cast<std::size_t>(k);
+      if (k < 0 && errno != EAGAIN && errno != EINTR) in_off = o.input.size();
+      if (in_off >= o.input.size()) {
+        ::close(in_fd);
+        in_fd = -1;
+      }
+    }
+  }
+  if (in_fd >= 0) ::close(in_fd);
+  ::close(out_pipe[0]);
+  ::close(err_pipe[0]);
+  if (o.on_line) {
+    if (!out_pending.empty()) o.on_line(false, out_pending);
+    if (!err_pending.empty()) o.on_line(true, err_pending);
+  }
+  int status = 0;
+  // After the pipes close the program may still run (daemonised children keep
+  // them open otherwise); wait up to the deadline, then kill.
+  for (;;) {
+    pid_t w = ::waitpid(pid, &status, WNOHANG);
+    if (w == pid) break;
+    if (w < 0 && errno != EINTR) break;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      r.timed_out = true;
+      ::kill(-pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      break;
+    }
+    ::usleep(2000);
+  }
+  if (WIFEXITED(status)) {
+    r.exited = r.start_error.empty();
+    r.exit_code = WEXITSTATUS(status);
+  } else if (WIFSIGNALED(status)) {
+    r.signal = WTERMSIG(status);
+  }
+  return r;
+}
+
+}  // namespace muster

@@ -1,0 +1,231 @@
+#include "common/protocol.h"
+
+namespace muster::proto {
+
+using nlohmann::json;
+
+namespace {
+
+template <class... Ts>
+struct Overloaded : Ts... {
+  using Ts::operator()...;
+};
+template <class... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
+// Typed field access; throws json::exception on a missing field or wrong type,
+// caught in Decode.
+std::string Str(const json& j, const char* k) { return j.at(k).get<std::string>(); }
+std::string OptStr(const json& j, const char* k) {
+  auto it = j.find(k);
+  if (it == j.end() || it->is_null()) return {};
+  return it->get<std::string>();
+}
+std::int64_t Int(const json& j, const char* k) {
+  const json& v = j.at(k);
+  if (!v.is_number_integer()) throw json::type_error::create(302, std::string(k) + " must be an integer", &v);
+  return v.get<std::int64_t>();
+}
+std::int64_t OptInt(const json& j, const char* k) {
+  auto it = j.find(k);
+  if (it == j.end() || it->is_null()) return 0;
+  if (!it->is_number_integer()) throw json::type_error::create(302, std::string(k) + " must be an integer", &*it);
+  return it->get<std::int64_t>();
+}
+std::uint64_t UInt(const json& j, const char* k) {
+  const json& v = j.at(k);
+  if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0)) {
+    throw json::type_error::create(302, std::string(k) + " must be a non-negative integer", &v);
+  }
+  return v.get<std::uint64_t>();
+}
+bool OptBool(const json& j, const char* k) {
+  auto it = j.find(k);
+  if (it == j.end() || it->is_null()) return false;
+  return it->get<bool>();
+}
+
+json Body(const Hello& m) {
+  return {{"machine", m.machine},   {"agentVersion", m.agent_version},
+          {"facts", ToJson(m.facts)}, {"generation", m.generation},
+          {"phase", m.phase},       {"toplevel", m.toplevel},
+          {"lastApplied", m.last_applied}};
+}
+json Body(const StatusReport& m) {
+  return {{"seq", m.seq},           {"generation", m.generation},
+          {"phase", m.phase},       {"detail", m.detail},
+          {"toplevel", m.toplevel}, {"rebootRequired", m.reboot_required},
+          {"closureBytes", m.closure_bytes}, {"at", m.at}};
+}
+json Body(const LogLines& m) {
+  return {{"generation", m.generation}, {"stream", m.stream}, {"lines", m.lines}};
+}
+json Body(const Welcome& m) { return {{"machine", m.machine}, {"serverTime", m.server_time}}; }
+json Body(const Deploy& m) {
+  return {{"manifest", m.manifest.manifest},
+          {"signer", m.manifest.signer},
+          {"signature", m.manifest.signature},
+          {"vars", m.vars}};
+}
+json Body(const Ack& m) { return {{"seq", m.seq}}; }
+json Body(const ErrorMsg& m) { return {{"code", m.code}, {"message", m.message}}; }
+json Body(const Request& m) { return {{"id", m.id}, {"method", m.method}, {"params", m.params}}; }
+json Body(const Response& m) {
+  json j = {{"id", m.id}, {"ok", m.ok}};
+  if (m.ok) {
+    j["result"] = m.result;
+  } else {
+    j["error"] = m.error;
+  }
+  return j;
+}
+json Body(const Event& m) { return {{"topic", m.topic}, {"data", m.data}}; }
+
+Result<Message> DecodeBody(std::string_view type, const json& b) {
+  if (type == "hello") {
+    Hello m;
+    m.machine = Str(b, "machine");
+    m.agent_version = Str(b, "agentVersion");
+    if (b.contains("facts")) {
+      if (!b.at("facts").is_object()) return Err("hello: facts must be an object");
+      m.facts = HostFactsFromJson(b.at("facts"));
+    }
+    m.generation = OptInt(b, "generation");
+    m.phase = OptStr(b, "phase");
+    m.toplevel = OptStr(b, "toplevel");
+    m.last_applied = OptInt(b, "lastApplied");
+    return Message{m};
+  }
+  if (type == "status") {
+    StatusReport m;
+    m.seq = UInt(b, "seq");
+    m.generation = Int(b, "generation");
+    m.phase = Str(b, "phase");
+    m.detail = OptStr(b, "detail");
+    m.toplevel = OptStr(b, "toplevel");
+    m.reboot_required = OptBool(b, "rebootRequired");
+    m.closure_bytes = OptInt(b, "closureBytes");
+    m.at = OptInt(b, "at");
+    return Message{m};
+  }
+  if (type == "log") {
+    LogLines m;
+    m.generation = Int(b, "generation");
+    m.stream = Str(b, "stream");
+    m.lines = b.at("lines").get<std::vector<std::string>>();
+    return Message{m};
+  }
+  if (type == "welcome") {
+    Welcome m;
+    m.machine = Str(b, "machine");
+    m.server_time = OptInt(b, "serverTime");
+    return Message{m};
+  }
+  if (type == "deploy") {
+    Deploy m;
+    m.manifest.manifest = Str(b, "manifest");
+    m.manifest.signer = Str(b, "signer");
+    m.manifest.signature = Str(b, "signature");
+    m.vars = OptStr(b, "vars");
+    return Message{m};
+  }
+  if (type == "ack") return Message{Ack{UInt(b, "seq")}};
+  if (type == "error") return Message{ErrorMsg{Str(b, "code"), Str(b, "message")}};
+  if (type == "request") {
+    Request m;
+    m.id = UInt(b, "id");
+    m.method = Str(b, "method");
+    if (b.contains("params")) {
+      if (!b.at("params").is_object()) return Err("request: params must be an object");
+      m.params = b.at("params");
+    }
+    return Message{m};
+  }
+  if (type == "response") {
+    Response m;
+    m.id = UInt(b, "id");
+    m.ok = b.at("ok").get<bool>();
+    if (m.ok) {
+      if (b.contains("result")) m.result = b.at("result");
+    } else {
+      m.error = Str(b, "error");
+    }
+    return Message{m};
+  }
+  if (type == "event") {
+    Event m;
+    m.topic = Str(b, "topic");
+    if (b.contains("data")) m.data = b.at("data");
+    return Message{m};
+  }
+  return Err("unknown message type '" + std::string(type.substr(0, 40)) + "'");
+}
+
+}  // namespace
+
+json ToJson(const HostFacts& f) {
+  return {{"system", f.system},
+          {"os", f.os},
+          {"osVersion", f.os_version},
+          {"hostname", f.hostname},
+          {"kernel", f.kernel}};
+}
+
+HostFacts HostFactsFromJson(const json& j) {
+  HostFacts f;
+  auto get = [&](const char* k) {
+    auto it = j.find(k);
+    return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
+  };
+  f.system = get("system");
+  f.os = get("os");
+  f.os_version = get("osVersion");
+  f.hostname = get("hostname");
+  f.kernel = get("kernel");
+  return f;
+}
+
+std::string_view TypeName(const Message& m) {
+  return std::visit(Overloaded{
+                        [](const Hello&) { return std::string_view("hello"); },
+                        [](const StatusReport&) { return std::string_view("status"); },
+                        [](const LogLines&) { return std::string_view("log"); },
+                        [](const Welcome&) { return std::string_view("welcome"); },
+                        [](const Deploy&) { return std::string_view("deploy"); },
+                        [](const Ack&) { return std::string_view("ack"); },
+                        [](const ErrorMsg&) { return std::string_view("error"); },
+                        [](const Request&) { return std::string_view("request"); },
+                        [](const Response&) { return std::string_view("response"); },
+                        [](const Event&) { return std::string_view("event"); },
+                    },
+                    m);
+}
+
+std::string Encode(const Message& m) {
+  json body = std::visit([](const auto& x) { return Body(x); }, m);
+  return json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}}.dump();
+}
+
+Result<Message> Decode(std::string_view text, const DecodeLimits& limits) {
+  auto parsed = ParseJsonBounded(text, limits.max_bytes, limits.max_depth);
+  if (!parsed) return parsed.error();
+  try {
+    const json& j = *parsed;
+    if (!j.is_object()) return Err("message is not a JSON object");
+    auto v = j.find("v");
+    if (v == j.end() || !v->is_number_integer()) return Err("message has no protocol version 'v'");
+    if (v->get<std::int64_t>() != kVersion) {
+      return Err("protocol version " + v->dump() + " is not supported (this side speaks " +
+                 std::to_string(kVersion) + "); upgrade the older side");
+    }
+    auto t = j.find("type");
+    if (t == j.end() || !t->is_string()) return Err("message has no 'type'");
+    auto b = j.find("body");
+    if (b == j.end() || !b->is_object()) return Err("message has no object 'body'");
+    return DecodeBody(t->get<std::string>(), *b);
+  } catch (const std::exception& e) {
+    return Err(std::string("malformed message: ") + e.what());
+  }
+}
+
+}  // namespace muster::proto

@@ -1,0 +1,121 @@
+// Every message that crosses a muster websocket, and its JSON mapping.
+//
+// Envelope: {"v":1,"type":"<type>","body":{…}}. Decode() checks size and nesting
+// before building a DOM, checks the version and the schema of the body, and
+// never throws. Unknown body fields are ignored (forward compatibility); unknown
+// types and versions are errors. Golden files for every type live in tests/data.
+//
+// Agent ↔ controller (/v1/agent):
+//   agent → hello, status, log            controller → welcome, deploy, ack, error
+// Operator ↔ controller (/v1/operator):
+//   CLI → request                          controller → response, event, error
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/json_limits.h"
+#include "common/manifest.h"
+
+namespace muster::proto {
+
+constexpr int kVersion = 1;
+
+struct HostFacts {
+  std::string system;      // e.g. x86_64-linux
+  std::string os;          // nixos | darwin | linux
+  std::string os_version;  // nixos-version / darwin-version output when present
+  std::string hostname;
+  std::string kernel;
+};
+
+// First message from an agent after the TLS handshake.
+struct Hello {
+  std::string machine;
+  std::string agent_version;
+  HostFacts facts;
+  std::int64_t generation = 0;    // generation the agent is on or working on (0: none)
+  std::string phase;              // its phase
+  std::string toplevel;           // currently active toplevel when known
+  std::int64_t last_applied = 0;  // highest generation accepted
+};
+
+// Progress of one generation on an agent. seq is answered by an ack.
+struct StatusReport {
+  std::uint64_t seq = 0;
+  std::int64_t generation = 0;
+  std::string phase;
+  std::string detail;
+  std::string toplevel;
+  bool reboot_required = false;
+  std::int64_t closure_bytes = 0;
+  std::int64_t at = 0;  // unix ms on the agent
+};
+
+// Lines of output from realise or activation.
+struct LogLines {
+  std::int64_t generation = 0;
+  std::string stream;  // realise | activate | rollback | health | agent
+  std::vector<std::string> lines;
+};
+
+struct Welcome {
+  std::string machine;
+  std::int64_t server_time = 0;  // unix ms
+};
+
+struct Deploy {
+  SignedManifest manifest;
+  std::string vars;  // base64 of the sealed box, "" when none
+};
+
+struct Ack {
+  std::uint64_t seq = 0;
+};
+
+struct ErrorMsg {
+  std::string code;  // machine-readable, e.g. "bad-message", "not-registered"
+  std::string message;
+};
+
+struct Request {
+  std::uint64_t id = 0;
+  std::string method;
+  nlohmann::json params = nlohmann::json::object();
+};
+
+struct Response {
+  std::uint64_t id = 0;
+  bool ok = true;
+  nlohmann::json result = nlohmann::json::object();
+  std::string error;
+};
+
+struct Event {
+  std::string topic;
+  nlohmann::json data = nlohmann::json::object();
+};
+
+using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg,
+                             Request, Response, Event>;
+
+std::string_view TypeName(const Message& m);
+std::string Encode(const Message& m);
+
+struct DecodeLimits {
+  std::size_t max_bytes = kDefaultMaxMessageBytes;
+  int max_depth = kDefaultMaxJsonDepth;
+};
+Result<Message> Decode(std::string_view text, const DecodeLimits& limits = {});
+
+nlohmann::json ToJson(const HostFacts& f);
+HostFacts HostFactsFromJson(const nlohmann::json& j);  // lenient: missing fields are empty
+
+}  // namespace muster::proto

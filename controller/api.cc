@@ -1,0 +1,169 @@
+#include "controller/api.h"
+
+#include <spdlog/spdlog.h>
+
+namespace muster {
+
+using nlohmann::json;
+
+namespace {
+proto::Response Ok(std::uint64_t id, json result) {
+  proto::Response r;
+  r.id = id;
+  r.result = std::move(result);
+  return r;
+}
+proto::Response Fail(std::uint64_t id, std::string error) {
+  proto::Response r;
+  r.id = id;
+  r.ok = false;
+  r.error = std::move(error);
+  return r;
+}
+std::string Need(const json& p, const char* key) {
+  auto it = p.find(key);
+  if (it == p.end() || !it->is_string() || it->get<std::string>().empty()) {
+    throw std::invalid_argument(std::string("parameter '") + key + "' (a string) is required");
+  }
+  return it->get<std::string>();
+}
+std::vector<std::string> Tags(const json& p) {
+  std::vector<std::string> tags;
+  auto it = p.find("tags");
+  if (it == p.end()) return tags;
+  if (!it->is_array()) throw std::invalid_argument("parameter 'tags' must be a list of strings");
+  for (const auto& t : *it) {
+    if (!t.is_string()) throw std::invalid_argument("parameter 'tags' must be a list of strings");
+    tags.push_back(t.get<std::string>());
+  }
+  return tags;
+}
+std::int64_t IntParam(const json& p, const char* key, std::int64_t def) {
+  auto it = p.find(key);
+  if (it == p.end() || it->is_null()) return def;
+  if (!it->is_number_integer()) {
+    throw std::invalid_argument(std::string("parameter '") + key + "' must be an integer");
+  }
+  return it->get<std::int64_t>();
+}
+}  // namespace
+
+json Api::MachineJson(const MachineRecord& m) {
+  auto latest = fleet_.store().LatestGeneration(m.name);
+  return {{"name", m.name},
+          {"key", m.key},
+          {"tags", m.tags},
+          {"online", fleet_.IsOnline(m.name)},
+          {"lastSeen", m.last_seen},
+          {"generation", m.generation},
+          {"targetGeneration", latest ? latest->generation : 0},
+          {"targetToplevel", latest ? latest->toplevel : ""},
+          {"phase", m.phase},
+          {"detail", m.detail},
+          {"toplevel", m.toplevel},
+          {"rebootRequired", m.reboot_required},
+          {"lastApplied", m.last_applied},
+          {"facts", m.facts}};
+}
+
+proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
+  const json& p = req.params;
+  try {
+    if (req.method == "machine.add") {
+      std::string name = Need(p, "name");
+      if (auto st = fleet_.AddMachine(name, Need(p, "key"), Tags(p)); !st) {
+        return Fail(req.id, st.message());
+      }
+      spdlog::info("operator {} registered machine {}", who.name, name);
+      return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "machine.remove") {
+      std::string name = Need(p, "name");
+      if (auto st = fleet_.RemoveMachine(name); !st) return Fail(req.id, st.message());
+      spdlog::info("operator {} removed machine {}", who.name, name);
+      return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "machine.tag") {
+      std::string name = Need(p, "name");
+      if (auto st = fleet_.store().SetMachineTags(name, Tags(p)); !st) {
+        return Fail(req.id, st.message());
+      }
+      return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "machine.list" || req.method == "status") {
+      json machines = json::array();
+      std::string only = p.value("machine", std::string());
+      for (const auto& m : fleet_.store().ListMachines()) {
+        if (!only.empty() && m.name != only) continue;
+        machines.push_back(MachineJson(m));
+      }
+      if (!only.empty() && machines.empty()) return Fail(req.id, "no machine named '" + only + "'");
+      return Ok(req.id, {{"machines", machines}});
+    }
+    if (req.method == "machine.get") {
+      std::string name = Need(p, "name");
+      auto m = fleet_.store().GetMachine(name);
+      if (!m) return Fail(req.id, "no machine named '" + name + "'; add it with 'muster machine add'");
+      auto latest = fleet_.store().LatestGeneration(name);
+      return Ok(req.id, {{"machine", MachineJson(*m)},
+                         {"latestGeneration", latest ? latest->generation : 0}});
+    }
+    if (req.method == "publish") {
+      proto::Deploy d;
+      d.manifest.manifest = Need(p, "manifest");
+      d.manifest.signer = Need(p, "signer");
+      d.manifest.signature = Need(p, "signature");
+      d.vars = p.value("vars", std::string());
+      auto g = fleet_.Publish(who.name, d);
+      if (!g) return Fail(req.id, g.message());
+      spdlog::info("operator {} published {} generation {} ({})", who.name, g->machine,
+                   g->generation, g->toplevel);
+      return Ok(req.id, {{"machine", g->machine},
+                         {"generation", g->generation},
+                         {"online", fleet_.IsOnline(g->machine)}});
+    }
+    if (req.method == "history") {
+      std::string name = Need(p, "machine");
+      if (!fleet_.store().GetMachine(name)) return Fail(req.id, "no machine named '" + name + "'");
+      int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 20), 1, 1000));
+      json gens = json::array();
+      for (const auto& g : fleet_.store().ListGenerations(name, limit)) {
+        json events = json::array();
+        for (const auto& e : fleet_.store().ListEvents(name, g.generation, 200)) {
+          events.push_back({{"phase", e.phase}, {"detail", e.detail}, {"at", e.at}});
+        }
+        gens.push_back({{"generation", g.generation},
+                        {"toplevel", g.toplevel},
+                        {"action", g.action},
+                        {"rollout", g.rollout},
+                        {"publishedBy", g.published_by},
+                        {"createdAt", g.created_at},
+                        {"events", events}});
+      }
+      return Ok(req.id, {{"machine", name}, {"generations", gens}});
+    }
+    if (req.method == "logs") {
+      std::string name = Need(p, "machine");
+      if (!fleet_.store().GetMachine(name)) return Fail(req.id, "no machine named '" + name + "'");
+      std::int64_t gen = IntParam(p, "generation", 0);
+      if (gen == 0) {
+        auto latest = fleet_.store().LatestGeneration(name);
+        gen = latest ? latest->generation : 0;
+      }
+      std::int64_t after = IntParam(p, "after", 0);
+      int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 1000), 1, 10000));
+      json lines = json::array();
+      std::int64_t last = after;
+      for (const auto& l : fleet_.store().ReadLogs(name, gen, after, limit)) {
+        lines.push_back({{"stream", l.stream}, {"line", l.line}, {"at", l.at}});
+        last = l.id;
+      }
+      return Ok(req.id, {{"generation", gen}, {"lines", lines}, {"last", last}});
+    }
+    return Fail(req.id, "unknown method '" + req.method + "'");
+  } catch (const std::exception& e) {
+    return Fail(req.id, req.method + ": " + e.what());
+  }
+}
+
+}  // namespace muster

@@ -1,0 +1,278 @@
+#include "controller/fleet.h"
+
+#include <spdlog/spdlog.h>
+
+#include "common/phase.h"
+
+namespace muster {
+
+using nlohmann::json;
+
+Fleet::Fleet(Store& store, Clock clock) : store_(store), clock_(std::move(clock)) {}
+
+Status Fleet::Load() {
+  std::lock_guard lock(mu_);
+  keys_.clear();
+  for (const auto& m : store_.ListMachines()) keys_[m.key] = {Role::kMachine, m.name};
+  for (const auto& o : store_.ListOperators()) keys_[o.key] = {Role::kOperator, o.name};
+  return Status::Ok();
+}
+
+Identity Fleet::Lookup(const PublicKey& key) const {
+  std::lock_guard lock(mu_);
+  auto it = keys_.find(key.ToText());
+  return it == keys_.end() ? Identity{} : it->second;
+}
+
+std::string Fleet::DeployText(const GenerationRecord& g) {
+  proto::Deploy d;
+  d.manifest = g.manifest;
+  d.vars = g.vars;
+  return proto::Encode(d);
+}
+
+Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
+                                                   const proto::Hello& hello,
+                                                   std::shared_ptr<AgentChannel> channel) {
+  if (hello.machine != machine) {
+    return Err("hello names machine '" + hello.machine + "' but this key is registered as '" +
+               machine + "'");
+  }
+  std::shared_ptr<AgentChannel> previous;
+  {
+    std::lock_guard lock(mu_);
+    auto& slot = online_[machine];
+    previous = slot.lock();
+    slot = channel;
+  }
+  if (previous && previous != channel) previous->Close("replaced by a newer connection");
+  if (auto st = store_.RecordHello(machine, clock_(), proto::ToJson(hello.facts),
+                                   hello.last_applied);
+      !st) {
+    spdlog::error("{}: {}", machine, st.message());
+  }
+  std::vector<std::string> out;
+  out.push_back(proto::Encode(proto::Welcome{machine, clock_()}));
+  auto latest = store_.LatestGeneration(machine);
+  if (latest && latest->generation > hello.last_applied) {
+    auto ph = ParsePhase(hello.phase);
+    bool finished_here = hello.generation == latest->generation && ph && IsTerminal(*ph);
+    bool in_progress = hello.generation == latest->generation && ph && !IsTerminal(*ph) &&
+                       *ph != Phase::kIdle;
+    if (!finished_here && !in_progress) {
+      out.push_back(DeployText(*latest));
+      std::lock_guard lock(mu_);
+      ++counters_.deploys_sent;
+    }
+  }
+  Broadcast("machine", {{"machine", machine}, {"online", true}});
+  return out;
+}
+
+Result<std::string> Fleet::AgentStatus(const std::string& machine,
+                                       const proto::StatusReport& r) {
+  auto ph = ParsePhase(r.phase);
+  if (!ph) return Err("status report has unknown phase '" + r.phase + "'");
+  EventRecord ev;
+  ev.machine = machine;
+  ev.generation = r.generation;
+  ev.phase = r.phase;
+  ev.detail = r.detail.substr(0, 4096);
+  ev.at = clock_();
+  if (auto st = store_.RecordStatus(machine, ev, r.toplevel, r.reboot_required); !st) {
+    spdlog::error("{}: {}", machine, st.message());
+  }
+  {
+    std::lock_guard lock(mu_);
+    ++counters_.status_reports;
+  }
+  Broadcast("status", {{"machine", machine},
+                       {"generation", r.generation},
+                       {"phase", r.phase},
+                       {"detail", ev.detail},
+                       {"rebootRequired", r.reboot_required},
+                       {"at", ev.at}});
+  return proto::Encode(proto::Ack{r.seq});
+}
+
+Status Fleet::AgentLogs(const std::string& machine, const proto::LogLines& logs) {
+  std::vector<LogRecord> recs;
+  std::int64_t now = clock_();
+  for (const auto& l : logs.lines) {
+    recs.push_back({0, machine, logs.generation, logs.stream, l.substr(0, 8192), now});
+  }
+  auto st = store_.AppendLogs(recs);
+  Broadcast("log", {{"machine", machine},
+                    {"generation", logs.generation},
+                    {"stream", logs.stream},
+                    {"lines", logs.lines}});
+  return st;
+}
+
+void Fleet::AgentSeen(const std::string& machine) { (void)store_.RecordSeen(machine, clock_()); }
+
+void Fleet::AgentGone(const std::string& machine, const AgentChannel* channel) {
+  bool removed = false;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(machine);
+    if (it != online_.end()) {
+      auto cur = it->second.lock();
+      if (!cur || cur.get() == channel) {
+        online_.erase(it);
+        removed = true;
+      }
+    }
+  }
+  if (removed) {
+    (void)store_.RecordSeen(machine, clock_());
+    Broadcast("machine", {{"machine", machine}, {"online", false}});
+  }
+}
+
+bool Fleet::IsOnline(const std::string& machine) const {
+  std::lock_guard lock(mu_);
+  auto it = online_.find(machine);
+  return it != online_.end() && !it->second.expired();
+}
+
+std::size_t Fleet::OnlineCount() const {
+  std::lock_guard lock(mu_);
+  return online_.size();
+}
+
+Status Fleet::AddMachine(const std::string& name, const std::string& key,
+                         const std::vector<std::string>& tags) {
+  if (name.empty() || name.size() > 253 ||
+      name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
+          std::string::npos) {
+    return Err("machine name '" + name + "' is invalid: use letters, digits, '-', '_' and '.'");
+  }
+  auto pk = ParsePublicKey(key);
+  if (!pk) return pk.error();
+  {
+    std::lock_guard lock(mu_);
+    auto it = keys_.find(pk->ToText());
+    if (it != keys_.end()) {
+      return Err("key is already registered to " +
+                 std::string(it->second.role == Role::kMachine ? "machine '" : "operator '") +
+                 it->second.name + "'");
+    }
+  }
+  MachineRecord m;
+  m.name = name;
+  m.key = pk->ToText();
+  m.tags = tags;
+  m.created_at = clock_();
+  if (auto st = store_.AddMachine(m); !st) return st;
+  std::lock_guard lock(mu_);
+  keys_[m.key] = {Role::kMachine, name};
+  return Status::Ok();
+}
+
+Status Fleet::RemoveMachine(const std::string& name) {
+  auto m = store_.GetMachine(name);
+  if (!m) return Err("no machine named '" + name + "'");
+  if (auto st = store_.RemoveMachine(name); !st) return st;
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    keys_.erase(m->key);
+    auto it = online_.find(name);
+    if (it != online_.end()) ch = it->second.lock();
+  }
+  if (ch) ch->Close("machine was removed from the controller");
+  return Status::Ok();
+}
+
+Status Fleet::AddOperator(const std::string& name, const std::string& key) {
+  auto pk = ParsePublicKey(key);
+  if (!pk) return pk.error();
+  OperatorRecord op{name, pk->ToText(), clock_()};
+  if (auto st = store_.AddOperator(op); !st) return st;
+  std::lock_guard lock(mu_);
+  keys_[op.key] = {Role::kOperator, name};
+  return Status::Ok();
+}
+
+Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const proto::Deploy& d) {
+  // The controller checks what it can, so that mistakes surface at publish time;
+  // the agent verifies again and is the one that matters.
+  auto signer = ParsePublicKey(d.manifest.signer);
+  if (!signer) return Err("publish: " + signer.message());
+  Identity who = Lookup(*signer);
+  if (who.role != Role::kOperator) {
+    return Err("publish: manifest is signed by " + signer->ShortId() +
+               ", which is not a registered operator key");
+  }
+  auto m = ParseManifest(d.manifest.manifest);
+  if (!m) return Err("publish: " + m.message());
+  auto machine = store_.GetMachine(m->machine);
+  if (!machine) return Err("publish: no machine named '" + m->machine + "'; add it first");
+  auto sealed = Base64Decode(d.vars);
+  if (!sealed) return Err("publish: vars are not base64");
+  VerifyContext ctx{m->machine, {*signer}, 0};
+  auto verified = VerifySignedManifest(d.manifest, ctx, *sealed);
+  if (!verified) return Err("publish: " + verified.message());
+
+  GenerationRecord g;
+  g.machine = m->machine;
+  g.generation = m->generation;
+  g.manifest = d.manifest;
+  g.vars = d.vars;
+  g.toplevel = m->toplevel;
+  g.action = std::string(ToString(m->action));
+  g.rollout = m->rollout;
+  g.published_by = operator_name;
+  g.created_at = clock_();
+  if (auto st = store_.AddGeneration(g); !st) return st.error();  // durable from here on
+
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    ++counters_.publishes;
+    auto it = online_.find(g.machine);
+    if (it != online_.end()) ch = it->second.lock();
+    if (ch) ++counters_.deploys_sent;
+  }
+  if (ch) ch->Send(DeployText(g));
+  Broadcast("publish", {{"machine", g.machine},
+                        {"generation", g.generation},
+                        {"toplevel", g.toplevel},
+                        {"by", operator_name},
+                        {"online", ch != nullptr}});
+  return g;
+}
+
+void Fleet::Subscribe(std::shared_ptr<EventSink> sink) {
+  std::lock_guard lock(mu_);
+  sinks_.push_back(sink);
+}
+
+void Fleet::Unsubscribe(const EventSink* sink) {
+  std::lock_guard lock(mu_);
+  std::erase_if(sinks_, [&](const std::weak_ptr<EventSink>& w) {
+    auto s = w.lock();
+    return !s || s.get() == sink;
+  });
+}
+
+void Fleet::Broadcast(const std::string& topic, const json& data) {
+  std::vector<std::shared_ptr<EventSink>> targets;
+  {
+    std::lock_guard lock(mu_);
+    if (sinks_.empty()) return;
+    for (auto& w : sinks_) {
+      if (auto s = w.lock()) targets.push_back(std::move(s));
+    }
+  }
+  std::string text = proto::Encode(proto::Event{topic, data});
+  for (auto& s : targets) s->Deliver(text);
+}
+
+FleetCounters Fleet::counters() const {
+  std::lock_guard lock(mu_);
+  return counters_;
+}
+
+}  // namespace muster

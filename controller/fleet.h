@@ -1,0 +1,110 @@
+// Fleet: who is registered, who is connected, and what each machine should run.
+//
+// The one place where agent sessions, operator requests and the store meet. No
+// networking here: sessions implement AgentChannel / EventSink and call in.
+// Thread-safe: methods may be called from any I/O thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/crypto.h"
+#include "common/protocol.h"
+#include "controller/store.h"
+
+namespace muster {
+
+// A connected agent, as the fleet sees it. Send and Close are thread-safe and
+// never block (they post onto the session's strand).
+class AgentChannel {
+ public:
+  virtual ~AgentChannel() = default;
+  virtual void Send(std::string text) = 0;
+  virtual void Close(std::string reason) = 0;
+};
+
+// A connected operator that asked for live events.
+class EventSink {
+ public:
+  virtual ~EventSink() = default;
+  virtual void Deliver(std::string text) = 0;  // thread-safe, non-blocking
+};
+
+enum class Role { kNone, kMachine, kOperator };
+
+struct Identity {
+  Role role = Role::kNone;
+  std::string name;
+};
+
+struct FleetCounters {
+  std::uint64_t publishes = 0;
+  std::uint64_t deploys_sent = 0;
+  std::uint64_t status_reports = 0;
+};
+
+class Fleet {
+ public:
+  using Clock = std::function<std::int64_t()>;  // unix ms
+  Fleet(Store& store, Clock clock);
+
+  // Loads the key registry from the store. Call once before serving.
+  Status Load();
+
+  // Registry lookups, used during the TLS handshake. Fast, in memory.
+  Identity Lookup(const PublicKey& key) const;
+
+  // --- agents ---
+  // Registers the live channel for a machine (replacing and closing an older
+  // one), records the hello and returns the messages to send in order: a
+  // welcome, then a deploy if the machine has a generation it has not applied.
+  Result<std::vector<std::string>> AgentHello(const std::string& machine,
+                                              const proto::Hello& hello,
+                                              std::shared_ptr<AgentChannel> channel);
+  // Records a status report; returns the ack to send.
+  Result<std::string> AgentStatus(const std::string& machine, const proto::StatusReport& report);
+  Status AgentLogs(const std::string& machine, const proto::LogLines& logs);
+  void AgentSeen(const std::string& machine);
+  void AgentGone(const std::string& machine, const AgentChannel* channel);
+  bool IsOnline(const std::string& machine) const;
+  std::size_t OnlineCount() const;
+
+  // --- operators ---
+  Status AddMachine(const std::string& name, const std::string& key,
+                    const std::vector<std::string>& tags);
+  Status RemoveMachine(const std::string& name);  // also closes its connection
+  Status AddOperator(const std::string& name, const std::string& key);
+
+  // Validates and stores a signed generation, then pushes it to the machine if
+  // connected. Returns the stored record.
+  Result<GenerationRecord> Publish(const std::string& operator_name, const proto::Deploy& d);
+
+  void Subscribe(std::shared_ptr<EventSink> sink);
+  void Unsubscribe(const EventSink* sink);
+  void Broadcast(const std::string& topic, const nlohmann::json& data);
+
+  Store& store() { return store_; }
+  FleetCounters counters() const;
+  std::int64_t Now() const { return clock_(); }
+
+ private:
+  static std::string DeployText(const GenerationRecord& g);
+
+  Store& store_;
+  Clock clock_;
+  mutable std::mutex mu_;
+  std::map<std::string, Identity> keys_;  // key text → identity
+  std::map<std::string, std::weak_ptr<AgentChannel>> online_;
+  std::vector<std::weak_ptr<EventSink>> sinks_;
+  FleetCounters counters_;
+};
+
+}  // namespace muster

@@ -1,0 +1,276 @@
+// muster-controller: init, run, operator add.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <thread>
+
+#include "common/crypto.h"
+#include "common/fsutil.h"
+#include "common/json_limits.h"
+#include "common/log.h"
+#include "common/tls.h"
+#include "controller/api.h"
+#include "controller/fleet.h"
+#include "controller/metrics.h"
+#include "controller/server.h"
+#include "controller/store.h"
+
+namespace fs = std::filesystem;
+using namespace muster;
+
+namespace {
+
+struct Paths {
+  fs::path dir;
+  fs::path key() const { return dir / "controller.key"; }
+  fs::path cert() const { return dir / "controller.crt"; }
+  fs::path db() const { return dir / "muster.db"; }
+};
+
+std::int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int Fail(const std::string& msg, int code = 1) {
+  std::cerr << "muster-controller: " << msg << "\n";
+  return code;
+}
+
+int Init(const Paths& p) {
+  if (auto st = MakeDirs(p.dir, 0700); !st) return Fail(st.message());
+  auto key = LoadOrCreateSecretKey(p.key());
+  if (!key) return Fail(key.message());
+  if (!fs::exists(p.cert())) {
+    auto pem = tls::MakeSelfSignedCertPem(*key, "muster-controller");
+    if (!pem) return Fail(pem.message());
+    if (auto st = WriteFileAtomic(p.cert(), *pem, 0644); !st) return Fail(st.message());
+  }
+  auto store = OpenSqliteStore(p.db().string());
+  if (!store) return Fail(store.message());
+  std::cout << "state directory: " << p.dir.string() << "\n"
+            << "controller key:  " << key->public_key().ToText() << "\n"
+            << "pin:             " << key->public_key().Fingerprint() << "\n"
+            << "Give the pin to agents (controllerPin) and operators (--pin / MUSTER_PIN).\n";
+  return 0;
+}
+
+int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_text) {
+  auto store = OpenSqliteStore(p.db().string());
+  if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
+  Fleet fleet(**store, NowMs);
+  if (auto st = fleet.Load(); !st) return Fail(st.message());
+  std::string k = key_text;
+  if (!k.empty() && k[0] != 'e' && fs::exists(k)) {  // a path to a .pub file
+    auto text = ReadFile(k, 4096);
+    if (!text) return Fail(text.message());
+    k = *text;
+  }
+  if (auto st = fleet.AddOperator(name, k); !st) return Fail(st.message());
+  std::cout << "operator " << name << " added\n";
+  return 0;
+}
+
+struct RunConfig {
+  std::vector<std::string> listen;
+  std::string metrics_listen;
+  int threads = 0;
+  int handshake_timeout = 10;
+  int ping_interval = 30;
+  int idle_timeout = 90;
+  std::size_t max_message_bytes = kDefaultMaxMessageBytes;
+  std::string log_level = "info";
+};
+
+Status CheckRunConfig(const RunConfig& c) {
+  if (c.listen.empty()) return Err("at least one --listen ADDR:PORT is required");
+  for (const auto& l : c.listen) {
+    auto hp = ParseHostPort(l);
+    if (!hp) return Err("--listen: " + hp.message());
+  }
+  if (!c.metrics_listen.empty()) {
+    auto hp = ParseHostPort(c.metrics_listen);
+    if (!hp) return Err("--metrics-listen: " + hp.message());
+  }
+  if (c.ping_interval <= 0 || c.idle_timeout <= c.ping_interval) {
+    return Err("--idle-timeout must be greater than --ping-interval (both in seconds, > 0)");
+  }
+  if (c.handshake_timeout <= 0) return Err("--handshake-timeout must be positive");
+  if (c.max_message_bytes < 4096) return Err("--max-message-bytes must be at least 4096");
+  return Status::Ok();
+}
+
+// Reads a JSON config file ({"listen": [...], "metricsListen": "...", ...})
+// rendered by the NixOS module; command-line flags override it.
+Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_dir) {
+  auto text = ReadFile(path, 1 << 20);
+  if (!text) return text.error();
+  auto j = ParseJsonBounded(*text);
+  if (!j) return Err(path + ": " + j.message());
+  try {
+    if (!j->is_object()) return Err(path + ": expected a JSON object");
+    for (auto& [k, v] : j->items()) {
+      if (k == "listen") {
+        c.listen = v.get<std::vector<std::string>>();
+      } else if (k == "metricsListen") {
+        c.metrics_listen = v.is_null() ? "" : v.get<std::string>();
+      } else if (k == "stateDir") {
+        state_dir = v.get<std::string>();
+      } else if (k == "threads") {
+        c.threads = v.get<int>();
+      } else if (k == "handshakeTimeout") {
+        c.handshake_timeout = v.get<int>();
+      } else if (k == "pingInterval") {
+        c.ping_interval = v.get<int>();
+      } else if (k == "idleTimeout") {
+        c.idle_timeout = v.get<int>();
+      } else if (k == "maxMessageBytes") {
+        c.max_message_bytes = v.get<std::size_t>();
+      } else if (k == "logLevel") {
+        c.log_level = v.get<std::string>();
+      } else {
+        return Err(path + ": unknown setting '" + k + "'");
+      }
+    }
+  } catch (const std::exception& e) {
+    return Err(path + ": a setting has the wrong type: " + e.what());
+  }
+  return Status::Ok();
+}
+
+int Run(const Paths& p, const RunConfig& c) {
+  if (!SetupLogging("muster-controller", c.log_level)) {
+    spdlog::warn("unknown log level '{}'; using info", c.log_level);
+  }
+  auto key = LoadSecretKey(p.key());
+  if (!key) return Fail(key.message() + " (run 'muster-controller init --state-dir " + p.dir.string() + "' first)");
+  auto pem = ReadFile(p.cert(), 1 << 16);
+  if (!pem) return Fail(pem.message());
+  auto store = OpenSqliteStore(p.db().string());
+  if (!store) return Fail(store.message());
+  Fleet fleet(**store, NowMs);
+  if (auto st = fleet.Load(); !st) return Fail(st.message());
+  Api api(fleet);
+  tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {
+    if (fleet.Lookup(k).role != Role::kNone) return true;
+    *reason = "key " + k.ToText() + " (" + k.ShortId() +
+              ") is not a registered machine or operator; register it with 'muster machine add'";
+    return false;
+  };
+  auto ctx = tls::MakeServerContext(*key, *pem, &check);
+  if (!ctx) return Fail(ctx.message());
+
+  boost::asio::io_context ioc;
+  ServerOptions so;
+  for (const auto& l : c.listen) so.listen.push_back(*ParseHostPort(l));
+  so.handshake_timeout = std::chrono::seconds(c.handshake_timeout);
+  so.ping_interval = std::chrono::seconds(c.ping_interval);
+  so.idle_timeout = std::chrono::seconds(c.idle_timeout);
+  so.max_message_bytes = c.max_message_bytes;
+  Server server(ioc, fleet, api, *ctx, so);
+  auto bound = server.Start();
+  if (!bound) return Fail(bound.message());
+  for (const auto& ep : *bound) {
+    spdlog::info("listening on {}", (ep.address().is_v6() ? "[" + ep.address().to_string() + "]"
+                                                          : ep.address().to_string()) +
+                                        ":" + std::to_string(ep.port()));
+  }
+  std::unique_ptr<MetricsServer> metrics;
+  if (!c.metrics_listen.empty()) {
+    metrics = std::make_unique<MetricsServer>(ioc, fleet, server.stats());
+    auto ep = metrics->Start(*ParseHostPort(c.metrics_listen));
+    if (!ep) return Fail(ep.message());
+    spdlog::info("metrics on {}:{}", ep->address().to_string(), ep->port());
+  }
+  spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
+               key->public_key().Fingerprint());
+  boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
+  signals.async_wait([&](const boost::system::error_code& ec, int sig) {
+    if (ec) return;
+    spdlog::info("signal {}: shutting down", sig);
+    server.Stop();
+    if (metrics) metrics->Stop();
+    ioc.stop();
+  });
+  int n = c.threads > 0 ? c.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> threads;
+  for (int i = 1; i < n; ++i) threads.emplace_back([&] { ioc.run(); });
+  ioc.run();
+  for (auto& t : threads) t.join();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);
+  InitCrypto();
+  CLI::App app{"muster-controller: holds agent connections and serves operators"};
+  app.set_version_flag("--version", std::string("muster-controller ") + MUSTER_VERSION);
+  app.require_subcommand(1);
+  std::string state_dir = "/var/lib/muster-controller";
+
+  auto* init = app.add_subcommand("init", "create the controller key, certificate and store");
+  init->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+
+  RunConfig rc;
+  std::string config_file;
+  bool check_config = false;
+  auto* run = app.add_subcommand("run", "serve agents and operators");
+  run->add_option("--config", config_file, "JSON configuration file (flags override it)");
+  run->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  run->add_option("--listen", rc.listen, "ADDR:PORT to listen on (repeatable; [::]:PORT for all)");
+  run->add_option("--metrics-listen", rc.metrics_listen, "ADDR:PORT for /metrics and /healthz");
+  run->add_option("--threads", rc.threads, "I/O threads (default: one per core)");
+  run->add_option("--handshake-timeout", rc.handshake_timeout, "seconds")->capture_default_str();
+  run->add_option("--ping-interval", rc.ping_interval, "seconds")->capture_default_str();
+  run->add_option("--idle-timeout", rc.idle_timeout, "seconds")->capture_default_str();
+  run->add_option("--max-message-bytes", rc.max_message_bytes)->capture_default_str();
+  run->add_option("--log-level", rc.log_level)->capture_default_str();
+  run->add_flag("--check-config", check_config, "validate the configuration and exit");
+
+  std::string op_name, op_key;
+  auto* op = app.add_subcommand("operator", "manage operators locally");
+  op->require_subcommand(1);
+  auto* op_add = op->add_subcommand("add", "register an operator key");
+  op_add->add_option("NAME", op_name, "operator name")->required();
+  op_add->add_option("--key", op_key, "public key 'ed25519:…' or a path to a .pub file")->required();
+  op_add->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (init->parsed()) return Init({state_dir});
+  if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
+  if (run->parsed()) {
+    RunConfig merged;
+    std::string dir = state_dir;
+    if (!config_file.empty()) {
+      if (auto st = LoadConfigFile(config_file, merged, dir); !st) return Fail(st.message(), 2);
+      if (run->count("--state-dir")) dir = state_dir;
+    }
+    if (!rc.listen.empty() || config_file.empty()) merged.listen = rc.listen;
+    if (run->count("--metrics-listen")) merged.metrics_listen = rc.metrics_listen;
+    if (run->count("--threads")) merged.threads = rc.threads;
+    if (run->count("--handshake-timeout") || config_file.empty()) merged.handshake_timeout = rc.handshake_timeout;
+    if (run->count("--ping-interval") || config_file.empty()) merged.ping_interval = rc.ping_interval;
+    if (run->count("--idle-timeout") || config_file.empty()) merged.idle_timeout = rc.idle_timeout;
+    if (run->count("--max-message-bytes") || config_file.empty()) merged.max_message_bytes = rc.max_message_bytes;
+    if (run->count("--log-level") || config_file.empty()) merged.log_level = rc.log_level;
+    if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
+    if (check_config) {
+      std::cout << "configuration is valid\n";
+      return 0;
+    }
+    return Run({dir}, merged);
+  }
+  return 0;
+}

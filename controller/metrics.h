@@ -1,0 +1,33 @@
+// Plain-HTTP endpoint for Prometheus (/metrics) and liveness (/healthz).
+//
+// Meant for a loopback or management address; it serves nothing secret.
+// RenderMetrics is separate from the server so tests can check the text.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include "common/url.h"
+#include "controller/fleet.h"
+#include "controller/server.h"
+
+namespace muster {
+
+std::string RenderMetrics(Fleet& fleet, ServerStats& stats);
+
+class MetricsServer {
+ public:
+  MetricsServer(boost::asio::io_context& ioc, Fleet& fleet, ServerStats& stats);
+  ~MetricsServer();
+  Result<boost::asio::ip::tcp::endpoint> Start(const HostPort& where);
+  void Stop();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace muster

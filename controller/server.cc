@@ -1,0 +1,537 @@
+#include "controller/server.h"
+
+#include <deque>
+#include <variant>
+
+#include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <boost/beast/websocket.hpp>
+#include <boost/beast/websocket/ssl.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/protocol.h"
+#include "common/tls.h"
+
+namespace muster {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+using WsStream = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
+
+struct Shared {
+  Fleet& fleet;
+  Api& api;
+  std::shared_ptr<asio::ssl::context> tls;
+  ServerOptions options;
+  std::shared_ptr<ServerStats> stats;
+};
+
+// Errors that only mean "the peer went away"; not worth a warning.
+bool Benign(const beast::error_code& ec) {
+  return ec == asio::error::operation_aborted || ec == websocket::error::closed ||
+         ec == beast::error::timeout || ec == asio::error::eof ||
+         ec == asio::ssl::error::stream_truncated || ec == asio::error::connection_reset ||
+         ec == asio::error::broken_pipe;
+}
+
+std::string Endpoint(const tcp::socket& s) {
+  beast::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (ec) return "?";
+  return ep.address().to_string() + ":" + std::to_string(ep.port());
+}
+
+class Session : public std::enable_shared_from_this<Session>,
+                public AgentChannel,
+                public EventSink {
+ public:
+  Session(tcp::socket socket, std::shared_ptr<Shared> shared)
+      : shared_(std::move(shared)),
+        ws_(std::move(socket), *shared_->tls),
+        timer_(ws_.get_executor()) {
+    peer_ = Endpoint(beast::get_lowest_layer(ws_).socket());
+    ++shared_->stats->sessions_open;
+    ++shared_->stats->connections;
+  }
+  ~Session() override { --shared_->stats->sessions_open; }
+
+  void Run() {
+    asio::dispatch(ws_.get_executor(), [self = shared_from_this()] { self->StartTls(); });
+  }
+
+  // AgentChannel / EventSink: thread-safe, post onto the strand.
+  void Send(std::string text) override {
+    asio::post(ws_.get_executor(),
+               [self = shared_from_this(), t = std::move(text)]() mutable { self->Queue(std::move(t)); });
+  }
+  void Deliver(std::string text) override { Send(std::move(text)); }
+  void Close(std::string reason) override {
+    asio::post(ws_.get_executor(), [self = shared_from_this(), r = std::move(reason)]() mutable {
+      self->CloseWith("closed", std::move(r));
+    });
+  }
+
+ private:
+  const ServerOptions& opts() const { return shared_->options; }
+
+  void StartTls() {
+    beast::get_lowest_layer(ws_).expires_after(opts().handshake_timeout);
+    ws_.next_layer().async_handshake(
+        asio::ssl::stream_base::server,
+        [self = shared_from_this()](beast::error_code ec) { self->OnTls(ec); });
+  }
+
+  void OnTls(beast::error_code ec) {
+    if (ec) {
+      std::string why = tls::RefusalReason(ws_.next_layer().native_handle());
+      if (!why.empty()) {
+        shared_->stats->Refuse("unregistered-key");
+        spdlog::warn("{}: refused during TLS handshake: {}", peer_, why);
+      } else if (ec == beast::error::timeout) {
+        shared_->stats->Refuse("handshake-timeout");
+        spdlog::debug("{}: TLS handshake timed out", peer_);
+      } else {
+        shared_->stats->Refuse("tls");
+        spdlog::info("{}: TLS handshake failed: {}", peer_, ec.message());
+      }
+      return;
+    }
+    auto key = tls::PeerKey(ws_.next_layer().native_handle());
+    if (!key) {
+      shared_->stats->Refuse("unregistered-key");
+      return;
+    }
+    who_ = shared_->fleet.Lookup(*key);
+    key_id_ = key->ShortId();
+    if (who_.role == Role::kNone) {
+      shared_->stats->Refuse("unregistered-key");
+      spdlog::warn("{}: key {} is not registered (removed during handshake)", peer_, key_id_);
+      return;
+    }
+    http::async_read(ws_.next_layer(), buffer_, upgrade_,
+                     [self = shared_from_this()](beast::error_code e, std::size_t) {
+                       self->OnUpgradeRequest(e);
+                     });
+  }
+
+  void OnUpgradeRequest(beast::error_code ec) {
+    if (ec) {
+      shared_->stats->Refuse(ec == beast::error::timeout ? "handshake-timeout" : "bad-upgrade");
+      spdlog::info("{} ({}): no valid websocket upgrade: {}", peer_, who_.name, ec.message());
+      return;
+    }
+    std::string target(upgrade_.target());
+    std::string want = who_.role == Role::kMachine ? "/v1/agent" : "/v1/operator";
+    if (!websocket::is_upgrade(upgrade_) || target != want) {
+      shared_->stats->Refuse("bad-endpoint");
+      spdlog::warn("{} ({} '{}'): refused request for '{}'; this key may only use {}", peer_,
+                   who_.role == Role::kMachine ? "machine" : "operator", who_.name, target, want);
+      auto res = std::make_shared<http::response<http::string_body>>(http::status::forbidden, 11);
+      res->set(http::field::content_type, "text/plain");
+      res->body() = "this key may only use " + want + "\n";
+      res->prepare_payload();
+      http::async_write(ws_.next_layer(), *res,
+                        [self = shared_from_this(), res](beast::error_code, std::size_t) {
+                          beast::get_lowest_layer(self->ws_).close();
+                        });
+      return;
+    }
+    ws_.read_message_max(opts().max_message_bytes);
+    ws_.auto_fragment(false);
+    websocket::stream_base::timeout t{};
+    t.handshake_timeout = opts().handshake_timeout;
+    t.idle_timeout = websocket::stream_base::none();  // we run our own ping/idle timer
+    t.keep_alive_pings = false;
+    ws_.set_option(t);
+    ws_.set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
+      res.set(http::field::server, "muster-controller/" MUSTER_VERSION);
+    }));
+    ws_.control_callback([this](websocket::frame_type, beast::string_view) {
+      last_rx_ = Clock::now();
+    });
+    ws_.async_accept(upgrade_, [self = shared_from_this()](beast::error_code e) {
+      self->OnAccept(e);
+    });
+  }
+
+  void OnAccept(beast::error_code ec) {
+    if (ec) {
+      shared_->stats->Refuse("bad-upgrade");
+      spdlog::info("{}: websocket accept failed: {}", peer_, ec.message());
+      return;
+    }
+    upgrade_ = {};
+    buffer_.clear();
+    buffer_.shrink_to_fit();
+    // Agents must say hello within the handshake timeout; the TCP deadline
+    // stays armed until then. Operators are ready at once.
+    if (who_.role == Role::kOperator) {
+      beast::get_lowest_layer(ws_).expires_never();
+      authenticated_ = true;
+      ++shared_->stats->handshakes_ok;
+      spdlog::debug("{}: operator {} connected", peer_, who_.name);
+    }
+    last_rx_ = Clock::now();
+    ArmTimer();
+    Read();
+  }
+
+  void ArmTimer() {
+    timer_.expires_after(opts().ping_interval);
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return;  // cancelled: the session is ending
+      self->OnTimer();
+    });
+  }
+
+  void OnTimer() {
+    if (closed_) return;
+    if (Clock::now() - last_rx_ >= opts().idle_timeout) {
+      spdlog::info("{} ({}): nothing received for {} s; closing", peer_, who_.name,
+                   std::chrono::duration_cast<std::chrono::seconds>(opts().idle_timeout).count());
+      shared_->stats->Refuse("idle-timeout");
+      Abort();
+      return;
+    }
+    outbox_.push_back(Ping{});
+    Flush();
+    ArmTimer();
+  }
+
+  void Read() {
+    ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      self->OnRead(ec);
+    });
+  }
+
+  void OnRead(beast::error_code ec) {
+    if (ec) {
+      if (ec == websocket::error::message_too_big) {
+        shared_->stats->Refuse("oversize");
+        spdlog::warn("{} ({}): message larger than {} bytes; closing", peer_, who_.name,
+                     opts().max_message_bytes);
+        Abort();
+      } else if (!Benign(ec)) {
+        spdlog::info("{} ({}): read failed: {}", peer_, who_.name, ec.message());
+      }
+      return End();
+    }
+    last_rx_ = Clock::now();
+    if (!ws_.got_text()) {
+      buffer_.consume(buffer_.size());
+      return Refuse("bad-message", "binary frames are not part of the protocol");
+    }
+    std::string text = beast::buffers_to_string(buffer_.data());
+    buffer_.consume(buffer_.size());
+    if (buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
+    proto::DecodeLimits limits;
+    limits.max_bytes = opts().max_message_bytes;
+    auto msg = proto::Decode(text, limits);
+    if (!msg) return Refuse("bad-message", msg.message());
+    if (who_.role == Role::kMachine) {
+      if (!HandleAgent(*msg)) return;
+    } else {
+      if (!HandleOperator(*msg)) return;
+    }
+    if (!closed_) Read();
+  }
+
+  bool HandleAgent(const proto::Message& msg) {
+    if (!authenticated_) {
+      const auto* hello = std::get_if<proto::Hello>(&msg);
+      if (!hello) {
+        Refuse("bad-message", "the first message must be 'hello', got '" +
+                                  std::string(proto::TypeName(msg)) + "'");
+        return false;
+      }
+      auto out = shared_->fleet.AgentHello(who_.name, *hello,
+                                           std::static_pointer_cast<AgentChannel>(shared_from_this()));
+      if (!out) {
+        Refuse("bad-hello", out.message());
+        return false;
+      }
+      authenticated_ = true;
+      registered_ = true;
+      beast::get_lowest_layer(ws_).expires_never();
+      ++shared_->stats->handshakes_ok;
+      spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
+                   hello->generation, hello->phase);
+      for (auto& t : *out) Queue(std::move(t));
+      return true;
+    }
+    if (const auto* st = std::get_if<proto::StatusReport>(&msg)) {
+      auto ack = shared_->fleet.AgentStatus(who_.name, *st);
+      if (!ack) {
+        Refuse("bad-message", ack.message());
+        return false;
+      }
+      spdlog::info("{} generation {}: {}{}{}", who_.name, st->generation, st->phase,
+                   st->detail.empty() ? "" : ": ", st->detail);
+      Queue(std::move(*ack));
+      return true;
+    }
+    if (const auto* logs = std::get_if<proto::LogLines>(&msg)) {
+      if (auto s = shared_->fleet.AgentLogs(who_.name, *logs); !s) {
+        spdlog::warn("{}: {}", who_.name, s.message());
+      }
+      return true;
+    }
+    if (std::holds_alternative<proto::Hello>(msg)) {
+      Refuse("bad-message", "'hello' may only be sent once");
+      return false;
+    }
+    Refuse("bad-message", "agents may not send '" + std::string(proto::TypeName(msg)) + "'");
+    return false;
+  }
+
+  bool HandleOperator(const proto::Message& msg) {
+    const auto* req = std::get_if<proto::Request>(&msg);
+    if (!req) {
+      Refuse("bad-message", "operators may only send 'request', got '" +
+                                std::string(proto::TypeName(msg)) + "'");
+      return false;
+    }
+    if (req->method == "subscribe") {
+      if (!subscribed_) {
+        subscribed_ = true;
+        shared_->fleet.Subscribe(std::static_pointer_cast<EventSink>(shared_from_this()));
+      }
+      proto::Response r;
+      r.id = req->id;
+      Queue(proto::Encode(r));
+      return true;
+    }
+    Queue(proto::Encode(shared_->api.Handle(who_, *req)));
+    return true;
+  }
+
+  // Sends an error message explaining why, then closes.
+  void Refuse(const std::string& code, const std::string& message) {
+    shared_->stats->Refuse(code);
+    spdlog::warn("{} ({} '{}'): {}: {}; closing", peer_,
+                 who_.role == Role::kMachine ? "machine" : "operator", who_.name, code, message);
+    CloseWith(code, message);
+  }
+
+  void CloseWith(std::string code, std::string message) {
+    if (closed_ || closing_) return;
+    Queue(proto::Encode(proto::ErrorMsg{std::move(code), message}));
+    std::string reason = message.substr(0, 120);
+    closing_ = true;
+    outbox_.push_back(CloseFrame{websocket::close_reason(websocket::close_code::policy_error, reason)});
+    Flush();
+    // Do not wait forever on a peer that does not read.
+    timer_.expires_after(std::chrono::seconds(5));
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (!ec) self->Abort();
+    });
+  }
+
+  struct Ping {};
+  struct CloseFrame {
+    websocket::close_reason reason;
+  };
+  using Out = std::variant<std::string, Ping, CloseFrame>;
+
+  void Queue(std::string text) {
+    if (closed_) return;
+    if (closing_ && !std::holds_alternative<CloseFrame>(outbox_.empty() ? Out{Ping{}} : outbox_.back())) {
+      // Keep ordering simple: after a close was queued, nothing else is sent.
+    }
+    outbox_bytes_ += text.size();
+    if (outbox_bytes_ > opts().max_outbox_bytes) {
+      spdlog::warn("{} ({}): peer is not reading ({} bytes queued); closing", peer_, who_.name,
+                   outbox_bytes_);
+      shared_->stats->Refuse("slow-reader");
+      Abort();
+      return;
+    }
+    if (closing_) {
+      // Insert before the close frame.
+      auto it = outbox_.end();
+      if (!outbox_.empty() && std::holds_alternative<CloseFrame>(outbox_.back())) --it;
+      outbox_.insert(it, Out{std::move(text)});
+    } else {
+      outbox_.push_back(std::move(text));
+    }
+    Flush();
+  }
+
+  void Flush() {
+    if (writing_ || outbox_.empty() || closed_) return;
+    writing_ = true;
+    Out& front = outbox_.front();
+    auto self = shared_from_this();
+    if (auto* text = std::get_if<std::string>(&front)) {
+      ws_.text(true);
+      ws_.async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) {
+        self->OnWrite(ec);
+      });
+    } else if (std::holds_alternative<Ping>(front)) {
+      ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
+    } else {
+      auto reason = std::get<CloseFrame>(front).reason;
+      ws_.async_close(reason, [self](beast::error_code) {
+        self->writing_ = false;
+        self->End();
+      });
+    }
+  }
+
+  void OnWrite(beast::error_code ec) {
+    writing_ = false;
+    if (ec) {
+      if (!Benign(ec)) spdlog::info("{} ({}): write failed: {}", peer_, who_.name, ec.message());
+      return Abort();
+    }
+    if (auto* text = std::get_if<std::string>(&outbox_.front())) outbox_bytes_ -= text->size();
+    outbox_.pop_front();
+    Flush();
+  }
+
+  // Hard close: cancels everything outstanding.
+  void Abort() {
+    beast::error_code ec;
+    beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ec);
+    beast::get_lowest_layer(ws_).socket().close(ec);
+    End();
+  }
+
+  void End() {
+    if (closed_) return;
+    closed_ = true;
+    timer_.cancel();
+    outbox_.clear();
+    if (registered_) {
+      shared_->fleet.AgentGone(who_.name, this);
+      spdlog::info("{}: machine {} disconnected", peer_, who_.name);
+    }
+    if (subscribed_) shared_->fleet.Unsubscribe(this);
+  }
+
+  std::shared_ptr<Shared> shared_;
+  WsStream ws_;
+  asio::steady_timer timer_;
+  beast::flat_buffer buffer_;
+  http::request<http::string_body> upgrade_;
+  std::deque<Out> outbox_;
+  std::size_t outbox_bytes_ = 0;
+  bool writing_ = false;
+  bool closing_ = false;
+  bool closed_ = false;
+  bool authenticated_ = false;
+  bool registered_ = false;
+  bool subscribed_ = false;
+  Identity who_;
+  std::string key_id_;
+  std::string peer_;
+  Clock::time_point last_rx_ = Clock::now();
+};
+
+class Listener : public std::enable_shared_from_this<Listener> {
+ public:
+  Listener(asio::io_context& ioc, std::shared_ptr<Shared> shared)
+      : ioc_(ioc), acceptor_(asio::make_strand(ioc)), shared_(std::move(shared)) {}
+
+  Result<tcp::endpoint> Open(const HostPort& hp) {
+    beast::error_code ec;
+    auto addr = asio::ip::make_address(hp.host, ec);
+    if (ec) return Err("listen address '" + hp.host + "' is not an IP address");
+    tcp::endpoint ep(addr, hp.port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec && addr.is_v6() && addr.to_v6().is_unspecified()) {
+      acceptor_.set_option(asio::ip::v6_only(false), ec);  // [::] serves IPv4 too
+    }
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      return Err("cannot listen on " + ep.address().to_string() + " port " +
+                 std::to_string(hp.port) + ": " + ec.message());
+    }
+    return acceptor_.local_endpoint();
+  }
+
+  void Accept() {
+    acceptor_.async_accept(asio::make_strand(ioc_),
+                           [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+                             self->OnAccept(ec, std::move(s));
+                           });
+  }
+
+  void Close() {
+    asio::post(acceptor_.get_executor(), [self = shared_from_this()] {
+      beast::error_code ec;
+      self->acceptor_.close(ec);
+    });
+  }
+
+ private:
+  void OnAccept(beast::error_code ec, tcp::socket s) {
+    if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
+    if (ec) {
+      // EMFILE and friends: wait a little instead of spinning.
+      spdlog::warn("accept failed: {}", ec.message());
+      auto t = std::make_shared<asio::steady_timer>(acceptor_.get_executor(),
+                                                    std::chrono::milliseconds(100));
+      t->async_wait([self = shared_from_this(), t](beast::error_code) { self->Accept(); });
+      return;
+    }
+    beast::error_code ignored;
+    s.set_option(tcp::no_delay(true), ignored);
+    std::make_shared<Session>(std::move(s), shared_)->Run();
+    Accept();
+  }
+
+  asio::io_context& ioc_;
+  tcp::acceptor acceptor_;
+  std::shared_ptr<Shared> shared_;
+};
+
+}  // namespace
+
+struct Server::Impl {
+  asio::io_context& ioc;
+  std::shared_ptr<Shared> shared;
+  std::vector<std::shared_ptr<Listener>> listeners;
+};
+
+Server::Server(asio::io_context& ioc, Fleet& fleet, Api& api,
+               std::shared_ptr<asio::ssl::context> tls, ServerOptions options)
+    : stats_(std::make_shared<ServerStats>()) {
+  auto shared = std::make_shared<Shared>(Shared{fleet, api, std::move(tls), std::move(options), stats_});
+  impl_ = std::make_shared<Impl>(Impl{ioc, std::move(shared), {}});
+}
+
+Server::~Server() { Stop(); }
+
+Result<std::vector<tcp::endpoint>> Server::Start() {
+  std::vector<tcp::endpoint> bound;
+  for (const auto& hp : impl_->shared->options.listen) {
+    auto l = std::make_shared<Listener>(impl_->ioc, impl_->shared);
+    auto ep = l->Open(hp);
+    if (!ep) return ep.error();
+    bound.push_back(*ep);
+    impl_->listeners.push_back(l);
+  }
+  for (auto& l : impl_->listeners) l->Accept();
+  return bound;
+}
+
+void Server::Stop() {
+  for (auto& l : impl_->listeners) l->Close();
+  impl_->listeners.clear();
+}
+
+}  // namespace muster

@@ -1,0 +1,73 @@
+// The controller's network front: TLS 1.3 websocket listener and sessions.
+//
+// Endpoints: /v1/agent (machine keys) and /v1/operator (operator keys). Each
+// connection is one session on its own strand; handshakes (TCP accept to
+// websocket upgrade and, for agents, the hello) must finish within
+// handshake_timeout; after that the server pings every ping_interval and closes
+// a peer from which nothing was received for idle_timeout. The websocket stream
+// type is instantiated only in server.cc.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+
+#include "common/error.h"
+#include "common/url.h"
+#include "controller/api.h"
+#include "controller/fleet.h"
+
+namespace muster {
+
+struct ServerOptions {
+  std::vector<HostPort> listen;
+  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
+  std::chrono::milliseconds ping_interval{std::chrono::seconds(30)};
+  std::chrono::milliseconds idle_timeout{std::chrono::seconds(90)};
+  std::size_t max_message_bytes = 1 << 20;
+  std::size_t max_outbox_bytes = 16 << 20;
+};
+
+// Counters for metrics; all monotonic except sessions_open.
+struct ServerStats {
+  std::atomic<std::uint64_t> connections{0};
+  std::atomic<std::uint64_t> handshakes_ok{0};
+  std::atomic<std::int64_t> sessions_open{0};
+  std::mutex mu;
+  std::map<std::string, std::uint64_t> refusals;  // reason → count
+  void Refuse(const std::string& reason) {
+    std::lock_guard lock(mu);
+    ++refusals[reason];
+  }
+};
+
+class Server {
+ public:
+  Server(boost::asio::io_context& ioc, Fleet& fleet, Api& api,
+         std::shared_ptr<boost::asio::ssl::context> tls, ServerOptions options);
+  ~Server();
+
+  // Binds every listen address and starts accepting. Returns the bound
+  // endpoints (a port of 0 is replaced by the one the kernel chose).
+  Result<std::vector<boost::asio::ip::tcp::endpoint>> Start();
+  // Stops accepting; open sessions end when the io_context stops.
+  void Stop();
+
+  ServerStats& stats() { return *stats_; }
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+  std::shared_ptr<ServerStats> stats_;
+};
+
+}  // namespace muster

@@ -1,0 +1,485 @@
+// SQLite implementation of Store: one connection, WAL, synchronous=FULL, a
+// mutex around every call.
+#include <sqlite3.h>
+
+#include <mutex>
+
+#include "controller/store.h"
+
+namespace muster {
+
+namespace {
+
+using nlohmann::json;
+
+constexpr int kSchemaVersion = 1;
+constexpr std::int64_t kLogBytesPerGeneration = 4 << 20;
+
+constexpr const char* kSchema = R"SQL(
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS machines (
+  name TEXT PRIMARY KEY,
+  key TEXT NOT NULL UNIQUE,
+  tags TEXT NOT NULL DEFAULT '[]',
+  created_at INTEGER NOT NULL,
+  last_seen INTEGER NOT NULL DEFAULT 0,
+  facts TEXT NOT NULL DEFAULT '{}',
+  generation INTEGER NOT NULL DEFAULT 0,
+  phase TEXT NOT NULL DEFAULT 'idle',
+  detail TEXT NOT NULL DEFAULT '',
+  toplevel TEXT NOT NULL DEFAULT '',
+  reboot_required INTEGER NOT NULL DEFAULT 0,
+  last_applied INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS operators (
+  name TEXT PRIMARY KEY,
+  key TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS generations (
+  machine TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  manifest TEXT NOT NULL,
+  signer TEXT NOT NULL,
+  signature TEXT NOT NULL,
+  vars TEXT NOT NULL,
+  toplevel TEXT NOT NULL,
+  action TEXT NOT NULL,
+  rollout TEXT NOT NULL DEFAULT '',
+  published_by TEXT NOT NULL DEFAULT '',
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (machine, generation)
+);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  machine TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  phase TEXT NOT NULL,
+  detail TEXT NOT NULL,
+  at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_machine ON events (machine, generation, id);
+CREATE TABLE IF NOT EXISTS logs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  machine TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  stream TEXT NOT NULL,
+  line TEXT NOT NULL,
+  at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_machine ON logs (machine, generation, id);
+CREATE TABLE IF NOT EXISTS log_sizes (
+  machine TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  bytes INTEGER NOT NULL,
+  PRIMARY KEY (machine, generation)
+);
+)SQL";
+
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) {
+    if (sqlite3_prepare_v2(db, sql, -1, &s_, nullptr) != SQLITE_OK) s_ = nullptr;
+  }
+  ~Stmt() { sqlite3_finalize(s_); }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+
+  bool valid() const { return s_ != nullptr; }
+  Stmt& Bind(int i, const std::string& v) {
+    sqlite3_bind_text(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int i, std::int64_t v) {
+    sqlite3_bind_int64(s_, i, v);
+    return *this;
+  }
+  // SQLITE_ROW, SQLITE_DONE or an error code.
+  int Step() { return s_ ? sqlite3_step(s_) : SQLITE_ERROR; }
+  std::string Text(int i) const {
+    const auto* p = sqlite3_column_text(s_, i);
+    return p ? std::string(reinterpret_cast<const char*>(p),
+                           static_cast<size_t>(sqlite3_column_bytes(s_, i)))
+             : std::string();
+  }
+  std::int64_t Int(int i) const { return sqlite3_column_int64(s_, i); }
+  std::string ErrorText() const { return sqlite3_errmsg(db_); }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* s_ = nullptr;
+};
+
+json ParseOr(const std::string& text, json fallback) {
+  json j = json::parse(text, nullptr, false);
+  return j.is_discarded() ? fallback : j;
+}
+
+class SqliteStore final : public Store {
+ public:
+  explicit SqliteStore(sqlite3* db) : db_(db) {}
+  ~SqliteStore() override { sqlite3_close(db_); }
+
+  Status Init() {
+    if (auto st = Exec("PRAGMA journal_mode=WAL"); !st) return st;
+    if (auto st = Exec("PRAGMA synchronous=FULL"); !st) return st;
+    if (auto st = Exec("PRAGMA foreign_keys=ON"); !st) return st;
+    sqlite3_busy_timeout(db_, 5000);
+    if (auto st = Exec(kSchema); !st) return st;
+    auto v = GetSettingLocked("schema_version");
+    if (v && std::stoi(*v) > kSchemaVersion) {
+      return Err("store schema version " + *v + " is newer than this controller supports (" +
+                 std::to_string(kSchemaVersion) + "); upgrade muster-controller");
+    }
+    return SetSettingLocked("schema_version", std::to_string(kSchemaVersion));
+  }
+
+  Status AddMachine(const MachineRecord& m) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "INSERT INTO machines (name, key, tags, created_at) VALUES (?, ?, ?, ?)");
+    s.Bind(1, m.name).Bind(2, m.key).Bind(3, json(m.tags).dump()).Bind(4, m.created_at);
+    int rc = s.Step();
+    if (rc == SQLITE_CONSTRAINT) {
+      return Err("machine '" + m.name + "' or its key is already registered; remove it first "
+                 "('muster machine remove " + m.name + "') to register it again");
+    }
+    if (rc != SQLITE_DONE) return Err("store: cannot add machine: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RemoveMachine(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "DELETE FROM machines WHERE name = ?");
+    s.Bind(1, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: cannot remove machine: " + s.ErrorText());
+    if (sqlite3_changes(db_) == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE machines SET tags = ? WHERE name = ?");
+    s.Bind(1, json(tags).dump()).Bind(2, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    if (sqlite3_changes(db_) == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  static constexpr const char* kMachineCols =
+      "name, key, tags, created_at, last_seen, facts, generation, phase, detail, toplevel, "
+      "reboot_required, last_applied";
+
+  static MachineRecord ReadMachine(const Stmt& s) {
+    MachineRecord m;
+    m.name = s.Text(0);
+    m.key = s.Text(1);
+    json tags = ParseOr(s.Text(2), json::array());
+    if (tags.is_array()) {
+      for (const auto& t : tags) {
+        if (t.is_string()) m.tags.push_back(t.get<std::string>());
+      }
+    }
+    m.created_at = s.Int(3);
+    m.last_seen = s.Int(4);
+    m.facts = ParseOr(s.Text(5), json::object());
+    m.generation = s.Int(6);
+    m.phase = s.Text(7);
+    m.detail = s.Text(8);
+    m.toplevel = s.Text(9);
+    m.reboot_required = s.Int(10) != 0;
+    m.last_applied = s.Int(11);
+    return m;
+  }
+
+  std::vector<MachineRecord> ListMachines() override {
+    std::lock_guard lock(mu_);
+    std::vector<MachineRecord> out;
+    Stmt s(db_, (std::string("SELECT ") + kMachineCols + " FROM machines ORDER BY name").c_str());
+    while (s.Step() == SQLITE_ROW) out.push_back(ReadMachine(s));
+    return out;
+  }
+
+  std::optional<MachineRecord> GetMachine(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, (std::string("SELECT ") + kMachineCols + " FROM machines WHERE name = ?").c_str());
+    s.Bind(1, name);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    return ReadMachine(s);
+  }
+
+  Status RecordHello(const std::string& name, std::int64_t at, const json& facts,
+                     std::int64_t last_applied) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "UPDATE machines SET last_seen = ?, facts = ?, last_applied = MAX(last_applied, ?) "
+           "WHERE name = ?");
+    s.Bind(1, at).Bind(2, facts.dump()).Bind(3, last_applied).Bind(4, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RecordSeen(const std::string& name, std::int64_t at) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE machines SET last_seen = ? WHERE name = ?");
+    s.Bind(1, at).Bind(2, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RecordStatus(const std::string& name, const EventRecord& ev, const std::string& toplevel,
+                      bool reboot_required) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    Stmt u(db_,
+           "UPDATE machines SET generation = ?, phase = ?, detail = ?, "
+           "toplevel = CASE WHEN ? = '' THEN toplevel ELSE ? END, reboot_required = ?, "
+           "last_seen = ?, "
+           "last_applied = CASE WHEN ? IN ('succeeded','unchanged','rolled-back','failed',"
+           "'verified','realising','vars-installed','profile-set','activating','confirming') "
+           "THEN MAX(last_applied, ?) ELSE last_applied END "
+           "WHERE name = ?");
+    u.Bind(1, ev.generation).Bind(2, ev.phase).Bind(3, ev.detail).Bind(4, toplevel)
+        .Bind(5, toplevel).Bind(6, std::int64_t{reboot_required ? 1 : 0}).Bind(7, ev.at)
+        .Bind(8, ev.phase).Bind(9, ev.generation).Bind(10, name);
+    Stmt i(db_, "INSERT INTO events (machine, generation, phase, detail, at) VALUES (?,?,?,?,?)");
+    i.Bind(1, name).Bind(2, ev.generation).Bind(3, ev.phase).Bind(4, ev.detail).Bind(5, ev.at);
+    if (u.Step() != SQLITE_DONE || i.Step() != SQLITE_DONE) {
+      std::string e = sqlite3_errmsg(db_);
+      (void)Exec("ROLLBACK");
+      return Err("store: cannot record status: " + e);
+    }
+    return Exec("COMMIT");
+  }
+
+  Status AddOperator(const OperatorRecord& op) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "INSERT INTO operators (name, key, created_at) VALUES (?, ?, ?)");
+    s.Bind(1, op.name).Bind(2, op.key).Bind(3, op.created_at);
+    int rc = s.Step();
+    if (rc == SQLITE_CONSTRAINT) {
+      return Err("operator '" + op.name + "' or its key is already registered");
+    }
+    if (rc != SQLITE_DONE) return Err("store: cannot add operator: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RemoveOperator(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "DELETE FROM operators WHERE name = ?");
+    s.Bind(1, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    if (sqlite3_changes(db_) == 0) return Err("no operator named '" + name + "'");
+    return Status::Ok();
+  }
+
+  std::vector<OperatorRecord> ListOperators() override {
+    std::lock_guard lock(mu_);
+    std::vector<OperatorRecord> out;
+    Stmt s(db_, "SELECT name, key, created_at FROM operators ORDER BY name");
+    while (s.Step() == SQLITE_ROW) out.push_back({s.Text(0), s.Text(1), s.Int(2)});
+    return out;
+  }
+
+  Status AddGeneration(const GenerationRecord& g) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
+    q.Bind(1, g.machine);
+    std::int64_t latest = q.Step() == SQLITE_ROW ? q.Int(0) : 0;
+    if (g.generation <= latest) {
+      (void)Exec("ROLLBACK");
+      return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
+                 " is not newer than the stored generation " + std::to_string(latest));
+    }
+    Stmt s(db_,
+           "INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
+           "toplevel, action, rollout, published_by, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)");
+    s.Bind(1, g.machine).Bind(2, g.generation).Bind(3, g.manifest.manifest)
+        .Bind(4, g.manifest.signer).Bind(5, g.manifest.signature).Bind(6, g.vars)
+        .Bind(7, g.toplevel).Bind(8, g.action).Bind(9, g.rollout).Bind(10, g.published_by)
+        .Bind(11, g.created_at);
+    if (s.Step() != SQLITE_DONE) {
+      std::string e = sqlite3_errmsg(db_);
+      (void)Exec("ROLLBACK");
+      return Err("store: cannot add generation: " + e);
+    }
+    return Exec("COMMIT");
+  }
+
+  static constexpr const char* kGenCols =
+      "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
+      "published_by, created_at";
+
+  static GenerationRecord ReadGen(const Stmt& s) {
+    GenerationRecord g;
+    g.machine = s.Text(0);
+    g.generation = s.Int(1);
+    g.manifest = {s.Text(2), s.Text(3), s.Text(4)};
+    g.vars = s.Text(5);
+    g.toplevel = s.Text(6);
+    g.action = s.Text(7);
+    g.rollout = s.Text(8);
+    g.published_by = s.Text(9);
+    g.created_at = s.Int(10);
+    return g;
+  }
+
+  std::optional<GenerationRecord> LatestGeneration(const std::string& machine) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, (std::string("SELECT ") + kGenCols +
+                 " FROM generations WHERE machine = ? ORDER BY generation DESC LIMIT 1")
+                    .c_str());
+    s.Bind(1, machine);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    return ReadGen(s);
+  }
+
+  std::optional<GenerationRecord> GetGeneration(const std::string& machine,
+                                                std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, (std::string("SELECT ") + kGenCols +
+                 " FROM generations WHERE machine = ? AND generation = ?")
+                    .c_str());
+    s.Bind(1, machine).Bind(2, generation);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    return ReadGen(s);
+  }
+
+  std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<GenerationRecord> out;
+    Stmt s(db_, (std::string("SELECT ") + kGenCols +
+                 " FROM generations WHERE machine = ? ORDER BY generation DESC LIMIT ?")
+                    .c_str());
+    s.Bind(1, machine).Bind(2, std::int64_t{limit});
+    while (s.Step() == SQLITE_ROW) out.push_back(ReadGen(s));
+    return out;
+  }
+
+  std::vector<EventRecord> ListEvents(const std::string& machine, std::int64_t generation,
+                                      int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<EventRecord> out;
+    Stmt s(db_,
+           "SELECT id, machine, generation, phase, detail, at FROM events WHERE machine = ? AND "
+           "(? = 0 OR generation = ?) ORDER BY id DESC LIMIT ?");
+    s.Bind(1, machine).Bind(2, generation).Bind(3, generation).Bind(4, std::int64_t{limit});
+    while (s.Step() == SQLITE_ROW) {
+      out.push_back({s.Int(0), s.Text(1), s.Int(2), s.Text(3), s.Text(4), s.Int(5)});
+    }
+    std::reverse(out.begin(), out.end());
+    return out;
+  }
+
+  Status AppendLogs(const std::vector<LogRecord>& lines) override {
+    if (lines.empty()) return Status::Ok();
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    for (const auto& l : lines) {
+      Stmt i(db_, "INSERT INTO logs (machine, generation, stream, line, at) VALUES (?,?,?,?,?)");
+      i.Bind(1, l.machine).Bind(2, l.generation).Bind(3, l.stream).Bind(4, l.line).Bind(5, l.at);
+      Stmt z(db_,
+             "INSERT INTO log_sizes (machine, generation, bytes) VALUES (?,?,?) "
+             "ON CONFLICT (machine, generation) DO UPDATE SET bytes = bytes + excluded.bytes");
+      z.Bind(1, l.machine).Bind(2, l.generation).Bind(3, static_cast<std::int64_t>(l.line.size()));
+      if (i.Step() != SQLITE_DONE || z.Step() != SQLITE_DONE) {
+        std::string e = sqlite3_errmsg(db_);
+        (void)Exec("ROLLBACK");
+        return Err("store: cannot append logs: " + e);
+      }
+    }
+    // Enforce the per-generation bound by dropping the oldest lines.
+    const auto& first = lines.front();
+    Stmt q(db_, "SELECT bytes FROM log_sizes WHERE machine = ? AND generation = ?");
+    q.Bind(1, first.machine).Bind(2, first.generation);
+    if (q.Step() == SQLITE_ROW && q.Int(0) > kLogBytesPerGeneration) {
+      Stmt d(db_,
+             "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE machine = ? AND "
+             "generation = ? ORDER BY id LIMIT (SELECT COUNT(*) / 4 + 1 FROM logs WHERE "
+             "machine = ? AND generation = ?))");
+      d.Bind(1, first.machine).Bind(2, first.generation).Bind(3, first.machine)
+          .Bind(4, first.generation);
+      (void)d.Step();
+      Stmt r(db_,
+             "UPDATE log_sizes SET bytes = (SELECT COALESCE(SUM(LENGTH(line)), 0) FROM logs "
+             "WHERE machine = ? AND generation = ?) WHERE machine = ? AND generation = ?");
+      r.Bind(1, first.machine).Bind(2, first.generation).Bind(3, first.machine)
+          .Bind(4, first.generation);
+      (void)r.Step();
+    }
+    return Exec("COMMIT");
+  }
+
+  std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
+                                  std::int64_t after_id, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<LogRecord> out;
+    Stmt s(db_,
+           "SELECT id, machine, generation, stream, line, at FROM logs WHERE machine = ? AND "
+           "generation = ? AND id > ? ORDER BY id LIMIT ?");
+    s.Bind(1, machine).Bind(2, generation).Bind(3, after_id).Bind(4, std::int64_t{limit});
+    while (s.Step() == SQLITE_ROW) {
+      out.push_back({s.Int(0), s.Text(1), s.Int(2), s.Text(3), s.Text(4), s.Int(5)});
+    }
+    return out;
+  }
+
+  std::optional<std::string> GetSetting(const std::string& key) override {
+    std::lock_guard lock(mu_);
+    return GetSettingLocked(key);
+  }
+
+  Status SetSetting(const std::string& key, const std::string& value) override {
+    std::lock_guard lock(mu_);
+    return SetSettingLocked(key, value);
+  }
+
+ private:
+  Status Exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string e = err ? err : "unknown error";
+      sqlite3_free(err);
+      return Err("store: " + e);
+    }
+    return Status::Ok();
+  }
+
+  std::optional<std::string> GetSettingLocked(const std::string& key) {
+    Stmt s(db_, "SELECT value FROM settings WHERE key = ?");
+    s.Bind(1, key);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    return s.Text(0);
+  }
+
+  Status SetSettingLocked(const std::string& key, const std::string& value) {
+    Stmt s(db_,
+           "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+           "value = excluded.value");
+    s.Bind(1, key).Bind(2, value);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  std::mutex mu_;
+  sqlite3* db_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path) {
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                           nullptr);
+  if (rc != SQLITE_OK) {
+    std::string e = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return Err("cannot open store " + path + ": " + e);
+  }
+  auto store = std::make_unique<SqliteStore>(db);
+  if (auto st = store->Init(); !st) return Err("cannot initialise store " + path + ": " + st.message());
+  return std::unique_ptr<Store>(std::move(store));
+}
+
+}  // namespace muster

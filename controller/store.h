@@ -1,0 +1,118 @@
+// The controller's durable state behind one narrow interface.
+//
+// Implementations: SqliteStore (embedded default). Every mutating call returns
+// only after the change is durable (SQLite WAL with synchronous=FULL), so a
+// publish the CLI saw accepted survives a crash. Thread-safe: calls may come
+// from any I/O thread; implementations serialise internally.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/manifest.h"
+
+namespace muster {
+
+struct MachineRecord {
+  std::string name;
+  std::string key;  // "ed25519:…"
+  std::vector<std::string> tags;
+  std::int64_t created_at = 0;  // unix ms
+  std::int64_t last_seen = 0;   // unix ms, 0 = never
+  nlohmann::json facts = nlohmann::json::object();
+  std::int64_t generation = 0;  // generation of the last reported status
+  std::string phase = "idle";
+  std::string detail;
+  std::string toplevel;
+  bool reboot_required = false;
+  std::int64_t last_applied = 0;
+};
+
+struct OperatorRecord {
+  std::string name;
+  std::string key;
+  std::int64_t created_at = 0;
+};
+
+struct GenerationRecord {
+  std::string machine;
+  std::int64_t generation = 0;
+  SignedManifest manifest;
+  std::string vars;  // base64 of the sealed box ("" when none); ciphertext only
+  std::string toplevel;
+  std::string action;
+  std::string rollout;
+  std::string published_by;  // operator name
+  std::int64_t created_at = 0;  // unix ms (controller clock)
+};
+
+struct EventRecord {
+  std::int64_t id = 0;
+  std::string machine;
+  std::int64_t generation = 0;
+  std::string phase;
+  std::string detail;
+  std::int64_t at = 0;  // unix ms
+};
+
+struct LogRecord {
+  std::int64_t id = 0;
+  std::string machine;
+  std::int64_t generation = 0;
+  std::string stream;
+  std::string line;
+  std::int64_t at = 0;
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  virtual Status AddMachine(const MachineRecord& m) = 0;        // fails if name or key exist
+  virtual Status RemoveMachine(const std::string& name) = 0;    // fails if unknown
+  virtual Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) = 0;
+  virtual std::vector<MachineRecord> ListMachines() = 0;
+  virtual std::optional<MachineRecord> GetMachine(const std::string& name) = 0;
+  // Records a hello: facts, last_seen and the agent's own view of its state.
+  virtual Status RecordHello(const std::string& name, std::int64_t at, const nlohmann::json& facts,
+                             std::int64_t last_applied) = 0;
+  virtual Status RecordSeen(const std::string& name, std::int64_t at) = 0;
+  // Records a status report: machine row + an event row, in one transaction.
+  virtual Status RecordStatus(const std::string& name, const EventRecord& ev,
+                              const std::string& toplevel, bool reboot_required) = 0;
+
+  virtual Status AddOperator(const OperatorRecord& op) = 0;
+  virtual Status RemoveOperator(const std::string& name) = 0;
+  virtual std::vector<OperatorRecord> ListOperators() = 0;
+
+  // Stores a generation; fails with a message containing "not newer" when a
+  // generation >= g.generation exists for the machine.
+  virtual Status AddGeneration(const GenerationRecord& g) = 0;
+  virtual std::optional<GenerationRecord> LatestGeneration(const std::string& machine) = 0;
+  virtual std::optional<GenerationRecord> GetGeneration(const std::string& machine,
+                                                        std::int64_t generation) = 0;
+  virtual std::vector<GenerationRecord> ListGenerations(const std::string& machine,
+                                                        int limit) = 0;
+  virtual std::vector<EventRecord> ListEvents(const std::string& machine, std::int64_t generation,
+                                              int limit) = 0;  // generation 0: all
+
+  // Logs, kept per generation up to a byte bound (oldest lines dropped).
+  virtual Status AppendLogs(const std::vector<LogRecord>& lines) = 0;
+  virtual std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
+                                          std::int64_t after_id, int limit) = 0;
+
+  // Small key/value settings (schema version, etc.).
+  virtual std::optional<std::string> GetSetting(const std::string& key) = 0;
+  virtual Status SetSetting(const std::string& key, const std::string& value) = 0;
+};
+
+// Opens (creating if needed) the SQLite store at path.
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path);
+
+}  // namespace muster
