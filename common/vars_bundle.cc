@@ -133,7 +133,7 @@ Result<VarsBundle> ReadVarsDirectory(const fs::path& dir, const VarsLimits& limi
     struct stat st {};
     if (::lstat(it->path().c_str(), &st) != 0) return Err("cannot stat " + it->path().string());
     if (S_ISDIR(st.st_mode)) continue;
-    std::string rel = fs::relative(it->path(), dir).generic_string();
+    std::string rel = it->path().lexically_relative(dir).generic_string();
     if (S_ISLNK(st.st_mode)) return Err("vars entry " + rel + " is a symlink; links are refused");
     if (!S_ISREG(st.st_mode)) return Err("vars entry " + rel + " is not a regular file");
     auto content = ReadFile(it->path(), limits.max_file_bytes);
