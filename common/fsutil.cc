@@ -143,6 +143,37 @@ Status ReplaceDirectoryAtomic(const fs::path& staged, const fs::path& target) {
   return FsyncPath(parent);
 }
 
+Status ReplaceDirectoryAtomicKeep(const fs::path& staged, const fs::path& target,
+                                  const fs::path& keep_old_at) {
+  if (keep_old_at.empty()) return ReplaceDirectoryAtomic(staged, target);
+  fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+  struct stat st {};
+  if (::lstat(target.c_str(), &st) != 0) {
+    if (::rename(staged.c_str(), target.c_str()) != 0) {
+      return Err("cannot move " + staged.string() + " to " + target.string() + ": " +
+                 ErrnoText(errno));
+    }
+    return FsyncPath(parent);
+  }
+  long rc = ::syscall(SYS_renameat2, AT_FDCWD, staged.c_str(), AT_FDCWD, target.c_str(),
+                      RENAME_EXCHANGE);
+  if (rc == 0) {
+    if (::rename(staged.c_str(), keep_old_at.c_str()) != 0) {
+      return Err("cannot keep old content at " + keep_old_at.string() + ": " + ErrnoText(errno));
+    }
+    return FsyncPath(parent);
+  }
+  if (::rename(target.c_str(), keep_old_at.c_str()) != 0) {
+    return Err("cannot move " + target.string() + " aside: " + ErrnoText(errno));
+  }
+  if (::rename(staged.c_str(), target.c_str()) != 0) {
+    int e = errno;
+    ::rename(keep_old_at.c_str(), target.c_str());
+    return Err("cannot move " + staged.string() + " into place: " + ErrnoText(e));
+  }
+  return FsyncPath(parent);
+}
+
 Result<std::string> ReadLink(const fs::path& path) {
   std::error_code ec;
   fs::path t = fs::read_symlink(path, ec);

@@ -37,6 +37,13 @@ Status FsyncPath(const std::filesystem::path& path);
 Status ReplaceDirectoryAtomic(const std::filesystem::path& staged,
                               const std::filesystem::path& target);
 
+// Like ReplaceDirectoryAtomic, but the old content of target is moved to
+// keep_old_at (same file system) instead of being deleted; an empty keep_old_at
+// deletes it.
+Status ReplaceDirectoryAtomicKeep(const std::filesystem::path& staged,
+                                  const std::filesystem::path& target,
+                                  const std::filesystem::path& keep_old_at);
+
 // A fresh, unique path beside `target` (same directory) for staging.
 std::filesystem::path StagingPathFor(const std::filesystem::path& target, std::string_view tag);
 

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-
 #include <string>
 #include <string_view>
 
@@ -59,8 +58,9 @@ inline VarsBundle GoldenVarsBundle() {
   b.files.push_back({"key.txt", 0400, "root", "root",
                      "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ\n"});
   b.files.push_back({"activation/web1/db-password", 0440, "root", "postgres", "hunter2\n"});
-  b.files.push_back({"activation/web1/tls/cert.pem", 0644, "nginx", "nginx",
-                     std::string("-----BEGIN CERTIFICATE-----\n") + std::string("\x00\x01\xfe\xff", 4)});
+  b.files.push_back(
+      {"activation/web1/tls/cert.pem", 0644, "nginx", "nginx",
+       std::string("-----BEGIN CERTIFICATE-----\n") + std::string("\x00\x01\xfe\xff", 4)});
   return b;
 }
 

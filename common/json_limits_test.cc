@@ -1,17 +1,19 @@
 #include "common/json_limits.h"
 
-#include <string>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <string>
 
 namespace muster {
 namespace {
 
 using ::testing::HasSubstr;
 
-std::string Nest(int depth) { return std::string(static_cast<size_t>(depth), '[') +
-                                     std::string(static_cast<size_t>(depth), ']'); }
+std::string Nest(int depth) {
+  return std::string(static_cast<size_t>(depth), '[') +
+         std::string(static_cast<size_t>(depth), ']');
+}
 
 TEST(CheckJsonLimits, Table) {
   struct Case {

@@ -1,10 +1,10 @@
 #include "common/manifest.h"
 
-#include <string>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "common/golden_samples.h"
 #include "common/testutil.h"
@@ -153,8 +153,8 @@ TEST(ParseManifest, Refusals) {
       {with("substituters", json::array({""})), "substituter '' is invalid"},
       {with("trustedPublicKeys", json::array({"nocolon"})), "not of the form name:base64"},
       {with("trustedPublicKeys", json::array({"a:b c"})), "not of the form name:base64"},
-      {with("rollout", json::array({json::array({json::array({json::array({json::array(
-           {json::array({json::array({json::array({1})})})})})})})})),
+      {with("rollout", json::array({json::array({json::array({json::array(
+                           {json::array({json::array({json::array({json::array({1})})})})})})})})),
        "nesting deeper than 8"},
       {"\"" + std::string(70000, 'x') + "\"", "exceeds the limit"},
   };
@@ -229,10 +229,16 @@ TEST_F(VerifyTest, Refusals) {
     std::string vars;
     std::vector<std::string> want;
   } cases[] = {
-      {"unknown key", unknown, 11, sealed_,
+      {"unknown key",
+       unknown,
+       11,
+       sealed_,
        {"manifest for web1 generation 12 is signed by unknown key " + rogue.public_key().ShortId(),
         rogue.public_key().ToText(), "add it to trustedOperatorKeys"}},
-      {"tampered manifest", tampered, 11, sealed_,
+      {"tampered manifest",
+       tampered,
+       11,
+       sealed_,
        {"manifest for web1 generation 13 has an invalid signature by key " +
             op_.public_key().ShortId(),
         "altered after signing"}},
@@ -240,14 +246,23 @@ TEST_F(VerifyTest, Refusals) {
       {"signature of other bytes", wrong_sig, 11, sealed_, {"invalid signature"}},
       {"signature without domain prefix", no_domain, 11, sealed_, {"invalid signature"}},
       {"signer not a key", bad_signer, 11, sealed_, {"manifest signer: ", "ed25519:<base64>"}},
-      {"other machine", other_machine, 11, sealed_,
+      {"other machine",
+       other_machine,
+       11,
+       sealed_,
        {"manifest for db1 generation 12 is addressed to machine 'db1', not to this machine "
         "'web1'"}},
-      {"replayed generation", good, 12, sealed_,
+      {"replayed generation",
+       good,
+       12,
+       sealed_,
        {"manifest for web1 generation 12 is not newer than generation 12 already accepted here",
         "a rollback is published as a new, higher generation"}},
       {"older generation", good, 30, sealed_, {"not newer than generation 30"}},
-      {"vars hash mismatch", good, 11, "other-ciphertext",
+      {"vars hash mismatch",
+       good,
+       11,
+       "other-ciphertext",
        {"do not match the signed vars hash", VarsHash(sealed_), VarsHash("other-ciphertext")}},
       {"vars missing", good, 11, "", {"do not match the signed vars hash", "got ''"}},
       {"signed but invalid", invalid_but_signed, 0, "", {"signed manifest is invalid"}},

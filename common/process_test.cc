@@ -1,5 +1,7 @@
 #include "common/process.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -8,9 +10,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "common/testutil.h"
 
@@ -71,8 +70,8 @@ TEST(SystemProcessRunner, KeepsStderrTailForMessages) {
   EXPECT_EQ(r.Describe(), "exited with status 1: error: path is not valid");
 
   // Only the last 4 KiB are kept, and Describe quotes at most 1500 bytes of them.
-  RunResult big = Sh(
-      "i=0; while [ $i -lt 2000 ]; do echo line$i >&2; i=$((i+1)); done; echo LAST >&2; exit 2");
+  RunResult big =
+      Sh("i=0; while [ $i -lt 2000 ]; do echo line$i >&2; i=$((i+1)); done; echo LAST >&2; exit 2");
   EXPECT_EQ(big.exit_code, 2);
   EXPECT_EQ(big.err_tail.size(), 4096u);
   EXPECT_THAT(big.err_tail, ::testing::EndsWith("line1999\nLAST\n"));

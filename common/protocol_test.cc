@@ -1,11 +1,11 @@
 #include "common/protocol.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <limits>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "common/golden_samples.h"
 #include "common/testutil.h"
@@ -23,8 +23,7 @@ std::vector<Message> Samples() {
   Hello hello;
   hello.machine = "web1";
   hello.agent_version = "0.1.0";
-  hello.facts = {"x86_64-linux", "nixos", "24.05.20240601.abcdef0 (Uakari)", "web1",
-                 "6.6.32"};
+  hello.facts = {"x86_64-linux", "nixos", "24.05.20240601.abcdef0 (Uakari)", "web1", "6.6.32"};
   hello.generation = 11;
   hello.phase = "succeeded";
   hello.toplevel = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-nixos-system-web1-24.05";
@@ -43,8 +42,8 @@ std::vector<Message> Samples() {
   LogLines log;
   log.generation = 12;
   log.stream = "realise";
-  log.lines = {"copying path '/nix/store/…-linux-6.6.32' from 'https://cache.nixos.org'...",
-               "", "unicode ✓ and \"quotes\""};
+  log.lines = {"copying path '/nix/store/…-linux-6.6.32' from 'https://cache.nixos.org'...", "",
+               "unicode ✓ and \"quotes\""};
 
   Request request;
   request.id = 3;
@@ -72,8 +71,8 @@ std::vector<Message> Samples() {
           event};
 }
 
-const std::vector<std::string> kTypes = {"hello",  "status", "log",     "welcome",  "deploy",
-                                         "ack",    "error",  "request", "response", "event"};
+const std::vector<std::string> kTypes = {"hello", "status", "log",     "welcome",  "deploy",
+                                         "ack",   "error",  "request", "response", "event"};
 
 Message DecodeOk(const std::string& text) {
   auto r = Decode(text);
@@ -146,7 +145,8 @@ TEST(Protocol, OptionalFieldsDefaultAndUnknownFieldsAreIgnored) {
   EXPECT_EQ(hello.generation, 0);
   EXPECT_EQ(hello.phase, "");
   EXPECT_EQ(hello.facts.system, "");
-  auto req = std::get<Request>(DecodeOk(R"({"v":1,"type":"request","body":{"id":1,"method":"x"}})"));
+  auto req =
+      std::get<Request>(DecodeOk(R"({"v":1,"type":"request","body":{"id":1,"method":"x"}})"));
   EXPECT_TRUE(req.params.is_object());
   EXPECT_TRUE(req.params.empty());
   auto facts = std::get<Hello>(DecodeOk(
@@ -188,7 +188,8 @@ TEST(Protocol, GoldenDeployIsGenuine) {
             json::parse(testing::Slurp(testing::TestData("manifest.json"))).dump());
   auto plain = testing::GoldenMachineKey().OpenSealed(*sealed);
   ASSERT_TRUE(plain.ok()) << plain.message();
-  EXPECT_EQ(json::parse(*plain), json::parse(testing::Slurp(testing::TestData("vars_bundle.json"))));
+  EXPECT_EQ(json::parse(*plain),
+            json::parse(testing::Slurp(testing::TestData("vars_bundle.json"))));
 }
 
 std::string Env(const std::string& type, const json& body) {
@@ -241,7 +242,8 @@ TEST(Protocol, DecodeErrors) {
       {"event no topic", Env("event", {{"data", json::object()}}), "malformed"},
       // Wrong types.
       {"hello machine number", Env("hello", {{"machine", 1}, {"agentVersion", "1"}}), "malformed"},
-      {"hello facts string", Env("hello", {{"machine", "m"}, {"agentVersion", "1"}, {"facts", "x"}}),
+      {"hello facts string",
+       Env("hello", {{"machine", "m"}, {"agentVersion", "1"}, {"facts", "x"}}),
        "hello: facts must be an object"},
       {"hello generation string",
        Env("hello", {{"machine", "m"}, {"agentVersion", "1"}, {"generation", "3"}}),
@@ -253,8 +255,7 @@ TEST(Protocol, DecodeErrors) {
        "seq must be a non-negative integer"},
       {"status seq string", Env("status", {{"seq", "1"}, {"generation", 1}, {"phase", "x"}}),
        "seq must be a non-negative integer"},
-      {"status generation float",
-       Env("status", {{"seq", 1}, {"generation", 2.5}, {"phase", "x"}}),
+      {"status generation float", Env("status", {{"seq", 1}, {"generation", 2.5}, {"phase", "x"}}),
        "generation must be an integer"},
       {"status reboot string",
        Env("status", {{"seq", 1}, {"generation", 2}, {"phase", "x"}, {"rebootRequired", "yes"}}),
@@ -275,8 +276,10 @@ TEST(Protocol, DecodeErrors) {
        "malformed"},
       // Limits.
       {"too deep", deep, "JSON nesting deeper than 32 levels"},
-      {"oversize", Env("log", {{"generation", 1}, {"stream", "s"},
-                               {"lines", {std::string(kDefaultMaxMessageBytes, 'x')}}}),
+      {"oversize",
+       Env("log", {{"generation", 1},
+                   {"stream", "s"},
+                   {"lines", {std::string(kDefaultMaxMessageBytes, 'x')}}}),
        "exceeds the limit of 1048576 bytes"},
   };
   for (const auto& c : cases) {

@@ -1,9 +1,9 @@
 #include "common/url.h"
 
-#include <string>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <string>
 
 namespace muster {
 namespace {

@@ -1,15 +1,14 @@
 #include "common/vars_bundle.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "common/crypto.h"
 #include "common/golden_samples.h"
@@ -184,13 +183,17 @@ TEST(VarsBundle, SizeLimits) {
     std::vector<json> files;
     std::string want;  // "" = accepted
   } cases[] = {
-      {"at limits", {File("a", "0400", content(10)), File("b", "0400", content(10)),
-                     File("c", "0400", content(5))}, ""},
+      {"at limits",
+       {File("a", "0400", content(10)), File("b", "0400", content(10)),
+        File("c", "0400", content(5))},
+       ""},
       {"file too large", {File("a", "0400", content(11))}, "vars file 'a' is larger than 10 bytes"},
-      {"total too large", {File("a", "0400", content(10)), File("b", "0400", content(10)),
-                           File("c", "0400", content(6))},
+      {"total too large",
+       {File("a", "0400", content(10)), File("b", "0400", content(10)),
+        File("c", "0400", content(6))},
        "vars bundle is larger than 25 bytes"},
-      {"too many files", {File("a"), File("b"), File("c"), File("d")},
+      {"too many files",
+       {File("a"), File("b"), File("c"), File("d")},
        "vars bundle has 4 files; the limit is 3"},
   };
   for (const auto& c : cases) {
@@ -243,29 +246,36 @@ TEST(ReadVarsDirectory, Refusals) {
          testing::Spit(d / "real", "x");
          ASSERT_EQ(::symlink("real", (d / "link").c_str()), 0);
        },
-       {}, "vars entry link is a symlink; links are refused"},
+       {},
+       "vars entry link is a symlink; links are refused"},
       {"symlink to directory",
        [](const fs::path& d) {
          fs::create_directory(d / "sub");
          ASSERT_EQ(::symlink("/etc", (d / "sub/etc").c_str()), 0);
        },
-       {}, "vars entry sub/etc is a symlink"},
+       {},
+       "vars entry sub/etc is a symlink"},
       {"fifo",
        [](const fs::path& d) { ASSERT_EQ(::mkfifo((d / "pipe").c_str(), 0600), 0); },
-       {}, "vars entry pipe is not a regular file"},
-      {"file too large", [](const fs::path& d) { testing::Spit(d / "big", std::string(11, 'b')); },
-       {3, 10, 100}, "larger than 10 bytes"},
+       {},
+       "vars entry pipe is not a regular file"},
+      {"file too large",
+       [](const fs::path& d) { testing::Spit(d / "big", std::string(11, 'b')); },
+       {3, 10, 100},
+       "larger than 10 bytes"},
       {"total too large",
        [](const fs::path& d) {
          testing::Spit(d / "a", std::string(8, 'a'));
          testing::Spit(d / "b", std::string(8, 'b'));
        },
-       {3, 10, 15}, "vars directory is too large"},
+       {3, 10, 15},
+       "vars directory is too large"},
       {"too many files",
        [](const fs::path& d) {
          for (const char* n : {"a", "b", "c", "d"}) testing::Spit(d / n, "x");
        },
-       {3, 10, 100}, "too many files"},
+       {3, 10, 100},
+       "too many files"},
   };
   for (const auto& c : cases) {
     testing::TempDir dir;

@@ -1,0 +1,585 @@
+#include "agent/agent.h"
+
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+#include <spdlog/spdlog.h>
+
+#include "agent/health.h"
+#include "agent/vars.h"
+#include "common/fsutil.h"
+
+namespace muster {
+
+namespace {
+constexpr std::size_t kMaxQueuedLogLines = 5000;
+constexpr std::size_t kMaxQueuedReports = 64;
+
+std::string ReadFirstLine(const std::string& path) {
+  auto t = ReadFile(path, 4096);
+  if (!t) return "";
+  std::string s = *t;
+  auto nl = s.find('\n');
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+std::string HumanBytes(std::int64_t b) {
+  char buf[32];
+  if (b >= (1 << 30)) {
+    std::snprintf(buf, sizeof buf, "%.1f GiB", static_cast<double>(b) / (1 << 30));
+  } else if (b >= (1 << 20)) {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(b) / (1 << 20));
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
+  }
+  return buf;
+}
+}  // namespace
+
+Agent::Agent(AgentConfig config, SecretKey key, std::shared_ptr<boost::asio::ssl::context> tls,
+             std::unique_ptr<SystemOps> ops, ProcessRunner& runner, Clock clock)
+    : cfg_(std::move(config)),
+      key_(std::move(key)),
+      tls_(std::move(tls)),
+      ops_(std::move(ops)),
+      runner_(runner),
+      clock_(std::move(clock)),
+      log_timer_(ioc_) {
+  policy_.confirm_timeout_ms = cfg_.confirm_timeout.count();
+}
+
+Agent::~Agent() {
+  Stop();
+  if (worker_.joinable()) worker_.join();
+}
+
+proto::HostFacts Agent::Facts() {
+  proto::HostFacts f;
+  struct utsname u {};
+  if (::uname(&u) == 0) {
+    std::string machine = u.machine;
+    if (machine == "arm64") machine = "aarch64";
+    std::string sys = u.sysname;
+    f.system = machine + "-" + (sys == "Darwin" ? "darwin" : "linux");
+    f.kernel = u.release;
+  }
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) == 0) f.hostname = host;
+  std::string nixos = ReadFirstLine(cfg_.current_system + "/nixos-version");
+  std::string darwin = ReadFirstLine(cfg_.current_system + "/darwin-version");
+  if (!nixos.empty()) {
+    f.os = "nixos";
+    f.os_version = nixos;
+  } else if (!darwin.empty()) {
+    f.os = "darwin";
+    f.os_version = darwin;
+  } else {
+    f.os = f.system.find("darwin") != std::string::npos ? "darwin" : "linux";
+  }
+  return f;
+}
+
+int Agent::Run() {
+  {
+    auto st = LoadAgentState(cfg_.StatePath());
+    if (!st) {
+      spdlog::error("{}", st.message());
+      spdlog::error("refusing to start with an unreadable state; move {} aside to start afresh "
+                    "(the agent then accepts only generations newer than the controller's)",
+                    cfg_.StatePath());
+      return 1;
+    }
+    state_ = std::move(*st);
+  }
+  // Resume an interrupted deploy before anything else.
+  if (state_.current && !IsTerminal(state_.current->phase)) {
+    DeployRecord& r = *state_.current;
+    spdlog::info("resuming generation {} from phase {}", r.generation(), ToString(r.phase));
+    if (r.phase == Phase::kActivating) {
+      std::string detail;
+      auto ev = ops_->ActivationResult(Tag(r, "activate"), &detail);
+      Resume(r, ev, ops_->ActiveToplevel(), detail, clock_(), policy_);
+    } else {
+      Resume(r, ActivationEvidence::kUnknown, ops_->ActiveToplevel(), "", clock_(), policy_);
+    }
+    Persist();
+    Report(r);
+  } else if (state_.current) {
+    Report(*state_.current);
+  }
+
+  Link::Callbacks cb;
+  cb.on_open = [this] { OnOpen(); };
+  cb.on_message = [this](std::string t) { OnMessage(t); };
+  cb.on_down = [this](const std::string&) {
+    std::lock_guard lock(mu_);
+    welcomed_ = false;
+  };
+  link_ = std::make_unique<Link>(ioc_, cfg_, tls_, cb);
+  link_->Start();
+  ArmLogTimer();
+  worker_ = std::thread([this] { WorkerLoop(); });
+  spdlog::info("machine {} (key {}) connecting to {} controller(s)", cfg_.machine,
+               key_.public_key().ShortId(), cfg_.controllers.size());
+  ioc_.run();
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  return 0;
+}
+
+void Agent::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  boost::asio::post(ioc_, [this] {
+    if (link_) link_->Stop();
+    log_timer_.cancel();
+    ioc_.stop();
+  });
+}
+
+// ---------------------------------------------------------------- I/O thread
+
+void Agent::OnOpen() { SendHello(); }
+
+void Agent::SendHello() {
+  proto::Hello h;
+  h.machine = cfg_.machine;
+  h.agent_version = MUSTER_VERSION;
+  h.facts = Facts();
+  h.toplevel = ops_->ActiveToplevel();
+  {
+    std::lock_guard lock(mu_);
+    h.last_applied = state_.last_applied;
+    if (pending_) {
+      h.generation = pending_->generation();
+      h.phase = std::string(ToString(Phase::kVerified));
+    } else if (state_.current) {
+      h.generation = state_.current->generation();
+      h.phase = std::string(ToString(state_.current->phase));
+    } else {
+      h.phase = "idle";
+    }
+    if (state_.last_refused > h.generation) {
+      h.generation = state_.last_refused;
+      h.phase = "refused";
+    }
+  }
+  link_->Send(proto::Encode(h));
+}
+
+void Agent::OnMessage(const std::string& text) {
+  auto msg = proto::Decode(text);
+  if (!msg) {
+    spdlog::error("controller sent an invalid message ({}); reconnecting", msg.message());
+    link_->Drop("invalid message from controller");
+    return;
+  }
+  if (const auto* w = std::get_if<proto::Welcome>(&*msg)) {
+    spdlog::info("connected to the controller as {}", w->machine);
+    link_->ResetBackoff();
+    {
+      std::lock_guard lock(mu_);
+      welcomed_ = true;
+    }
+    FlushReports();
+    FlushLogs();
+    return;
+  }
+  if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
+    {
+      std::lock_guard lock(mu_);
+      acked_seq_ = std::max(acked_seq_, a->seq);
+    }
+    cv_.notify_all();
+    return;
+  }
+  if (const auto* d = std::get_if<proto::Deploy>(&*msg)) {
+    OnDeploy(*d);
+    return;
+  }
+  if (const auto* e = std::get_if<proto::ErrorMsg>(&*msg)) {
+    spdlog::error("controller: {}: {}", e->code, e->message);
+    return;
+  }
+  spdlog::warn("ignoring unexpected '{}' message from the controller", proto::TypeName(*msg));
+}
+
+void Agent::OnDeploy(const proto::Deploy& d) {
+  auto peek = ParseManifest(d.manifest.manifest);
+  std::int64_t gen = peek ? peek->generation : 0;
+  VerifyContext ctx;
+  ctx.machine = cfg_.machine;
+  ctx.trusted_operators = cfg_.trusted_operator_keys;
+  {
+    std::lock_guard lock(mu_);
+    ctx.last_applied = state_.last_applied;
+    bool in_hand = (pending_ && pending_->generation() == gen) ||
+                   (state_.current && state_.current->generation() == gen);
+    if (in_hand) {
+      spdlog::debug("generation {} delivered again; already in hand", gen);
+      return;
+    }
+  }
+  auto refuse = [&](const std::string& why) {
+    spdlog::error("refused: {}", why);
+    proto::StatusReport r;
+    r.generation = gen;
+    r.phase = "refused";
+    r.detail = why;
+    r.at = clock_();
+    {
+      std::lock_guard lock(mu_);
+      if (gen > state_.last_refused) {
+        state_.last_refused = gen;
+        state_.last_refused_reason = why;
+        (void)SaveAgentState(state_, cfg_.StatePath());
+      }
+      QueueReportLocked(r);
+    }
+    FlushReports();
+  };
+  auto sealed = Base64Decode(d.vars);
+  if (!sealed) return refuse("generation " + std::to_string(gen) + ": vars are not valid base64");
+  auto m = VerifySignedManifest(d.manifest, ctx, *sealed);
+  if (!m) return refuse(m.message());
+  if (!d.vars.empty()) {
+    auto bundle = OpenVars(key_, d.vars);
+    if (!bundle) {
+      return refuse("manifest for " + cfg_.machine + " generation " + std::to_string(gen) + ": " +
+                    bundle.message());
+    }
+  }
+  DeployRecord r;
+  r.signed_manifest = d.manifest;
+  r.manifest = *m;
+  r.vars = d.vars;
+  r.phase = Phase::kVerified;
+  r.received_at = clock_();
+  r.detail = "signed by " + ParsePublicKey(d.manifest.signer)->ShortId() + "; " +
+             std::string(ToString(m->action)) + " " + m->toplevel;
+  {
+    std::lock_guard lock(mu_);
+    state_.last_applied = m->generation;  // never accept this number again
+    if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
+      state_.last_applied = ctx.last_applied;
+      spdlog::error("cannot persist state: {}", st.message());
+      proto::StatusReport rep;
+      rep.generation = gen;
+      rep.phase = "failed";
+      rep.detail = "cannot record generation " + std::to_string(gen) +
+                   " in the agent state (" + st.message() + "); nothing was changed";
+      rep.at = clock_();
+      QueueReportLocked(rep);
+      boost::asio::post(ioc_, [this] { FlushReports(); });
+      return;
+    }
+    if (pending_) {
+      spdlog::info("generation {} supersedes queued generation {}", m->generation,
+                   pending_->generation());
+    }
+    pending_ = r;
+  }
+  spdlog::info("accepted generation {}: {} {}", m->generation, ToString(m->action), m->toplevel);
+  cv_.notify_all();
+}
+
+void Agent::QueueReportLocked(const proto::StatusReport& r) {
+  outbox_status_.push_back(r);
+  while (outbox_status_.size() > kMaxQueuedReports) outbox_status_.pop_front();
+}
+
+void Agent::FlushReports() {
+  for (;;) {
+    proto::StatusReport r;
+    {
+      std::lock_guard lock(mu_);
+      if (!welcomed_ || outbox_status_.empty() || !link_->connected()) return;
+      r = outbox_status_.front();
+      outbox_status_.pop_front();
+      r.seq = next_seq_++;
+    }
+    if (!link_->Send(proto::Encode(r))) {
+      std::lock_guard lock(mu_);
+      outbox_status_.push_front(r);
+      return;
+    }
+  }
+}
+
+void Agent::FlushLogs() {
+  std::deque<proto::LogLines> batch;
+  {
+    std::lock_guard lock(mu_);
+    if (!welcomed_ || outbox_logs_.empty()) return;
+    batch.swap(outbox_logs_);
+    outbox_log_lines_ = 0;
+  }
+  for (auto& l : batch) link_->Send(proto::Encode(l));
+}
+
+void Agent::ArmLogTimer() {
+  log_timer_.expires_after(std::chrono::milliseconds(200));
+  log_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    FlushReports();
+    FlushLogs();
+    ArmLogTimer();
+  });
+}
+
+// ------------------------------------------------------------- worker thread
+
+void Agent::Persist() {
+  if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
+    spdlog::error("cannot persist the agent state: {}", st.message());
+  }
+}
+
+void Agent::Report(const DeployRecord& r) {
+  proto::StatusReport s;
+  s.generation = r.generation();
+  s.phase = std::string(ToString(r.phase));
+  s.detail = r.detail;
+  s.toplevel = r.phase == Phase::kSucceeded || r.phase == Phase::kRolledBack ||
+                       r.phase == Phase::kUnchanged
+                   ? ops_->ActiveToplevel()
+                   : std::string();
+  s.reboot_required = r.reboot_required;
+  s.closure_bytes = r.closure_bytes;
+  s.at = clock_();
+  spdlog::info("generation {}: {}{}{}", s.generation, s.phase, s.detail.empty() ? "" : ": ", s.detail);
+  {
+    std::lock_guard lock(mu_);
+    QueueReportLocked(s);
+  }
+  boost::asio::post(ioc_, [this] { FlushReports(); });
+}
+
+void Agent::Log(std::int64_t generation, const std::string& stream, const std::string& line) {
+  spdlog::debug("[{}] {}", stream, line);
+  std::lock_guard lock(mu_);
+  if (outbox_log_lines_ >= kMaxQueuedLogLines) return;  // offline too long: drop the excess
+  if (outbox_logs_.empty() || outbox_logs_.back().stream != stream ||
+      outbox_logs_.back().generation != generation || outbox_logs_.back().lines.size() >= 200) {
+    outbox_logs_.push_back(proto::LogLines{generation, stream, {}});
+  }
+  outbox_logs_.back().lines.push_back(line.substr(0, 4000));
+  ++outbox_log_lines_;
+}
+
+std::string Agent::Tag(const DeployRecord& r, const char* what) const {
+  return "gen" + std::to_string(r.generation()) + "-" + what;
+}
+
+void Agent::WorkerLoop() {
+  for (;;) {
+    DeployRecord* r = nullptr;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] {
+        return stopping_ || pending_ ||
+               (state_.current && !IsTerminal(state_.current->phase));
+      });
+      if (stopping_) return;
+      if (!(state_.current && !IsTerminal(state_.current->phase))) {
+        state_.current = std::move(*pending_);
+        pending_.reset();
+        state_.current->kind = state_.current->manifest.kind != Kind::kAuto
+                                   ? state_.current->manifest.kind
+                                   : Kind::kAuto;  // detected after realise
+        state_.current->previous_toplevel = ops_->ActiveToplevel();
+        Persist();
+        r = &*state_.current;
+        lock.unlock();
+        Report(*r);
+      } else {
+        r = &*state_.current;
+      }
+    }
+    Step step = NextStep(*r);
+    if (step == Step::kNone) continue;
+    RunStep(*r, step);
+    if (IsTerminal(r->phase) && r->reboot_required && cfg_.reboot_policy == "when-required" &&
+        r->phase == Phase::kSucceeded) {
+      Log(r->generation(), "agent", "reboot required and rebootPolicy is when-required: rebooting");
+      if (auto st = ops_->Reboot(); !st) spdlog::error("reboot failed: {}", st.message());
+    }
+  }
+}
+
+void Agent::RunStep(DeployRecord& r, Step step) {
+  Phase before = PhaseBefore(step, r.phase);
+  if (before != r.phase) {
+    {
+      std::lock_guard lock(mu_);
+      r.phase = before;
+      if (step == Step::kRealise) r.detail = "realising " + r.manifest.toplevel;
+      if (step == Step::kActivate) r.detail = std::string(ToString(r.manifest.action)) + " " + r.manifest.toplevel;
+      Persist();
+    }
+    Report(r);
+  }
+  StepOutcome o = Perform(r, step);
+  {
+    std::lock_guard lock(mu_);
+    Apply(r, step, o, clock_(), policy_);
+    Persist();
+  }
+  Report(r);
+}
+
+StepOutcome Agent::Perform(DeployRecord& r, Step step) {
+  const std::int64_t gen = r.generation();
+  LineSink sink = [this, gen](const std::string& stream, const std::string& line) {
+    Log(gen, stream, line);
+  };
+  StepOutcome o;
+  switch (step) {
+    case Step::kNone:
+      return o;
+    case Step::kCheckUnchanged: {
+      std::string active = ops_->ActiveToplevel();
+      auto installed = ReadFile(cfg_.vars_dir + "/.muster-vars-hash", 4096);
+      bool vars_same = r.manifest.vars_hash.empty() ||
+                       (installed && *installed == r.manifest.vars_hash + "\n");
+      if (active == r.manifest.toplevel && vars_same && !r.manifest.force &&
+          r.manifest.action != Action::kDryActivate) {
+        o.ok = o.unchanged = true;
+        o.detail = r.manifest.toplevel + " is already active; nothing to do (publish with --force to re-activate)";
+      } else {
+        o.ok = true;
+        o.detail = "realising " + r.manifest.toplevel;
+      }
+      return o;
+    }
+    case Step::kRealise: {
+      auto size = ops_->Realise(r.manifest, sink);
+      if (!size) {
+        o.detail = size.message();
+        return o;
+      }
+      o.ok = true;
+      o.closure_bytes = *size;
+      if (r.manifest.kind == Kind::kAuto) r.kind = ops_->DetectKind(r.manifest.toplevel);
+      o.detail = "realised " + r.manifest.toplevel + " (closure " + HumanBytes(*size) + ", " +
+                 std::string(ToString(r.kind)) + ")";
+      return o;
+    }
+    case Step::kInstallVars: {
+      auto res = InstallVars(key_, r.vars, r.manifest.vars_hash, cfg_.vars_dir);
+      if (!res) {
+        o.detail = "installing vars into " + cfg_.vars_dir + " failed: " + res.message();
+        return o;
+      }
+      o.ok = true;
+      o.unchanged = !res->changed;
+      o.detail = std::to_string(res->files) + " vars files " +
+                 (res->changed ? "installed in " : "already in ") + cfg_.vars_dir;
+      return o;
+    }
+    case Step::kSetProfile: {
+      auto st = ops_->SetProfile(r.manifest.toplevel, sink);
+      o.ok = st.ok();
+      o.detail = st ? "profile " + cfg_.profile + " → " + r.manifest.toplevel : st.message();
+      return o;
+    }
+    case Step::kActivate: {
+      if (r.kind == Kind::kAuto) r.kind = ops_->DetectKind(r.manifest.toplevel);
+      auto st = ops_->Activate(r.kind, r.manifest.toplevel, r.manifest.action, Tag(r, "activate"), sink);
+      o.ok = st.ok();
+      if (!st) {
+        o.detail = "activation failed: " + st.message();
+        return o;
+      }
+      o.reboot_required = ops_->RebootRequired(r.manifest.toplevel);
+      o.detail = std::string(ToString(r.manifest.action)) + " of " + r.manifest.toplevel + " done" +
+                 (o.reboot_required ? "; reboot required (kernel, initrd or modules changed)" : "");
+      return o;
+    }
+    case Step::kConfirm:
+      return Confirm(r);
+    case Step::kRollback:
+      return Rollback(r);
+  }
+  return o;
+}
+
+StepOutcome Agent::Confirm(DeployRecord& r) {
+  // A fresh exchange with the controller: an ack for a report sent after
+  // activation. The confirming report was queued by RunStep just before.
+  std::uint64_t floor;
+  {
+    std::lock_guard lock(mu_);
+    floor = next_seq_ - 1;
+  }
+  Report(r);  // a report sent now carries a sequence number above the floor
+  HealthReport health{false, "health checks not run yet"};
+  for (;;) {
+    bool controller_ok;
+    {
+      std::unique_lock lock(mu_);
+      controller_ok = acked_seq_ > floor;
+      if (stopping_) return StepOutcome{false, "agent stopping"};
+    }
+    if (!health.ok) health = RunHealthChecks(cfg_.health_checks, runner_);
+    if (!health.ok) Log(r.generation(), "health", health.detail);
+    std::string why;
+    auto verdict = JudgeConfirm(r, controller_ok, health.ok, clock_(), &why);
+    if (verdict == ConfirmVerdict::kSucceeded) {
+      std::string d = "confirmed: controller reached after activation";
+      if (!health.detail.empty()) d += "; " + health.detail;
+      if (r.reboot_required) d += "; reboot required";
+      return {true, d};
+    }
+    if (verdict == ConfirmVerdict::kRollBack) {
+      if (!health.ok) why += " (" + health.detail + ")";
+      return {false, why};
+    }
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(500), [&] { return stopping_ || acked_seq_ > floor; });
+  }
+}
+
+StepOutcome Agent::Rollback(DeployRecord& r) {
+  const std::int64_t gen = r.generation();
+  LineSink sink = [this, gen](const std::string&, const std::string& line) {
+    Log(gen, "rollback", line);
+  };
+  std::vector<std::string> done;
+  if (r.vars_changed) {
+    if (auto st = RestoreVars(cfg_.vars_dir); !st) return {false, "restoring vars: " + st.message()};
+    done.push_back("vars restored");
+  }
+  const std::string& prev = r.previous_toplevel;
+  if (r.profile_changed || r.activation_started) {
+    if (prev.empty()) {
+      return {false, "nothing to roll back to: no system was active before this deploy"};
+    }
+  }
+  if (r.profile_changed) {
+    if (auto st = ops_->SetProfile(prev, sink); !st) return {false, st.message()};
+    done.push_back("profile reset");
+  }
+  if (r.activation_started && r.manifest.action != Action::kDryActivate &&
+      r.manifest.action != Action::kBoot) {
+    Kind k = ops_->DetectKind(prev);
+    Action a = r.profile_changed ? Action::kSwitch : Action::kTest;
+    if (auto st = ops_->Activate(k, prev, a, Tag(r, "rollback"), sink); !st) {
+      return {false, "re-activating " + prev + ": " + st.message()};
+    }
+    done.push_back("re-activated " + prev);
+  }
+  std::string d;
+  for (const auto& s : done) d += (d.empty() ? "" : ", ") + s;
+  return {true, d};
+}
+
+}  // namespace muster

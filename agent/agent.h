@@ -1,0 +1,96 @@
+// The agent: one link to the controller (I/O thread) and one deploy worker.
+//
+// The I/O thread receives deploys, verifies them (signature, machine, number,
+// vars hash, vars box) and hands accepted ones to the worker. The worker drives
+// the lifecycle state machine step by step, persisting the record before each
+// step and reporting every transition. Reports made while offline are replaced
+// by the newest one and delivered after the next hello.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "agent/config.h"
+#include "agent/link.h"
+#include "agent/state.h"
+#include "agent/system_ops.h"
+#include "common/crypto.h"
+#include "common/process.h"
+#include "common/protocol.h"
+
+namespace muster {
+
+class Agent {
+ public:
+  using Clock = std::function<std::int64_t()>;  // unix ms
+
+  Agent(AgentConfig config, SecretKey key, std::shared_ptr<boost::asio::ssl::context> tls,
+        std::unique_ptr<SystemOps> ops, ProcessRunner& runner, Clock clock);
+  ~Agent();
+
+  // Loads the state, resumes an interrupted deploy and serves until Stop().
+  // Returns a process exit code.
+  int Run();
+  void Stop();  // thread-safe
+
+ private:
+  // I/O thread.
+  void OnOpen();
+  void OnMessage(const std::string& text);
+  void OnDeploy(const proto::Deploy& d);
+  void SendHello();
+  void FlushReports();
+  void QueueReportLocked(const proto::StatusReport& r);
+  void FlushLogs();
+  void ArmLogTimer();
+
+  // Worker thread.
+  void WorkerLoop();
+  void RunStep(DeployRecord& r, Step step);
+  StepOutcome Perform(DeployRecord& r, Step step);
+  StepOutcome Confirm(DeployRecord& r);
+  StepOutcome Rollback(DeployRecord& r);
+  void Persist();
+  void Report(const DeployRecord& r);
+  void Log(std::int64_t generation, const std::string& stream, const std::string& line);
+  std::string Tag(const DeployRecord& r, const char* what) const;
+  proto::HostFacts Facts();
+
+  AgentConfig cfg_;
+  SecretKey key_;
+  std::shared_ptr<boost::asio::ssl::context> tls_;
+  std::unique_ptr<SystemOps> ops_;
+  ProcessRunner& runner_;
+  Clock clock_;
+  LifecyclePolicy policy_;
+
+  boost::asio::io_context ioc_;
+  std::unique_ptr<Link> link_;
+  boost::asio::steady_timer log_timer_;
+
+  std::mutex mu_;  // guards everything below
+  std::condition_variable cv_;
+  AgentState state_;
+  std::optional<DeployRecord> pending_;     // accepted, waiting for the worker
+  std::deque<proto::StatusReport> outbox_status_;  // reports not yet sent (bounded)
+  std::deque<proto::LogLines> outbox_logs_;
+  std::size_t outbox_log_lines_ = 0;
+  std::uint64_t next_seq_ = 1;
+  std::uint64_t acked_seq_ = 0;
+  bool welcomed_ = false;
+  bool stopping_ = false;
+  std::thread worker_;
+};
+
+}  // namespace muster

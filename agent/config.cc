@@ -1,0 +1,141 @@
+#include "agent/config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "common/fsutil.h"
+#include "common/json_limits.h"
+
+namespace muster {
+
+using nlohmann::json;
+
+namespace {
+std::chrono::milliseconds Seconds(const json& v, const std::string& field) {
+  if (!v.is_number() || v.get<double>() <= 0) {
+    throw std::invalid_argument("'" + field + "' must be a positive number of seconds");
+  }
+  return std::chrono::milliseconds(static_cast<long long>(v.get<double>() * 1000));
+}
+std::string Abs(const json& v, const std::string& field) {
+  std::string s = v.get<std::string>();
+  if (s.empty() || s[0] != '/') throw std::invalid_argument("'" + field + "' must be an absolute path");
+  return s;
+}
+}  // namespace
+
+Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& origin) {
+  auto parsed = ParseJsonBounded(text, 1 << 20, 16);
+  if (!parsed) return Err(origin + ": " + parsed.message());
+  const json& j = *parsed;
+  if (!j.is_object()) return Err(origin + ": expected a JSON object");
+  AgentConfig c;
+  std::string field;
+  try {
+    for (auto& [k, v] : j.items()) {
+      field = k;
+      if (v.is_null()) continue;
+      if (k == "machine") {
+        c.machine = v.get<std::string>();
+      } else if (k == "controllers") {
+        for (const auto& u : v) {
+          auto url = ParseWsUrl(u.get<std::string>(), "/v1/agent");
+          if (!url) throw std::invalid_argument(url.message());
+          c.controllers.push_back(*url);
+        }
+      } else if (k == "controllerPin") {
+        auto pin = ParseFingerprint(v.get<std::string>());
+        if (!pin) throw std::invalid_argument(pin.message());
+        c.controller_pin = *pin;
+      } else if (k == "trustedOperatorKeys") {
+        for (const auto& t : v) {
+          auto pk = ParsePublicKey(t.get<std::string>());
+          if (!pk) throw std::invalid_argument(pk.message());
+          c.trusted_operator_keys.push_back(*pk);
+        }
+      } else if (k == "stateDir") {
+        c.state_dir = Abs(v, k);
+      } else if (k == "varsDir") {
+        c.vars_dir = Abs(v, k);
+      } else if (k == "profile") {
+        c.profile = Abs(v, k);
+      } else if (k == "currentSystem") {
+        c.current_system = Abs(v, k);
+      } else if (k == "bootedSystem") {
+        c.booted_system = Abs(v, k);
+      } else if (k == "confirmTimeout") {
+        c.confirm_timeout = Seconds(v, k);
+      } else if (k == "healthChecks") {
+        for (const auto& h : v) {
+          HealthCheck hc;
+          hc.name = h.value("name", std::string());
+          if (h.contains("command")) hc.command = h.at("command").get<std::vector<std::string>>();
+          hc.http = h.value("http", std::string());
+          if (h.contains("timeout")) hc.timeout = Seconds(h.at("timeout"), "healthChecks.timeout");
+          if (hc.command.empty() == hc.http.empty()) {
+            throw std::invalid_argument("each health check needs exactly one of 'command' or 'http'");
+          }
+          if (!hc.command.empty() && (hc.command[0].empty() || hc.command[0][0] != '/')) {
+            throw std::invalid_argument("health check command '" + hc.command[0] + "' must be an absolute path");
+          }
+          if (!hc.http.empty() && hc.http.rfind("http://", 0) != 0) {
+            throw std::invalid_argument("health check URL '" + hc.http + "' must start with http:// (https is not supported)");
+          }
+          if (hc.name.empty()) hc.name = hc.http.empty() ? hc.command[0] : hc.http;
+          c.health_checks.push_back(hc);
+        }
+      } else if (k == "enrollTokenFile") {
+        c.enroll_token_file = Abs(v, k);
+      } else if (k == "metricsListen") {
+        c.metrics_listen = v.get<std::string>();
+        auto hp = ParseHostPort(c.metrics_listen);
+        if (!hp) throw std::invalid_argument(hp.message());
+      } else if (k == "rebootPolicy") {
+        c.reboot_policy = v.get<std::string>();
+        if (c.reboot_policy != "never" && c.reboot_policy != "when-required") {
+          throw std::invalid_argument("must be \"never\" or \"when-required\"");
+        }
+      } else if (k == "logLevel") {
+        c.log_level = v.get<std::string>();
+      } else if (k == "nixBinDir") {
+        c.nix_bin_dir = Abs(v, k);
+      } else if (k == "systemdRun") {
+        c.systemd_run = v.get<std::string>();
+        if (c.systemd_run != "auto" && c.systemd_run != "always" && c.systemd_run != "never") {
+          throw std::invalid_argument("must be \"auto\", \"always\" or \"never\"");
+        }
+      } else if (k == "pingInterval") {
+        c.ping_interval = Seconds(v, k);
+      } else if (k == "idleTimeout") {
+        c.idle_timeout = Seconds(v, k);
+      } else if (k == "backoffBase") {
+        c.backoff_base = Seconds(v, k);
+      } else if (k == "backoffCap") {
+        c.backoff_cap = Seconds(v, k);
+      } else if (k == "realiseTimeout") {
+        c.realise_timeout = Seconds(v, k);
+      } else if (k == "activationTimeout") {
+        c.activation_timeout = Seconds(v, k);
+      } else {
+        return Err(origin + ": unknown setting '" + k + "'");
+      }
+    }
+  } catch (const std::exception& e) {
+    return Err(origin + ": setting '" + field + "': " + e.what());
+  }
+  if (c.machine.empty()) return Err(origin + ": 'machine' (this machine's name) is required");
+  if (c.controllers.empty()) return Err(origin + ": 'controllers' (wss:// URLs) must list at least one controller");
+  if (c.controller_pin.empty()) return Err(origin + ": 'controllerPin' is required (printed by 'muster-controller init')");
+  if (c.trusted_operator_keys.empty()) {
+    return Err(origin + ": 'trustedOperatorKeys' must list at least one operator key; without it no generation can be accepted");
+  }
+  if (c.idle_timeout <= c.ping_interval) return Err(origin + ": 'idleTimeout' must be greater than 'pingInterval'");
+  return c;
+}
+
+Result<AgentConfig> LoadAgentConfig(const std::string& path) {
+  auto text = ReadFile(path, 1 << 20);
+  if (!text) return Err("cannot read configuration: " + text.message());
+  return ParseAgentConfig(*text, path);
+}
+
+}  // namespace muster

@@ -1,0 +1,58 @@
+// The agent's configuration file (JSON), as rendered by the NixOS module.
+//
+// Every field except machine, controllers, controllerPin and
+// trustedOperatorKeys has a default that matches a real NixOS machine; tests
+// and the Quick start point the paths into a sandbox root.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "common/crypto.h"
+#include "common/error.h"
+#include "common/url.h"
+
+namespace muster {
+
+struct HealthCheck {
+  std::string name;
+  std::vector<std::string> command;  // argv, argv[0] absolute; or
+  std::string http;                  // http://host[:port]/path, expecting 2xx
+  std::chrono::milliseconds timeout{std::chrono::seconds(30)};
+};
+
+struct AgentConfig {
+  std::string machine;
+  std::vector<WsUrl> controllers;
+  std::string controller_pin;
+  std::vector<PublicKey> trusted_operator_keys;
+  std::string state_dir = "/var/lib/muster-agent";
+  std::string vars_dir = "/var/lib/sops-nix";
+  std::string profile = "/nix/var/nix/profiles/system";
+  std::string current_system = "/run/current-system";
+  std::string booted_system = "/run/booted-system";
+  std::chrono::milliseconds confirm_timeout{std::chrono::seconds(120)};
+  std::vector<HealthCheck> health_checks;
+  std::string enroll_token_file;
+  std::string metrics_listen;
+  std::string reboot_policy = "never";  // never | when-required
+  std::string log_level = "info";
+  std::string nix_bin_dir;              // "" = search PATH and the usual places
+  std::string systemd_run = "auto";     // auto | always | never
+  std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
+  std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
+  std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};
+  std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
+  std::chrono::milliseconds realise_timeout{std::chrono::hours(2)};
+  std::chrono::milliseconds activation_timeout{std::chrono::minutes(30)};
+
+  std::string KeyPath() const { return state_dir + "/machine.key"; }
+  std::string StatePath() const { return state_dir + "/state.json"; }
+};
+
+// Parses and validates the JSON text. Errors name the file and the field.
+Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& origin);
+Result<AgentConfig> LoadAgentConfig(const std::string& path);
+
+}  // namespace muster

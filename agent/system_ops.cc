@@ -1,0 +1,313 @@
+#include "agent/system_ops.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/fsutil.h"
+#include "common/json_limits.h"
+
+namespace muster {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string FindProgram(const std::string& name, const std::string& dir) {
+  std::vector<std::string> dirs;
+  if (!dir.empty()) dirs.push_back(dir);
+  if (const char* path = std::getenv("PATH")) {
+    std::stringstream ss(path);
+    std::string d;
+    while (std::getline(ss, d, ':')) {
+      if (!d.empty() && d[0] == '/') dirs.push_back(d);
+    }
+  }
+  for (const char* d : {"/run/current-system/sw/bin", "/nix/var/nix/profiles/default/bin",
+                        "/run/wrappers/bin", "/usr/local/bin", "/usr/bin", "/bin"}) {
+    dirs.push_back(d);
+  }
+  for (const auto& d : dirs) {
+    std::string p = d + "/" + name;
+    if (::access(p.c_str(), X_OK) == 0) return p;
+  }
+  return "";
+}
+
+namespace {
+
+std::string Canonical(const std::string& p) {
+  std::error_code ec;
+  auto c = fs::canonical(p, ec);
+  return ec ? std::string() : c.string();
+}
+
+std::string SelfExe() {
+  std::error_code ec;
+  auto p = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string() : p.string();
+}
+
+bool SystemdIsPid1() {
+  std::error_code ec;
+  return fs::exists("/run/systemd/system", ec);
+}
+
+class NixSystem final : public SystemOps {
+ public:
+  NixSystem(const AgentConfig& c, ProcessRunner& r) : cfg_(c), runner_(r) {
+    nix_store_ = FindProgram("nix-store", c.nix_bin_dir);
+    nix_env_ = FindProgram("nix-env", c.nix_bin_dir);
+    systemd_run_ = FindProgram("systemd-run", "");
+  }
+
+  Kind DetectKind(const std::string& toplevel) override {
+    std::error_code ec;
+    if (fs::exists(toplevel + "/nixos-version", ec)) return Kind::kNixos;
+    if (fs::exists(toplevel + "/darwin-version", ec)) return Kind::kDarwin;
+    if (fs::exists(toplevel + "/hm-version", ec)) return Kind::kHomeManager;
+    return Kind::kProfile;
+  }
+
+  std::string ActiveToplevel() override {
+    std::string cur = Canonical(cfg_.current_system);
+    if (!cur.empty()) return cur;
+    return Canonical(cfg_.profile);
+  }
+
+  Result<std::int64_t> Realise(const Manifest& m, const LineSink& sink) override {
+    if (nix_store_.empty()) return Err("nix-store not found; install Nix or set nixBinDir");
+    std::vector<std::string> argv = {nix_store_, "--realise", m.toplevel, "--max-jobs", "0"};
+    if (!m.substituters.empty()) {
+      argv.insert(argv.end(), {"--option", "substituters", Join(m.substituters)});
+    }
+    if (!m.trusted_public_keys.empty()) {
+      argv.insert(argv.end(), {"--option", "trusted-public-keys", Join(m.trusted_public_keys)});
+    }
+    auto r = Run(argv, cfg_.realise_timeout, "realise", sink);
+    if (!r.ok()) {
+      const std::string& e = r.err_tail;
+      if (e.find("lacks a signature by a trusted key") != std::string::npos ||
+          e.find("valid signature") != std::string::npos) {
+        return Err("nix refused " + m.toplevel +
+                   ": it is not signed by any of the manifest's trusted public keys (" +
+                   Join(m.trusted_public_keys) + "); sign the binary cache with one of them");
+      }
+      if (e.find("don't know how to build") != std::string::npos ||
+          e.find("cannot build") != std::string::npos) {
+        return Err(m.toplevel + " is not available from the substituters (" +
+                   Join(m.substituters) + "); push it with 'nix copy --to' first (this machine never builds)");
+      }
+      return Err("nix-store --realise " + m.toplevel + " " + r.Describe());
+    }
+    // Closure size: the sum of the NAR sizes of all requisites.
+    auto req = Run({nix_store_, "--query", "--requisites", m.toplevel},
+                   std::chrono::minutes(5), "", nullptr);
+    if (!req.ok()) return std::int64_t{0};
+    std::vector<std::string> argv2 = {nix_store_, "--query", "--size"};
+    std::stringstream ss(req.out);
+    std::string line;
+    while (std::getline(ss, line)) {
+      if (!line.empty()) argv2.push_back(line);
+    }
+    auto sizes = Run(argv2, std::chrono::minutes(5), "", nullptr);
+    std::int64_t total = 0;
+    std::stringstream s2(sizes.out);
+    while (std::getline(s2, line)) {
+      try {
+        total += std::stoll(line);
+      } catch (...) {
+      }
+    }
+    return total;
+  }
+
+  Status SetProfile(const std::string& toplevel, const LineSink& sink) override {
+    if (nix_env_.empty()) return Err("nix-env not found; install Nix or set nixBinDir");
+    if (auto st = MakeDirs(fs::path(cfg_.profile).parent_path(), 0755); !st) return st;
+    auto r = Run({nix_env_, "-p", cfg_.profile, "--set", toplevel}, std::chrono::minutes(5),
+                 "profile", sink);
+    if (!r.ok()) return Err("nix-env -p " + cfg_.profile + " --set " + toplevel + " " + r.Describe());
+    return Status::Ok();
+  }
+
+  Status Activate(Kind kind, const std::string& toplevel, Action action, const std::string& tag,
+                  const LineSink& sink) override {
+    std::vector<std::string> cmd;
+    switch (kind) {
+      case Kind::kNixos:
+        cmd = {toplevel + "/bin/switch-to-configuration", std::string(ToString(action))};
+        break;
+      case Kind::kDarwin:
+      case Kind::kHomeManager:
+        if (action == Action::kDryActivate || action == Action::kBoot) {
+          sink("activate", std::string(ToString(kind)) + " has no '" + std::string(ToString(action)) +
+                               "' activation; nothing to run");
+          return Status::Ok();
+        }
+        cmd = {toplevel + "/activate"};
+        break;
+      case Kind::kAuto:
+      case Kind::kProfile:
+        sink("activate", "plain profile: nothing to activate");
+        return Status::Ok();
+    }
+    std::error_code ec;
+    if (!fs::exists(cmd[0], ec)) return Err(toplevel + " has no " + cmd[0].substr(toplevel.size() + 1));
+    if (auto st = MakeDirs(cfg_.state_dir + "/activations", 0700); !st) return st;
+    std::string lock = LockPath(tag), result = ResultPath(tag);
+    ::unlink(result.c_str());
+    std::vector<std::string> argv;
+    std::map<std::string, std::string> env = {{"MUSTER_CURRENT_SYSTEM", cfg_.current_system},
+                                              {"MUSTER_PROFILE", cfg_.profile}};
+    bool use_systemd = cfg_.systemd_run == "always" ||
+                       (cfg_.systemd_run == "auto" && SystemdIsPid1() && !systemd_run_.empty());
+    if (use_systemd) {
+      if (systemd_run_.empty()) return Err("systemdRun is \"always\" but systemd-run was not found");
+      argv = {systemd_run_, "--pipe", "--wait", "--collect", "--quiet", "--service-type=exec",
+              "--unit=muster-activate-" + tag};
+      for (const auto& [k, v] : env) argv.push_back("--setenv=" + k + "=" + v);
+      argv.push_back("--");
+    }
+    std::string self = SelfExe();
+    if (self.empty()) return Err("cannot find the agent's own executable for the activation wrapper");
+    argv.insert(argv.end(), {self, "--activation-wrapper", lock, result, "--"});
+    argv.insert(argv.end(), cmd.begin(), cmd.end());
+    auto r = Run(argv, cfg_.activation_timeout, "activate", sink, env);
+    if (!r.ok()) {
+      std::string detail;
+      auto ev = ReadResult(result, &detail);
+      if (ev == ActivationEvidence::kFailed) return Err(ArgvToString(cmd) + " " + detail);
+      return Err(ArgvToString(cmd) + " " + r.Describe());
+    }
+    return Status::Ok();
+  }
+
+  ActivationEvidence ActivationResult(const std::string& tag, std::string* detail) override {
+    // A wrapper that is still running holds the lock: wait for it.
+    int fd = ::open(LockPath(tag).c_str(), O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+      auto deadline = std::chrono::steady_clock::now() + cfg_.activation_timeout;
+      while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (std::chrono::steady_clock::now() > deadline) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      ::close(fd);
+    }
+    return ReadResult(ResultPath(tag), detail);
+  }
+
+  bool RebootRequired(const std::string& toplevel) override {
+    std::error_code ec;
+    if (!fs::exists(cfg_.booted_system, ec)) return false;
+    for (const char* part : {"kernel", "initrd", "kernel-modules"}) {
+      std::string booted = Canonical(cfg_.booted_system + "/" + part);
+      std::string next = Canonical(toplevel + "/" + part);
+      if (booted != next) return true;
+    }
+    return false;
+  }
+
+  Status Reboot() override {
+    std::string systemctl = FindProgram("systemctl", "");
+    std::string shutdown = FindProgram("shutdown", "");
+    std::vector<std::string> argv;
+    if (!systemctl.empty()) {
+      argv = {systemctl, "reboot"};
+    } else if (!shutdown.empty()) {
+      argv = {shutdown, "-r", "now"};
+    } else {
+      return Err("neither systemctl nor shutdown found");
+    }
+    auto r = Run(argv, std::chrono::minutes(1), "", nullptr);
+    if (!r.ok()) return Err("reboot " + r.Describe());
+    return Status::Ok();
+  }
+
+ private:
+  static std::string Join(const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : " ") + x;
+    return s;
+  }
+
+  std::string LockPath(const std::string& tag) const {
+    return cfg_.state_dir + "/activations/" + tag + ".lock";
+  }
+  std::string ResultPath(const std::string& tag) const {
+    return cfg_.state_dir + "/activations/" + tag + ".result";
+  }
+
+  static ActivationEvidence ReadResult(const std::string& path, std::string* detail) {
+    auto text = ReadFile(path, 65536);
+    if (!text) return ActivationEvidence::kUnknown;
+    auto j = ParseJsonBounded(*text);
+    if (!j || !j->is_object()) return ActivationEvidence::kUnknown;
+    int code = j->value("exit", -1);
+    if (detail) *detail = j->value("detail", std::string());
+    return code == 0 ? ActivationEvidence::kSucceeded : ActivationEvidence::kFailed;
+  }
+
+  RunResult Run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
+                const std::string& stream, const LineSink& sink,
+                std::map<std::string, std::string> env = {}) {
+    RunOptions o;
+    o.argv = argv;
+    o.timeout = timeout;
+    o.env = std::move(env);
+    o.max_output = 64u << 20;
+    if (sink && !stream.empty()) {
+      o.on_line = [&](bool, const std::string& line) { sink(stream, line); };
+    }
+    spdlog::debug("running {}", ArgvToString(argv));
+    return runner_.Run(o);
+  }
+
+  const AgentConfig& cfg_;
+  ProcessRunner& runner_;
+  std::string nix_store_, nix_env_, systemd_run_;
+};
+
+}  // namespace
+
+std::unique_ptr<SystemOps> MakeNixSystem(const AgentConfig& config, ProcessRunner& runner) {
+  return std::make_unique<NixSystem>(config, runner);
+}
+
+int RunActivationWrapper(const std::string& lock_path, const std::string& result_path,
+                         const std::vector<std::string>& argv) {
+  ::signal(SIGPIPE, SIG_IGN);  // the agent reading our output may go away
+  ::signal(SIGHUP, SIG_IGN);
+  int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0 || ::flock(fd, LOCK_EX) != 0) {
+    std::cerr << "activation wrapper: cannot lock " << lock_path << "\n";
+    return 125;
+  }
+  SystemProcessRunner runner;
+  RunOptions o;
+  o.argv = argv;
+  o.timeout = std::chrono::hours(24);
+  o.max_output = 0;
+  o.on_line = [](bool is_err, const std::string& line) {
+    std::string l = line + "\n";
+    // Errors (EPIPE once the agent is gone) are deliberately ignored.
+    (void)!::write(is_err ? 2 : 1, l.data(), l.size());
+  };
+  RunResult r = runner.Run(o);
+  int code = r.exited ? r.exit_code : 128 + r.signal;
+  if (!r.start_error.empty()) code = 127;
+  json j = {{"exit", code}, {"signal", r.signal}, {"detail", r.ok() ? "" : r.Describe()}};
+  (void)WriteFileAtomic(result_path, j.dump() + "\n", 0600);
+  ::close(fd);
+  return code;
+}
+
+}  // namespace muster

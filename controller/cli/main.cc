@@ -1,0 +1,525 @@
+// muster: the operator CLI. Talks to the controller over /v1/operator with the
+// operator's key; signs manifests and seals vars locally (the controller never
+// sees an operator's private key or a plaintext secret).
+//
+// Exit codes: 0 success; 1 the operation failed (refused by the controller, or a
+// waited-for deploy did not succeed); 2 usage or configuration error; 3 cannot
+// reach or authenticate with the controller; 4 --wait timed out.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <ctime>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "common/crypto.h"
+#include "common/fsutil.h"
+#include "common/json_limits.h"
+#include "common/manifest.h"
+#include "common/phase.h"
+#include "common/tls.h"
+#include "common/vars_bundle.h"
+#include "controller/cli/connection.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace muster;
+
+namespace {
+
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitConnect = 3;
+constexpr int kExitTimeout = 4;
+
+struct Globals {
+  std::string controller;
+  std::string pin;
+  std::string key;
+  std::string config;
+  bool json_out = false;
+};
+
+std::string ConfigHome() {
+  if (const char* x = std::getenv("XDG_CONFIG_HOME"); x && *x) return std::string(x) + "/muster";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.config/muster";
+  return "/root/.config/muster";
+}
+
+int Die(const std::string& msg, int code) {
+  std::cerr << "muster: " << msg << "\n";
+  return code;
+}
+
+// flag > environment > config file > default.
+Status ResolveGlobals(Globals& g) {
+  auto env = [](const char* n) -> std::string {
+    const char* v = std::getenv(n);
+    return v ? v : "";
+  };
+  if (g.config.empty()) g.config = env("MUSTER_CONFIG");
+  bool explicit_config = !g.config.empty();
+  if (g.config.empty()) g.config = ConfigHome() + "/config.json";
+  json file = json::object();
+  std::error_code ec;
+  if (fs::exists(g.config, ec)) {
+    auto text = ReadFile(g.config, 1 << 20);
+    if (!text) return text.error();
+    auto j = ParseJsonBounded(*text);
+    if (!j || !j->is_object()) return Err(g.config + ": not a JSON object");
+    file = *j;
+  } else if (explicit_config) {
+    return Err("config file " + g.config + " does not exist");
+  }
+  auto pick = [&](std::string& field, const char* var, const char* key, std::string def) {
+    if (!field.empty()) return;
+    field = env(var);
+    if (!field.empty()) return;
+    if (file.contains(key) && file[key].is_string()) {
+      field = file[key].get<std::string>();
+      return;
+    }
+    field = std::move(def);
+  };
+  pick(g.controller, "MUSTER_CONTROLLER", "controller", "");
+  pick(g.pin, "MUSTER_PIN", "pin", "");
+  pick(g.key, "MUSTER_KEY", "key", ConfigHome() + "/operator.key");
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<Connection>> Connect(const Globals& g, SecretKey& key) {
+  if (g.controller.empty()) {
+    return Err("no controller given: use --controller wss://HOST:PORT, MUSTER_CONTROLLER or "
+               "'controller' in " + g.config);
+  }
+  if (g.pin.empty()) {
+    return Err("no controller pin given: use --pin sha256:…, MUSTER_PIN or 'pin' in " + g.config);
+  }
+  auto url = ParseWsUrl(g.controller, "/v1/operator");
+  if (!url) return url.error();
+  if (url->path == "/v1/agent") url->path = "/v1/operator";
+  auto ctx = tls::MakeClientContext(key, g.pin);
+  if (!ctx) return ctx.error();
+  ClientOptions o;
+  o.url = *url;
+  o.tls = *ctx;
+  o.max_message_bytes = 16u << 20;
+  o.user_agent = std::string("muster-cli/") + MUSTER_VERSION;
+  return Connection::Open(o);
+}
+
+std::string Ago(std::int64_t ms) {
+  if (ms == 0) return "never";
+  auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                 std::chrono::system_clock::now().time_since_epoch()).count();
+  std::int64_t s = (now - ms) / 1000;
+  if (s < 0) s = 0;
+  if (s < 120) return std::to_string(s) + "s ago";
+  if (s < 7200) return std::to_string(s / 60) + "m ago";
+  if (s < 172800) return std::to_string(s / 3600) + "h ago";
+  return std::to_string(s / 86400) + "d ago";
+}
+
+std::string Timestamp(std::int64_t ms) {
+  std::time_t t = static_cast<std::time_t>(ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string JoinTags(const json& tags) {
+  std::string s;
+  for (const auto& t : tags) s += (s.empty() ? "" : ",") + t.get<std::string>();
+  return s.empty() ? "-" : s;
+}
+
+void PrintTable(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> w;
+  for (const auto& r : rows) {
+    if (w.size() < r.size()) w.resize(r.size(), 0);
+    for (std::size_t i = 0; i < r.size(); ++i) w[i] = std::max(w[i], r[i].size());
+  }
+  for (const auto& r : rows) {
+    std::string line;
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(w[i] - r[i].size() + 2, ' ');
+    }
+    std::cout << line << "\n";
+  }
+}
+
+struct PublishArgs {
+  std::string machine;
+  std::string toplevel;
+  std::string action = "switch";
+  std::string kind = "auto";
+  std::string vars_dir;
+  std::vector<std::string> substituters;
+  std::vector<std::string> trusted_keys;
+  bool force = false;
+  bool wait = false;
+  int timeout = 600;
+};
+
+// Waits for the machine's report on generation gen to reach a terminal phase.
+int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int timeout_s, bool json_out) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  // The deploy may already have progressed before the subscription: check once.
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      return Die("timed out after " + std::to_string(timeout_s) + " s waiting for " + machine +
+                 " generation " + std::to_string(gen) + " (it continues; see 'muster status " + machine + "')",
+                 kExitTimeout);
+    }
+    auto ev = c.NextEvent(std::min(left, std::chrono::milliseconds(1000)));
+    if (!ev) return Die(ev.message(), kExitConnect);
+    if (!*ev) continue;
+    const proto::Event& e = **ev;
+    if (e.topic != "status") continue;
+    if (e.data.value("machine", "") != machine || e.data.value("generation", std::int64_t{0}) != gen) continue;
+    std::string phase = e.data.value("phase", "");
+    std::string detail = e.data.value("detail", "");
+    if (json_out) {
+      std::cout << e.data.dump() << "\n";
+    } else {
+      std::cout << Timestamp(e.data.value("at", std::int64_t{0})) << "  " << machine << "  gen " << gen
+                << "  " << phase << (detail.empty() ? "" : "  " + detail) << "\n";
+    }
+    std::cout.flush();
+    auto ph = ParsePhase(phase);
+    if (ph && IsTerminal(*ph)) {
+      return (*ph == Phase::kSucceeded || *ph == Phase::kUnchanged) ? 0 : kExitFailed;
+    }
+  }
+}
+
+int Publish(const Globals& g, const PublishArgs& a) {
+  auto action = ParseAction(a.action);
+  if (!action) return Die("--action must be switch, boot, test or dry-activate", kExitUsage);
+  auto kind = ParseKind(a.kind);
+  if (!kind) return Die("--kind must be auto, nixos, darwin, home-manager or profile", kExitUsage);
+  if (auto st = ValidateStorePath(a.toplevel); !st) return Die(st.message(), kExitUsage);
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate')", kExitUsage);
+  std::optional<VarsBundle> bundle;
+  if (!a.vars_dir.empty()) {
+    auto b = ReadVarsDirectory(a.vars_dir);
+    if (!b) return Die(b.message(), kExitUsage);
+    bundle = std::move(*b);
+  }
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  if (a.wait) {
+    auto sub = (*conn)->Call("subscribe", json::object());
+    if (!sub) return Die(sub.message(), kExitFailed);
+  }
+  std::int64_t published = 0;
+  for (int attempt = 0; attempt < 5 && published == 0; ++attempt) {
+    auto info = (*conn)->Call("machine.get", {{"name", a.machine}});
+    if (!info) return Die(info.message(), kExitFailed);
+    auto mkey = ParsePublicKey((*info)["machine"]["key"].get<std::string>());
+    if (!mkey) return Die("controller returned an invalid machine key", kExitFailed);
+    std::string sealed_b64;
+    if (bundle) {
+      auto sealed = SealTo(*mkey, EncodeVarsBundle(*bundle));
+      if (!sealed) return Die(sealed.message(), kExitFailed);
+      sealed_b64 = Base64Encode(*sealed);
+    }
+    Manifest m;
+    m.machine = a.machine;
+    m.generation = (*info)["latestGeneration"].get<std::int64_t>() + 1;
+    m.toplevel = a.toplevel;
+    m.kind = *kind;
+    m.action = *action;
+    m.substituters = a.substituters;
+    m.trusted_public_keys = a.trusted_keys;
+    m.vars_hash = bundle ? VarsHash(*Base64Decode(sealed_b64)) : "";
+    m.created_at = static_cast<std::int64_t>(std::time(nullptr));
+    m.force = a.force;
+    SignedManifest sm = SignManifest(m, *key);
+    auto res = (*conn)->Call("publish", {{"manifest", sm.manifest},
+                                         {"signer", sm.signer},
+                                         {"signature", sm.signature},
+                                         {"vars", sealed_b64}});
+    if (!res) {
+      if (res.message().find("not newer") != std::string::npos) continue;  // raced another publish
+      return Die(res.message(), kExitFailed);
+    }
+    published = m.generation;
+    bool online = res->value("online", false);
+    if (g.json_out) {
+      std::cout << res->dump() << "\n";
+    } else {
+      std::cout << "published " << a.machine << " generation " << published << ": "
+                << a.action << " " << a.toplevel
+                << (bundle ? " with " + std::to_string(bundle->files.size()) + " vars files" : "")
+                << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
+    }
+  }
+  if (published == 0) return Die("could not publish: generations kept changing underneath", kExitFailed);
+  if (!a.wait) return 0;
+  return WaitFor(**conn, a.machine, published, a.timeout, g.json_out);
+}
+
+int Status_(const Globals& g, const std::string& machine) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  json params = json::object();
+  if (!machine.empty()) params["machine"] = machine;
+  auto res = (*conn)->Call("status", params);
+  if (!res) return Die(res.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << (*res)["machines"].dump(2) << "\n";
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"MACHINE", "TAGS", "ONLINE", "LAST SEEN", "GEN", "TARGET", "PHASE", "REBOOT", "DETAIL"}};
+  for (const auto& m : (*res)["machines"]) {
+    std::string detail = m.value("detail", "");
+    if (detail.size() > 80) detail = detail.substr(0, 77) + "...";
+    rows.push_back({m["name"].get<std::string>(), JoinTags(m["tags"]),
+                    m["online"].get<bool>() ? "yes" : "no", Ago(m["lastSeen"].get<std::int64_t>()),
+                    std::to_string(m["generation"].get<std::int64_t>()),
+                    std::to_string(m["targetGeneration"].get<std::int64_t>()),
+                    m["phase"].get<std::string>(), m["rebootRequired"].get<bool>() ? "yes" : "no",
+                    detail.empty() ? "-" : detail});
+  }
+  PrintTable(rows);
+  return 0;
+}
+
+int History(const Globals& g, const std::string& machine, int limit) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  auto res = (*conn)->Call("history", {{"machine", machine}, {"limit", limit}});
+  if (!res) return Die(res.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << (*res)["generations"].dump(2) << "\n";
+    return 0;
+  }
+  for (const auto& gen : (*res)["generations"]) {
+    std::cout << "generation " << gen["generation"].get<std::int64_t>() << "  "
+              << gen["action"].get<std::string>() << " " << gen["toplevel"].get<std::string>()
+              << "  published " << Timestamp(gen["createdAt"].get<std::int64_t>()) << " by "
+              << gen["publishedBy"].get<std::string>() << "\n";
+    for (const auto& e : gen["events"]) {
+      std::string d = e.value("detail", "");
+      std::cout << "  " << Timestamp(e["at"].get<std::int64_t>()) << "  " << std::left
+                << std::setw(15) << e["phase"].get<std::string>() << d << "\n";
+    }
+  }
+  return 0;
+}
+
+int Logs(const Globals& g, const std::string& machine, std::int64_t generation, bool follow) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  if (follow) {
+    auto sub = (*conn)->Call("subscribe", json::object());
+    if (!sub) return Die(sub.message(), kExitFailed);
+  }
+  std::int64_t after = 0;
+  std::int64_t gen = generation;
+  for (;;) {
+    auto res = (*conn)->Call("logs", {{"machine", machine}, {"generation", gen}, {"after", after}, {"limit", 5000}});
+    if (!res) return Die(res.message(), kExitFailed);
+    gen = (*res)["generation"].get<std::int64_t>();
+    for (const auto& l : (*res)["lines"]) {
+      if (g.json_out) {
+        std::cout << l.dump() << "\n";
+      } else {
+        std::cout << "[" << l["stream"].get<std::string>() << "] " << l["line"].get<std::string>() << "\n";
+      }
+    }
+    std::cout.flush();
+    after = (*res)["last"].get<std::int64_t>();
+    if ((*res)["lines"].size() >= 5000) continue;
+    if (!follow) return 0;
+    // Wait for new lines (log events) or a terminal status, then read again.
+    bool finished = false;
+    for (;;) {
+      auto ev = (*conn)->NextEvent(std::chrono::seconds(1));
+      if (!ev) return Die(ev.message(), kExitConnect);
+      if (!*ev) break;
+      const auto& e = **ev;
+      if (e.data.value("machine", "") != machine) continue;
+      if (e.topic == "log") break;
+      if (e.topic == "publish" && generation == 0) {
+        gen = e.data.value("generation", gen);
+        after = 0;
+        break;
+      }
+      if (e.topic == "status" && e.data.value("generation", std::int64_t{0}) == gen) {
+        auto ph = ParsePhase(e.data.value("phase", ""));
+        if (ph && IsTerminal(*ph)) finished = true;
+      }
+    }
+    (void)finished;  // -f keeps following later generations too
+  }
+}
+
+int SimpleCall(const Globals& g, const std::string& method, const json& params,
+               const std::string& ok_message) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  auto res = (*conn)->Call(method, params);
+  if (!res) return Die(res.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << res->dump() << "\n";
+  } else {
+    std::cout << ok_message << "\n";
+  }
+  return 0;
+}
+
+int MachineList(const Globals& g) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  auto res = (*conn)->Call("machine.list", json::object());
+  if (!res) return Die(res.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << (*res)["machines"].dump(2) << "\n";
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows = {{"MACHINE", "TAGS", "ONLINE", "KEY"}};
+  for (const auto& m : (*res)["machines"]) {
+    rows.push_back({m["name"].get<std::string>(), JoinTags(m["tags"]),
+                    m["online"].get<bool>() ? "yes" : "no", m["key"].get<std::string>()});
+  }
+  PrintTable(rows);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  InitCrypto();
+  CLI::App app{"muster: publish signed system generations and watch them land"};
+  app.set_version_flag("--version", std::string("muster ") + MUSTER_VERSION);
+  app.require_subcommand(1);
+  Globals g;
+  app.add_option("--controller", g.controller, "controller URL, wss://HOST:PORT (env MUSTER_CONTROLLER)");
+  app.add_option("--pin", g.pin, "controller key pin, sha256:… (env MUSTER_PIN)");
+  app.add_option("--key", g.key, "operator key file (env MUSTER_KEY; default ~/.config/muster/operator.key)");
+  app.add_option("--config", g.config, "CLI config file (env MUSTER_CONFIG; default ~/.config/muster/config.json)");
+  app.add_flag("--json", g.json_out, "machine-readable output");
+
+  auto* key = app.add_subcommand("key", "operator keys");
+  key->require_subcommand(1);
+  std::string key_out;
+  auto* key_gen = key->add_subcommand("generate", "create an operator key and print its public key");
+  key_gen->add_option("--out", key_out, "where to write it (default: --key path)");
+  auto* key_show = key->add_subcommand("show", "print the public key of the operator key");
+
+  auto* machine = app.add_subcommand("machine", "register and list machines");
+  machine->require_subcommand(1);
+  std::string m_name, m_key;
+  std::vector<std::string> m_tags;
+  auto* m_add = machine->add_subcommand("add", "register a machine's public key");
+  m_add->add_option("NAME", m_name)->required();
+  m_add->add_option("--key", m_key, "the key printed by 'muster-agent --print-key'")->required();
+  m_add->add_option("--tag", m_tags, "tag (repeatable)");
+  auto* m_list = machine->add_subcommand("list", "list machines");
+  auto* m_remove = machine->add_subcommand("remove", "forget a machine and close its connection");
+  m_remove->add_option("NAME", m_name)->required();
+  auto* m_tag = machine->add_subcommand("tag", "replace a machine's tags");
+  m_tag->add_option("NAME", m_name)->required();
+  m_tag->add_option("--tag", m_tags, "tag (repeatable; none clears)");
+
+  PublishArgs pa;
+  auto* publish = app.add_subcommand("publish", "sign and publish a generation for a machine");
+  publish->add_option("MACHINE", pa.machine)->required();
+  publish->add_option("STOREPATH", pa.toplevel, "the system toplevel, /nix/store/…")->required();
+  publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")->capture_default_str();
+  publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")->capture_default_str();
+  publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to the machine");
+  publish->add_option("--substituter", pa.substituters, "binary cache URL (repeatable)");
+  publish->add_option("--trusted-public-key", pa.trusted_keys, "cache signing key name:base64 (repeatable)");
+  publish->add_flag("--force", pa.force, "activate even if the closure is already active");
+  publish->add_flag("--wait", pa.wait, "wait for the machine to finish and show its progress");
+  publish->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
+
+  std::string s_machine;
+  auto* status = app.add_subcommand("status", "machines and where their deploys stand");
+  status->add_option("MACHINE", s_machine);
+
+  int h_limit = 10;
+  auto* history = app.add_subcommand("history", "generations of a machine and their events");
+  history->add_option("MACHINE", s_machine)->required();
+  history->add_option("--limit", h_limit)->capture_default_str();
+
+  std::int64_t l_gen = 0;
+  bool l_follow = false;
+  auto* logs = app.add_subcommand("logs", "output of realise and activation on a machine");
+  logs->add_option("MACHINE", s_machine)->required();
+  logs->add_option("--generation", l_gen, "generation (default: the newest)");
+  logs->add_flag("-f,--follow", l_follow, "keep printing new lines");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (auto st = ResolveGlobals(g); !st) return Die(st.message(), kExitUsage);
+
+  if (key_gen->parsed()) {
+    std::string out = key_out.empty() ? g.key : key_out;
+    std::error_code ec;
+    if (fs::exists(out, ec)) return Die(out + " already exists; refusing to overwrite a key", kExitUsage);
+    fs::path parent = fs::path(out).parent_path();
+    if (!parent.empty()) {
+      if (auto st = MakeDirs(parent, 0700); !st) return Die(st.message(), kExitUsage);
+    }
+    SecretKey k = SecretKey::Generate();
+    if (auto st = SaveSecretKey(k, out); !st) return Die(st.message(), kExitFailed);
+    std::string pub = k.public_key().ToText();
+    (void)WriteFileAtomic(out + ".pub", pub + "\n", 0644);
+    if (g.json_out) {
+      std::cout << json{{"key", pub}, {"path", out}}.dump() << "\n";
+    } else {
+      std::cout << pub << "\n";
+      std::cerr << "wrote " << out << " (0600) and " << out << ".pub\n";
+    }
+    return 0;
+  }
+  if (key_show->parsed()) {
+    auto k = LoadSecretKey(g.key);
+    if (!k) return Die(k.message(), kExitUsage);
+    std::cout << k->public_key().ToText() << "\n";
+    return 0;
+  }
+  if (m_add->parsed()) {
+    return SimpleCall(g, "machine.add", {{"name", m_name}, {"key", m_key}, {"tags", m_tags}},
+                      "machine " + m_name + " added");
+  }
+  if (m_remove->parsed()) {
+    return SimpleCall(g, "machine.remove", {{"name", m_name}}, "machine " + m_name + " removed");
+  }
+  if (m_tag->parsed()) {
+    return SimpleCall(g, "machine.tag", {{"name", m_name}, {"tags", m_tags}}, "machine " + m_name + " tagged");
+  }
+  if (m_list->parsed()) return MachineList(g);
+  if (publish->parsed()) return Publish(g, pa);
+  if (status->parsed()) return Status_(g, s_machine);
+  if (history->parsed()) return History(g, s_machine, h_limit);
+  if (logs->parsed()) return Logs(g, s_machine, l_gen, l_follow);
+  return 0;
+}
