@@ -1,0 +1,92 @@
+# Fake system toplevels for muster's integration tests and Quick start, built
+# with plain `derivation` (no nixpkgs needed, works offline with Debian's nix).
+#
+# Each toplevel records its activations by appending a line to `log`:
+#   "<name> <action> <kind>" — so tests can assert order and arguments.
+# The activation also points the current-system link (passed by the agent in
+# MUSTER_CURRENT_SYSTEM) at itself, as NixOS and nix-darwin activation do.
+#
+#   kind      nixos | darwin | home-manager | profile
+#   behaviour ok | fail (activation exits 1) | cut (creates `cutFile`, which the
+#             test's proxy treats as "network down"; an ok toplevel removes it)
+#   kernel    a string standing for the kernel build; differing values mean a
+#             reboot is needed
+{ name ? "system"
+, kind ? "nixos"
+, behaviour ? "ok"
+, log ? "/tmp/muster-activation.log"
+, cutFile ? "/tmp/muster-cut"
+, kernel ? "6.1.0"
+, salt ? ""
+, sleep ? "0"
+}:
+let
+  sh = "/bin/sh";
+  activationScript = ''
+    #!${sh}
+    set -e
+    self="$(cd "$(dirname "$0")" && pwd -P)"
+    case "$(basename "$0")" in switch-to-configuration) self="$(dirname "$self")";; esac
+    echo "${name} ''${1:-activate} ${kind}" >> "${log}"
+    echo "activating ${name} (${kind}) action ''${1:-activate}"
+    if [ "${sleep}" != "0" ]; then sleep ${sleep}; fi
+    ${if behaviour == "fail" then ''
+      echo "error: unit failed to start (fake failure)" >&2
+      exit 1
+    '' else if behaviour == "cut" then ''
+      touch "${cutFile}"
+      echo "networking reconfigured (cut)"
+    '' else ''
+      rm -f "${cutFile}"
+    ''}
+    if [ "''${1:-}" != "dry-activate" ] && [ "''${1:-}" != "boot" ] && [ -n "''${MUSTER_CURRENT_SYSTEM:-}" ]; then
+      mkdir -p "$(dirname "$MUSTER_CURRENT_SYSTEM")"
+      ln -sfn "$self" "$MUSTER_CURRENT_SYSTEM.tmp"
+      mv -T "$MUSTER_CURRENT_SYSTEM.tmp" "$MUSTER_CURRENT_SYSTEM"
+    fi
+  '';
+  # The kernel is its own store path, shared by toplevels with the same kernel
+  # string, as on NixOS: a different kernel means a reboot is needed.
+  kernelPkg = derivation {
+    name = "muster-test-kernel-${kernel}";
+    system = builtins.currentSystem;
+    builder = sh;
+    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd" ];
+  };
+in
+derivation {
+  name = "muster-test-${name}";
+  system = builtins.currentSystem;
+  builder = sh;
+  inherit activationScript kind kernel salt;
+  passAsFile = [ "activationScript" ];
+  args = [ "-c" ''
+    set -e
+    PATH=/usr/bin:/bin
+    mkdir -p $out/bin
+    case "$kind" in
+      nixos)
+        echo "24.11.${name}" > $out/nixos-version
+        cp $activationScriptPath $out/bin/switch-to-configuration
+        chmod 555 $out/bin/switch-to-configuration
+        ln -s ${kernelPkg}/bzImage $out/kernel
+        ln -s ${kernelPkg}/initrd $out/initrd
+        ln -s ${kernelPkg}/lib/modules $out/kernel-modules
+        ;;
+      darwin)
+        echo "25.05.${name}" > $out/darwin-version
+        cp $activationScriptPath $out/activate
+        chmod 555 $out/activate
+        ;;
+      home-manager)
+        echo "25.05" > $out/hm-version
+        cp $activationScriptPath $out/activate
+        chmod 555 $out/activate
+        ;;
+      *)
+        echo "plain profile ${name}" > $out/README
+        ;;
+    esac
+    echo "$salt" > $out/salt
+  '' ];
+}
