@@ -1,0 +1,353 @@
+#include "controller/fleet.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "controller/test_fakes.h"
+
+namespace muster {
+namespace {
+
+using ::testing::ElementsAre;
+using testing::FakeChannel;
+using testing::FakeSink;
+using testing::FleetTest;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+TEST_F(FleetTest, LookupKnowsMachinesAndOperators) {
+  Identity m = fleet_->Lookup(web1_.public_key());
+  EXPECT_EQ(m.role, Role::kMachine);
+  EXPECT_EQ(m.name, "web1");
+  Identity o = fleet_->Lookup(alice_.public_key());
+  EXPECT_EQ(o.role, Role::kOperator);
+  EXPECT_EQ(o.name, "alice");
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
+
+  // A second fleet over the same store learns the registry from Load().
+  Fleet other(*store_, [] { return std::int64_t{0}; });
+  EXPECT_EQ(other.Lookup(web1_.public_key()).role, Role::kNone);
+  ASSERT_TRUE(other.Load().ok());
+  EXPECT_EQ(other.Lookup(web1_.public_key()).name, "web1");
+  EXPECT_EQ(other.Lookup(alice_.public_key()).role, Role::kOperator);
+}
+
+TEST_F(FleetTest, AddMachineRefusals) {
+  std::string fresh = mallory_.public_key().ToText();
+  struct Case {
+    std::string name;
+    std::string key;
+    std::string want;
+  } cases[] = {
+      {"", fresh, "machine name '' is invalid"},
+      {"web 2", fresh, "machine name 'web 2' is invalid: use letters, digits"},
+      {"web/2", fresh, "is invalid"},
+      {std::string(254, 'm'), fresh, "is invalid"},
+      {"web2", "ssh-ed25519 AAAA", "must look like 'ed25519:<base64>'"},
+      {"web2", web1_.public_key().ToText(), "key is already registered to machine 'web1'"},
+      {"web2", alice_.public_key().ToText(), "key is already registered to operator 'alice'"},
+      {"web1", fresh, "'web1' or its key is already registered"},
+  };
+  for (const auto& c : cases) {
+    auto st = fleet_->AddMachine(c.name, c.key, {});
+    ASSERT_FALSE(st.ok()) << c.name;
+    EXPECT_THAT(st.message(), HasSubstr(c.want)) << c.name;
+  }
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
+  EXPECT_EQ(store_->ListMachines().size(), 1u);
+}
+
+TEST_F(FleetTest, HelloWithNothingPublishedGetsOnlyWelcome) {
+  auto ch = std::make_shared<FakeChannel>();
+  auto out = fleet_->AgentHello("web1", MakeHello(), ch);
+  ASSERT_TRUE(out.ok()) << out.message();
+  ASSERT_EQ(out->size(), 1u);
+  auto w = std::get<proto::Welcome>(Decoded((*out)[0]));
+  EXPECT_EQ(w.machine, "web1");
+  EXPECT_EQ(w.server_time, kNow);
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  EXPECT_EQ(fleet_->OnlineCount(), 1u);
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->last_seen, kNow);
+  EXPECT_EQ(m->facts["system"], "x86_64-linux");
+}
+
+TEST_F(FleetTest, HelloForAnotherMachineIsRefused) {
+  auto ch = std::make_shared<FakeChannel>();
+  auto out = fleet_->AgentHello("web1", MakeHello(0, 0, "idle", "db1"), ch);
+  ASSERT_FALSE(out.ok());
+  EXPECT_THAT(out.message(),
+              HasSubstr("hello names machine 'db1' but this key is registered as 'web1'"));
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
+}
+
+TEST_F(FleetTest, HelloGetsWelcomeThenDeployOnlyWhenNeeded) {
+  proto::Deploy d = MakeDeploy(5);
+  ASSERT_TRUE(fleet_->Publish("alice", d).ok());
+  struct Case {
+    const char* name;
+    std::int64_t last_applied;
+    std::int64_t generation;
+    const char* phase;
+    bool want_deploy;
+  } cases[] = {
+      {"fresh agent", 0, 0, "idle", true},
+      {"behind", 4, 4, "succeeded", true},
+      {"already applied", 5, 5, "succeeded", false},
+      {"ahead (controller restored from backup)", 7, 7, "succeeded", false},
+      {"finished here: failed", 4, 5, "failed", false},
+      {"finished here: rolled back", 4, 5, "rolled-back", false},
+      {"finished here: refused", 0, 5, "refused", false},
+      {"finished here: unchanged", 4, 5, "unchanged", false},
+      {"in progress", 4, 5, "realising", false},
+      {"in progress: confirming", 4, 5, "confirming", false},
+      {"same generation but idle", 4, 5, "idle", true},
+      {"same generation, unknown phase", 4, 5, "bogus", true},
+      {"older generation failed", 4, 3, "failed", true},
+  };
+  for (const auto& c : cases) {
+    auto ch = std::make_shared<FakeChannel>();
+    auto out = fleet_->AgentHello("web1", MakeHello(c.last_applied, c.generation, c.phase), ch);
+    ASSERT_TRUE(out.ok()) << c.name << ": " << out.message();
+    ASSERT_EQ(out->size(), c.want_deploy ? 2u : 1u) << c.name;
+    EXPECT_TRUE(std::holds_alternative<proto::Welcome>(Decoded((*out)[0]))) << c.name;
+    if (c.want_deploy) {
+      auto got = std::get<proto::Deploy>(Decoded((*out)[1]));
+      EXPECT_EQ(got.manifest.manifest, d.manifest.manifest) << c.name;
+      EXPECT_EQ(got.manifest.signer, d.manifest.signer) << c.name;
+      EXPECT_EQ(got.manifest.signature, d.manifest.signature) << c.name;
+      EXPECT_EQ(got.vars, d.vars) << c.name;
+    }
+    EXPECT_THAT(ch->sent, IsEmpty()) << "hello replies are returned, not sent: " << c.name;
+  }
+}
+
+TEST_F(FleetTest, HelloDeploysNewestGeneration) {
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(2)).ok());
+  auto out = fleet_->AgentHello("web1", MakeHello(), std::make_shared<FakeChannel>());
+  ASSERT_TRUE(out.ok());
+  ASSERT_EQ(out->size(), 2u);
+  auto got = std::get<proto::Deploy>(Decoded((*out)[1]));
+  EXPECT_EQ(ParseManifest(got.manifest.manifest)->generation, 2);
+  EXPECT_EQ(fleet_->counters().deploys_sent, 1u);
+}
+
+TEST_F(FleetTest, PublishPushesToOnlineChannel) {
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  proto::Deploy d = MakeDeploy(1);
+  auto g = fleet_->Publish("alice", d);
+  ASSERT_TRUE(g.ok()) << g.message();
+  EXPECT_EQ(g->machine, "web1");
+  EXPECT_EQ(g->generation, 1);
+  EXPECT_EQ(g->toplevel, kToplevel);
+  EXPECT_EQ(g->action, "switch");
+  EXPECT_EQ(g->published_by, "alice");
+  EXPECT_EQ(g->created_at, kNow);
+  ASSERT_EQ(ch->sent.size(), 1u);
+  auto pushed = std::get<proto::Deploy>(Decoded(ch->sent[0]));
+  EXPECT_EQ(pushed.manifest.manifest, d.manifest.manifest);
+  EXPECT_EQ(pushed.vars, d.vars);
+  auto stored = store_->LatestGeneration("web1");
+  ASSERT_TRUE(stored.has_value());
+  EXPECT_EQ(stored->manifest.signature, d.manifest.signature);
+  EXPECT_EQ(stored->vars, d.vars);
+  auto c = fleet_->counters();
+  EXPECT_EQ(c.publishes, 1u);
+  EXPECT_EQ(c.deploys_sent, 1u);
+}
+
+TEST_F(FleetTest, PublishWhileOfflineOnlyStores) {
+  auto g = fleet_->Publish("alice", MakeDeploy(1, "web1", nullptr, /*with_vars=*/false));
+  ASSERT_TRUE(g.ok()) << g.message();
+  EXPECT_EQ(g->vars, "");
+  EXPECT_EQ(fleet_->counters().deploys_sent, 0u);
+  EXPECT_EQ(store_->LatestGeneration("web1")->generation, 1);
+}
+
+TEST_F(FleetTest, PublishRefusals) {
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(5)).ok());
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(5, 5, "succeeded"), ch).ok());
+
+  proto::Deploy tampered = MakeDeploy(6);
+  tampered.manifest.manifest.replace(tampered.manifest.manifest.find("\"generation\":6"), 14,
+                                     "\"generation\":7");
+  proto::Deploy bad_vars = MakeDeploy(6);
+  bad_vars.vars = "***";
+  proto::Deploy swapped_vars = MakeDeploy(6);
+  swapped_vars.vars = Base64Encode(SealTo(web1_.public_key(), "other").value());
+  proto::Deploy bad_signer = MakeDeploy(6);
+  bad_signer.manifest.signer = "nonsense";
+  proto::Deploy invalid = MakeDeploy(6);
+  invalid.manifest.manifest = "{\"format\":1}";
+
+  struct Case {
+    const char* name;
+    proto::Deploy d;
+    std::string want;
+  } cases[] = {
+      {"unregistered signer", MakeDeploy(6, "web1", &mallory_),
+       "signed by " + mallory_.public_key().ShortId() + ", which is not a registered operator key"},
+      {"machine key is no operator key", MakeDeploy(6, "web1", &web1_),
+       "not a registered operator key"},
+      {"signer not a key", bad_signer, "publish: public key must look like"},
+      {"unknown machine", MakeDeploy(1, "db9"), "publish: no machine named 'db9'; add it first"},
+      {"tampered manifest", tampered, "invalid signature"},
+      {"invalid manifest", invalid, "publish: manifest field missing"},
+      {"vars not base64", bad_vars, "publish: vars are not base64"},
+      {"vars do not match hash", swapped_vars, "do not match the signed vars hash"},
+      {"same generation", MakeDeploy(5), "generation 5 for web1 is not newer"},
+      {"older generation", MakeDeploy(3), "generation 3 for web1 is not newer"},
+  };
+  for (const auto& c : cases) {
+    auto g = fleet_->Publish("alice", c.d);
+    ASSERT_FALSE(g.ok()) << c.name;
+    EXPECT_THAT(g.message(), HasSubstr(c.want)) << c.name;
+  }
+  EXPECT_THAT(ch->sent, IsEmpty()) << "nothing refused reaches the agent";
+  EXPECT_EQ(store_->LatestGeneration("web1")->generation, 5);
+  EXPECT_EQ(fleet_->counters().publishes, 1u);
+}
+
+TEST_F(FleetTest, NewConnectionReplacesAndClosesOldOne) {
+  auto first = std::make_shared<FakeChannel>();
+  auto second = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), first).ok());
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), second).ok());
+  EXPECT_THAT(first->closed, ElementsAre("replaced by a newer connection"));
+  EXPECT_THAT(second->closed, IsEmpty());
+  EXPECT_EQ(fleet_->OnlineCount(), 1u);
+
+  // A publish goes to the new connection only.
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
+  EXPECT_THAT(first->sent, IsEmpty());
+  EXPECT_EQ(second->sent.size(), 1u);
+
+  // The old session ending later does not take the new one offline.
+  fleet_->AgentGone("web1", first.get());
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  fleet_->AgentGone("web1", second.get());
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
+  EXPECT_EQ(fleet_->OnlineCount(), 0u);
+
+  // A hello on the same channel again does not close it.
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), second).ok());
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(1, 1, "succeeded"), second).ok());
+  EXPECT_THAT(second->closed, IsEmpty());
+}
+
+TEST_F(FleetTest, ExpiredChannelCountsAsOffline) {
+  {
+    auto ch = std::make_shared<FakeChannel>();
+    ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+    EXPECT_TRUE(fleet_->IsOnline("web1"));
+  }
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
+  auto g = fleet_->Publish("alice", MakeDeploy(1));
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(fleet_->counters().deploys_sent, 0u);
+}
+
+TEST_F(FleetTest, RemoveMachineClosesChannelAndForgetsKey) {
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  ASSERT_TRUE(fleet_->RemoveMachine("web1").ok());
+  EXPECT_THAT(ch->closed, ElementsAre("machine was removed from the controller"));
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kNone);
+  EXPECT_FALSE(store_->GetMachine("web1").has_value());
+  auto again = fleet_->RemoveMachine("web1");
+  ASSERT_FALSE(again.ok());
+  EXPECT_THAT(again.message(), HasSubstr("no machine named 'web1'"));
+  // The key may be registered again, under a new name.
+  EXPECT_TRUE(fleet_->AddMachine("web1-new", web1_.public_key().ToText(), {}).ok());
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).name, "web1-new");
+}
+
+TEST_F(FleetTest, StatusIsRecordedAckedAndBroadcast) {
+  auto sink = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  proto::StatusReport r;
+  r.seq = 42;
+  r.generation = 3;
+  r.phase = "activating";
+  r.detail = std::string(5000, 'd');
+  r.toplevel = kToplevel;
+  r.reboot_required = true;
+  auto ack = fleet_->AgentStatus("web1", r);
+  ASSERT_TRUE(ack.ok()) << ack.message();
+  EXPECT_EQ(std::get<proto::Ack>(Decoded(*ack)).seq, 42u);
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->phase, "activating");
+  EXPECT_EQ(m->generation, 3);
+  EXPECT_EQ(m->detail.size(), 4096u) << "detail is capped";
+  EXPECT_TRUE(m->reboot_required);
+  auto events = store_->ListEvents("web1", 3, 10);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].at, kNow);
+  ASSERT_THAT(sink->Topics(), ElementsAre("status"));
+  EXPECT_EQ(sink->events[0].data["phase"], "activating");
+  EXPECT_EQ(sink->events[0].data["rebootRequired"], true);
+  EXPECT_EQ(fleet_->counters().status_reports, 1u);
+
+  r.phase = "dancing";
+  auto bad = fleet_->AgentStatus("web1", r);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.message(), HasSubstr("unknown phase 'dancing'"));
+  EXPECT_EQ(store_->ListEvents("web1", 0, 10).size(), 1u);
+}
+
+TEST_F(FleetTest, LogsAreStoredAndBroadcast) {
+  auto sink = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  proto::LogLines l{4, "realise", {"copying path", std::string(10000, 'x')}};
+  ASSERT_TRUE(fleet_->AgentLogs("web1", l).ok());
+  auto stored = store_->ReadLogs("web1", 4, 0, 10);
+  ASSERT_EQ(stored.size(), 2u);
+  EXPECT_EQ(stored[0].line, "copying path");
+  EXPECT_EQ(stored[0].stream, "realise");
+  EXPECT_EQ(stored[1].line.size(), 8192u) << "lines are capped";
+  ASSERT_THAT(sink->Topics(), ElementsAre("log"));
+  EXPECT_EQ(sink->events[0].data["lines"][0], "copying path");
+}
+
+TEST_F(FleetTest, SubscribersSeeFleetEventsUntilUnsubscribed) {
+  auto sink = std::make_shared<FakeSink>();
+  auto other = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  fleet_->Subscribe(other);
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
+  fleet_->AgentGone("web1", ch.get());
+  EXPECT_THAT(sink->Topics(), ElementsAre("machine", "publish", "machine"));
+  EXPECT_EQ(sink->events[0].data["online"], true);
+  EXPECT_EQ(sink->events[1].data["generation"], 1);
+  EXPECT_EQ(sink->events[1].data["by"], "alice");
+  EXPECT_EQ(sink->events[1].data["online"], true);
+  EXPECT_EQ(sink->events[2].data["online"], false);
+
+  fleet_->Unsubscribe(sink.get());
+  fleet_->Broadcast("custom", {{"x", 1}});
+  EXPECT_EQ(sink->events.size(), 3u);
+  ASSERT_EQ(other->events.size(), 4u);
+  EXPECT_EQ(other->events[3].topic, "custom");
+  // A sink that went away is simply skipped.
+  other.reset();
+  fleet_->Broadcast("custom", {{"x", 2}});
+}
+
+TEST_F(FleetTest, SeenUpdatesLastSeen) {
+  now_ = kNow + 5000;
+  fleet_->AgentSeen("web1");
+  EXPECT_EQ(store_->GetMachine("web1")->last_seen, kNow + 5000);
+  EXPECT_EQ(fleet_->Now(), kNow + 5000);
+}
+
+}  // namespace
+}  // namespace muster

@@ -1,0 +1,359 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/testutil.h"
+#include "controller/store.h"
+
+namespace muster {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+class SqliteStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Reopen(); }
+
+  void Reopen() {
+    store_.reset();
+    auto s = OpenSqliteStore((dir_ / "muster.db").string());
+    ASSERT_TRUE(s.ok()) << s.message();
+    store_ = std::move(*s);
+  }
+
+  static MachineRecord Machine(const std::string& name, const std::string& key,
+                               std::vector<std::string> tags = {}) {
+    MachineRecord m;
+    m.name = name;
+    m.key = key;
+    m.tags = std::move(tags);
+    m.created_at = 1000;
+    return m;
+  }
+
+  static GenerationRecord Gen(const std::string& machine, std::int64_t generation) {
+    GenerationRecord g;
+    g.machine = machine;
+    g.generation = generation;
+    g.manifest = {"{\"generation\":" + std::to_string(generation) + "}", "ed25519:op",
+                  "sig" + std::to_string(generation)};
+    g.vars = "dmFycw==";
+    g.toplevel = "/nix/store/" + std::to_string(generation) + "-system";
+    g.action = "switch";
+    g.rollout = "r1";
+    g.published_by = "alice";
+    g.created_at = 2000 + generation;
+    return g;
+  }
+
+  static EventRecord Event(std::int64_t generation, const std::string& phase, std::int64_t at,
+                           const std::string& detail = "") {
+    EventRecord e;
+    e.generation = generation;
+    e.phase = phase;
+    e.detail = detail;
+    e.at = at;
+    return e;
+  }
+
+  testing::TempDir dir_;
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(SqliteStoreTest, MachinesAddGetListRemove) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2", {"web"})).ok());
+  ASSERT_TRUE(store_->AddMachine(Machine("db1", "ed25519:k1", {"db", "eu"})).ok());
+  auto m = store_->GetMachine("db1");
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->key, "ed25519:k1");
+  EXPECT_THAT(m->tags, ElementsAre("db", "eu"));
+  EXPECT_EQ(m->created_at, 1000);
+  EXPECT_EQ(m->last_seen, 0);
+  EXPECT_EQ(m->phase, "idle");
+  EXPECT_EQ(m->generation, 0);
+  EXPECT_TRUE(m->facts.is_object());
+  EXPECT_FALSE(store_->GetMachine("nope").has_value());
+
+  auto all = store_->ListMachines();
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].name, "db1") << "sorted by name";
+  EXPECT_EQ(all[1].name, "web2");
+
+  ASSERT_TRUE(store_->RemoveMachine("db1").ok());
+  EXPECT_FALSE(store_->GetMachine("db1").has_value());
+  auto again = store_->RemoveMachine("db1");
+  ASSERT_FALSE(again.ok());
+  EXPECT_THAT(again.message(), HasSubstr("no machine named 'db1'"));
+  EXPECT_EQ(store_->ListMachines().size(), 1u);
+}
+
+TEST_F(SqliteStoreTest, DuplicateNameOrKeyIsRefused) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  struct Case {
+    const char* name;
+    MachineRecord m;
+  } cases[] = {
+      {"same name", Machine("web1", "ed25519:other")},
+      {"same key", Machine("web9", "ed25519:k1")},
+  };
+  for (const auto& c : cases) {
+    auto st = store_->AddMachine(c.m);
+    ASSERT_FALSE(st.ok()) << c.name;
+    EXPECT_THAT(st.message(), HasSubstr("already registered")) << c.name;
+    EXPECT_THAT(st.message(), HasSubstr("muster machine remove " + c.m.name)) << c.name;
+  }
+  EXPECT_EQ(store_->ListMachines().size(), 1u);
+  // After removal the name and key are free again.
+  ASSERT_TRUE(store_->RemoveMachine("web1").ok());
+  EXPECT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+}
+
+TEST_F(SqliteStoreTest, Tags) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1", {"a"})).ok());
+  ASSERT_TRUE(store_->SetMachineTags("web1", {"web", "canary", "eu-west"}).ok());
+  EXPECT_THAT(store_->GetMachine("web1")->tags, ElementsAre("web", "canary", "eu-west"));
+  ASSERT_TRUE(store_->SetMachineTags("web1", {}).ok());
+  EXPECT_TRUE(store_->GetMachine("web1")->tags.empty());
+  auto st = store_->SetMachineTags("ghost", {"x"});
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.message(), HasSubstr("no machine named 'ghost'"));
+}
+
+TEST_F(SqliteStoreTest, Operators) {
+  ASSERT_TRUE(store_->AddOperator({"bob", "ed25519:b", 5}).ok());
+  ASSERT_TRUE(store_->AddOperator({"alice", "ed25519:a", 6}).ok());
+  auto dup = store_->AddOperator({"carol", "ed25519:a", 7});
+  ASSERT_FALSE(dup.ok());
+  EXPECT_THAT(dup.message(), HasSubstr("already registered"));
+  auto ops = store_->ListOperators();
+  ASSERT_EQ(ops.size(), 2u);
+  EXPECT_EQ(ops[0].name, "alice");
+  EXPECT_EQ(ops[0].key, "ed25519:a");
+  EXPECT_EQ(ops[0].created_at, 6);
+  ASSERT_TRUE(store_->RemoveOperator("alice").ok());
+  auto gone = store_->RemoveOperator("alice");
+  ASSERT_FALSE(gone.ok());
+  EXPECT_THAT(gone.message(), HasSubstr("no operator named 'alice'"));
+}
+
+TEST_F(SqliteStoreTest, GenerationsMustIncrease) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  ASSERT_TRUE(store_->AddGeneration(Gen("web1", 1)).ok());
+  ASSERT_TRUE(store_->AddGeneration(Gen("web1", 5)).ok());
+  struct Case {
+    std::int64_t generation;
+  } cases[] = {{5}, {4}, {1}, {0}, {-1}};
+  for (const auto& c : cases) {
+    auto st = store_->AddGeneration(Gen("web1", c.generation));
+    ASSERT_FALSE(st.ok()) << c.generation;
+    EXPECT_THAT(st.message(), HasSubstr("generation " + std::to_string(c.generation) +
+                                        " for web1 is not newer than the stored generation 5"));
+  }
+  // Numbering is per machine.
+  EXPECT_TRUE(store_->AddGeneration(Gen("db1", 1)).ok());
+  EXPECT_TRUE(store_->AddGeneration(Gen("web1", 6)).ok());
+  // A refused insert leaves no transaction open: later writes still work.
+  EXPECT_TRUE(store_->SetSetting("k", "v").ok());
+}
+
+TEST_F(SqliteStoreTest, LatestGetAndListGenerations) {
+  EXPECT_FALSE(store_->LatestGeneration("web1").has_value());
+  for (std::int64_t g : {1, 2, 3, 7}) ASSERT_TRUE(store_->AddGeneration(Gen("web1", g)).ok());
+  auto latest = store_->LatestGeneration("web1");
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->generation, 7);
+  GenerationRecord want = Gen("web1", 7);
+  EXPECT_EQ(latest->manifest.manifest, want.manifest.manifest);
+  EXPECT_EQ(latest->manifest.signer, want.manifest.signer);
+  EXPECT_EQ(latest->manifest.signature, want.manifest.signature);
+  EXPECT_EQ(latest->vars, want.vars);
+  EXPECT_EQ(latest->toplevel, want.toplevel);
+  EXPECT_EQ(latest->action, want.action);
+  EXPECT_EQ(latest->rollout, want.rollout);
+  EXPECT_EQ(latest->published_by, want.published_by);
+  EXPECT_EQ(latest->created_at, want.created_at);
+
+  EXPECT_EQ(store_->GetGeneration("web1", 2)->toplevel, "/nix/store/2-system");
+  EXPECT_FALSE(store_->GetGeneration("web1", 4).has_value());
+  EXPECT_FALSE(store_->GetGeneration("db1", 2).has_value());
+
+  std::vector<std::int64_t> listed;
+  for (const auto& g : store_->ListGenerations("web1", 3)) listed.push_back(g.generation);
+  EXPECT_THAT(listed, ElementsAre(7, 3, 2)) << "newest first, limited";
+  EXPECT_TRUE(store_->ListGenerations("nobody", 10).empty());
+}
+
+TEST_F(SqliteStoreTest, StatusUpdatesMachineAndAppendsEventsInOrder) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  const char* phases[] = {"received", "verified", "realising", "activating", "succeeded"};
+  std::int64_t at = 100;
+  for (const char* p : phases) {
+    ASSERT_TRUE(store_
+                    ->RecordStatus("web1", Event(3, p, at++, std::string("d-") + p),
+                                   "/nix/store/3-system", false)
+                    .ok());
+  }
+  ASSERT_TRUE(store_->RecordStatus("web1", Event(4, "received", at++), "", true).ok());
+
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->generation, 4);
+  EXPECT_EQ(m->phase, "received");
+  EXPECT_EQ(m->toplevel, "/nix/store/3-system") << "an empty toplevel keeps the known one";
+  EXPECT_TRUE(m->reboot_required);
+  EXPECT_EQ(m->last_seen, at - 1);
+  EXPECT_EQ(m->last_applied, 3) << "'received' does not count as accepted";
+
+  std::vector<std::string> got;
+  for (const auto& e : store_->ListEvents("web1", 3, 100)) {
+    got.push_back(e.phase);
+    EXPECT_EQ(e.machine, "web1");
+    EXPECT_EQ(e.generation, 3);
+    EXPECT_EQ(e.detail, "d-" + e.phase);
+  }
+  EXPECT_THAT(got, ElementsAre("received", "verified", "realising", "activating", "succeeded"));
+  EXPECT_EQ(store_->ListEvents("web1", 0, 100).size(), 6u) << "generation 0 lists all";
+  // A limit keeps the most recent events, still oldest first.
+  got.clear();
+  for (const auto& e : store_->ListEvents("web1", 0, 2)) got.push_back(e.phase);
+  EXPECT_THAT(got, ElementsAre("succeeded", "received"));
+  auto all = store_->ListEvents("web1", 0, 100);
+  EXPECT_TRUE(std::is_sorted(all.begin(), all.end(),
+                             [](const auto& a, const auto& b) { return a.id < b.id; }));
+}
+
+TEST_F(SqliteStoreTest, LastAppliedFollowsAcceptedPhasesOnly) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  struct Case {
+    std::int64_t generation;
+    const char* phase;
+    std::int64_t want_last_applied;
+  } cases[] = {
+      {2, "received", 0},   {2, "refused", 0}, {3, "verified", 3},
+      {4, "idle", 3},       {5, "failed", 5},  {4, "succeeded", 5},  // never decreases
+      {6, "confirming", 6},
+  };
+  std::int64_t at = 1;
+  for (const auto& c : cases) {
+    ASSERT_TRUE(store_->RecordStatus("web1", Event(c.generation, c.phase, at++), "", false).ok());
+    EXPECT_EQ(store_->GetMachine("web1")->last_applied, c.want_last_applied)
+        << c.generation << " " << c.phase;
+  }
+}
+
+TEST_F(SqliteStoreTest, HelloAndSeen) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  nlohmann::json facts = {{"system", "x86_64-linux"}, {"os", "nixos"}};
+  ASSERT_TRUE(store_->RecordHello("web1", 500, facts, 9).ok());
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->facts, facts);
+  EXPECT_EQ(m->last_seen, 500);
+  EXPECT_EQ(m->last_applied, 9);
+  ASSERT_TRUE(store_->RecordHello("web1", 600, facts, 4).ok());
+  EXPECT_EQ(store_->GetMachine("web1")->last_applied, 9) << "an agent cannot lower it";
+  ASSERT_TRUE(store_->RecordSeen("web1", 700).ok());
+  EXPECT_EQ(store_->GetMachine("web1")->last_seen, 700);
+}
+
+TEST_F(SqliteStoreTest, LogsReadByGenerationAfterIdWithLimit) {
+  std::vector<LogRecord> batch;
+  for (int i = 0; i < 10; ++i) {
+    batch.push_back({0, "web1", 3, i % 2 ? "activate" : "realise", "line " + std::to_string(i), i});
+  }
+  batch.push_back({0, "web1", 4, "realise", "other generation", 99});
+  ASSERT_TRUE(store_->AppendLogs(batch).ok());
+  ASSERT_TRUE(store_->AppendLogs({}).ok());
+
+  auto first = store_->ReadLogs("web1", 3, 0, 4);
+  ASSERT_EQ(first.size(), 4u);
+  EXPECT_EQ(first[0].line, "line 0");
+  EXPECT_EQ(first[1].stream, "activate");
+  EXPECT_EQ(first[3].line, "line 3");
+  auto rest = store_->ReadLogs("web1", 3, first.back().id, 100);
+  ASSERT_EQ(rest.size(), 6u);
+  EXPECT_EQ(rest[0].line, "line 4");
+  EXPECT_EQ(rest[5].line, "line 9");
+  EXPECT_EQ(rest[5].at, 9);
+  EXPECT_TRUE(store_->ReadLogs("web1", 3, rest.back().id, 100).empty());
+  auto other = store_->ReadLogs("web1", 4, 0, 100);
+  ASSERT_EQ(other.size(), 1u);
+  EXPECT_EQ(other[0].line, "other generation");
+}
+
+TEST_F(SqliteStoreTest, LogsAreBoundedPerGeneration) {
+  const std::string kilobyte(1024, 'x');
+  constexpr std::int64_t kBound = 4 << 20;
+  int n = 0;
+  for (int batch = 0; batch < 6; ++batch) {  // 6 MiB in 1 MiB batches
+    std::vector<LogRecord> lines;
+    for (int i = 0; i < 1024; ++i, ++n) {
+      lines.push_back({0, "web1", 1, "realise", std::to_string(n) + ":" + kilobyte, n});
+    }
+    ASSERT_TRUE(store_->AppendLogs(lines).ok());
+  }
+  ASSERT_TRUE(store_->AppendLogs({{0, "web1", 2, "realise", "small", 0}}).ok());
+  auto kept = store_->ReadLogs("web1", 1, 0, 100000);
+  std::int64_t bytes = 0;
+  for (const auto& l : kept) bytes += static_cast<std::int64_t>(l.line.size());
+  EXPECT_LE(bytes, kBound);
+  EXPECT_GE(bytes, kBound / 2) << "dropping is gradual, not everything";
+  ASSERT_FALSE(kept.empty());
+  EXPECT_EQ(kept.front().line.substr(0, kept.front().line.find(':')),
+            std::to_string(n - static_cast<int>(kept.size())))
+      << "the oldest lines go first";
+  EXPECT_EQ(kept.back().line.substr(0, kept.back().line.find(':')), std::to_string(n - 1));
+  EXPECT_EQ(store_->ReadLogs("web1", 2, 0, 10).size(), 1u) << "other generations untouched";
+}
+
+TEST_F(SqliteStoreTest, SettingsAndSchemaVersion) {
+  EXPECT_EQ(store_->GetSetting("schema_version"), "1");
+  EXPECT_FALSE(store_->GetSetting("missing").has_value());
+  ASSERT_TRUE(store_->SetSetting("k", "v1").ok());
+  ASSERT_TRUE(store_->SetSetting("k", "v2").ok());
+  EXPECT_EQ(store_->GetSetting("k"), "v2");
+}
+
+TEST_F(SqliteStoreTest, DataSurvivesReopen) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1", {"web"})).ok());
+  ASSERT_TRUE(store_->AddOperator({"alice", "ed25519:a", 1}).ok());
+  ASSERT_TRUE(store_->AddGeneration(Gen("web1", 8)).ok());
+  ASSERT_TRUE(
+      store_->RecordStatus("web1", Event(8, "succeeded", 50), "/nix/store/8-system", false).ok());
+  ASSERT_TRUE(store_->AppendLogs({{0, "web1", 8, "activate", "done", 51}}).ok());
+  ASSERT_TRUE(store_->SetSetting("k", "v").ok());
+  Reopen();
+  auto m = store_->GetMachine("web1");
+  ASSERT_TRUE(m.has_value());
+  EXPECT_THAT(m->tags, ElementsAre("web"));
+  EXPECT_EQ(m->phase, "succeeded");
+  EXPECT_EQ(m->last_applied, 8);
+  EXPECT_EQ(store_->ListOperators().size(), 1u);
+  EXPECT_EQ(store_->LatestGeneration("web1")->generation, 8);
+  EXPECT_EQ(store_->ListEvents("web1", 8, 10).size(), 1u);
+  EXPECT_EQ(store_->ReadLogs("web1", 8, 0, 10).size(), 1u);
+  EXPECT_EQ(store_->GetSetting("k"), "v");
+  EXPECT_FALSE(store_->AddGeneration(Gen("web1", 8)).ok()) << "numbering survives too";
+}
+
+TEST_F(SqliteStoreTest, RefusesNewerSchema) {
+  ASSERT_TRUE(store_->SetSetting("schema_version", "99").ok());
+  store_.reset();
+  auto s = OpenSqliteStore((dir_ / "muster.db").string());
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("schema version 99 is newer than this controller supports"));
+  EXPECT_THAT(s.message(), HasSubstr("upgrade muster-controller"));
+}
+
+TEST(SqliteStoreOpen, ReportsUnopenablePath) {
+  testing::TempDir dir;
+  auto s = OpenSqliteStore((dir / "missing-dir/muster.db").string());
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("cannot open store"));
+}
+
+}  // namespace
+}  // namespace muster

@@ -1,0 +1,8 @@
+# Unit tests for controller/ (included from controller/CMakeLists.txt).
+muster_unit_test(controller_test
+  SOURCES
+    api_test.cc
+    fleet_test.cc
+    metrics_test.cc
+    sqlite_store_test.cc
+  LIBS muster_controller_lib)
