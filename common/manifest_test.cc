@@ -145,6 +145,12 @@ TEST(ParseManifest, Refusals) {
       {with("machine", ""), "machine name is invalid"},
       {with("machine", std::string(254, 'm')), "machine name is invalid"},
       {with("generation", 0), "generation must be positive"},
+      // Found by fuzz_manifest: out-of-range floats were converted with undefined behaviour.
+      {with("generation", 1.18e21), "generation must be an integer"},
+      {with("generation", 12.5), "generation must be an integer"},
+      {with("generation", 18446744073709551615u), "generation must be an integer"},
+      {with("createdAt", -1e300), "createdAt must be an integer"},
+      {with("format", 1.0), "format must be an integer"},
       {with("generation", -3), "generation must be positive"},
       {with("toplevel", "/tmp/evil"), "is not a Nix store path"},
       {with("kind", "windows"), "manifest kind \"windows\" is unknown"},

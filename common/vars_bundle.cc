@@ -67,7 +67,8 @@ Result<VarsBundle> DecodeVarsBundle(std::string_view text, const VarsLimits& lim
   if (!parsed) return Err("vars bundle: " + parsed.message());
   try {
     const json& j = *parsed;
-    if (!j.is_object() || j.at("format").get<int>() != 1) {
+    if (!j.is_object() || !j.at("format").is_number_integer() ||
+        j.at("format").get<std::int64_t>() != 1) {
       return Err("vars bundle format is not supported");
     }
     const json& files = j.at("files");
