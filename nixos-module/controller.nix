@@ -1,0 +1,166 @@
+# NixOS module: services.muster-controller, a sandboxed systemd service running as the
+# system user `muster`. The flake's nixosModules.controller imports this file and sets
+# `package` to muster built from the same checkout.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkEnableOption mkPackageOption types literalExpression;
+  cfg = config.services.muster-controller;
+  render = import ./render.nix;
+  jsonFormat = pkgs.formats.json { };
+  configFile = jsonFormat.generate "muster-controller.json" (render.controller cfg);
+  exe = lib.getExe' cfg.package "muster-controller";
+  defaultStateDir = "/var/lib/muster-controller";
+in
+{
+  options.services.muster-controller = {
+    enable = mkEnableOption "the muster controller, which holds agent connections and serves operators";
+
+    package = mkPackageOption pkgs "muster" { };
+
+    listen = mkOption {
+      type = types.nonEmptyListOf types.str;
+      default = [ "[::]:7443" ];
+      description = ''
+        Addresses (`ADDR:PORT`, IPv6 in brackets) agents and operators connect to.
+        `[::]:PORT` listens on every address.
+      '';
+      example = [ "[fd80:56c2:e21c::1]:7443" "0.0.0.0:7443" ];
+    };
+
+    stateDir = mkOption {
+      type = types.strMatching "/.*";
+      default = defaultStateDir;
+      description = ''
+        Directory holding the controller's key, certificate and SQLite store. Created
+        (with `muster-controller init`) before the first start.
+      '';
+    };
+
+    metricsListen = mkOption {
+      type = types.nullOr types.str;
+      default = "127.0.0.1:9100";
+      description = "ADDR:PORT serving /metrics (Prometheus) and /healthz; null turns it off.";
+      example = "[::1]:9100";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open the TCP ports of `listen` (not `metricsListen`) in the firewall.";
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = jsonFormat.type;
+        options = {
+          logLevel = mkOption {
+            type = types.enum [ "trace" "debug" "info" "warn" "error" "critical" "off" ];
+            default = "info";
+            description = "Log level.";
+          };
+          threads = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "I/O threads; null means one per core.";
+          };
+          handshakeTimeout = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "Seconds allowed for the TLS and websocket handshakes; null keeps the built-in default.";
+          };
+          pingInterval = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "Seconds between pings to each agent; null keeps the built-in default (30).";
+          };
+          idleTimeout = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = "Seconds without a frame after which a connection is dropped; null keeps the built-in default (90).";
+          };
+          maxMessageBytes = mkOption {
+            type = types.nullOr (types.ints.between 4096 2147483647);
+            default = null;
+            description = "Largest message accepted, in bytes; null keeps the built-in default.";
+          };
+        };
+      };
+      default = { };
+      description = ''
+        Further settings of the controller's JSON configuration, merged over the options
+        above (a value of null removes a key). See docs/PACKAGING.md for the format.
+      '';
+      example = { threads = 4; logLevel = "debug"; };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    environment.etc."muster/controller.json".source = configFile;
+    environment.systemPackages = [ cfg.package ];
+
+    users.users.muster = {
+      isSystemUser = true;
+      group = "muster";
+      home = cfg.stateDir;
+      description = "muster controller";
+    };
+    users.groups.muster = { };
+
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (map render.listenPort cfg.listen);
+
+    systemd.tmpfiles.rules = lib.mkIf (cfg.stateDir != defaultStateDir) [
+      "d ${cfg.stateDir} 0700 muster muster - -"
+    ];
+
+    systemd.services.muster-controller = {
+      description = "muster controller: holds agent connections and serves operators";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        Type = "exec";
+        User = "muster";
+        Group = "muster";
+        ExecStartPre = [
+          "${exe} run --check-config --config ${configFile}"
+          # Idempotent: creates whatever is missing (key, certificate, store) and logs the pin.
+          "${exe} init --state-dir ${cfg.stateDir}"
+        ];
+        ExecStart = "${exe} run --config ${configFile}";
+        Restart = "on-failure";
+        RestartSec = 5;
+        LimitNOFILE = 1048576;
+        StateDirectory = lib.mkIf (cfg.stateDir == defaultStateDir) "muster-controller";
+        StateDirectoryMode = "0700";
+        ReadWritePaths = lib.mkIf (cfg.stateDir != defaultStateDir) [ cfg.stateDir ];
+        UMask = "0077";
+
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}
