@@ -9,7 +9,7 @@ PACKAGES=(
   libssl-dev openssl libsodium-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
   libcli11-dev libsqlite3-dev sqlite3 libgtest-dev libgmock-dev
   nix-bin clang libclang-rt-14-dev
-  iproute2 iptables procps psmisc python3 curl ca-certificates
+  iproute2 iptables procps psmisc python3 curl ca-certificates systemd
 )
 
 missing=()
