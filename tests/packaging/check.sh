@@ -334,7 +334,8 @@ step_deb() {
   local f
   for f in /lib/systemd/system/muster-agent.service /lib/systemd/system/muster-controller.service \
       /etc/muster/agent.json.example /etc/muster/controller.json.example \
-      /usr/lib/sysusers.d/muster.conf /usr/share/muster/launchd/org.muster.agent.plist; do
+      /usr/lib/sysusers.d/muster.conf /usr/share/muster/launchd/org.muster.agent.plist \
+      /usr/share/doc/muster/PACKAGING.md; do
     grep -qxF "$f" "$tmp/contents" || fail "$f is not in the package"
   done
   for f in "${names[@]}"; do
@@ -344,6 +345,10 @@ step_deb() {
   dpkg-deb -e "$deb" "$tmp/control"
   for f in postinst prerm postrm conffiles; do
     [[ -f $tmp/control/$f ]] || fail "the package has no $f"
+  done
+  for f in postinst prerm postrm; do
+    [[ -x $tmp/control/$f ]] || fail "$f is not executable"
+    sh -n "$tmp/control/$f" || fail "$f has a shell syntax error"
   done
   grep -qxF /etc/muster/agent.json.example "$tmp/control/conffiles" || fail "examples are not conffiles"
   # Nothing may start before the admin has configured it.
