@@ -357,6 +357,18 @@ step_deb() {
     fail "postinst starts or enables a service"
   fi
   grep -q 'daemon-reload' "$tmp/control/postinst" || fail "postinst does not daemon-reload"
+  # Run postinst against stubs that log instead of acting (no user is created here).
+  mkdir -p "$tmp/stubs"
+  for f in getent systemd-sysusers adduser install systemctl; do
+    printf '#!/bin/sh\necho "%s $*" >>"%s"\n[ %s != getent ]\n' "$f" "$tmp/calls" "$f" >"$tmp/stubs/$f"
+    chmod +x "$tmp/stubs/$f"
+  done
+  PATH="$tmp/stubs:$PATH" sh "$tmp/control/postinst" configure || fail "postinst configure failed"
+  grep -q '^systemd-sysusers /usr/lib/sysusers.d/muster.conf$\|^adduser --system' "$tmp/calls" \
+    || fail "postinst does not create the muster user: $(cat "$tmp/calls")"
+  if grep -E '^systemctl' "$tmp/calls" | grep -v -- '--system daemon-reload$'; then
+    fail "postinst runs systemctl for more than daemon-reload"
+  fi
 
   # Depends names the package of every library the binaries link.
   local depends
