@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,29 @@ namespace muster {
 
 namespace {
 constexpr std::size_t kErrTail = 4096;
+
+// write() to the child's stdin without SIGPIPE if it has closed it: the signal
+// is blocked for this thread around the write and one it raised is discarded,
+// so the caller sees EPIPE instead of dying.
+ssize_t WriteNoSigpipe(int fd, const char* data, std::size_t n) {
+  sigset_t pipe_only, old, pending;
+  sigemptyset(&pipe_only);
+  sigaddset(&pipe_only, SIGPIPE);
+  sigemptyset(&pending);
+  ::sigpending(&pending);
+  bool was_pending = sigismember(&pending, SIGPIPE) == 1;
+  ::pthread_sigmask(SIG_BLOCK, &pipe_only, &old);
+  ssize_t k = ::write(fd, data, n);
+  int e = errno;
+  if (k < 0 && e == EPIPE && !was_pending) {
+    const timespec zero{0, 0};
+    while (::sigtimedwait(&pipe_only, nullptr, &zero) < 0 && errno == EINTR) {
+    }
+  }
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  errno = e;
+  return k;
+}
 
 void SplitLines(std::string& pending, const char* data, std::size_t n, bool is_stderr,
                 const RunOptions& o) {
@@ -194,7 +218,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
     drain(oi, out_pipe[0], false, out_open);
     drain(ei, err_pipe[0], true, err_open);
     if (ii >= 0 && (p[ii].revents & (POLLOUT | POLLERR | POLLHUP))) {
-      ssize_t k = ::write(in_fd, o.input.data() + in_off, o.input.size() - in_off);
+      ssize_t k = WriteNoSigpipe(in_fd, o.input.data() + in_off, o.input.size() - in_off);
       if (k > 0) in_off += static_cast<std::size_t>(k);
       if (k < 0 && errno != EAGAIN && errno != EINTR) in_off = o.input.size();
       if (in_off >= o.input.size()) {

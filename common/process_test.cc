@@ -231,3 +231,29 @@ TEST(ArgvToString, QuotesOnlyWhatNeedsIt) {
 
 }  // namespace
 }  // namespace muster
+
+namespace muster {
+namespace {
+
+TEST(SystemProcessRunner, ProgramThatClosesStdinDoesNotKillTheCaller) {
+  // The child closes stdin and stays alive; writing the rest of the input hits a
+  // closed pipe, which must end the input for that run, not raise SIGPIPE in the
+  // caller (daemons keep SIGPIPE's default action unless told otherwise).
+  auto previous = ::signal(SIGPIPE, SIG_DFL);
+  RunOptions o;
+  o.argv = {"/bin/sh", "-c", "exec <&-; sleep 0.2; echo done"};
+  o.input.assign(4 << 20, 'x');
+  o.timeout = std::chrono::seconds(10);
+  RunResult r = SystemProcessRunner().Run(o);
+  ::signal(SIGPIPE, previous);
+  EXPECT_TRUE(r.ok()) << r.Describe();
+  EXPECT_EQ(r.out, "done\n");
+  EXPECT_FALSE(r.timed_out);
+  sigset_t pending;
+  sigemptyset(&pending);
+  ASSERT_EQ(::sigpending(&pending), 0);
+  EXPECT_FALSE(sigismember(&pending, SIGPIPE)) << "no SIGPIPE left pending";
+}
+
+}  // namespace
+}  // namespace muster
