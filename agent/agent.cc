@@ -430,6 +430,9 @@ void Agent::RunStep(DeployRecord& r, Step step) {
   StepOutcome o = Perform(r, step);
   {
     std::lock_guard lock(mu_);
+    // Only an ack for a message sent from now on proves the controller is
+    // reachable after this activation.
+    if (step == Step::kActivate) confirm_floor_ = next_seq_ - 1;
     Apply(r, step, o, clock_(), policy_);
     Persist();
   }
@@ -514,13 +517,12 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
 
 StepOutcome Agent::Confirm(DeployRecord& r) {
   // A fresh exchange with the controller: an ack for a report sent after
-  // activation. The confirming report was queued by RunStep just before.
+  // activation (the confirming report queued by RunStep, or any later one).
   std::uint64_t floor;
   {
     std::lock_guard lock(mu_);
-    floor = next_seq_ - 1;
+    floor = confirm_floor_;
   }
-  Report(r);  // a report sent now carries a sequence number above the floor
   HealthReport health{false, "health checks not run yet"};
   for (;;) {
     bool controller_ok;

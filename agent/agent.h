@@ -88,6 +88,7 @@ class Agent {
   std::size_t outbox_log_lines_ = 0;
   std::uint64_t next_seq_ = 1;
   std::uint64_t acked_seq_ = 0;
+  std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact
   bool welcomed_ = false;
   bool stopping_ = false;
   std::thread worker_;

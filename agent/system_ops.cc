@@ -96,6 +96,7 @@ class NixSystem final : public SystemOps {
     if (!r.ok()) {
       const std::string& e = r.err_tail;
       if (e.find("lacks a signature by a trusted key") != std::string::npos ||
+          e.find("not signed by any of the keys") != std::string::npos ||
           e.find("valid signature") != std::string::npos) {
         return Err("nix refused " + m.toplevel +
                    ": it is not signed by any of the manifest's trusted public keys (" +

@@ -19,9 +19,23 @@ Status Fleet::Load() {
 }
 
 Identity Fleet::Lookup(const PublicKey& key) const {
-  std::lock_guard lock(mu_);
-  auto it = keys_.find(key.ToText());
-  return it == keys_.end() ? Identity{} : it->second;
+  {
+    std::lock_guard lock(mu_);
+    auto it = keys_.find(key.ToText());
+    if (it != keys_.end()) return it->second;
+  }
+  // Not cached: an operator added with 'muster-controller operator add' while
+  // this controller runs is in the store only.
+  Identity id;
+  std::string text = key.ToText();
+  for (const auto& o : store_.ListOperators()) {
+    if (o.key == text) id = {Role::kOperator, o.name};
+  }
+  if (id.role != Role::kNone) {
+    std::lock_guard lock(mu_);
+    keys_[text] = id;
+  }
+  return id;
 }
 
 std::string Fleet::DeployText(const GenerationRecord& g) {

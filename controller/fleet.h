@@ -101,7 +101,7 @@ class Fleet {
   Store& store_;
   Clock clock_;
   mutable std::mutex mu_;
-  std::map<std::string, Identity> keys_;  // key text → identity
+  mutable std::map<std::string, Identity> keys_;  // key text → identity (a cache)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;

@@ -26,7 +26,8 @@ CTL=$BIN/controller/muster-controller
 AGENT=$BIN/agent/muster-agent
 CLI=$BIN/controller/cli/muster
 
-export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command'
+# Builds run as root without a sandbox; no network substituters (offline machines).
+export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nsubstituters ='
 unset NIX_REMOTE || true
 
 QS=${MUSTER_QS_DIR:-/var/tmp/muster-quickstart}
@@ -105,6 +106,7 @@ nix-store --delete "$TOP" >/dev/null 2>&1 || true
 say "Publishing it with a vars bundle and watching the agent deploy it"
 printf 'AGE-SECRET-KEY-1QUICKSTARTDEMO\n' >"$QS/vars-in/key.txt"
 printf 'hunter2\n' >"$QS/vars-in/activation/demo/password"
+chmod 0400 "$QS/vars-in/key.txt" "$QS/vars-in/activation/demo/password"   # modes travel with the files
 "$CLI" publish demo "$TOP" --vars "$QS/vars-in" \
   --substituter "file://$QS/cache" --trusted-public-key "$CACHE_PUB" --wait --timeout 120
 
@@ -116,7 +118,7 @@ echo "activation log:   $(cat "$QS/activation.log")"
 echo "profile:          $(readlink -f "$ROOT/nix/var/nix/profiles/system")"
 echo "current-system:   $(readlink -f "$ROOT/run/current-system")"
 echo "vars:"
-find "$ROOT/var/lib/sops-nix" -type f ! -name '.muster-vars-hash' -printf '  %m %u:%g %p\n'
+find "$ROOT/var/lib/sops-nix" \( -type f -o -type d \) ! -name '.muster-vars-hash' -printf '  %m %u:%g %p\n' | sort -k3
 echo "logs: $QS/controller.log $QS/agent.log"
 "$CLI" status demo --json | grep -q '"phase": "succeeded"'
 say "Quick start finished: generation 1 succeeded on machine 'demo'"

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command'
+# Builds run as root without a sandbox; no network substituters (offline machines).
+export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nsubstituters ='
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
 cmake --preset dev
 cmake --build --preset dev

@@ -414,6 +414,7 @@ int main(int argc, char** argv) {
   InitCrypto();
   CLI::App app{"muster: publish signed system generations and watch them land"};
   app.set_version_flag("--version", std::string("muster ") + MUSTER_VERSION);
+  app.fallthrough();  // global options may follow the subcommand
   app.require_subcommand(1);
   Globals g;
   app.add_option("--controller", g.controller, "controller URL, wss://HOST:PORT (env MUSTER_CONTROLLER)");

@@ -22,7 +22,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.environ.get("MUSTER_BIN_DIR", os.path.join(HERE, "..", "..", "build", "dev"))
-NIX_CONFIG = "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n"
+NIX_CONFIG = "sandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nsubstituters =\n"
 
 
 def binary(name):
@@ -244,8 +244,10 @@ class Env:
     def delete_local(self, path):
         closure = subprocess.run(["nix-store", "-q", "--requisites", path], capture_output=True,
                                  text=True, env=nix_env()).stdout.split()
-        # Only this test's own paths (salted) and shared kernels nobody holds.
-        subprocess.run(["nix-store", "--delete", *closure], capture_output=True, env=nix_env())
+        # Only this test's own (salted) paths; one at a time, referrers first, so
+        # that a path still held by an earlier deploy does not block the others.
+        for p in reversed(closure):
+            subprocess.run(["nix-store", "--delete", p], capture_output=True, env=nix_env())
 
     def publish(self, machine, path, *extra, check=True):
         args = ["publish", machine, path]
@@ -368,3 +370,86 @@ class EnvTest(unittest.TestCase):
         if failed:
             self.env.dump_logs()
         self.env.close(keep=failed)
+
+
+class CuttableProxy:
+    """A loopback TCP proxy to the controller that goes dark while `cut_file`
+    exists: open connections are dropped and new ones are closed at once. A
+    toplevel built with behaviour "cut" creates that file when activated (its
+    networking "breaks"); an ok toplevel's activation removes it."""
+
+    def __init__(self, target_port, cut_file):
+        self.target_port = target_port
+        self.cut_file = cut_file
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def cut(self):
+        return os.path.exists(self.cut_file)
+
+    def _drop_all(self):
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+            self.conns = []
+
+    def _watch(self):
+        while self.running:
+            if self.cut():
+                self._drop_all()
+            time.sleep(0.05)
+
+    def _accept(self):
+        while self.running:
+            try:
+                client, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if self.cut():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.running = False
+        self.sock.close()
+        self._drop_all()

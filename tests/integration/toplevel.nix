@@ -51,7 +51,7 @@ let
     name = "muster-test-kernel-${kernel}";
     system = builtins.currentSystem;
     builder = sh;
-    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd" ];
+    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt" ];
   };
 in
 derivation {
