@@ -355,6 +355,7 @@ void Agent::Report(const DeployRecord& r) {
   s.reboot_required = r.reboot_required;
   s.closure_bytes = r.closure_bytes;
   s.at = clock_();
+  if (IsTerminal(r.phase)) s.facts = Facts();
   spdlog::info("generation {}: {}{}{}", s.generation, s.phase, s.detail.empty() ? "" : ": ", s.detail);
   {
     std::lock_guard lock(mu_);

@@ -52,10 +52,12 @@ json Body(const Hello& m) {
           {"lastApplied", m.last_applied}};
 }
 json Body(const StatusReport& m) {
-  return {{"seq", m.seq},           {"generation", m.generation},
-          {"phase", m.phase},       {"detail", m.detail},
-          {"toplevel", m.toplevel}, {"rebootRequired", m.reboot_required},
-          {"closureBytes", m.closure_bytes}, {"at", m.at}};
+  json j = {{"seq", m.seq},           {"generation", m.generation},
+            {"phase", m.phase},       {"detail", m.detail},
+            {"toplevel", m.toplevel}, {"rebootRequired", m.reboot_required},
+            {"closureBytes", m.closure_bytes}, {"at", m.at}};
+  if (m.facts) j["facts"] = ToJson(*m.facts);
+  return j;
 }
 json Body(const LogLines& m) {
   return {{"generation", m.generation}, {"stream", m.stream}, {"lines", m.lines}};
@@ -106,6 +108,10 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
     m.reboot_required = OptBool(b, "rebootRequired");
     m.closure_bytes = OptInt(b, "closureBytes");
     m.at = OptInt(b, "at");
+    if (b.contains("facts")) {
+      if (!b.at("facts").is_object()) return Err("status: facts must be an object");
+      m.facts = HostFactsFromJson(b.at("facts"));
+    }
     return Message{m};
   }
   if (type == "log") {

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -57,6 +58,7 @@ struct StatusReport {
   bool reboot_required = false;
   std::int64_t closure_bytes = 0;
   std::int64_t at = 0;  // unix ms on the agent
+  std::optional<HostFacts> facts;  // sent with final reports: the OS may have changed
 };
 
 // Lines of output from realise or activation.

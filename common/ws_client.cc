@@ -131,15 +131,24 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     std::string host = opts_.url.host.find(':') != std::string::npos ? "[" + opts_.url.host + "]" : opts_.url.host;
     host += ":" + std::to_string(opts_.url.port);
     ws_.async_handshake(res_, host, opts_.url.path, [self = shared_from_this()](beast::error_code ec) {
-      if (ec) {
-        std::string why = ec.message();
-        if (self->res_.result_int() != 0 && self->res_.result_int() != 101) {
-          why = "HTTP " + std::to_string(self->res_.result_int()) + " " + std::string(self->res_.body());
-        }
-        return self->Finish("websocket upgrade at " + self->opts_.url.ToString() + " failed: " + why);
-      }
+      if (ec) return self->Finish("websocket upgrade at " + self->opts_.url.ToString() + " failed: " + self->UpgradeError(ec));
       self->OnOpen();
     });
+  }
+
+  // In TLS 1.3 the server checks the client's certificate after the client
+  // has finished its side of the handshake, so a refused key shows up here.
+  std::string UpgradeError(const beast::error_code& ec) {
+    if (ec == websocket::error::upgrade_declined) {
+      return "HTTP " + std::to_string(res_.result_int()) + " " + std::string(res_.body());
+    }
+    if (ec.category() == asio::error::get_ssl_category() || ec == asio::ssl::error::stream_truncated ||
+        ec == asio::error::eof || ec == asio::error::connection_reset) {
+      return ec.message() + ": the controller refused this key during the TLS handshake; is it "
+             "registered? ('muster machine add' for machines, 'muster-controller operator add' "
+             "for operators)";
+    }
+    return ec.message();
   }
 
   void OnOpen() {

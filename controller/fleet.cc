@@ -93,7 +93,9 @@ Result<std::string> Fleet::AgentStatus(const std::string& machine,
   ev.phase = r.phase;
   ev.detail = r.detail.substr(0, 4096);
   ev.at = clock_();
-  if (auto st = store_.RecordStatus(machine, ev, r.toplevel, r.reboot_required); !st) {
+  if (auto st = store_.RecordStatus(machine, ev, r.toplevel, r.reboot_required,
+                                    r.facts ? proto::ToJson(*r.facts) : json(nullptr));
+      !st) {
     spdlog::error("{}: {}", machine, st.message());
   }
   {

@@ -227,7 +227,7 @@ class SqliteStore final : public Store {
   }
 
   Status RecordStatus(const std::string& name, const EventRecord& ev, const std::string& toplevel,
-                      bool reboot_required) override {
+                      bool reboot_required, const json& facts) override {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
     Stmt u(db_,
@@ -247,6 +247,11 @@ class SqliteStore final : public Store {
       std::string e = sqlite3_errmsg(db_);
       (void)Exec("ROLLBACK");
       return Err("store: cannot record status: " + e);
+    }
+    if (facts.is_object()) {
+      Stmt f(db_, "UPDATE machines SET facts = ? WHERE name = ?");
+      f.Bind(1, facts.dump()).Bind(2, name);
+      (void)f.Step();
     }
     return Exec("COMMIT");
   }

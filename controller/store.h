@@ -84,8 +84,10 @@ class Store {
                              std::int64_t last_applied) = 0;
   virtual Status RecordSeen(const std::string& name, std::int64_t at) = 0;
   // Records a status report: machine row + an event row, in one transaction.
+  // facts: null to keep the stored ones.
   virtual Status RecordStatus(const std::string& name, const EventRecord& ev,
-                              const std::string& toplevel, bool reboot_required) = 0;
+                              const std::string& toplevel, bool reboot_required,
+                              const nlohmann::json& facts = nullptr) = 0;
 
   virtual Status AddOperator(const OperatorRecord& op) = 0;
   virtual Status RemoveOperator(const std::string& name) = 0;

@@ -438,7 +438,7 @@ class CuttableProxy:
         try:
             while True:
                 data = src.recv(65536)
-                if not data:
+                if not data or self.cut():  # a cut path forwards nothing more
                     break
                 dst.sendall(data)
         except OSError:
