@@ -3,6 +3,9 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <filesystem>
+#include <random>
+
 #include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
 
@@ -109,6 +112,8 @@ int Agent::Run() {
     Report(*state_.current);
   }
 
+  if (!cfg_.enroll_token_file.empty()) EnrollIfNeeded();
+
   Link::Callbacks cb;
   cb.on_open = [this] { OnOpen(); };
   cb.on_message = [this](std::string t) { OnMessage(t); };
@@ -143,6 +148,75 @@ void Agent::Stop() {
     log_timer_.cancel();
     ioc_.stop();
   });
+}
+
+// ---------------------------------------------------------------- enrolment
+
+// With an enrolment token and no record of having enrolled, register this
+// machine's key on /v1/enroll first. Retries with backoff while the
+// controller cannot be reached; gives up (and carries on as a normal agent,
+// whose handshake then says what is wrong) when the controller refuses.
+void Agent::EnrollIfNeeded() {
+  const std::string marker = cfg_.state_dir + "/enrolled";
+  std::error_code ec;
+  if (std::filesystem::exists(marker, ec)) return;
+  auto token_text = ReadFile(cfg_.enroll_token_file, 4096);
+  if (!token_text) {
+    spdlog::error("enrolment: {}", token_text.message());
+    return;
+  }
+  std::string token = *token_text;
+  while (!token.empty() && (token.back() == '\n' || token.back() == ' ' || token.back() == '\r')) {
+    token.pop_back();
+  }
+  for (int attempt = 0;; ++attempt) {
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return;
+    }
+    WsUrl url = cfg_.controllers[static_cast<std::size_t>(attempt) % cfg_.controllers.size()];
+    url.path = "/v1/enroll";
+    boost::asio::io_context ioc;
+    ClientOptions o;
+    o.url = url;
+    o.tls = tls_;
+    std::string outcome, refusal;
+    bool done = false;
+    std::shared_ptr<WsClient> client;
+    WsClient::Handlers h;
+    h.on_open = [&] {
+      client->Send(proto::Encode(proto::Enroll{cfg_.machine, token}));
+    };
+    h.on_message = [&](std::string text) {
+      auto m = proto::Decode(text);
+      if (m && std::holds_alternative<proto::Enrolled>(*m)) outcome = "enrolled";
+      if (m && std::holds_alternative<proto::ErrorMsg>(*m)) refusal = std::get<proto::ErrorMsg>(*m).message;
+    };
+    h.on_close = [&](std::string reason) {
+      done = true;
+      if (outcome.empty() && refusal.empty()) refusal = "";
+      if (outcome.empty()) outcome = reason;
+    };
+    client = WsClient::Create(ioc.get_executor(), o, h);
+    client->Connect();
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!done && std::chrono::steady_clock::now() < deadline) ioc.run_one_for(std::chrono::milliseconds(100));
+    if (outcome == "enrolled") {
+      (void)WriteFileAtomic(marker, cfg_.machine + "\n", 0600);
+      spdlog::info("enrolled as machine {} with key {}", cfg_.machine, key_.public_key().ShortId());
+      return;
+    }
+    if (!refusal.empty()) {
+      spdlog::error("enrolment of {} refused by the controller: {}", cfg_.machine, refusal);
+      return;
+    }
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    std::mt19937_64 rng{std::random_device{}()};
+    auto delay = BackoffDelay(attempt, cfg_.backoff_base, cfg_.backoff_cap, u(rng));
+    spdlog::warn("enrolment: {}; retrying in {} ms", outcome, delay.count());
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, delay, [&] { return stopping_; });
+  }
 }
 
 // ---------------------------------------------------------------- I/O thread
@@ -340,6 +414,9 @@ void Agent::ArmLogTimer() {
 void Agent::Persist() {
   if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
     spdlog::error("cannot persist the agent state: {}", st.message());
+    persist_error_ = st.message();
+  } else {
+    persist_error_.clear();
   }
 }
 
@@ -427,6 +504,28 @@ void Agent::RunStep(DeployRecord& r, Step step) {
       Persist();
     }
     Report(r);
+  }
+  // State is persisted before each step: a step that changes the system must
+  // not start from a record that is not on disk (a restarted agent would not
+  // know what it did). Rolling back is always allowed.
+  if (step == Step::kInstallVars || step == Step::kSetProfile || step == Step::kActivate) {
+    bool abandoned = false;
+    {
+      std::lock_guard lock(mu_);
+      if (!persist_error_.empty()) {
+        Abandon(r,
+                "stopped before " + std::string(ToString(step)) +
+                    ": the agent state cannot be saved (" + persist_error_ + "); free space in " +
+                    cfg_.state_dir + " or make it writable",
+                clock_());
+        Persist();
+        abandoned = true;
+      }
+    }
+    if (abandoned) {
+      Report(r);
+      return;
+    }
   }
   StepOutcome o = Perform(r, step);
   {

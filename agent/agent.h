@@ -45,6 +45,8 @@ class Agent {
   void Stop();  // thread-safe
 
  private:
+  void EnrollIfNeeded();
+
   // I/O thread.
   void OnOpen();
   void OnMessage(const std::string& text);
@@ -61,6 +63,9 @@ class Agent {
   StepOutcome Perform(DeployRecord& r, Step step);
   StepOutcome Confirm(DeployRecord& r);
   StepOutcome Rollback(DeployRecord& r);
+  // Saves state_; on failure logs it and remembers the error in persist_error_
+  // (cleared by the next successful save) so that no step that changes the
+  // system starts from a state that is not on disk.
   void Persist();
   void Report(const DeployRecord& r);
   void Log(std::int64_t generation, const std::string& stream, const std::string& line);
@@ -91,6 +96,7 @@ class Agent {
   std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact
   bool welcomed_ = false;
   bool stopping_ = false;
+  std::string persist_error_;  // why the last Persist() failed; empty when it succeeded
   std::thread worker_;
 };
 

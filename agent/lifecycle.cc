@@ -61,6 +61,12 @@ Step NextStep(const DeployRecord& r) {
   return Step::kActivate;
 }
 
+void Abandon(DeployRecord& r, const std::string& why, std::int64_t now) {
+  if (IsTerminal(r.phase)) return;
+  if (!r.rollback_reason.empty()) return;  // already rolling back: let it finish
+  ScheduleRollbackOrFail(r, why, now);
+}
+
 Phase PhaseBefore(Step step, Phase current) {
   switch (step) {
     case Step::kRealise: return Phase::kRealising;

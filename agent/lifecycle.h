@@ -52,6 +52,10 @@ Step NextStep(const DeployRecord& r);
 void Apply(DeployRecord& r, Step step, const StepOutcome& o, std::int64_t now_ms,
            const LifecyclePolicy& policy);
 
+// Ends the deploy before `step` could run: failed if nothing was changed yet,
+// else a rollback is scheduled (as for a failed step).
+void Abandon(DeployRecord& r, const std::string& why, std::int64_t now_ms);
+
 // The phase to persist (and report) just before a step starts.
 Phase PhaseBefore(Step step, Phase current);
 
