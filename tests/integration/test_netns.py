@@ -1,0 +1,195 @@
+"""Hostile networks: an agent behind NAT, an IPv6 ULA overlay, a silently
+blackholed path and a NAT that forgets idle connections. Every test builds its
+own network namespaces (see netns.py), runs the real controller, CLI and agent
+inside them and deletes them afterwards; skipped where namespaces are unavailable."""
+import os
+import re
+import sys
+import time
+import unittest
+
+from harness import EnvTest, wait_until
+from netns import Net, NetEnv, nat_topology, start_agent_in
+
+PORT = 7443
+
+
+def note(msg):
+    """Figures worth seeing in the test output (reconnect times and the like)."""
+    sys.stderr.write(f"\n    [{msg}] ")
+
+
+class NetTest(EnvTest):
+    def setUp(self):
+        self.net = Net(self)  # skips the test when namespaces are unavailable
+        self.env = None
+        self.addCleanup(self._cleanup)
+
+    def _cleanup(self):
+        if self.env is not None:
+            super()._cleanup()
+
+    def make_env(self, ns, listen, host, extra=()):
+        self.env = NetEnv(self._testMethodName, self.net, ns, listen, host, PORT)
+        self.env.init_controller()
+        self.env.start_controller(extra)
+        return self.env
+
+    def vars_dir(self, name, content):
+        d = os.path.join(self.env.root, name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "key.txt"), "w") as f:
+            f.write(content)
+        return d
+
+    def wait_log_after(self, proc, pattern, start, timeout):
+        """Waits for `pattern` in proc's log after character offset `start`;
+        returns the monotonic time it was first seen."""
+        rx = re.compile(pattern)
+        wait_until(lambda: rx.search(proc.text(), start), timeout, interval=0.05,
+                   what=f"/{pattern}/ in {proc.log_path}")
+        return time.monotonic()
+
+    # ---------------------------------------------------------------- NAT
+    def test_agent_behind_nat_deploys_and_has_no_inbound_path(self):
+        ctl, rtr, agt = nat_topology(self.net)
+        env = self.make_env(ctl, "10.200.1.1", "10.200.1.1")
+        a = env.add_agent("natted")
+        start_agent_in(self.net, agt, a)
+        a.wait_connected()
+        # The controller sees the router's address, never the agent's own.
+        env.controller.wait_log(r"10\.200\.1\.2:\d+: machine natted connected")
+        self.assertNotIn("10.200.2.2", env.controller.text())
+        top = env.build("natted-a")
+        gen = env.publish("natted", top, "--vars", self.vars_dir("v", "behind-nat\n"))
+        s = env.wait_phase("natted", gen, "succeeded")
+        self.assertIn("confirmed", s["detail"])
+        self.assertEqual(a.current_system(), top)
+        with open(os.path.join(a.vars, "key.txt")) as f:
+            self.assertEqual(f.read(), "behind-nat\n")
+
+        # Nothing inbound: a listener on the agent's address is reachable from
+        # the agent's own namespace, but not from the controller side, which
+        # even has a route to the agent's subnet.
+        srv = self.net.socket(agt)
+        self.addCleanup(srv.close)
+        srv.bind(("10.200.2.2", 9999))
+        srv.listen(4)
+        self.assertTrue(self.net.can_connect(agt, "10.200.2.2", 9999))
+        self.assertFalse(self.net.can_connect(ctl, "10.200.2.2", 9999, timeout=1.5),
+                         "the controller side reached the agent behind NAT directly")
+
+    # ------------------------------------------------------------ overlay
+    def test_ipv6_ula_overlay_with_controller_on_any_address(self):
+        # ZeroTier-like overlay: members addressed by fd00::/8 ULAs (rfc4193
+        # mode), two subnets joined by a router; no IPv4 anywhere.
+        ctl, rtr, agt = self.net.ns("ctl"), self.net.ns("rtr"), self.net.ns("agt")
+        self.net.link(ctl, "zt0", rtr, "zta")
+        self.net.link(agt, "zt0", rtr, "ztb")
+        c_addr, a_addr = "fd80:56c2:e21c:1:199:93c0:ffee:1", "fd80:56c2:e21c:2:199:93a9:4e11:2"
+        self.net.addr(ctl, "zt0", c_addr + "/64")
+        self.net.addr(rtr, "zta", "fd80:56c2:e21c:1::fe/64")
+        self.net.addr(rtr, "ztb", "fd80:56c2:e21c:2::fe/64")
+        self.net.addr(agt, "zt0", a_addr + "/64")
+        self.net.route(ctl, "fd80:56c2:e21c:2::/64", "via", "fd80:56c2:e21c:1::fe")
+        self.net.route(agt, "default", "via", "fd80:56c2:e21c:2::fe")
+        self.net.sysctl(rtr, "net.ipv6.conf.all.forwarding", 1)
+        env = self.make_env(ctl, "[::]", c_addr)
+        env.controller.wait_log(r"listening on \[::\]:7443")
+        a = env.add_agent("overlay")
+        self.assertEqual(a.cfg["controllers"], [f"wss://[{c_addr}]:{PORT}"])
+        start_agent_in(self.net, agt, a)
+        a.wait_connected()
+        env.controller.wait_log(rf"\[?{re.escape(a_addr)}\]?:\d+: machine overlay connected")
+        top = env.build("overlay-a")
+        gen = env.publish("overlay", top, "--vars", self.vars_dir("v", "over-ula\n"))
+        s = env.wait_phase("overlay", gen, "succeeded")
+        self.assertIn("confirmed", s["detail"])
+        self.assertEqual(a.current_system(), top)
+        self.assertEqual(os.path.realpath(a.profile), top)
+        with open(os.path.join(a.vars, "key.txt")) as f:
+            self.assertEqual(f.read(), "over-ula\n")
+
+    # -------------------------------------------------------- silent drop
+    def test_silent_drop_is_noticed_by_both_sides_and_the_agent_reconnects(self):
+        ctl, rtr, agt = nat_topology(self.net, masquerade=False)
+        env = self.make_env(ctl, "10.200.1.1", "10.200.1.1",
+                            ["--ping-interval", "1", "--idle-timeout", "3"])
+        a = env.add_agent("dropped", pingInterval=1, idleTimeout=3, backoffBase=0.2, backoffCap=1)
+        start_agent_in(self.net, agt, a)
+        a.wait_connected()
+        top = env.build("dropped-a")  # built before the cut: keep the measurement tight
+        a_mark, c_mark = len(a.proc.text()), len(env.controller.text())
+
+        # Blackhole the router in both directions: no RST, no ICMP, nothing.
+        self.net.iptables(rtr, "-I", "FORWARD", "1", "-j", "DROP")
+        t0 = time.monotonic()
+        t_agent = self.wait_log_after(a.proc, r"nothing received from the controller for 3 s", a_mark, 15)
+        t_ctl = self.wait_log_after(env.controller, r"\(dropped\): nothing received for 3 s; closing",
+                                    c_mark, 15)
+        wait_until(lambda: not env.status("dropped")["online"], 10, what="dropped shown offline")
+        agent_s, ctl_s = t_agent - t0, t_ctl - t0
+        note(f"blackhole noticed by agent after {agent_s:.1f} s, controller reaped after {ctl_s:.1f} s")
+        # Within the idle timeout (plus at most one ping interval and scheduling
+        # slack), and not through some error: only the timeout can see silence.
+        self.assertLess(agent_s, 3 + 1 + 1.5)
+        self.assertLess(ctl_s, 3 + 1 + 1.5)
+        self.assertGreater(agent_s, 1.9)
+        self.assertGreater(ctl_s, 1.9)
+        self.assertTrue(a.proc.alive())
+
+        # A publish while the path is down waits; when it returns the agent reconnects.
+        gen = env.publish("dropped", top)
+        time.sleep(1.5)  # a few reconnect attempts into the void
+        self.assertNotIn(f"accepted generation {gen}", a.proc.text(), "delivered through a blackhole?")
+        self.net.iptables(rtr, "-D", "FORWARD", "-j", "DROP")
+        t1 = time.monotonic()
+        a.wait_connected(timeout=20)
+        reconnect = time.monotonic() - t1
+        note(f"reconnected {reconnect:.1f} s after the path returned")
+        self.assertLess(reconnect, 12, "the agent's connect timeout is 10 s")
+        env.wait_phase("dropped", gen, "succeeded")
+        self.assertEqual(a.current_system(), top)
+
+    # ----------------------------------------------------------- idle NAT
+    def test_keepalive_pings_keep_a_forgetful_nat_mapping_alive(self):
+        ctl, rtr, agt = nat_topology(self.net)
+        conntrack_timeout = 5
+        # A NAT that forgets an idle connection after 5 s and, like most home
+        # routers, does not pick a forgotten connection up again mid-stream.
+        self.net.sysctl(rtr, "net.netfilter.nf_conntrack_tcp_timeout_established", conntrack_timeout)
+        self.net.sysctl(rtr, "net.netfilter.nf_conntrack_tcp_loose", 0)
+        env = self.make_env(ctl, "10.200.1.1", "10.200.1.1")  # controller pings every 30 s
+        chatty = env.add_agent("chatty", pingInterval=1, idleTimeout=3)
+        # The control: pings far apart, so its mapping expires while idle.
+        sleepy = env.add_agent("sleepy", pingInterval=20, idleTimeout=60)
+        for a in (chatty, sleepy):
+            start_agent_in(self.net, agt, a)
+            a.wait_connected()
+        top = env.build("idle-a")
+        marks = {a.name: len(a.proc.text()) for a in (chatty, sleepy)}
+        idle = 3 * conntrack_timeout
+        time.sleep(idle)
+        self.assertNotRegex(chatty.proc.text()[marks["chatty"]:], r"connection lost|retrying",
+                            "chatty reconnected during the idle period")
+        self.assertEqual(chatty.proc.text().count("connected to the controller as chatty"), 1)
+        self.assertEqual(env.controller.text().count("machine chatty connected"), 1)
+
+        gen = env.publish("chatty", top)
+        t0 = time.monotonic()
+        chatty.proc.wait_log(rf"accepted generation {gen}", timeout=2)
+        note(f"publish after {idle} s idle reached chatty in {time.monotonic() - t0:.2f} s")
+        env.wait_phase("chatty", gen, "succeeded")
+
+        # The same publish to the agent without frequent pings does not arrive:
+        # the NAT forgot its connection.
+        gen2 = env.publish("sleepy", top)
+        time.sleep(2)
+        self.assertNotIn(f"accepted generation {gen2}", sleepy.proc.text(),
+                         "the control connection survived; the NAT did not expire it")
+        # The controller's push met the router's reset: the mapping was gone.
+        env.controller.wait_log(r"machine sleepy disconnected", timeout=2)
+
+
+if __name__ == "__main__":
+    unittest.main()
