@@ -73,6 +73,22 @@ Status WriteEntry(const fs::path& root, const VarsFile& f) {
   return Status::Ok();
 }
 
+// An install cut short (the agent killed while staging) leaves its staging
+// directory, secrets included, beside the target: remove such leftovers.
+void RemoveStaleStaging(const fs::path& target) {
+  const std::string prefix = "." + target.filename().string() + ".new-";
+  std::vector<fs::path> stale;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(target.parent_path(), ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    std::string n = it->path().filename().string();
+    if (n.size() == prefix.size() + 8 && n.compare(0, prefix.size(), prefix) == 0) {
+      stale.push_back(it->path());
+    }
+  }
+  for (const auto& p : stale) fs::remove_all(p, ec);
+}
+
 Status FsyncTree(const fs::path& root) {
   std::error_code ec;
   for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it); it.increment(ec)) {
@@ -99,6 +115,7 @@ Result<VarsInstallResult> InstallVars(const SecretKey& key, const std::string& s
   auto bundle = OpenVars(key, sealed_b64);
   if (!bundle) return bundle.error();
   fs::path t(target);
+  RemoveStaleStaging(t);
   auto current_hash = ReadFile(t / kHashFile, 4096);
   if (current_hash && *current_hash == vars_hash + "\n") {
     return VarsInstallResult{false, bundle->files.size()};
