@@ -21,27 +21,6 @@ namespace muster {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string FindProgram(const std::string& name, const std::string& dir) {
-  std::vector<std::string> dirs;
-  if (!dir.empty()) dirs.push_back(dir);
-  if (const char* path = std::getenv("PATH")) {
-    std::stringstream ss(path);
-    std::string d;
-    while (std::getline(ss, d, ':')) {
-      if (!d.empty() && d[0] == '/') dirs.push_back(d);
-    }
-  }
-  for (const char* d : {"/run/current-system/sw/bin", "/nix/var/nix/profiles/default/bin",
-                        "/run/wrappers/bin", "/usr/local/bin", "/usr/bin", "/bin"}) {
-    dirs.push_back(d);
-  }
-  for (const auto& d : dirs) {
-    std::string p = d + "/" + name;
-    if (::access(p.c_str(), X_OK) == 0) return p;
-  }
-  return "";
-}
-
 namespace {
 
 std::string Canonical(const std::string& p) {

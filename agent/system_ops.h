@@ -56,7 +56,5 @@ std::unique_ptr<SystemOps> MakeNixSystem(const AgentConfig& config, ProcessRunne
 int RunActivationWrapper(const std::string& lock_path, const std::string& result_path,
                          const std::vector<std::string>& argv);
 
-// Finds a program in dir (if set), PATH and the usual Nix/NixOS locations.
-std::string FindProgram(const std::string& name, const std::string& dir);
 
 }  // namespace muster

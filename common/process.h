@@ -52,6 +52,10 @@ class SystemProcessRunner : public ProcessRunner {
   RunResult Run(const RunOptions& options) override;
 };
 
+// Finds an executable by name in dir (if set), then PATH, then the usual Nix,
+// NixOS and nix-darwin locations. Returns its absolute path or "".
+std::string FindProgram(const std::string& name, const std::string& dir = "");
+
 // Renders argv for logs, quoting where needed. Never passed to a shell.
 std::string ArgvToString(const std::vector<std::string>& argv);
 

@@ -82,6 +82,8 @@ json Body(const Response& m) {
   return j;
 }
 json Body(const Event& m) { return {{"topic", m.topic}, {"data", m.data}}; }
+json Body(const Enroll& m) { return {{"machine", m.machine}, {"token", m.token}}; }
+json Body(const Enrolled& m) { return {{"machine", m.machine}}; }
 
 Result<Message> DecodeBody(std::string_view type, const json& b) {
   if (type == "hello") {
@@ -164,6 +166,8 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
     if (b.contains("data")) m.data = b.at("data");
     return Message{m};
   }
+  if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "token")}};
+  if (type == "enrolled") return Message{Enrolled{Str(b, "machine")}};
   return Err("unknown message type '" + std::string(type.substr(0, 40)) + "'");
 }
 
@@ -203,6 +207,8 @@ std::string_view TypeName(const Message& m) {
                         [](const Request&) { return std::string_view("request"); },
                         [](const Response&) { return std::string_view("response"); },
                         [](const Event&) { return std::string_view("event"); },
+                        [](const Enroll&) { return std::string_view("enroll"); },
+                        [](const Enrolled&) { return std::string_view("enrolled"); },
                     },
                     m);
 }

@@ -7,6 +7,8 @@
 //
 // Agent ↔ controller (/v1/agent):
 //   agent → hello, status, log            controller → welcome, deploy, ack, error
+// Enrolment (/v1/enroll, unregistered key with a one-time token):
+//   agent → enroll                         controller → enrolled, error
 // Operator ↔ controller (/v1/operator):
 //   CLI → request                          controller → response, event, error
 #pragma once
@@ -68,6 +70,19 @@ struct LogLines {
   std::vector<std::string> lines;
 };
 
+// First message on /v1/enroll: a machine registers its own key with a
+// one-time token from 'muster machine enroll'.
+struct Enroll {
+  std::string machine;
+  std::string token;
+};
+
+// The controller's answer to a successful enroll; the connection then closes
+// and the agent reconnects on /v1/agent.
+struct Enrolled {
+  std::string machine;
+};
+
 struct Welcome {
   std::string machine;
   std::int64_t server_time = 0;  // unix ms
@@ -106,7 +121,7 @@ struct Event {
 };
 
 using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg,
-                             Request, Response, Event>;
+                             Request, Response, Event, Enroll, Enrolled>;
 
 std::string_view TypeName(const Message& m);
 std::string Encode(const Message& m);

@@ -68,11 +68,14 @@ std::vector<Message> Samples() {
           ErrorMsg{"bad-message", "status report has unknown phase 'dancing'"},
           request,
           response,
-          event};
+          event,
+          Enroll{"web2", "mtok_Zm9vYmFyYmF6cXV4cXV1eA"},
+          Enrolled{"web2"}};
 }
 
-const std::vector<std::string> kTypes = {"hello", "status", "log",     "welcome",  "deploy",
-                                         "ack",   "error",  "request", "response", "event"};
+const std::vector<std::string> kTypes = {"hello", "status",   "log",      "welcome",
+                                         "deploy", "ack",     "error",    "request",
+                                         "response", "event", "enroll",   "enrolled"};
 
 Message DecodeOk(const std::string& text) {
   auto r = Decode(text);

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <set>
+
 namespace muster {
 
 using nlohmann::json;
@@ -63,6 +65,7 @@ json Api::MachineJson(const MachineRecord& m) {
           {"toplevel", m.toplevel},
           {"rebootRequired", m.reboot_required},
           {"lastApplied", m.last_applied},
+          {"revoked", m.revoked},
           {"facts", m.facts}};
 }
 
@@ -106,7 +109,8 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       if (!m) return Fail(req.id, "no machine named '" + name + "'; add it with 'muster machine add'");
       auto latest = fleet_.store().LatestGeneration(name);
       return Ok(req.id, {{"machine", MachineJson(*m)},
-                         {"latestGeneration", latest ? latest->generation : 0}});
+                         {"latestGeneration", latest ? latest->generation : 0},
+                         {"maxGeneration", fleet_.store().MaxGeneration(name)}});
     }
     if (req.method == "publish") {
       proto::Deploy d;
@@ -159,6 +163,74 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
         last = l.id;
       }
       return Ok(req.id, {{"generation", gen}, {"lines", lines}, {"last", last}});
+    }
+    if (req.method == "machine.revoke") {
+      std::string name = Need(p, "name");
+      if (auto st = fleet_.RevokeMachine(name); !st) return Fail(req.id, st.message());
+      spdlog::warn("operator {} revoked machine {}", who.name, name);
+      return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "machine.enroll") {
+      std::string name = Need(p, "name");
+      std::int64_t ttl = IntParam(p, "ttl", 3600);
+      auto token = fleet_.CreateEnrollToken(name, Tags(p), ttl * 1000, who.name);
+      if (!token) return Fail(req.id, token.message());
+      spdlog::info("operator {} created an enrolment token for {} (valid {} s)", who.name, name, ttl);
+      return Ok(req.id, {{"name", name}, {"token", *token}, {"expiresAt", fleet_.Now() + ttl * 1000}});
+    }
+    if (req.method.rfind("rollout.", 0) == 0) {
+      if (!rollouts_) return Fail(req.id, "rollouts are not available");
+      if (req.method == "rollout.create") {
+        auto items = p.find("items");
+        if (items == p.end() || !items->is_array() || items->empty()) {
+          return Fail(req.id, "rollout.create: 'items' must be a non-empty list of signed deploys");
+        }
+        RolloutSpec spec;
+        spec.created_by = who.name;
+        spec.canary = static_cast<int>(IntParam(p, "canary", 0));
+        spec.max_parallel = static_cast<int>(IntParam(p, "maxParallel", 0));
+        spec.max_failures = static_cast<int>(IntParam(p, "maxFailures", 0));
+        std::set<std::string> seen;
+        for (const auto& it : *items) {
+          if (!it.is_object()) return Fail(req.id, "rollout.create: each item must be an object");
+          proto::Deploy d;
+          d.manifest.manifest = Need(it, "manifest");
+          d.manifest.signer = Need(it, "signer");
+          d.manifest.signature = Need(it, "signature");
+          d.vars = it.value("vars", std::string());
+          auto g = fleet_.ValidateDeploy(who.name, d);
+          if (!g) return Fail(req.id, g.message());
+          if (!seen.insert(g->machine).second) {
+            return Fail(req.id, "rollout.create: machine '" + g->machine + "' appears twice");
+          }
+          spec.generations.push_back(std::move(*g));
+        }
+        auto r = rollouts_->Create(std::move(spec));
+        if (!r) return Fail(req.id, r.message());
+        return Ok(req.id, rollouts_->Describe(r->id));
+      }
+      if (req.method == "rollout.list") {
+        int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 20), 1, 1000));
+        return Ok(req.id, {{"rollouts", rollouts_->List(limit)}});
+      }
+      std::string id = Need(p, "id");
+      Status st;
+      if (req.method == "rollout.pause") {
+        st = rollouts_->Pause(id);
+      } else if (req.method == "rollout.resume") {
+        st = rollouts_->Continue(id);
+      } else if (req.method == "rollout.abort") {
+        st = rollouts_->Abort(id);
+      } else if (req.method != "rollout.status") {
+        return Fail(req.id, "unknown method '" + req.method + "'");
+      }
+      if (!st) return Fail(req.id, st.message());
+      json d = rollouts_->Describe(id);
+      if (d.is_null()) return Fail(req.id, "no rollout '" + id + "'; see 'muster rollout list'");
+      if (req.method != "rollout.status") {
+        spdlog::info("operator {}: {} {}", who.name, req.method, id);
+      }
+      return Ok(req.id, d);
     }
     return Fail(req.id, "unknown method '" + req.method + "'");
   } catch (const std::exception& e) {

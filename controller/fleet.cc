@@ -10,10 +10,20 @@ using nlohmann::json;
 
 Fleet::Fleet(Store& store, Clock clock) : store_(store), clock_(std::move(clock)) {}
 
+void DurationHistogram::Observe(double seconds) {
+  for (std::size_t i = 0; i < std::size(kBounds); ++i) {
+    if (seconds <= kBounds[i]) ++buckets[i];
+  }
+  ++count;
+  sum += seconds;
+}
+
 Status Fleet::Load() {
   std::lock_guard lock(mu_);
   keys_.clear();
-  for (const auto& m : store_.ListMachines()) keys_[m.key] = {Role::kMachine, m.name};
+  for (const auto& m : store_.ListMachines()) {
+    if (!m.revoked) keys_[m.key] = {Role::kMachine, m.name};
+  }
   for (const auto& o : store_.ListOperators()) keys_[o.key] = {Role::kOperator, o.name};
   return Status::Ok();
 }
@@ -34,8 +44,21 @@ Identity Fleet::Lookup(const PublicKey& key) const {
   if (id.role != Role::kNone) {
     std::lock_guard lock(mu_);
     keys_[text] = id;
+    return id;
   }
-  return id;
+  // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).
+  std::int64_t now = clock_();
+  {
+    std::lock_guard lock(mu_);
+    if (now - tokens_checked_at_ < 1000) {
+      return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
+    }
+  }
+  int live = store_.LiveEnrollTokens(now);
+  std::lock_guard lock(mu_);
+  tokens_checked_at_ = now;
+  live_tokens_ = live;
+  return live > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
 }
 
 std::string Fleet::DeployText(const GenerationRecord& g) {
@@ -60,6 +83,7 @@ Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
     slot = channel;
   }
   if (previous && previous != channel) previous->Close("replaced by a newer connection");
+  if (store_.IsMachineRevoked(machine)) return Err("machine '" + machine + "' is revoked");
   if (auto st = store_.RecordHello(machine, clock_(), proto::ToJson(hello.facts),
                                    hello.last_applied);
       !st) {
@@ -80,6 +104,7 @@ Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
     }
   }
   Broadcast("machine", {{"machine", machine}, {"online", true}});
+  if (observer_) observer_->OnOnline(machine);
   return out;
 }
 
@@ -102,6 +127,13 @@ Result<std::string> Fleet::AgentStatus(const std::string& machine,
     std::lock_guard lock(mu_);
     ++counters_.status_reports;
   }
+  if (IsTerminal(*ph)) {
+    if (auto g = store_.GetGeneration(machine, r.generation)) {
+      std::lock_guard lock(mu_);
+      counters_.deploy_seconds.Observe(static_cast<double>(ev.at - g->created_at) / 1000.0);
+    }
+  }
+  if (observer_) observer_->OnStatus(machine, r.generation, r.phase, ev.detail);
   Broadcast("status", {{"machine", machine},
                        {"generation", r.generation},
                        {"phase", r.phase},
@@ -211,7 +243,8 @@ Status Fleet::AddOperator(const std::string& name, const std::string& key) {
   return Status::Ok();
 }
 
-Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const proto::Deploy& d) {
+Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
+                                               const proto::Deploy& d) {
   // The controller checks what it can, so that mistakes surface at publish time;
   // the agent verifies again and is the one that matters.
   auto signer = ParsePublicKey(d.manifest.signer);
@@ -225,6 +258,7 @@ Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const 
   if (!m) return Err("publish: " + m.message());
   auto machine = store_.GetMachine(m->machine);
   if (!machine) return Err("publish: no machine named '" + m->machine + "'; add it first");
+  if (machine->revoked) return Err("publish: machine '" + m->machine + "' is revoked");
   auto sealed = Base64Decode(d.vars);
   if (!sealed) return Err("publish: vars are not base64");
   VerifyContext ctx{m->machine, {*signer}, 0};
@@ -241,6 +275,13 @@ Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const 
   g.rollout = m->rollout;
   g.published_by = operator_name;
   g.created_at = clock_();
+  return g;
+}
+
+Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const proto::Deploy& d) {
+  auto v = ValidateDeploy(operator_name, d);
+  if (!v) return v.error();
+  GenerationRecord g = std::move(*v);
   if (auto st = store_.AddGeneration(g); !st) return st.error();  // durable from here on
 
   std::shared_ptr<AgentChannel> ch;
@@ -252,12 +293,81 @@ Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const 
     if (ch) ++counters_.deploys_sent;
   }
   if (ch) ch->Send(DeployText(g));
+  if (observer_) observer_->OnDirectPublish(g.machine, g.generation);
   Broadcast("publish", {{"machine", g.machine},
                         {"generation", g.generation},
                         {"toplevel", g.toplevel},
                         {"by", operator_name},
                         {"online", ch != nullptr}});
   return g;
+}
+
+Status Fleet::RevokeMachine(const std::string& name) {
+  auto m = store_.GetMachine(name);
+  if (!m) return Err("no machine named '" + name + "'");
+  if (auto st = store_.SetMachineRevoked(name, true); !st) return st;
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    keys_.erase(m->key);
+    ++counters_.revocations;
+    auto it = online_.find(name);
+    if (it != online_.end()) ch = it->second.lock();
+  }
+  if (ch) ch->Close("machine key was revoked");
+  Broadcast("machine", {{"machine", name}, {"revoked", true}});
+  return Status::Ok();
+}
+
+Result<std::string> Fleet::CreateEnrollToken(const std::string& machine,
+                                             const std::vector<std::string>& tags,
+                                             std::int64_t ttl_ms, const std::string& by) {
+  if (machine.empty() || machine.size() > 253 ||
+      machine.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
+          std::string::npos) {
+    return Err("machine name '" + machine + "' is invalid: use letters, digits, '-', '_' and '.'");
+  }
+  if (store_.GetMachine(machine)) {
+    return Err("machine '" + machine + "' is already registered; remove it first to enrol it again");
+  }
+  if (ttl_ms <= 0 || ttl_ms > 30LL * 24 * 3600 * 1000) return Err("token lifetime must be between 1 s and 30 days");
+  SecretKey random = SecretKey::Generate();  // 32 random bytes from libsodium
+  std::string token = "mtok_" + Base64Encode(random.seed().substr(0, 24));
+  for (char& c : token) {
+    if (c == '+') c = '-';
+    if (c == '/') c = '_';
+  }
+  Store::EnrollToken t{Sha256Hex(token), machine, tags, clock_() + ttl_ms, by};
+  if (auto st = store_.AddEnrollToken(t); !st) return st.error();
+  std::lock_guard lock(mu_);
+  tokens_checked_at_ = 0;  // re-read the count on the next handshake
+  return token;
+}
+
+Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std::string& token) {
+  if (auto st = store_.SpendEnrollToken(Sha256Hex(token), machine, key.ToText(), clock_()); !st) {
+    return st;
+  }
+  std::lock_guard lock(mu_);
+  keys_[key.ToText()] = {Role::kMachine, machine};
+  tokens_checked_at_ = 0;
+  ++counters_.enrolments;
+  return Status::Ok();
+}
+
+Status Fleet::Release(const std::string& machine, std::int64_t generation) {
+  if (auto st = store_.ReleaseGeneration(machine, generation); !st) return st;
+  auto g = store_.GetGeneration(machine, generation);
+  if (!g) return Err("generation vanished");
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(machine);
+    if (it != online_.end()) ch = it->second.lock();
+    if (ch) ++counters_.deploys_sent;
+  }
+  if (ch) ch->Send(DeployText(*g));
+  return Status::Ok();
 }
 
 void Fleet::Subscribe(std::shared_ptr<EventSink> sink) {

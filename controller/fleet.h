@@ -38,7 +38,28 @@ class EventSink {
   virtual void Deliver(std::string text) = 0;  // thread-safe, non-blocking
 };
 
-enum class Role { kNone, kMachine, kOperator };
+// kEnrollee: an unregistered key admitted while enrolment tokens are
+// outstanding; it may only use /v1/enroll.
+enum class Role { kNone, kMachine, kOperator, kEnrollee };
+
+// Told about agent progress (the rollout manager). Called without Fleet locks.
+class FleetObserver {
+ public:
+  virtual ~FleetObserver() = default;
+  virtual void OnStatus(const std::string& machine, std::int64_t generation,
+                        const std::string& phase, const std::string& detail) = 0;
+  virtual void OnOnline(const std::string& machine) = 0;
+  virtual void OnDirectPublish(const std::string& machine, std::int64_t generation) = 0;
+};
+
+// Deploy durations (publish to final report), Prometheus-style buckets.
+struct DurationHistogram {
+  static constexpr double kBounds[] = {1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
+  std::uint64_t buckets[std::size(kBounds)] = {};  // cumulative counts per bound
+  std::uint64_t count = 0;
+  double sum = 0;
+  void Observe(double seconds);
+};
 
 struct Identity {
   Role role = Role::kNone;
@@ -49,6 +70,9 @@ struct FleetCounters {
   std::uint64_t publishes = 0;
   std::uint64_t deploys_sent = 0;
   std::uint64_t status_reports = 0;
+  std::uint64_t enrolments = 0;
+  std::uint64_t revocations = 0;
+  DurationHistogram deploy_seconds;
 };
 
 class Fleet {
@@ -82,10 +106,24 @@ class Fleet {
                     const std::vector<std::string>& tags);
   Status RemoveMachine(const std::string& name);  // also closes its connection
   Status AddOperator(const std::string& name, const std::string& key);
+  // Closes the machine's connection and refuses its key from now on.
+  Status RevokeMachine(const std::string& name);
+  // A one-time token (printed once, stored hashed) valid for ttl_ms.
+  Result<std::string> CreateEnrollToken(const std::string& machine,
+                                        const std::vector<std::string>& tags,
+                                        std::int64_t ttl_ms, const std::string& by);
+  // Registers key as machine if token is valid; spends the token.
+  Status Enroll(const PublicKey& key, const std::string& machine, const std::string& token);
+
+  // Marks a held-back generation released and pushes it if the agent is online.
+  Status Release(const std::string& machine, std::int64_t generation);
+  void SetObserver(FleetObserver* o) { observer_ = o; }
 
   // Validates and stores a signed generation, then pushes it to the machine if
   // connected. Returns the stored record.
   Result<GenerationRecord> Publish(const std::string& operator_name, const proto::Deploy& d);
+  // Publish's checks without storing anything.
+  Result<GenerationRecord> ValidateDeploy(const std::string& operator_name, const proto::Deploy& d);
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
@@ -105,6 +143,9 @@ class Fleet {
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;
+  FleetObserver* observer_ = nullptr;
+  mutable std::int64_t tokens_checked_at_ = 0;
+  mutable int live_tokens_ = 0;
 };
 
 }  // namespace muster

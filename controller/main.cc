@@ -17,6 +17,7 @@
 #include "controller/api.h"
 #include "controller/fleet.h"
 #include "controller/metrics.h"
+#include "controller/rollout.h"
 #include "controller/server.h"
 #include "controller/store.h"
 
@@ -156,9 +157,11 @@ int Run(const Paths& p, const RunConfig& c) {
   if (!store) return Fail(store.message());
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
-  Api api(fleet);
+  RolloutManager rollouts(fleet, **store);
+  fleet.SetObserver(&rollouts);
+  Api api(fleet, &rollouts);
   tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {
-    if (fleet.Lookup(k).role != Role::kNone) return true;
+    if (fleet.Lookup(k).role != Role::kNone) return true;  // incl. enrolment while tokens are live
     *reason = "key " + k.ToText() + " (" + k.ShortId() +
               ") is not a registered machine or operator; register it with 'muster machine add'";
     return false;
@@ -190,6 +193,7 @@ int Run(const Paths& p, const RunConfig& c) {
   }
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());
+  rollouts.Resume();  // active rollouts continue where they were
   boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
     if (ec) return;

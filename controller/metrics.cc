@@ -63,7 +63,32 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
     << "muster_deploys_sent_total " << c.deploys_sent << "\n"
     << "# HELP muster_status_reports_total Status reports received from agents.\n"
     << "# TYPE muster_status_reports_total counter\n"
-    << "muster_status_reports_total " << c.status_reports << "\n";
+    << "muster_status_reports_total " << c.status_reports << "\n"
+    << "# HELP muster_enrolments_total Machines enrolled with a token.\n"
+    << "# TYPE muster_enrolments_total counter\n"
+    << "muster_enrolments_total " << c.enrolments << "\n"
+    << "# HELP muster_revocations_total Machine keys revoked.\n"
+    << "# TYPE muster_revocations_total counter\n"
+    << "muster_revocations_total " << c.revocations << "\n"
+    << "# HELP muster_deploy_duration_seconds Publish to final report, per deploy.\n"
+    << "# TYPE muster_deploy_duration_seconds histogram\n";
+  for (std::size_t i = 0; i < std::size(DurationHistogram::kBounds); ++i) {
+    o << "muster_deploy_duration_seconds_bucket{le=\"" << DurationHistogram::kBounds[i] << "\"} "
+      << c.deploy_seconds.buckets[i] << "\n";
+  }
+  o << "muster_deploy_duration_seconds_bucket{le=\"+Inf\"} " << c.deploy_seconds.count << "\n"
+    << "muster_deploy_duration_seconds_sum " << c.deploy_seconds.sum << "\n"
+    << "muster_deploy_duration_seconds_count " << c.deploy_seconds.count << "\n"
+    << "# HELP muster_rollout_machines Machines of active and recent rollouts by state.\n"
+    << "# TYPE muster_rollout_machines gauge\n";
+  for (const auto& r : fleet.store().ListRollouts(20)) {
+    std::map<std::string, int> by;
+    for (const auto& it : fleet.store().ListRolloutItems(r.id)) ++by[it.state];
+    for (const auto& [state, n] : by) {
+      o << "muster_rollout_machines{rollout=\"" << r.id << "\",rollout_state=\"" << r.state
+        << "\",state=\"" << state << "\"} " << n << "\n";
+    }
+  }
   return o.str();
 }
 

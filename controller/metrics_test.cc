@@ -60,6 +60,12 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
       {"muster_publishes_total", "counter", {"muster_publishes_total 1"}},
       {"muster_deploys_sent_total", "counter", {"muster_deploys_sent_total 1"}},
       {"muster_status_reports_total", "counter", {"muster_status_reports_total 1"}},
+      {"muster_enrolments_total", "counter", {"muster_enrolments_total 0"}},
+      {"muster_revocations_total", "counter", {"muster_revocations_total 0"}},
+      {"muster_deploy_duration_seconds",
+       "histogram",
+       {"muster_deploy_duration_seconds_bucket{le=\"+Inf\"} 0",
+        "muster_deploy_duration_seconds_count 0"}},
   };
   for (const auto& c : cases) {
     EXPECT_THAT(lined, HasSubstr(std::string("\n# HELP ") + c.name + " ")) << c.name;
@@ -79,7 +85,9 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  EXPECT_EQ(samples, 13);
+  // 13 fleet and server samples, 2 enrolment/revocation counters, 13 histogram
+  // lines (10 buckets, +Inf, sum, count); no rollouts yet.
+  EXPECT_EQ(samples, 28);
   EXPECT_EQ(text.back(), '\n');
 }
 

@@ -132,11 +132,13 @@ class Session : public std::enable_shared_from_this<Session>,
       return;
     }
     std::string target(upgrade_.target());
-    std::string want = who_.role == Role::kMachine ? "/v1/agent" : "/v1/operator";
+    std::string want = who_.role == Role::kMachine    ? "/v1/agent"
+                       : who_.role == Role::kOperator ? "/v1/operator"
+                                                      : "/v1/enroll";
     if (!websocket::is_upgrade(upgrade_) || target != want) {
       shared_->stats->Refuse("bad-endpoint");
       spdlog::warn("{} ({} '{}'): refused request for '{}'; this key may only use {}", peer_,
-                   who_.role == Role::kMachine ? "machine" : "operator", who_.name, target, want);
+                   RoleName(), who_.name, target, want);
       auto res = std::make_shared<http::response<http::string_body>>(http::status::forbidden, 11);
       res->set(http::field::content_type, "text/plain");
       res->body() = "this key may only use " + want + "\n";
@@ -177,8 +179,8 @@ class Session : public std::enable_shared_from_this<Session>,
     // Agents must say hello within the handshake timeout; the TCP deadline
     // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kOperator) {
-      beast::get_lowest_layer(ws_).expires_never();
       authenticated_ = true;
+      beast::get_lowest_layer(ws_).expires_never();
       ++shared_->stats->handshakes_ok;
       spdlog::debug("{}: operator {} connected", peer_, who_.name);
     }
@@ -241,8 +243,11 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!msg) return Refuse("bad-message", msg.message());
     if (who_.role == Role::kMachine) {
       if (!HandleAgent(*msg)) return;
-    } else {
+    } else if (who_.role == Role::kOperator) {
       if (!HandleOperator(*msg)) return;
+    } else {
+      HandleEnroll(*msg);
+      return;
     }
     if (!closed_) Read();
   }
@@ -295,6 +300,38 @@ class Session : public std::enable_shared_from_this<Session>,
     return false;
   }
 
+  // An unregistered key with a one-time token: one enroll message, one answer.
+  void HandleEnroll(const proto::Message& msg) {
+    const auto* e = std::get_if<proto::Enroll>(&msg);
+    if (!e) {
+      Refuse("bad-message", "an unregistered key may only send 'enroll', got '" +
+                                std::string(proto::TypeName(msg)) + "'");
+      return;
+    }
+    auto key = tls::PeerKey(ws_.next_layer().native_handle());
+    if (!key) return Refuse("bad-enroll", "no client key");
+    if (auto st = shared_->fleet.Enroll(*key, e->machine, e->token); !st) {
+      shared_->stats->Refuse("bad-enroll");
+      spdlog::warn("{}: enrolment of '{}' refused: {}", peer_, e->machine, st.message());
+      CloseWith("bad-enroll", st.message());
+      return;
+    }
+    spdlog::info("{}: machine {} enrolled with key {}", peer_, e->machine, key->ShortId());
+    Queue(proto::Encode(proto::Enrolled{e->machine}));
+    closing_ = true;
+    outbox_.push_back(CloseFrame{websocket::close_reason(websocket::close_code::normal, "enrolled")});
+    Flush();
+  }
+
+  const char* RoleName() const {
+    switch (who_.role) {
+      case Role::kMachine: return "machine";
+      case Role::kOperator: return "operator";
+      case Role::kEnrollee: return "enrollee";
+      default: return "unknown";
+    }
+  }
+
   bool HandleOperator(const proto::Message& msg) {
     const auto* req = std::get_if<proto::Request>(&msg);
     if (!req) {
@@ -319,8 +356,7 @@ class Session : public std::enable_shared_from_this<Session>,
   // Sends an error message explaining why, then closes.
   void Refuse(const std::string& code, const std::string& message) {
     shared_->stats->Refuse(code);
-    spdlog::warn("{} ({} '{}'): {}: {}; closing", peer_,
-                 who_.role == Role::kMachine ? "machine" : "operator", who_.name, code, message);
+    spdlog::warn("{} ({} '{}'): {}: {}; closing", peer_, RoleName(), who_.name, code, message);
     CloseWith(code, message);
   }
 
@@ -346,9 +382,6 @@ class Session : public std::enable_shared_from_this<Session>,
 
   void Queue(std::string text) {
     if (closed_) return;
-    if (closing_ && !std::holds_alternative<CloseFrame>(outbox_.empty() ? Out{Ping{}} : outbox_.back())) {
-      // Keep ordering simple: after a close was queued, nothing else is sent.
-    }
     outbox_bytes_ += text.size();
     if (outbox_bytes_ > opts().max_outbox_bytes) {
       spdlog::warn("{} ({}): peer is not reading ({} bytes queued); closing", peer_, who_.name,

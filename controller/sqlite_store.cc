@@ -68,6 +68,36 @@ CREATE TABLE IF NOT EXISTS logs (
   at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_machine ON logs (machine, generation, id);
+CREATE TABLE IF NOT EXISTS rollouts (
+  id TEXT PRIMARY KEY,
+  created_at INTEGER NOT NULL,
+  created_by TEXT NOT NULL,
+  canary INTEGER NOT NULL,
+  max_parallel INTEGER NOT NULL,
+  max_failures INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  detail TEXT NOT NULL DEFAULT '',
+  updated_at INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rollout_items (
+  rollout TEXT NOT NULL,
+  position INTEGER NOT NULL,
+  machine TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  stage INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  detail TEXT NOT NULL DEFAULT '',
+  updated_at INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (rollout, position)
+);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+  hash TEXT PRIMARY KEY,
+  machine TEXT NOT NULL,
+  tags TEXT NOT NULL,
+  expires_at INTEGER NOT NULL,
+  created_by TEXT NOT NULL,
+  spent_at INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS log_sizes (
   machine TEXT NOT NULL,
   generation INTEGER NOT NULL,
@@ -126,6 +156,8 @@ class SqliteStore final : public Store {
     if (auto st = Exec("PRAGMA foreign_keys=ON"); !st) return st;
     sqlite3_busy_timeout(db_, 5000);
     if (auto st = Exec(kSchema); !st) return st;
+    AddColumnIfMissing("generations", "released", "INTEGER NOT NULL DEFAULT 1");
+    AddColumnIfMissing("machines", "revoked", "INTEGER NOT NULL DEFAULT 0");
     auto v = GetSettingLocked("schema_version");
     if (v && std::stoi(*v) > kSchemaVersion) {
       return Err("store schema version " + *v + " is newer than this controller supports (" +
@@ -167,7 +199,7 @@ class SqliteStore final : public Store {
 
   static constexpr const char* kMachineCols =
       "name, key, tags, created_at, last_seen, facts, generation, phase, detail, toplevel, "
-      "reboot_required, last_applied";
+      "reboot_required, last_applied, revoked";
 
   static MachineRecord ReadMachine(const Stmt& s) {
     MachineRecord m;
@@ -188,6 +220,7 @@ class SqliteStore final : public Store {
     m.toplevel = s.Text(9);
     m.reboot_required = s.Int(10) != 0;
     m.last_applied = s.Int(11);
+    m.revoked = s.Int(12) != 0;
     return m;
   }
 
@@ -298,11 +331,9 @@ class SqliteStore final : public Store {
     }
     Stmt s(db_,
            "INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
-           "toplevel, action, rollout, published_by, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)");
-    s.Bind(1, g.machine).Bind(2, g.generation).Bind(3, g.manifest.manifest)
-        .Bind(4, g.manifest.signer).Bind(5, g.manifest.signature).Bind(6, g.vars)
-        .Bind(7, g.toplevel).Bind(8, g.action).Bind(9, g.rollout).Bind(10, g.published_by)
-        .Bind(11, g.created_at);
+           "toplevel, action, rollout, published_by, created_at, released) "
+           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
+    BindGen(s, g);
     if (s.Step() != SQLITE_DONE) {
       std::string e = sqlite3_errmsg(db_);
       (void)Exec("ROLLBACK");
@@ -311,9 +342,211 @@ class SqliteStore final : public Store {
     return Exec("COMMIT");
   }
 
+  static void BindGen(Stmt& s, const GenerationRecord& g) {
+    s.Bind(1, g.machine).Bind(2, g.generation).Bind(3, g.manifest.manifest)
+        .Bind(4, g.manifest.signer).Bind(5, g.manifest.signature).Bind(6, g.vars)
+        .Bind(7, g.toplevel).Bind(8, g.action).Bind(9, g.rollout).Bind(10, g.published_by)
+        .Bind(11, g.created_at).Bind(12, std::int64_t{g.released ? 1 : 0});
+  }
+
+  std::int64_t MaxGeneration(const std::string& machine) override {
+    std::lock_guard lock(mu_);
+    Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
+    q.Bind(1, machine);
+    return q.Step() == SQLITE_ROW ? q.Int(0) : 0;
+  }
+
+  Status ReleaseGeneration(const std::string& machine, std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE generations SET released = 1 WHERE machine = ? AND generation = ?");
+    s.Bind(1, machine).Bind(2, generation);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status CreateRollout(const RolloutRecord& r, const std::vector<GenerationRecord>& gens,
+                       const std::vector<RolloutItemRecord>& items) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    auto fail = [&](std::string e) {
+      (void)Exec("ROLLBACK");
+      return Status(Err(std::move(e)));
+    };
+    for (const auto& g : gens) {
+      Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
+      q.Bind(1, g.machine);
+      std::int64_t latest = q.Step() == SQLITE_ROW ? q.Int(0) : 0;
+      if (g.generation <= latest) {
+        return fail("generation " + std::to_string(g.generation) + " for " + g.machine +
+                    " is not newer than the stored generation " + std::to_string(latest));
+      }
+      Stmt s(db_,
+             "INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
+             "toplevel, action, rollout, published_by, created_at, released) "
+             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
+      BindGen(s, g);
+      if (s.Step() != SQLITE_DONE) return fail("store: cannot add generation: " + s.ErrorText());
+    }
+    Stmt r1(db_,
+            "INSERT INTO rollouts (id, created_at, created_by, canary, max_parallel, max_failures, "
+            "state, detail, updated_at) VALUES (?,?,?,?,?,?,?,?,?)");
+    r1.Bind(1, r.id).Bind(2, r.created_at).Bind(3, r.created_by).Bind(4, std::int64_t{r.canary})
+        .Bind(5, std::int64_t{r.max_parallel}).Bind(6, std::int64_t{r.max_failures}).Bind(7, r.state)
+        .Bind(8, r.detail).Bind(9, r.updated_at);
+    if (r1.Step() != SQLITE_DONE) return fail("store: cannot add rollout: " + r1.ErrorText());
+    for (const auto& it : items) {
+      Stmt i(db_,
+             "INSERT INTO rollout_items (rollout, position, machine, generation, stage, state, "
+             "detail, updated_at) VALUES (?,?,?,?,?,?,?,?)");
+      i.Bind(1, it.rollout).Bind(2, std::int64_t{it.position}).Bind(3, it.machine)
+          .Bind(4, it.generation).Bind(5, std::int64_t{it.stage}).Bind(6, it.state)
+          .Bind(7, it.detail).Bind(8, it.updated_at);
+      if (i.Step() != SQLITE_DONE) return fail("store: cannot add rollout item: " + i.ErrorText());
+    }
+    return Exec("COMMIT");
+  }
+
+  Status UpdateRollout(const RolloutRecord& r) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE rollouts SET state = ?, detail = ?, updated_at = ? WHERE id = ?");
+    s.Bind(1, r.state).Bind(2, r.detail).Bind(3, r.updated_at).Bind(4, r.id);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status UpdateRolloutItem(const RolloutItemRecord& it) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "UPDATE rollout_items SET state = ?, detail = ?, updated_at = ? WHERE rollout = ? AND "
+           "position = ?");
+    s.Bind(1, it.state).Bind(2, it.detail).Bind(3, it.updated_at).Bind(4, it.rollout)
+        .Bind(5, std::int64_t{it.position});
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  static RolloutRecord ReadRollout(const Stmt& s) {
+    RolloutRecord r;
+    r.id = s.Text(0);
+    r.created_at = s.Int(1);
+    r.created_by = s.Text(2);
+    r.canary = static_cast<int>(s.Int(3));
+    r.max_parallel = static_cast<int>(s.Int(4));
+    r.max_failures = static_cast<int>(s.Int(5));
+    r.state = s.Text(6);
+    r.detail = s.Text(7);
+    r.updated_at = s.Int(8);
+    return r;
+  }
+
+  std::optional<RolloutRecord> GetRollout(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "SELECT id, created_at, created_by, canary, max_parallel, max_failures, state, detail, "
+           "updated_at FROM rollouts WHERE id = ?");
+    s.Bind(1, id);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    return ReadRollout(s);
+  }
+
+  std::vector<RolloutRecord> ListRollouts(int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<RolloutRecord> out;
+    Stmt s(db_,
+           "SELECT id, created_at, created_by, canary, max_parallel, max_failures, state, detail, "
+           "updated_at FROM rollouts ORDER BY created_at DESC, id DESC LIMIT ?");
+    s.Bind(1, std::int64_t{limit});
+    while (s.Step() == SQLITE_ROW) out.push_back(ReadRollout(s));
+    return out;
+  }
+
+  std::vector<RolloutItemRecord> ListRolloutItems(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    std::vector<RolloutItemRecord> out;
+    Stmt s(db_,
+           "SELECT rollout, position, machine, generation, stage, state, detail, updated_at FROM "
+           "rollout_items WHERE rollout = ? ORDER BY position");
+    s.Bind(1, id);
+    while (s.Step() == SQLITE_ROW) {
+      RolloutItemRecord it;
+      it.rollout = s.Text(0);
+      it.position = static_cast<int>(s.Int(1));
+      it.machine = s.Text(2);
+      it.generation = s.Int(3);
+      it.stage = static_cast<int>(s.Int(4));
+      it.state = s.Text(5);
+      it.detail = s.Text(6);
+      it.updated_at = s.Int(7);
+      out.push_back(std::move(it));
+    }
+    return out;
+  }
+
+  Status SetMachineRevoked(const std::string& name, bool revoked) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE machines SET revoked = ? WHERE name = ?");
+    s.Bind(1, std::int64_t{revoked ? 1 : 0}).Bind(2, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    if (sqlite3_changes(db_) == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  bool IsMachineRevoked(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT revoked FROM machines WHERE name = ?");
+    s.Bind(1, name);
+    return s.Step() == SQLITE_ROW && s.Int(0) != 0;
+  }
+
+  Status AddEnrollToken(const EnrollToken& t) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO enroll_tokens (hash, machine, tags, expires_at, created_by) VALUES "
+           "(?,?,?,?,?)");
+    s.Bind(1, t.hash).Bind(2, t.machine).Bind(3, json(t.tags).dump()).Bind(4, t.expires_at)
+        .Bind(5, t.created_by);
+    if (s.Step() != SQLITE_DONE) return Err("store: cannot add enrolment token: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status SpendEnrollToken(const std::string& hash, const std::string& machine,
+                          const std::string& key, std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    auto fail = [&](std::string e) {
+      (void)Exec("ROLLBACK");
+      return Status(Err(std::move(e)));
+    };
+    Stmt q(db_, "SELECT machine, tags, expires_at, spent_at FROM enroll_tokens WHERE hash = ?");
+    q.Bind(1, hash);
+    if (q.Step() != SQLITE_ROW) return fail("enrolment token is not valid");
+    if (q.Int(3) != 0) return fail("enrolment token was already used");
+    if (q.Int(2) < now) return fail("enrolment token has expired; ask for a new one ('muster machine enroll')");
+    if (q.Text(0) != machine) {
+      return fail("enrolment token is for machine '" + q.Text(0) + "', not '" + machine + "'");
+    }
+    std::string tags = q.Text(1);
+    Stmt spend(db_, "UPDATE enroll_tokens SET spent_at = ? WHERE hash = ?");
+    spend.Bind(1, now).Bind(2, hash);
+    Stmt add(db_, "INSERT INTO machines (name, key, tags, created_at) VALUES (?, ?, ?, ?)");
+    add.Bind(1, machine).Bind(2, key).Bind(3, tags).Bind(4, now);
+    if (spend.Step() != SQLITE_DONE) return fail("store: " + spend.ErrorText());
+    int rc = add.Step();
+    if (rc == SQLITE_CONSTRAINT) return fail("machine '" + machine + "' or this key is already registered");
+    if (rc != SQLITE_DONE) return fail("store: " + add.ErrorText());
+    return Exec("COMMIT");
+  }
+
+  int LiveEnrollTokens(std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT COUNT(*) FROM enroll_tokens WHERE spent_at = 0 AND expires_at >= ?");
+    s.Bind(1, now);
+    return s.Step() == SQLITE_ROW ? static_cast<int>(s.Int(0)) : 0;
+  }
+
   static constexpr const char* kGenCols =
       "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
-      "published_by, created_at";
+      "published_by, created_at, released";
 
   static GenerationRecord ReadGen(const Stmt& s) {
     GenerationRecord g;
@@ -326,13 +559,15 @@ class SqliteStore final : public Store {
     g.rollout = s.Text(8);
     g.published_by = s.Text(9);
     g.created_at = s.Int(10);
+    g.released = s.Int(11) != 0;
     return g;
   }
 
   std::optional<GenerationRecord> LatestGeneration(const std::string& machine) override {
     std::lock_guard lock(mu_);
     Stmt s(db_, (std::string("SELECT ") + kGenCols +
-                 " FROM generations WHERE machine = ? ORDER BY generation DESC LIMIT 1")
+                 " FROM generations WHERE machine = ? AND released = 1 ORDER BY generation DESC "
+                 "LIMIT 1")
                     .c_str());
     s.Bind(1, machine);
     if (s.Step() != SQLITE_ROW) return std::nullopt;
@@ -440,6 +675,15 @@ class SqliteStore final : public Store {
   }
 
  private:
+  void AddColumnIfMissing(const char* table, const char* column, const char* decl) {
+    Stmt q(db_, (std::string("SELECT COUNT(*) FROM pragma_table_info('") + table +
+                 "') WHERE name = ?").c_str());
+    q.Bind(1, std::string(column));
+    if (q.Step() == SQLITE_ROW && q.Int(0) == 0) {
+      (void)Exec((std::string("ALTER TABLE ") + table + " ADD COLUMN " + column + " " + decl).c_str());
+    }
+  }
+
   Status Exec(const char* sql) {
     char* err = nullptr;
     if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {

@@ -32,6 +32,7 @@ struct MachineRecord {
   std::string toplevel;
   bool reboot_required = false;
   std::int64_t last_applied = 0;
+  bool revoked = false;
 };
 
 struct OperatorRecord {
@@ -50,6 +51,30 @@ struct GenerationRecord {
   std::string rollout;
   std::string published_by;  // operator name
   std::int64_t created_at = 0;  // unix ms (controller clock)
+  bool released = true;  // false while a rollout holds it back
+};
+
+struct RolloutRecord {
+  std::string id;
+  std::int64_t created_at = 0;
+  std::string created_by;
+  int canary = 0;        // machines in the canary stage
+  int max_parallel = 0;  // 0 = unlimited
+  int max_failures = 0;  // halt when failures exceed this
+  std::string state = "running";  // running | paused | halted | aborted | succeeded
+  std::string detail;
+  std::int64_t updated_at = 0;
+};
+
+struct RolloutItemRecord {
+  std::string rollout;
+  int position = 0;  // order of release
+  std::string machine;
+  std::int64_t generation = 0;
+  int stage = 1;     // 0 = canary
+  std::string state = "pending";  // pending | released | succeeded | failed | superseded | cancelled
+  std::string detail;
+  std::int64_t updated_at = 0;
 };
 
 struct EventRecord {
@@ -96,7 +121,39 @@ class Store {
   // Stores a generation; fails with a message containing "not newer" when a
   // generation >= g.generation exists for the machine.
   virtual Status AddGeneration(const GenerationRecord& g) = 0;
+  // The newest released generation (what an agent should run).
   virtual std::optional<GenerationRecord> LatestGeneration(const std::string& machine) = 0;
+  // The highest generation number stored, released or not (0 if none).
+  virtual std::int64_t MaxGeneration(const std::string& machine) = 0;
+  virtual Status ReleaseGeneration(const std::string& machine, std::int64_t generation) = 0;
+
+  // Rollouts: created with their (unreleased) generations in one transaction.
+  virtual Status CreateRollout(const RolloutRecord& r, const std::vector<GenerationRecord>& gens,
+                               const std::vector<RolloutItemRecord>& items) = 0;
+  virtual Status UpdateRollout(const RolloutRecord& r) = 0;
+  virtual Status UpdateRolloutItem(const RolloutItemRecord& item) = 0;
+  virtual std::optional<RolloutRecord> GetRollout(const std::string& id) = 0;
+  virtual std::vector<RolloutRecord> ListRollouts(int limit) = 0;  // newest first
+  virtual std::vector<RolloutItemRecord> ListRolloutItems(const std::string& id) = 0;
+
+  // Machine revocation: the key is refused from now on; the record stays.
+  virtual Status SetMachineRevoked(const std::string& name, bool revoked) = 0;
+  virtual bool IsMachineRevoked(const std::string& name) = 0;
+
+  // Enrolment tokens, stored as SHA-256 hashes.
+  struct EnrollToken {
+    std::string hash;
+    std::string machine;
+    std::vector<std::string> tags;
+    std::int64_t expires_at = 0;
+    std::string created_by;
+  };
+  virtual Status AddEnrollToken(const EnrollToken& t) = 0;
+  // Atomically spends a token and registers the machine with key; fails with a
+  // message when the token is unknown, spent, expired or for another name.
+  virtual Status SpendEnrollToken(const std::string& hash, const std::string& machine,
+                                  const std::string& key, std::int64_t now) = 0;
+  virtual int LiveEnrollTokens(std::int64_t now) = 0;
   virtual std::optional<GenerationRecord> GetGeneration(const std::string& machine,
                                                         std::int64_t generation) = 0;
   virtual std::vector<GenerationRecord> ListGenerations(const std::string& machine,

@@ -9,6 +9,10 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <set>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -24,6 +28,7 @@
 #include "common/tls.h"
 #include "common/vars_bundle.h"
 #include "controller/cli/connection.h"
+#include "controller/cli/flake.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -42,6 +47,12 @@ struct Globals {
   std::string key;
   std::string config;
   bool json_out = false;
+  // Publishing defaults from the config file: binary cache to copy to, its
+  // signing key, and what agents should substitute from.
+  std::string cache;
+  std::string cache_key;
+  std::vector<std::string> substituters;
+  std::vector<std::string> trusted_keys;
 };
 
 std::string ConfigHome() {
@@ -88,6 +99,19 @@ Status ResolveGlobals(Globals& g) {
   pick(g.controller, "MUSTER_CONTROLLER", "controller", "");
   pick(g.pin, "MUSTER_PIN", "pin", "");
   pick(g.key, "MUSTER_KEY", "key", ConfigHome() + "/operator.key");
+  pick(g.cache, "MUSTER_CACHE", "cache", "");
+  pick(g.cache_key, "MUSTER_CACHE_KEY", "cacheKey", "");
+  auto list = [&](const char* key) {
+    std::vector<std::string> v;
+    if (file.contains(key) && file[key].is_array()) {
+      for (const auto& x : file[key]) {
+        if (x.is_string()) v.push_back(x.get<std::string>());
+      }
+    }
+    return v;
+  };
+  g.substituters = list("substituters");
+  g.trusted_keys = list("trustedPublicKeys");
   return Status::Ok();
 }
 
@@ -156,16 +180,26 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows) {
 }
 
 struct PublishArgs {
-  std::string machine;
-  std::string toplevel;
+  std::vector<std::string> positionals;  // [MACHINE…] STOREPATH, or machines with --flake
+  std::vector<std::string> machines;
+  std::vector<std::string> tags;
+  bool all = false;
+  std::string flake;
+  int build_jobs = 2;
   std::string action = "switch";
   std::string kind = "auto";
   std::string vars_dir;
+  std::string vars_root;
   std::vector<std::string> substituters;
   std::vector<std::string> trusted_keys;
+  std::string cache;
+  std::string cache_key;
   bool force = false;
   bool wait = false;
   int timeout = 600;
+  std::string canary;
+  int max_parallel = 0;
+  int max_failures = 0;
 };
 
 // Waits for the machine's report on generation gen to reach a terminal phase.
@@ -201,72 +235,337 @@ int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int tim
   }
 }
 
-int Publish(const Globals& g, const PublishArgs& a) {
+int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out);
+
+// Parses --canary N or P% against the number of machines.
+Result<int> CanaryCount(const std::string& text, std::size_t total) {
+  if (text.empty()) return 0;
+  try {
+    if (text.back() == '%') {
+      double p = std::stod(text.substr(0, text.size() - 1));
+      if (p < 0 || p > 100) return Err("--canary percent must be between 0 and 100");
+      return static_cast<int>(std::ceil(p / 100.0 * static_cast<double>(total)));
+    }
+    std::size_t used = 0;
+    int n = std::stoi(text, &used);
+    if (used != text.size() || n < 0) throw std::invalid_argument("x");
+    return n;
+  } catch (const std::exception&) {
+    return Err("--canary takes a count (e.g. 2) or a percentage (e.g. 10%), not '" + text + "'");
+  }
+}
+
+int Publish(const Globals& g, PublishArgs a) {
   auto action = ParseAction(a.action);
   if (!action) return Die("--action must be switch, boot, test or dry-activate", kExitUsage);
   auto kind = ParseKind(a.kind);
   if (!kind) return Die("--kind must be auto, nixos, darwin, home-manager or profile", kExitUsage);
-  if (auto st = ValidateStorePath(a.toplevel); !st) return Die(st.message(), kExitUsage);
+  if (a.cache.empty()) a.cache = g.cache;
+  if (a.cache_key.empty()) a.cache_key = g.cache_key;
+  if (a.substituters.empty()) a.substituters = g.substituters;
+  if (a.trusted_keys.empty()) a.trusted_keys = g.trusted_keys;
+  if (a.substituters.empty() && !a.cache.empty()) a.substituters = {a.cache};
+  if (a.trusted_keys.empty() && !a.cache_key.empty()) {
+    auto pub = CachePublicKey(a.cache_key);
+    if (!pub) return Die(pub.message(), kExitUsage);
+    a.trusted_keys = {*pub};
+  }
+
+  // Targets and toplevel(s).
+  std::string storepath;
+  if (!a.flake.empty()) {
+    auto hash = a.flake.find('#');
+    if (hash != std::string::npos) {
+      a.machines.push_back(a.flake.substr(hash + 1));
+      a.flake = a.flake.substr(0, hash);
+    }
+    for (const auto& p : a.positionals) a.machines.push_back(p);
+  } else {
+    if (a.positionals.empty() || a.positionals.back().rfind("/nix/store/", 0) != 0) {
+      return Die("give the system toplevel as the last argument (/nix/store/…) or use --flake", kExitUsage);
+    }
+    storepath = a.positionals.back();
+    if (auto st = ValidateStorePath(storepath); !st) return Die(st.message(), kExitUsage);
+    a.machines.insert(a.machines.end(), a.positionals.begin(), a.positionals.end() - 1);
+  }
   auto key = LoadSecretKey(g.key);
   if (!key) return Die(key.message() + " (create one with 'muster key generate')", kExitUsage);
-  std::optional<VarsBundle> bundle;
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  Connection& c = **conn;
+
+  std::vector<std::string> targets = a.machines;
+  if (a.all || !a.tags.empty()) {
+    auto list = c.Call("machine.list", json::object());
+    if (!list) return Die(list.message(), kExitFailed);
+    for (const auto& m : (*list)["machines"]) {
+      bool take = a.all;
+      for (const auto& t : m["tags"]) {
+        if (std::find(a.tags.begin(), a.tags.end(), t.get<std::string>()) != a.tags.end()) take = true;
+      }
+      if (take && !m.value("revoked", false)) targets.push_back(m["name"].get<std::string>());
+    }
+  }
+  {
+    std::vector<std::string> uniq;
+    for (const auto& t : targets) {
+      if (std::find(uniq.begin(), uniq.end(), t) == uniq.end()) uniq.push_back(t);
+    }
+    targets = uniq;
+  }
+  if (targets.empty()) return Die("no machines to publish to (name them, or use --tag / --all)", kExitUsage);
+  bool rollout = targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0;
+  auto canary = CanaryCount(a.canary, targets.size());
+  if (!canary) return Die(canary.message(), kExitUsage);
+
+  std::map<std::string, std::string> toplevels;
+  if (!a.flake.empty()) {
+    FlakeBuildOptions fo;
+    fo.flake = a.flake;
+    fo.jobs = a.build_jobs;
+    fo.cache = a.cache;
+    fo.cache_key = a.cache_key;
+    fo.on_line = [&](const std::string& m, const std::string& line) {
+      std::cerr << "[" << m << "] " << line << "\n";
+    };
+    auto built = BuildFromFlake(fo, targets);
+    if (!built) return Die(built.message(), kExitFailed);
+    toplevels = *built;
+  } else {
+    for (const auto& t : targets) toplevels[t] = storepath;
+  }
+
+  std::optional<VarsBundle> shared_vars;
   if (!a.vars_dir.empty()) {
     auto b = ReadVarsDirectory(a.vars_dir);
     if (!b) return Die(b.message(), kExitUsage);
-    bundle = std::move(*b);
+    shared_vars = std::move(*b);
   }
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
   if (a.wait) {
-    auto sub = (*conn)->Call("subscribe", json::object());
+    auto sub = c.Call("subscribe", json::object());
     if (!sub) return Die(sub.message(), kExitFailed);
   }
-  std::int64_t published = 0;
-  for (int attempt = 0; attempt < 5 && published == 0; ++attempt) {
-    auto info = (*conn)->Call("machine.get", {{"name", a.machine}});
-    if (!info) return Die(info.message(), kExitFailed);
-    auto mkey = ParsePublicKey((*info)["machine"]["key"].get<std::string>());
-    if (!mkey) return Die("controller returned an invalid machine key", kExitFailed);
-    std::string sealed_b64;
-    if (bundle) {
-      auto sealed = SealTo(*mkey, EncodeVarsBundle(*bundle));
-      if (!sealed) return Die(sealed.message(), kExitFailed);
-      sealed_b64 = Base64Encode(*sealed);
+
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    json items = json::array();
+    std::map<std::string, std::int64_t> numbers;
+    std::map<std::string, std::size_t> var_counts;
+    for (const auto& machine : targets) {
+      auto info = c.Call("machine.get", {{"name", machine}});
+      if (!info) return Die(info.message(), kExitFailed);
+      auto mkey = ParsePublicKey((*info)["machine"]["key"].get<std::string>());
+      if (!mkey) return Die("controller returned an invalid key for " + machine, kExitFailed);
+      std::optional<VarsBundle> bundle = shared_vars;
+      if (!a.vars_root.empty()) {
+        std::error_code ec;
+        fs::path dir = fs::path(a.vars_root) / machine;
+        if (fs::is_directory(dir, ec)) {
+          auto b = ReadVarsDirectory(dir);
+          if (!b) return Die(b.message(), kExitUsage);
+          bundle = std::move(*b);
+        }
+      }
+      std::string sealed_b64;
+      if (bundle) {
+        auto sealed = SealTo(*mkey, EncodeVarsBundle(*bundle));
+        if (!sealed) return Die(sealed.message(), kExitFailed);
+        sealed_b64 = Base64Encode(*sealed);
+        var_counts[machine] = bundle->files.size();
+      }
+      Manifest m;
+      m.machine = machine;
+      m.generation = (*info).value("maxGeneration", (*info)["latestGeneration"].get<std::int64_t>()) + 1;
+      m.toplevel = toplevels.at(machine);
+      m.kind = *kind;
+      m.action = *action;
+      m.substituters = a.substituters;
+      m.trusted_public_keys = a.trusted_keys;
+      m.vars_hash = bundle ? VarsHash(*Base64Decode(sealed_b64)) : "";
+      m.created_at = static_cast<std::int64_t>(std::time(nullptr));
+      m.force = a.force;
+      SignedManifest sm = SignManifest(m, *key);
+      numbers[machine] = m.generation;
+      items.push_back({{"manifest", sm.manifest}, {"signer", sm.signer},
+                       {"signature", sm.signature}, {"vars", sealed_b64}});
     }
-    Manifest m;
-    m.machine = a.machine;
-    m.generation = (*info)["latestGeneration"].get<std::int64_t>() + 1;
-    m.toplevel = a.toplevel;
-    m.kind = *kind;
-    m.action = *action;
-    m.substituters = a.substituters;
-    m.trusted_public_keys = a.trusted_keys;
-    m.vars_hash = bundle ? VarsHash(*Base64Decode(sealed_b64)) : "";
-    m.created_at = static_cast<std::int64_t>(std::time(nullptr));
-    m.force = a.force;
-    SignedManifest sm = SignManifest(m, *key);
-    auto res = (*conn)->Call("publish", {{"manifest", sm.manifest},
-                                         {"signer", sm.signer},
-                                         {"signature", sm.signature},
-                                         {"vars", sealed_b64}});
+    if (!rollout) {
+      const json& it = items[0];
+      auto res = c.Call("publish", it);
+      if (!res) {
+        if (res.message().find("not newer") != std::string::npos) continue;  // raced another publish
+        return Die(res.message(), kExitFailed);
+      }
+      const std::string& machine = targets[0];
+      bool online = res->value("online", false);
+      if (g.json_out) {
+        std::cout << res->dump() << "\n";
+      } else {
+        std::cout << "published " << machine << " generation " << numbers[machine] << ": "
+                  << a.action << " " << toplevels[machine]
+                  << (var_counts.count(machine) ? " with " + std::to_string(var_counts[machine]) + " vars files" : "")
+                  << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
+      }
+      std::cout.flush();
+      if (!a.wait) return 0;
+      return WaitFor(c, machine, numbers[machine], a.timeout, g.json_out);
+    }
+    auto res = c.Call("rollout.create", {{"items", items},
+                                         {"canary", *canary},
+                                         {"maxParallel", a.max_parallel},
+                                         {"maxFailures", a.max_failures}});
     if (!res) {
-      if (res.message().find("not newer") != std::string::npos) continue;  // raced another publish
+      if (res.message().find("not newer") != std::string::npos) continue;
       return Die(res.message(), kExitFailed);
     }
-    published = m.generation;
-    bool online = res->value("online", false);
+    std::string id = (*res)["rollout"].get<std::string>();
     if (g.json_out) {
       std::cout << res->dump() << "\n";
     } else {
-      std::cout << "published " << a.machine << " generation " << published << ": "
-                << a.action << " " << a.toplevel
-                << (bundle ? " with " + std::to_string(bundle->files.size()) + " vars files" : "")
-                << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
+      std::cout << "rollout " << id << ": " << targets.size() << " machines, canary " << *canary
+                << ", max parallel " << (a.max_parallel ? std::to_string(a.max_parallel) : "unlimited")
+                << ", max failures " << a.max_failures << "\n";
     }
+    std::cout.flush();
+    if (!a.wait) return 0;
+    return Watch(c, id, a.timeout, g.json_out);
   }
-  if (published == 0) return Die("could not publish: generations kept changing underneath", kExitFailed);
-  if (!a.wait) return 0;
-  return WaitFor(**conn, a.machine, published, a.timeout, g.json_out);
+  return Die("could not publish: generations kept changing underneath", kExitFailed);
+}
+
+// Live view of a rollout: a progress bar and per-machine lines on a terminal,
+// plain timestamped lines otherwise. Exit code 0 only when it succeeded.
+int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
+  auto sub = c.Call("subscribe", json::object());
+  if (!sub) return Die(sub.message(), kExitFailed);
+  auto first = c.Call("rollout.status", {{"id", id}});
+  if (!first) return Die(first.message(), kExitFailed);
+  const bool tty = !json_out && ::isatty(1);
+  std::map<std::string, std::string> last;  // machine → last shown state/phase
+  std::set<std::string> members;
+  for (const auto& it : (*first)["items"]) members.insert(it["machine"].get<std::string>());
+  std::size_t bar_len = 0;
+  auto clear_bar = [&] {
+    if (tty && bar_len) {
+      std::cout << "\r" << std::string(bar_len, ' ') << "\r";
+      bar_len = 0;
+    }
+  };
+  auto line = [&](std::int64_t at, const std::string& text) {
+    clear_bar();
+    std::cout << Timestamp(at) << "  " << text << "\n";
+  };
+  auto draw = [&](const json& d) {
+    if (!tty) return;
+    int total = d.value("total", 0);
+    const json& counts = d["counts"];
+    int ok = counts.value("succeeded", 0), bad = counts.value("failed", 0);
+    int done = ok + bad + counts.value("superseded", 0) + counts.value("cancelled", 0);
+    int width = 30;
+    int filled = total ? done * width / total : width;
+    std::string bar = "[" + std::string(static_cast<std::size_t>(filled), '#') +
+                      std::string(static_cast<std::size_t>(width - filled), '-') + "] " +
+                      std::to_string(done) + "/" + std::to_string(total) + "  " +
+                      d.value("state", "") + "  " + std::to_string(ok) + " ok  " +
+                      std::to_string(bad) + " failed  " +
+                      std::to_string(counts.value("released", 0)) + " in flight  " +
+                      std::to_string(counts.value("pending", 0)) + " pending";
+    clear_bar();
+    std::cout << bar;
+    bar_len = bar.size();
+    std::cout.flush();
+  };
+  auto handle_rollout = [&](const json& d) -> int {
+    if (json_out) std::cout << d.dump() << "\n";
+    for (const auto& it : d["items"]) {
+      std::string m = it["machine"].get<std::string>();
+      std::string st = it["state"].get<std::string>();
+      if (last[m] == "item:" + st) continue;
+      last[m] = "item:" + st;
+      if (!json_out && st != "pending") {
+        line(it.value("updatedAt", std::int64_t{0}),
+             m + "  gen " + std::to_string(it["generation"].get<std::int64_t>()) + "  " + st +
+                 (it.value("detail", "").empty() ? "" : "  " + it.value("detail", "")));
+      }
+    }
+    draw(d);
+    std::string state = d.value("state", "");
+    if (state == "succeeded" || state == "halted" || state == "aborted") {
+      clear_bar();
+      if (!json_out) {
+        std::cout << "rollout " << id << " " << state << ": " << d.value("detail", "") << "\n";
+      }
+      return state == "succeeded" ? 0 : kExitFailed;
+    }
+    return -1;
+  };
+  if (int rc = handle_rollout(*first); rc >= 0) return rc;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto ev = c.NextEvent(std::chrono::milliseconds(1000));
+    if (!ev) return Die(ev.message(), kExitConnect);
+    if (!*ev) continue;
+    const auto& e = **ev;
+    if (e.topic == "rollout" && e.data.value("rollout", "") == id && e.data.contains("items")) {
+      if (int rc = handle_rollout(e.data); rc >= 0) return rc;
+    } else if (e.topic == "status" && members.count(e.data.value("machine", ""))) {
+      if (json_out) {
+        std::cout << e.data.dump() << "\n";
+      } else {
+        std::string m = e.data.value("machine", "");
+        std::string ph = e.data.value("phase", "");
+        if (last[m] != "phase:" + ph) {
+          last[m] = "phase:" + ph;
+          line(e.data.value("at", std::int64_t{0}),
+               m + "  gen " + std::to_string(e.data.value("generation", std::int64_t{0})) + "  " + ph +
+                   (e.data.value("detail", "").empty() ? "" : "  " + e.data.value("detail", "")));
+        }
+      }
+    }
+    std::cout.flush();
+  }
+  clear_bar();
+  return Die("timed out after " + std::to_string(timeout_s) + " s watching rollout " + id +
+             " (it continues; 'muster rollout watch " + id + "')", kExitTimeout);
+}
+
+int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) return Die(key.message(), kExitUsage);
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  if (verb == "watch") return Watch(**conn, id, timeout, g.json_out);
+  if (verb == "list") {
+    auto res = (*conn)->Call("rollout.list", {{"limit", 50}});
+    if (!res) return Die(res.message(), kExitFailed);
+    if (g.json_out) {
+      std::cout << (*res)["rollouts"].dump(2) << "\n";
+      return 0;
+    }
+    std::vector<std::vector<std::string>> rows = {{"ROLLOUT", "STATE", "CREATED", "BY", "MACHINES", "DETAIL"}};
+    for (const auto& r : (*res)["rollouts"]) {
+      rows.push_back({r["rollout"].get<std::string>(), r["state"].get<std::string>(),
+                      Timestamp(r["createdAt"].get<std::int64_t>()), r["createdBy"].get<std::string>(),
+                      std::to_string(r["total"].get<int>()), r.value("detail", "")});
+    }
+    PrintTable(rows);
+    return 0;
+  }
+  auto res = (*conn)->Call("rollout." + verb, {{"id", id}});
+  if (!res) return Die(res.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << res->dump(2) << "\n";
+    return 0;
+  }
+  std::cout << "rollout " << id << "  " << (*res)["state"].get<std::string>() << "  "
+            << (*res).value("detail", "") << "\n";
+  std::vector<std::vector<std::string>> rows = {{"MACHINE", "GEN", "STAGE", "STATE", "ONLINE", "DETAIL"}};
+  for (const auto& it : (*res)["items"]) {
+    rows.push_back({it["machine"].get<std::string>(), std::to_string(it["generation"].get<std::int64_t>()),
+                    it["stage"].get<std::string>(), it["state"].get<std::string>(),
+                    it["online"].get<bool>() ? "yes" : "no", it.value("detail", "")});
+  }
+  PrintTable(rows);
+  return 0;
 }
 
 int Status_(const Globals& g, const std::string& machine) {
@@ -446,17 +745,53 @@ int main(int argc, char** argv) {
   m_tag->add_option("--tag", m_tags, "tag (repeatable; none clears)");
 
   PublishArgs pa;
-  auto* publish = app.add_subcommand("publish", "sign and publish a generation for a machine");
-  publish->add_option("MACHINE", pa.machine)->required();
-  publish->add_option("STOREPATH", pa.toplevel, "the system toplevel, /nix/store/…")->required();
+  auto* publish = app.add_subcommand(
+      "publish",
+      "sign and publish a generation: 'publish MACHINE… STOREPATH', 'publish --tag T STOREPATH', "
+      "or 'publish --flake FLAKE#MACHINE' / '--flake FLAKE --tag T'");
+  publish->add_option("TARGETS", pa.positionals, "machine names, then the system toplevel /nix/store/…");
+  publish->add_option("--machine", pa.machines, "machine (repeatable)");
+  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)");
+  publish->add_flag("--all", pa.all, "every registered machine");
+  publish->add_option("--flake", pa.flake, "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
+  publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")->capture_default_str();
+  publish->add_option("--cache", pa.cache, "binary cache to copy built closures to (nix copy --to)");
+  publish->add_option("--cache-key", pa.cache_key, "secret key file to sign closures with");
   publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")->capture_default_str();
   publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")->capture_default_str();
-  publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to the machine");
-  publish->add_option("--substituter", pa.substituters, "binary cache URL (repeatable)");
+  publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to each machine");
+  publish->add_option("--vars-root", pa.vars_root, "directory with one vars directory per machine name");
+  publish->add_option("--substituter", pa.substituters, "binary cache URL agents fetch from (repeatable)");
   publish->add_option("--trusted-public-key", pa.trusted_keys, "cache signing key name:base64 (repeatable)");
   publish->add_flag("--force", pa.force, "activate even if the closure is already active");
-  publish->add_flag("--wait", pa.wait, "wait for the machine to finish and show its progress");
+  publish->add_option("--canary", pa.canary, "machines deployed first, as a count or a percentage");
+  publish->add_option("--max-parallel", pa.max_parallel, "machines in flight at once after the canaries (0: all)");
+  publish->add_option("--max-failures", pa.max_failures, "halt the rollout when more machines fail");
+  publish->add_flag("--wait", pa.wait, "follow the deploy or rollout live; exit code says whether it succeeded");
   publish->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
+
+  auto* rollout = app.add_subcommand("rollout", "staged rollouts");
+  rollout->require_subcommand(1);
+  std::string r_id;
+  int r_timeout = 3600;
+  auto* r_list = rollout->add_subcommand("list", "recent rollouts");
+  std::vector<CLI::App*> r_cmds;
+  for (const char* verb : {"status", "pause", "resume", "abort", "watch"}) {
+    auto* sc = rollout->add_subcommand(verb, std::string(verb) + " a rollout");
+    sc->add_option("ID", r_id)->required();
+    if (std::string(verb) == "watch") sc->add_option("--timeout", r_timeout)->capture_default_str();
+    r_cmds.push_back(sc);
+  }
+
+  std::string e_name;
+  std::vector<std::string> e_tags;
+  int e_ttl = 3600;
+  auto* m_enroll = machine->add_subcommand("enroll", "print a one-time token an agent uses to register itself");
+  m_enroll->add_option("NAME", e_name)->required();
+  m_enroll->add_option("--tag", e_tags, "tag (repeatable)");
+  m_enroll->add_option("--ttl", e_ttl, "seconds the token stays valid")->capture_default_str();
+  auto* m_revoke = machine->add_subcommand("revoke", "refuse a machine's key and close its connection");
+  m_revoke->add_option("NAME", m_name)->required();
 
   std::string s_machine;
   auto* status = app.add_subcommand("status", "machines and where their deploys stand");
@@ -519,6 +854,30 @@ int main(int argc, char** argv) {
   }
   if (m_list->parsed()) return MachineList(g);
   if (publish->parsed()) return Publish(g, pa);
+  if (r_list->parsed()) return Rollout(g, "list", "", 0);
+  for (auto* sc : r_cmds) {
+    if (sc->parsed()) return Rollout(g, sc->get_name(), r_id, r_timeout);
+  }
+  if (m_revoke->parsed()) {
+    return SimpleCall(g, "machine.revoke", {{"name", m_name}}, "machine " + m_name + " revoked");
+  }
+  if (m_enroll->parsed()) {
+    auto opkey = LoadSecretKey(g.key);
+    if (!opkey) return Die(opkey.message(), kExitUsage);
+    auto conn = Connect(g, *opkey);
+    if (!conn) return Die(conn.message(), kExitConnect);
+    auto res = (*conn)->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
+    if (!res) return Die(res.message(), kExitFailed);
+    if (g.json_out) {
+      std::cout << res->dump() << "\n";
+    } else {
+      std::cout << (*res)["token"].get<std::string>() << "\n";
+      std::cerr << "one-time token for machine " << e_name << ", valid until "
+                << Timestamp((*res)["expiresAt"].get<std::int64_t>())
+                << "; put it in the agent's enrollTokenFile\n";
+    }
+    return 0;
+  }
   if (status->parsed()) return Status_(g, s_machine);
   if (history->parsed()) return History(g, s_machine, h_limit);
   if (logs->parsed()) return Logs(g, s_machine, l_gen, l_follow);

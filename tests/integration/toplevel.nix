@@ -19,6 +19,7 @@
 , kernel ? "6.1.0"
 , salt ? ""
 , sleep ? "0"
+, system ? builtins.currentSystem
 }:
 let
   sh = "/bin/sh";
@@ -49,14 +50,14 @@ let
   # string, as on NixOS: a different kernel means a reboot is needed.
   kernelPkg = derivation {
     name = "muster-test-kernel-${kernel}";
-    system = builtins.currentSystem;
+    inherit system;
     builder = sh;
     args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt" ];
   };
 in
 derivation {
   name = "muster-test-${name}";
-  system = builtins.currentSystem;
+  inherit system;
   builder = sh;
   inherit activationScript kind kernel salt;
   passAsFile = [ "activationScript" ];

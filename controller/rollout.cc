@@ -1,0 +1,296 @@
+#include "controller/rollout.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <random>
+
+#include "common/crypto.h"
+
+namespace muster {
+
+using nlohmann::json;
+
+namespace {
+bool Final(const std::string& item_state) {
+  return item_state == "succeeded" || item_state == "failed" || item_state == "superseded" ||
+         item_state == "cancelled";
+}
+bool Active(const std::string& rollout_state) {
+  return rollout_state == "running" || rollout_state == "paused";
+}
+}  // namespace
+
+std::string ItemOutcome(const std::string& phase) {
+  if (phase == "succeeded" || phase == "unchanged") return "succeeded";
+  if (phase == "failed" || phase == "rolled-back" || phase == "refused") return "failed";
+  return "";
+}
+
+ScheduleResult Schedule(const RolloutRecord& r, const std::vector<RolloutItemRecord>& items,
+                        const std::function<bool(const std::string&)>& online) {
+  ScheduleResult out;
+  out.state = r.state;
+  out.detail = r.detail;
+  if (!Active(r.state)) return out;
+  int failed = 0, succeeded = 0, in_flight = 0, pending = 0, canary_open = 0;
+  for (const auto& it : items) {
+    if (it.state == "failed") ++failed;
+    if (it.state == "succeeded") ++succeeded;
+    if (it.state == "released") ++in_flight;
+    if (it.state == "pending") ++pending;
+    if (it.stage == 0 && !Final(it.state)) ++canary_open;
+  }
+  if (failed > r.max_failures) {
+    out.state = "halted";
+    out.detail = std::to_string(failed) + " machine(s) failed, more than --max-failures " +
+                 std::to_string(r.max_failures) + "; nothing further is released";
+    return out;
+  }
+  if (pending == 0 && in_flight == 0) {
+    out.state = "succeeded";
+    out.detail = std::to_string(succeeded) + " succeeded" +
+                 (failed ? ", " + std::to_string(failed) + " failed (within --max-failures)" : "");
+    return out;
+  }
+  if (r.state == "paused") return out;
+  int limit = r.max_parallel > 0 ? r.max_parallel : static_cast<int>(items.size());
+  for (const auto& it : items) {
+    if (in_flight >= limit) break;
+    if (it.state != "pending") continue;
+    if (it.stage != 0 && canary_open > 0) break;  // later stages wait for the canaries
+    if (!online(it.machine)) continue;            // offline: stays pending
+    out.release.push_back(it.position);
+    ++in_flight;
+  }
+  std::string stage = canary_open > 0 ? "canary" : "waves";
+  out.detail = stage + ": " + std::to_string(succeeded) + " succeeded, " +
+               std::to_string(failed) + " failed, " + std::to_string(in_flight) + " in flight, " +
+               std::to_string(pending - static_cast<int>(out.release.size())) + " pending";
+  return out;
+}
+
+RolloutManager::RolloutManager(Fleet& fleet, Store& store) : fleet_(fleet), store_(store) {}
+
+std::vector<std::string> RolloutManager::ActiveIds() {
+  std::vector<std::string> ids;
+  for (const auto& r : store_.ListRollouts(1000)) {
+    if (Active(r.state)) ids.push_back(r.id);
+  }
+  return ids;
+}
+
+void RolloutManager::Resume() {
+  std::lock_guard lock(mu_);
+  for (const auto& id : ActiveIds()) EvaluateLocked(id);
+}
+
+Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
+  if (spec.generations.empty()) return Err("a rollout needs at least one machine");
+  if (spec.canary < 0 || spec.max_parallel < 0 || spec.max_failures < 0) {
+    return Err("--canary, --max-parallel and --max-failures must not be negative");
+  }
+  std::lock_guard lock(mu_);
+  RolloutRecord r;
+  std::int64_t now = fleet_.Now();
+  std::mt19937_64 rng{std::random_device{}()};
+  char id[16];
+  std::snprintf(id, sizeof id, "r%06llx", static_cast<unsigned long long>(rng() & 0xffffff));
+  r.id = id;
+  r.created_at = now;
+  r.created_by = spec.created_by;
+  r.canary = std::min<int>(spec.canary, static_cast<int>(spec.generations.size()));
+  r.max_parallel = spec.max_parallel;
+  r.max_failures = spec.max_failures;
+  r.state = "running";
+  r.updated_at = now;
+  std::vector<RolloutItemRecord> items;
+  int pos = 0;
+  for (auto& g : spec.generations) {
+    g.released = false;
+    g.rollout = r.id;
+    RolloutItemRecord it;
+    it.rollout = r.id;
+    it.position = pos;
+    it.machine = g.machine;
+    it.generation = g.generation;
+    it.stage = pos < r.canary ? 0 : 1;
+    it.updated_at = now;
+    items.push_back(it);
+    ++pos;
+  }
+  if (auto st = store_.CreateRollout(r, spec.generations, items); !st) return st.error();
+  spdlog::info("rollout {} created by {}: {} machines, canary {}, max parallel {}, max failures {}",
+               r.id, r.created_by, items.size(), r.canary, r.max_parallel, r.max_failures);
+  EvaluateLocked(r.id);
+  return *store_.GetRollout(r.id);
+}
+
+void RolloutManager::EvaluateLocked(const std::string& id) {
+  auto r = store_.GetRollout(id);
+  if (!r) return;
+  auto items = store_.ListRolloutItems(id);
+  auto res = Schedule(*r, items, [&](const std::string& m) { return fleet_.IsOnline(m); });
+  std::int64_t now = fleet_.Now();
+  for (int pos : res.release) {
+    auto& it = items[static_cast<std::size_t>(pos)];
+    if (auto st = fleet_.Release(it.machine, it.generation); !st) {
+      spdlog::error("rollout {}: cannot release {} generation {}: {}", id, it.machine,
+                    it.generation, st.message());
+      continue;
+    }
+    it.state = "released";
+    it.detail = it.stage == 0 ? "released (canary)" : "released";
+    it.updated_at = now;
+    (void)store_.UpdateRolloutItem(it);
+    fleet_.Broadcast("rollout", {{"rollout", id}, {"machine", it.machine},
+                                 {"generation", it.generation}, {"item", it.state}});
+  }
+  if (res.state != r->state || res.detail != r->detail) {
+    if (res.state != r->state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
+    r->state = res.state;
+    r->detail = res.detail;
+    r->updated_at = now;
+    (void)store_.UpdateRollout(*r);
+  }
+  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
+}
+
+void RolloutManager::OnStatus(const std::string& machine, std::int64_t generation,
+                              const std::string& phase, const std::string& detail) {
+  std::lock_guard lock(mu_);
+  for (const auto& id : ActiveIds()) {
+    for (auto it : store_.ListRolloutItems(id)) {
+      if (it.machine != machine || it.generation != generation || Final(it.state)) continue;
+      std::string outcome = ItemOutcome(phase);
+      std::string state = outcome.empty() ? it.state : outcome;
+      if (state == it.state && detail == it.detail) continue;
+      it.state = state;
+      it.detail = phase + (detail.empty() ? "" : ": " + detail);
+      it.updated_at = fleet_.Now();
+      (void)store_.UpdateRolloutItem(it);
+      EvaluateLocked(id);
+    }
+  }
+}
+
+void RolloutManager::OnOnline(const std::string& machine) {
+  std::lock_guard lock(mu_);
+  for (const auto& id : ActiveIds()) {
+    for (const auto& it : store_.ListRolloutItems(id)) {
+      if (it.machine == machine && it.state == "pending") {
+        EvaluateLocked(id);
+        break;
+      }
+    }
+  }
+}
+
+void RolloutManager::OnDirectPublish(const std::string& machine, std::int64_t generation) {
+  std::lock_guard lock(mu_);
+  for (const auto& id : ActiveIds()) {
+    for (auto it : store_.ListRolloutItems(id)) {
+      if (it.machine != machine || Final(it.state) || it.generation >= generation) continue;
+      it.state = "superseded";
+      it.detail = "superseded by generation " + std::to_string(generation);
+      it.updated_at = fleet_.Now();
+      (void)store_.UpdateRolloutItem(it);
+      EvaluateLocked(id);
+    }
+  }
+}
+
+Status RolloutManager::Pause(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto r = store_.GetRollout(id);
+  if (!r) return Err("no rollout '" + id + "'");
+  if (r->state != "running") return Err("rollout " + id + " is " + r->state + ", not running");
+  r->state = "paused";
+  r->detail = "paused: machines already released finish; nothing new is released";
+  r->updated_at = fleet_.Now();
+  if (auto st = store_.UpdateRollout(*r); !st) return st;
+  EvaluateLocked(id);
+  return Status::Ok();
+}
+
+Status RolloutManager::Continue(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto r = store_.GetRollout(id);
+  if (!r) return Err("no rollout '" + id + "'");
+  if (r->state != "paused") return Err("rollout " + id + " is " + r->state + ", not paused");
+  r->state = "running";
+  r->updated_at = fleet_.Now();
+  if (auto st = store_.UpdateRollout(*r); !st) return st;
+  EvaluateLocked(id);
+  return Status::Ok();
+}
+
+Status RolloutManager::Abort(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto r = store_.GetRollout(id);
+  if (!r) return Err("no rollout '" + id + "'");
+  if (!Active(r->state) && r->state != "halted") {
+    return Err("rollout " + id + " is already " + r->state);
+  }
+  std::int64_t now = fleet_.Now();
+  int cancelled = 0;
+  for (auto it : store_.ListRolloutItems(id)) {
+    if (it.state != "pending") continue;
+    it.state = "cancelled";
+    it.detail = "rollout aborted before release";
+    it.updated_at = now;
+    (void)store_.UpdateRolloutItem(it);
+    ++cancelled;
+  }
+  r->state = "aborted";
+  r->detail = "aborted; " + std::to_string(cancelled) + " pending machine(s) will not be deployed";
+  r->updated_at = now;
+  if (auto st = store_.UpdateRollout(*r); !st) return st;
+  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
+  return Status::Ok();
+}
+
+json RolloutManager::DescribeLocked(const RolloutRecord& r,
+                                    const std::vector<RolloutItemRecord>& items) {
+  json j = {{"rollout", r.id},         {"state", r.state},
+            {"detail", r.detail},      {"createdAt", r.created_at},
+            {"createdBy", r.created_by}, {"canary", r.canary},
+            {"maxParallel", r.max_parallel}, {"maxFailures", r.max_failures},
+            {"updatedAt", r.updated_at}};
+  json list = json::array();
+  std::map<std::string, int> counts;
+  for (const auto& it : items) {
+    ++counts[it.state];
+    list.push_back({{"machine", it.machine},
+                    {"generation", it.generation},
+                    {"stage", it.stage == 0 ? "canary" : "wave"},
+                    {"state", it.state},
+                    {"detail", it.detail},
+                    {"online", fleet_.IsOnline(it.machine)},
+                    {"updatedAt", it.updated_at}});
+  }
+  j["items"] = list;
+  j["counts"] = counts;
+  j["total"] = items.size();
+  return j;
+}
+
+json RolloutManager::Describe(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto r = store_.GetRollout(id);
+  if (!r) return nullptr;
+  return DescribeLocked(*r, store_.ListRolloutItems(id));
+}
+
+json RolloutManager::List(int limit) {
+  std::lock_guard lock(mu_);
+  json out = json::array();
+  for (const auto& r : store_.ListRollouts(limit)) {
+    json d = DescribeLocked(r, store_.ListRolloutItems(r.id));
+    d.erase("items");
+    out.push_back(d);
+  }
+  return out;
+}
+
+}  // namespace muster

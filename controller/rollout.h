@@ -1,0 +1,80 @@
+// Staged rollouts: one publish over many machines, released in stages.
+//
+// A rollout holds one signed generation per machine, stored unreleased. The
+// canary stage (the first `canary` machines) is released first; when every
+// canary has finished, the rest follow in waves of at most `max_parallel`
+// machines in flight. Only machines that are online are released; offline ones
+// stay pending and are released when they connect (unless the rollout was
+// aborted). When more than `max_failures` machines fail, the rollout halts:
+// nothing further is released. State lives in the store and survives a
+// controller restart. The semantics follow Kubernetes Deployments (max
+// unavailable, pause, progress) rather than any Nix deployer.
+//
+// Schedule() is the pure decision; RolloutManager applies it. The manager is
+// thread-safe (one mutex) and is the Fleet's observer.
+#pragma once
+
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "controller/fleet.h"
+#include "controller/store.h"
+
+namespace muster {
+
+struct ScheduleResult {
+  std::vector<int> release;  // positions to release now
+  std::string state;         // new rollout state
+  std::string detail;
+};
+
+// Decides what to release given the rollout and its items; `online` says
+// whether a machine is connected.
+ScheduleResult Schedule(const RolloutRecord& r, const std::vector<RolloutItemRecord>& items,
+                        const std::function<bool(const std::string&)>& online);
+
+// "succeeded" | "failed" | "" (not final) for an agent phase.
+std::string ItemOutcome(const std::string& phase);
+
+struct RolloutSpec {
+  std::string created_by;
+  int canary = 0;
+  int max_parallel = 0;
+  int max_failures = 0;
+  std::vector<GenerationRecord> generations;  // validated, one per machine, in order
+};
+
+class RolloutManager : public FleetObserver {
+ public:
+  RolloutManager(Fleet& fleet, Store& store);
+
+  // Re-evaluates every active rollout (at start-up).
+  void Resume();
+
+  Result<RolloutRecord> Create(RolloutSpec spec);
+  Status Pause(const std::string& id);
+  Status Continue(const std::string& id);  // resume a paused rollout
+  Status Abort(const std::string& id);
+  nlohmann::json Describe(const std::string& id);  // null when unknown
+  nlohmann::json List(int limit);
+
+  // FleetObserver
+  void OnStatus(const std::string& machine, std::int64_t generation, const std::string& phase,
+                const std::string& detail) override;
+  void OnOnline(const std::string& machine) override;
+  void OnDirectPublish(const std::string& machine, std::int64_t generation) override;
+
+ private:
+  void EvaluateLocked(const std::string& id);
+  nlohmann::json DescribeLocked(const RolloutRecord& r, const std::vector<RolloutItemRecord>& items);
+  std::vector<std::string> ActiveIds();
+
+  Fleet& fleet_;
+  Store& store_;
+  std::mutex mu_;
+  std::uint64_t seq_ = 0;
+};
+
+}  // namespace muster
