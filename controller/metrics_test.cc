@@ -64,8 +64,8 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
       {"muster_revocations_total", "counter", {"muster_revocations_total 0"}},
       {"muster_deploy_duration_seconds",
        "histogram",
-       {"muster_deploy_duration_seconds_bucket{le=\"+Inf\"} 0",
-        "muster_deploy_duration_seconds_count 0"}},
+       {"muster_deploy_duration_seconds_bucket{le=\"+Inf\"} 1",
+        "muster_deploy_duration_seconds_count 1"}},  // the fixture's succeeded deploy
   };
   for (const auto& c : cases) {
     EXPECT_THAT(lined, HasSubstr(std::string("\n# HELP ") + c.name + " ")) << c.name;
