@@ -133,13 +133,14 @@ Result<std::string> Fleet::AgentStatus(const std::string& machine,
       counters_.deploy_seconds.Observe(static_cast<double>(ev.at - g->created_at) / 1000.0);
     }
   }
-  if (observer_) observer_->OnStatus(machine, r.generation, r.phase, ev.detail);
   Broadcast("status", {{"machine", machine},
                        {"generation", r.generation},
                        {"phase", r.phase},
                        {"detail", ev.detail},
                        {"rebootRequired", r.reboot_required},
                        {"at", ev.at}});
+  // After the status event, so that watchers see the phase before its effect.
+  if (observer_) observer_->OnStatus(machine, r.generation, r.phase, ev.detail);
   return proto::Encode(proto::Ack{r.seq});
 }
 

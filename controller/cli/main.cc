@@ -440,7 +440,7 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
   auto first = c.Call("rollout.status", {{"id", id}});
   if (!first) return Die(first.message(), kExitFailed);
   const bool tty = !json_out && ::isatty(1);
-  std::map<std::string, std::string> last;  // machine → last shown state/phase
+  std::map<std::string, std::string> last_item, last_phase;  // what was shown per machine
   std::set<std::string> members;
   for (const auto& it : (*first)["items"]) members.insert(it["machine"].get<std::string>());
   std::size_t bar_len = 0;
@@ -479,12 +479,14 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
     for (const auto& it : d["items"]) {
       std::string m = it["machine"].get<std::string>();
       std::string st = it["state"].get<std::string>();
-      if (last[m] == "item:" + st) continue;
-      last[m] = "item:" + st;
+      if (last_item[m] == st) continue;
+      last_item[m] = st;
+      // Per-machine phases come from status events; the rollout adds when a
+      // machine is released and how it ended up.
       if (!json_out && st != "pending") {
         line(it.value("updatedAt", std::int64_t{0}),
-             m + "  gen " + std::to_string(it["generation"].get<std::int64_t>()) + "  " + st +
-                 (it.value("detail", "").empty() ? "" : "  " + it.value("detail", "")));
+             m + "  gen " + std::to_string(it["generation"].get<std::int64_t>()) + "  [rollout] " +
+                 st + (st == "released" ? (it.value("stage", "") == "canary" ? " (canary)" : "") : ""));
       }
     }
     draw(d);
@@ -513,8 +515,8 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
       } else {
         std::string m = e.data.value("machine", "");
         std::string ph = e.data.value("phase", "");
-        if (last[m] != "phase:" + ph) {
-          last[m] = "phase:" + ph;
+        if (last_phase[m] != ph) {
+          last_phase[m] = ph;
           line(e.data.value("at", std::int64_t{0}),
                m + "  gen " + std::to_string(e.data.value("generation", std::int64_t{0})) + "  " + ph +
                    (e.data.value("detail", "").empty() ? "" : "  " + e.data.value("detail", "")));
@@ -736,13 +738,13 @@ int main(int argc, char** argv) {
   auto* m_add = machine->add_subcommand("add", "register a machine's public key");
   m_add->add_option("NAME", m_name)->required();
   m_add->add_option("--key", m_key, "the key printed by 'muster-agent --print-key'")->required();
-  m_add->add_option("--tag", m_tags, "tag (repeatable)");
+  m_add->add_option("--tag", m_tags, "tag (repeatable)")->allow_extra_args(false);
   auto* m_list = machine->add_subcommand("list", "list machines");
   auto* m_remove = machine->add_subcommand("remove", "forget a machine and close its connection");
   m_remove->add_option("NAME", m_name)->required();
   auto* m_tag = machine->add_subcommand("tag", "replace a machine's tags");
   m_tag->add_option("NAME", m_name)->required();
-  m_tag->add_option("--tag", m_tags, "tag (repeatable; none clears)");
+  m_tag->add_option("--tag", m_tags, "tag (repeatable; none clears)")->allow_extra_args(false);
 
   PublishArgs pa;
   auto* publish = app.add_subcommand(
@@ -750,8 +752,8 @@ int main(int argc, char** argv) {
       "sign and publish a generation: 'publish MACHINE… STOREPATH', 'publish --tag T STOREPATH', "
       "or 'publish --flake FLAKE#MACHINE' / '--flake FLAKE --tag T'");
   publish->add_option("TARGETS", pa.positionals, "machine names, then the system toplevel /nix/store/…");
-  publish->add_option("--machine", pa.machines, "machine (repeatable)");
-  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)");
+  publish->add_option("--machine", pa.machines, "machine (repeatable)")->allow_extra_args(false);
+  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)")->allow_extra_args(false);
   publish->add_flag("--all", pa.all, "every registered machine");
   publish->add_option("--flake", pa.flake, "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
   publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")->capture_default_str();
@@ -761,8 +763,8 @@ int main(int argc, char** argv) {
   publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")->capture_default_str();
   publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to each machine");
   publish->add_option("--vars-root", pa.vars_root, "directory with one vars directory per machine name");
-  publish->add_option("--substituter", pa.substituters, "binary cache URL agents fetch from (repeatable)");
-  publish->add_option("--trusted-public-key", pa.trusted_keys, "cache signing key name:base64 (repeatable)");
+  publish->add_option("--substituter", pa.substituters, "binary cache URL agents fetch from (repeatable)")->allow_extra_args(false);
+  publish->add_option("--trusted-public-key", pa.trusted_keys, "cache signing key name:base64 (repeatable)")->allow_extra_args(false);
   publish->add_flag("--force", pa.force, "activate even if the closure is already active");
   publish->add_option("--canary", pa.canary, "machines deployed first, as a count or a percentage");
   publish->add_option("--max-parallel", pa.max_parallel, "machines in flight at once after the canaries (0: all)");
@@ -788,7 +790,7 @@ int main(int argc, char** argv) {
   int e_ttl = 3600;
   auto* m_enroll = machine->add_subcommand("enroll", "print a one-time token an agent uses to register itself");
   m_enroll->add_option("NAME", e_name)->required();
-  m_enroll->add_option("--tag", e_tags, "tag (repeatable)");
+  m_enroll->add_option("--tag", e_tags, "tag (repeatable)")->allow_extra_args(false);
   m_enroll->add_option("--ttl", e_ttl, "seconds the token stays valid")->capture_default_str();
   auto* m_revoke = machine->add_subcommand("revoke", "refuse a machine's key and close its connection");
   m_revoke->add_option("NAME", m_name)->required();

@@ -172,7 +172,8 @@ class Env:
         argv = [binary("muster"), "--config", os.path.join(self.cli_dir, "config.json")]
         if key:
             argv += ["--key", key]
-        r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout,
+                           env=nix_env())
         if check and r.returncode != 0:
             raise AssertionError(f"muster {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r

@@ -53,7 +53,8 @@ class OperatorTest(EnvTest):
             self.assertEqual(env.status(a.name)["phase"], "idle")
         self.assertEqual(self.rollout(rid)["state"], "halted")
         # Plain (non-terminal) output: timestamped lines naming machine and phase.
-        self.assertRegex(r.stdout, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  c0  gen 1  rolled-back")
+        self.assertRegex(r.stdout, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  c0  gen 1  \[rollout\] released \(canary\)")
+        self.assertRegex(r.stdout, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  c0  gen 1  failed  confirmation timed out: health checks did not pass")
         listing = env.cli("rollout", "list").stdout
         self.assertRegex(listing, rid + r"\s+halted")
 
