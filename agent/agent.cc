@@ -119,11 +119,34 @@ int Agent::Run() {
   cb.on_message = [this](std::string t) { OnMessage(t); };
   cb.on_down = [this](const std::string&) {
     std::lock_guard lock(mu_);
+    if (welcomed_) ++disconnects_;
     welcomed_ = false;
   };
   link_ = std::make_unique<Link>(ioc_, cfg_, tls_, cb);
   link_->Start();
   ArmLogTimer();
+  if (!cfg_.metrics_listen.empty()) {
+    metrics_ = std::make_unique<HttpServer>(
+        ioc_,
+        [this](const std::string& path) {
+          HttpReply r;
+          if (path == "/metrics") {
+            r.content_type = "text/plain; version=0.0.4";
+            r.body = RenderMetrics();
+          } else {
+            r.status = 404;
+            r.body = "not found; try /metrics\n";
+          }
+          return r;
+        },
+        "muster-agent");
+    auto ep = metrics_->Start(*ParseHostPort(cfg_.metrics_listen));
+    if (!ep) {
+      spdlog::error("metrics: {}", ep.message());
+    } else {
+      spdlog::info("metrics on {}:{}", ep->address().to_string(), ep->port());
+    }
+  }
   worker_ = std::thread([this] { WorkerLoop(); });
   spdlog::info("machine {} (key {}) connecting to {} controller(s)", cfg_.machine,
                key_.public_key().ShortId(), cfg_.controllers.size());
@@ -146,6 +169,7 @@ void Agent::Stop() {
   boost::asio::post(ioc_, [this] {
     if (link_) link_->Stop();
     log_timer_.cancel();
+    if (metrics_) metrics_->Stop();
     ioc_.stop();
   });
 }
@@ -262,6 +286,7 @@ void Agent::OnMessage(const std::string& text) {
     {
       std::lock_guard lock(mu_);
       welcomed_ = true;
+      ++connections_;
     }
     FlushReports();
     FlushLogs();
@@ -420,6 +445,35 @@ void Agent::Persist() {
   }
 }
 
+std::string Agent::RenderMetrics() {
+  std::lock_guard lock(mu_);
+  std::string o;
+  auto add = [&](const std::string& name, const char* type, const char* help,
+                 const std::string& sample) {
+    o += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + sample;
+  };
+  add("muster_agent_connected", "gauge", "1 while the agent holds a welcomed connection.",
+      "muster_agent_connected " + std::to_string(welcomed_ ? 1 : 0) + "\n");
+  add("muster_agent_connections_total", "counter", "Sessions established with a controller.",
+      "muster_agent_connections_total " + std::to_string(connections_) + "\n");
+  add("muster_agent_disconnects_total", "counter", "Established sessions that were lost.",
+      "muster_agent_disconnects_total " + std::to_string(disconnects_) + "\n");
+  add("muster_agent_last_applied_generation", "gauge", "Highest generation accepted.",
+      "muster_agent_last_applied_generation " + std::to_string(state_.last_applied) + "\n");
+  std::string phase = state_.current ? std::string(ToString(state_.current->phase)) : "idle";
+  add("muster_agent_phase", "gauge", "Phase of the current or last deploy (label).",
+      "muster_agent_phase{phase=\"" + phase + "\"} 1\n");
+  add("muster_agent_reboot_required", "gauge", "1 when the last deploy needs a reboot.",
+      "muster_agent_reboot_required " +
+          std::to_string(state_.current && state_.current->reboot_required ? 1 : 0) + "\n");
+  std::string outcomes;
+  for (const auto& [k, v] : outcomes_) {
+    outcomes += "muster_agent_deploys_total{result=\"" + k + "\"} " + std::to_string(v) + "\n";
+  }
+  add("muster_agent_deploys_total", "counter", "Deploys finished since start, by result.", outcomes);
+  return o;
+}
+
 void Agent::Report(const DeployRecord& r) {
   proto::StatusReport s;
   s.generation = r.generation();
@@ -534,6 +588,7 @@ void Agent::RunStep(DeployRecord& r, Step step) {
     // reachable after this activation.
     if (step == Step::kActivate) confirm_floor_ = next_seq_ - 1;
     Apply(r, step, o, clock_(), policy_);
+    if (IsTerminal(r.phase)) ++outcomes_[std::string(ToString(r.phase))];
     Persist();
   }
   Report(r);

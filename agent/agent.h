@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -26,6 +27,7 @@
 #include "agent/state.h"
 #include "agent/system_ops.h"
 #include "common/crypto.h"
+#include "common/http_server.h"
 #include "common/process.h"
 #include "common/protocol.h"
 
@@ -71,6 +73,7 @@ class Agent {
   void Log(std::int64_t generation, const std::string& stream, const std::string& line);
   std::string Tag(const DeployRecord& r, const char* what) const;
   proto::HostFacts Facts();
+  std::string RenderMetrics();
 
   AgentConfig cfg_;
   SecretKey key_;
@@ -95,6 +98,10 @@ class Agent {
   std::uint64_t acked_seq_ = 0;
   std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact
   bool welcomed_ = false;
+  std::uint64_t connections_ = 0;   // sessions that reached "welcome"
+  std::uint64_t disconnects_ = 0;
+  std::map<std::string, std::uint64_t> outcomes_;  // final phase → deploys
+  std::unique_ptr<HttpServer> metrics_;
   bool stopping_ = false;
   std::string persist_error_;  // why the last Persist() failed; empty when it succeeded
   std::thread worker_;

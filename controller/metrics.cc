@@ -3,15 +3,10 @@
 #include <map>
 #include <sstream>
 
-#include <boost/asio/strand.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 
 namespace muster {
 
 namespace asio = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
@@ -92,96 +87,25 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
   return o.str();
 }
 
-namespace {
-
-class HttpSession : public std::enable_shared_from_this<HttpSession> {
- public:
-  HttpSession(tcp::socket s, Fleet& fleet, ServerStats& stats)
-      : stream_(std::move(s)), fleet_(fleet), stats_(stats) {}
-
-  void Run() {
-    stream_.expires_after(std::chrono::seconds(10));
-    http::async_read(stream_, buffer_, req_,
-                     [self = shared_from_this()](beast::error_code ec, std::size_t) {
-                       if (!ec) self->Respond();
-                     });
-  }
-
- private:
-  void Respond() {
-    auto res = std::make_shared<http::response<http::string_body>>(http::status::ok, req_.version());
-    res->set(http::field::server, "muster-controller");
-    if (req_.method() != http::verb::get) {
-      res->result(http::status::method_not_allowed);
-      res->body() = "GET only\n";
-    } else if (req_.target() == "/metrics") {
-      res->set(http::field::content_type, "text/plain; version=0.0.4");
-      res->body() = RenderMetrics(fleet_, stats_);
-    } else if (req_.target() == "/healthz") {
-      res->set(http::field::content_type, "text/plain");
-      res->body() = "ok\n";
-    } else {
-      res->result(http::status::not_found);
-      res->body() = "not found; try /metrics or /healthz\n";
-    }
-    res->keep_alive(false);
-    res->prepare_payload();
-    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code, std::size_t) {
-      beast::error_code ec;
-      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    });
-  }
-
-  beast::tcp_stream stream_;
-  beast::flat_buffer buffer_;
-  http::request<http::string_body> req_;
-  Fleet& fleet_;
-  ServerStats& stats_;
-};
-
-}  // namespace
-
-struct MetricsServer::Impl : std::enable_shared_from_this<MetricsServer::Impl> {
-  Impl(asio::io_context& io, Fleet& f, ServerStats& s)
-      : ioc(io), acceptor(asio::make_strand(io)), fleet(f), stats(s) {}
-  void Accept() {
-    acceptor.async_accept(asio::make_strand(ioc),
-                          [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-                            if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-                            if (!ec) std::make_shared<HttpSession>(std::move(s), self->fleet, self->stats)->Run();
-                            self->Accept();
-                          });
-  }
-  asio::io_context& ioc;
-  tcp::acceptor acceptor;
-  Fleet& fleet;
-  ServerStats& stats;
-};
-
 MetricsServer::MetricsServer(asio::io_context& ioc, Fleet& fleet, ServerStats& stats)
-    : impl_(std::make_shared<Impl>(ioc, fleet, stats)) {}
+    : http_(ioc,
+            [&fleet, &stats](const std::string& path) {
+              HttpReply r;
+              if (path == "/metrics") {
+                r.content_type = "text/plain; version=0.0.4";
+                r.body = RenderMetrics(fleet, stats);
+              } else if (path == "/healthz") {
+                r.body = "ok\n";
+              } else {
+                r.status = 404;
+                r.body = "not found; try /metrics or /healthz\n";
+              }
+              return r;
+            },
+            "muster-controller") {}
 
-MetricsServer::~MetricsServer() { Stop(); }
+Result<tcp::endpoint> MetricsServer::Start(const HostPort& where) { return http_.Start(where); }
 
-Result<tcp::endpoint> MetricsServer::Start(const HostPort& where) {
-  beast::error_code ec;
-  auto addr = asio::ip::make_address(where.host, ec);
-  if (ec) return Err("metrics address '" + where.host + "' is not an IP address");
-  tcp::endpoint ep(addr, where.port);
-  impl_->acceptor.open(ep.protocol(), ec);
-  if (!ec) impl_->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) impl_->acceptor.bind(ep, ec);
-  if (!ec) impl_->acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return Err("cannot listen for metrics on " + where.host + ":" + std::to_string(where.port) + ": " + ec.message());
-  impl_->Accept();
-  return impl_->acceptor.local_endpoint();
-}
-
-void MetricsServer::Stop() {
-  asio::post(impl_->acceptor.get_executor(), [impl = impl_] {
-    beast::error_code ec;
-    impl->acceptor.close(ec);
-  });
-}
+void MetricsServer::Stop() { http_.Stop(); }
 
 }  // namespace muster

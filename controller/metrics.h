@@ -10,6 +10,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include "common/http_server.h"
 #include "common/url.h"
 #include "controller/fleet.h"
 #include "controller/server.h"
@@ -21,13 +22,11 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats);
 class MetricsServer {
  public:
   MetricsServer(boost::asio::io_context& ioc, Fleet& fleet, ServerStats& stats);
-  ~MetricsServer();
   Result<boost::asio::ip::tcp::endpoint> Start(const HostPort& where);
   void Stop();
 
  private:
-  struct Impl;
-  std::shared_ptr<Impl> impl_;
+  HttpServer http_;
 };
 
 }  // namespace muster

@@ -201,8 +201,9 @@ class OperatorTest(EnvTest):
         env.init_controller()
         env.start_controller(extra=["--metrics-listen", "127.0.0.1:0"])
         port = int(env.controller.wait_log(r"metrics on 127\.0\.0\.1:(\d+)").group(1))
-        a = env.add_agent("m0").start()
+        a = env.add_agent("m0", metricsListen="127.0.0.1:0").start()
         a.wait_connected()
+        aport = int(a.proc.wait_log(r"metrics on 127\.0\.0\.1:(\d+)").group(1))
         gen = env.publish("m0", env.build("metered"))
         env.wait_phase("m0", gen, "succeeded")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -218,6 +219,10 @@ class OperatorTest(EnvTest):
         self.assertEqual(values["muster_publishes_total"], 1)
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
         self.assertEqual(health, b"ok\n")
+        agent = urllib.request.urlopen(f"http://127.0.0.1:{aport}/metrics", timeout=5).read().decode()
+        self.assertIn("\nmuster_agent_connected 1\n", agent)
+        self.assertIn('\nmuster_agent_deploys_total{result="succeeded"} 1\n', agent)
+        self.assertIn("\nmuster_agent_last_applied_generation 1\n", agent)
 
     def test_publish_from_a_flake(self):
         env, (a,) = self.fleet(1)
