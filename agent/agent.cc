@@ -94,6 +94,7 @@ int Agent::Run() {
       return 1;
     }
     state_ = std::move(*st);
+    pending_ = state_.pending;  // accepted before a restart, not yet started
   }
   // Resume an interrupted deploy before anything else.
   if (state_.current && !IsTerminal(state_.current->phase)) {
@@ -367,8 +368,11 @@ void Agent::OnDeploy(const proto::Deploy& d) {
   {
     std::lock_guard lock(mu_);
     state_.last_applied = m->generation;  // never accept this number again
+    std::optional<DeployRecord> previous_pending = state_.pending;
+    state_.pending = r;                   // survives a restart before the worker takes it
     if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
       state_.last_applied = ctx.last_applied;
+      state_.pending = previous_pending;
       spdlog::error("cannot persist state: {}", st.message());
       proto::StatusReport rep;
       rep.generation = gen;
@@ -524,6 +528,7 @@ void Agent::WorkerLoop() {
       if (!(state_.current && !IsTerminal(state_.current->phase))) {
         state_.current = std::move(*pending_);
         pending_.reset();
+        state_.pending.reset();
         state_.current->kind = state_.current->manifest.kind != Kind::kAuto
                                    ? state_.current->manifest.kind
                                    : Kind::kAuto;  // detected after realise
@@ -558,6 +563,11 @@ void Agent::RunStep(DeployRecord& r, Step step) {
       Persist();
     }
     Report(r);
+  }
+  if (step == Step::kInstallVars && !r.vars_started) {
+    std::lock_guard lock(mu_);
+    r.vars_started = true;  // from here a rollback must consider the vars
+    Persist();
   }
   // State is persisted before each step: a step that changes the system must
   // not start from a record that is not on disk (a restarted agent would not

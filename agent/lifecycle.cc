@@ -97,7 +97,10 @@ void Apply(DeployRecord& r, Step step, const StepOutcome& o, std::int64_t now,
       return;
     case Step::kInstallVars:
       if (!o.ok) return ScheduleRollbackOrFail(r, o.detail, now);
-      r.vars_changed = r.vars_changed || !o.unchanged;
+      // An install interrupted after its swap finds the bundle in place
+      // ("unchanged") but did change the directory: the old content is kept
+      // beside it and a rollback must restore it.
+      r.vars_changed = r.vars_changed || !o.unchanged || r.vars_started;
       r.vars_done = true;
       r.phase = Phase::kVarsInstalled;
       r.detail = o.detail;

@@ -10,34 +10,72 @@ namespace muster {
 
 using nlohmann::json;
 
+namespace {
+
+json RecordToJson(const DeployRecord& r) {
+  return {{"manifest", r.signed_manifest.manifest},
+          {"signer", r.signed_manifest.signer},
+          {"signature", r.signed_manifest.signature},
+          {"vars", r.vars},
+          {"phase", ToString(r.phase)},
+          {"detail", r.detail},
+          {"kind", ToString(r.kind)},
+          {"previousToplevel", r.previous_toplevel},
+          {"realised", r.realised},
+          {"varsDone", r.vars_done},
+          {"varsStarted", r.vars_started},
+          {"varsChanged", r.vars_changed},
+          {"profileChanged", r.profile_changed},
+          {"activationStarted", r.activation_started},
+          {"rollbackReason", r.rollback_reason},
+          {"receivedAt", r.received_at},
+          {"activatedAt", r.activated_at},
+          {"confirmDeadline", r.confirm_deadline},
+          {"finishedAt", r.finished_at},
+          {"closureBytes", r.closure_bytes},
+          {"rebootRequired", r.reboot_required}};
+}
+
+Result<DeployRecord> RecordFromJson(const json& c) {
+  DeployRecord r;
+  r.signed_manifest = {c.at("manifest").get<std::string>(), c.at("signer").get<std::string>(),
+                       c.at("signature").get<std::string>()};
+  auto m = ParseManifest(r.signed_manifest.manifest);
+  if (!m) return Err("agent state: " + m.message());
+  r.manifest = *m;
+  r.vars = c.at("vars").get<std::string>();
+  auto ph = ParsePhase(c.at("phase").get<std::string>());
+  if (!ph) return Err("agent state: unknown phase");
+  r.phase = *ph;
+  r.detail = c.value("detail", std::string());
+  auto k = ParseKind(c.value("kind", std::string("profile")));
+  r.kind = k ? *k : Kind::kProfile;
+  r.previous_toplevel = c.value("previousToplevel", std::string());
+  r.realised = c.value("realised", false);
+  r.vars_done = c.value("varsDone", false);
+  r.vars_started = c.value("varsStarted", false);
+  r.vars_changed = c.value("varsChanged", false);
+  r.profile_changed = c.value("profileChanged", false);
+  r.activation_started = c.value("activationStarted", false);
+  r.rollback_reason = c.value("rollbackReason", std::string());
+  r.received_at = c.value("receivedAt", std::int64_t{0});
+  r.activated_at = c.value("activatedAt", std::int64_t{0});
+  r.confirm_deadline = c.value("confirmDeadline", std::int64_t{0});
+  r.finished_at = c.value("finishedAt", std::int64_t{0});
+  r.closure_bytes = c.value("closureBytes", std::int64_t{0});
+  r.reboot_required = c.value("rebootRequired", false);
+  return r;
+}
+
+}  // namespace
+
 std::string EncodeAgentState(const AgentState& s) {
   json j = {{"format", 1},
             {"lastApplied", s.last_applied},
             {"lastRefused", s.last_refused},
             {"lastRefusedReason", s.last_refused_reason}};
-  if (s.current) {
-    const DeployRecord& r = *s.current;
-    j["current"] = {{"manifest", r.signed_manifest.manifest},
-                    {"signer", r.signed_manifest.signer},
-                    {"signature", r.signed_manifest.signature},
-                    {"vars", r.vars},
-                    {"phase", ToString(r.phase)},
-                    {"detail", r.detail},
-                    {"kind", ToString(r.kind)},
-                    {"previousToplevel", r.previous_toplevel},
-                    {"realised", r.realised},
-                    {"varsDone", r.vars_done},
-                    {"varsChanged", r.vars_changed},
-                    {"profileChanged", r.profile_changed},
-                    {"activationStarted", r.activation_started},
-                    {"rollbackReason", r.rollback_reason},
-                    {"receivedAt", r.received_at},
-                    {"activatedAt", r.activated_at},
-                    {"confirmDeadline", r.confirm_deadline},
-                    {"finishedAt", r.finished_at},
-                    {"closureBytes", r.closure_bytes},
-                    {"rebootRequired", r.reboot_required}};
-  }
+  if (s.current) j["current"] = RecordToJson(*s.current);
+  if (s.pending) j["pending"] = RecordToJson(*s.pending);
   return j.dump(2) + "\n";
 }
 
@@ -51,35 +89,11 @@ Result<AgentState> DecodeAgentState(std::string_view text) {
     s.last_applied = j.at("lastApplied").get<std::int64_t>();
     s.last_refused = j.value("lastRefused", std::int64_t{0});
     s.last_refused_reason = j.value("lastRefusedReason", std::string());
-    if (j.contains("current") && !j.at("current").is_null()) {
-      const json& c = j.at("current");
-      DeployRecord r;
-      r.signed_manifest = {c.at("manifest").get<std::string>(), c.at("signer").get<std::string>(),
-                           c.at("signature").get<std::string>()};
-      auto m = ParseManifest(r.signed_manifest.manifest);
-      if (!m) return Err("agent state: " + m.message());
-      r.manifest = *m;
-      r.vars = c.at("vars").get<std::string>();
-      auto ph = ParsePhase(c.at("phase").get<std::string>());
-      if (!ph) return Err("agent state: unknown phase");
-      r.phase = *ph;
-      r.detail = c.value("detail", std::string());
-      auto k = ParseKind(c.value("kind", std::string("profile")));
-      r.kind = k ? *k : Kind::kProfile;
-      r.previous_toplevel = c.value("previousToplevel", std::string());
-      r.realised = c.value("realised", false);
-      r.vars_done = c.value("varsDone", false);
-      r.vars_changed = c.value("varsChanged", false);
-      r.profile_changed = c.value("profileChanged", false);
-      r.activation_started = c.value("activationStarted", false);
-      r.rollback_reason = c.value("rollbackReason", std::string());
-      r.received_at = c.value("receivedAt", std::int64_t{0});
-      r.activated_at = c.value("activatedAt", std::int64_t{0});
-      r.confirm_deadline = c.value("confirmDeadline", std::int64_t{0});
-      r.finished_at = c.value("finishedAt", std::int64_t{0});
-      r.closure_bytes = c.value("closureBytes", std::int64_t{0});
-      r.reboot_required = c.value("rebootRequired", false);
-      s.current = std::move(r);
+    for (const char* which : {"current", "pending"}) {
+      if (!j.contains(which) || j.at(which).is_null()) continue;
+      auto r = RecordFromJson(j.at(which));
+      if (!r) return r.error();
+      (std::string(which) == "current" ? s.current : s.pending) = std::move(*r);
     }
     return s;
   } catch (const std::exception& e) {

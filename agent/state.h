@@ -26,6 +26,7 @@ struct DeployRecord {
   std::string previous_toplevel;  // active before this deploy; rollback target
   bool realised = false;          // the closure is in the local store
   bool vars_done = false;         // the vars step completed
+  bool vars_started = false;      // the vars step began (the swap may have happened)
   bool vars_changed = false;      // vars were swapped in (a backup exists)
   bool profile_changed = false;   // the profile was switched to the new toplevel
   bool activation_started = false;
@@ -43,6 +44,7 @@ struct DeployRecord {
 struct AgentState {
   std::int64_t last_applied = 0;      // highest generation accepted (verified)
   std::optional<DeployRecord> current;
+  std::optional<DeployRecord> pending;  // accepted, waiting for the current deploy to end
   std::int64_t last_refused = 0;      // last generation refused, for hello
   std::string last_refused_reason;
 };

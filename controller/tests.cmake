@@ -3,6 +3,6 @@ muster_unit_test(controller_test
   SOURCES
     api_test.cc
     fleet_test.cc
-    metrics_test.cc
+    metrics_test.cc rollout_test.cc
     sqlite_store_test.cc
   LIBS muster_controller_lib)

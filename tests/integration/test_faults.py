@@ -168,10 +168,8 @@ class AgentKillTest(EnvTest):
         return s
 
     # ------------------------------------------------------------------ steps
-    @unittest.expectedFailure  # BUG: a generation accepted while another deploy runs is lost if
-    # the agent is killed before starting it: OnDeploy persists lastApplied=N but keeps the
-    # verified record only in memory (pending_); after a restart the agent's hello says
-    # lastApplied=N, so the controller never sends N again (and the agent would refuse it).
+    # A generation accepted while another deploy runs is persisted as "pending"
+    # with lastApplied, so a restart picks it up (the controller will not resend it).
     def test_killed_with_a_verified_generation_queued(self):
         env = self.env
         a = self.first_generation()
@@ -220,11 +218,10 @@ class AgentKillTest(EnvTest):
         self.assert_new_generation_succeeded(a, gen, top)
         self.assertEqual(env.activation_log(), ["good switch nixos", "new switch nixos"])
 
-    @unittest.expectedFailure  # BUG: vars swapped in but not yet recorded are never rolled back.
-    # Killed between the rename that installs the vars and the persist of vars-installed, the
-    # restarted agent finds the new hash already in place, so InstallVars reports "unchanged"
-    # and vars_changed stays false: a later rollback re-activates the old system but leaves the
-    # new vars (the record needs a "vars install started" mark persisted before the step).
+    # Killed between the rename that installs the vars and the persist of
+    # vars-installed: the record's "varsStarted" mark (persisted before the swap)
+    # tells the restarted agent that the directory changed, so a rollback
+    # restores the old vars even though the bundle is found already in place.
     def test_killed_between_swapping_vars_in_and_recording_it(self):
         env = self.env
         a = self.first_generation(confirmTimeout=3)
@@ -245,6 +242,13 @@ class AgentKillTest(EnvTest):
         with open(os.path.join(a.vars, ".muster-vars-hash"), "w") as f:
             f.write(vars_hash + "\n")
         self.assertEqual(a.state_json()["current"]["phase"], "realising")
+        # ...and the record as it is at that moment: realised, vars step begun.
+        state_path = os.path.join(a.state, "state.json")
+        st = a.state_json()
+        st["current"]["realised"] = True
+        st["current"]["varsStarted"] = True
+        with open(state_path, "w") as f:
+            json.dump(st, f)
         self.release("stall-store")
         a.start()
         s = env.wait_phase("m1", gen, ["succeeded", "rolled-back", "failed"])

@@ -1,0 +1,100 @@
+#include "agent/config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace muster {
+namespace {
+
+using ::testing::HasSubstr;
+
+const char* kPin = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+std::string Minimal(const std::string& extra = "") {
+  InitCrypto();
+  std::string key = SecretKey::Generate().public_key().ToText();
+  return std::string(R"({"machine":"web1","controllers":["wss://ctl.example:7443"],"controllerPin":")") +
+         kPin + R"(","trustedOperatorKeys":[")" + key + "\"]" + extra + "}";
+}
+
+TEST(AgentConfig, MinimalHasNixosDefaults) {
+  auto c = ParseAgentConfig(Minimal(), "agent.json");
+  ASSERT_TRUE(c.ok()) << c.message();
+  EXPECT_EQ(c->machine, "web1");
+  EXPECT_EQ(c->controllers[0].host, "ctl.example");
+  EXPECT_EQ(c->controllers[0].port, 7443);
+  EXPECT_EQ(c->controllers[0].path, "/v1/agent");
+  EXPECT_EQ(c->vars_dir, "/var/lib/sops-nix");
+  EXPECT_EQ(c->profile, "/nix/var/nix/profiles/system");
+  EXPECT_EQ(c->current_system, "/run/current-system");
+  EXPECT_EQ(c->confirm_timeout, std::chrono::seconds(120));
+  EXPECT_EQ(c->backoff_base, std::chrono::seconds(1));
+  EXPECT_EQ(c->backoff_cap, std::chrono::seconds(60));
+  EXPECT_EQ(c->reboot_policy, "never");
+}
+
+TEST(AgentConfig, FullSettings) {
+  auto c = ParseAgentConfig(
+      Minimal(R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
+        "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
+        "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
+        "enrollTokenFile":"/run/token","metricsListen":null)"),
+      "agent.json");
+  ASSERT_TRUE(c.ok()) << c.message();
+  EXPECT_EQ(c->state_dir, "/s");
+  EXPECT_EQ(c->confirm_timeout, std::chrono::milliseconds(3500));
+  ASSERT_EQ(c->health_checks.size(), 2u);
+  EXPECT_EQ(c->health_checks[0].name, "ssh");
+  EXPECT_EQ(c->health_checks[0].timeout, std::chrono::seconds(2));
+  EXPECT_EQ(c->health_checks[1].name, "http://127.0.0.1:80/");
+  EXPECT_EQ(c->KeyPath(), "/s/machine.key");
+}
+
+struct BadCase {
+  std::string json;
+  std::string message;
+};
+
+TEST(AgentConfig, ErrorsNameTheField) {
+  InitCrypto();
+  const std::vector<BadCase> cases = {
+      {"[]", "expected a JSON object"},
+      {"{", "malformed JSON"},
+      {Minimal(R"(,"colour":"red")"), "unknown setting 'colour'"},
+      {Minimal(R"(,"stateDir":"relative")"), "'stateDir' must be an absolute path"},
+      {Minimal(R"(,"confirmTimeout":-1)"), "'confirmTimeout' must be a positive number"},
+      {Minimal(R"(,"rebootPolicy":"sometimes")"), "\"never\" or \"when-required\""},
+      {Minimal(R"(,"healthChecks":[{"command":["true"]}])"), "must be an absolute path"},
+      {Minimal(R"(,"healthChecks":[{"command":["/bin/true"],"http":"http://x/"}])"), "exactly one of"},
+      {Minimal(R"(,"healthChecks":[{"http":"https://x/"}])"), "https is not supported"},
+      {Minimal(R"(,"pingInterval":10,"idleTimeout":5)"), "'idleTimeout' must be greater"},
+      {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) + R"(","trustedOperatorKeys":["x"]})",
+       "ed25519"},
+      {R"({"machine":"m","controllers":[],"controllerPin":"x","trustedOperatorKeys":[]})", "pin must look like"},
+      {R"({"machine":"m","controllers":["http://x"]})", "must start with wss://"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.json);
+    auto r = ParseAgentConfig(c.json, "agent.json");
+    ASSERT_FALSE(r.ok());
+    EXPECT_THAT(r.message(), HasSubstr(c.message));
+    EXPECT_THAT(r.message(), HasSubstr("agent.json"));
+  }
+}
+
+TEST(AgentConfig, RequiredFieldsSayWhatToDo) {
+  InitCrypto();
+  auto r = ParseAgentConfig(R"({"controllers":["wss://x"]})", "a.json");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.message(), HasSubstr("'machine'"));
+  auto k = SecretKey::Generate().public_key().ToText();
+  r = ParseAgentConfig(R"({"machine":"m","controllers":["wss://x"],"trustedOperatorKeys":[")" + k + "\"]}", "a.json");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.message(), HasSubstr("muster-controller init"));
+  r = ParseAgentConfig(R"({"machine":"m","controllers":["wss://x"],"controllerPin":")" + std::string(kPin) + "\"}", "a.json");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.message(), HasSubstr("trustedOperatorKeys"));
+}
+
+}  // namespace
+}  // namespace muster
