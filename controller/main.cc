@@ -86,6 +86,7 @@ struct RunConfig {
   int ping_interval = 30;
   int idle_timeout = 90;
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
+  std::size_t max_handshakes = 1024;
   std::string log_level = "info";
 };
 
@@ -104,6 +105,7 @@ Status CheckRunConfig(const RunConfig& c) {
   }
   if (c.handshake_timeout <= 0) return Err("--handshake-timeout must be positive");
   if (c.max_message_bytes < 4096) return Err("--max-message-bytes must be at least 4096");
+  if (c.max_handshakes < 1) return Err("--max-handshakes must be at least 1");
   return Status::Ok();
 }
 
@@ -131,6 +133,8 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.ping_interval = v.get<int>();
       } else if (k == "idleTimeout") {
         c.idle_timeout = v.get<int>();
+      } else if (k == "maxHandshakes") {
+        c.max_handshakes = v.get<std::size_t>();
       } else if (k == "maxMessageBytes") {
         c.max_message_bytes = v.get<std::size_t>();
       } else if (k == "logLevel") {
@@ -176,6 +180,7 @@ int Run(const Paths& p, const RunConfig& c) {
   so.ping_interval = std::chrono::seconds(c.ping_interval);
   so.idle_timeout = std::chrono::seconds(c.idle_timeout);
   so.max_message_bytes = c.max_message_bytes;
+  so.max_handshakes = c.max_handshakes;
   Server server(ioc, fleet, api, *ctx, so);
   auto bound = server.Start();
   if (!bound) return Fail(bound.message());
@@ -236,6 +241,9 @@ int main(int argc, char** argv) {
   run->add_option("--ping-interval", rc.ping_interval, "seconds")->capture_default_str();
   run->add_option("--idle-timeout", rc.idle_timeout, "seconds")->capture_default_str();
   run->add_option("--max-message-bytes", rc.max_message_bytes)->capture_default_str();
+  run->add_option("--max-handshakes", rc.max_handshakes,
+                  "connections allowed in their handshake at once; the oldest is cut beyond")
+      ->capture_default_str();
   run->add_option("--log-level", rc.log_level)->capture_default_str();
   run->add_flag("--check-config", check_config, "validate the configuration and exit");
 
@@ -268,6 +276,7 @@ int main(int argc, char** argv) {
     if (run->count("--ping-interval") || config_file.empty()) merged.ping_interval = rc.ping_interval;
     if (run->count("--idle-timeout") || config_file.empty()) merged.idle_timeout = rc.idle_timeout;
     if (run->count("--max-message-bytes") || config_file.empty()) merged.max_message_bytes = rc.max_message_bytes;
+    if (run->count("--max-handshakes") || config_file.empty()) merged.max_handshakes = rc.max_handshakes;
     if (run->count("--log-level") || config_file.empty()) merged.log_level = rc.log_level;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {

@@ -1,6 +1,8 @@
 #include "controller/server.h"
 
 #include <deque>
+#include <list>
+#include <optional>
 #include <variant>
 
 #include <boost/asio/ip/v6_only.hpp>
@@ -29,12 +31,22 @@ namespace {
 
 using WsStream = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
 
+class Session;
+
 struct Shared {
+  Shared(Fleet& f, Api& a, std::shared_ptr<asio::ssl::context> t, ServerOptions o,
+         std::shared_ptr<ServerStats> s)
+      : fleet(f), api(a), tls(std::move(t)), options(std::move(o)), stats(std::move(s)) {}
   Fleet& fleet;
   Api& api;
   std::shared_ptr<asio::ssl::context> tls;
   ServerOptions options;
   std::shared_ptr<ServerStats> stats;
+  // Sessions still in their handshake, oldest first. Past the cap the oldest
+  // is cut: a flood of stalled handshakes cannot hold unbounded memory, and a
+  // real agent (whose handshake takes milliseconds) is never the oldest.
+  std::mutex handshaking_mu;
+  std::list<std::weak_ptr<Session>> handshaking;
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -58,26 +70,38 @@ class Session : public std::enable_shared_from_this<Session>,
  public:
   Session(tcp::socket socket, std::shared_ptr<Shared> shared)
       : shared_(std::move(shared)),
-        ws_(std::move(socket), *shared_->tls),
-        timer_(ws_.get_executor()) {
-    peer_ = Endpoint(beast::get_lowest_layer(ws_).socket());
+        ex_(socket.get_executor()),
+        raw_(std::move(socket)),
+        timer_(ex_) {
+    peer_ = Endpoint(raw_);
     ++shared_->stats->sessions_open;
     ++shared_->stats->connections;
   }
-  ~Session() override { --shared_->stats->sessions_open; }
+  ~Session() override {
+    LeaveHandshake();
+    --shared_->stats->sessions_open;
+  }
 
   void Run() {
-    asio::dispatch(ws_.get_executor(), [self = shared_from_this()] { self->StartTls(); });
+    asio::dispatch(ex_, [self = shared_from_this()] { self->WaitForBytes(); });
+  }
+
+  // Cut by the handshake cap (see Shared::handshaking).
+  void Evict() {
+    asio::post(ex_, [self = shared_from_this()] {
+      self->shared_->stats->Refuse("handshake-evicted");
+      self->Abort();
+    });
   }
 
   // AgentChannel / EventSink: thread-safe, post onto the strand.
   void Send(std::string text) override {
-    asio::post(ws_.get_executor(),
+    asio::post(ex_,
                [self = shared_from_this(), t = std::move(text)]() mutable { self->Queue(std::move(t)); });
   }
   void Deliver(std::string text) override { Send(std::move(text)); }
   void Close(std::string reason) override {
-    asio::post(ws_.get_executor(), [self = shared_from_this(), r = std::move(reason)]() mutable {
+    asio::post(ex_, [self = shared_from_this(), r = std::move(reason)]() mutable {
       self->CloseWith("closed", std::move(r));
     });
   }
@@ -85,16 +109,58 @@ class Session : public std::enable_shared_from_this<Session>,
  private:
   const ServerOptions& opts() const { return shared_->options; }
 
+  // The TLS and websocket machinery (~90 KiB) is built only once the peer has
+  // sent something: a connection that stalls in TCP costs a socket and a timer.
+  void WaitForBytes() {
+    handshake_deadline_ = Clock::now() + opts().handshake_timeout;
+    EnterHandshake();
+    timer_.expires_at(handshake_deadline_);
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->ws_) return;
+      self->shared_->stats->Refuse("handshake-timeout");
+      beast::error_code ig;
+      self->raw_.close(ig);
+    });
+    raw_.async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+      if (ec || !self->raw_.is_open() || self->closed_) return self->End();
+      self->timer_.cancel();
+      self->ws_.emplace(std::move(self->raw_), *self->shared_->tls);
+      self->StartTls();
+    });
+  }
+
+  void EnterHandshake() {
+    std::shared_ptr<Session> evict;
+    {
+      std::lock_guard lock(shared_->handshaking_mu);
+      auto& list = shared_->handshaking;
+      hs_it_ = list.insert(list.end(), shared_from_this());
+      in_handshake_ = true;
+      if (list.size() > shared_->options.max_handshakes) {
+        evict = list.front().lock();
+      }
+    }
+    if (evict) evict->Evict();
+  }
+
+  void LeaveHandshake() {
+    std::lock_guard lock(shared_->handshaking_mu);
+    if (!in_handshake_) return;
+    shared_->handshaking.erase(hs_it_);
+    in_handshake_ = false;
+  }
+
   void StartTls() {
-    beast::get_lowest_layer(ws_).expires_after(opts().handshake_timeout);
-    ws_.next_layer().async_handshake(
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(handshake_deadline_ - Clock::now());
+    beast::get_lowest_layer(*ws_).expires_after(std::max(left, std::chrono::milliseconds(1)));
+    ws_->next_layer().async_handshake(
         asio::ssl::stream_base::server,
         [self = shared_from_this()](beast::error_code ec) { self->OnTls(ec); });
   }
 
   void OnTls(beast::error_code ec) {
     if (ec) {
-      std::string why = tls::RefusalReason(ws_.next_layer().native_handle());
+      std::string why = tls::RefusalReason(ws_->next_layer().native_handle());
       if (!why.empty()) {
         shared_->stats->Refuse("unregistered-key");
         spdlog::warn("{}: refused during TLS handshake: {}", peer_, why);
@@ -107,7 +173,7 @@ class Session : public std::enable_shared_from_this<Session>,
       }
       return;
     }
-    auto key = tls::PeerKey(ws_.next_layer().native_handle());
+    auto key = tls::PeerKey(ws_->next_layer().native_handle());
     if (!key) {
       shared_->stats->Refuse("unregistered-key");
       return;
@@ -119,7 +185,7 @@ class Session : public std::enable_shared_from_this<Session>,
       spdlog::warn("{}: key {} is not registered (removed during handshake)", peer_, key_id_);
       return;
     }
-    http::async_read(ws_.next_layer(), buffer_, upgrade_,
+    http::async_read(ws_->next_layer(), buffer_, upgrade_,
                      [self = shared_from_this()](beast::error_code e, std::size_t) {
                        self->OnUpgradeRequest(e);
                      });
@@ -143,26 +209,26 @@ class Session : public std::enable_shared_from_this<Session>,
       res->set(http::field::content_type, "text/plain");
       res->body() = "this key may only use " + want + "\n";
       res->prepare_payload();
-      http::async_write(ws_.next_layer(), *res,
+      http::async_write(ws_->next_layer(), *res,
                         [self = shared_from_this(), res](beast::error_code, std::size_t) {
-                          beast::get_lowest_layer(self->ws_).close();
+                          beast::get_lowest_layer(*self->ws_).close();
                         });
       return;
     }
-    ws_.read_message_max(opts().max_message_bytes);
-    ws_.auto_fragment(false);
+    ws_->read_message_max(opts().max_message_bytes);
+    ws_->auto_fragment(false);
     websocket::stream_base::timeout t{};
     t.handshake_timeout = opts().handshake_timeout;
     t.idle_timeout = websocket::stream_base::none();  // we run our own ping/idle timer
     t.keep_alive_pings = false;
-    ws_.set_option(t);
-    ws_.set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
+    ws_->set_option(t);
+    ws_->set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
       res.set(http::field::server, "muster-controller/" MUSTER_VERSION);
     }));
-    ws_.control_callback([this](websocket::frame_type, beast::string_view) {
+    ws_->control_callback([this](websocket::frame_type, beast::string_view) {
       last_rx_ = Clock::now();
     });
-    ws_.async_accept(upgrade_, [self = shared_from_this()](beast::error_code e) {
+    ws_->async_accept(upgrade_, [self = shared_from_this()](beast::error_code e) {
       self->OnAccept(e);
     });
   }
@@ -180,7 +246,8 @@ class Session : public std::enable_shared_from_this<Session>,
     // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kOperator) {
       authenticated_ = true;
-      beast::get_lowest_layer(ws_).expires_never();
+      beast::get_lowest_layer(*ws_).expires_never();
+      LeaveHandshake();
       ++shared_->stats->handshakes_ok;
       spdlog::debug("{}: operator {} connected", peer_, who_.name);
     }
@@ -212,7 +279,7 @@ class Session : public std::enable_shared_from_this<Session>,
   }
 
   void Read() {
-    ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+    ws_->async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       self->OnRead(ec);
     });
   }
@@ -230,7 +297,7 @@ class Session : public std::enable_shared_from_this<Session>,
       return End();
     }
     last_rx_ = Clock::now();
-    if (!ws_.got_text()) {
+    if (!ws_->got_text()) {
       buffer_.consume(buffer_.size());
       return Refuse("bad-message", "binary frames are not part of the protocol");
     }
@@ -268,7 +335,8 @@ class Session : public std::enable_shared_from_this<Session>,
       }
       authenticated_ = true;
       registered_ = true;
-      beast::get_lowest_layer(ws_).expires_never();
+      LeaveHandshake();
+      beast::get_lowest_layer(*ws_).expires_never();
       ++shared_->stats->handshakes_ok;
       spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
                    hello->generation, hello->phase);
@@ -308,7 +376,7 @@ class Session : public std::enable_shared_from_this<Session>,
                                 std::string(proto::TypeName(msg)) + "'");
       return;
     }
-    auto key = tls::PeerKey(ws_.next_layer().native_handle());
+    auto key = tls::PeerKey(ws_->next_layer().native_handle());
     if (!key) return Refuse("bad-enroll", "no client key");
     if (auto st = shared_->fleet.Enroll(*key, e->machine, e->token); !st) {
       shared_->stats->Refuse("bad-enroll");
@@ -407,15 +475,15 @@ class Session : public std::enable_shared_from_this<Session>,
     Out& front = outbox_.front();
     auto self = shared_from_this();
     if (auto* text = std::get_if<std::string>(&front)) {
-      ws_.text(true);
-      ws_.async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) {
+      ws_->text(true);
+      ws_->async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) {
         self->OnWrite(ec);
       });
     } else if (std::holds_alternative<Ping>(front)) {
-      ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
+      ws_->async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
       auto reason = std::get<CloseFrame>(front).reason;
-      ws_.async_close(reason, [self](beast::error_code) {
+      ws_->async_close(reason, [self](beast::error_code) {
         self->writing_ = false;
         self->End();
       });
@@ -436,14 +504,16 @@ class Session : public std::enable_shared_from_this<Session>,
   // Hard close: cancels everything outstanding.
   void Abort() {
     beast::error_code ec;
-    beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ec);
-    beast::get_lowest_layer(ws_).socket().close(ec);
+    tcp::socket& sock = ws_ ? beast::get_lowest_layer(*ws_).socket() : raw_;
+    sock.shutdown(tcp::socket::shutdown_both, ec);
+    sock.close(ec);
     End();
   }
 
   void End() {
     if (closed_) return;
     closed_ = true;
+    LeaveHandshake();
     timer_.cancel();
     outbox_.clear();
     if (registered_) {
@@ -454,8 +524,13 @@ class Session : public std::enable_shared_from_this<Session>,
   }
 
   std::shared_ptr<Shared> shared_;
-  WsStream ws_;
+  asio::any_io_executor ex_;  // the session's strand
+  tcp::socket raw_;           // until the peer sends its first bytes
+  std::optional<WsStream> ws_;
   asio::steady_timer timer_;
+  Clock::time_point handshake_deadline_;
+  std::list<std::weak_ptr<Session>>::iterator hs_it_;
+  bool in_handshake_ = false;
   beast::flat_buffer buffer_;
   http::request<http::string_body> upgrade_;
   std::deque<Out> outbox_;
@@ -543,7 +618,7 @@ struct Server::Impl {
 Server::Server(asio::io_context& ioc, Fleet& fleet, Api& api,
                std::shared_ptr<asio::ssl::context> tls, ServerOptions options)
     : stats_(std::make_shared<ServerStats>()) {
-  auto shared = std::make_shared<Shared>(Shared{fleet, api, std::move(tls), std::move(options), stats_});
+  auto shared = std::make_shared<Shared>(fleet, api, std::move(tls), std::move(options), stats_);
   impl_ = std::make_shared<Impl>(Impl{ioc, std::move(shared), {}});
 }
 

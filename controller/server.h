@@ -35,6 +35,8 @@ struct ServerOptions {
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(90)};
   std::size_t max_message_bytes = 1 << 20;
   std::size_t max_outbox_bytes = 16 << 20;
+  // Connections still in their handshake; past this the oldest is cut.
+  std::size_t max_handshakes = 1024;
 };
 
 // Counters for metrics; all monotonic except sessions_open.

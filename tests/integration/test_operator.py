@@ -137,7 +137,7 @@ class OperatorTest(EnvTest):
                          10, what="activation output in logs")
         self.assertIn("[activate] activating logged (nixos) action switch", out)
         follow = subprocess.Popen([binary("muster"), "--config", os.path.join(env.cli_dir, "config.json"),
-                                   "logs", "n0", "-f"], stdout=subprocess.PIPE, text=True)
+                                   "logs", "n0", "-f"], stdout=subprocess.PIPE, env=nix_env())
         try:
             top2 = env.build("logged2")
             gen2 = env.publish("n0", top2)
@@ -148,7 +148,7 @@ class OperatorTest(EnvTest):
             while time.monotonic() < deadline and "activating logged2" not in seen:
                 chunk = follow.stdout.read()
                 if chunk:
-                    seen += chunk
+                    seen += chunk.decode(errors="replace")
                 time.sleep(0.1)
             self.assertIn("activating logged2", seen)
         finally:
