@@ -98,6 +98,13 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         c.log_level = v.get<std::string>();
       } else if (k == "nixBinDir") {
         c.nix_bin_dir = Abs(v, k);
+      } else if (k == "homeManagerUser") {
+        c.home_manager_user = v.get<std::string>();
+        if (c.home_manager_user.empty() ||
+            c.home_manager_user.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+                std::string::npos) {
+          throw std::invalid_argument("must be a user name");
+        }
       } else if (k == "systemdRun") {
         c.systemd_run = v.get<std::string>();
         if (c.systemd_run != "auto" && c.systemd_run != "always" && c.systemd_run != "never") {

@@ -39,6 +39,7 @@ struct AgentConfig {
   std::string reboot_policy = "never";  // never | when-required
   std::string log_level = "info";
   std::string nix_bin_dir;              // "" = search PATH and the usual places
+  std::string home_manager_user;        // home-manager kind: activate as this user
   std::string systemd_run = "auto";     // auto | always | never
   std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};

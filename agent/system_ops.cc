@@ -134,6 +134,18 @@ class NixSystem final : public SystemOps {
           return Status::Ok();
         }
         cmd = {toplevel + "/activate"};
+        if (kind == Kind::kHomeManager && !cfg_.home_manager_user.empty()) {
+          // home-manager activates as the user whose home it manages.
+          std::string runuser = FindProgram("runuser");
+          std::string sudo = FindProgram("sudo");
+          if (!runuser.empty()) {
+            cmd = {runuser, "-u", cfg_.home_manager_user, "--", toplevel + "/activate"};
+          } else if (!sudo.empty()) {
+            cmd = {sudo, "-u", cfg_.home_manager_user, "-H", "--", toplevel + "/activate"};
+          } else {
+            return Err("homeManagerUser is set but neither runuser nor sudo was found");
+          }
+        }
         break;
       case Kind::kAuto:
       case Kind::kProfile:
@@ -141,7 +153,9 @@ class NixSystem final : public SystemOps {
         return Status::Ok();
     }
     std::error_code ec;
-    if (!fs::exists(cmd[0], ec)) return Err(toplevel + " has no " + cmd[0].substr(toplevel.size() + 1));
+    std::string script = kind == Kind::kNixos ? toplevel + "/bin/switch-to-configuration"
+                                              : toplevel + "/activate";
+    if (!fs::exists(script, ec)) return Err(toplevel + " has no " + script.substr(toplevel.size() + 1));
     if (auto st = MakeDirs(cfg_.state_dir + "/activations", 0700); !st) return st;
     std::string lock = LockPath(tag), result = ResultPath(tag);
     ::unlink(result.c_str());

@@ -1,5 +1,6 @@
 """The deploy lifecycle with real nix: rollback paths, kinds, actions, restarts."""
 import os
+import pwd
 import re
 import stat
 import time
@@ -116,6 +117,18 @@ class LifecycleTest(EnvTest):
         self.assertEqual(os.path.realpath(a.profile), plain)
         self.assertEqual(len(env.activation_log()), 2, "a plain profile has no activation")
         self.assertIn("confirmed", s["detail"])
+
+    def test_home_manager_activates_as_its_user(self):
+        env = self.env.start()
+        log = os.path.join(env.root, "hm-user.log")
+        a = env.add_agent("laptop", homeManagerUser="nobody").start()
+        hm = env.build("hmuser", kind="home-manager", log=log)
+        os.chmod(env.root, 0o777)  # the activation writes its log as "nobody"
+        gen = env.publish("laptop", hm)
+        env.wait_phase("laptop", gen, "succeeded")
+        self.assertEqual(os.stat(log).st_uid, pwd.getpwnam("nobody").pw_uid)
+        with open(log) as f:
+            self.assertEqual(f.read().strip(), "hmuser activate home-manager")
 
     def test_boot_action_sets_profile_and_reports_reboot_required(self):
         env = self.env.start()

@@ -90,6 +90,34 @@ class OperatorTest(EnvTest):
             running += 1 if phase == "verified" else -1
             self.assertLessEqual(running, 1)
 
+    def test_watch_on_a_terminal_draws_a_progress_bar(self):
+        import pty
+        env, agents = self.fleet(2)
+        top = env.build("tty")
+        r = env.cli("publish", "--tag", "fleet", top, "--substituter", env.cache.url,
+                    "--trusted-public-key", env.cache.public)
+        rid = self.rollout_id(r.stdout)
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the CLI on a pseudo-terminal
+            os.execve(binary("muster"), [binary("muster"), "--config",
+                                         os.path.join(env.cli_dir, "config.json"),
+                                         "rollout", "watch", rid, "--timeout", "60"], nix_env())
+        out = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+        text = out.decode(errors="replace")
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0, text)
+        self.assertRegex(text, r"\[#{30}\] 2/2  succeeded  2 ok  0 failed")
+        self.assertIn("\r", text)  # the bar is redrawn in place
+        self.assertIn(f"rollout {rid} succeeded", text)
+
     def test_offline_machine_catches_up_and_rollout_survives_restart(self):
         env, agents = self.fleet(2)
         late = agents[1]

@@ -40,11 +40,14 @@ let
     '' else ''
       rm -f "${cutFile}"
     ''}
-    if [ "''${1:-}" != "dry-activate" ] && [ "''${1:-}" != "boot" ] && [ -n "''${MUSTER_CURRENT_SYSTEM:-}" ]; then
-      mkdir -p "$(dirname "$MUSTER_CURRENT_SYSTEM")"
-      ln -sfn "$self" "$MUSTER_CURRENT_SYSTEM.tmp"
-      mv -T "$MUSTER_CURRENT_SYSTEM.tmp" "$MUSTER_CURRENT_SYSTEM"
-    fi
+    ${if kind == "nixos" || kind == "darwin" then ''
+      # NixOS and nix-darwin activation point /run/current-system at the new system.
+      if [ "''${1:-}" != "dry-activate" ] && [ "''${1:-}" != "boot" ] && [ -n "''${MUSTER_CURRENT_SYSTEM:-}" ]; then
+        mkdir -p "$(dirname "$MUSTER_CURRENT_SYSTEM")"
+        ln -sfn "$self" "$MUSTER_CURRENT_SYSTEM.tmp"
+        mv -T "$MUSTER_CURRENT_SYSTEM.tmp" "$MUSTER_CURRENT_SYSTEM"
+      fi
+    '' else ""}
   '';
   # The kernel is its own store path, shared by toplevels with the same kernel
   # string, as on NixOS: a different kernel means a reboot is needed.
