@@ -381,7 +381,7 @@ step_deb() {
     [[ -x $tmp/root/usr/bin/$b ]] || fail "/usr/bin/$b is not executable in the package"
     if command -v objdump >/dev/null && command -v ldconfig >/dev/null; then
       for lib in $(objdump -p "$tmp/root/usr/bin/$b" | awk '/NEEDED/ {print $2}'); do
-        path=$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')
+        path=$(ldconfig -p | awk -v l="$lib" '$1 == l && !found {print $NF; found = 1}')  # no early exit: SIGPIPE under pipefail
         [[ -n $path ]] || fail "$b needs $lib, which is not installed here"
         pkg=$(dpkg -S "$(readlink -f "$path")" 2>/dev/null || dpkg -S "$path" 2>/dev/null || true)
         pkg=${pkg%%:*}
