@@ -71,24 +71,50 @@ std::string Fleet::DeployText(const GenerationRecord& g) {
 Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
                                                    const proto::Hello& hello,
                                                    std::shared_ptr<AgentChannel> channel) {
-  if (hello.machine != machine) {
-    return Err("hello names machine '" + hello.machine + "' but this key is registered as '" +
-               machine + "'");
+  return std::move(AgentHellos({{machine, hello, std::move(channel)}}).front());
+}
+
+std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
+    const std::vector<HelloRequest>& hellos) {
+  std::vector<std::optional<Error>> refused(hellos.size());
+  std::vector<HelloWrite> writes;
+  for (std::size_t k = 0; k < hellos.size(); ++k) {
+    const auto& [machine, hello, channel] = hellos[k];
+    if (hello.machine != machine) {
+      refused[k] = Err("hello names machine '" + hello.machine +
+                       "' but this key is registered as '" + machine + "'");
+      continue;
+    }
+    std::shared_ptr<AgentChannel> previous;
+    {
+      std::lock_guard lock(mu_);
+      auto& slot = online_[machine];
+      previous = slot.lock();
+      slot = channel;
+    }
+    if (previous && previous != channel) previous->Close("replaced by a newer connection");
+    if (store_.IsMachineRevoked(machine)) {
+      refused[k] = Err("machine '" + machine + "' is revoked");
+      continue;
+    }
+    writes.push_back({machine, clock_(), proto::ToJson(hello.facts), hello.last_applied});
   }
-  std::shared_ptr<AgentChannel> previous;
-  {
-    std::lock_guard lock(mu_);
-    auto& slot = online_[machine];
-    previous = slot.lock();
-    slot = channel;
+  std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordHellos(writes);
+  std::vector<Result<std::vector<std::string>>> out;
+  out.reserve(hellos.size());
+  for (std::size_t k = 0, w = 0; k < hellos.size(); ++k) {
+    if (refused[k]) {
+      out.emplace_back(Err(refused[k]->message));
+      continue;
+    }
+    if (!stored[w]) spdlog::error("{}: {}", hellos[k].machine, stored[w].message());
+    ++w;
+    out.push_back(AfterHello(hellos[k].machine, hellos[k].hello));
   }
-  if (previous && previous != channel) previous->Close("replaced by a newer connection");
-  if (store_.IsMachineRevoked(machine)) return Err("machine '" + machine + "' is revoked");
-  if (auto st = store_.RecordHello(machine, clock_(), proto::ToJson(hello.facts),
-                                   hello.last_applied);
-      !st) {
-    spdlog::error("{}: {}", machine, st.message());
-  }
+  return out;
+}
+
+std::vector<std::string> Fleet::AfterHello(const std::string& machine, const proto::Hello& hello) {
   std::vector<std::string> out;
   out.push_back(proto::Encode(proto::Welcome{machine, clock_()}));
   auto latest = store_.LatestGeneration(machine);
@@ -110,24 +136,52 @@ Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
 
 Result<std::string> Fleet::AgentStatus(const std::string& machine,
                                        const proto::StatusReport& r) {
-  auto ph = ParsePhase(r.phase);
-  if (!ph) return Err("status report has unknown phase '" + r.phase + "'");
-  EventRecord ev;
-  ev.machine = machine;
-  ev.generation = r.generation;
-  ev.phase = r.phase;
-  ev.detail = r.detail.substr(0, 4096);
-  ev.at = clock_();
-  if (auto st = store_.RecordStatus(machine, ev, r.toplevel, r.reboot_required,
-                                    r.facts ? proto::ToJson(*r.facts) : json(nullptr));
-      !st) {
-    spdlog::error("{}: {}", machine, st.message());
+  return std::move(AgentStatuses({{machine, r}}).front());
+}
+
+std::vector<Result<std::string>> Fleet::AgentStatuses(
+    const std::vector<std::pair<std::string, proto::StatusReport>>& reports) {
+  std::vector<StatusWrite> writes;
+  writes.reserve(reports.size());
+  for (const auto& [machine, r] : reports) {
+    if (!ParsePhase(r.phase)) continue;
+    StatusWrite w;
+    w.name = machine;
+    w.ev.machine = machine;
+    w.ev.generation = r.generation;
+    w.ev.phase = r.phase;
+    w.ev.detail = r.detail.substr(0, 4096);
+    w.ev.at = clock_();
+    w.toplevel = r.toplevel;
+    w.reboot_required = r.reboot_required;
+    w.facts = r.facts ? proto::ToJson(*r.facts) : json(nullptr);
+    writes.push_back(std::move(w));
   }
+  std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordStatuses(writes);
+  std::vector<Result<std::string>> out;
+  out.reserve(reports.size());
+  std::size_t k = 0;
+  for (const auto& [machine, r] : reports) {
+    auto ph = ParsePhase(r.phase);
+    if (!ph) {
+      out.push_back(Err("status report has unknown phase '" + r.phase + "'"));
+      continue;
+    }
+    const EventRecord& ev = writes[k].ev;
+    if (!stored[k]) spdlog::error("{}: {}", machine, stored[k].message());
+    ++k;
+    out.push_back(AfterStatus(machine, r, *ph, ev));
+  }
+  return out;
+}
+
+Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::StatusReport& r,
+                                       Phase phase, const EventRecord& ev) {
   {
     std::lock_guard lock(mu_);
     ++counters_.status_reports;
   }
-  if (IsTerminal(*ph)) {
+  if (IsTerminal(phase)) {
     if (auto g = store_.GetGeneration(machine, r.generation)) {
       std::lock_guard lock(mu_);
       counters_.deploy_seconds.Observe(static_cast<double>(ev.at - g->created_at) / 1000.0);

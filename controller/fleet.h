@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/crypto.h"
+#include "common/phase.h"
 #include "common/protocol.h"
 #include "controller/store.h"
 
@@ -93,8 +94,20 @@ class Fleet {
   Result<std::vector<std::string>> AgentHello(const std::string& machine,
                                               const proto::Hello& hello,
                                               std::shared_ptr<AgentChannel> channel);
+  // AgentHello for several agents with one group commit in the store; one
+  // result per hello, in order.
+  struct HelloRequest {
+    std::string machine;
+    proto::Hello hello;
+    std::shared_ptr<AgentChannel> channel;
+  };
+  std::vector<Result<std::vector<std::string>>> AgentHellos(const std::vector<HelloRequest>& hellos);
   // Records a status report; returns the ack to send.
   Result<std::string> AgentStatus(const std::string& machine, const proto::StatusReport& report);
+  // AgentStatus for several reports (machine, report) with one group commit
+  // in the store; one result per report, in order.
+  std::vector<Result<std::string>> AgentStatuses(
+      const std::vector<std::pair<std::string, proto::StatusReport>>& reports);
   Status AgentLogs(const std::string& machine, const proto::LogLines& logs);
   void AgentSeen(const std::string& machine);
   void AgentGone(const std::string& machine, const AgentChannel* channel);
@@ -135,6 +148,11 @@ class Fleet {
 
  private:
   static std::string DeployText(const GenerationRecord& g);
+  // What follows a durable hello: welcome, pending deploy, events, observer.
+  std::vector<std::string> AfterHello(const std::string& machine, const proto::Hello& hello);
+  // What follows a durable status report: counters, events, observer; the ack.
+  Result<std::string> AfterStatus(const std::string& machine, const proto::StatusReport& r,
+                                  Phase phase, const EventRecord& ev);
 
   Store& store_;
   Clock clock_;

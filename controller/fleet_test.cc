@@ -302,6 +302,38 @@ TEST_F(FleetTest, StatusIsRecordedAckedAndBroadcast) {
   EXPECT_EQ(store_->ListEvents("web1", 0, 10).size(), 1u);
 }
 
+TEST_F(FleetTest, BatchedHellosAndStatusesAnswerEachInOrder) {
+  auto ch = std::make_shared<FakeChannel>();
+  auto hellos = fleet_->AgentHellos({{"web1", MakeHello(), ch}, {"web1", MakeHello(0, 0, "idle", "web9"), ch}});
+  ASSERT_EQ(hellos.size(), 2u);
+  ASSERT_TRUE(hellos[0].ok()) << hellos[0].message();
+  EXPECT_EQ(std::get<proto::Welcome>(Decoded((*hellos[0])[0])).machine, "web1");
+  ASSERT_FALSE(hellos[1].ok());
+  EXPECT_THAT(hellos[1].message(), HasSubstr("'web9'"));
+  EXPECT_EQ(store_->GetMachine("web1")->last_seen, kNow);
+
+  std::vector<std::pair<std::string, proto::StatusReport>> reports;
+  std::uint64_t seq = 1;
+  for (const char* phase : {"received", "dancing", "verified"}) {
+    proto::StatusReport r;
+    r.seq = seq++;
+    r.generation = 3;
+    r.phase = phase;
+    reports.emplace_back("web1", r);
+  }
+  auto acks = fleet_->AgentStatuses(reports);
+  ASSERT_EQ(acks.size(), 3u);
+  ASSERT_TRUE(acks[0].ok() && acks[2].ok());
+  EXPECT_EQ(std::get<proto::Ack>(Decoded(*acks[0])).seq, 1u);
+  EXPECT_EQ(std::get<proto::Ack>(Decoded(*acks[2])).seq, 3u);
+  ASSERT_FALSE(acks[1].ok());
+  EXPECT_THAT(acks[1].message(), HasSubstr("unknown phase 'dancing'"));
+  std::vector<std::string> got;
+  for (const auto& e : store_->ListEvents("web1", 3, 10)) got.push_back(e.phase);
+  EXPECT_THAT(got, ElementsAre("received", "verified"));
+  EXPECT_EQ(fleet_->counters().status_reports, 2u);
+}
+
 TEST_F(FleetTest, LogsAreStoredAndBroadcast) {
   auto sink = std::make_shared<FakeSink>();
   fleet_->Subscribe(sink);

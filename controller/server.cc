@@ -1,8 +1,11 @@
 #include "controller/server.h"
 
+#include <condition_variable>
 #include <deque>
+#include <functional>
 #include <list>
 #include <optional>
+#include <thread>
 #include <variant>
 
 #include <boost/asio/ip/v6_only.hpp>
@@ -33,10 +36,99 @@ using WsStream = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
 
 class Session;
 
+// Records agents' hellos and status reports on one thread, in group commits:
+// each is durable before its answer (welcome, ack) is sent, as when each had
+// its own transaction, but one fsync covers everything that arrived meanwhile.
+// A session reads its next message only once the previous one is answered, so
+// an agent's messages stay in order. Callbacks run on the writer thread.
+class StoreWriter {
+ public:
+  using HelloDone = std::function<void(Result<std::vector<std::string>>)>;
+  using StatusDone = std::function<void(Result<std::string>)>;
+  explicit StoreWriter(Fleet& fleet) : fleet_(fleet) {}
+  ~StoreWriter() { Stop(); }
+
+  void SubmitHello(Fleet::HelloRequest request, HelloDone done) {
+    Push(Item{std::move(request), {}, std::move(done), {}});
+  }
+  void SubmitStatus(std::string machine, proto::StatusReport report, StatusDone done) {
+    Push(Item{{std::move(machine), {}, {}}, std::move(report), {}, std::move(done)});
+  }
+
+  // Joins the thread; what is still queued is dropped (never answered).
+  void Stop() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  }
+
+ private:
+  struct Item {
+    Fleet::HelloRequest hello;  // hello.machine names the machine for both kinds
+    proto::StatusReport report;
+    HelloDone hello_done;       // set for a hello
+    StatusDone status_done;     // set for a status report
+  };
+  static constexpr std::size_t kMaxBatch = 4096;
+
+  void Push(Item item) {
+    std::lock_guard lock(mu_);
+    if (stop_) return;
+    if (!thread_.joinable()) thread_ = std::thread([this] { Loop(); });
+    queue_.push_back(std::move(item));
+    cv_.notify_one();
+  }
+
+  void Loop() {
+    for (;;) {
+      std::vector<Item> batch;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (stop_) return;
+        std::size_t n = std::min(queue_.size(), kMaxBatch);
+        batch.assign(std::make_move_iterator(queue_.begin()),
+                     std::make_move_iterator(queue_.begin() + static_cast<std::ptrdiff_t>(n)));
+        queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(n));
+      }
+      std::vector<Fleet::HelloRequest> hellos;
+      std::vector<std::pair<std::string, proto::StatusReport>> reports;
+      for (auto& it : batch) {
+        if (it.hello_done) {
+          hellos.push_back(std::move(it.hello));
+        } else {
+          reports.emplace_back(std::move(it.hello.machine), std::move(it.report));
+        }
+      }
+      auto welcomed = hellos.empty() ? decltype(fleet_.AgentHellos(hellos))() : fleet_.AgentHellos(hellos);
+      auto acked = reports.empty() ? decltype(fleet_.AgentStatuses(reports))() : fleet_.AgentStatuses(reports);
+      std::size_t h = 0, r = 0;
+      for (auto& it : batch) {
+        if (it.hello_done) {
+          it.hello_done(std::move(welcomed[h++]));
+        } else {
+          it.status_done(std::move(acked[r++]));
+        }
+      }
+    }
+  }
+
+  Fleet& fleet_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queue_;
+  std::thread thread_;
+  bool stop_ = false;
+};
+
 struct Shared {
   Shared(Fleet& f, Api& a, std::shared_ptr<asio::ssl::context> t, ServerOptions o,
          std::shared_ptr<ServerStats> s)
-      : fleet(f), api(a), tls(std::move(t)), options(std::move(o)), stats(std::move(s)) {}
+      : fleet(f), api(a), tls(std::move(t)), options(std::move(o)), stats(std::move(s)),
+        store_writer(f) {}
   Fleet& fleet;
   Api& api;
   std::shared_ptr<asio::ssl::context> tls;
@@ -47,6 +139,7 @@ struct Shared {
   // real agent (whose handshake takes milliseconds) is never the oldest.
   std::mutex handshaking_mu;
   std::list<std::weak_ptr<Session>> handshaking;
+  StoreWriter store_writer;
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -327,32 +420,31 @@ class Session : public std::enable_shared_from_this<Session>,
                                   std::string(proto::TypeName(msg)) + "'");
         return false;
       }
-      auto out = shared_->fleet.AgentHello(who_.name, *hello,
-                                           std::static_pointer_cast<AgentChannel>(shared_from_this()));
-      if (!out) {
-        Refuse("bad-hello", out.message());
-        return false;
-      }
-      authenticated_ = true;
-      registered_ = true;
-      LeaveHandshake();
-      beast::get_lowest_layer(*ws_).expires_never();
-      ++shared_->stats->handshakes_ok;
-      spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
-                   hello->generation, hello->phase);
-      for (auto& t : *out) Queue(std::move(t));
-      return true;
+      // Reading resumes once the hello is durable and answered (see StoreWriter).
+      shared_->store_writer.SubmitHello(
+          {who_.name, *hello, std::static_pointer_cast<AgentChannel>(shared_from_this())},
+          [self = shared_from_this(), gen = hello->generation,
+           phase = hello->phase](Result<std::vector<std::string>> out) mutable {
+            asio::post(self->ex_, [self, gen, phase = std::move(phase), out = std::move(out)]() mutable {
+              self->OnHelloRecorded(gen, phase, std::move(out));
+            });
+          });
+      return false;
     }
     if (const auto* st = std::get_if<proto::StatusReport>(&msg)) {
-      auto ack = shared_->fleet.AgentStatus(who_.name, *st);
-      if (!ack) {
-        Refuse("bad-message", ack.message());
-        return false;
-      }
-      spdlog::info("{} generation {}: {}{}{}", who_.name, st->generation, st->phase,
-                   st->detail.empty() ? "" : ": ", st->detail);
-      Queue(std::move(*ack));
-      return true;
+      // Reading resumes once the report is durable and acked (see StoreWriter).
+      shared_->store_writer.SubmitStatus(
+          who_.name, *st, [self = shared_from_this(), st = *st](Result<std::string> ack) mutable {
+            asio::post(self->ex_, [self, st = std::move(st), ack = std::move(ack)]() mutable {
+              if (self->closed_) return;
+              if (!ack) return self->Refuse("bad-message", ack.message());
+              spdlog::info("{} generation {}: {}{}{}", self->who_.name, st.generation, st.phase,
+                           st.detail.empty() ? "" : ": ", st.detail);
+              self->Queue(std::move(*ack));
+              if (!self->closed_) self->Read();
+            });
+          });
+      return false;
     }
     if (const auto* logs = std::get_if<proto::LogLines>(&msg)) {
       if (auto s = shared_->fleet.AgentLogs(who_.name, *logs); !s) {
@@ -398,6 +490,26 @@ class Session : public std::enable_shared_from_this<Session>,
       case Role::kEnrollee: return "enrollee";
       default: return "unknown";
     }
+  }
+
+  void OnHelloRecorded(std::int64_t generation, const std::string& phase,
+                       Result<std::vector<std::string>> out) {
+    if (out && closed_) {
+      // The session ended while its hello was being recorded: undo the registration.
+      shared_->fleet.AgentGone(who_.name, this);
+      return;
+    }
+    if (closed_) return;
+    if (!out) return Refuse("bad-hello", out.message());
+    authenticated_ = true;
+    registered_ = true;
+    LeaveHandshake();
+    beast::get_lowest_layer(*ws_).expires_never();
+    ++shared_->stats->handshakes_ok;
+    spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
+                 generation, phase);
+    for (auto& t : *out) Queue(std::move(t));
+    if (!closed_) Read();
   }
 
   bool HandleOperator(const proto::Message& msg) {
@@ -622,7 +734,10 @@ Server::Server(asio::io_context& ioc, Fleet& fleet, Api& api,
   impl_ = std::make_shared<Impl>(Impl{ioc, std::move(shared), {}});
 }
 
-Server::~Server() { Stop(); }
+Server::~Server() {
+  Stop();
+  impl_->shared->store_writer.Stop();  // before the io_context its callbacks post to
+}
 
 Result<std::vector<tcp::endpoint>> Server::Start() {
   std::vector<tcp::endpoint> bound;

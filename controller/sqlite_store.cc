@@ -2,7 +2,9 @@
 // mutex around every call.
 #include <sqlite3.h>
 
+#include <map>
 #include <mutex>
+#include <unordered_map>
 
 #include "controller/store.h"
 
@@ -106,12 +108,57 @@ CREATE TABLE IF NOT EXISTS log_sizes (
 );
 )SQL";
 
+// Prepared statements, cached per connection and keyed by their SQL text:
+// preparing cost more CPU than executing the small statements of a status
+// report. Every use happens under the store's mutex; a statement already in use
+// (the same SQL twice in one scope) is prepared afresh and finalized after use.
+struct CachedStmt {
+  sqlite3_stmt* s = nullptr;
+  bool busy = false;
+};
+std::mutex g_stmt_cache_mu;
+std::map<sqlite3*, std::unordered_map<std::string, CachedStmt>> g_stmt_cache;
+
+void FinalizeCachedStatements(sqlite3* db) {
+  std::lock_guard lock(g_stmt_cache_mu);
+  auto it = g_stmt_cache.find(db);
+  if (it == g_stmt_cache.end()) return;
+  for (auto& [sql, c] : it->second) sqlite3_finalize(c.s);
+  g_stmt_cache.erase(it);
+}
+
 class Stmt {
  public:
   Stmt(sqlite3* db, const char* sql) : db_(db) {
-    if (sqlite3_prepare_v2(db, sql, -1, &s_, nullptr) != SQLITE_OK) s_ = nullptr;
+    {
+      std::lock_guard lock(g_stmt_cache_mu);
+      auto& per_db = g_stmt_cache[db];
+      auto it = per_db.find(sql);
+      if (it != per_db.end() && !it->second.busy) {
+        cached_ = &it->second;
+        cached_->busy = true;
+        s_ = cached_->s;
+        return;
+      }
+    }
+    if (sqlite3_prepare_v2(db, sql, -1, &s_, nullptr) != SQLITE_OK) {
+      s_ = nullptr;
+      return;
+    }
+    std::lock_guard lock(g_stmt_cache_mu);
+    auto [it, fresh] = g_stmt_cache[db].try_emplace(sql, CachedStmt{s_, true});
+    if (fresh) cached_ = &it->second;
   }
-  ~Stmt() { sqlite3_finalize(s_); }
+  ~Stmt() {
+    if (cached_ == nullptr) {
+      sqlite3_finalize(s_);
+      return;
+    }
+    sqlite3_reset(s_);
+    sqlite3_clear_bindings(s_);
+    std::lock_guard lock(g_stmt_cache_mu);
+    cached_->busy = false;
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
 
@@ -138,6 +185,7 @@ class Stmt {
  private:
   sqlite3* db_;
   sqlite3_stmt* s_ = nullptr;
+  CachedStmt* cached_ = nullptr;
 };
 
 json ParseOr(const std::string& text, json fallback) {
@@ -148,7 +196,10 @@ json ParseOr(const std::string& text, json fallback) {
 class SqliteStore final : public Store {
  public:
   explicit SqliteStore(sqlite3* db) : db_(db) {}
-  ~SqliteStore() override { sqlite3_close(db_); }
+  ~SqliteStore() override {
+    FinalizeCachedStatements(db_);
+    sqlite3_close(db_);
+  }
 
   Status Init() {
     if (auto st = Exec("PRAGMA journal_mode=WAL"); !st) return st;
@@ -243,6 +294,30 @@ class SqliteStore final : public Store {
   Status RecordHello(const std::string& name, std::int64_t at, const json& facts,
                      std::int64_t last_applied) override {
     std::lock_guard lock(mu_);
+    return WriteHelloLocked(name, at, facts, last_applied);
+  }
+
+  // Group commit, as RecordStatuses.
+  std::vector<Status> RecordHellos(const std::vector<HelloWrite>& writes) override {
+    {
+      std::lock_guard lock(mu_);
+      if (Exec("BEGIN IMMEDIATE")) {
+        bool ok = true;
+        for (const auto& w : writes) {
+          if (!WriteHelloLocked(w.name, w.at, w.facts, w.last_applied)) {
+            ok = false;
+            break;
+          }
+        }
+        if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
+        (void)Exec("ROLLBACK");
+      }
+    }
+    return Store::RecordHellos(writes);
+  }
+
+  Status WriteHelloLocked(const std::string& name, std::int64_t at, const json& facts,
+                          std::int64_t last_applied) {
     Stmt s(db_,
            "UPDATE machines SET last_seen = ?, facts = ?, last_applied = MAX(last_applied, ?) "
            "WHERE name = ?");
@@ -263,6 +338,37 @@ class SqliteStore final : public Store {
                       bool reboot_required, const json& facts) override {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    if (auto st = WriteStatusLocked(name, ev, toplevel, reboot_required, facts); !st) {
+      (void)Exec("ROLLBACK");
+      return st;
+    }
+    return Exec("COMMIT");
+  }
+
+  // Group commit: every report in one transaction, one fsync. If anything
+  // fails, each report is recorded on its own so that each gets its own result.
+  std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) override {
+    {
+      std::lock_guard lock(mu_);
+      if (Exec("BEGIN IMMEDIATE")) {
+        bool ok = true;
+        for (const auto& w : writes) {
+          if (!WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts)) {
+            ok = false;
+            break;
+          }
+        }
+        if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
+        (void)Exec("ROLLBACK");
+      }
+    }
+    return Store::RecordStatuses(writes);
+  }
+
+  // The machine row and the event row of one report; the caller holds mu_ and
+  // a transaction.
+  Status WriteStatusLocked(const std::string& name, const EventRecord& ev,
+                           const std::string& toplevel, bool reboot_required, const json& facts) {
     Stmt u(db_,
            "UPDATE machines SET generation = ?, phase = ?, detail = ?, "
            "toplevel = CASE WHEN ? = '' THEN toplevel ELSE ? END, reboot_required = ?, "
@@ -277,16 +383,14 @@ class SqliteStore final : public Store {
     Stmt i(db_, "INSERT INTO events (machine, generation, phase, detail, at) VALUES (?,?,?,?,?)");
     i.Bind(1, name).Bind(2, ev.generation).Bind(3, ev.phase).Bind(4, ev.detail).Bind(5, ev.at);
     if (u.Step() != SQLITE_DONE || i.Step() != SQLITE_DONE) {
-      std::string e = sqlite3_errmsg(db_);
-      (void)Exec("ROLLBACK");
-      return Err("store: cannot record status: " + e);
+      return Err("store: cannot record status: " + std::string(sqlite3_errmsg(db_)));
     }
     if (facts.is_object()) {
       Stmt f(db_, "UPDATE machines SET facts = ? WHERE name = ?");
       f.Bind(1, facts.dump()).Bind(2, name);
       (void)f.Step();
     }
-    return Exec("COMMIT");
+    return Status::Ok();
   }
 
   Status AddOperator(const OperatorRecord& op) override {
@@ -321,11 +425,19 @@ class SqliteStore final : public Store {
   Status AddGeneration(const GenerationRecord& g) override {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    if (auto st = InsertGenerationLocked(g); !st) {
+      (void)Exec("ROLLBACK");
+      return st;
+    }
+    return Exec("COMMIT");
+  }
+
+  // Inside a transaction: refuses a number not above the stored ones.
+  Status InsertGenerationLocked(const GenerationRecord& g) {
     Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
     q.Bind(1, g.machine);
     std::int64_t latest = q.Step() == SQLITE_ROW ? q.Int(0) : 0;
     if (g.generation <= latest) {
-      (void)Exec("ROLLBACK");
       return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
                  " is not newer than the stored generation " + std::to_string(latest));
     }
@@ -334,12 +446,8 @@ class SqliteStore final : public Store {
            "toplevel, action, rollout, published_by, created_at, released) "
            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
     BindGen(s, g);
-    if (s.Step() != SQLITE_DONE) {
-      std::string e = sqlite3_errmsg(db_);
-      (void)Exec("ROLLBACK");
-      return Err("store: cannot add generation: " + e);
-    }
-    return Exec("COMMIT");
+    if (s.Step() != SQLITE_DONE) return Err("store: cannot add generation: " + s.ErrorText());
+    return Status::Ok();
   }
 
   static void BindGen(Stmt& s, const GenerationRecord& g) {
@@ -373,19 +481,7 @@ class SqliteStore final : public Store {
       return Status(Err(std::move(e)));
     };
     for (const auto& g : gens) {
-      Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
-      q.Bind(1, g.machine);
-      std::int64_t latest = q.Step() == SQLITE_ROW ? q.Int(0) : 0;
-      if (g.generation <= latest) {
-        return fail("generation " + std::to_string(g.generation) + " for " + g.machine +
-                    " is not newer than the stored generation " + std::to_string(latest));
-      }
-      Stmt s(db_,
-             "INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
-             "toplevel, action, rollout, published_by, created_at, released) "
-             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
-      BindGen(s, g);
-      if (s.Step() != SQLITE_DONE) return fail("store: cannot add generation: " + s.ErrorText());
+      if (auto st = InsertGenerationLocked(g); !st) return fail(st.message());
     }
     Stmt r1(db_,
             "INSERT INTO rollouts (id, created_at, created_by, canary, max_parallel, max_failures, "

@@ -259,6 +259,38 @@ TEST_F(SqliteStoreTest, HelloAndSeen) {
   EXPECT_EQ(store_->GetMachine("web1")->last_seen, 700);
 }
 
+TEST_F(SqliteStoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2")).ok());
+  nlohmann::json facts = {{"os", "nixos"}};
+  auto hellos = store_->RecordHellos({{"web1", 500, facts, 3}, {"web2", 501, facts, 0}});
+  ASSERT_EQ(hellos.size(), 2u);
+  EXPECT_TRUE(hellos[0].ok() && hellos[1].ok());
+  EXPECT_EQ(store_->GetMachine("web1")->last_applied, 3);
+  EXPECT_EQ(store_->GetMachine("web2")->last_seen, 501);
+
+  std::vector<StatusWrite> writes;
+  std::int64_t at = 1000;
+  for (const char* p : {"received", "verified", "succeeded"}) {
+    writes.push_back({"web1", Event(4, p, at++), std::string(p) == "succeeded" ? "/nix/store/4-system" : "",
+                      false, nullptr});
+    writes.push_back({"web2", Event(7, p, at++), "", false, nullptr});
+  }
+  auto results = store_->RecordStatuses(writes);
+  ASSERT_EQ(results.size(), writes.size());
+  for (const auto& r : results) EXPECT_TRUE(r.ok()) << r.message();
+  std::vector<std::string> got;
+  for (const auto& e : store_->ListEvents("web1", 4, 10)) got.push_back(e.phase);
+  EXPECT_THAT(got, ElementsAre("received", "verified", "succeeded"));
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->phase, "succeeded");
+  EXPECT_EQ(m->toplevel, "/nix/store/4-system");
+  EXPECT_EQ(m->last_applied, 4);
+  EXPECT_EQ(store_->GetMachine("web2")->last_applied, 7);
+  Reopen();  // cached statements are finalized, so the store closes cleanly
+  EXPECT_EQ(store_->ListEvents("web2", 7, 10).size(), 3u);
+}
+
 TEST_F(SqliteStoreTest, LogsReadByGenerationAfterIdWithLimit) {
   std::vector<LogRecord> batch;
   for (int i = 0; i < 10; ++i) {

@@ -86,6 +86,23 @@ struct EventRecord {
   std::int64_t at = 0;  // unix ms
 };
 
+// The arguments of one Store::RecordHello call.
+struct HelloWrite {
+  std::string name;
+  std::int64_t at = 0;
+  nlohmann::json facts = nlohmann::json::object();
+  std::int64_t last_applied = 0;
+};
+
+// The arguments of one Store::RecordStatus call.
+struct StatusWrite {
+  std::string name;
+  EventRecord ev;
+  std::string toplevel;
+  bool reboot_required = false;
+  nlohmann::json facts = nullptr;  // null: keep the stored facts
+};
+
 struct LogRecord {
   std::int64_t id = 0;
   std::string machine;
@@ -107,12 +124,31 @@ class Store {
   // Records a hello: facts, last_seen and the agent's own view of its state.
   virtual Status RecordHello(const std::string& name, std::int64_t at, const nlohmann::json& facts,
                              std::int64_t last_applied) = 0;
+  // Several hellos, each durable on return like RecordHello, one result per
+  // hello in order. SqliteStore commits them together; this default does not.
+  virtual std::vector<Status> RecordHellos(const std::vector<HelloWrite>& writes) {
+    std::vector<Status> out;
+    out.reserve(writes.size());
+    for (const auto& w : writes) out.push_back(RecordHello(w.name, w.at, w.facts, w.last_applied));
+    return out;
+  }
   virtual Status RecordSeen(const std::string& name, std::int64_t at) = 0;
   // Records a status report: machine row + an event row, in one transaction.
   // facts: null to keep the stored ones.
   virtual Status RecordStatus(const std::string& name, const EventRecord& ev,
                               const std::string& toplevel, bool reboot_required,
                               const nlohmann::json& facts = nullptr) = 0;
+  // Records several reports, each durable on return like RecordStatus, with one
+  // result per report in order. SqliteStore commits them together (group
+  // commit: one fsync); this default records them one by one.
+  virtual std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) {
+    std::vector<Status> out;
+    out.reserve(writes.size());
+    for (const auto& w : writes) {
+      out.push_back(RecordStatus(w.name, w.ev, w.toplevel, w.reboot_required, w.facts));
+    }
+    return out;
+  }
 
   virtual Status AddOperator(const OperatorRecord& op) = 0;
   virtual Status RemoveOperator(const std::string& name) = 0;
