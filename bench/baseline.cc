@@ -66,7 +66,8 @@ std::uint64_t Loop(SSL_CTX* server, SSL_CTX* client, const std::vector<ClientId>
 
 }  // namespace
 
-BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry) {
+BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry,
+                                 int tickets) {
   // Server: the controller's context, with the controller's kind of key check.
   SecretKey server_key = OperatorKey();  // any Ed25519 key will do
   auto pem = tls::MakeSelfSignedCertPem(server_key, "muster-controller");
@@ -78,6 +79,7 @@ BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t regi
     return keys.count(k.ToText()) > 0;
   };
   auto sctx = tls::MakeServerContext(server_key, *pem, &check);
+  if (tickets >= 0) SSL_CTX_set_num_tickets((*sctx)->native_handle(), static_cast<size_t>(tickets));
   // Client: as the load generator builds it.
   SSL_CTX* cctx = SSL_CTX_new(TLS_client_method());
   SSL_CTX_set_min_proto_version(cctx, TLS1_3_VERSION);

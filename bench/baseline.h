@@ -17,6 +17,8 @@ struct BaselineResult {
   double per_second = 0;
 };
 
-BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry);
+// tickets >= 0 overrides the number of TLS 1.3 session tickets the server sends.
+BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry,
+                                 int tickets = -1);
 
 }  // namespace muster::bench

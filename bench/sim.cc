@@ -69,6 +69,7 @@ struct Conn {
   std::uint8_t attempt = 0;
   bool counted_inflight = false;
   std::uint64_t next_seq = 1;
+  std::uint64_t first_seq = 0;
   std::uint64_t final_seq = 0;
   std::int64_t final_generation = 0;
   std::int64_t last_applied = 0;
@@ -464,6 +465,8 @@ class Worker {
     if (const auto* d = std::get_if<proto::Deploy>(&*msg)) return OnDeploy(j, *d);
     if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
       sim_.counters_.acks++;
+      bool tracked = c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed);
+      if (a->seq == c.first_seq && tracked) sim_.received_ack_ns_[i].store(NowNs(), std::memory_order_relaxed);
       if (a->seq == c.final_seq && c.final_seq != 0) {
         sim_.counters_.final_acks++;
         if (c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed)) {
@@ -523,11 +526,12 @@ class Worker {
     sim_.counters_.verified++;
     c.last_applied = gen;
     sim_.applied_[i].store(gen, std::memory_order_relaxed);
+    c.final_generation = gen;
+    c.first_seq = c.next_seq;
     for (const char* phase : kPhases) {
       bool last = std::string_view(phase) == "succeeded";
       c.final_seq = send(phase, "", last ? m->toplevel : "", last);
     }
-    c.final_generation = gen;
   }
 
   void Fail(std::uint32_t j, const std::string& reason) {
@@ -578,6 +582,7 @@ Simulator::Simulator(SimOptions options)
       tcp_ns_(opts_.count),
       notify_ns_(opts_.count),
       ack_ns_(opts_.count),
+      received_ack_ns_(opts_.count),
       applied_(opts_.count) {
   if (opts_.threads < 1) opts_.threads = 1;
 }

@@ -94,6 +94,8 @@ class Simulator {
   std::int64_t TcpNs(std::uint32_t i) const { return tcp_ns_[i].load(std::memory_order_relaxed); }
   std::int64_t NotifyNs(std::uint32_t i) const { return notify_ns_[i].load(std::memory_order_relaxed); }
   std::int64_t AckNs(std::uint32_t i) const { return ack_ns_[i].load(std::memory_order_relaxed); }
+  // Ack of the first ('received') report: the controller recorded the receipt.
+  std::int64_t ReceivedAckNs(std::uint32_t i) const { return received_ack_ns_[i].load(std::memory_order_relaxed); }
   std::int64_t AppliedGeneration(std::uint32_t i) const { return applied_[i].load(std::memory_order_relaxed); }
   // Deploys of this generation set NotifyNs/AckNs (earlier ones are ignored there).
   void TrackGeneration(std::int64_t generation) { tracked_generation_ = generation; }
@@ -108,7 +110,8 @@ class Simulator {
   std::atomic<bool> stop_{false};
   std::atomic<bool> expect_disconnects_{false};
   std::atomic<std::int64_t> tracked_generation_{0};
-  std::vector<std::atomic<std::int64_t>> welcome_ns_, tcp_ns_, notify_ns_, ack_ns_, applied_;
+  std::vector<std::atomic<std::int64_t>> welcome_ns_, tcp_ns_, notify_ns_, ack_ns_,
+      received_ack_ns_, applied_;
   mutable std::mutex err_mu_;
   std::map<std::string, std::uint64_t> errors_, expected_;
   std::uint64_t error_count_ = 0;
