@@ -532,7 +532,7 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
 
 int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   if (verb == "watch") return Watch(**conn, id, timeout, g.json_out);
@@ -572,7 +572,7 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
 
 int Status_(const Globals& g, const std::string& machine) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   json params = json::object();
@@ -601,7 +601,7 @@ int Status_(const Globals& g, const std::string& machine) {
 
 int History(const Globals& g, const std::string& machine, int limit) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call("history", {{"machine", machine}, {"limit", limit}});
@@ -626,7 +626,7 @@ int History(const Globals& g, const std::string& machine, int limit) {
 
 int Logs(const Globals& g, const std::string& machine, std::int64_t generation, bool follow) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   if (follow) {
@@ -676,7 +676,7 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
 int SimpleCall(const Globals& g, const std::string& method, const json& params,
                const std::string& ok_message) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call(method, params);
@@ -691,7 +691,7 @@ int SimpleCall(const Globals& g, const std::string& method, const json& params,
 
 int MachineList(const Globals& g) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message(), kExitUsage);
+  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call("machine.list", json::object());
@@ -865,7 +865,7 @@ int main(int argc, char** argv) {
   }
   if (m_enroll->parsed()) {
     auto opkey = LoadSecretKey(g.key);
-    if (!opkey) return Die(opkey.message(), kExitUsage);
+    if (!opkey) return Die(opkey.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
     auto conn = Connect(g, *opkey);
     if (!conn) return Die(conn.message(), kExitConnect);
     auto res = (*conn)->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
