@@ -1,13 +1,12 @@
 #include "agent/agent.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <boost/asio/post.hpp>
 #include <filesystem>
 #include <random>
-
-#include <boost/asio/post.hpp>
-#include <spdlog/spdlog.h>
 
 #include "agent/health.h"
 #include "agent/vars.h"
@@ -88,9 +87,10 @@ int Agent::Run() {
     auto st = LoadAgentState(cfg_.StatePath());
     if (!st) {
       spdlog::error("{}", st.message());
-      spdlog::error("refusing to start with an unreadable state; move {} aside to start afresh "
-                    "(the agent then accepts only generations newer than the controller's)",
-                    cfg_.StatePath());
+      spdlog::error(
+          "refusing to start with an unreadable state; move {} aside to start afresh "
+          "(the agent then accepts only generations newer than the controller's)",
+          cfg_.StatePath());
       return 1;
     }
     state_ = std::move(*st);
@@ -209,13 +209,12 @@ void Agent::EnrollIfNeeded() {
     bool done = false;
     std::shared_ptr<WsClient> client;
     WsClient::Handlers h;
-    h.on_open = [&] {
-      client->Send(proto::Encode(proto::Enroll{cfg_.machine, token}));
-    };
+    h.on_open = [&] { client->Send(proto::Encode(proto::Enroll{cfg_.machine, token})); };
     h.on_message = [&](std::string text) {
       auto m = proto::Decode(text);
       if (m && std::holds_alternative<proto::Enrolled>(*m)) outcome = "enrolled";
-      if (m && std::holds_alternative<proto::ErrorMsg>(*m)) refusal = std::get<proto::ErrorMsg>(*m).message;
+      if (m && std::holds_alternative<proto::ErrorMsg>(*m))
+        refusal = std::get<proto::ErrorMsg>(*m).message;
     };
     h.on_close = [&](std::string reason) {
       done = true;
@@ -225,7 +224,8 @@ void Agent::EnrollIfNeeded() {
     client = WsClient::Create(ioc.get_executor(), o, h);
     client->Connect();
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!done && std::chrono::steady_clock::now() < deadline) ioc.run_one_for(std::chrono::milliseconds(100));
+    while (!done && std::chrono::steady_clock::now() < deadline)
+      ioc.run_one_for(std::chrono::milliseconds(100));
     if (outcome == "enrolled") {
       (void)WriteFileAtomic(marker, cfg_.machine + "\n", 0600);
       spdlog::info("enrolled as machine {} with key {}", cfg_.machine, key_.public_key().ShortId());
@@ -369,7 +369,7 @@ void Agent::OnDeploy(const proto::Deploy& d) {
     std::lock_guard lock(mu_);
     state_.last_applied = m->generation;  // never accept this number again
     std::optional<DeployRecord> previous_pending = state_.pending;
-    state_.pending = r;                   // survives a restart before the worker takes it
+    state_.pending = r;  // survives a restart before the worker takes it
     if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
       state_.last_applied = ctx.last_applied;
       state_.pending = previous_pending;
@@ -377,8 +377,8 @@ void Agent::OnDeploy(const proto::Deploy& d) {
       proto::StatusReport rep;
       rep.generation = gen;
       rep.phase = "failed";
-      rep.detail = "cannot record generation " + std::to_string(gen) +
-                   " in the agent state (" + st.message() + "); nothing was changed";
+      rep.detail = "cannot record generation " + std::to_string(gen) + " in the agent state (" +
+                   st.message() + "); nothing was changed";
       rep.at = clock_();
       QueueReportLocked(rep);
       boost::asio::post(ioc_, [this] { FlushReports(); });
@@ -474,7 +474,8 @@ std::string Agent::RenderMetrics() {
   for (const auto& [k, v] : outcomes_) {
     outcomes += "muster_agent_deploys_total{result=\"" + k + "\"} " + std::to_string(v) + "\n";
   }
-  add("muster_agent_deploys_total", "counter", "Deploys finished since start, by result.", outcomes);
+  add("muster_agent_deploys_total", "counter", "Deploys finished since start, by result.",
+      outcomes);
   return o;
 }
 
@@ -483,15 +484,16 @@ void Agent::Report(const DeployRecord& r) {
   s.generation = r.generation();
   s.phase = std::string(ToString(r.phase));
   s.detail = r.detail;
-  s.toplevel = r.phase == Phase::kSucceeded || r.phase == Phase::kRolledBack ||
-                       r.phase == Phase::kUnchanged
-                   ? ops_->ActiveToplevel()
-                   : std::string();
+  s.toplevel =
+      r.phase == Phase::kSucceeded || r.phase == Phase::kRolledBack || r.phase == Phase::kUnchanged
+          ? ops_->ActiveToplevel()
+          : std::string();
   s.reboot_required = r.reboot_required;
   s.closure_bytes = r.closure_bytes;
   s.at = clock_();
   if (IsTerminal(r.phase)) s.facts = Facts();
-  spdlog::info("generation {}: {}{}{}", s.generation, s.phase, s.detail.empty() ? "" : ": ", s.detail);
+  spdlog::info("generation {}: {}{}{}", s.generation, s.phase, s.detail.empty() ? "" : ": ",
+               s.detail);
   {
     std::lock_guard lock(mu_);
     QueueReportLocked(s);
@@ -521,8 +523,7 @@ void Agent::WorkerLoop() {
     {
       std::unique_lock lock(mu_);
       cv_.wait(lock, [&] {
-        return stopping_ || pending_ ||
-               (state_.current && !IsTerminal(state_.current->phase));
+        return stopping_ || pending_ || (state_.current && !IsTerminal(state_.current->phase));
       });
       if (stopping_) return;
       if (!(state_.current && !IsTerminal(state_.current->phase))) {
@@ -559,7 +560,8 @@ void Agent::RunStep(DeployRecord& r, Step step) {
       std::lock_guard lock(mu_);
       r.phase = before;
       if (step == Step::kRealise) r.detail = "realising " + r.manifest.toplevel;
-      if (step == Step::kActivate) r.detail = std::string(ToString(r.manifest.action)) + " " + r.manifest.toplevel;
+      if (step == Step::kActivate)
+        r.detail = std::string(ToString(r.manifest.action)) + " " + r.manifest.toplevel;
       Persist();
     }
     Report(r);
@@ -616,12 +618,13 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
     case Step::kCheckUnchanged: {
       std::string active = ops_->ActiveToplevel();
       auto installed = ReadFile(cfg_.vars_dir + "/.muster-vars-hash", 4096);
-      bool vars_same = r.manifest.vars_hash.empty() ||
-                       (installed && *installed == r.manifest.vars_hash + "\n");
+      bool vars_same =
+          r.manifest.vars_hash.empty() || (installed && *installed == r.manifest.vars_hash + "\n");
       if (active == r.manifest.toplevel && vars_same && !r.manifest.force &&
           r.manifest.action != Action::kDryActivate) {
         o.ok = o.unchanged = true;
-        o.detail = r.manifest.toplevel + " is already active; nothing to do (publish with --force to re-activate)";
+        o.detail = r.manifest.toplevel +
+                   " is already active; nothing to do (publish with --force to re-activate)";
       } else {
         o.ok = true;
         o.detail = "realising " + r.manifest.toplevel;
@@ -661,7 +664,8 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
     }
     case Step::kActivate: {
       if (r.kind == Kind::kAuto) r.kind = ops_->DetectKind(r.manifest.toplevel);
-      auto st = ops_->Activate(r.kind, r.manifest.toplevel, r.manifest.action, Tag(r, "activate"), sink);
+      auto st =
+          ops_->Activate(r.kind, r.manifest.toplevel, r.manifest.action, Tag(r, "activate"), sink);
       o.ok = st.ok();
       if (!st) {
         o.detail = "activation failed: " + st.message();
@@ -711,7 +715,8 @@ StepOutcome Agent::Confirm(DeployRecord& r) {
       return {false, why};
     }
     std::unique_lock lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(500), [&] { return stopping_ || acked_seq_ > floor; });
+    cv_.wait_for(lock, std::chrono::milliseconds(500),
+                 [&] { return stopping_ || acked_seq_ > floor; });
   }
 }
 
@@ -722,7 +727,8 @@ StepOutcome Agent::Rollback(DeployRecord& r) {
   };
   std::vector<std::string> done;
   if (r.vars_changed) {
-    if (auto st = RestoreVars(cfg_.vars_dir); !st) return {false, "restoring vars: " + st.message()};
+    if (auto st = RestoreVars(cfg_.vars_dir); !st)
+      return {false, "restoring vars: " + st.message()};
     done.push_back("vars restored");
   }
   const std::string& prev = r.previous_toplevel;

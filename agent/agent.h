@@ -8,6 +8,9 @@
 #pragma once
 
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -17,10 +20,6 @@
 #include <optional>
 #include <string>
 #include <thread>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ssl/context.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "agent/config.h"
 #include "agent/link.h"
@@ -90,7 +89,7 @@ class Agent {
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
   AgentState state_;
-  std::optional<DeployRecord> pending_;     // accepted, waiting for the worker
+  std::optional<DeployRecord> pending_;            // accepted, waiting for the worker
   std::deque<proto::StatusReport> outbox_status_;  // reports not yet sent (bounded)
   std::deque<proto::LogLines> outbox_logs_;
   std::size_t outbox_log_lines_ = 0;
@@ -98,7 +97,7 @@ class Agent {
   std::uint64_t acked_seq_ = 0;
   std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact
   bool welcomed_ = false;
-  std::uint64_t connections_ = 0;   // sessions that reached "welcome"
+  std::uint64_t connections_ = 0;  // sessions that reached "welcome"
   std::uint64_t disconnects_ = 0;
   std::map<std::string, std::uint64_t> outcomes_;  // final phase → deploys
   std::unique_ptr<HttpServer> metrics_;

@@ -18,7 +18,8 @@ std::chrono::milliseconds Seconds(const json& v, const std::string& field) {
 }
 std::string Abs(const json& v, const std::string& field) {
   std::string s = v.get<std::string>();
-  if (s.empty() || s[0] != '/') throw std::invalid_argument("'" + field + "' must be an absolute path");
+  if (s.empty() || s[0] != '/')
+    throw std::invalid_argument("'" + field + "' must be an absolute path");
   return s;
 }
 }  // namespace
@@ -72,13 +73,16 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
           hc.http = h.value("http", std::string());
           if (h.contains("timeout")) hc.timeout = Seconds(h.at("timeout"), "healthChecks.timeout");
           if (hc.command.empty() == hc.http.empty()) {
-            throw std::invalid_argument("each health check needs exactly one of 'command' or 'http'");
+            throw std::invalid_argument(
+                "each health check needs exactly one of 'command' or 'http'");
           }
           if (!hc.command.empty() && (hc.command[0].empty() || hc.command[0][0] != '/')) {
-            throw std::invalid_argument("health check command '" + hc.command[0] + "' must be an absolute path");
+            throw std::invalid_argument("health check command '" + hc.command[0] +
+                                        "' must be an absolute path");
           }
           if (!hc.http.empty() && hc.http.rfind("http://", 0) != 0) {
-            throw std::invalid_argument("health check URL '" + hc.http + "' must start with http:// (https is not supported)");
+            throw std::invalid_argument("health check URL '" + hc.http +
+                                        "' must start with http:// (https is not supported)");
           }
           if (hc.name.empty()) hc.name = hc.http.empty() ? hc.command[0] : hc.http;
           c.health_checks.push_back(hc);
@@ -101,7 +105,8 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
       } else if (k == "homeManagerUser") {
         c.home_manager_user = v.get<std::string>();
         if (c.home_manager_user.empty() ||
-            c.home_manager_user.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+            c.home_manager_user.find_first_not_of(
+                "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
                 std::string::npos) {
           throw std::invalid_argument("must be a user name");
         }
@@ -130,12 +135,17 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
     return Err(origin + ": setting '" + field + "': " + e.what());
   }
   if (c.machine.empty()) return Err(origin + ": 'machine' (this machine's name) is required");
-  if (c.controllers.empty()) return Err(origin + ": 'controllers' (wss:// URLs) must list at least one controller");
-  if (c.controller_pin.empty()) return Err(origin + ": 'controllerPin' is required (printed by 'muster-controller init')");
+  if (c.controllers.empty())
+    return Err(origin + ": 'controllers' (wss:// URLs) must list at least one controller");
+  if (c.controller_pin.empty())
+    return Err(origin + ": 'controllerPin' is required (printed by 'muster-controller init')");
   if (c.trusted_operator_keys.empty()) {
-    return Err(origin + ": 'trustedOperatorKeys' must list at least one operator key; without it no generation can be accepted");
+    return Err(origin +
+               ": 'trustedOperatorKeys' must list at least one operator key; without it no "
+               "generation can be accepted");
   }
-  if (c.idle_timeout <= c.ping_interval) return Err(origin + ": 'idleTimeout' must be greater than 'pingInterval'");
+  if (c.idle_timeout <= c.ping_interval)
+    return Err(origin + ": 'idleTimeout' must be greater than 'pingInterval'");
   return c;
 }
 

@@ -38,9 +38,9 @@ struct AgentConfig {
   std::string metrics_listen;
   std::string reboot_policy = "never";  // never | when-required
   std::string log_level = "info";
-  std::string nix_bin_dir;              // "" = search PATH and the usual places
-  std::string home_manager_user;        // home-manager kind: activate as this user
-  std::string systemd_run = "auto";     // auto | always | never
+  std::string nix_bin_dir;           // "" = search PATH and the usual places
+  std::string home_manager_user;     // home-manager kind: activate as this user
+  std::string systemd_run = "auto";  // auto | always | never
   std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
   std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};

@@ -13,7 +13,8 @@ const char* kPin = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef01234
 std::string Minimal(const std::string& extra = "") {
   InitCrypto();
   std::string key = SecretKey::Generate().public_key().ToText();
-  return std::string(R"({"machine":"web1","controllers":["wss://ctl.example:7443"],"controllerPin":")") +
+  return std::string(
+             R"({"machine":"web1","controllers":["wss://ctl.example:7443"],"controllerPin":")") +
          kPin + R"(","trustedOperatorKeys":[")" + key + "\"]" + extra + "}";
 }
 
@@ -35,7 +36,8 @@ TEST(AgentConfig, MinimalHasNixosDefaults) {
 
 TEST(AgentConfig, FullSettings) {
   auto c = ParseAgentConfig(
-      Minimal(R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
+      Minimal(
+          R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
         "enrollTokenFile":"/run/token","metricsListen":null)"),
@@ -65,12 +67,15 @@ TEST(AgentConfig, ErrorsNameTheField) {
       {Minimal(R"(,"confirmTimeout":-1)"), "'confirmTimeout' must be a positive number"},
       {Minimal(R"(,"rebootPolicy":"sometimes")"), "\"never\" or \"when-required\""},
       {Minimal(R"(,"healthChecks":[{"command":["true"]}])"), "must be an absolute path"},
-      {Minimal(R"(,"healthChecks":[{"command":["/bin/true"],"http":"http://x/"}])"), "exactly one of"},
+      {Minimal(R"(,"healthChecks":[{"command":["/bin/true"],"http":"http://x/"}])"),
+       "exactly one of"},
       {Minimal(R"(,"healthChecks":[{"http":"https://x/"}])"), "https is not supported"},
       {Minimal(R"(,"pingInterval":10,"idleTimeout":5)"), "'idleTimeout' must be greater"},
-      {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) + R"(","trustedOperatorKeys":["x"]})",
+      {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) +
+           R"(","trustedOperatorKeys":["x"]})",
        "ed25519"},
-      {R"({"machine":"m","controllers":[],"controllerPin":"x","trustedOperatorKeys":[]})", "pin must look like"},
+      {R"({"machine":"m","controllers":[],"controllerPin":"x","trustedOperatorKeys":[]})",
+       "pin must look like"},
       {R"({"machine":"m","controllers":["http://x"]})", "must start with wss://"},
   };
   for (const auto& c : cases) {
@@ -88,10 +93,14 @@ TEST(AgentConfig, RequiredFieldsSayWhatToDo) {
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.message(), HasSubstr("'machine'"));
   auto k = SecretKey::Generate().public_key().ToText();
-  r = ParseAgentConfig(R"({"machine":"m","controllers":["wss://x"],"trustedOperatorKeys":[")" + k + "\"]}", "a.json");
+  r = ParseAgentConfig(
+      R"({"machine":"m","controllers":["wss://x"],"trustedOperatorKeys":[")" + k + "\"]}",
+      "a.json");
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.message(), HasSubstr("muster-controller init"));
-  r = ParseAgentConfig(R"({"machine":"m","controllers":["wss://x"],"controllerPin":")" + std::string(kPin) + "\"}", "a.json");
+  r = ParseAgentConfig(
+      R"({"machine":"m","controllers":["wss://x"],"controllerPin":")" + std::string(kPin) + "\"}",
+      "a.json");
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.message(), HasSubstr("trustedOperatorKeys"));
 }

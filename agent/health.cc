@@ -23,7 +23,8 @@ Result<int> HttpGetStatus(const std::string& url, std::chrono::milliseconds time
   if (!hostport.empty() && hostport[0] == '[') {
     auto close = hostport.find(']');
     host = hostport.substr(1, close - 1);
-    if (close + 1 < hostport.size() && hostport[close + 1] == ':') port = hostport.substr(close + 2);
+    if (close + 1 < hostport.size() && hostport[close + 1] == ':')
+      port = hostport.substr(close + 2);
   } else if (auto c = hostport.rfind(':'); c != std::string::npos) {
     host = hostport.substr(0, c);
     port = hostport.substr(c + 1);
@@ -39,19 +40,32 @@ Result<int> HttpGetStatus(const std::string& url, std::chrono::milliseconds time
   beast::error_code result = asio::error::timed_out;
   bool done = false;
   stream.expires_after(timeout);
-  resolver.async_resolve(host, port, [&](beast::error_code ec, asio::ip::tcp::resolver::results_type r) {
-    if (ec) { result = ec; done = true; return; }
-    stream.async_connect(r, [&](beast::error_code ec2, const asio::ip::tcp::endpoint&) {
-      if (ec2) { result = ec2; done = true; return; }
-      http::async_write(stream, req, [&](beast::error_code ec3, std::size_t) {
-        if (ec3) { result = ec3; done = true; return; }
-        http::async_read(stream, buf, res, [&](beast::error_code ec4, std::size_t) {
-          result = ec4;
+  resolver.async_resolve(
+      host, port, [&](beast::error_code ec, asio::ip::tcp::resolver::results_type r) {
+        if (ec) {
+          result = ec;
           done = true;
+          return;
+        }
+        stream.async_connect(r, [&](beast::error_code ec2, const asio::ip::tcp::endpoint&) {
+          if (ec2) {
+            result = ec2;
+            done = true;
+            return;
+          }
+          http::async_write(stream, req, [&](beast::error_code ec3, std::size_t) {
+            if (ec3) {
+              result = ec3;
+              done = true;
+              return;
+            }
+            http::async_read(stream, buf, res, [&](beast::error_code ec4, std::size_t) {
+              result = ec4;
+              done = true;
+            });
+          });
         });
       });
-    });
-  });
   ioc.run_for(timeout + std::chrono::milliseconds(100));
   if (!done) return Err("GET " + url + " timed out");
   if (result) return Err("GET " + url + ": " + result.message());

@@ -37,7 +37,8 @@ TEST(Health, AllPassingChecksPass) {
 
 TEST(Health, FirstFailureNamesTheCheck) {
   FakeRunner runner;
-  auto r = RunHealthChecks({Cmd("a", "/bin/true"), Cmd("db", "/bin/false"), Cmd("c", "/bin/true")}, runner);
+  auto r = RunHealthChecks({Cmd("a", "/bin/true"), Cmd("db", "/bin/false"), Cmd("c", "/bin/true")},
+                           runner);
   EXPECT_FALSE(r.ok);
   EXPECT_NE(r.detail.find("health check 'db' failed"), std::string::npos) << r.detail;
   EXPECT_NE(r.detail.find("not healthy"), std::string::npos) << r.detail;

@@ -32,14 +32,22 @@ void ScheduleRollbackOrFail(DeployRecord& r, const std::string& why, std::int64_
 
 std::string_view ToString(Step s) {
   switch (s) {
-    case Step::kNone: return "none";
-    case Step::kCheckUnchanged: return "check-unchanged";
-    case Step::kRealise: return "realise";
-    case Step::kInstallVars: return "install-vars";
-    case Step::kSetProfile: return "set-profile";
-    case Step::kActivate: return "activate";
-    case Step::kConfirm: return "confirm";
-    case Step::kRollback: return "rollback";
+    case Step::kNone:
+      return "none";
+    case Step::kCheckUnchanged:
+      return "check-unchanged";
+    case Step::kRealise:
+      return "realise";
+    case Step::kInstallVars:
+      return "install-vars";
+    case Step::kSetProfile:
+      return "set-profile";
+    case Step::kActivate:
+      return "activate";
+    case Step::kConfirm:
+      return "confirm";
+    case Step::kRollback:
+      return "rollback";
   }
   return "none";
 }
@@ -50,10 +58,14 @@ Step NextStep(const DeployRecord& r) {
   switch (r.phase) {
     case Phase::kIdle:
     case Phase::kReceived:
-    case Phase::kVerified: return Step::kCheckUnchanged;
-    case Phase::kActivating: return Step::kActivate;
-    case Phase::kConfirming: return Step::kConfirm;
-    default: break;
+    case Phase::kVerified:
+      return Step::kCheckUnchanged;
+    case Phase::kActivating:
+      return Step::kActivate;
+    case Phase::kConfirming:
+      return Step::kConfirm;
+    default:
+      break;
   }
   if (!r.realised) return Step::kRealise;
   if (InstallsVars(r) && !r.vars_done) return Step::kInstallVars;
@@ -69,10 +81,14 @@ void Abandon(DeployRecord& r, const std::string& why, std::int64_t now) {
 
 Phase PhaseBefore(Step step, Phase current) {
   switch (step) {
-    case Step::kRealise: return Phase::kRealising;
-    case Step::kActivate: return Phase::kActivating;
-    case Step::kConfirm: return Phase::kConfirming;
-    default: return current;
+    case Step::kRealise:
+      return Phase::kRealising;
+    case Step::kActivate:
+      return Phase::kActivating;
+    case Step::kConfirm:
+      return Phase::kConfirming;
+    default:
+      return current;
   }
 }
 

@@ -22,7 +22,7 @@
 namespace muster {
 
 enum class Step {
-  kNone,          // terminal: nothing to do
+  kNone,  // terminal: nothing to do
   kCheckUnchanged,
   kRealise,
   kInstallVars,
@@ -36,10 +36,10 @@ std::string_view ToString(Step s);
 
 struct StepOutcome {
   bool ok = false;
-  std::string detail;            // what happened, for the operator
-  std::int64_t closure_bytes = 0;   // realise
-  bool reboot_required = false;     // activate
-  bool unchanged = false;           // check-unchanged: closure already active
+  std::string detail;              // what happened, for the operator
+  std::int64_t closure_bytes = 0;  // realise
+  bool reboot_required = false;    // activate
+  bool unchanged = false;          // check-unchanged: closure already active
 };
 
 struct LifecyclePolicy {
@@ -66,9 +66,9 @@ ConfirmVerdict JudgeConfirm(const DeployRecord& r, bool controller_ok, bool heal
 
 // What the agent observed on start-up about an activation it may have missed.
 enum class ActivationEvidence {
-  kSucceeded,    // the activation wrapper recorded exit status 0
-  kFailed,       // it recorded a non-zero status
-  kUnknown,      // no record: the activation was cut short or never started
+  kSucceeded,  // the activation wrapper recorded exit status 0
+  kFailed,     // it recorded a non-zero status
+  kUnknown,    // no record: the activation was cut short or never started
 };
 
 // Adjusts a record found in a non-terminal phase when the agent starts.

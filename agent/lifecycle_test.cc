@@ -44,21 +44,26 @@ struct ActionCase {
 
 TEST(Lifecycle, StepsPerAction) {
   const std::vector<ActionCase> cases = {
-      {Action::kSwitch, true,
+      {Action::kSwitch,
+       true,
        {Step::kCheckUnchanged, Step::kRealise, Step::kInstallVars, Step::kSetProfile,
         Step::kActivate, Step::kConfirm},
        Phase::kSucceeded},
-      {Action::kSwitch, false,
+      {Action::kSwitch,
+       false,
        {Step::kCheckUnchanged, Step::kRealise, Step::kSetProfile, Step::kActivate, Step::kConfirm},
        Phase::kSucceeded},
-      {Action::kBoot, true,
+      {Action::kBoot,
+       true,
        {Step::kCheckUnchanged, Step::kRealise, Step::kInstallVars, Step::kSetProfile,
         Step::kActivate},
        Phase::kSucceeded},
-      {Action::kTest, true,
+      {Action::kTest,
+       true,
        {Step::kCheckUnchanged, Step::kRealise, Step::kInstallVars, Step::kActivate, Step::kConfirm},
        Phase::kSucceeded},
-      {Action::kDryActivate, true,
+      {Action::kDryActivate,
+       true,
        {Step::kCheckUnchanged, Step::kRealise, Step::kActivate},
        Phase::kSucceeded},
   };
@@ -100,8 +105,7 @@ TEST(Lifecycle, FailuresFailOrRollBackDependingOnWhatChanged) {
   const std::vector<FailureCase> cases = {
       {Step::kRealise, Phase::kFailed, false},      // nothing changed yet
       {Step::kInstallVars, Phase::kFailed, false},  // the swap is atomic: nothing changed
-      {Step::kSetProfile, Phase::kRolledBack, true},
-      {Step::kActivate, Phase::kRolledBack, true},
+      {Step::kSetProfile, Phase::kRolledBack, true}, {Step::kActivate, Phase::kRolledBack, true},
       {Step::kConfirm, Phase::kRolledBack, true},
   };
   for (const auto& c : cases) {
@@ -170,7 +174,8 @@ struct ResumeCase {
 
 TEST(Lifecycle, ResumeAfterRestartDuringActivation) {
   const std::vector<ResumeCase> cases = {
-      {"wrapper recorded success", ActivationEvidence::kSucceeded, false, Phase::kConfirming, false},
+      {"wrapper recorded success", ActivationEvidence::kSucceeded, false, Phase::kConfirming,
+       false},
       {"wrapper recorded failure", ActivationEvidence::kFailed, true, Phase::kActivating, true},
       {"unknown, new system active", ActivationEvidence::kUnknown, true, Phase::kConfirming, false},
       {"unknown, old system active", ActivationEvidence::kUnknown, false, Phase::kActivating, true},
@@ -180,8 +185,8 @@ TEST(Lifecycle, ResumeAfterRestartDuringActivation) {
     DeployRecord r = Record(Action::kSwitch);
     r.realised = r.profile_changed = true;
     r.phase = Phase::kActivating;
-    Resume(r, c.evidence, c.active_is_new ? r.manifest.toplevel : r.previous_toplevel, "exit 1",
-           50, {});
+    Resume(r, c.evidence, c.active_is_new ? r.manifest.toplevel : r.previous_toplevel, "exit 1", 50,
+           {});
     EXPECT_EQ(r.phase, c.phase_after) << r.detail;
     EXPECT_EQ(!r.rollback_reason.empty(), c.rollback_due) << r.detail;
     EXPECT_TRUE(r.activation_started);

@@ -1,7 +1,8 @@
 #include "agent/link.h"
 
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+
+#include <boost/asio/post.hpp>
 
 namespace muster {
 

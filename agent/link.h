@@ -6,14 +6,13 @@
 // on the io_context's thread (the agent posts there).
 #pragma once
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <functional>
 #include <memory>
 #include <random>
 #include <string>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ssl/context.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "agent/config.h"
 #include "common/ws_client.h"
@@ -28,7 +27,7 @@ std::chrono::milliseconds BackoffDelay(int attempt, std::chrono::milliseconds ba
 class Link {
  public:
   struct Callbacks {
-    std::function<void()> on_open;                 // connected: send hello now
+    std::function<void()> on_open;  // connected: send hello now
     std::function<void(std::string)> on_message;
     std::function<void(const std::string& reason)> on_down;
   };

@@ -18,11 +18,11 @@ namespace muster {
 
 struct DeployRecord {
   SignedManifest signed_manifest;
-  Manifest manifest;            // parsed from signed_manifest.manifest
-  std::string vars;             // base64 sealed box, "" when none
+  Manifest manifest;  // parsed from signed_manifest.manifest
+  std::string vars;   // base64 sealed box, "" when none
   Phase phase = Phase::kVerified;
   std::string detail;
-  Kind kind = Kind::kProfile;   // detected from the toplevel
+  Kind kind = Kind::kProfile;     // detected from the toplevel
   std::string previous_toplevel;  // active before this deploy; rollback target
   bool realised = false;          // the closure is in the local store
   bool vars_done = false;         // the vars step completed
@@ -30,8 +30,8 @@ struct DeployRecord {
   bool vars_changed = false;      // vars were swapped in (a backup exists)
   bool profile_changed = false;   // the profile was switched to the new toplevel
   bool activation_started = false;
-  std::string rollback_reason;    // non-empty: a rollback is due
-  std::int64_t received_at = 0;   // unix ms
+  std::string rollback_reason;   // non-empty: a rollback is due
+  std::int64_t received_at = 0;  // unix ms
   std::int64_t activated_at = 0;
   std::int64_t confirm_deadline = 0;
   std::int64_t finished_at = 0;
@@ -42,10 +42,10 @@ struct DeployRecord {
 };
 
 struct AgentState {
-  std::int64_t last_applied = 0;      // highest generation accepted (verified)
+  std::int64_t last_applied = 0;  // highest generation accepted (verified)
   std::optional<DeployRecord> current;
   std::optional<DeployRecord> pending;  // accepted, waiting for the current deploy to end
-  std::int64_t last_refused = 0;      // last generation refused, for hello
+  std::int64_t last_refused = 0;        // last generation refused, for hello
   std::string last_refused_reason;
 };
 

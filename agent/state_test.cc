@@ -45,14 +45,16 @@ TEST(AgentState, RoundTripsEveryField) {
   EXPECT_EQ(b.signed_manifest.signature, r.signed_manifest.signature);
   EXPECT_EQ(b.phase, Phase::kConfirming);
   EXPECT_EQ(b.kind, Kind::kNixos);
-  EXPECT_TRUE(b.realised && b.vars_done && b.vars_changed && b.profile_changed && b.activation_started);
+  EXPECT_TRUE(b.realised && b.vars_done && b.vars_changed && b.profile_changed &&
+              b.activation_started);
   EXPECT_EQ(b.confirm_deadline, 3);
   EXPECT_EQ(b.closure_bytes, 1234);
   EXPECT_TRUE(b.reboot_required);
 }
 
 TEST(AgentState, MissingFileIsEmptyAndSavedFileIsPrivate) {
-  auto dir = std::filesystem::temp_directory_path() / ("muster-state-" + std::to_string(::getpid()));
+  auto dir =
+      std::filesystem::temp_directory_path() / ("muster-state-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   std::string path = (dir / "state.json").string();
   auto empty = LoadAgentState(path);

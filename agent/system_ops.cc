@@ -2,16 +2,15 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
-
-#include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "common/fsutil.h"
 #include "common/json_limits.h"
@@ -83,14 +82,14 @@ class NixSystem final : public SystemOps {
       }
       if (e.find("don't know how to build") != std::string::npos ||
           e.find("cannot build") != std::string::npos) {
-        return Err(m.toplevel + " is not available from the substituters (" +
-                   Join(m.substituters) + "); push it with 'nix copy --to' first (this machine never builds)");
+        return Err(m.toplevel + " is not available from the substituters (" + Join(m.substituters) +
+                   "); push it with 'nix copy --to' first (this machine never builds)");
       }
       return Err("nix-store --realise " + m.toplevel + " " + r.Describe());
     }
     // Closure size: the sum of the NAR sizes of all requisites.
-    auto req = Run({nix_store_, "--query", "--requisites", m.toplevel},
-                   std::chrono::minutes(5), "", nullptr);
+    auto req = Run({nix_store_, "--query", "--requisites", m.toplevel}, std::chrono::minutes(5), "",
+                   nullptr);
     if (!req.ok()) return std::int64_t{0};
     std::vector<std::string> argv2 = {nix_store_, "--query", "--size"};
     std::stringstream ss(req.out);
@@ -115,7 +114,8 @@ class NixSystem final : public SystemOps {
     if (auto st = MakeDirs(fs::path(cfg_.profile).parent_path(), 0755); !st) return st;
     auto r = Run({nix_env_, "-p", cfg_.profile, "--set", toplevel}, std::chrono::minutes(5),
                  "profile", sink);
-    if (!r.ok()) return Err("nix-env -p " + cfg_.profile + " --set " + toplevel + " " + r.Describe());
+    if (!r.ok())
+      return Err("nix-env -p " + cfg_.profile + " --set " + toplevel + " " + r.Describe());
     return Status::Ok();
   }
 
@@ -129,8 +129,8 @@ class NixSystem final : public SystemOps {
       case Kind::kDarwin:
       case Kind::kHomeManager:
         if (action == Action::kDryActivate || action == Action::kBoot) {
-          sink("activate", std::string(ToString(kind)) + " has no '" + std::string(ToString(action)) +
-                               "' activation; nothing to run");
+          sink("activate", std::string(ToString(kind)) + " has no '" +
+                               std::string(ToString(action)) + "' activation; nothing to run");
           return Status::Ok();
         }
         cmd = {toplevel + "/activate"};
@@ -153,9 +153,10 @@ class NixSystem final : public SystemOps {
         return Status::Ok();
     }
     std::error_code ec;
-    std::string script = kind == Kind::kNixos ? toplevel + "/bin/switch-to-configuration"
-                                              : toplevel + "/activate";
-    if (!fs::exists(script, ec)) return Err(toplevel + " has no " + script.substr(toplevel.size() + 1));
+    std::string script =
+        kind == Kind::kNixos ? toplevel + "/bin/switch-to-configuration" : toplevel + "/activate";
+    if (!fs::exists(script, ec))
+      return Err(toplevel + " has no " + script.substr(toplevel.size() + 1));
     if (auto st = MakeDirs(cfg_.state_dir + "/activations", 0700); !st) return st;
     std::string lock = LockPath(tag), result = ResultPath(tag);
     ::unlink(result.c_str());
@@ -165,14 +166,21 @@ class NixSystem final : public SystemOps {
     bool use_systemd = cfg_.systemd_run == "always" ||
                        (cfg_.systemd_run == "auto" && SystemdIsPid1() && !systemd_run_.empty());
     if (use_systemd) {
-      if (systemd_run_.empty()) return Err("systemdRun is \"always\" but systemd-run was not found");
-      argv = {systemd_run_, "--pipe", "--wait", "--collect", "--quiet", "--service-type=exec",
+      if (systemd_run_.empty())
+        return Err("systemdRun is \"always\" but systemd-run was not found");
+      argv = {systemd_run_,
+              "--pipe",
+              "--wait",
+              "--collect",
+              "--quiet",
+              "--service-type=exec",
               "--unit=muster-activate-" + tag};
       for (const auto& [k, v] : env) argv.push_back("--setenv=" + k + "=" + v);
       argv.push_back("--");
     }
     std::string self = SelfExe();
-    if (self.empty()) return Err("cannot find the agent's own executable for the activation wrapper");
+    if (self.empty())
+      return Err("cannot find the agent's own executable for the activation wrapper");
     argv.insert(argv.end(), {self, "--activation-wrapper", lock, result, "--"});
     argv.insert(argv.end(), cmd.begin(), cmd.end());
     auto r = Run(argv, cfg_.activation_timeout, "activate", sink, env);

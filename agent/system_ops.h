@@ -56,5 +56,4 @@ std::unique_ptr<SystemOps> MakeNixSystem(const AgentConfig& config, ProcessRunne
 int RunActivationWrapper(const std::string& lock_path, const std::string& result_path,
                          const std::vector<std::string>& argv);
 
-
 }  // namespace muster

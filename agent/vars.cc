@@ -55,9 +55,15 @@ Status WriteEntry(const fs::path& root, const VarsFile& f) {
   }
   if (::geteuid() == 0) {
     auto uid = UserId(f.owner);
-    if (!uid) { ::close(fd); return Err("vars file " + f.path + ": " + uid.message()); }
+    if (!uid) {
+      ::close(fd);
+      return Err("vars file " + f.path + ": " + uid.message());
+    }
     auto gid = GroupId(f.group);
-    if (!gid) { ::close(fd); return Err("vars file " + f.path + ": " + gid.message()); }
+    if (!gid) {
+      ::close(fd);
+      return Err("vars file " + f.path + ": " + gid.message());
+    }
     if (::fchown(fd, *uid, *gid) != 0) {
       int e = errno;
       ::close(fd);
@@ -91,7 +97,8 @@ void RemoveStaleStaging(const fs::path& target) {
 
 Status FsyncTree(const fs::path& root) {
   std::error_code ec;
-  for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it); it.increment(ec)) {
+  for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it);
+       it.increment(ec)) {
     if (it->is_directory()) {
       if (auto st = FsyncPath(it->path()); !st) return st;
     }

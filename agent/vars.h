@@ -17,7 +17,7 @@
 namespace muster {
 
 struct VarsInstallResult {
-  bool changed = false;   // false: the target already held this bundle
+  bool changed = false;  // false: the target already held this bundle
   std::size_t files = 0;
 };
 

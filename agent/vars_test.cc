@@ -19,8 +19,9 @@ class VarsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     InitCrypto();
-    root_ = fs::temp_directory_path() / ("muster-vars-" + std::to_string(::getpid()) + "-" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    root_ = fs::temp_directory_path() /
+            ("muster-vars-" + std::to_string(::getpid()) + "-" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(root_);
     fs::create_directories(root_);
     target_ = (root_ / "sops-nix").string();
@@ -107,16 +108,19 @@ TEST_F(VarsTest, RefusesWhatItCannotOpenOrValidate) {
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.message().find("cannot be opened"), std::string::npos) << r.message();
   EXPECT_FALSE(fs::exists(target_));
-  auto bad = SealTo(key_.public_key(), R"({"format":1,"files":[{"path":"../etc/passwd","content":""}]})");
+  auto bad =
+      SealTo(key_.public_key(), R"({"format":1,"files":[{"path":"../etc/passwd","content":""}]})");
   r = InstallVars(key_, Base64Encode(*bad), VarsHash(*bad), target_);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.message().find(".."), std::string::npos) << r.message();
-  auto unknown_user = SealTo(key_.public_key(),
-                             R"({"format":1,"files":[{"path":"a","owner":"no-such-user-xyz","content":""}]})");
+  auto unknown_user =
+      SealTo(key_.public_key(),
+             R"({"format":1,"files":[{"path":"a","owner":"no-such-user-xyz","content":""}]})");
   r = InstallVars(key_, Base64Encode(*unknown_user), VarsHash(*unknown_user), target_);
   if (::geteuid() == 0) {
     ASSERT_FALSE(r.ok());
-    EXPECT_NE(r.message().find("unknown user 'no-such-user-xyz'"), std::string::npos) << r.message();
+    EXPECT_NE(r.message().find("unknown user 'no-such-user-xyz'"), std::string::npos)
+        << r.message();
     EXPECT_FALSE(fs::exists(target_)) << "a failed install leaves the target untouched";
   }
 }

@@ -43,10 +43,11 @@ class HttpSession : public std::enable_shared_from_this<HttpSession> {
     }
     res->keep_alive(false);
     res->prepare_payload();
-    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code, std::size_t) {
-      beast::error_code ec;
-      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    });
+    http::async_write(stream_, *res,
+                      [self = shared_from_this(), res](beast::error_code, std::size_t) {
+                        beast::error_code ec;
+                        self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+                      });
   }
 
   beast::tcp_stream stream_;
@@ -62,12 +63,12 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   Impl(asio::io_context& io, Handler h, std::string n)
       : ioc(io), acceptor(asio::make_strand(io)), handler(std::move(h)), name(std::move(n)) {}
   void Accept() {
-    acceptor.async_accept(asio::make_strand(ioc),
-                          [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
-                            if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-                            if (!ec) std::make_shared<HttpSession>(std::move(s), self->handler, self->name)->Run();
-                            self->Accept();
-                          });
+    acceptor.async_accept(
+        asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
+          if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
+          if (!ec) std::make_shared<HttpSession>(std::move(s), self->handler, self->name)->Run();
+          self->Accept();
+        });
   }
   asio::io_context& ioc;
   tcp::acceptor acceptor;

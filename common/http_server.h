@@ -5,12 +5,11 @@
 // be thread-safe and quick. Meant for loopback or management addresses.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
 #include <functional>
 #include <memory>
 #include <string>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
 
 #include "common/error.h"
 #include "common/url.h"

@@ -5,7 +5,8 @@
 namespace muster {
 
 bool SetupLogging(const std::string& name, const std::string& level) {
-  auto logger = spdlog::stderr_logger_mt(name + "-" + std::to_string(reinterpret_cast<std::uintptr_t>(&name)));
+  auto logger = spdlog::stderr_logger_mt(name + "-" +
+                                         std::to_string(reinterpret_cast<std::uintptr_t>(&name)));
   logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ " + name + ": %v");
   spdlog::set_default_logger(logger);
   auto lvl = spdlog::level::from_str(level);

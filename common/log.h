@@ -2,9 +2,9 @@
 // capture it). Levels: trace, debug, info, warn, error.
 #pragma once
 
-#include <string>
-
 #include <spdlog/spdlog.h>
+
+#include <string>
 
 namespace muster {
 

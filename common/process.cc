@@ -205,14 +205,23 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       ::kill(-pid, SIGKILL);
       break;
     }
-    int wait_ms = static_cast<int>(
-        std::min<long long>(1000, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1));
+    int wait_ms = static_cast<int>(std::min<long long>(
+        1000, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1));
     pollfd p[3];
     int n = 0;
     int oi = -1, ei = -1, ii = -1;
-    if (out_open) { p[n] = {out_pipe[0], POLLIN, 0}; oi = n++; }
-    if (err_open) { p[n] = {err_pipe[0], POLLIN, 0}; ei = n++; }
-    if (in_fd >= 0) { p[n] = {in_fd, POLLOUT, 0}; ii = n++; }
+    if (out_open) {
+      p[n] = {out_pipe[0], POLLIN, 0};
+      oi = n++;
+    }
+    if (err_open) {
+      p[n] = {err_pipe[0], POLLIN, 0};
+      ei = n++;
+    }
+    if (in_fd >= 0) {
+      p[n] = {in_fd, POLLOUT, 0};
+      ii = n++;
+    }
     int rc = ::poll(p, static_cast<nfds_t>(n), wait_ms);
     if (rc < 0) {
       if (errno == EINTR) continue;
@@ -233,7 +242,8 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
         if (r.err_tail.size() > kErrTail) r.err_tail.erase(0, r.err_tail.size() - kErrTail);
         SplitLines(err_pending, buf, len, true, o);
       } else {
-        if (r.out.size() < o.max_output) r.out.append(buf, std::min(len, o.max_output - r.out.size()));
+        if (r.out.size() < o.max_output)
+          r.out.append(buf, std::min(len, o.max_output - r.out.size()));
         SplitLines(out_pending, buf, len, false, o);
       }
     };

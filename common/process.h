@@ -16,24 +16,24 @@
 namespace muster {
 
 struct RunOptions {
-  std::vector<std::string> argv;              // argv[0] is an absolute path
-  std::map<std::string, std::string> env;     // added to (or replacing) the inherited ones
+  std::vector<std::string> argv;           // argv[0] is an absolute path
+  std::map<std::string, std::string> env;  // added to (or replacing) the inherited ones
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
-  std::string cwd;                            // "" keeps the current directory
-  std::string input;                          // written to stdin, then closed
-  std::size_t max_output = 1 << 20;           // stdout kept in RunResult::out
+  std::string cwd;                   // "" keeps the current directory
+  std::string input;                 // written to stdin, then closed
+  std::size_t max_output = 1 << 20;  // stdout kept in RunResult::out
   // Called for every complete line on stdout (is_stderr=false) or stderr (true).
   std::function<void(bool is_stderr, const std::string& line)> on_line;
 };
 
 struct RunResult {
-  int exit_code = -1;      // valid when exited
-  bool exited = false;     // false: killed by a signal or failed to start
+  int exit_code = -1;   // valid when exited
+  bool exited = false;  // false: killed by a signal or failed to start
   int signal = 0;
   bool timed_out = false;
-  std::string out;         // stdout (up to max_output)
-  std::string err_tail;    // last ~4 KiB of stderr
-  std::string start_error; // set when the program could not be started
+  std::string out;          // stdout (up to max_output)
+  std::string err_tail;     // last ~4 KiB of stderr
+  std::string start_error;  // set when the program could not be started
 
   bool ok() const { return exited && exit_code == 0; }
   // "exited with status 3: <stderr tail>" and similar, for error messages.

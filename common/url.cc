@@ -20,7 +20,8 @@ Result<HostPort> SplitHostPort(std::string_view hp, std::string_view whole, bool
   std::string_view rest;
   if (!hp.empty() && hp.front() == '[') {
     auto close = hp.find(']');
-    if (close == std::string_view::npos) return Err("'" + std::string(whole) + "' has an unclosed '['");
+    if (close == std::string_view::npos)
+      return Err("'" + std::string(whole) + "' has an unclosed '['");
     out.host = std::string(hp.substr(1, close - 1));
     rest = hp.substr(close + 1);
   } else {
@@ -63,8 +64,8 @@ Result<WsUrl> ParseWsUrl(std::string_view url, std::string_view default_path) {
   WsUrl out;
   out.host = h->host;
   out.port = h->port;
-  out.path = slash == std::string_view::npos ? std::string(default_path)
-                                             : std::string(rest.substr(slash));
+  out.path =
+      slash == std::string_view::npos ? std::string(default_path) : std::string(rest.substr(slash));
   if (out.path == "/") out.path = std::string(default_path);
   return out;
 }

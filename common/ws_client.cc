@@ -1,8 +1,5 @@
 #include "common/ws_client.h"
 
-#include <deque>
-#include <variant>
-
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -10,6 +7,8 @@
 #include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
 #include <boost/beast/websocket/ssl.hpp>
+#include <deque>
+#include <variant>
 
 #include "common/tls.h"
 
@@ -73,21 +72,25 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   void Resolve() {
     timer_.expires_after(opts_.handshake_timeout);
     timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
-      if (!ec && !self->open_) self->HardClose("connection to " + self->opts_.url.ToString() + " timed out");
+      if (!ec && !self->open_)
+        self->HardClose("connection to " + self->opts_.url.ToString() + " timed out");
     });
-    resolver_.async_resolve(opts_.url.host, std::to_string(opts_.url.port),
-                            [self = shared_from_this()](beast::error_code ec,
-                                                        tcp::resolver::results_type r) {
-                              if (ec) return self->Finish("cannot resolve " + self->opts_.url.host + ": " + ec.message());
-                              self->DoConnect(r);
-                            });
+    resolver_.async_resolve(
+        opts_.url.host, std::to_string(opts_.url.port),
+        [self = shared_from_this()](beast::error_code ec, tcp::resolver::results_type r) {
+          if (ec)
+            return self->Finish("cannot resolve " + self->opts_.url.host + ": " + ec.message());
+          self->DoConnect(r);
+        });
   }
 
   void DoConnect(const tcp::resolver::results_type& r) {
     beast::get_lowest_layer(ws_).expires_after(opts_.handshake_timeout);
     beast::get_lowest_layer(ws_).async_connect(
         r, [self = shared_from_this()](beast::error_code ec, const tcp::endpoint&) {
-          if (ec) return self->Finish("cannot connect to " + self->opts_.url.ToString() + ": " + ec.message());
+          if (ec)
+            return self->Finish("cannot connect to " + self->opts_.url.ToString() + ": " +
+                                ec.message());
           beast::error_code ig;
           beast::get_lowest_layer(self->ws_).socket().set_option(tcp::no_delay(true), ig);
           self->DoTls();
@@ -97,20 +100,21 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   void DoTls() {
     SSL* ssl = ws_.next_layer().native_handle();
     SSL_set_tlsext_host_name(ssl, opts_.url.host.c_str());
-    ws_.next_layer().async_handshake(
-        asio::ssl::stream_base::client, [self = shared_from_this()](beast::error_code ec) {
-          if (ec) {
-            std::string why = tls::RefusalReason(self->ws_.next_layer().native_handle());
-            if (why.empty()) {
-              why = ec.message();
-              if (why.find("alert") != std::string::npos || why.find("certificate") != std::string::npos) {
-                why += " (the controller refused this key: is the machine registered?)";
-              }
-            }
-            return self->Finish("TLS handshake with " + self->opts_.url.ToString() + " failed: " + why);
+    ws_.next_layer().async_handshake(asio::ssl::stream_base::client, [self = shared_from_this()](
+                                                                         beast::error_code ec) {
+      if (ec) {
+        std::string why = tls::RefusalReason(self->ws_.next_layer().native_handle());
+        if (why.empty()) {
+          why = ec.message();
+          if (why.find("alert") != std::string::npos ||
+              why.find("certificate") != std::string::npos) {
+            why += " (the controller refused this key: is the machine registered?)";
           }
-          self->DoUpgrade();
-        });
+        }
+        return self->Finish("TLS handshake with " + self->opts_.url.ToString() + " failed: " + why);
+      }
+      self->DoUpgrade();
+    });
   }
 
   void DoUpgrade() {
@@ -121,19 +125,22 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     t.keep_alive_pings = false;
     ws_.set_option(t);
     ws_.read_message_max(opts_.max_message_bytes);
-    ws_.set_option(websocket::stream_base::decorator(
-        [ua = opts_.user_agent](websocket::request_type& req) {
+    ws_.set_option(
+        websocket::stream_base::decorator([ua = opts_.user_agent](websocket::request_type& req) {
           req.set(beast::http::field::user_agent, ua);
         }));
-    ws_.control_callback([this](websocket::frame_type, beast::string_view) {
-      last_rx_ = SteadyClock::now();
-    });
-    std::string host = opts_.url.host.find(':') != std::string::npos ? "[" + opts_.url.host + "]" : opts_.url.host;
+    ws_.control_callback(
+        [this](websocket::frame_type, beast::string_view) { last_rx_ = SteadyClock::now(); });
+    std::string host =
+        opts_.url.host.find(':') != std::string::npos ? "[" + opts_.url.host + "]" : opts_.url.host;
     host += ":" + std::to_string(opts_.url.port);
-    ws_.async_handshake(res_, host, opts_.url.path, [self = shared_from_this()](beast::error_code ec) {
-      if (ec) return self->Finish("websocket upgrade at " + self->opts_.url.ToString() + " failed: " + self->UpgradeError(ec));
-      self->OnOpen();
-    });
+    ws_.async_handshake(
+        res_, host, opts_.url.path, [self = shared_from_this()](beast::error_code ec) {
+          if (ec)
+            return self->Finish("websocket upgrade at " + self->opts_.url.ToString() +
+                                " failed: " + self->UpgradeError(ec));
+          self->OnOpen();
+        });
   }
 
   // In TLS 1.3 the server checks the client's certificate after the client
@@ -142,9 +149,11 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     if (ec == websocket::error::upgrade_declined) {
       return "HTTP " + std::to_string(res_.result_int()) + " " + std::string(res_.body());
     }
-    if (ec.category() == asio::error::get_ssl_category() || ec == asio::ssl::error::stream_truncated ||
-        ec == asio::error::eof || ec == asio::error::connection_reset) {
-      return ec.message() + ": the controller refused this key during the TLS handshake; is it "
+    if (ec.category() == asio::error::get_ssl_category() ||
+        ec == asio::ssl::error::stream_truncated || ec == asio::error::eof ||
+        ec == asio::error::connection_reset) {
+      return ec.message() +
+             ": the controller refused this key during the TLS handshake; is it "
              "registered? ('muster machine add' for machines, 'muster-controller operator add' "
              "for operators)";
     }
@@ -167,7 +176,9 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
       if (ec || self->done_) return;
       if (SteadyClock::now() - self->last_rx_ >= self->opts_.idle_timeout) {
         return self->HardClose("nothing received from the controller for " +
-                               std::to_string(std::chrono::duration_cast<std::chrono::seconds>(self->opts_.idle_timeout).count()) +
+                               std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                                                  self->opts_.idle_timeout)
+                                                  .count()) +
                                " s (idle timeout)");
       }
       self->outbox_.push_back(Ping{});
@@ -182,7 +193,8 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
         std::string why = ec.message();
         if (ec == websocket::error::closed) {
           auto r = self->ws_.reason();
-          why = "closed by the controller" + (r.reason.empty() ? std::string() : ": " + std::string(r.reason.c_str()));
+          why = "closed by the controller" +
+                (r.reason.empty() ? std::string() : ": " + std::string(r.reason.c_str()));
         }
         return self->HardClose(why);
       }
@@ -201,11 +213,13 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     Out& front = outbox_.front();
     if (auto* text = std::get_if<std::string>(&front)) {
       ws_.text(true);
-      ws_.async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
+      ws_.async_write(asio::buffer(*text),
+                      [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
-      websocket::close_reason cr(websocket::close_code::normal, std::get<CloseFrame>(front).reason.substr(0, 120));
+      websocket::close_reason cr(websocket::close_code::normal,
+                                 std::get<CloseFrame>(front).reason.substr(0, 120));
       ws_.async_close(cr, [self](beast::error_code) { self->HardClose(self->close_reason_); });
     }
   }

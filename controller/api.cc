@@ -106,7 +106,8 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
     if (req.method == "machine.get") {
       std::string name = Need(p, "name");
       auto m = fleet_.store().GetMachine(name);
-      if (!m) return Fail(req.id, "no machine named '" + name + "'; add it with 'muster machine add'");
+      if (!m)
+        return Fail(req.id, "no machine named '" + name + "'; add it with 'muster machine add'");
       auto latest = fleet_.store().LatestGeneration(name);
       return Ok(req.id, {{"machine", MachineJson(*m)},
                          {"latestGeneration", latest ? latest->generation : 0},
@@ -175,8 +176,10 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       std::int64_t ttl = IntParam(p, "ttl", 3600);
       auto token = fleet_.CreateEnrollToken(name, Tags(p), ttl * 1000, who.name);
       if (!token) return Fail(req.id, token.message());
-      spdlog::info("operator {} created an enrolment token for {} (valid {} s)", who.name, name, ttl);
-      return Ok(req.id, {{"name", name}, {"token", *token}, {"expiresAt", fleet_.Now() + ttl * 1000}});
+      spdlog::info("operator {} created an enrolment token for {} (valid {} s)", who.name, name,
+                   ttl);
+      return Ok(req.id,
+                {{"name", name}, {"token", *token}, {"expiresAt", fleet_.Now() + ttl * 1000}});
     }
     if (req.method.rfind("rollout.", 0) == 0) {
       if (!rollouts_) return Fail(req.id, "rollouts are not available");

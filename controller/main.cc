@@ -154,7 +154,9 @@ int Run(const Paths& p, const RunConfig& c) {
     spdlog::warn("unknown log level '{}'; using info", c.log_level);
   }
   auto key = LoadSecretKey(p.key());
-  if (!key) return Fail(key.message() + " (run 'muster-controller init --state-dir " + p.dir.string() + "' first)");
+  if (!key)
+    return Fail(key.message() + " (run 'muster-controller init --state-dir " + p.dir.string() +
+                "' first)");
   auto pem = ReadFile(p.cert(), 1 << 16);
   if (!pem) return Fail(pem.message());
   auto store = OpenSqliteStore(p.db().string());
@@ -207,7 +209,8 @@ int Run(const Paths& p, const RunConfig& c) {
     if (metrics) metrics->Stop();
     ioc.stop();
   });
-  int n = c.threads > 0 ? c.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int n = c.threads > 0 ? c.threads
+                        : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
   for (int i = 1; i < n; ++i) threads.emplace_back([&] { ioc.run(); });
   ioc.run();
@@ -252,7 +255,8 @@ int main(int argc, char** argv) {
   op->require_subcommand(1);
   auto* op_add = op->add_subcommand("add", "register an operator key");
   op_add->add_option("NAME", op_name, "operator name")->required();
-  op_add->add_option("--key", op_key, "public key 'ed25519:…' or a path to a .pub file")->required();
+  op_add->add_option("--key", op_key, "public key 'ed25519:…' or a path to a .pub file")
+      ->required();
   op_add->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
 
   try {
@@ -272,11 +276,15 @@ int main(int argc, char** argv) {
     if (!rc.listen.empty() || config_file.empty()) merged.listen = rc.listen;
     if (run->count("--metrics-listen")) merged.metrics_listen = rc.metrics_listen;
     if (run->count("--threads")) merged.threads = rc.threads;
-    if (run->count("--handshake-timeout") || config_file.empty()) merged.handshake_timeout = rc.handshake_timeout;
-    if (run->count("--ping-interval") || config_file.empty()) merged.ping_interval = rc.ping_interval;
+    if (run->count("--handshake-timeout") || config_file.empty())
+      merged.handshake_timeout = rc.handshake_timeout;
+    if (run->count("--ping-interval") || config_file.empty())
+      merged.ping_interval = rc.ping_interval;
     if (run->count("--idle-timeout") || config_file.empty()) merged.idle_timeout = rc.idle_timeout;
-    if (run->count("--max-message-bytes") || config_file.empty()) merged.max_message_bytes = rc.max_message_bytes;
-    if (run->count("--max-handshakes") || config_file.empty()) merged.max_handshakes = rc.max_handshakes;
+    if (run->count("--max-message-bytes") || config_file.empty())
+      merged.max_message_bytes = rc.max_message_bytes;
+    if (run->count("--max-handshakes") || config_file.empty())
+      merged.max_handshakes = rc.max_handshakes;
     if (run->count("--log-level") || config_file.empty()) merged.log_level = rc.log_level;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {

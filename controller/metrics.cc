@@ -3,7 +3,6 @@
 #include <map>
 #include <sstream>
 
-
 namespace muster {
 
 namespace asio = boost::asio;
@@ -88,21 +87,22 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
 }
 
 MetricsServer::MetricsServer(asio::io_context& ioc, Fleet& fleet, ServerStats& stats)
-    : http_(ioc,
-            [&fleet, &stats](const std::string& path) {
-              HttpReply r;
-              if (path == "/metrics") {
-                r.content_type = "text/plain; version=0.0.4";
-                r.body = RenderMetrics(fleet, stats);
-              } else if (path == "/healthz") {
-                r.body = "ok\n";
-              } else {
-                r.status = 404;
-                r.body = "not found; try /metrics or /healthz\n";
-              }
-              return r;
-            },
-            "muster-controller") {}
+    : http_(
+          ioc,
+          [&fleet, &stats](const std::string& path) {
+            HttpReply r;
+            if (path == "/metrics") {
+              r.content_type = "text/plain; version=0.0.4";
+              r.body = RenderMetrics(fleet, stats);
+            } else if (path == "/healthz") {
+              r.body = "ok\n";
+            } else {
+              r.status = 404;
+              r.body = "not found; try /metrics or /healthz\n";
+            }
+            return r;
+          },
+          "muster-controller") {}
 
 Result<tcp::endpoint> MetricsServer::Start(const HostPort& where) { return http_.Start(where); }
 

@@ -4,11 +4,10 @@
 // RenderMetrics is separate from the server so tests can check the text.
 #pragma once
 
-#include <memory>
-#include <string>
-
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <memory>
+#include <string>
 
 #include "common/http_server.h"
 #include "common/url.h"

@@ -64,8 +64,8 @@ ScheduleResult Schedule(const RolloutRecord& r, const std::vector<RolloutItemRec
     ++in_flight;
   }
   std::string stage = canary_open > 0 ? "canary" : "waves";
-  out.detail = stage + ": " + std::to_string(succeeded) + " succeeded, " +
-               std::to_string(failed) + " failed, " + std::to_string(in_flight) + " in flight, " +
+  out.detail = stage + ": " + std::to_string(succeeded) + " succeeded, " + std::to_string(failed) +
+               " failed, " + std::to_string(in_flight) + " in flight, " +
                std::to_string(pending - static_cast<int>(out.release.size())) + " pending";
   return out;
 }
@@ -143,8 +143,10 @@ void RolloutManager::EvaluateLocked(const std::string& id) {
     it.detail = it.stage == 0 ? "released (canary)" : "released";
     it.updated_at = now;
     (void)store_.UpdateRolloutItem(it);
-    fleet_.Broadcast("rollout", {{"rollout", id}, {"machine", it.machine},
-                                 {"generation", it.generation}, {"item", it.state}});
+    fleet_.Broadcast("rollout", {{"rollout", id},
+                                 {"machine", it.machine},
+                                 {"generation", it.generation},
+                                 {"item", it.state}});
   }
   if (res.state != r->state || res.detail != r->detail) {
     if (res.state != r->state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
@@ -252,10 +254,14 @@ Status RolloutManager::Abort(const std::string& id) {
 
 json RolloutManager::DescribeLocked(const RolloutRecord& r,
                                     const std::vector<RolloutItemRecord>& items) {
-  json j = {{"rollout", r.id},         {"state", r.state},
-            {"detail", r.detail},      {"createdAt", r.created_at},
-            {"createdBy", r.created_by}, {"canary", r.canary},
-            {"maxParallel", r.max_parallel}, {"maxFailures", r.max_failures},
+  json j = {{"rollout", r.id},
+            {"state", r.state},
+            {"detail", r.detail},
+            {"createdAt", r.created_at},
+            {"createdBy", r.created_by},
+            {"canary", r.canary},
+            {"maxParallel", r.max_parallel},
+            {"maxFailures", r.max_failures},
             {"updatedAt", r.updated_at}};
   json list = json::array();
   std::map<std::string, int> counts;

@@ -68,7 +68,8 @@ class RolloutManager : public FleetObserver {
 
  private:
   void EvaluateLocked(const std::string& id);
-  nlohmann::json DescribeLocked(const RolloutRecord& r, const std::vector<RolloutItemRecord>& items);
+  nlohmann::json DescribeLocked(const RolloutRecord& r,
+                                const std::vector<RolloutItemRecord>& items);
   std::vector<std::string> ActiveIds();
 
   Fleet& fleet_;

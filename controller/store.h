@@ -8,11 +8,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/manifest.h"
@@ -49,18 +48,18 @@ struct GenerationRecord {
   std::string toplevel;
   std::string action;
   std::string rollout;
-  std::string published_by;  // operator name
+  std::string published_by;     // operator name
   std::int64_t created_at = 0;  // unix ms (controller clock)
-  bool released = true;  // false while a rollout holds it back
+  bool released = true;         // false while a rollout holds it back
 };
 
 struct RolloutRecord {
   std::string id;
   std::int64_t created_at = 0;
   std::string created_by;
-  int canary = 0;        // machines in the canary stage
-  int max_parallel = 0;  // 0 = unlimited
-  int max_failures = 0;  // halt when failures exceed this
+  int canary = 0;                 // machines in the canary stage
+  int max_parallel = 0;           // 0 = unlimited
+  int max_failures = 0;           // halt when failures exceed this
   std::string state = "running";  // running | paused | halted | aborted | succeeded
   std::string detail;
   std::int64_t updated_at = 0;
@@ -71,8 +70,9 @@ struct RolloutItemRecord {
   int position = 0;  // order of release
   std::string machine;
   std::int64_t generation = 0;
-  int stage = 1;     // 0 = canary
-  std::string state = "pending";  // pending | released | succeeded | failed | superseded | cancelled
+  int stage = 1;  // 0 = canary
+  std::string state =
+      "pending";  // pending | released | succeeded | failed | superseded | cancelled
   std::string detail;
   std::int64_t updated_at = 0;
 };
@@ -116,8 +116,8 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  virtual Status AddMachine(const MachineRecord& m) = 0;        // fails if name or key exist
-  virtual Status RemoveMachine(const std::string& name) = 0;    // fails if unknown
+  virtual Status AddMachine(const MachineRecord& m) = 0;      // fails if name or key exist
+  virtual Status RemoveMachine(const std::string& name) = 0;  // fails if unknown
   virtual Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) = 0;
   virtual std::vector<MachineRecord> ListMachines() = 0;
   virtual std::optional<MachineRecord> GetMachine(const std::string& name) = 0;
@@ -192,8 +192,7 @@ class Store {
   virtual int LiveEnrollTokens(std::int64_t now) = 0;
   virtual std::optional<GenerationRecord> GetGeneration(const std::string& machine,
                                                         std::int64_t generation) = 0;
-  virtual std::vector<GenerationRecord> ListGenerations(const std::string& machine,
-                                                        int limit) = 0;
+  virtual std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) = 0;
   virtual std::vector<EventRecord> ListEvents(const std::string& machine, std::int64_t generation,
                                               int limit) = 0;  // generation 0: all
 

@@ -53,8 +53,11 @@ Result<nlohmann::json> Connection::Call(const std::string& method, nlohmann::jso
   client_->Send(proto::Encode(req));
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return Err("no answer from the controller within " + std::to_string(timeout.count() / 1000) + " s");
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return Err("no answer from the controller within " + std::to_string(timeout.count() / 1000) +
+                 " s");
     if (!Pump(left)) {
       if (closed_) return Err("connection closed: " + close_reason_);
       continue;
@@ -84,7 +87,8 @@ Result<std::optional<proto::Event>> Connection::NextEvent(std::chrono::milliseco
       events_.pop_front();
       return std::optional<proto::Event>(std::move(e));
     }
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) return std::optional<proto::Event>();
     if (!Pump(left)) {
       if (closed_) return Err("connection closed: " + close_reason_);

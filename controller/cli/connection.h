@@ -2,14 +2,13 @@
 // Not thread-safe: one CLI thread drives it.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <deque>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
-
-#include <boost/asio/io_context.hpp>
-#include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/protocol.h"

@@ -2,9 +2,8 @@
 
 #include <cstdlib>
 #include <mutex>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "common/process.h"
 
@@ -25,7 +24,8 @@ std::map<std::string, std::string> NixEnv() {
 }
 
 namespace {
-RunResult Nix(const std::vector<std::string>& args, const std::function<void(const std::string&)>& on_line,
+RunResult Nix(const std::vector<std::string>& args,
+              const std::function<void(const std::string&)>& on_line,
               std::chrono::milliseconds timeout = std::chrono::hours(4)) {
   std::string nix = FindProgram("nix");
   RunOptions o;
@@ -50,8 +50,9 @@ RunResult Nix(const std::vector<std::string>& args, const std::function<void(con
 }  // namespace
 
 Result<std::string> SystemAttribute(const std::string& flake, const std::string& machine) {
-  for (const auto& [set, suffix] : {std::pair<std::string, std::string>{"nixosConfigurations", ".config.system.build.toplevel"},
-                                    {"darwinConfigurations", ".system"}}) {
+  for (const auto& [set, suffix] :
+       {std::pair<std::string, std::string>{"nixosConfigurations", ".config.system.build.toplevel"},
+        {"darwinConfigurations", ".system"}}) {
     auto r = Nix({"eval", "--json", flake + "#" + set, "--apply", "builtins.attrNames"}, nullptr,
                  std::chrono::minutes(10));
     if (!r.ok()) continue;
@@ -94,8 +95,8 @@ Result<std::string> CachePublicKey(const std::string& secret_key_file) {
   return pub;
 }
 
-Result<std::map<std::string, std::string>> BuildFromFlake(const FlakeBuildOptions& o,
-                                                          const std::vector<std::string>& machines) {
+Result<std::map<std::string, std::string>> BuildFromFlake(
+    const FlakeBuildOptions& o, const std::vector<std::string>& machines) {
   std::map<std::string, std::string> out;
   std::mutex mu;
   std::string first_error;
@@ -136,7 +137,8 @@ Result<std::map<std::string, std::string>> BuildFromFlake(const FlakeBuildOption
       }
       if (!o.cache.empty()) {
         say(m, "copying to " + o.cache);
-        auto c = Nix({"copy", "--to", o.cache, path}, [&](const std::string& line) { say(m, line); });
+        auto c =
+            Nix({"copy", "--to", o.cache, path}, [&](const std::string& line) { say(m, line); });
         if (!c.ok()) return fail("nix copy --to " + o.cache + " " + c.Describe());
       }
       std::lock_guard lock(mu);

@@ -12,15 +12,16 @@
 namespace muster {
 
 struct FlakeBuildOptions {
-  std::string flake;        // e.g. "." or "path:/src/infra" or "github:org/repo"
-  int jobs = 2;             // builds run concurrently up to this many
-  std::string cache;        // nix copy --to URL ("" = do not copy)
-  std::string cache_key;    // secret key file to sign paths with ("" = do not sign)
+  std::string flake;      // e.g. "." or "path:/src/infra" or "github:org/repo"
+  int jobs = 2;           // builds run concurrently up to this many
+  std::string cache;      // nix copy --to URL ("" = do not copy)
+  std::string cache_key;  // secret key file to sign paths with ("" = do not sign)
   std::function<void(const std::string& machine, const std::string& line)> on_line;
 };
 
-// The attribute that builds a machine's system: nixosConfigurations.<m>.config.system.build.toplevel
-// or darwinConfigurations.<m>.system, whichever the flake has.
+// The attribute that builds a machine's system:
+// nixosConfigurations.<m>.config.system.build.toplevel or darwinConfigurations.<m>.system,
+// whichever the flake has.
 Result<std::string> SystemAttribute(const std::string& flake, const std::string& machine);
 
 // Builds (and copies/signs) each machine's toplevel; returns machine → store path.

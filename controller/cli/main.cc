@@ -10,14 +10,14 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
-#include <map>
-#include <optional>
-#include <set>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <map>
+#include <optional>
+#include <set>
 #include <sstream>
 
 #include "common/crypto.h"
@@ -117,8 +117,10 @@ Status ResolveGlobals(Globals& g) {
 
 Result<std::unique_ptr<Connection>> Connect(const Globals& g, SecretKey& key) {
   if (g.controller.empty()) {
-    return Err("no controller given: use --controller wss://HOST:PORT, MUSTER_CONTROLLER or "
-               "'controller' in " + g.config);
+    return Err(
+        "no controller given: use --controller wss://HOST:PORT, MUSTER_CONTROLLER or "
+        "'controller' in " +
+        g.config);
   }
   if (g.pin.empty()) {
     return Err("no controller pin given: use --pin sha256:…, MUSTER_PIN or 'pin' in " + g.config);
@@ -139,7 +141,8 @@ Result<std::unique_ptr<Connection>> Connect(const Globals& g, SecretKey& key) {
 std::string Ago(std::int64_t ms) {
   if (ms == 0) return "never";
   auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                 std::chrono::system_clock::now().time_since_epoch()).count();
+                 std::chrono::system_clock::now().time_since_epoch())
+                 .count();
   std::int64_t s = (now - ms) / 1000;
   if (s < 0) s = 0;
   if (s < 120) return std::to_string(s) + "s ago";
@@ -203,14 +206,17 @@ struct PublishArgs {
 };
 
 // Waits for the machine's report on generation gen to reach a terminal phase.
-int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int timeout_s, bool json_out) {
+int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int timeout_s,
+            bool json_out) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   // The deploy may already have progressed before the subscription: check once.
   for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) {
       return Die("timed out after " + std::to_string(timeout_s) + " s waiting for " + machine +
-                 " generation " + std::to_string(gen) + " (it continues; see 'muster status " + machine + "')",
+                     " generation " + std::to_string(gen) + " (it continues; see 'muster status " +
+                     machine + "')",
                  kExitTimeout);
     }
     auto ev = c.NextEvent(std::min(left, std::chrono::milliseconds(1000)));
@@ -218,14 +224,16 @@ int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int tim
     if (!*ev) continue;
     const proto::Event& e = **ev;
     if (e.topic != "status") continue;
-    if (e.data.value("machine", "") != machine || e.data.value("generation", std::int64_t{0}) != gen) continue;
+    if (e.data.value("machine", "") != machine ||
+        e.data.value("generation", std::int64_t{0}) != gen)
+      continue;
     std::string phase = e.data.value("phase", "");
     std::string detail = e.data.value("detail", "");
     if (json_out) {
       std::cout << e.data.dump() << "\n";
     } else {
-      std::cout << Timestamp(e.data.value("at", std::int64_t{0})) << "  " << machine << "  gen " << gen
-                << "  " << phase << (detail.empty() ? "" : "  " + detail) << "\n";
+      std::cout << Timestamp(e.data.value("at", std::int64_t{0})) << "  " << machine << "  gen "
+                << gen << "  " << phase << (detail.empty() ? "" : "  " + detail) << "\n";
     }
     std::cout.flush();
     auto ph = ParsePhase(phase);
@@ -282,7 +290,8 @@ int Publish(const Globals& g, PublishArgs a) {
     for (const auto& p : a.positionals) a.machines.push_back(p);
   } else {
     if (a.positionals.empty() || a.positionals.back().rfind("/nix/store/", 0) != 0) {
-      return Die("give the system toplevel as the last argument (/nix/store/…) or use --flake", kExitUsage);
+      return Die("give the system toplevel as the last argument (/nix/store/…) or use --flake",
+                 kExitUsage);
     }
     storepath = a.positionals.back();
     if (auto st = ValidateStorePath(storepath); !st) return Die(st.message(), kExitUsage);
@@ -301,7 +310,8 @@ int Publish(const Globals& g, PublishArgs a) {
     for (const auto& m : (*list)["machines"]) {
       bool take = a.all;
       for (const auto& t : m["tags"]) {
-        if (std::find(a.tags.begin(), a.tags.end(), t.get<std::string>()) != a.tags.end()) take = true;
+        if (std::find(a.tags.begin(), a.tags.end(), t.get<std::string>()) != a.tags.end())
+          take = true;
       }
       if (take && !m.value("revoked", false)) targets.push_back(m["name"].get<std::string>());
     }
@@ -313,8 +323,10 @@ int Publish(const Globals& g, PublishArgs a) {
     }
     targets = uniq;
   }
-  if (targets.empty()) return Die("no machines to publish to (name them, or use --tag / --all)", kExitUsage);
-  bool rollout = targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0;
+  if (targets.empty())
+    return Die("no machines to publish to (name them, or use --tag / --all)", kExitUsage);
+  bool rollout =
+      targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0;
   auto canary = CanaryCount(a.canary, targets.size());
   if (!canary) return Die(canary.message(), kExitUsage);
 
@@ -374,7 +386,8 @@ int Publish(const Globals& g, PublishArgs a) {
       }
       Manifest m;
       m.machine = machine;
-      m.generation = (*info).value("maxGeneration", (*info)["latestGeneration"].get<std::int64_t>()) + 1;
+      m.generation =
+          (*info).value("maxGeneration", (*info)["latestGeneration"].get<std::int64_t>()) + 1;
       m.toplevel = toplevels.at(machine);
       m.kind = *kind;
       m.action = *action;
@@ -385,14 +398,17 @@ int Publish(const Globals& g, PublishArgs a) {
       m.force = a.force;
       SignedManifest sm = SignManifest(m, *key);
       numbers[machine] = m.generation;
-      items.push_back({{"manifest", sm.manifest}, {"signer", sm.signer},
-                       {"signature", sm.signature}, {"vars", sealed_b64}});
+      items.push_back({{"manifest", sm.manifest},
+                       {"signer", sm.signer},
+                       {"signature", sm.signature},
+                       {"vars", sealed_b64}});
     }
     if (!rollout) {
       const json& it = items[0];
       auto res = c.Call("publish", it);
       if (!res) {
-        if (res.message().find("not newer") != std::string::npos) continue;  // raced another publish
+        if (res.message().find("not newer") != std::string::npos)
+          continue;  // raced another publish
         return Die(res.message(), kExitFailed);
       }
       const std::string& machine = targets[0];
@@ -402,7 +418,9 @@ int Publish(const Globals& g, PublishArgs a) {
       } else {
         std::cout << "published " << machine << " generation " << numbers[machine] << ": "
                   << a.action << " " << toplevels[machine]
-                  << (var_counts.count(machine) ? " with " + std::to_string(var_counts[machine]) + " vars files" : "")
+                  << (var_counts.count(machine)
+                          ? " with " + std::to_string(var_counts[machine]) + " vars files"
+                          : "")
                   << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
       }
       std::cout.flush();
@@ -422,7 +440,8 @@ int Publish(const Globals& g, PublishArgs a) {
       std::cout << res->dump() << "\n";
     } else {
       std::cout << "rollout " << id << ": " << targets.size() << " machines, canary " << *canary
-                << ", max parallel " << (a.max_parallel ? std::to_string(a.max_parallel) : "unlimited")
+                << ", max parallel "
+                << (a.max_parallel ? std::to_string(a.max_parallel) : "unlimited")
                 << ", max failures " << a.max_failures << "\n";
     }
     std::cout.flush();
@@ -462,13 +481,12 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
     int done = ok + bad + counts.value("superseded", 0) + counts.value("cancelled", 0);
     int width = 30;
     int filled = total ? done * width / total : width;
-    std::string bar = "[" + std::string(static_cast<std::size_t>(filled), '#') +
-                      std::string(static_cast<std::size_t>(width - filled), '-') + "] " +
-                      std::to_string(done) + "/" + std::to_string(total) + "  " +
-                      d.value("state", "") + "  " + std::to_string(ok) + " ok  " +
-                      std::to_string(bad) + " failed  " +
-                      std::to_string(counts.value("released", 0)) + " in flight  " +
-                      std::to_string(counts.value("pending", 0)) + " pending";
+    std::string bar =
+        "[" + std::string(static_cast<std::size_t>(filled), '#') +
+        std::string(static_cast<std::size_t>(width - filled), '-') + "] " + std::to_string(done) +
+        "/" + std::to_string(total) + "  " + d.value("state", "") + "  " + std::to_string(ok) +
+        " ok  " + std::to_string(bad) + " failed  " + std::to_string(counts.value("released", 0)) +
+        " in flight  " + std::to_string(counts.value("pending", 0)) + " pending";
     clear_bar();
     std::cout << bar;
     bar_len = bar.size();
@@ -486,7 +504,8 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
       if (!json_out && st != "pending") {
         line(it.value("updatedAt", std::int64_t{0}),
              m + "  gen " + std::to_string(it["generation"].get<std::int64_t>()) + "  [rollout] " +
-                 st + (st == "released" ? (it.value("stage", "") == "canary" ? " (canary)" : "") : ""));
+                 st +
+                 (st == "released" ? (it.value("stage", "") == "canary" ? " (canary)" : "") : ""));
       }
     }
     draw(d);
@@ -518,7 +537,8 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
         if (last_phase[m] != ph) {
           last_phase[m] = ph;
           line(e.data.value("at", std::int64_t{0}),
-               m + "  gen " + std::to_string(e.data.value("generation", std::int64_t{0})) + "  " + ph +
+               m + "  gen " + std::to_string(e.data.value("generation", std::int64_t{0})) + "  " +
+                   ph +
                    (e.data.value("detail", "").empty() ? "" : "  " + e.data.value("detail", "")));
         }
       }
@@ -527,12 +547,15 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
   }
   clear_bar();
   return Die("timed out after " + std::to_string(timeout_s) + " s watching rollout " + id +
-             " (it continues; 'muster rollout watch " + id + "')", kExitTimeout);
+                 " (it continues; 'muster rollout watch " + id + "')",
+             kExitTimeout);
 }
 
 int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   if (verb == "watch") return Watch(**conn, id, timeout, g.json_out);
@@ -543,11 +566,13 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
       std::cout << (*res)["rollouts"].dump(2) << "\n";
       return 0;
     }
-    std::vector<std::vector<std::string>> rows = {{"ROLLOUT", "STATE", "CREATED", "BY", "MACHINES", "DETAIL"}};
+    std::vector<std::vector<std::string>> rows = {
+        {"ROLLOUT", "STATE", "CREATED", "BY", "MACHINES", "DETAIL"}};
     for (const auto& r : (*res)["rollouts"]) {
       rows.push_back({r["rollout"].get<std::string>(), r["state"].get<std::string>(),
-                      Timestamp(r["createdAt"].get<std::int64_t>()), r["createdBy"].get<std::string>(),
-                      std::to_string(r["total"].get<int>()), r.value("detail", "")});
+                      Timestamp(r["createdAt"].get<std::int64_t>()),
+                      r["createdBy"].get<std::string>(), std::to_string(r["total"].get<int>()),
+                      r.value("detail", "")});
     }
     PrintTable(rows);
     return 0;
@@ -560,9 +585,11 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
   }
   std::cout << "rollout " << id << "  " << (*res)["state"].get<std::string>() << "  "
             << (*res).value("detail", "") << "\n";
-  std::vector<std::vector<std::string>> rows = {{"MACHINE", "GEN", "STAGE", "STATE", "ONLINE", "DETAIL"}};
+  std::vector<std::vector<std::string>> rows = {
+      {"MACHINE", "GEN", "STAGE", "STATE", "ONLINE", "DETAIL"}};
   for (const auto& it : (*res)["items"]) {
-    rows.push_back({it["machine"].get<std::string>(), std::to_string(it["generation"].get<std::int64_t>()),
+    rows.push_back({it["machine"].get<std::string>(),
+                    std::to_string(it["generation"].get<std::int64_t>()),
                     it["stage"].get<std::string>(), it["state"].get<std::string>(),
                     it["online"].get<bool>() ? "yes" : "no", it.value("detail", "")});
   }
@@ -572,7 +599,9 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
 
 int Status_(const Globals& g, const std::string& machine) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   json params = json::object();
@@ -601,7 +630,9 @@ int Status_(const Globals& g, const std::string& machine) {
 
 int History(const Globals& g, const std::string& machine, int limit) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call("history", {{"machine", machine}, {"limit", limit}});
@@ -626,7 +657,9 @@ int History(const Globals& g, const std::string& machine, int limit) {
 
 int Logs(const Globals& g, const std::string& machine, std::int64_t generation, bool follow) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   if (follow) {
@@ -636,14 +669,16 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
   std::int64_t after = 0;
   std::int64_t gen = generation;
   for (;;) {
-    auto res = (*conn)->Call("logs", {{"machine", machine}, {"generation", gen}, {"after", after}, {"limit", 5000}});
+    auto res = (*conn)->Call(
+        "logs", {{"machine", machine}, {"generation", gen}, {"after", after}, {"limit", 5000}});
     if (!res) return Die(res.message(), kExitFailed);
     gen = (*res)["generation"].get<std::int64_t>();
     for (const auto& l : (*res)["lines"]) {
       if (g.json_out) {
         std::cout << l.dump() << "\n";
       } else {
-        std::cout << "[" << l["stream"].get<std::string>() << "] " << l["line"].get<std::string>() << "\n";
+        std::cout << "[" << l["stream"].get<std::string>() << "] " << l["line"].get<std::string>()
+                  << "\n";
       }
     }
     std::cout.flush();
@@ -676,7 +711,9 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
 int SimpleCall(const Globals& g, const std::string& method, const json& params,
                const std::string& ok_message) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call(method, params);
@@ -691,7 +728,9 @@ int SimpleCall(const Globals& g, const std::string& method, const json& params,
 
 int MachineList(const Globals& g) {
   auto key = LoadSecretKey(g.key);
-  if (!key) return Die(key.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+  if (!key)
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
   auto conn = Connect(g, *key);
   if (!conn) return Die(conn.message(), kExitConnect);
   auto res = (*conn)->Call("machine.list", json::object());
@@ -718,16 +757,20 @@ int main(int argc, char** argv) {
   app.fallthrough();  // global options may follow the subcommand
   app.require_subcommand(1);
   Globals g;
-  app.add_option("--controller", g.controller, "controller URL, wss://HOST:PORT (env MUSTER_CONTROLLER)");
+  app.add_option("--controller", g.controller,
+                 "controller URL, wss://HOST:PORT (env MUSTER_CONTROLLER)");
   app.add_option("--pin", g.pin, "controller key pin, sha256:… (env MUSTER_PIN)");
-  app.add_option("--key", g.key, "operator key file (env MUSTER_KEY; default ~/.config/muster/operator.key)");
-  app.add_option("--config", g.config, "CLI config file (env MUSTER_CONFIG; default ~/.config/muster/config.json)");
+  app.add_option("--key", g.key,
+                 "operator key file (env MUSTER_KEY; default ~/.config/muster/operator.key)");
+  app.add_option("--config", g.config,
+                 "CLI config file (env MUSTER_CONFIG; default ~/.config/muster/config.json)");
   app.add_flag("--json", g.json_out, "machine-readable output");
 
   auto* key = app.add_subcommand("key", "operator keys");
   key->require_subcommand(1);
   std::string key_out;
-  auto* key_gen = key->add_subcommand("generate", "create an operator key and print its public key");
+  auto* key_gen =
+      key->add_subcommand("generate", "create an operator key and print its public key");
   key_gen->add_option("--out", key_out, "where to write it (default: --key path)");
   auto* key_show = key->add_subcommand("show", "print the public key of the operator key");
 
@@ -751,25 +794,42 @@ int main(int argc, char** argv) {
       "publish",
       "sign and publish a generation: 'publish MACHINE… STOREPATH', 'publish --tag T STOREPATH', "
       "or 'publish --flake FLAKE#MACHINE' / '--flake FLAKE --tag T'");
-  publish->add_option("TARGETS", pa.positionals, "machine names, then the system toplevel /nix/store/…");
+  publish->add_option("TARGETS", pa.positionals,
+                      "machine names, then the system toplevel /nix/store/…");
   publish->add_option("--machine", pa.machines, "machine (repeatable)")->allow_extra_args(false);
-  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)")->allow_extra_args(false);
+  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)")
+      ->allow_extra_args(false);
   publish->add_flag("--all", pa.all, "every registered machine");
-  publish->add_option("--flake", pa.flake, "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
-  publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")->capture_default_str();
-  publish->add_option("--cache", pa.cache, "binary cache to copy built closures to (nix copy --to)");
+  publish->add_option("--flake", pa.flake,
+                      "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
+  publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")
+      ->capture_default_str();
+  publish->add_option("--cache", pa.cache,
+                      "binary cache to copy built closures to (nix copy --to)");
   publish->add_option("--cache-key", pa.cache_key, "secret key file to sign closures with");
-  publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")->capture_default_str();
-  publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")->capture_default_str();
+  publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")
+      ->capture_default_str();
+  publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")
+      ->capture_default_str();
   publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to each machine");
-  publish->add_option("--vars-root", pa.vars_root, "directory with one vars directory per machine name");
-  publish->add_option("--substituter", pa.substituters, "binary cache URL agents fetch from (repeatable)")->allow_extra_args(false);
-  publish->add_option("--trusted-public-key", pa.trusted_keys, "cache signing key name:base64 (repeatable)")->allow_extra_args(false);
+  publish->add_option("--vars-root", pa.vars_root,
+                      "directory with one vars directory per machine name");
+  publish
+      ->add_option("--substituter", pa.substituters,
+                   "binary cache URL agents fetch from (repeatable)")
+      ->allow_extra_args(false);
+  publish
+      ->add_option("--trusted-public-key", pa.trusted_keys,
+                   "cache signing key name:base64 (repeatable)")
+      ->allow_extra_args(false);
   publish->add_flag("--force", pa.force, "activate even if the closure is already active");
   publish->add_option("--canary", pa.canary, "machines deployed first, as a count or a percentage");
-  publish->add_option("--max-parallel", pa.max_parallel, "machines in flight at once after the canaries (0: all)");
-  publish->add_option("--max-failures", pa.max_failures, "halt the rollout when more machines fail");
-  publish->add_flag("--wait", pa.wait, "follow the deploy or rollout live; exit code says whether it succeeded");
+  publish->add_option("--max-parallel", pa.max_parallel,
+                      "machines in flight at once after the canaries (0: all)");
+  publish->add_option("--max-failures", pa.max_failures,
+                      "halt the rollout when more machines fail");
+  publish->add_flag("--wait", pa.wait,
+                    "follow the deploy or rollout live; exit code says whether it succeeded");
   publish->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
 
   auto* rollout = app.add_subcommand("rollout", "staged rollouts");
@@ -788,11 +848,13 @@ int main(int argc, char** argv) {
   std::string e_name;
   std::vector<std::string> e_tags;
   int e_ttl = 3600;
-  auto* m_enroll = machine->add_subcommand("enroll", "print a one-time token an agent uses to register itself");
+  auto* m_enroll =
+      machine->add_subcommand("enroll", "print a one-time token an agent uses to register itself");
   m_enroll->add_option("NAME", e_name)->required();
   m_enroll->add_option("--tag", e_tags, "tag (repeatable)")->allow_extra_args(false);
   m_enroll->add_option("--ttl", e_ttl, "seconds the token stays valid")->capture_default_str();
-  auto* m_revoke = machine->add_subcommand("revoke", "refuse a machine's key and close its connection");
+  auto* m_revoke =
+      machine->add_subcommand("revoke", "refuse a machine's key and close its connection");
   m_revoke->add_option("NAME", m_name)->required();
 
   std::string s_machine;
@@ -821,7 +883,8 @@ int main(int argc, char** argv) {
   if (key_gen->parsed()) {
     std::string out = key_out.empty() ? g.key : key_out;
     std::error_code ec;
-    if (fs::exists(out, ec)) return Die(out + " already exists; refusing to overwrite a key", kExitUsage);
+    if (fs::exists(out, ec))
+      return Die(out + " already exists; refusing to overwrite a key", kExitUsage);
     fs::path parent = fs::path(out).parent_path();
     if (!parent.empty()) {
       if (auto st = MakeDirs(parent, 0700); !st) return Die(st.message(), kExitUsage);
@@ -852,7 +915,8 @@ int main(int argc, char** argv) {
     return SimpleCall(g, "machine.remove", {{"name", m_name}}, "machine " + m_name + " removed");
   }
   if (m_tag->parsed()) {
-    return SimpleCall(g, "machine.tag", {{"name", m_name}, {"tags", m_tags}}, "machine " + m_name + " tagged");
+    return SimpleCall(g, "machine.tag", {{"name", m_name}, {"tags", m_tags}},
+                      "machine " + m_name + " tagged");
   }
   if (m_list->parsed()) return MachineList(g);
   if (publish->parsed()) return Publish(g, pa);
@@ -865,10 +929,13 @@ int main(int argc, char** argv) {
   }
   if (m_enroll->parsed()) {
     auto opkey = LoadSecretKey(g.key);
-    if (!opkey) return Die(opkey.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
+    if (!opkey)
+      return Die(opkey.message() + " (create one with 'muster key generate', or pass --key)",
+                 kExitUsage);
     auto conn = Connect(g, *opkey);
     if (!conn) return Die(conn.message(), kExitConnect);
-    auto res = (*conn)->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
+    auto res =
+        (*conn)->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
     if (!res) return Die(res.message(), kExitFailed);
     if (g.json_out) {
       std::cout << res->dump() << "\n";
