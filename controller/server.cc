@@ -604,6 +604,12 @@ class Session : public std::enable_shared_from_this<Session>,
 
   void OnWrite(beast::error_code ec) {
     writing_ = false;
+    if (closed_) {
+      // End() ran while this write was in flight (an abort, an eviction): it
+      // kept only the element being written, for the write to finish with.
+      outbox_.clear();
+      return;
+    }
     if (ec) {
       if (!Benign(ec)) spdlog::info("{} ({}): write failed: {}", peer_, who_.name, ec.message());
       return Abort();
@@ -627,7 +633,12 @@ class Session : public std::enable_shared_from_this<Session>,
     closed_ = true;
     LeaveHandshake();
     timer_.cancel();
-    outbox_.clear();
+    // A write in flight still reads the front element; OnWrite drops it.
+    if (writing_ && !outbox_.empty()) {
+      outbox_.erase(outbox_.begin() + 1, outbox_.end());
+    } else {
+      outbox_.clear();
+    }
     if (registered_) {
       shared_->fleet.AgentGone(who_.name, this);
       spdlog::info("{}: machine {} disconnected", peer_, who_.name);
