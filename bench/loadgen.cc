@@ -385,8 +385,9 @@ int CmdRun(const RunArgs& a) {
       sim.ExpectDisconnects(true);
       std::int64_t t_kill = NowNs();
       ::kill(pid, SIGKILL);
-      // The port is free once the process is gone (a zombie holds no sockets).
-      for (int k = 0; k < 2000; ++k) {
+      // The port is free once the process is gone (a zombie holds no sockets);
+      // closing thousands of sockets takes the kernel a moment.
+      for (int k = 0; k < 60000; ++k) {
         std::ifstream st("/proc/" + std::to_string(pid) + "/stat");
         std::string s;
         std::getline(st, s);
@@ -395,11 +396,19 @@ int CmdRun(const RunArgs& a) {
         SleepMs(1);
       }
       std::int64_t t_restart = NowNs();
-      pid_t child = fork();
-      if (child == 0) {
-        setsid();
-        execl("/bin/sh", "sh", "-c", a.restart_cmd.c_str(), static_cast<char*>(nullptr));
-        _exit(127);
+      pid_t child = -1;
+      for (int attempt = 0; attempt < 100; ++attempt) {
+        child = fork();
+        if (child == 0) {
+          setsid();
+          execl("/bin/sh", "sh", "-c", a.restart_cmd.c_str(), static_cast<char*>(nullptr));
+          _exit(127);
+        }
+        // A controller that cannot bind yet exits at once: start it again.
+        SleepMs(200);
+        int status = 0;
+        if (waitpid(child, &status, WNOHANG) == 0) break;
+        std::cerr << "loadgen: restarted controller exited (status " << status << "); retrying\n";
       }
       pid = child;
       if (!a.pid_file.empty()) (void)WriteFileAtomic(a.pid_file, std::to_string(child) + "\n", 0644);
