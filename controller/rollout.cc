@@ -80,8 +80,24 @@ std::vector<std::string> RolloutManager::ActiveIds() {
   return ids;
 }
 
+void RolloutManager::ReindexLocked() {
+  by_machine_.clear();
+  for (const auto& id : ActiveIds()) {
+    for (const auto& it : store_.ListRolloutItems(id)) {
+      if (!Final(it.state)) by_machine_[it.machine].insert(id);
+    }
+  }
+}
+
+std::vector<std::string> RolloutManager::RolloutsOfLocked(const std::string& machine) {
+  auto it = by_machine_.find(machine);
+  if (it == by_machine_.end()) return {};
+  return {it->second.begin(), it->second.end()};
+}
+
 void RolloutManager::Resume() {
   std::lock_guard lock(mu_);
+  ReindexLocked();
   for (const auto& id : ActiveIds()) EvaluateLocked(id);
 }
 
@@ -120,6 +136,7 @@ Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
     ++pos;
   }
   if (auto st = store_.CreateRollout(r, spec.generations, items); !st) return st.error();
+  ReindexLocked();
   spdlog::info("rollout {} created by {}: {} machines, canary {}, max parallel {}, max failures {}",
                r.id, r.created_by, items.size(), r.canary, r.max_parallel, r.max_failures);
   EvaluateLocked(r.id);
@@ -150,10 +167,12 @@ void RolloutManager::EvaluateLocked(const std::string& id) {
   }
   if (res.state != r->state || res.detail != r->detail) {
     if (res.state != r->state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
+    bool was_active = Active(r->state);
     r->state = res.state;
     r->detail = res.detail;
     r->updated_at = now;
     (void)store_.UpdateRollout(*r);
+    if (was_active != Active(r->state)) ReindexLocked();
   }
   fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
 }
@@ -161,13 +180,14 @@ void RolloutManager::EvaluateLocked(const std::string& id) {
 void RolloutManager::OnStatus(const std::string& machine, std::int64_t generation,
                               const std::string& phase, const std::string& detail) {
   std::lock_guard lock(mu_);
-  for (const auto& id : ActiveIds()) {
+  for (const auto& id : RolloutsOfLocked(machine)) {
     for (auto it : store_.ListRolloutItems(id)) {
       if (it.machine != machine || it.generation != generation || Final(it.state)) continue;
+      // Only a final report changes the rollout; intermediate phases reach
+      // watchers as status events and need no write or re-evaluation here.
       std::string outcome = ItemOutcome(phase);
-      std::string state = outcome.empty() ? it.state : outcome;
-      if (state == it.state && detail == it.detail) continue;
-      it.state = state;
+      if (outcome.empty() || outcome == it.state) continue;
+      it.state = outcome;
       it.detail = phase + (detail.empty() ? "" : ": " + detail);
       it.updated_at = fleet_.Now();
       (void)store_.UpdateRolloutItem(it);
@@ -178,7 +198,7 @@ void RolloutManager::OnStatus(const std::string& machine, std::int64_t generatio
 
 void RolloutManager::OnOnline(const std::string& machine) {
   std::lock_guard lock(mu_);
-  for (const auto& id : ActiveIds()) {
+  for (const auto& id : RolloutsOfLocked(machine)) {
     for (const auto& it : store_.ListRolloutItems(id)) {
       if (it.machine == machine && it.state == "pending") {
         EvaluateLocked(id);
@@ -190,7 +210,7 @@ void RolloutManager::OnOnline(const std::string& machine) {
 
 void RolloutManager::OnDirectPublish(const std::string& machine, std::int64_t generation) {
   std::lock_guard lock(mu_);
-  for (const auto& id : ActiveIds()) {
+  for (const auto& id : RolloutsOfLocked(machine)) {
     for (auto it : store_.ListRolloutItems(id)) {
       if (it.machine != machine || Final(it.state) || it.generation >= generation) continue;
       it.state = "superseded";
@@ -248,6 +268,7 @@ Status RolloutManager::Abort(const std::string& id) {
   r->detail = "aborted; " + std::to_string(cancelled) + " pending machine(s) will not be deployed";
   r->updated_at = now;
   if (auto st = store_.UpdateRollout(*r); !st) return st;
+  ReindexLocked();
   fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
   return Status::Ok();
 }

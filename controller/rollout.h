@@ -15,6 +15,8 @@
 #pragma once
 
 #include <functional>
+#include <map>
+#include <set>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -68,6 +70,12 @@ class RolloutManager : public FleetObserver {
 
  private:
   void EvaluateLocked(const std::string& id);
+  // Machines that have items in active rollouts → those rollouts. Rebuilt from
+  // the store when rollouts are created or change state, so that the status
+  // reports of machines outside any rollout (the common case) cost nothing.
+  void ReindexLocked();
+  std::vector<std::string> RolloutsOfLocked(const std::string& machine);
+  std::map<std::string, std::set<std::string>> by_machine_;
   nlohmann::json DescribeLocked(const RolloutRecord& r,
                                 const std::vector<RolloutItemRecord>& items);
   std::vector<std::string> ActiveIds();

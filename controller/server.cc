@@ -308,7 +308,11 @@ class Session : public std::enable_shared_from_this<Session>,
                         });
       return;
     }
-    ws_->read_message_max(opts().max_message_bytes);
+    // Operators (authenticated, few) may send large requests: a rollout over
+    // thousands of machines carries a signed manifest and sealed vars for each.
+    ws_->read_message_max(who_.role == Role::kOperator
+                              ? std::max(opts().max_message_bytes, opts().max_operator_message_bytes)
+                              : opts().max_message_bytes);
     ws_->auto_fragment(false);
     websocket::stream_base::timeout t{};
     t.handshake_timeout = opts().handshake_timeout;
@@ -366,8 +370,13 @@ class Session : public std::enable_shared_from_this<Session>,
       Abort();
       return;
     }
-    outbox_.push_back(Ping{});
-    Flush();
+    // Ping only a peer that has been quiet for a whole interval: one that sent
+    // something (agents ping every 25 s) is demonstrably alive, and skipping
+    // halves the idle frames of a large fleet.
+    if (Clock::now() - last_rx_ >= opts().ping_interval) {
+      outbox_.push_back(Ping{});
+      Flush();
+    }
     ArmTimer();
   }
 
@@ -398,7 +407,9 @@ class Session : public std::enable_shared_from_this<Session>,
     buffer_.consume(buffer_.size());
     if (buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
     proto::DecodeLimits limits;
-    limits.max_bytes = opts().max_message_bytes;
+    limits.max_bytes = who_.role == Role::kOperator
+                           ? std::max(opts().max_message_bytes, opts().max_operator_message_bytes)
+                           : opts().max_message_bytes;
     auto msg = proto::Decode(text, limits);
     if (!msg) return Refuse("bad-message", msg.message());
     if (who_.role == Role::kMachine) {

@@ -33,7 +33,8 @@ struct ServerOptions {
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
   std::chrono::milliseconds ping_interval{std::chrono::seconds(30)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(90)};
-  std::size_t max_message_bytes = 1 << 20;
+  std::size_t max_message_bytes = 1 << 20;            // agents and enrolment
+  std::size_t max_operator_message_bytes = 64u << 20;  // operators (rollouts over many machines)
   std::size_t max_outbox_bytes = 16 << 20;
   // Connections still in their handshake; past this the oldest is cut.
   std::size_t max_handshakes = 1024;

@@ -118,6 +118,22 @@ class OperatorTest(EnvTest):
         self.assertIn("\r", text)  # the bar is redrawn in place
         self.assertIn(f"rollout {rid} succeeded", text)
 
+    def test_rollout_larger_than_the_agent_message_cap(self):
+        # Four machines with a 300 KiB vars file each: the rollout request is
+        # well over the 1 MiB cap for agent messages; operators may send more.
+        env, agents = self.fleet(4)
+        vdir = os.path.join(env.root, "bigvars")
+        os.makedirs(vdir)
+        with open(os.path.join(vdir, "blob"), "wb") as f:
+            f.write(os.urandom(300 * 1024))
+        top = env.build("big")
+        r = env.cli("publish", "--tag", "fleet", top, "--vars", vdir, "--substituter", env.cache.url,
+                    "--trusted-public-key", env.cache.public, "--wait", "--timeout", "60", check=False)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        for a in agents:
+            with open(os.path.join(a.vars, "blob"), "rb") as f:
+                self.assertEqual(len(f.read()), 300 * 1024)
+
     def test_offline_machine_catches_up_and_rollout_survives_restart(self):
         env, agents = self.fleet(2)
         late = agents[1]
