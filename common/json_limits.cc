@@ -35,7 +35,7 @@ Status CheckJsonLimits(std::string_view text, std::size_t max_bytes, int max_dep
         break;
       case '}':
       case ']':
-        --depth;
+        if (--depth < 0) return Err("malformed JSON: unbalanced brackets");
         break;
       default:
         break;

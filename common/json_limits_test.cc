@@ -35,6 +35,7 @@ TEST(CheckJsonLimits, Table) {
       {"brackets inside a string", R"(["[[[[{{{{"])", 100, 1, ""},
       {"braces inside a key", R"({"{{{{": "}}}}"})", 100, 1, ""},
       {"escaped quote keeps string open", R"(["\"[[[["])", 100, 1, ""},
+      {"closing before opening", "]]]][[[[", 100, 10, "unbalanced brackets"},
       {"escaped backslash closes string", R"(["\\", [[ ]]])", 100, 2, "deeper than 2"},
       {"unicode escape", R"(["\u005b[["])", 100, 1, ""},
       {"deep after string", R"(["]]]]", [[[]]]])", 100, 3, "deeper than 3"},

@@ -145,12 +145,17 @@ class Env:
 
     def start_controller(self, extra=(), port=None):
         listen = f"127.0.0.1:{port if port is not None else (self.port or 0)}"
+        log = os.path.join(self.root, "controller.log")
+        rx = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+        before = 0
+        if os.path.exists(log):
+            with open(log, errors="replace") as f:
+                before = len(rx.findall(f.read()))
         self.controller = Process([binary("muster-controller"), "run", "--state-dir", self.ctl_dir,
-                                   "--listen", listen, *extra],
-                                  os.path.join(self.root, "controller.log"))
-        m = self.controller.wait_log(r"listening on 127\.0\.0\.1:(\d+)")
-        # The log accumulates across restarts: take the newest port.
-        ports = re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.controller.text())
+                                   "--listen", listen, *extra], log)
+        # The log accumulates across restarts: wait for this run's line.
+        ports = wait_until(lambda: (lambda p: p if len(p) > before else None)(
+            rx.findall(self.controller.text())), 30, what="controller listening")
         self.port = int(ports[-1])
         self.write_cli_config()
         return self.controller
