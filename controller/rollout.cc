@@ -81,18 +81,18 @@ std::vector<std::string> RolloutManager::ActiveIds() {
 }
 
 void RolloutManager::ReindexLocked() {
+  active_.clear();
   by_machine_.clear();
   for (const auto& id : ActiveIds()) {
-    for (const auto& it : store_.ListRolloutItems(id)) {
-      if (!Final(it.state)) by_machine_[it.machine].insert(id);
+    auto r = store_.GetRollout(id);
+    if (!r) continue;
+    ActiveRollout& a = active_[id];
+    a.record = *r;
+    a.items = store_.ListRolloutItems(id);
+    for (const auto& it : a.items) {
+      if (!Final(it.state)) by_machine_[it.machine].emplace_back(id, it.position);
     }
   }
-}
-
-std::vector<std::string> RolloutManager::RolloutsOfLocked(const std::string& machine) {
-  auto it = by_machine_.find(machine);
-  if (it == by_machine_.end()) return {};
-  return {it->second.begin(), it->second.end()};
 }
 
 void RolloutManager::Resume() {
@@ -143,14 +143,25 @@ Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
   return *store_.GetRollout(r.id);
 }
 
-void RolloutManager::EvaluateLocked(const std::string& id) {
-  auto r = store_.GetRollout(id);
-  if (!r) return;
-  auto items = store_.ListRolloutItems(id);
-  auto res = Schedule(*r, items, [&](const std::string& m) { return fleet_.IsOnline(m); });
+void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> changed) {
+  RolloutRecord r;
+  std::vector<RolloutItemRecord> loaded;
+  std::vector<RolloutItemRecord>* items = nullptr;
+  auto found = active_.find(id);
+  if (found != active_.end()) {
+    r = found->second.record;
+    items = &found->second.items;
+  } else {
+    auto rr = store_.GetRollout(id);
+    if (!rr) return;
+    r = *rr;
+    loaded = store_.ListRolloutItems(id);
+    items = &loaded;
+  }
+  auto res = Schedule(r, *items, [&](const std::string& m) { return fleet_.IsOnline(m); });
   std::int64_t now = fleet_.Now();
   for (int pos : res.release) {
-    auto& it = items[static_cast<std::size_t>(pos)];
+    auto& it = (*items)[static_cast<std::size_t>(pos)];
     if (auto st = fleet_.Release(it.machine, it.generation); !st) {
       spdlog::error("rollout {}: cannot release {} generation {}: {}", id, it.machine,
                     it.generation, st.message());
@@ -160,65 +171,76 @@ void RolloutManager::EvaluateLocked(const std::string& id) {
     it.detail = it.stage == 0 ? "released (canary)" : "released";
     it.updated_at = now;
     (void)store_.UpdateRolloutItem(it);
-    fleet_.Broadcast("rollout", {{"rollout", id},
-                                 {"machine", it.machine},
-                                 {"generation", it.generation},
-                                 {"item", it.state}});
+    changed.push_back(pos);
   }
-  if (res.state != r->state || res.detail != r->detail) {
-    if (res.state != r->state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
-    bool was_active = Active(r->state);
-    r->state = res.state;
-    r->detail = res.detail;
-    r->updated_at = now;
-    (void)store_.UpdateRollout(*r);
-    if (was_active != Active(r->state)) ReindexLocked();
+  bool reindex = false;
+  if (res.state != r.state || res.detail != r.detail) {
+    if (res.state != r.state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
+    bool was_active = Active(r.state);
+    r.state = res.state;
+    r.detail = res.detail;
+    r.updated_at = now;
+    (void)store_.UpdateRollout(r);
+    if (found != active_.end()) found->second.record = r;
+    reindex = was_active != Active(r.state);
   }
-  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
+  // Watchers get the counts and only the items that changed: a rollout over
+  // thousands of machines must not resend every item on every report.
+  json event = DescribeLocked(r, *items, &changed);
+  if (reindex) ReindexLocked();  // invalidates `items`
+  fleet_.Broadcast("rollout", event);
 }
 
 void RolloutManager::OnStatus(const std::string& machine, std::int64_t generation,
                               const std::string& phase, const std::string& detail) {
+  // Only a final report changes a rollout; intermediate phases reach watchers
+  // as status events and need no write or re-evaluation here.
+  std::string outcome = ItemOutcome(phase);
+  if (outcome.empty()) return;
   std::lock_guard lock(mu_);
-  for (const auto& id : RolloutsOfLocked(machine)) {
-    for (auto it : store_.ListRolloutItems(id)) {
-      if (it.machine != machine || it.generation != generation || Final(it.state)) continue;
-      // Only a final report changes the rollout; intermediate phases reach
-      // watchers as status events and need no write or re-evaluation here.
-      std::string outcome = ItemOutcome(phase);
-      if (outcome.empty() || outcome == it.state) continue;
-      it.state = outcome;
-      it.detail = phase + (detail.empty() ? "" : ": " + detail);
-      it.updated_at = fleet_.Now();
-      (void)store_.UpdateRolloutItem(it);
-      EvaluateLocked(id);
-    }
+  auto idx = by_machine_.find(machine);
+  if (idx == by_machine_.end()) return;
+  auto refs = idx->second;  // EvaluateLocked may rebuild the index
+  for (const auto& [id, pos] : refs) {
+    auto a = active_.find(id);
+    if (a == active_.end()) continue;
+    auto& it = a->second.items[static_cast<std::size_t>(pos)];
+    if (it.generation != generation || Final(it.state)) continue;
+    it.state = outcome;
+    it.detail = phase + (detail.empty() ? "" : ": " + detail);
+    it.updated_at = fleet_.Now();
+    (void)store_.UpdateRolloutItem(it);
+    EvaluateLocked(id, {pos});
   }
 }
 
 void RolloutManager::OnOnline(const std::string& machine) {
   std::lock_guard lock(mu_);
-  for (const auto& id : RolloutsOfLocked(machine)) {
-    for (const auto& it : store_.ListRolloutItems(id)) {
-      if (it.machine == machine && it.state == "pending") {
-        EvaluateLocked(id);
-        break;
-      }
-    }
+  auto idx = by_machine_.find(machine);
+  if (idx == by_machine_.end()) return;
+  auto refs = idx->second;
+  for (const auto& [id, pos] : refs) {
+    auto a = active_.find(id);
+    if (a == active_.end()) continue;
+    if (a->second.items[static_cast<std::size_t>(pos)].state == "pending") EvaluateLocked(id);
   }
 }
 
 void RolloutManager::OnDirectPublish(const std::string& machine, std::int64_t generation) {
   std::lock_guard lock(mu_);
-  for (const auto& id : RolloutsOfLocked(machine)) {
-    for (auto it : store_.ListRolloutItems(id)) {
-      if (it.machine != machine || Final(it.state) || it.generation >= generation) continue;
-      it.state = "superseded";
-      it.detail = "superseded by generation " + std::to_string(generation);
-      it.updated_at = fleet_.Now();
-      (void)store_.UpdateRolloutItem(it);
-      EvaluateLocked(id);
-    }
+  auto idx = by_machine_.find(machine);
+  if (idx == by_machine_.end()) return;
+  auto refs = idx->second;
+  for (const auto& [id, pos] : refs) {
+    auto a = active_.find(id);
+    if (a == active_.end()) continue;
+    auto& it = a->second.items[static_cast<std::size_t>(pos)];
+    if (Final(it.state) || it.generation >= generation) continue;
+    it.state = "superseded";
+    it.detail = "superseded by generation " + std::to_string(generation);
+    it.updated_at = fleet_.Now();
+    (void)store_.UpdateRolloutItem(it);
+    EvaluateLocked(id, {pos});
   }
 }
 
@@ -231,6 +253,7 @@ Status RolloutManager::Pause(const std::string& id) {
   r->detail = "paused: machines already released finish; nothing new is released";
   r->updated_at = fleet_.Now();
   if (auto st = store_.UpdateRollout(*r); !st) return st;
+  ReindexLocked();
   EvaluateLocked(id);
   return Status::Ok();
 }
@@ -243,6 +266,7 @@ Status RolloutManager::Continue(const std::string& id) {
   r->state = "running";
   r->updated_at = fleet_.Now();
   if (auto st = store_.UpdateRollout(*r); !st) return st;
+  ReindexLocked();
   EvaluateLocked(id);
   return Status::Ok();
 }
@@ -269,12 +293,13 @@ Status RolloutManager::Abort(const std::string& id) {
   r->updated_at = now;
   if (auto st = store_.UpdateRollout(*r); !st) return st;
   ReindexLocked();
-  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id)));
+  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id), nullptr));
   return Status::Ok();
 }
 
 json RolloutManager::DescribeLocked(const RolloutRecord& r,
-                                    const std::vector<RolloutItemRecord>& items) {
+                                    const std::vector<RolloutItemRecord>& items,
+                                    const std::vector<int>* only) {
   json j = {{"rollout", r.id},
             {"state", r.state},
             {"detail", r.detail},
@@ -286,8 +311,11 @@ json RolloutManager::DescribeLocked(const RolloutRecord& r,
             {"updatedAt", r.updated_at}};
   json list = json::array();
   std::map<std::string, int> counts;
+  std::set<int> wanted;
+  if (only) wanted.insert(only->begin(), only->end());
   for (const auto& it : items) {
     ++counts[it.state];
+    if (only && !wanted.count(it.position)) continue;
     list.push_back({{"machine", it.machine},
                     {"generation", it.generation},
                     {"stage", it.stage == 0 ? "canary" : "wave"},
@@ -306,14 +334,14 @@ json RolloutManager::Describe(const std::string& id) {
   std::lock_guard lock(mu_);
   auto r = store_.GetRollout(id);
   if (!r) return nullptr;
-  return DescribeLocked(*r, store_.ListRolloutItems(id));
+  return DescribeLocked(*r, store_.ListRolloutItems(id), nullptr);
 }
 
 json RolloutManager::List(int limit) {
   std::lock_guard lock(mu_);
   json out = json::array();
   for (const auto& r : store_.ListRollouts(limit)) {
-    json d = DescribeLocked(r, store_.ListRolloutItems(r.id));
+    json d = DescribeLocked(r, store_.ListRolloutItems(r.id), nullptr);
     d.erase("items");
     out.push_back(d);
   }

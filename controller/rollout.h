@@ -16,8 +16,8 @@
 
 #include <functional>
 #include <map>
-#include <set>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -69,13 +69,23 @@ class RolloutManager : public FleetObserver {
   void OnDirectPublish(const std::string& machine, std::int64_t generation) override;
 
  private:
-  void EvaluateLocked(const std::string& id);
-  // Machines that have items in active rollouts → those rollouts. Rebuilt from
-  // the store when rollouts are created or change state, so that the status
-  // reports of machines outside any rollout (the common case) cost nothing.
+  // Applies Schedule() to a rollout; `changed` are item positions already
+  // updated by the caller (they go into the broadcast event).
+  void EvaluateLocked(const std::string& id, std::vector<int> changed = {});
+
+  // Active rollouts are kept in memory (written through to the store), with
+  // an index machine → (rollout, item position), so that a report costs a map
+  // lookup, and one from a machine outside any rollout costs nothing. Rebuilt
+  // from the store when rollouts are created or change state.
+  struct ActiveRollout {
+    RolloutRecord record;
+    std::vector<RolloutItemRecord> items;
+  };
   void ReindexLocked();
-  std::vector<std::string> RolloutsOfLocked(const std::string& machine);
-  std::map<std::string, std::set<std::string>> by_machine_;
+  std::map<std::string, ActiveRollout> active_;
+  std::map<std::string, std::vector<std::pair<std::string, int>>> by_machine_;
+  nlohmann::json DescribeLocked(const RolloutRecord& r, const std::vector<RolloutItemRecord>& items,
+                                const std::vector<int>* only);
   nlohmann::json DescribeLocked(const RolloutRecord& r,
                                 const std::vector<RolloutItemRecord>& items);
   std::vector<std::string> ActiveIds();
