@@ -66,8 +66,7 @@ std::uint64_t Loop(SSL_CTX* server, SSL_CTX* client, const std::vector<ClientId>
 
 }  // namespace
 
-BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry,
-                                 int tickets) {
+BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry, int tickets) {
   // Server: the controller's context, with the controller's kind of key check.
   SecretKey server_key = OperatorKey();  // any Ed25519 key will do
   auto pem = tls::MakeSelfSignedCertPem(server_key, "muster-controller");
@@ -97,7 +96,8 @@ BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t regi
     BIO_free(bio);
     unsigned char* out = nullptr;
     int len = i2d_X509(x, &out);
-    ids.push_back({std::string(reinterpret_cast<char*>(out), static_cast<size_t>(len)), AgentSeed(i)});
+    ids.push_back(
+        {std::string(reinterpret_cast<char*>(out), static_cast<size_t>(len)), AgentSeed(i)});
     OPENSSL_free(out);
     X509_free(x);
   }

@@ -17,16 +17,14 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "bench/baseline.h"
 #include "bench/keys.h"
@@ -106,7 +104,8 @@ json Percentiles(std::vector<double> v) {
     size_t k = static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5);
     return v[std::min(k, v.size() - 1)];
   };
-  return {{"n", v.size()}, {"p50", at(0.5)}, {"p90", at(0.9)}, {"p99", at(0.99)}, {"max", v.back()}};
+  return {
+      {"n", v.size()}, {"p50", at(0.5)}, {"p90", at(0.9)}, {"p99", at(0.99)}, {"max", v.back()}};
 }
 
 int RegisterInto(const std::string& db, std::uint32_t count);
@@ -245,7 +244,9 @@ int CmdRun(const RunArgs& a) {
     std::stringstream ss(a.stages);
     std::string part;
     while (std::getline(ss, part, ',')) {
-      if (!part.empty()) stages.push_back(std::min<std::uint32_t>(static_cast<std::uint32_t>(std::stoul(part)), a.count));
+      if (!part.empty())
+        stages.push_back(
+            std::min<std::uint32_t>(static_cast<std::uint32_t>(std::stoul(part)), a.count));
     }
     if (stages.empty()) stages.push_back(a.count);
   }
@@ -287,16 +288,18 @@ int CmdRun(const RunArgs& a) {
     std::vector<double> lat;
     std::int64_t last_welcome = 0;
     for (std::uint32_t i = prev; i < n; ++i) {
-      if (sim.WelcomeNs(i) && sim.TcpNs(i)) lat.push_back(Sec(sim.WelcomeNs(i) - sim.TcpNs(i)) * 1000);
+      if (sim.WelcomeNs(i) && sim.TcpNs(i))
+        lat.push_back(Sec(sim.WelcomeNs(i) - sim.TcpNs(i)) * 1000);
       last_welcome = std::max(last_welcome, sim.WelcomeNs(i));
     }
     double secs = Sec((last_welcome ? last_welcome : t1) - t0);
-    st["storm"] = {{"newAgents", n - prev},
-                   {"seconds", secs},
-                   {"handshakesPerSecond", secs > 0 ? (n - prev) / secs : 0},
-                   {"handshakeMs", Percentiles(lat)},
-                   {"controllerCpuSeconds", s1.cpu_s - s0.cpu_s},
-                   {"controllerCpuPercentOfOneCore", secs > 0 ? (s1.cpu_s - s0.cpu_s) / secs * 100 : 0}};
+    st["storm"] = {
+        {"newAgents", n - prev},
+        {"seconds", secs},
+        {"handshakesPerSecond", secs > 0 ? (n - prev) / secs : 0},
+        {"handshakeMs", Percentiles(lat)},
+        {"controllerCpuSeconds", s1.cpu_s - s0.cpu_s},
+        {"controllerCpuPercentOfOneCore", secs > 0 ? (s1.cpu_s - s0.cpu_s) / secs * 100 : 0}};
     prev = n;
     if (a.idle > 0) {
       SleepMs(static_cast<std::int64_t>(a.settle * 1000));
@@ -310,12 +313,14 @@ int CmdRun(const RunArgs& a) {
           {"seconds", wall},
           {"connected", c.open.load()},
           {"controllerRssKiB", i1.rss_kib},
-          {"controllerRssPerAgentKiB", n ? static_cast<double>(i1.rss_kib - before.rss_kib) / n : 0},
+          {"controllerRssPerAgentKiB",
+           n ? static_cast<double>(i1.rss_kib - before.rss_kib) / n : 0},
           {"controllerCpuPercentOfOneCore", wall > 0 ? (i1.cpu_s - i0.cpu_s) / wall * 100 : 0},
           {"agentPingsSent", c.pings_sent.load() - pings0},
           {"controllerPingsAnswered", c.pongs_sent.load() - pongs0},
           {"loadgenRssKiB", self.rss_kib},
-          {"loadgenRssPerAgentKiB", n ? static_cast<double>(self.rss_kib - self_before.rss_kib) / n : 0}};
+          {"loadgenRssPerAgentKiB",
+           n ? static_cast<double>(self.rss_kib - self_before.rss_kib) / n : 0}};
       if (c.open.load() < static_cast<std::int64_t>(n)) fail("agents were lost while idle");
     }
     std::cerr << "loadgen: stage " << st.dump() << "\n";
@@ -372,8 +377,9 @@ int CmdRun(const RunArgs& a) {
                      {"controllerCpuSeconds", p1.cpu_s - p0.cpu_s},
                      {"controllerRssKiB", p1.rss_kib}};
     if (notify.size() != n || ack.size() != n || wrong != 0 || pr.ok != n) {
-      fail("fan-out: " + std::to_string(notify.size()) + " notified, " + std::to_string(ack.size()) +
-           " acknowledged, " + std::to_string(wrong) + " without the generation, of " + std::to_string(n));
+      fail("fan-out: " + std::to_string(notify.size()) + " notified, " +
+           std::to_string(ack.size()) + " acknowledged, " + std::to_string(wrong) +
+           " without the generation, of " + std::to_string(n));
     }
     std::cerr << "loadgen: fanout " << out["fanout"].dump() << "\n";
   }
@@ -411,7 +417,8 @@ int CmdRun(const RunArgs& a) {
         std::cerr << "loadgen: restarted controller exited (status " << status << "); retrying\n";
       }
       pid = child;
-      if (!a.pid_file.empty()) (void)WriteFileAtomic(a.pid_file, std::to_string(child) + "\n", 0644);
+      if (!a.pid_file.empty())
+        (void)WriteFileAtomic(a.pid_file, std::to_string(child) + "\n", 0644);
       std::int64_t deadline = NowNs() + static_cast<std::int64_t>(a.reconnect_timeout) * 1000000000;
       auto back = [&] {
         std::uint32_t k = 0;
@@ -454,29 +461,38 @@ int CmdRun(const RunArgs& a) {
       }
       double busy = first_tcp && last_welcome ? Sec(last_welcome - first_tcp) : 0;
       ProcSample after = Sample(pid);
-      out["reconnect"] = {{"agents", n},
-                          {"returned", returned},
-                          {"secondsToAllBack", Sec((last_welcome ? last_welcome : NowNs()) - t_kill)},
-                          {"restartToFirstAcceptMs", first_tcp ? Sec(first_tcp - t_restart) * 1000 : -1},
-                          {"welcomeAfterKillMs", Percentiles(welcome_ms)},
-                          {"handshakeMs", Percentiles(hs_ms)},
-                          {"meanRatePerSecond", busy > 0 ? returned / busy : 0},
-                          {"peakRatePerSecond", peak},
-                          {"controllerRssKiB", after.rss_kib},
-                          {"controllerCpuSeconds", after.cpu_s},
-                          {"expectedFailures", sim.ExpectedFailures()}};
-      if (returned < n) fail("reconnect: only " + std::to_string(returned) + " of " + std::to_string(n) + " came back");
+      out["reconnect"] = {
+          {"agents", n},
+          {"returned", returned},
+          {"secondsToAllBack", Sec((last_welcome ? last_welcome : NowNs()) - t_kill)},
+          {"restartToFirstAcceptMs", first_tcp ? Sec(first_tcp - t_restart) * 1000 : -1},
+          {"welcomeAfterKillMs", Percentiles(welcome_ms)},
+          {"handshakeMs", Percentiles(hs_ms)},
+          {"meanRatePerSecond", busy > 0 ? returned / busy : 0},
+          {"peakRatePerSecond", peak},
+          {"controllerRssKiB", after.rss_kib},
+          {"controllerCpuSeconds", after.cpu_s},
+          {"expectedFailures", sim.ExpectedFailures()}};
+      if (returned < n)
+        fail("reconnect: only " + std::to_string(returned) + " of " + std::to_string(n) +
+             " came back");
       sim.ExpectDisconnects(false);
       std::cerr << "loadgen: reconnect " << out["reconnect"].dump() << "\n";
     }
   }
 
-  out["counters"] = {{"connects", c.connects.load()},     {"tcpOk", c.tcp_ok.load()},
-                     {"tlsOk", c.tls_ok.load()},           {"welcomes", c.welcomes.load()},
-                     {"disconnects", c.disconnects.load()}, {"deploys", c.deploys.load()},
-                     {"verified", c.verified.load()},       {"refused", c.refused.load()},
-                     {"reports", c.reports.load()},         {"acks", c.acks.load()},
-                     {"finalAcks", c.final_acks.load()},    {"pingsSent", c.pings_sent.load()},
+  out["counters"] = {{"connects", c.connects.load()},
+                     {"tcpOk", c.tcp_ok.load()},
+                     {"tlsOk", c.tls_ok.load()},
+                     {"welcomes", c.welcomes.load()},
+                     {"disconnects", c.disconnects.load()},
+                     {"deploys", c.deploys.load()},
+                     {"verified", c.verified.load()},
+                     {"refused", c.refused.load()},
+                     {"reports", c.reports.load()},
+                     {"acks", c.acks.load()},
+                     {"finalAcks", c.final_acks.load()},
+                     {"pingsSent", c.pings_sent.load()},
                      {"pongsSent", c.pongs_sent.load()}};
   out["errors"] = sim.Errors();
   out["loadgenRssKiB"] = Sample(0).rss_kib;
@@ -485,7 +501,9 @@ int CmdRun(const RunArgs& a) {
   if (c.acks.load() != c.reports.load()) {
     // Reports sent right before a disconnect may go unanswered; outside a
     // reconnect storm every report must be acked.
-    if (a.restart_cmd.empty()) fail("reports " + std::to_string(c.reports.load()) + " but acks " + std::to_string(c.acks.load()));
+    if (a.restart_cmd.empty())
+      fail("reports " + std::to_string(c.reports.load()) + " but acks " +
+           std::to_string(c.acks.load()));
   }
   sim.Stop();
   out["ok"] = ok;
@@ -505,11 +523,13 @@ int main(int argc, char** argv) {
 
   std::string dir;
   std::uint32_t count = 0;
-  auto* reg = app.add_subcommand("register", "register bench machines and the bench operator in a controller's store");
+  auto* reg = app.add_subcommand(
+      "register", "register bench machines and the bench operator in a controller's store");
   reg->add_option("--state-dir", dir, "controller state directory")->required();
   reg->add_option("--count", count, "machines bench-000000 …")->required();
   bool direct = false;
-  reg->add_flag("--direct", direct, "write the store in place (one fsync per machine) instead of via /dev/shm");
+  reg->add_flag("--direct", direct,
+                "write the store in place (one fsync per machine) instead of via /dev/shm");
 
   std::uint32_t index = 0;
   std::string key_out;
@@ -523,7 +543,8 @@ int main(int argc, char** argv) {
   auto* base = app.add_subcommand("baseline", "in-memory mTLS handshakes per second");
   base->add_option("--threads", bthreads, "threads (default: one per core)");
   base->add_option("--seconds", bseconds)->capture_default_str();
-  base->add_option("--registry", bregistry, "registered keys the server check looks up")->capture_default_str();
+  base->add_option("--registry", bregistry, "registered keys the server check looks up")
+      ->capture_default_str();
   int btickets = -1;
   base->add_option("--tickets", btickets, "override the TLS 1.3 session tickets the server sends");
 
@@ -535,20 +556,26 @@ int main(int argc, char** argv) {
   run->add_option("--port", ra.port)->required();
   run->add_option("--count", ra.count)->required();
   run->add_option("--threads", ra.threads)->capture_default_str();
-  run->add_option("--inflight", ra.inflight, "concurrent first connection attempts")->capture_default_str();
+  run->add_option("--inflight", ra.inflight, "concurrent first connection attempts")
+      ->capture_default_str();
   run->add_option("--stages", ra.stages, "connect this many agents in turn, e.g. 1000,10000,50000");
-  run->add_option("--idle", ra.idle, "seconds to hold each stage idle and measure")->capture_default_str();
-  run->add_option("--settle", ra.settle, "seconds to wait before an idle measurement")->capture_default_str();
-  run->add_option("--ping-interval", ra.ping_interval, "agent ping interval, seconds")->capture_default_str();
+  run->add_option("--idle", ra.idle, "seconds to hold each stage idle and measure")
+      ->capture_default_str();
+  run->add_option("--settle", ra.settle, "seconds to wait before an idle measurement")
+      ->capture_default_str();
+  run->add_option("--ping-interval", ra.ping_interval, "agent ping interval, seconds")
+      ->capture_default_str();
   run->add_option("--controller-pid", ra.controller_pid, "sample this process's RSS and CPU");
   run->add_flag("--publish", ra.publish, "publish one generation to every agent of the last stage");
   run->add_option("--publish-timeout", ra.publish_timeout)->capture_default_str();
-  run->add_option("--restart-cmd", ra.restart_cmd, "SIGKILL the controller, run this (sh -c) and time the reconnect storm");
+  run->add_option("--restart-cmd", ra.restart_cmd,
+                  "SIGKILL the controller, run this (sh -c) and time the reconnect storm");
   run->add_option("--pid-file", ra.pid_file, "where to write the restarted controller's pid");
   run->add_option("--reconnect-timeout", ra.reconnect_timeout)->capture_default_str();
   run->add_option("--stage-timeout", ra.stage_timeout)->capture_default_str();
   run->add_option("--json", ra.json_out, "also write the results here");
-  run->add_flag("--check", ra.check, "exit 1 unless every agent connected, got its generation and acked it");
+  run->add_flag("--check", ra.check,
+                "exit 1 unless every agent connected, got its generation and acked it");
 
   try {
     app.parse(argc, argv);
@@ -566,9 +593,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (base->parsed()) {
-    int t = bthreads > 0 ? bthreads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    int t = bthreads > 0 ? bthreads
+                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     auto r = MeasureHandshakes(t, bseconds, bregistry, btickets);
-    std::cout << json{{"threads", r.threads}, {"seconds", r.seconds}, {"handshakes", r.handshakes},
+    std::cout << json{{"threads", r.threads},
+                      {"seconds", r.seconds},
+                      {"handshakes", r.handshakes},
                       {"perSecond", r.per_second}}
                      .dump()
               << "\n";

@@ -1,11 +1,10 @@
 #include "bench/publisher.h"
 
+#include <boost/asio/io_context.hpp>
 #include <condition_variable>
 #include <ctime>
 #include <mutex>
 #include <thread>
-
-#include <boost/asio/io_context.hpp>
 
 #include "bench/keys.h"
 #include "bench/sim.h"
@@ -34,7 +33,9 @@ PublishResult PublishAll(const PublishOptions& o) {
     proto::Request r;
     r.id = i + 1;
     r.method = "publish";
-    r.params = {{"manifest", sm.manifest}, {"signer", sm.signer}, {"signature", sm.signature},
+    r.params = {{"manifest", sm.manifest},
+                {"signer", sm.signer},
+                {"signature", sm.signature},
                 {"vars", ""}};
     requests.push_back(proto::Encode(r));
   }
@@ -69,7 +70,8 @@ PublishResult PublishAll(const PublishOptions& o) {
       ++res.ok;
     } else {
       ++res.failed;
-      if (res.error.empty()) res.error = AgentName(static_cast<std::uint32_t>(r->id - 1)) + ": " + r->error;
+      if (res.error.empty())
+        res.error = AgentName(static_cast<std::uint32_t>(r->id - 1)) + ": " + r->error;
     }
     if (++answered == o.count) {
       std::lock_guard lock(mu);

@@ -17,18 +17,18 @@ struct PublishOptions {
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
   std::string pin;
-  std::uint32_t count = 0;         // machines 0 … count-1
+  std::uint32_t count = 0;  // machines 0 … count-1
   std::int64_t generation = 0;
-  std::string toplevel;            // /nix/store/…
+  std::string toplevel;  // /nix/store/…
   std::chrono::seconds timeout{120};
 };
 
 struct PublishResult {
-  std::int64_t start_ns = 0;                 // first request handed to the socket
-  std::vector<std::int64_t> response_ns;     // per machine; 0 = no response
+  std::int64_t start_ns = 0;              // first request handed to the socket
+  std::vector<std::int64_t> response_ns;  // per machine; 0 = no response
   std::uint32_t ok = 0;
   std::uint32_t failed = 0;
-  std::string error;                         // connection failure or first refusal
+  std::string error;  // connection failure or first refusal
 };
 
 PublishResult PublishAll(const PublishOptions& options);

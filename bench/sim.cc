@@ -61,8 +61,8 @@ enum TimerKind : std::uint8_t { kReconnect, kHandshakeTimeout, kPing };
 struct Conn {
   int fd = -1;
   SSL* ssl = nullptr;
-  std::string in;   // bytes received and not yet parsed (released when empty)
-  std::string out;  // bytes waiting for the socket (released when empty)
+  std::string in;           // bytes received and not yet parsed (released when empty)
+  std::string out;          // bytes waiting for the socket (released when empty)
   std::uint32_t epoch = 0;  // bumped on every (re)connection; stale timers compare it
   std::uint32_t last_rx_s = 0;
   State state = kIdle;
@@ -114,7 +114,9 @@ class Worker {
   Worker(Simulator& sim, int id) : sim_(sim), id_(id), rng_(0x5eed + static_cast<unsigned>(id)) {
     const auto& o = sim_.opts_;
     std::uint32_t t = static_cast<std::uint32_t>(o.threads);
-    std::uint32_t local = o.count > static_cast<std::uint32_t>(id) ? (o.count - static_cast<std::uint32_t>(id) + t - 1) / t : 0;
+    std::uint32_t local = o.count > static_cast<std::uint32_t>(id)
+                              ? (o.count - static_cast<std::uint32_t>(id) + t - 1) / t
+                              : 0;
     conns_.resize(local);
     der_.resize(local);
     max_inflight_ = std::max<std::uint32_t>(1, o.max_inflight / t);
@@ -153,7 +155,8 @@ class Worker {
         timeout = static_cast<int>(std::clamp<std::int64_t>(ms, 0, 50));
       }
       int n = epoll_wait(ep_, evs.data(), static_cast<int>(evs.size()), timeout);
-      for (int k = 0; k < n; ++k) Drive(static_cast<std::uint32_t>(evs[static_cast<size_t>(k)].data.u64));
+      for (int k = 0; k < n; ++k)
+        Drive(static_cast<std::uint32_t>(evs[static_cast<size_t>(k)].data.u64));
       RunTimers();
     }
     for (auto& c : conns_) Release(c);
@@ -206,13 +209,16 @@ class Worker {
           }
           AppendFrame(c.out, 0x9, "");
           sim_.counters_.pings_sent++;
-          if (Flush(t.conn)) AddTimer(now + sim_.opts_.ping_interval.count() * 1000000, t.conn, kPing);
+          if (Flush(t.conn))
+            AddTimer(now + sim_.opts_.ping_interval.count() * 1000000, t.conn, kPing);
           break;
       }
     }
   }
 
-  std::uint32_t NowS() const { return static_cast<std::uint32_t>((NowNs() - start_ns_) / 1000000000); }
+  std::uint32_t NowS() const {
+    return static_cast<std::uint32_t>((NowNs() - start_ns_) / 1000000000);
+  }
 
   void Connect(std::uint32_t j) {
     Conn& c = conns_[j];
@@ -230,7 +236,8 @@ class Worker {
     ::setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     sockaddr_in src{};
     src.sin_family = AF_INET;
-    src.sin_addr.s_addr = htonl(0x7f000002u + i % static_cast<std::uint32_t>(sim_.opts_.source_addresses));
+    src.sin_addr.s_addr =
+        htonl(0x7f000002u + i % static_cast<std::uint32_t>(sim_.opts_.source_addresses));
     if (::bind(c.fd, reinterpret_cast<sockaddr*>(&src), sizeof src) != 0) {
       return Fail(j, std::string("bind: ") + std::strerror(errno));
     }
@@ -240,7 +247,8 @@ class Worker {
     if (::epoll_ctl(ep_, EPOLL_CTL_ADD, c.fd, &ev) != 0) {
       return Fail(j, std::string("epoll_ctl: ") + std::strerror(errno));
     }
-    if (::connect(c.fd, reinterpret_cast<sockaddr*>(&dst_), sizeof dst_) != 0 && errno != EINPROGRESS) {
+    if (::connect(c.fd, reinterpret_cast<sockaddr*>(&dst_), sizeof dst_) != 0 &&
+        errno != EINPROGRESS) {
       return Fail(j, std::string("connect: ") + std::strerror(errno));
     }
   }
@@ -284,8 +292,10 @@ class Worker {
       X509* cert = CertFor(j);
       std::string seed = AgentSeed(Global(j));
       EVP_PKEY* pk = EVP_PKEY_new_raw_private_key(
-          EVP_PKEY_ED25519, nullptr, reinterpret_cast<const unsigned char*>(seed.data()), seed.size());
-      bool ok = cert && pk && SSL_use_certificate(c.ssl, cert) == 1 && SSL_use_PrivateKey(c.ssl, pk) == 1;
+          EVP_PKEY_ED25519, nullptr, reinterpret_cast<const unsigned char*>(seed.data()),
+          seed.size());
+      bool ok =
+          cert && pk && SSL_use_certificate(c.ssl, cert) == 1 && SSL_use_PrivateKey(c.ssl, pk) == 1;
       X509_free(cert);
       EVP_PKEY_free(pk);
       if (!ok) return Fail(j, "cannot load the agent certificate: " + SslErrorText());
@@ -323,7 +333,8 @@ class Worker {
       int e = SSL_get_error(c.ssl, r);
       if (e == SSL_ERROR_WANT_READ) break;
       if (e == SSL_ERROR_WANT_WRITE) break;
-      if (e == SSL_ERROR_ZERO_RETURN) return Fail(j, "connection closed by the controller (TLS close)");
+      if (e == SSL_ERROR_ZERO_RETURN)
+        return Fail(j, "connection closed by the controller (TLS close)");
       std::string why = SslErrorText();
       if (why.empty()) why = errno != 0 ? std::strerror(errno) : "connection closed";
       return Fail(j, "read: " + why);
@@ -408,12 +419,14 @@ class Worker {
       if (b1 & 0x80) return Fail(j, "controller sent a masked frame");
       if (len == 126) {
         if (c.in.size() - pos < 4) break;
-        len = (static_cast<unsigned char>(c.in[pos + 2]) << 8) | static_cast<unsigned char>(c.in[pos + 3]);
+        len = (static_cast<unsigned char>(c.in[pos + 2]) << 8) |
+              static_cast<unsigned char>(c.in[pos + 3]);
         hdr = 4;
       } else if (len == 127) {
         if (c.in.size() - pos < 10) break;
         len = 0;
-        for (int k = 0; k < 8; ++k) len = (len << 8) | static_cast<unsigned char>(c.in[pos + 2 + static_cast<size_t>(k)]);
+        for (int k = 0; k < 8; ++k)
+          len = (len << 8) | static_cast<unsigned char>(c.in[pos + 2 + static_cast<size_t>(k)]);
         hdr = 10;
       }
       if (len > (8u << 20)) return Fail(j, "frame too large");
@@ -421,7 +434,8 @@ class Worker {
       std::string payload = c.in.substr(pos + hdr, static_cast<size_t>(len));
       pos += hdr + static_cast<size_t>(len);
       int op = b0 & 0x0f;
-      if (!(b0 & 0x80) || op == 0x0) return Fail(j, "fragmented message (not expected from muster)");
+      if (!(b0 & 0x80) || op == 0x0)
+        return Fail(j, "fragmented message (not expected from muster)");
       if (op == 0x9) {
         AppendFrame(c.out, 0xA, payload);
         sim_.counters_.pongs_sent++;
@@ -466,7 +480,8 @@ class Worker {
     if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
       sim_.counters_.acks++;
       bool tracked = c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed);
-      if (a->seq == c.first_seq && tracked) sim_.received_ack_ns_[i].store(NowNs(), std::memory_order_relaxed);
+      if (a->seq == c.first_seq && tracked)
+        sim_.received_ack_ns_[i].store(NowNs(), std::memory_order_relaxed);
       if (a->seq == c.final_seq && c.final_seq != 0) {
         sim_.counters_.final_acks++;
         if (c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed)) {
@@ -496,7 +511,8 @@ class Worker {
     ctx.machine = AgentName(i);
     ctx.trusted_operators = {sim_.opts_.operator_key};
     ctx.last_applied = c.last_applied;
-    auto send = [&](const char* phase, const std::string& detail, const std::string& toplevel, bool facts) {
+    auto send = [&](const char* phase, const std::string& detail, const std::string& toplevel,
+                    bool facts) {
       proto::StatusReport r;
       r.seq = c.next_seq++;
       r.generation = gen;

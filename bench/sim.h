@@ -35,9 +35,9 @@ namespace muster::bench {
 struct SimOptions {
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
-  std::string pin;            // controller fingerprint, "sha256:…"
-  PublicKey operator_key;     // trusted operator (the bench operator)
-  std::uint32_t count = 0;    // agents 0 … count-1
+  std::string pin;          // controller fingerprint, "sha256:…"
+  PublicKey operator_key;   // trusted operator (the bench operator)
+  std::uint32_t count = 0;  // agents 0 … count-1
   int threads = 1;
   std::uint32_t max_inflight = 1000;  // concurrent first connection attempts (all threads)
   int source_addresses = 200;         // 127.0.0.2 … 127.0.0.(1+N)
@@ -52,18 +52,18 @@ struct SimOptions {
 std::int64_t NowNs();
 
 struct SimCounters {
-  std::atomic<std::uint64_t> connects{0};      // TCP connection attempts
-  std::atomic<std::uint64_t> tcp_ok{0};        // TCP connections established
-  std::atomic<std::uint64_t> tls_ok{0};        // TLS handshakes completed
-  std::atomic<std::uint64_t> welcomes{0};      // hello answered by welcome
-  std::atomic<std::int64_t> open{0};           // currently welcomed connections
-  std::atomic<std::uint64_t> disconnects{0};   // welcomed connections lost
-  std::atomic<std::uint64_t> deploys{0};       // deploy messages received
-  std::atomic<std::uint64_t> verified{0};      // … that passed VerifySignedManifest
-  std::atomic<std::uint64_t> refused{0};       // … that did not
-  std::atomic<std::uint64_t> reports{0};       // status reports sent
-  std::atomic<std::uint64_t> acks{0};          // acks received
-  std::atomic<std::uint64_t> final_acks{0};    // acks of a 'succeeded' report
+  std::atomic<std::uint64_t> connects{0};     // TCP connection attempts
+  std::atomic<std::uint64_t> tcp_ok{0};       // TCP connections established
+  std::atomic<std::uint64_t> tls_ok{0};       // TLS handshakes completed
+  std::atomic<std::uint64_t> welcomes{0};     // hello answered by welcome
+  std::atomic<std::int64_t> open{0};          // currently welcomed connections
+  std::atomic<std::uint64_t> disconnects{0};  // welcomed connections lost
+  std::atomic<std::uint64_t> deploys{0};      // deploy messages received
+  std::atomic<std::uint64_t> verified{0};     // … that passed VerifySignedManifest
+  std::atomic<std::uint64_t> refused{0};      // … that did not
+  std::atomic<std::uint64_t> reports{0};      // status reports sent
+  std::atomic<std::uint64_t> acks{0};         // acks received
+  std::atomic<std::uint64_t> final_acks{0};   // acks of a 'succeeded' report
   std::atomic<std::uint64_t> pings_sent{0};
   std::atomic<std::uint64_t> pongs_sent{0};
 };
@@ -73,9 +73,9 @@ class Simulator {
   explicit Simulator(SimOptions options);
   ~Simulator();
 
-  void Start();                      // starts the worker threads; nothing connects yet
-  void SetTarget(std::uint32_t n);   // agents [0, n) connect (never shrinks)
-  void Stop();                       // closes every connection and joins the workers
+  void Start();                     // starts the worker threads; nothing connects yet
+  void SetTarget(std::uint32_t n);  // agents [0, n) connect (never shrinks)
+  void Stop();                      // closes every connection and joins the workers
 
   // While set, losses and failed attempts are counted as expected, not as errors
   // (the controller is being killed on purpose).
@@ -90,13 +90,21 @@ class Simulator {
 
   // Per agent: last welcome, last TCP establishment, first receipt of a deploy
   // for the generation being tracked and ack of its 'succeeded' report (ns; 0 = none).
-  std::int64_t WelcomeNs(std::uint32_t i) const { return welcome_ns_[i].load(std::memory_order_relaxed); }
+  std::int64_t WelcomeNs(std::uint32_t i) const {
+    return welcome_ns_[i].load(std::memory_order_relaxed);
+  }
   std::int64_t TcpNs(std::uint32_t i) const { return tcp_ns_[i].load(std::memory_order_relaxed); }
-  std::int64_t NotifyNs(std::uint32_t i) const { return notify_ns_[i].load(std::memory_order_relaxed); }
+  std::int64_t NotifyNs(std::uint32_t i) const {
+    return notify_ns_[i].load(std::memory_order_relaxed);
+  }
   std::int64_t AckNs(std::uint32_t i) const { return ack_ns_[i].load(std::memory_order_relaxed); }
   // Ack of the first ('received') report: the controller recorded the receipt.
-  std::int64_t ReceivedAckNs(std::uint32_t i) const { return received_ack_ns_[i].load(std::memory_order_relaxed); }
-  std::int64_t AppliedGeneration(std::uint32_t i) const { return applied_[i].load(std::memory_order_relaxed); }
+  std::int64_t ReceivedAckNs(std::uint32_t i) const {
+    return received_ack_ns_[i].load(std::memory_order_relaxed);
+  }
+  std::int64_t AppliedGeneration(std::uint32_t i) const {
+    return applied_[i].load(std::memory_order_relaxed);
+  }
   // Deploys of this generation set NotifyNs/AckNs (earlier ones are ignored there).
   void TrackGeneration(std::int64_t generation) { tracked_generation_ = generation; }
 

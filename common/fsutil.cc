@@ -155,8 +155,8 @@ Status ReplaceDirectoryAtomicKeep(const fs::path& staged, const fs::path& target
     }
     return FsyncPath(parent);
   }
-  long rc = ::syscall(SYS_renameat2, AT_FDCWD, staged.c_str(), AT_FDCWD, target.c_str(),
-                      RENAME_EXCHANGE);
+  long rc =
+      ::syscall(SYS_renameat2, AT_FDCWD, staged.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE);
   if (rc == 0) {
     if (::rename(staged.c_str(), keep_old_at.c_str()) != 0) {
       return Err("cannot keep old content at " + keep_old_at.string() + ": " + ErrnoText(errno));

@@ -17,8 +17,7 @@
 namespace muster {
 
 // Reads a whole file; fails if it is larger than max_bytes.
-Result<std::string> ReadFile(const std::filesystem::path& path,
-                             std::size_t max_bytes = 16u << 20);
+Result<std::string> ReadFile(const std::filesystem::path& path, std::size_t max_bytes = 16u << 20);
 
 // Replaces path with content, created with the given mode.
 Status WriteFileAtomic(const std::filesystem::path& path, std::string_view content,

@@ -17,8 +17,7 @@ constexpr std::string_view kStoreDir = "/nix/store/";
 std::int64_t IntField(const json& j, const char* key) {
   const json& v = j.at(key);
   if (!v.is_number_integer() ||
-      (v.is_number_unsigned() &&
-       v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
+      (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
     throw json::type_error::create(302, std::string(key) + " must be an integer", &v);
   }
   return v.get<std::int64_t>();
@@ -27,21 +26,30 @@ std::int64_t IntField(const json& j, const char* key) {
 
 std::string_view ToString(Action a) {
   switch (a) {
-    case Action::kSwitch: return "switch";
-    case Action::kBoot: return "boot";
-    case Action::kTest: return "test";
-    case Action::kDryActivate: return "dry-activate";
+    case Action::kSwitch:
+      return "switch";
+    case Action::kBoot:
+      return "boot";
+    case Action::kTest:
+      return "test";
+    case Action::kDryActivate:
+      return "dry-activate";
   }
   return "switch";
 }
 
 std::string_view ToString(Kind k) {
   switch (k) {
-    case Kind::kAuto: return "auto";
-    case Kind::kNixos: return "nixos";
-    case Kind::kDarwin: return "darwin";
-    case Kind::kHomeManager: return "home-manager";
-    case Kind::kProfile: return "profile";
+    case Kind::kAuto:
+      return "auto";
+    case Kind::kNixos:
+      return "nixos";
+    case Kind::kDarwin:
+      return "darwin";
+    case Kind::kHomeManager:
+      return "home-manager";
+    case Kind::kProfile:
+      return "profile";
   }
   return "auto";
 }
@@ -66,7 +74,8 @@ Status ValidateStorePath(std::string_view p) {
   }
   std::string_view base = p.substr(kStoreDir.size());
   if (base.size() < 34 || base[32] != '-' || base.find('/') != std::string_view::npos) {
-    return Err("'" + std::string(p) + "' is not a top-level Nix store path (/nix/store/<hash>-<name>)");
+    return Err("'" + std::string(p) +
+               "' is not a top-level Nix store path (/nix/store/<hash>-<name>)");
   }
   for (char c : base) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -158,9 +167,9 @@ Result<Manifest> VerifySignedManifest(const SignedManifest& sm, const VerifyCont
   if (!signer) return Err("manifest signer: " + signer.message());
   // Identify the manifest for messages before trusting anything in it.
   auto peek = ParseManifest(sm.manifest);
-  std::string what = peek ? "manifest for " + peek->machine + " generation " +
-                                std::to_string(peek->generation)
-                          : std::string("manifest");
+  std::string what =
+      peek ? "manifest for " + peek->machine + " generation " + std::to_string(peek->generation)
+           : std::string("manifest");
   bool trusted = false;
   for (const auto& k : ctx.trusted_operators) trusted = trusted || k == *signer;
   if (!trusted) {

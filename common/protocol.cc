@@ -23,13 +23,15 @@ std::string OptStr(const json& j, const char* k) {
 }
 std::int64_t Int(const json& j, const char* k) {
   const json& v = j.at(k);
-  if (!v.is_number_integer()) throw json::type_error::create(302, std::string(k) + " must be an integer", &v);
+  if (!v.is_number_integer())
+    throw json::type_error::create(302, std::string(k) + " must be an integer", &v);
   return v.get<std::int64_t>();
 }
 std::int64_t OptInt(const json& j, const char* k) {
   auto it = j.find(k);
   if (it == j.end() || it->is_null()) return 0;
-  if (!it->is_number_integer()) throw json::type_error::create(302, std::string(k) + " must be an integer", &*it);
+  if (!it->is_number_integer())
+    throw json::type_error::create(302, std::string(k) + " must be an integer", &*it);
   return it->get<std::int64_t>();
 }
 std::uint64_t UInt(const json& j, const char* k) {
@@ -46,16 +48,23 @@ bool OptBool(const json& j, const char* k) {
 }
 
 json Body(const Hello& m) {
-  return {{"machine", m.machine},   {"agentVersion", m.agent_version},
-          {"facts", ToJson(m.facts)}, {"generation", m.generation},
-          {"phase", m.phase},       {"toplevel", m.toplevel},
+  return {{"machine", m.machine},
+          {"agentVersion", m.agent_version},
+          {"facts", ToJson(m.facts)},
+          {"generation", m.generation},
+          {"phase", m.phase},
+          {"toplevel", m.toplevel},
           {"lastApplied", m.last_applied}};
 }
 json Body(const StatusReport& m) {
-  json j = {{"seq", m.seq},           {"generation", m.generation},
-            {"phase", m.phase},       {"detail", m.detail},
-            {"toplevel", m.toplevel}, {"rebootRequired", m.reboot_required},
-            {"closureBytes", m.closure_bytes}, {"at", m.at}};
+  json j = {{"seq", m.seq},
+            {"generation", m.generation},
+            {"phase", m.phase},
+            {"detail", m.detail},
+            {"toplevel", m.toplevel},
+            {"rebootRequired", m.reboot_required},
+            {"closureBytes", m.closure_bytes},
+            {"at", m.at}};
   if (m.facts) j["facts"] = ToJson(*m.facts);
   return j;
 }

@@ -21,8 +21,13 @@ void DurationHistogram::Observe(double seconds) {
 Status Fleet::Load() {
   std::lock_guard lock(mu_);
   keys_.clear();
+  revoked_.clear();
   for (const auto& m : store_.ListMachines()) {
-    if (!m.revoked) keys_[m.key] = {Role::kMachine, m.name};
+    if (m.revoked) {
+      revoked_.insert(m.name);
+    } else {
+      keys_[m.key] = {Role::kMachine, m.name};
+    }
   }
   for (const auto& o : store_.ListOperators()) keys_[o.key] = {Role::kOperator, o.name};
   return Status::Ok();
@@ -93,7 +98,12 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
       slot = channel;
     }
     if (previous && previous != channel) previous->Close("replaced by a newer connection");
-    if (store_.IsMachineRevoked(machine)) {
+    bool revoked;
+    {
+      std::lock_guard lock(mu_);
+      revoked = revoked_.count(machine) != 0;  // revoked between TLS and hello
+    }
+    if (revoked) {
       refused[k] = Err("machine '" + machine + "' is revoked");
       continue;
     }
@@ -121,8 +131,8 @@ std::vector<std::string> Fleet::AfterHello(const std::string& machine, const pro
   if (latest && latest->generation > hello.last_applied) {
     auto ph = ParsePhase(hello.phase);
     bool finished_here = hello.generation == latest->generation && ph && IsTerminal(*ph);
-    bool in_progress = hello.generation == latest->generation && ph && !IsTerminal(*ph) &&
-                       *ph != Phase::kIdle;
+    bool in_progress =
+        hello.generation == latest->generation && ph && !IsTerminal(*ph) && *ph != Phase::kIdle;
     if (!finished_here && !in_progress) {
       out.push_back(DeployText(*latest));
       std::lock_guard lock(mu_);
@@ -134,8 +144,7 @@ std::vector<std::string> Fleet::AfterHello(const std::string& machine, const pro
   return out;
 }
 
-Result<std::string> Fleet::AgentStatus(const std::string& machine,
-                                       const proto::StatusReport& r) {
+Result<std::string> Fleet::AgentStatus(const std::string& machine, const proto::StatusReport& r) {
   return std::move(AgentStatuses({{machine, r}}).front());
 }
 
@@ -157,7 +166,8 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     w.facts = r.facts ? proto::ToJson(*r.facts) : json(nullptr);
     writes.push_back(std::move(w));
   }
-  std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordStatuses(writes);
+  std::vector<Status> stored =
+      writes.empty() ? std::vector<Status>() : store_.RecordStatuses(writes);
   std::vector<Result<std::string>> out;
   out.reserve(reports.size());
   std::size_t k = 0;
@@ -281,6 +291,7 @@ Status Fleet::RemoveMachine(const std::string& name) {
   {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
+    revoked_.erase(name);  // the name may be registered again
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
   }
@@ -365,6 +376,7 @@ Status Fleet::RevokeMachine(const std::string& name) {
   {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
+    revoked_.insert(name);
     ++counters_.revocations;
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
@@ -378,14 +390,17 @@ Result<std::string> Fleet::CreateEnrollToken(const std::string& machine,
                                              const std::vector<std::string>& tags,
                                              std::int64_t ttl_ms, const std::string& by) {
   if (machine.empty() || machine.size() > 253 ||
-      machine.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
+      machine.find_first_not_of(
+          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
           std::string::npos) {
     return Err("machine name '" + machine + "' is invalid: use letters, digits, '-', '_' and '.'");
   }
   if (store_.GetMachine(machine)) {
-    return Err("machine '" + machine + "' is already registered; remove it first to enrol it again");
+    return Err("machine '" + machine +
+               "' is already registered; remove it first to enrol it again");
   }
-  if (ttl_ms <= 0 || ttl_ms > 30LL * 24 * 3600 * 1000) return Err("token lifetime must be between 1 s and 30 days");
+  if (ttl_ms <= 0 || ttl_ms > 30LL * 24 * 3600 * 1000)
+    return Err("token lifetime must be between 1 s and 30 days");
   SecretKey random = SecretKey::Generate();  // 32 random bytes from libsodium
   std::string token = "mtok_" + Base64Encode(random.seed().substr(0, 24));
   for (char& c : token) {

@@ -91,8 +91,7 @@ class Fleet {
   // Registers the live channel for a machine (replacing and closing an older
   // one), records the hello and returns the messages to send in order: a
   // welcome, then a deploy if the machine has a generation it has not applied.
-  Result<std::vector<std::string>> AgentHello(const std::string& machine,
-                                              const proto::Hello& hello,
+  Result<std::vector<std::string>> AgentHello(const std::string& machine, const proto::Hello& hello,
                                               std::shared_ptr<AgentChannel> channel);
   // AgentHello for several agents with one group commit in the store; one
   // result per hello, in order.
@@ -101,7 +100,8 @@ class Fleet {
     proto::Hello hello;
     std::shared_ptr<AgentChannel> channel;
   };
-  std::vector<Result<std::vector<std::string>>> AgentHellos(const std::vector<HelloRequest>& hellos);
+  std::vector<Result<std::vector<std::string>>> AgentHellos(
+      const std::vector<HelloRequest>& hellos);
   // Records a status report; returns the ack to send.
   Result<std::string> AgentStatus(const std::string& machine, const proto::StatusReport& report);
   // AgentStatus for several reports (machine, report) with one group commit
@@ -123,8 +123,8 @@ class Fleet {
   Status RevokeMachine(const std::string& name);
   // A one-time token (printed once, stored hashed) valid for ttl_ms.
   Result<std::string> CreateEnrollToken(const std::string& machine,
-                                        const std::vector<std::string>& tags,
-                                        std::int64_t ttl_ms, const std::string& by);
+                                        const std::vector<std::string>& tags, std::int64_t ttl_ms,
+                                        const std::string& by);
   // Registers key as machine if token is valid; spends the token.
   Status Enroll(const PublicKey& key, const std::string& machine, const std::string& token);
 
@@ -157,7 +157,9 @@ class Fleet {
   Store& store_;
   Clock clock_;
   mutable std::mutex mu_;
-  mutable std::map<std::string, Identity> keys_;  // key text → identity (a cache)
+  mutable std::map<std::string, Identity> keys_;
+  std::set<std::string>
+      revoked_;  // machine names whose keys were revoked  // key text → identity (a cache)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;

@@ -244,13 +244,14 @@ void RolloutManager::OnDirectPublish(const std::string& machine, std::int64_t ge
   }
 }
 
-Status RolloutManager::Pause(const std::string& id) {
+Status RolloutManager::Transition(const std::string& id, const std::string& from,
+                                  const std::string& to, const std::string& detail) {
   std::lock_guard lock(mu_);
   auto r = store_.GetRollout(id);
-  if (!r) return Err("no rollout '" + id + "'");
-  if (r->state != "running") return Err("rollout " + id + " is " + r->state + ", not running");
-  r->state = "paused";
-  r->detail = "paused: machines already released finish; nothing new is released";
+  if (!r) return Err("no rollout '" + id + "'; see 'muster rollout list'");
+  if (r->state != from) return Err("rollout " + id + " is " + r->state + ", not " + from);
+  r->state = to;
+  r->detail = detail;
   r->updated_at = fleet_.Now();
   if (auto st = store_.UpdateRollout(*r); !st) return st;
   ReindexLocked();
@@ -258,17 +259,13 @@ Status RolloutManager::Pause(const std::string& id) {
   return Status::Ok();
 }
 
+Status RolloutManager::Pause(const std::string& id) {
+  return Transition(id, "running", "paused",
+                    "paused: machines already released finish; nothing new is released");
+}
+
 Status RolloutManager::Continue(const std::string& id) {
-  std::lock_guard lock(mu_);
-  auto r = store_.GetRollout(id);
-  if (!r) return Err("no rollout '" + id + "'");
-  if (r->state != "paused") return Err("rollout " + id + " is " + r->state + ", not paused");
-  r->state = "running";
-  r->updated_at = fleet_.Now();
-  if (auto st = store_.UpdateRollout(*r); !st) return st;
-  ReindexLocked();
-  EvaluateLocked(id);
-  return Status::Ok();
+  return Transition(id, "paused", "running", "resumed");
 }
 
 Status RolloutManager::Abort(const std::string& id) {

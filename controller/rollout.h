@@ -72,6 +72,9 @@ class RolloutManager : public FleetObserver {
   // Applies Schedule() to a rollout; `changed` are item positions already
   // updated by the caller (they go into the broadcast event).
   void EvaluateLocked(const std::string& id, std::vector<int> changed = {});
+  // Moves a rollout from state `from` to `to`, then re-evaluates it.
+  Status Transition(const std::string& id, const std::string& from, const std::string& to,
+                    const std::string& detail);
 
   // Active rollouts are kept in memory (written through to the store), with
   // an index machine → (rollout, item position), so that a report costs a map

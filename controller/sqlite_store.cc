@@ -587,12 +587,6 @@ class SqliteStore final : public Store {
     return Status::Ok();
   }
 
-  bool IsMachineRevoked(const std::string& name) override {
-    std::lock_guard lock(mu_);
-    Stmt s(db_, "SELECT revoked FROM machines WHERE name = ?");
-    s.Bind(1, name);
-    return s.Step() == SQLITE_ROW && s.Int(0) != 0;
-  }
 
   Status AddEnrollToken(const EnrollToken& t) override {
     std::lock_guard lock(mu_);

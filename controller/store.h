@@ -174,7 +174,6 @@ class Store {
 
   // Machine revocation: the key is refused from now on; the record stays.
   virtual Status SetMachineRevoked(const std::string& name, bool revoked) = 0;
-  virtual bool IsMachineRevoked(const std::string& name) = 0;
 
   // Enrolment tokens, stored as SHA-256 hashes.
   struct EnrollToken {

@@ -138,6 +138,20 @@ Result<std::unique_ptr<Connection>> Connect(const Globals& g, SecretKey& key) {
   return Connection::Open(o);
 }
 
+// Loads the operator key and connects; returns 0, or the exit code after
+// saying what is wrong.
+int OpenConnection(const Globals& g, std::unique_ptr<Connection>* out) {
+  auto key = LoadSecretKey(g.key);
+  if (!key) {
+    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
+               kExitUsage);
+  }
+  auto conn = Connect(g, *key);
+  if (!conn) return Die(conn.message(), kExitConnect);
+  *out = std::move(*conn);
+  return 0;
+}
+
 std::string Ago(std::int64_t ms) {
   if (ms == 0) return "never";
   auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -552,15 +566,11 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
 }
 
 int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
-  if (verb == "watch") return Watch(**conn, id, timeout, g.json_out);
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
+  if (verb == "watch") return Watch(*conn, id, timeout, g.json_out);
   if (verb == "list") {
-    auto res = (*conn)->Call("rollout.list", {{"limit", 50}});
+    auto res = conn->Call("rollout.list", {{"limit", 50}});
     if (!res) return Die(res.message(), kExitFailed);
     if (g.json_out) {
       std::cout << (*res)["rollouts"].dump(2) << "\n";
@@ -577,7 +587,7 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
     PrintTable(rows);
     return 0;
   }
-  auto res = (*conn)->Call("rollout." + verb, {{"id", id}});
+  auto res = conn->Call("rollout." + verb, {{"id", id}});
   if (!res) return Die(res.message(), kExitFailed);
   if (g.json_out) {
     std::cout << res->dump(2) << "\n";
@@ -598,15 +608,11 @@ int Rollout(const Globals& g, const std::string& verb, const std::string& id, in
 }
 
 int Status_(const Globals& g, const std::string& machine) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
   json params = json::object();
   if (!machine.empty()) params["machine"] = machine;
-  auto res = (*conn)->Call("status", params);
+  auto res = conn->Call("status", params);
   if (!res) return Die(res.message(), kExitFailed);
   if (g.json_out) {
     std::cout << (*res)["machines"].dump(2) << "\n";
@@ -629,13 +635,9 @@ int Status_(const Globals& g, const std::string& machine) {
 }
 
 int History(const Globals& g, const std::string& machine, int limit) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
-  auto res = (*conn)->Call("history", {{"machine", machine}, {"limit", limit}});
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
+  auto res = conn->Call("history", {{"machine", machine}, {"limit", limit}});
   if (!res) return Die(res.message(), kExitFailed);
   if (g.json_out) {
     std::cout << (*res)["generations"].dump(2) << "\n";
@@ -656,20 +658,16 @@ int History(const Globals& g, const std::string& machine, int limit) {
 }
 
 int Logs(const Globals& g, const std::string& machine, std::int64_t generation, bool follow) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
   if (follow) {
-    auto sub = (*conn)->Call("subscribe", json::object());
+    auto sub = conn->Call("subscribe", json::object());
     if (!sub) return Die(sub.message(), kExitFailed);
   }
   std::int64_t after = 0;
   std::int64_t gen = generation;
   for (;;) {
-    auto res = (*conn)->Call(
+    auto res = conn->Call(
         "logs", {{"machine", machine}, {"generation", gen}, {"after", after}, {"limit", 5000}});
     if (!res) return Die(res.message(), kExitFailed);
     gen = (*res)["generation"].get<std::int64_t>();
@@ -688,7 +686,7 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
     // Wait for new lines (log events) or a terminal status, then read again.
     bool finished = false;
     for (;;) {
-      auto ev = (*conn)->NextEvent(std::chrono::seconds(1));
+      auto ev = conn->NextEvent(std::chrono::seconds(1));
       if (!ev) return Die(ev.message(), kExitConnect);
       if (!*ev) break;
       const auto& e = **ev;
@@ -710,13 +708,9 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
 
 int SimpleCall(const Globals& g, const std::string& method, const json& params,
                const std::string& ok_message) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
-  auto res = (*conn)->Call(method, params);
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
+  auto res = conn->Call(method, params);
   if (!res) return Die(res.message(), kExitFailed);
   if (g.json_out) {
     std::cout << res->dump() << "\n";
@@ -727,13 +721,9 @@ int SimpleCall(const Globals& g, const std::string& method, const json& params,
 }
 
 int MachineList(const Globals& g) {
-  auto key = LoadSecretKey(g.key);
-  if (!key)
-    return Die(key.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
-  auto conn = Connect(g, *key);
-  if (!conn) return Die(conn.message(), kExitConnect);
-  auto res = (*conn)->Call("machine.list", json::object());
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
+  auto res = conn->Call("machine.list", json::object());
   if (!res) return Die(res.message(), kExitFailed);
   if (g.json_out) {
     std::cout << (*res)["machines"].dump(2) << "\n";
@@ -928,14 +918,9 @@ int main(int argc, char** argv) {
     return SimpleCall(g, "machine.revoke", {{"name", m_name}}, "machine " + m_name + " revoked");
   }
   if (m_enroll->parsed()) {
-    auto opkey = LoadSecretKey(g.key);
-    if (!opkey)
-      return Die(opkey.message() + " (create one with 'muster key generate', or pass --key)",
-                 kExitUsage);
-    auto conn = Connect(g, *opkey);
-    if (!conn) return Die(conn.message(), kExitConnect);
-    auto res =
-        (*conn)->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
+    std::unique_ptr<Connection> conn;
+    if (int rc = OpenConnection(g, &conn)) return rc;
+    auto res = conn->Call("machine.enroll", {{"name", e_name}, {"tags", e_tags}, {"ttl", e_ttl}});
     if (!res) return Die(res.message(), kExitFailed);
     if (g.json_out) {
       std::cout << res->dump() << "\n";
