@@ -3,8 +3,8 @@
 // Endpoints: /v1/agent (machine keys) and /v1/operator (operator keys). Each
 // connection is one session on its own strand; handshakes (TCP accept to
 // websocket upgrade and, for agents, the hello) must finish within
-// handshake_timeout; after that the server pings every ping_interval and closes
-// a peer from which nothing was received for idle_timeout. The websocket stream
+// handshake_timeout; after that the server pings a peer that has been quiet for
+// ping_interval and closes one from which nothing was received for idle_timeout. The websocket stream
 // type is instantiated only in server.cc.
 #pragma once
 

@@ -223,8 +223,10 @@ class SqliteStore final : public Store {
     s.Bind(1, m.name).Bind(2, m.key).Bind(3, json(m.tags).dump()).Bind(4, m.created_at);
     int rc = s.Step();
     if (rc == SQLITE_CONSTRAINT) {
-      return Err("machine '" + m.name + "' or its key is already registered; remove it first "
-                 "('muster machine remove " + m.name + "') to register it again");
+      return Err("machine '" + m.name +
+                 "' or its key is already registered; remove it first "
+                 "('muster machine remove " +
+                 m.name + "') to register it again");
     }
     if (rc != SQLITE_DONE) return Err("store: cannot add machine: " + s.ErrorText());
     return Status::Ok();
@@ -377,9 +379,16 @@ class SqliteStore final : public Store {
            "'verified','realising','vars-installed','profile-set','activating','confirming') "
            "THEN MAX(last_applied, ?) ELSE last_applied END "
            "WHERE name = ?");
-    u.Bind(1, ev.generation).Bind(2, ev.phase).Bind(3, ev.detail).Bind(4, toplevel)
-        .Bind(5, toplevel).Bind(6, std::int64_t{reboot_required ? 1 : 0}).Bind(7, ev.at)
-        .Bind(8, ev.phase).Bind(9, ev.generation).Bind(10, name);
+    u.Bind(1, ev.generation)
+        .Bind(2, ev.phase)
+        .Bind(3, ev.detail)
+        .Bind(4, toplevel)
+        .Bind(5, toplevel)
+        .Bind(6, std::int64_t{reboot_required ? 1 : 0})
+        .Bind(7, ev.at)
+        .Bind(8, ev.phase)
+        .Bind(9, ev.generation)
+        .Bind(10, name);
     Stmt i(db_, "INSERT INTO events (machine, generation, phase, detail, at) VALUES (?,?,?,?,?)");
     i.Bind(1, name).Bind(2, ev.generation).Bind(3, ev.phase).Bind(4, ev.detail).Bind(5, ev.at);
     if (u.Step() != SQLITE_DONE || i.Step() != SQLITE_DONE) {
@@ -451,10 +460,18 @@ class SqliteStore final : public Store {
   }
 
   static void BindGen(Stmt& s, const GenerationRecord& g) {
-    s.Bind(1, g.machine).Bind(2, g.generation).Bind(3, g.manifest.manifest)
-        .Bind(4, g.manifest.signer).Bind(5, g.manifest.signature).Bind(6, g.vars)
-        .Bind(7, g.toplevel).Bind(8, g.action).Bind(9, g.rollout).Bind(10, g.published_by)
-        .Bind(11, g.created_at).Bind(12, std::int64_t{g.released ? 1 : 0});
+    s.Bind(1, g.machine)
+        .Bind(2, g.generation)
+        .Bind(3, g.manifest.manifest)
+        .Bind(4, g.manifest.signer)
+        .Bind(5, g.manifest.signature)
+        .Bind(6, g.vars)
+        .Bind(7, g.toplevel)
+        .Bind(8, g.action)
+        .Bind(9, g.rollout)
+        .Bind(10, g.published_by)
+        .Bind(11, g.created_at)
+        .Bind(12, std::int64_t{g.released ? 1 : 0});
   }
 
   std::int64_t MaxGeneration(const std::string& machine) override {
@@ -486,17 +503,28 @@ class SqliteStore final : public Store {
     Stmt r1(db_,
             "INSERT INTO rollouts (id, created_at, created_by, canary, max_parallel, max_failures, "
             "state, detail, updated_at) VALUES (?,?,?,?,?,?,?,?,?)");
-    r1.Bind(1, r.id).Bind(2, r.created_at).Bind(3, r.created_by).Bind(4, std::int64_t{r.canary})
-        .Bind(5, std::int64_t{r.max_parallel}).Bind(6, std::int64_t{r.max_failures}).Bind(7, r.state)
-        .Bind(8, r.detail).Bind(9, r.updated_at);
+    r1.Bind(1, r.id)
+        .Bind(2, r.created_at)
+        .Bind(3, r.created_by)
+        .Bind(4, std::int64_t{r.canary})
+        .Bind(5, std::int64_t{r.max_parallel})
+        .Bind(6, std::int64_t{r.max_failures})
+        .Bind(7, r.state)
+        .Bind(8, r.detail)
+        .Bind(9, r.updated_at);
     if (r1.Step() != SQLITE_DONE) return fail("store: cannot add rollout: " + r1.ErrorText());
     for (const auto& it : items) {
       Stmt i(db_,
              "INSERT INTO rollout_items (rollout, position, machine, generation, stage, state, "
              "detail, updated_at) VALUES (?,?,?,?,?,?,?,?)");
-      i.Bind(1, it.rollout).Bind(2, std::int64_t{it.position}).Bind(3, it.machine)
-          .Bind(4, it.generation).Bind(5, std::int64_t{it.stage}).Bind(6, it.state)
-          .Bind(7, it.detail).Bind(8, it.updated_at);
+      i.Bind(1, it.rollout)
+          .Bind(2, std::int64_t{it.position})
+          .Bind(3, it.machine)
+          .Bind(4, it.generation)
+          .Bind(5, std::int64_t{it.stage})
+          .Bind(6, it.state)
+          .Bind(7, it.detail)
+          .Bind(8, it.updated_at);
       if (i.Step() != SQLITE_DONE) return fail("store: cannot add rollout item: " + i.ErrorText());
     }
     return Exec("COMMIT");
@@ -515,7 +543,10 @@ class SqliteStore final : public Store {
     Stmt s(db_,
            "UPDATE rollout_items SET state = ?, detail = ?, updated_at = ? WHERE rollout = ? AND "
            "position = ?");
-    s.Bind(1, it.state).Bind(2, it.detail).Bind(3, it.updated_at).Bind(4, it.rollout)
+    s.Bind(1, it.state)
+        .Bind(2, it.detail)
+        .Bind(3, it.updated_at)
+        .Bind(4, it.rollout)
         .Bind(5, std::int64_t{it.position});
     if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
     return Status::Ok();
@@ -587,13 +618,15 @@ class SqliteStore final : public Store {
     return Status::Ok();
   }
 
-
   Status AddEnrollToken(const EnrollToken& t) override {
     std::lock_guard lock(mu_);
     Stmt s(db_,
            "INSERT INTO enroll_tokens (hash, machine, tags, expires_at, created_by) VALUES "
            "(?,?,?,?,?)");
-    s.Bind(1, t.hash).Bind(2, t.machine).Bind(3, json(t.tags).dump()).Bind(4, t.expires_at)
+    s.Bind(1, t.hash)
+        .Bind(2, t.machine)
+        .Bind(3, json(t.tags).dump())
+        .Bind(4, t.expires_at)
         .Bind(5, t.created_by);
     if (s.Step() != SQLITE_DONE) return Err("store: cannot add enrolment token: " + s.ErrorText());
     return Status::Ok();
@@ -611,7 +644,8 @@ class SqliteStore final : public Store {
     q.Bind(1, hash);
     if (q.Step() != SQLITE_ROW) return fail("enrolment token is not valid");
     if (q.Int(3) != 0) return fail("enrolment token was already used");
-    if (q.Int(2) < now) return fail("enrolment token has expired; ask for a new one ('muster machine enroll')");
+    if (q.Int(2) < now)
+      return fail("enrolment token has expired; ask for a new one ('muster machine enroll')");
     if (q.Text(0) != machine) {
       return fail("enrolment token is for machine '" + q.Text(0) + "', not '" + machine + "'");
     }
@@ -622,7 +656,8 @@ class SqliteStore final : public Store {
     add.Bind(1, machine).Bind(2, key).Bind(3, tags).Bind(4, now);
     if (spend.Step() != SQLITE_DONE) return fail("store: " + spend.ErrorText());
     int rc = add.Step();
-    if (rc == SQLITE_CONSTRAINT) return fail("machine '" + machine + "' or this key is already registered");
+    if (rc == SQLITE_CONSTRAINT)
+      return fail("machine '" + machine + "' or this key is already registered");
     if (rc != SQLITE_DONE) return fail("store: " + add.ErrorText());
     return Exec("COMMIT");
   }
@@ -727,13 +762,17 @@ class SqliteStore final : public Store {
              "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE machine = ? AND "
              "generation = ? ORDER BY id LIMIT (SELECT COUNT(*) / 4 + 1 FROM logs WHERE "
              "machine = ? AND generation = ?))");
-      d.Bind(1, first.machine).Bind(2, first.generation).Bind(3, first.machine)
+      d.Bind(1, first.machine)
+          .Bind(2, first.generation)
+          .Bind(3, first.machine)
           .Bind(4, first.generation);
       (void)d.Step();
       Stmt r(db_,
              "UPDATE log_sizes SET bytes = (SELECT COALESCE(SUM(LENGTH(line)), 0) FROM logs "
              "WHERE machine = ? AND generation = ?) WHERE machine = ? AND generation = ?");
-      r.Bind(1, first.machine).Bind(2, first.generation).Bind(3, first.machine)
+      r.Bind(1, first.machine)
+          .Bind(2, first.generation)
+          .Bind(3, first.machine)
           .Bind(4, first.generation);
       (void)r.Step();
     }
@@ -766,11 +805,13 @@ class SqliteStore final : public Store {
 
  private:
   void AddColumnIfMissing(const char* table, const char* column, const char* decl) {
-    Stmt q(db_, (std::string("SELECT COUNT(*) FROM pragma_table_info('") + table +
-                 "') WHERE name = ?").c_str());
+    Stmt q(db_,
+           (std::string("SELECT COUNT(*) FROM pragma_table_info('") + table + "') WHERE name = ?")
+               .c_str());
     q.Bind(1, std::string(column));
     if (q.Step() == SQLITE_ROW && q.Int(0) == 0) {
-      (void)Exec((std::string("ALTER TABLE ") + table + " ADD COLUMN " + column + " " + decl).c_str());
+      (void)Exec(
+          (std::string("ALTER TABLE ") + table + " ADD COLUMN " + column + " " + decl).c_str());
     }
   }
 
@@ -808,16 +849,17 @@ class SqliteStore final : public Store {
 
 Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path) {
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &db,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-                           nullptr);
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
   if (rc != SQLITE_OK) {
     std::string e = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
     return Err("cannot open store " + path + ": " + e);
   }
   auto store = std::make_unique<SqliteStore>(db);
-  if (auto st = store->Init(); !st) return Err("cannot initialise store " + path + ": " + st.message());
+  if (auto st = store->Init(); !st)
+    return Err("cannot initialise store " + path + ": " + st.message());
   return std::unique_ptr<Store>(std::move(store));
 }
 
