@@ -11,6 +11,7 @@
 #include "agent/health.h"
 #include "agent/vars.h"
 #include "common/fsutil.h"
+#include "common/roster.h"
 
 namespace muster {
 
@@ -190,10 +191,15 @@ void Agent::EnrollIfNeeded() {
     spdlog::error("enrolment: {}", token_text.message());
     return;
   }
-  std::string token = *token_text;
-  while (!token.empty() && (token.back() == '\n' || token.back() == ' ' || token.back() == '\r')) {
-    token.pop_back();
+  // The token stays here: the controller gets only this machine's key signed
+  // with the enrolment key derived from it (common/roster.h).
+  auto enroll_key = EnrollKeyFromToken(*token_text);
+  if (!enroll_key) {
+    spdlog::error("enrolment: {} ({})", enroll_key.message(), cfg_.enroll_token_file);
+    return;
   }
+  const std::string proof =
+      MakeEnrollBinding(*enroll_key, cfg_.machine, key_.public_key()).signature;
   for (int attempt = 0;; ++attempt) {
     {
       std::lock_guard lock(mu_);
@@ -209,7 +215,7 @@ void Agent::EnrollIfNeeded() {
     bool done = false;
     std::shared_ptr<WsClient> client;
     WsClient::Handlers h;
-    h.on_open = [&] { client->Send(proto::Encode(proto::Enroll{cfg_.machine, token})); };
+    h.on_open = [&] { client->Send(proto::Encode(proto::Enroll{cfg_.machine, proof})); };
     h.on_message = [&](std::string text) {
       auto m = proto::Decode(text);
       if (m && std::holds_alternative<proto::Enrolled>(*m)) outcome = "enrolled";

@@ -73,6 +73,8 @@ int main(int argc, char** argv) {
   }
   if (print_key) {
     std::cout << key->public_key().ToText() << "\n";
+    // For 'muster machine sign NAME --fingerprint …' on the operator's side.
+    std::cerr << "fingerprint " << key->public_key().Fingerprint() << "\n";
     return 0;
   }
   if (!SetupLogging("muster-agent", cfg->log_level)) {

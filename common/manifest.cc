@@ -156,6 +156,23 @@ SignedManifest SignManifest(const Manifest& m, const SecretKey& key) {
   return sm;
 }
 
+std::int64_t GenerationCeiling(std::int64_t created_at_s) {
+  return created_at_s <= kGenerationEpoch ? 0 : created_at_s - kGenerationEpoch;
+}
+
+Status CheckGenerationNumber(std::int64_t generation, std::int64_t created_at_s) {
+  if (generation < 1) return Err("generation " + std::to_string(generation) + " is not positive");
+  std::int64_t ceiling = GenerationCeiling(created_at_s);
+  if (generation > ceiling) {
+    return Err("generation " + std::to_string(generation) + " is above " +
+               std::to_string(ceiling) +
+               ", the highest number a manifest signed at that time may carry (one per second "
+               "since 2020); the number looks steered by the controller, or the signing clock is "
+               "wrong");
+  }
+  return Status::Ok();
+}
+
 std::string VarsHash(std::string_view sealed_vars) {
   if (sealed_vars.empty()) return "";
   return "sha256:" + Sha256Hex(sealed_vars);

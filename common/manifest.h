@@ -54,6 +54,15 @@ Status ValidateStorePath(std::string_view path);
 
 SignedManifest SignManifest(const Manifest& m, const SecretKey& key);
 
+// Generation numbers may not exceed a ceiling that grows with signing time
+// (one per second since kGenerationEpoch), so that no number a controller
+// steers the CLI to can block later updates: a manifest signed later can
+// always carry a higher number.
+constexpr std::int64_t kGenerationEpoch = 1577836800;  // 2020-01-01T00:00:00Z
+std::int64_t GenerationCeiling(std::int64_t created_at_s);  // >= 0, never overflows
+// Fails when generation < 1 or above the ceiling for created_at_s.
+Status CheckGenerationNumber(std::int64_t generation, std::int64_t created_at_s);
+
 // What the agent needs to decide whether to accept a generation.
 struct VerifyContext {
   std::string machine;                        // this agent's machine name

@@ -91,7 +91,7 @@ json Body(const Response& m) {
   return j;
 }
 json Body(const Event& m) { return {{"topic", m.topic}, {"data", m.data}}; }
-json Body(const Enroll& m) { return {{"machine", m.machine}, {"token", m.token}}; }
+json Body(const Enroll& m) { return {{"machine", m.machine}, {"proof", m.proof}}; }
 json Body(const Enrolled& m) { return {{"machine", m.machine}}; }
 
 Result<Message> DecodeBody(std::string_view type, const json& b) {
@@ -175,7 +175,7 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
     if (b.contains("data")) m.data = b.at("data");
     return Message{m};
   }
-  if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "token")}};
+  if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "proof")}};
   if (type == "enrolled") return Message{Enrolled{Str(b, "machine")}};
   return Err("unknown message type '" + std::string(type.substr(0, 40)) + "'");
 }

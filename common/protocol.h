@@ -70,11 +70,14 @@ struct LogLines {
   std::vector<std::string> lines;
 };
 
-// First message on /v1/enroll: a machine registers its own key with a
-// one-time token from 'muster machine enroll'.
+// First message on /v1/enroll: a machine registers its own key (the TLS
+// client key) with a one-time token from 'muster machine enroll'. The token
+// itself never leaves the machine: proof is the machine's key signed by the
+// enrolment key derived from the token (common/roster.h), which the
+// operator-signed grant names.
 struct Enroll {
   std::string machine;
-  std::string token;
+  std::string proof;  // base64 Ed25519 signature
 };
 
 // The controller's answer to a successful enroll; the connection then closes

@@ -69,7 +69,7 @@ std::vector<Message> Samples() {
           request,
           response,
           event,
-          Enroll{"web2", "mtok_Zm9vYmFyYmF6cXV4cXV1eA"},
+          Enroll{"web2", "c2lnbmF0dXJlLW9mLXRoZS1tYWNoaW5lLWtleQ=="},
           Enrolled{"web2"}};
 }
 

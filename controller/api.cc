@@ -29,16 +29,20 @@ std::string Need(const json& p, const char* key) {
   }
   return it->get<std::string>();
 }
-std::vector<std::string> Tags(const json& p) {
-  std::vector<std::string> tags;
-  auto it = p.find("tags");
-  if (it == p.end()) return tags;
-  if (!it->is_array()) throw std::invalid_argument("parameter 'tags' must be a list of strings");
-  for (const auto& t : *it) {
-    if (!t.is_string()) throw std::invalid_argument("parameter 'tags' must be a list of strings");
-    tags.push_back(t.get<std::string>());
+// A signed roster entry parameter: {entry, signer, signature}.
+SignedRosterEntry EntryParam(const json& p, const char* key) {
+  auto it = p.find(key);
+  if (it == p.end() || !it->is_object()) {
+    throw std::invalid_argument(std::string("parameter '") + key +
+                                "' (a signed roster entry) is required; this controller accepts "
+                                "only operator-signed roster changes (upgrade the muster CLI)");
   }
-  return tags;
+  return {Need(*it, "entry"), Need(*it, "signer"), Need(*it, "signature")};
+}
+json EntryJson(const std::string& encoded) {
+  if (encoded.empty()) return nullptr;
+  json j = json::parse(encoded, nullptr, false);
+  return j.is_discarded() ? json(nullptr) : j;
 }
 std::int64_t IntParam(const json& p, const char* key, std::int64_t def) {
   auto it = p.find(key);
@@ -66,6 +70,8 @@ json Api::MachineJson(const MachineRecord& m) {
           {"rebootRequired", m.reboot_required},
           {"lastApplied", m.last_applied},
           {"revoked", m.revoked},
+          {"roster", EntryJson(m.roster)},
+          {"binding", EntryJson(m.binding)},
           {"facts", m.facts}};
 }
 
@@ -73,25 +79,51 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
   const json& p = req.params;
   try {
     if (req.method == "machine.add") {
-      std::string name = Need(p, "name");
-      if (auto st = fleet_.AddMachine(name, Need(p, "key"), Tags(p)); !st) {
-        return Fail(req.id, st.message());
-      }
+      SignedRosterEntry e = EntryParam(p, "entry");
+      if (auto st = fleet_.AddMachine(e); !st) return Fail(req.id, st.message());
+      auto name = ParseRosterEntry(e.entry)->machine;
       spdlog::info("operator {} registered machine {}", who.name, name);
       return Ok(req.id, {{"name", name}});
     }
     if (req.method == "machine.remove") {
-      std::string name = Need(p, "name");
-      if (auto st = fleet_.RemoveMachine(name); !st) return Fail(req.id, st.message());
+      SignedRosterEntry e = EntryParam(p, "entry");
+      if (auto st = fleet_.RemoveMachine(e); !st) return Fail(req.id, st.message());
+      auto name = ParseRosterEntry(e.entry)->machine;
       spdlog::info("operator {} removed machine {}", who.name, name);
       return Ok(req.id, {{"name", name}});
     }
-    if (req.method == "machine.tag") {
-      std::string name = Need(p, "name");
-      if (auto st = fleet_.store().SetMachineTags(name, Tags(p)); !st) {
-        return Fail(req.id, st.message());
-      }
+    if (req.method == "machine.tag" || req.method == "machine.sign") {
+      SignedRosterEntry e = EntryParam(p, "entry");
+      if (auto st = fleet_.UpdateMachine(e); !st) return Fail(req.id, st.message());
+      auto name = ParseRosterEntry(e.entry)->machine;
+      spdlog::info("operator {}: {} {}", who.name, req.method, name);
       return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "roster") {
+      // Every machine's signed entry and generation numbers in one answer, so
+      // that the CLI resolves and numbers a rollout without a call per machine.
+      std::set<std::string> only;
+      if (auto it = p.find("names"); it != p.end() && it->is_array()) {
+        for (const auto& n : *it) {
+          if (n.is_string()) only.insert(n.get<std::string>());
+        }
+      }
+      json machines = json::array();
+      for (const auto& m : fleet_.store().ListMachines()) {
+        if (!only.empty() && !only.count(m.name)) continue;
+        machines.push_back({{"name", m.name},
+                            {"key", m.key},
+                            {"revoked", m.revoked},
+                            {"roster", EntryJson(m.roster)},
+                            {"binding", EntryJson(m.binding)},
+                            {"maxGeneration", fleet_.store().MaxGeneration(m.name)}});
+      }
+      json removed = json::array();
+      for (const auto& [name, entry] : fleet_.store().ListRemovals()) {
+        if (!only.empty() && !only.count(name)) continue;
+        removed.push_back(EntryJson(entry));
+      }
+      return Ok(req.id, {{"machines", machines}, {"removed", removed}});
     }
     if (req.method == "machine.list" || req.method == "status") {
       json machines = json::array();
@@ -171,15 +203,27 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       spdlog::warn("operator {} revoked machine {}", who.name, name);
       return Ok(req.id, {{"name", name}});
     }
-    if (req.method == "machine.enroll") {
+    if (req.method == "operator.list") {
+      json ops = json::array();
+      for (const auto& o : fleet_.store().ListOperators()) {
+        ops.push_back({{"name", o.name}, {"key", o.key}, {"createdAt", o.created_at}});
+      }
+      return Ok(req.id, {{"operators", ops}});
+    }
+    if (req.method == "operator.remove") {
+      // The request arrives on a session authenticated by the requesting
+      // operator's key (mutual TLS), which the log records.
       std::string name = Need(p, "name");
-      std::int64_t ttl = IntParam(p, "ttl", 3600);
-      auto token = fleet_.CreateEnrollToken(name, Tags(p), ttl * 1000, who.name);
-      if (!token) return Fail(req.id, token.message());
-      spdlog::info("operator {} created an enrolment token for {} (valid {} s)", who.name, name,
-                   ttl);
-      return Ok(req.id,
-                {{"name", name}, {"token", *token}, {"expiresAt", fleet_.Now() + ttl * 1000}});
+      if (auto st = fleet_.RemoveOperator(name); !st) return Fail(req.id, st.message());
+      spdlog::warn("operator {} removed operator {}", who.name, name);
+      return Ok(req.id, {{"name", name}});
+    }
+    if (req.method == "machine.enroll") {
+      SignedRosterEntry grant = EntryParam(p, "grant");
+      if (auto st = fleet_.AddEnrollGrant(grant, who.name); !st) return Fail(req.id, st.message());
+      auto e = ParseRosterEntry(grant.entry);
+      spdlog::info("operator {} created an enrolment grant for {}", who.name, e->machine);
+      return Ok(req.id, {{"name", e->machine}, {"expiresAt", e->expires_at}});
     }
     if (req.method.rfind("rollout.", 0) == 0) {
       if (!rollouts_) return Fail(req.id, "rollouts are not available");

@@ -1,21 +1,28 @@
 // Operator requests: method name + JSON params in, JSON result or error out.
 //
 // Methods (params → result):
-//   machine.add    {name, key, tags[]}            → {name}
-//   machine.remove {name}                         → {name}
+// Roster changes carry an operator-signed entry, Entry = {entry, signer,
+// signature} (common/roster.h); Machine includes its roster entry and binding.
+//   machine.add    {entry}                        → {name}
+//   machine.remove {entry}  (a signed removal)    → {name}
+//   machine.tag|sign {entry} (same key, newer)    → {name}
 //   machine.list   {}                             → {machines: [Machine]}
-//   machine.get    {name}                         → {machine: Machine, latestGeneration}
-//   machine.tag    {name, tags[]}                 → {name}
+//   machine.get    {name}                         → {machine: Machine, latestGeneration,
+//                                                    maxGeneration}
+//   roster         {names?}                       → {machines: [{name, key, revoked, roster,
+//                                                    binding, maxGeneration}], removed: [Entry]}
 //   publish        {manifest, signer, signature, vars} → {machine, generation, online}
 //   status         {machine?}                     → {machines: [Machine]}
 //   history        {machine, limit?}              → {machine, generations: [{…, events}]}
 //   logs           {machine, generation?, after?, limit?} → {generation, lines, last}
 //   machine.revoke {name}                         → {name}
-//   machine.enroll {name, tags[], ttl?}           → {name, token, expiresAt}
+//   machine.enroll {grant: Entry}                 → {name, expiresAt}
 //   rollout.create {items: [{manifest, signer, signature, vars}], canary, maxParallel,
 //                   maxFailures}                 → Rollout
 //   rollout.list   {limit?}                       → {rollouts: [Rollout]}
 //   rollout.status|pause|resume|abort {id}        → Rollout
+//   operator.list  {}                             → {operators: [{name, key, createdAt}]}
+//   operator.remove {name}                        → {name}  (its sessions close)
 //   subscribe      {}  (handled by the session)  → {} then events
 // Thread-safe: stateless apart from the Fleet it calls.
 #pragma once

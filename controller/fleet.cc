@@ -25,36 +25,105 @@ Status Fleet::Load() {
   for (const auto& m : store_.ListMachines()) {
     if (m.revoked) {
       revoked_.insert(m.name);
+      revoked_keys_.insert(m.key);
     } else {
       keys_[m.key] = {Role::kMachine, m.name};
     }
   }
-  for (const auto& o : store_.ListOperators()) keys_[o.key] = {Role::kOperator, o.name};
+  operators_.clear();
+  for (const auto& o : store_.ListOperators()) {
+    keys_[o.key] = {Role::kOperator, o.name};
+    operators_[o.name] = o.key;
+  }
   return Status::Ok();
 }
 
+std::vector<std::shared_ptr<AgentChannel>> Fleet::DropOperatorLocked(const std::string& name) {
+  std::vector<std::shared_ptr<AgentChannel>> out;
+  auto it = operators_.find(name);
+  if (it != operators_.end()) {
+    keys_.erase(it->second);
+    operators_.erase(it);
+  }
+  auto [b, e] = operator_sessions_.equal_range(name);
+  for (auto s = b; s != e; ++s) {
+    if (auto ch = s->second.lock()) out.push_back(std::move(ch));
+  }
+  operator_sessions_.erase(b, e);
+  return out;
+}
+
+Status Fleet::RemoveOperator(const std::string& name) {
+  {
+    std::lock_guard lock(mu_);
+    if (!operators_.count(name)) return Err("no operator named '" + name + "'");
+    if (operators_.size() == 1) {
+      return Err("'" + name +
+                 "' is the last operator; add another first ('muster-controller operator add')");
+    }
+  }
+  if (auto st = store_.RemoveOperator(name); !st) return st;
+  std::vector<std::shared_ptr<AgentChannel>> sessions;
+  {
+    std::lock_guard lock(mu_);
+    sessions = DropOperatorLocked(name);
+  }
+  for (auto& ch : sessions) ch->Close("operator '" + name + "' was removed");
+  spdlog::warn("operator {} removed; {} open session(s) closed", name, sessions.size());
+  Broadcast("operator", {{"operator", name}, {"removed", true}});
+  return Status::Ok();
+}
+
+void Fleet::SyncOperators() {
+  std::map<std::string, std::string> stored;
+  for (const auto& o : store_.ListOperators()) stored[o.name] = o.key;
+  std::vector<std::string> gone;
+  std::vector<std::shared_ptr<AgentChannel>> sessions;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [name, key] : operators_) {
+      auto it = stored.find(name);
+      if (it == stored.end() || it->second != key) gone.push_back(name);
+    }
+    for (const auto& name : gone) {
+      auto s = DropOperatorLocked(name);
+      sessions.insert(sessions.end(), s.begin(), s.end());
+    }
+    for (const auto& [name, key] : stored) {
+      if (operators_.count(name)) continue;
+      operators_[name] = key;
+      keys_[key] = {Role::kOperator, name};
+    }
+  }
+  for (const auto& name : gone) spdlog::warn("operator {} was removed from the store", name);
+  for (auto& ch : sessions) ch->Close("operator was removed");
+}
+
+void Fleet::OperatorConnected(const std::string& name, std::shared_ptr<AgentChannel> session) {
+  std::lock_guard lock(mu_);
+  // Forget sessions that ended, so the map does not grow with reconnects.
+  for (auto it = operator_sessions_.begin(); it != operator_sessions_.end();) {
+    it = it->second.expired() ? operator_sessions_.erase(it) : std::next(it);
+  }
+  operator_sessions_.emplace(name, session);
+}
+
+bool Fleet::IsOperator(const std::string& name) const {
+  std::lock_guard lock(mu_);
+  return operators_.count(name) != 0;
+}
+
 Identity Fleet::Lookup(const PublicKey& key) const {
+  // In memory only: operators added or removed beside a running controller
+  // arrive through SyncOperators, within a second.
+  std::int64_t now = clock_();
   {
     std::lock_guard lock(mu_);
     auto it = keys_.find(key.ToText());
     if (it != keys_.end()) return it->second;
-  }
-  // Not cached: an operator added with 'muster-controller operator add' while
-  // this controller runs is in the store only.
-  Identity id;
-  std::string text = key.ToText();
-  for (const auto& o : store_.ListOperators()) {
-    if (o.key == text) id = {Role::kOperator, o.name};
-  }
-  if (id.role != Role::kNone) {
-    std::lock_guard lock(mu_);
-    keys_[text] = id;
-    return id;
-  }
-  // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).
-  std::int64_t now = clock_();
-  {
-    std::lock_guard lock(mu_);
+    // A revoked machine key stays refused, enrolment tokens or not.
+    if (revoked_keys_.count(key.ToText())) return {};
+    // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).
     if (now - tokens_checked_at_ < 1000) {
       return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
     }
@@ -256,11 +325,13 @@ std::size_t Fleet::OnlineCount() const {
 
 Status Fleet::AddMachine(const std::string& name, const std::string& key,
                          const std::vector<std::string>& tags) {
-  if (name.empty() || name.size() > 253 ||
-      name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
-          std::string::npos) {
-    return Err("machine name '" + name + "' is invalid: use letters, digits, '-', '_' and '.'");
-  }
+  return Register(name, key, tags, "");
+}
+
+Status Fleet::Register(const std::string& name, const std::string& key,
+                       const std::vector<std::string>& tags, const std::string& roster) {
+  if (auto st = ValidateMachineName(name); !st) return st;
+  if (auto st = ValidateTags(tags); !st) return st;
   auto pk = ParsePublicKey(key);
   if (!pk) return pk.error();
   {
@@ -277,10 +348,77 @@ Status Fleet::AddMachine(const std::string& name, const std::string& key,
   m.key = pk->ToText();
   m.tags = tags;
   m.created_at = clock_();
+  m.roster = roster;
   if (auto st = store_.AddMachine(m); !st) return st;
   std::lock_guard lock(mu_);
   keys_[m.key] = {Role::kMachine, name};
   return Status::Ok();
+}
+
+Result<RosterEntry> Fleet::CheckEntry(const SignedRosterEntry& entry) {
+  auto e = CheckRosterSignature(entry);
+  if (!e) return e.error();
+  auto signer = ParsePublicKey(entry.signer);
+  if (!signer) return signer.error();
+  if (Lookup(*signer).role != Role::kOperator) {
+    return Err("roster entry for '" + e->machine + "' is signed by " + signer->ShortId() +
+               ", which is not a registered operator key");
+  }
+  return e;
+}
+
+std::int64_t Fleet::HeldSignedAt(const MachineRecord& m) {
+  if (m.roster.empty()) return 0;
+  auto s = DecodeSignedRosterEntry(m.roster);
+  if (!s) return 0;
+  auto e = ParseRosterEntry(s->entry);
+  return e ? e->signed_at : 0;
+}
+
+Status Fleet::AddMachine(const SignedRosterEntry& entry) {
+  auto e = CheckEntry(entry);
+  if (!e) return e.error();
+  if (e->key.empty()) return Err("machine.add: the entry must name the machine's key");
+  std::int64_t removed_at = store_.RemovalSignedAt(e->machine);
+  if (e->signed_at <= removed_at) {
+    return Err("roster entry for '" + e->machine +
+               "' is older than its removal; sign a new one (check the operator's clock)");
+  }
+  return Register(e->machine, e->key, e->tags, EncodeSignedRosterEntry(entry));
+}
+
+Status Fleet::UpdateMachine(const SignedRosterEntry& entry) {
+  auto e = CheckEntry(entry);
+  if (!e) return e.error();
+  auto m = store_.GetMachine(e->machine);
+  if (!m) return Err("no machine named '" + e->machine + "'");
+  if (e->key != m->key) {
+    return Err("roster entry for '" + e->machine +
+               "' names another key than the one registered; remove the machine and add it "
+               "again to change its key");
+  }
+  if (e->signed_at <= HeldSignedAt(*m)) {
+    return Err("roster entry for '" + e->machine +
+               "' is not newer than the one held (check the operator's clock)");
+  }
+  return store_.SetMachineRoster(e->machine, e->tags, EncodeSignedRosterEntry(entry), "");
+}
+
+Status Fleet::RemoveMachine(const SignedRosterEntry& entry) {
+  auto e = CheckEntry(entry);
+  if (!e) return e.error();
+  if (!e->removed) return Err("machine.remove: the entry is not a removal");
+  auto m = store_.GetMachine(e->machine);
+  if (!m) return Err("no machine named '" + e->machine + "'");
+  if (e->signed_at <= HeldSignedAt(*m)) {
+    return Err("removal of '" + e->machine +
+               "' is not newer than its roster entry (check the operator's clock)");
+  }
+  if (auto st = store_.RecordRemoval(e->machine, EncodeSignedRosterEntry(entry), e->signed_at);
+      !st) {
+    return st;
+  }
+  return RemoveMachine(e->machine);
 }
 
 Status Fleet::RemoveMachine(const std::string& name) {
@@ -306,6 +444,7 @@ Status Fleet::AddOperator(const std::string& name, const std::string& key) {
   if (auto st = store_.AddOperator(op); !st) return st;
   std::lock_guard lock(mu_);
   keys_[op.key] = {Role::kOperator, name};
+  operators_[name] = op.key;
   return Status::Ok();
 }
 
@@ -377,6 +516,7 @@ Status Fleet::RevokeMachine(const std::string& name) {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
     revoked_.insert(name);
+    revoked_keys_.insert(m->key);
     ++counters_.revocations;
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
@@ -386,36 +526,45 @@ Status Fleet::RevokeMachine(const std::string& name) {
   return Status::Ok();
 }
 
-Result<std::string> Fleet::CreateEnrollToken(const std::string& machine,
-                                             const std::vector<std::string>& tags,
-                                             std::int64_t ttl_ms, const std::string& by) {
-  if (machine.empty() || machine.size() > 253 ||
-      machine.find_first_not_of(
-          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
-          std::string::npos) {
-    return Err("machine name '" + machine + "' is invalid: use letters, digits, '-', '_' and '.'");
-  }
-  if (store_.GetMachine(machine)) {
-    return Err("machine '" + machine +
+Status Fleet::AddEnrollGrant(const SignedRosterEntry& grant, const std::string& by) {
+  auto e = CheckEntry(grant);
+  if (!e) return e.error();
+  if (e->enroll_key.empty()) return Err("machine.enroll: the entry is not an enrolment grant");
+  if (store_.GetMachine(e->machine)) {
+    return Err("machine '" + e->machine +
                "' is already registered; remove it first to enrol it again");
   }
-  if (ttl_ms <= 0 || ttl_ms > 30LL * 24 * 3600 * 1000)
-    return Err("token lifetime must be between 1 s and 30 days");
-  SecretKey random = SecretKey::Generate();  // 32 random bytes from libsodium
-  std::string token = "mtok_" + Base64Encode(random.seed().substr(0, 24));
-  for (char& c : token) {
-    if (c == '+') c = '-';
-    if (c == '/') c = '_';
+  std::int64_t now = clock_();
+  if (e->expires_at <= now || e->expires_at - now > 30LL * 24 * 3600 * 1000) {
+    return Err("enrolment grant for '" + e->machine +
+               "' must expire between now and 30 days from now (check the operator's clock)");
   }
-  Store::EnrollToken t{Sha256Hex(token), machine, tags, clock_() + ttl_ms, by};
-  if (auto st = store_.AddEnrollToken(t); !st) return st.error();
+  Store::EnrollToken t{Sha256Hex(e->enroll_key), e->machine, e->tags, e->expires_at, by,
+                       EncodeSignedRosterEntry(grant)};
+  if (auto st = store_.AddEnrollToken(t); !st) return st;
   std::lock_guard lock(mu_);
   tokens_checked_at_ = 0;  // re-read the count on the next handshake
-  return token;
+  return Status::Ok();
 }
 
-Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std::string& token) {
-  if (auto st = store_.SpendEnrollToken(Sha256Hex(token), machine, key.ToText(), clock_()); !st) {
+Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std::string& proof) {
+  std::int64_t now = clock_();
+  auto t = store_.LiveEnrollToken(machine, now);
+  if (!t) {
+    return Err("no live enrolment token for machine '" + machine +
+               "' (unknown, used or expired); ask an operator for a new one ('muster machine "
+               "enroll " +
+               machine + "')");
+  }
+  auto grant_text = DecodeSignedRosterEntry(t->grant);
+  if (!grant_text) return grant_text.error();
+  auto grant = ParseRosterEntry(grant_text->entry);
+  if (!grant) return grant.error();
+  EnrollBinding b{key.ToText(), proof};
+  if (auto st = VerifyEnrollBinding(*grant, b); !st) return st;
+  if (auto st = store_.SpendEnrollToken(t->hash, machine, key.ToText(), EncodeEnrollBinding(b),
+                                        now);
+      !st) {
     return st;
   }
   std::lock_guard lock(mu_);

@@ -19,6 +19,7 @@
 #include "common/crypto.h"
 #include "common/phase.h"
 #include "common/protocol.h"
+#include "common/roster.h"
 #include "controller/store.h"
 
 namespace muster {
@@ -115,18 +116,38 @@ class Fleet {
   std::size_t OnlineCount() const;
 
   // --- operators ---
+  // Registers a machine without a signed roster entry: what a store from
+  // before signed rosters holds ("unsigned"; CLIs refuse to publish to it until
+  // an operator signs it). Tests and the load generator use it too.
   Status AddMachine(const std::string& name, const std::string& key,
                     const std::vector<std::string>& tags);
+  // Roster changes carry an entry signed by a registered operator; each is
+  // refused unless newer (signedAt) than what the controller holds for the
+  // machine. The controller checks them for its own consistency only: CLIs
+  // verify entries against the operator keys they trust.
+  Status AddMachine(const SignedRosterEntry& entry);     // a new machine with its key
+  Status UpdateMachine(const SignedRosterEntry& entry);  // tags / (re-)signing; same key
+  Status RemoveMachine(const SignedRosterEntry& entry);  // a signed removal
   Status RemoveMachine(const std::string& name);  // also closes its connection
   Status AddOperator(const std::string& name, const std::string& key);
+  // Removes an operator: its key is refused from now on and its open sessions
+  // are closed. Refuses to remove the last operator.
+  Status RemoveOperator(const std::string& name);
+  // Re-reads the operator table (changed by 'muster-controller operator
+  // add|remove' beside a running controller): adds new keys, drops removed
+  // ones and closes their sessions. Cheap; called every second.
+  void SyncOperators();
+  // An operator session, closed when its operator is removed.
+  void OperatorConnected(const std::string& name, std::shared_ptr<AgentChannel> session);
+  bool IsOperator(const std::string& name) const;
   // Closes the machine's connection and refuses its key from now on.
   Status RevokeMachine(const std::string& name);
-  // A one-time token (printed once, stored hashed) valid for ttl_ms.
-  Result<std::string> CreateEnrollToken(const std::string& machine,
-                                        const std::vector<std::string>& tags, std::int64_t ttl_ms,
-                                        const std::string& by);
-  // Registers key as machine if token is valid; spends the token.
-  Status Enroll(const PublicKey& key, const std::string& machine, const std::string& token);
+  // Stores an operator-signed enrolment grant (the CLI made the token and keeps
+  // it; the controller only sees the grant's public enrolment key).
+  Status AddEnrollGrant(const SignedRosterEntry& grant, const std::string& by);
+  // Registers key as machine if a live grant exists and proof (the key signed
+  // by the grant's enrolment key) verifies; spends the grant.
+  Status Enroll(const PublicKey& key, const std::string& machine, const std::string& proof);
 
   // Marks a held-back generation released and pushes it if the agent is online.
   Status Release(const std::string& machine, std::int64_t generation);
@@ -148,6 +169,14 @@ class Fleet {
 
  private:
   static std::string DeployText(const GenerationRecord& g);
+  // Drops operators (under mu_) and returns their sessions to close.
+  std::vector<std::shared_ptr<AgentChannel>> DropOperatorLocked(const std::string& name);
+  Status Register(const std::string& name, const std::string& key,
+                  const std::vector<std::string>& tags, const std::string& roster);
+  // Checks an entry's signature and that a registered operator signed it.
+  Result<RosterEntry> CheckEntry(const SignedRosterEntry& entry);
+  // signedAt of the entry the controller holds for a machine (0: unsigned).
+  static std::int64_t HeldSignedAt(const MachineRecord& m);
   // What follows a durable hello: welcome, pending deploy, events, observer.
   std::vector<std::string> AfterHello(const std::string& machine, const proto::Hello& hello);
   // What follows a durable status report: counters, events, observer; the ack.
@@ -160,7 +189,10 @@ class Fleet {
   mutable std::map<std::string, Identity> keys_;
   std::set<std::string>
       revoked_;  // machine names whose keys were revoked  // key text → identity (a cache)
+  std::set<std::string> revoked_keys_;  // key texts of revoked machines
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
+  std::map<std::string, std::string> operators_;  // name → key text
+  std::multimap<std::string, std::weak_ptr<AgentChannel>> operator_sessions_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;
   FleetObserver* observer_ = nullptr;

@@ -1,11 +1,13 @@
-// muster-controller: init, run, operator add.
+// muster-controller: init, run, operator add / remove.
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <thread>
 
@@ -59,6 +61,18 @@ int Init(const Paths& p) {
             << "controller key:  " << key->public_key().ToText() << "\n"
             << "pin:             " << key->public_key().Fingerprint() << "\n"
             << "Give the pin to agents (controllerPin) and operators (--pin / MUSTER_PIN).\n";
+  return 0;
+}
+
+int OperatorRemove(const Paths& p, const std::string& name) {
+  auto store = OpenSqliteStore(p.db().string());
+  if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
+  Fleet fleet(**store, NowMs);
+  if (auto st = fleet.Load(); !st) return Fail(st.message());
+  if (auto st = fleet.RemoveOperator(name); !st) return Fail(st.message());
+  std::cout << "operator " << name
+            << " removed: a running controller refuses its key and closes its sessions within a "
+               "second; remove it from agents' trustedOperatorKeys too\n";
   return 0;
 }
 
@@ -201,11 +215,24 @@ int Run(const Paths& p, const RunConfig& c) {
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());
   rollouts.Resume();  // active rollouts continue where they were
+  // Operators added or removed with 'muster-controller operator' beside this
+  // process take effect within a second.
+  boost::asio::steady_timer operator_sync(ioc);
+  std::function<void()> sync_operators = [&] {
+    operator_sync.expires_after(std::chrono::seconds(1));
+    operator_sync.async_wait([&](const boost::system::error_code& ec) {
+      if (ec) return;
+      fleet.SyncOperators();
+      sync_operators();
+    });
+  };
+  sync_operators();
   boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
     if (ec) return;
     spdlog::info("signal {}: shutting down", sig);
     server.Stop();
+    operator_sync.cancel();
     if (metrics) metrics->Stop();
     ioc.stop();
   });
@@ -258,6 +285,11 @@ int main(int argc, char** argv) {
   op_add->add_option("--key", op_key, "public key 'ed25519:…' or a path to a .pub file")
       ->required();
   op_add->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  std::string op_rm_name;
+  auto* op_remove = op->add_subcommand(
+      "remove", "remove an operator: its key is refused and its sessions close");
+  op_remove->add_option("NAME", op_rm_name, "operator name")->required();
+  op_remove->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -266,6 +298,7 @@ int main(int argc, char** argv) {
   }
   if (init->parsed()) return Init({state_dir});
   if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
+  if (op_remove->parsed()) return OperatorRemove({state_dir}, op_rm_name);
   if (run->parsed()) {
     RunConfig merged;
     std::string dir = state_dir;

@@ -346,6 +346,8 @@ class Session : public std::enable_shared_from_this<Session>,
       beast::get_lowest_layer(*ws_).expires_never();
       LeaveHandshake();
       ++shared_->stats->handshakes_ok;
+      shared_->fleet.OperatorConnected(who_.name,
+                                       std::static_pointer_cast<AgentChannel>(shared_from_this()));
       spdlog::debug("{}: operator {} connected", peer_, who_.name);
     }
     last_rx_ = Clock::now();
@@ -481,7 +483,7 @@ class Session : public std::enable_shared_from_this<Session>,
     }
     auto key = tls::PeerKey(ws_->next_layer().native_handle());
     if (!key) return Refuse("bad-enroll", "no client key");
-    if (auto st = shared_->fleet.Enroll(*key, e->machine, e->token); !st) {
+    if (auto st = shared_->fleet.Enroll(*key, e->machine, e->proof); !st) {
       shared_->stats->Refuse("bad-enroll");
       spdlog::warn("{}: enrolment of '{}' refused: {}", peer_, e->machine, st.message());
       CloseWith("bad-enroll", st.message());
@@ -528,6 +530,10 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!req) {
       Refuse("bad-message", "operators may only send 'request', got '" +
                                 std::string(proto::TypeName(msg)) + "'");
+      return false;
+    }
+    if (!shared_->fleet.IsOperator(who_.name)) {
+      Refuse("operator-removed", "operator '" + who_.name + "' was removed; its key is refused");
       return false;
     }
     if (req->method == "subscribe") {

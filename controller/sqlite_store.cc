@@ -100,6 +100,11 @@ CREATE TABLE IF NOT EXISTS enroll_tokens (
   created_by TEXT NOT NULL,
   spent_at INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS roster_removed (
+  name TEXT PRIMARY KEY,
+  roster TEXT NOT NULL,
+  signed_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS log_sizes (
   machine TEXT NOT NULL,
   generation INTEGER NOT NULL,
@@ -209,6 +214,9 @@ class SqliteStore final : public Store {
     if (auto st = Exec(kSchema); !st) return st;
     AddColumnIfMissing("generations", "released", "INTEGER NOT NULL DEFAULT 1");
     AddColumnIfMissing("machines", "revoked", "INTEGER NOT NULL DEFAULT 0");
+    AddColumnIfMissing("machines", "roster", "TEXT NOT NULL DEFAULT ''");
+    AddColumnIfMissing("machines", "binding", "TEXT NOT NULL DEFAULT ''");
+    AddColumnIfMissing("enroll_tokens", "grant_entry", "TEXT NOT NULL DEFAULT ''");
     auto v = GetSettingLocked("schema_version");
     if (v && std::stoi(*v) > kSchemaVersion) {
       return Err("store schema version " + *v + " is newer than this controller supports (" +
@@ -219,8 +227,15 @@ class SqliteStore final : public Store {
 
   Status AddMachine(const MachineRecord& m) override {
     std::lock_guard lock(mu_);
-    Stmt s(db_, "INSERT INTO machines (name, key, tags, created_at) VALUES (?, ?, ?, ?)");
-    s.Bind(1, m.name).Bind(2, m.key).Bind(3, json(m.tags).dump()).Bind(4, m.created_at);
+    Stmt s(db_,
+           "INSERT INTO machines (name, key, tags, created_at, roster, binding) VALUES (?, ?, ?, "
+           "?, ?, ?)");
+    s.Bind(1, m.name)
+        .Bind(2, m.key)
+        .Bind(3, json(m.tags).dump())
+        .Bind(4, m.created_at)
+        .Bind(5, m.roster)
+        .Bind(6, m.binding);
     int rc = s.Step();
     if (rc == SQLITE_CONSTRAINT) {
       return Err("machine '" + m.name +
@@ -250,9 +265,45 @@ class SqliteStore final : public Store {
     return Status::Ok();
   }
 
+  Status SetMachineRoster(const std::string& name, const std::vector<std::string>& tags,
+                          const std::string& roster, const std::string& binding) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE machines SET tags = ?, roster = ?, binding = ? WHERE name = ?");
+    s.Bind(1, json(tags).dump()).Bind(2, roster).Bind(3, binding).Bind(4, name);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    if (sqlite3_changes(db_) == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status RecordRemoval(const std::string& name, const std::string& roster,
+                       std::int64_t signed_at) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO roster_removed (name, roster, signed_at) VALUES (?, ?, ?) ON CONFLICT "
+           "(name) DO UPDATE SET roster = excluded.roster, signed_at = excluded.signed_at");
+    s.Bind(1, name).Bind(2, roster).Bind(3, signed_at);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  std::vector<std::pair<std::string, std::string>> ListRemovals() override {
+    std::lock_guard lock(mu_);
+    std::vector<std::pair<std::string, std::string>> out;
+    Stmt s(db_, "SELECT name, roster FROM roster_removed ORDER BY name");
+    while (s.Step() == SQLITE_ROW) out.emplace_back(s.Text(0), s.Text(1));
+    return out;
+  }
+
+  std::int64_t RemovalSignedAt(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT signed_at FROM roster_removed WHERE name = ?");
+    s.Bind(1, name);
+    return s.Step() == SQLITE_ROW ? s.Int(0) : 0;
+  }
+
   static constexpr const char* kMachineCols =
       "name, key, tags, created_at, last_seen, facts, generation, phase, detail, toplevel, "
-      "reboot_required, last_applied, revoked";
+      "reboot_required, last_applied, revoked, roster, binding";
 
   static MachineRecord ReadMachine(const Stmt& s) {
     MachineRecord m;
@@ -274,6 +325,8 @@ class SqliteStore final : public Store {
     m.reboot_required = s.Int(10) != 0;
     m.last_applied = s.Int(11);
     m.revoked = s.Int(12) != 0;
+    m.roster = s.Text(13);
+    m.binding = s.Text(14);
     return m;
   }
 
@@ -621,26 +674,30 @@ class SqliteStore final : public Store {
   Status AddEnrollToken(const EnrollToken& t) override {
     std::lock_guard lock(mu_);
     Stmt s(db_,
-           "INSERT INTO enroll_tokens (hash, machine, tags, expires_at, created_by) VALUES "
-           "(?,?,?,?,?)");
+           "INSERT INTO enroll_tokens (hash, machine, tags, expires_at, created_by, grant_entry) "
+           "VALUES (?,?,?,?,?,?)");
     s.Bind(1, t.hash)
         .Bind(2, t.machine)
         .Bind(3, json(t.tags).dump())
         .Bind(4, t.expires_at)
-        .Bind(5, t.created_by);
+        .Bind(5, t.created_by)
+        .Bind(6, t.grant);
     if (s.Step() != SQLITE_DONE) return Err("store: cannot add enrolment token: " + s.ErrorText());
     return Status::Ok();
   }
 
   Status SpendEnrollToken(const std::string& hash, const std::string& machine,
-                          const std::string& key, std::int64_t now) override {
+                          const std::string& key, const std::string& binding,
+                          std::int64_t now) override {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
     auto fail = [&](std::string e) {
       (void)Exec("ROLLBACK");
       return Status(Err(std::move(e)));
     };
-    Stmt q(db_, "SELECT machine, tags, expires_at, spent_at FROM enroll_tokens WHERE hash = ?");
+    Stmt q(db_,
+           "SELECT machine, tags, expires_at, spent_at, grant_entry FROM enroll_tokens WHERE hash "
+           "= ?");
     q.Bind(1, hash);
     if (q.Step() != SQLITE_ROW) return fail("enrolment token is not valid");
     if (q.Int(3) != 0) return fail("enrolment token was already used");
@@ -650,16 +707,40 @@ class SqliteStore final : public Store {
       return fail("enrolment token is for machine '" + q.Text(0) + "', not '" + machine + "'");
     }
     std::string tags = q.Text(1);
+    std::string grant = q.Text(4);
     Stmt spend(db_, "UPDATE enroll_tokens SET spent_at = ? WHERE hash = ?");
     spend.Bind(1, now).Bind(2, hash);
-    Stmt add(db_, "INSERT INTO machines (name, key, tags, created_at) VALUES (?, ?, ?, ?)");
-    add.Bind(1, machine).Bind(2, key).Bind(3, tags).Bind(4, now);
+    Stmt add(db_,
+             "INSERT INTO machines (name, key, tags, created_at, roster, binding) VALUES (?, ?, ?, "
+             "?, ?, ?)");
+    add.Bind(1, machine).Bind(2, key).Bind(3, tags).Bind(4, now).Bind(5, grant).Bind(6, binding);
     if (spend.Step() != SQLITE_DONE) return fail("store: " + spend.ErrorText());
     int rc = add.Step();
     if (rc == SQLITE_CONSTRAINT)
       return fail("machine '" + machine + "' or this key is already registered");
     if (rc != SQLITE_DONE) return fail("store: " + add.ErrorText());
     return Exec("COMMIT");
+  }
+
+  std::optional<EnrollToken> LiveEnrollToken(const std::string& machine,
+                                             std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "SELECT hash, tags, expires_at, created_by, grant_entry FROM enroll_tokens WHERE "
+           "machine = ? AND spent_at = 0 AND expires_at >= ? ORDER BY expires_at DESC LIMIT 1");
+    s.Bind(1, machine).Bind(2, now);
+    if (s.Step() != SQLITE_ROW) return std::nullopt;
+    EnrollToken t;
+    t.hash = s.Text(0);
+    t.machine = machine;
+    json tags = ParseOr(s.Text(1), json::array());
+    for (const auto& x : tags) {
+      if (x.is_string()) t.tags.push_back(x.get<std::string>());
+    }
+    t.expires_at = s.Int(2);
+    t.created_by = s.Text(3);
+    t.grant = s.Text(4);
+    return t;
   }
 
   int LiveEnrollTokens(std::int64_t now) override {

@@ -32,6 +32,11 @@ struct MachineRecord {
   bool reboot_required = false;
   std::int64_t last_applied = 0;
   bool revoked = false;
+  // The operator-signed roster entry (EncodeSignedRosterEntry), "" for a
+  // machine registered before signed rosters ("unsigned"), and for an enrolled
+  // machine its binding (EncodeEnrollBinding), else "".
+  std::string roster;
+  std::string binding;
 };
 
 struct OperatorRecord {
@@ -119,6 +124,16 @@ class Store {
   virtual Status AddMachine(const MachineRecord& m) = 0;      // fails if name or key exist
   virtual Status RemoveMachine(const std::string& name) = 0;  // fails if unknown
   virtual Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) = 0;
+  // Replaces tags, roster entry and binding of a machine (its key stays).
+  virtual Status SetMachineRoster(const std::string& name, const std::vector<std::string>& tags,
+                                  const std::string& roster, const std::string& binding) = 0;
+  // Signed removals (tombstones), kept so that an older entry cannot return
+  // unnoticed: name → encoded signed entry with "removed": true.
+  virtual Status RecordRemoval(const std::string& name, const std::string& roster,
+                               std::int64_t signed_at) = 0;
+  virtual std::vector<std::pair<std::string, std::string>> ListRemovals() = 0;
+  // signedAt of the machine's newest removal, 0 when none.
+  virtual std::int64_t RemovalSignedAt(const std::string& name) = 0;
   virtual std::vector<MachineRecord> ListMachines() = 0;
   virtual std::optional<MachineRecord> GetMachine(const std::string& name) = 0;
   // Records a hello: facts, last_seen and the agent's own view of its state.
@@ -182,12 +197,18 @@ class Store {
     std::vector<std::string> tags;
     std::int64_t expires_at = 0;
     std::string created_by;
+    std::string grant;  // the operator-signed grant (EncodeSignedRosterEntry)
   };
   virtual Status AddEnrollToken(const EnrollToken& t) = 0;
-  // Atomically spends a token and registers the machine with key; fails with a
-  // message when the token is unknown, spent, expired or for another name.
+  // Atomically spends a token and registers the machine with key, the token's
+  // grant as its roster entry and binding; fails with a message when the token
+  // is unknown, spent, expired or for another name.
   virtual Status SpendEnrollToken(const std::string& hash, const std::string& machine,
-                                  const std::string& key, std::int64_t now) = 0;
+                                  const std::string& key, const std::string& binding,
+                                  std::int64_t now) = 0;
+  // The live (unspent, unexpired) token for a machine, if any.
+  virtual std::optional<EnrollToken> LiveEnrollToken(const std::string& machine,
+                                                     std::int64_t now) = 0;
   virtual int LiveEnrollTokens(std::int64_t now) = 0;
   virtual std::optional<GenerationRecord> GetGeneration(const std::string& machine,
                                                         std::int64_t generation) = 0;

@@ -1,0 +1,66 @@
+// The CLI's commands, one file per family (machine.cc, publish.cc,
+// rollout.cc, observe.cc); main.cc only parses arguments. Each returns the
+// process exit code after printing what happened.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "controller/cli/common.h"
+
+namespace muster::cli {
+
+// machine.cc — the signed roster.
+int MachineAdd(const Globals& g, const std::string& name, const std::string& key,
+               const std::vector<std::string>& tags);
+int MachineTag(const Globals& g, const std::string& name, const std::vector<std::string>& tags);
+// Signs the key the controller holds for name after the operator checked its
+// fingerprint (expect_fingerprint, or a confirmation on the terminal).
+int MachineSign(const Globals& g, const std::string& name, const std::string& expect_fingerprint,
+                const std::vector<std::string>& tags, bool set_tags);
+int MachineRemove(const Globals& g, const std::string& name);
+int MachineList(const Globals& g);
+int MachineEnroll(const Globals& g, const std::string& name, const std::vector<std::string>& tags,
+                  std::int64_t ttl_s);
+int OperatorList(const Globals& g);
+int OperatorRemove(const Globals& g, const std::string& name);
+// A request whose answer is only printed (revoke and the like).
+int SimpleCall(const Globals& g, const std::string& method, const nlohmann::json& params,
+               const std::string& ok_message);
+
+// publish.cc
+struct PublishArgs {
+  std::vector<std::string> positionals;  // [MACHINE…] STOREPATH, or machines with --flake
+  std::vector<std::string> machines;
+  std::vector<std::string> tags;
+  bool all = false;
+  std::string flake;
+  int build_jobs = 2;
+  std::string action = "switch";
+  std::string kind = "auto";
+  std::string vars_dir;
+  std::string vars_root;
+  std::vector<std::string> substituters;
+  std::vector<std::string> trusted_keys;
+  std::string cache;
+  std::string cache_key;
+  bool force = false;
+  bool wait = false;
+  int timeout = 600;
+  std::string canary;
+  int max_parallel = 0;
+  int max_failures = 0;
+};
+int Publish(const Globals& g, PublishArgs a);
+
+// rollout.cc
+int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out);
+int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout);
+
+// observe.cc
+int ShowStatus(const Globals& g, const std::string& machine);
+int History(const Globals& g, const std::string& machine, int limit);
+int Logs(const Globals& g, const std::string& machine, std::int64_t generation, bool follow);
+
+}  // namespace muster::cli

@@ -1,0 +1,335 @@
+// muster publish: resolve targets through the signed roster, sign manifests,
+// seal vars to verified keys, publish one generation or a rollout.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <optional>
+
+#include "common/manifest.h"
+#include "common/phase.h"
+#include "common/vars_bundle.h"
+#include "controller/cli/commands.h"
+#include "controller/cli/flake.h"
+#include "controller/cli/trust.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace muster::cli {
+
+namespace {
+
+constexpr std::size_t kTargetsShown = 100;
+
+// Waits for the machine's report on generation gen to reach a terminal phase.
+int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int timeout_s,
+            bool json_out) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      return Die("timed out after " + std::to_string(timeout_s) + " s waiting for " + machine +
+                     " generation " + std::to_string(gen) + " (it continues; see 'muster status " +
+                     machine + "')",
+                 kExitTimeout);
+    }
+    auto ev = c.NextEvent(std::min(left, std::chrono::milliseconds(1000)));
+    if (!ev) return Die(ev.message(), kExitConnect);
+    if (!*ev) continue;
+    const proto::Event& e = **ev;
+    if (e.topic != "status") continue;
+    if (e.data.value("machine", "") != machine ||
+        e.data.value("generation", std::int64_t{0}) != gen)
+      continue;
+    std::string phase = e.data.value("phase", "");
+    std::string detail = e.data.value("detail", "");
+    if (json_out) {
+      std::cout << e.data.dump() << "\n";
+    } else {
+      std::cout << Timestamp(e.data.value("at", std::int64_t{0})) << "  " << machine << "  gen "
+                << gen << "  " << Printable(phase)
+                << (detail.empty() ? "" : "  " + Printable(detail)) << "\n";
+    }
+    std::cout.flush();
+    auto ph = ParsePhase(phase);
+    if (ph && IsTerminal(*ph)) {
+      return (*ph == Phase::kSucceeded || *ph == Phase::kUnchanged) ? 0 : kExitFailed;
+    }
+  }
+}
+
+// Parses --canary N or P% against the number of machines.
+Result<int> CanaryCount(const std::string& text, std::size_t total) {
+  if (text.empty()) return 0;
+  try {
+    if (text.back() == '%') {
+      double p = std::stod(text.substr(0, text.size() - 1));
+      if (p < 0 || p > 100) return Err("--canary percent must be between 0 and 100");
+      return static_cast<int>(std::ceil(p / 100.0 * static_cast<double>(total)));
+    }
+    std::size_t used = 0;
+    int n = std::stoi(text, &used);
+    if (used != text.size() || n < 0) throw std::invalid_argument("x");
+    return n;
+  } catch (const std::exception&) {
+    return Err("--canary takes a count (e.g. 2) or a percentage (e.g. 10%), not '" + text + "'");
+  }
+}
+
+// The highest generation number the controller reports for each machine;
+// anything but a plain integer in [0, INT64_MAX) is refused here, so that
+// adding one cannot overflow.
+Result<std::map<std::string, std::int64_t>> MaxGenerations(const json& roster) {
+  std::map<std::string, std::int64_t> out;
+  for (const auto& m : roster["machines"]) {
+    std::string name = m.value("name", "");
+    const json& v = m.contains("maxGeneration") ? m["maxGeneration"] : json(0);
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() >= INT64_MAX) ||
+        v.get<std::int64_t>() < 0 || v.get<std::int64_t>() == INT64_MAX) {
+      return Err("the controller reports an impossible generation number " + v.dump() +
+                 " for machine '" + name + "'; refusing to sign (the controller may be steering "
+                 "generation numbers)");
+    }
+    out[name] = v.get<std::int64_t>();
+  }
+  return out;
+}
+
+}  // namespace
+
+int Publish(const Globals& g, PublishArgs a) {
+  auto action = ParseAction(a.action);
+  if (!action) return Die("--action must be switch, boot, test or dry-activate", kExitUsage);
+  auto kind = ParseKind(a.kind);
+  if (!kind) return Die("--kind must be auto, nixos, darwin, home-manager or profile", kExitUsage);
+  if (a.cache.empty()) a.cache = g.cache;
+  if (a.cache_key.empty()) a.cache_key = g.cache_key;
+  if (a.substituters.empty()) a.substituters = g.substituters;
+  if (a.trusted_keys.empty()) a.trusted_keys = g.trusted_keys;
+  if (a.substituters.empty() && !a.cache.empty()) a.substituters = {a.cache};
+  if (a.trusted_keys.empty() && !a.cache_key.empty()) {
+    auto pub = CachePublicKey(a.cache_key);
+    if (!pub) return Die(pub.message(), kExitUsage);
+    a.trusted_keys = {*pub};
+  }
+
+  // Targets and toplevel(s).
+  std::string storepath;
+  if (!a.flake.empty()) {
+    auto hash = a.flake.find('#');
+    if (hash != std::string::npos) {
+      a.machines.push_back(a.flake.substr(hash + 1));
+      a.flake = a.flake.substr(0, hash);
+    }
+    for (const auto& p : a.positionals) a.machines.push_back(p);
+  } else {
+    if (a.positionals.empty() || a.positionals.back().rfind("/nix/store/", 0) != 0) {
+      return Die("give the system toplevel as the last argument (/nix/store/…) or use --flake",
+                 kExitUsage);
+    }
+    storepath = a.positionals.back();
+    if (auto st = ValidateStorePath(storepath); !st) return Die(st.message(), kExitUsage);
+    a.machines.insert(a.machines.end(), a.positionals.begin(), a.positionals.end() - 1);
+  }
+  SecretKey key = SecretKey::Generate();
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn, &key)) return rc;
+  Connection& c = *conn;
+  std::vector<PublicKey> trusted = TrustedOperatorKeys(g, key);
+  SeenEntries seen(StateHome() + "/roster-seen.json");
+  if (auto st = seen.Load(); !st) return Die(st.message(), kExitUsage);
+
+  // Resolve targets through entries signed by operator keys this CLI trusts:
+  // never through the controller's word.
+  const bool by_tag = a.all || !a.tags.empty();
+  json params = json::object();
+  if (!by_tag) params["names"] = a.machines;
+  auto roster = c.Call("roster", params);
+  if (!roster) return Die(roster.message(), kExitFailed);
+  RosterView view((*roster)["machines"], (*roster)["removed"], trusted, seen);
+  (void)seen.Save();
+  std::vector<std::string> targets;
+  for (const auto& name : a.machines) {
+    if (auto m = view.Get(name); !m) return Die(m.message(), kExitFailed);
+    if (std::find(targets.begin(), targets.end(), name) == targets.end()) targets.push_back(name);
+  }
+  if (by_tag) {
+    for (const auto& name : view.Select(a.tags, a.all)) {
+      if (std::find(targets.begin(), targets.end(), name) == targets.end()) {
+        targets.push_back(name);
+      }
+    }
+    std::size_t skipped = 0;
+    for (const auto& [name, why] : view.untrusted()) {
+      if (why == "revoked") continue;
+      if (skipped++ < 10) {
+        std::cerr << "muster: not considered: " << Printable(name) << ": " << why << "\n";
+      }
+    }
+    if (skipped > 10) {
+      std::cerr << "muster: … and " << skipped - 10 << " more machines not considered\n";
+    }
+  }
+  if (targets.empty())
+    return Die("no machines to publish to (name them, or use --tag / --all)", kExitUsage);
+  if (!g.json_out) {
+    std::cerr << "publishing to " << targets.size()
+              << (targets.size() == 1 ? " machine" : " machines") << " (signed roster):\n";
+    for (std::size_t i = 0; i < targets.size() && i < kTargetsShown; ++i) {
+      auto m = view.Get(targets[i]);
+      std::cerr << "  " << Printable(targets[i]) << "  " << m->key.Fingerprint() << "\n";
+    }
+    if (targets.size() > kTargetsShown) {
+      std::cerr << "  … and " << targets.size() - kTargetsShown << " more\n";
+    }
+  }
+  if (targets.size() > 1 && !g.yes && Interactive() &&
+      !Confirm("Publish to these " + std::to_string(targets.size()) + " machines?")) {
+    return Die("not published", kExitFailed);
+  }
+  bool rollout =
+      targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0;
+  auto canary = CanaryCount(a.canary, targets.size());
+  if (!canary) return Die(canary.message(), kExitUsage);
+
+  std::map<std::string, std::string> toplevels;
+  if (!a.flake.empty()) {
+    FlakeBuildOptions fo;
+    fo.flake = a.flake;
+    fo.jobs = a.build_jobs;
+    fo.cache = a.cache;
+    fo.cache_key = a.cache_key;
+    fo.on_line = [&](const std::string& m, const std::string& line) {
+      std::cerr << "[" << m << "] " << Printable(line) << "\n";
+    };
+    auto built = BuildFromFlake(fo, targets);
+    if (!built) return Die(built.message(), kExitFailed);
+    toplevels = *built;
+  } else {
+    for (const auto& t : targets) toplevels[t] = storepath;
+  }
+
+  std::optional<VarsBundle> shared_vars;
+  if (!a.vars_dir.empty()) {
+    auto b = ReadVarsDirectory(a.vars_dir);
+    if (!b) return Die(b.message(), kExitUsage);
+    shared_vars = std::move(*b);
+  }
+  // Vars are sealed once per machine, to the key its verified entry names.
+  std::map<std::string, std::string> sealed;
+  std::map<std::string, std::size_t> var_counts;
+  for (const auto& machine : targets) {
+    std::optional<VarsBundle> bundle = shared_vars;
+    if (!a.vars_root.empty()) {
+      std::error_code ec;
+      fs::path dir = fs::path(a.vars_root) / machine;
+      if (fs::is_directory(dir, ec)) {
+        auto b = ReadVarsDirectory(dir);
+        if (!b) return Die(b.message(), kExitUsage);
+        bundle = std::move(*b);
+      }
+    }
+    if (!bundle) continue;
+    auto box = SealTo(view.Get(machine)->key, EncodeVarsBundle(*bundle));
+    if (!box) return Die(box.message(), kExitFailed);
+    sealed[machine] = *box;
+    var_counts[machine] = bundle->files.size();
+  }
+  if (a.wait) {
+    auto sub = c.Call("subscribe", json::object());
+    if (!sub) return Die(sub.message(), kExitFailed);
+  }
+
+  json numbers_src = *roster;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    if (attempt > 0 || by_tag) {
+      // Numbers for exactly the targets (by tag, the first answer had them
+      // all; after a race, they changed).
+      auto again = c.Call("roster", {{"names", targets}});
+      if (!again) return Die(again.message(), kExitFailed);
+      numbers_src = *again;
+    }
+    auto max_gen = MaxGenerations(numbers_src);
+    if (!max_gen) return Die(max_gen.message(), kExitFailed);
+    const std::int64_t created_at = static_cast<std::int64_t>(std::time(nullptr));
+    json items = json::array();
+    std::map<std::string, std::int64_t> numbers;
+    for (const auto& machine : targets) {
+      Manifest m;
+      m.machine = machine;
+      m.generation = (*max_gen)[machine] + 1;
+      if (auto st = CheckGenerationNumber(m.generation, created_at); !st) {
+        return Die("machine '" + machine + "': " + st.message() + "; refusing to sign",
+                   kExitFailed);
+      }
+      m.toplevel = toplevels.at(machine);
+      m.kind = *kind;
+      m.action = *action;
+      m.substituters = a.substituters;
+      m.trusted_public_keys = a.trusted_keys;
+      auto box = sealed.find(machine);
+      m.vars_hash = box == sealed.end() ? "" : VarsHash(box->second);
+      m.created_at = created_at;
+      m.force = a.force;
+      SignedManifest sm = SignManifest(m, key);
+      numbers[machine] = m.generation;
+      items.push_back({{"manifest", sm.manifest},
+                       {"signer", sm.signer},
+                       {"signature", sm.signature},
+                       {"vars", box == sealed.end() ? "" : Base64Encode(box->second)}});
+    }
+    if (!rollout) {
+      auto res = c.Call("publish", items[0]);
+      if (!res) {
+        if (res.message().find("not newer") != std::string::npos)
+          continue;  // raced another publish
+        return Die(res.message(), kExitFailed);
+      }
+      const std::string& machine = targets[0];
+      bool online = res->value("online", false);
+      if (g.json_out) {
+        std::cout << res->dump() << "\n";
+      } else {
+        std::cout << "published " << machine << " generation " << numbers[machine] << ": "
+                  << a.action << " " << toplevels[machine]
+                  << (var_counts.count(machine)
+                          ? " with " + std::to_string(var_counts[machine]) + " vars files"
+                          : "")
+                  << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
+      }
+      std::cout.flush();
+      if (!a.wait) return 0;
+      return WaitFor(c, machine, numbers[machine], a.timeout, g.json_out);
+    }
+    auto res = c.Call("rollout.create", {{"items", items},
+                                         {"canary", *canary},
+                                         {"maxParallel", a.max_parallel},
+                                         {"maxFailures", a.max_failures}});
+    if (!res) {
+      if (res.message().find("not newer") != std::string::npos) continue;
+      return Die(res.message(), kExitFailed);
+    }
+    std::string id = (*res)["rollout"].get<std::string>();
+    if (g.json_out) {
+      std::cout << res->dump() << "\n";
+    } else {
+      std::cout << "rollout " << id << ": " << targets.size() << " machines, canary " << *canary
+                << ", max parallel "
+                << (a.max_parallel ? std::to_string(a.max_parallel) : "unlimited")
+                << ", max failures " << a.max_failures << "\n";
+    }
+    std::cout.flush();
+    if (!a.wait) return 0;
+    return Watch(c, id, a.timeout, g.json_out);
+  }
+  return Die("could not publish: generations kept changing underneath", kExitFailed);
+}
+
+}  // namespace muster::cli
