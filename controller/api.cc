@@ -113,6 +113,7 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
         if (!only.empty() && !only.count(m.name)) continue;
         machines.push_back({{"name", m.name},
                             {"key", m.key},
+                            {"tags", m.tags},
                             {"revoked", m.revoked},
                             {"roster", EntryJson(m.roster)},
                             {"binding", EntryJson(m.binding)},

@@ -39,6 +39,20 @@ class ApiTest : public testing::FleetTest {
     EXPECT_TRUE(r.ok) << method << ": " << r.error;
     return r;
   }
+  // A roster entry signed by `signer` (alice by default), as the CLI sends it.
+  json Signed(const RosterEntry& e, const SecretKey* signer = nullptr) {
+    SignedRosterEntry s = SignRosterEntry(e, signer ? *signer : alice_);
+    return {{"entry", s.entry}, {"signer", s.signer}, {"signature", s.signature}};
+  }
+  RosterEntry Entry(const std::string& name, const SecretKey& key,
+                    std::vector<std::string> tags = {}, std::int64_t at = kNow) {
+    RosterEntry e;
+    e.machine = name;
+    e.key = key.public_key().ToText();
+    e.tags = std::move(tags);
+    e.signed_at = at;
+    return e;
+  }
   static json PublishParams(const proto::Deploy& d) {
     return {{"manifest", d.manifest.manifest},
             {"signer", d.manifest.signer},
@@ -57,21 +71,16 @@ TEST_F(ApiTest, MissingOrMalformedParams) {
     json params;
     std::string want;
   } cases[] = {
+      {"machine.add", {{"name", "db1"}, {"key", "k"}}, "parameter 'entry' (a signed roster"},
+      {"machine.add", {{"entry", "text"}}, "parameter 'entry' (a signed roster entry)"},
       {"machine.add",
-       {{"key", "ed25519:x"}},
-       "machine.add: parameter 'name' (a string) is required"},
-      {"machine.add", {{"name", "db1"}}, "machine.add: parameter 'key' (a string) is required"},
-      {"machine.add", {{"name", ""}, {"key", "k"}}, "parameter 'name' (a string) is required"},
-      {"machine.add", {{"name", 5}, {"key", "k"}}, "parameter 'name' (a string) is required"},
-      {"machine.add",
-       {{"name", "db1"}, {"key", "k"}, {"tags", "web"}},
-       "parameter 'tags' must be a list of strings"},
-      {"machine.add",
-       {{"name", "db1"}, {"key", "k"}, {"tags", {"web", 1}}},
-       "parameter 'tags' must be a list of strings"},
-      {"machine.remove", json::object(), "machine.remove: parameter 'name' (a string) is required"},
+       {{"entry", {{"entry", "{}"}, {"signer", "s"}}}},
+       "parameter 'signature' (a string) is required"},
+      {"machine.remove", json::object(), "machine.remove: parameter 'entry'"},
+      {"machine.enroll", {{"name", "x"}}, "machine.enroll: parameter 'grant'"},
       {"machine.get", json::object(), "machine.get: parameter 'name' (a string) is required"},
-      {"machine.tag", {{"tags", {"x"}}}, "machine.tag: parameter 'name' (a string) is required"},
+      {"machine.tag", {{"tags", {"x"}}}, "machine.tag: parameter 'entry'"},
+      {"machine.sign", {{"name", "x"}}, "machine.sign: parameter 'entry'"},
       {"publish",
        {{"signer", "s"}, {"signature", "s"}},
        "publish: parameter 'manifest' (a string) is required"},
@@ -101,11 +110,11 @@ TEST_F(ApiTest, MissingOrMalformedParams) {
 
 TEST_F(ApiTest, MachineAddListGetTagRemove) {
   std::string key = mallory_.public_key().ToText();
-  auto add = MustCall("machine.add", {{"name", "db1"}, {"key", key}, {"tags", {"db", "eu"}}});
+  auto add = MustCall("machine.add", {{"entry", Signed(Entry("db1", mallory_, {"db", "eu"}))}});
   EXPECT_EQ(add.result, json({{"name", "db1"}}));
   EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).name, "db1");
 
-  auto dup = Call("machine.add", {{"name", "db2"}, {"key", key}});
+  auto dup = Call("machine.add", {{"entry", Signed(Entry("db2", mallory_))}});
   ASSERT_FALSE(dup.ok);
   EXPECT_THAT(dup.error, HasSubstr("already registered to machine 'db1'"));
 
@@ -118,17 +127,44 @@ TEST_F(ApiTest, MachineAddListGetTagRemove) {
   EXPECT_EQ(db1["online"], false);
   EXPECT_EQ(db1["phase"], "idle");
   EXPECT_EQ(db1["targetGeneration"], 0);
+  ASSERT_TRUE(db1["roster"].is_object());
+  EXPECT_EQ(db1["roster"]["signer"], alice_.public_key().ToText());
   for (const char* field : {"lastSeen", "generation", "targetToplevel", "detail", "toplevel",
                             "rebootRequired", "lastApplied", "facts"}) {
     EXPECT_TRUE(db1.contains(field)) << field;
   }
+  // web1 was registered unsigned (as a store from before signed rosters holds it).
+  EXPECT_TRUE(list.result["machines"][1]["roster"].is_null());
 
-  EXPECT_EQ(MustCall("machine.tag", {{"name", "db1"}, {"tags", {"canary"}}}).result["name"], "db1");
+  EXPECT_EQ(MustCall("machine.tag", {{"entry", Signed(Entry("db1", mallory_, {"canary"},
+                                                            kNow + 1))}})
+                .result["name"],
+            "db1");
   auto get = MustCall("machine.get", {{"name", "db1"}});
   EXPECT_EQ(get.result["machine"]["tags"], json({"canary"}));
   EXPECT_EQ(get.result["latestGeneration"], 0);
+  // An entry not newer than the one held is refused (a replay).
+  auto replay = Call("machine.tag", {{"entry", Signed(Entry("db1", mallory_, {"db"}))}});
+  ASSERT_FALSE(replay.ok);
+  EXPECT_THAT(replay.error, HasSubstr("not newer"));
+  // The key cannot change through a retag.
+  auto rekey = Call("machine.tag", {{"entry", Signed(Entry("db1", web1_, {}, kNow + 5))}});
+  ASSERT_FALSE(rekey.ok);
+  EXPECT_THAT(rekey.error, HasSubstr("another key"));
+  // Only registered operators' entries are stored.
+  auto rogue = Call("machine.tag",
+                    {{"entry", Signed(Entry("db1", mallory_, {"x"}, kNow + 6), &mallory_)}});
+  ASSERT_FALSE(rogue.ok);
+  EXPECT_THAT(rogue.error, HasSubstr("not a registered operator key"));
+  // Nor altered ones.
+  json altered = Signed(Entry("db1", mallory_, {"x"}, kNow + 7));
+  altered["entry"] = altered["entry"].get<std::string>().replace(
+      altered["entry"].get<std::string>().find("\"x\""), 3, "\"y\"");
+  auto bad = Call("machine.tag", {{"entry", altered}});
+  ASSERT_FALSE(bad.ok);
+  EXPECT_THAT(bad.error, HasSubstr("invalid signature"));
 
-  auto tag_ghost = Call("machine.tag", {{"name", "ghost"}, {"tags", json::array()}});
+  auto tag_ghost = Call("machine.tag", {{"entry", Signed(Entry("ghost", mallory_))}});
   ASSERT_FALSE(tag_ghost.ok);
   EXPECT_THAT(tag_ghost.error, HasSubstr("no machine named 'ghost'"));
   auto get_ghost = Call("machine.get", {{"name", "ghost"}});
@@ -136,11 +172,100 @@ TEST_F(ApiTest, MachineAddListGetTagRemove) {
   EXPECT_THAT(get_ghost.error,
               HasSubstr("no machine named 'ghost'; add it with 'muster machine add'"));
 
-  EXPECT_EQ(MustCall("machine.remove", {{"name", "db1"}}).result["name"], "db1");
-  auto gone = Call("machine.remove", {{"name", "db1"}});
+  RosterEntry removal;
+  removal.machine = "db1";
+  removal.removed = true;
+  removal.signed_at = kNow + 10;
+  EXPECT_EQ(MustCall("machine.remove", {{"entry", Signed(removal)}}).result["name"], "db1");
+  auto gone = Call("machine.remove", {{"entry", Signed(removal)}});
   ASSERT_FALSE(gone.ok);
   EXPECT_THAT(gone.error, HasSubstr("no machine named 'db1'"));
   EXPECT_EQ(MustCall("machine.list").result["machines"].size(), 1u);
+  // The removal is served to CLIs, and an entry older than it cannot return.
+  auto roster = MustCall("roster");
+  ASSERT_EQ(roster.result["removed"].size(), 1u);
+  auto back = Call("machine.add", {{"entry", Signed(Entry("db1", mallory_, {}, kNow + 9))}});
+  ASSERT_FALSE(back.ok);
+  EXPECT_THAT(back.error, HasSubstr("older than its removal"));
+  MustCall("machine.add", {{"entry", Signed(Entry("db1", mallory_, {}, kNow + 11))}});
+}
+
+TEST_F(ApiTest, RosterListsEntriesAndGenerationNumbers) {
+  MustCall("machine.add", {{"entry", Signed(Entry("db1", mallory_, {"db"}))}});
+  MustCall("publish", PublishParams(MakeDeploy(3)));
+  auto all = MustCall("roster");
+  ASSERT_EQ(all.result["machines"].size(), 2u);
+  EXPECT_EQ(all.result["machines"][0]["name"], "db1");
+  EXPECT_EQ(all.result["machines"][0]["maxGeneration"], 0);
+  EXPECT_EQ(all.result["machines"][1]["maxGeneration"], 3);
+  auto one = MustCall("roster", {{"names", {"web1"}}});
+  ASSERT_EQ(one.result["machines"].size(), 1u);
+  EXPECT_EQ(one.result["machines"][0]["tags"], json({"web"}));
+}
+
+TEST_F(ApiTest, EnrolmentGrantIsCompletedOnlyWithTheTokensKey) {
+  std::string token = NewEnrollToken();
+  SecretKey ek = EnrollKeyFromToken(token).value();
+  RosterEntry grant;
+  grant.machine = "edge1";
+  grant.enroll_key = ek.public_key().ToText();
+  grant.tags = {"edge"};
+  grant.signed_at = kNow;
+  grant.expires_at = kNow + 60000;
+  auto r = MustCall("machine.enroll", {{"grant", Signed(grant)}});
+  EXPECT_EQ(r.result["expiresAt"], kNow + 60000);
+  // An unknown key is an enrollee while the grant is live.
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kEnrollee);
+  // A proof made without the token is refused; the right one registers.
+  SecretKey other = SecretKey::Generate();
+  auto forged = MakeEnrollBinding(other, "edge1", mallory_.public_key());
+  auto st = fleet_->Enroll(mallory_.public_key(), "edge1", forged.signature);
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.message(), HasSubstr("not signed by the key of the token"));
+  auto proof = MakeEnrollBinding(ek, "edge1", mallory_.public_key());
+  ASSERT_TRUE(fleet_->Enroll(mallory_.public_key(), "edge1", proof.signature).ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).name, "edge1");
+  auto m = store_->GetMachine("edge1");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->tags, std::vector<std::string>{"edge"});
+  EXPECT_FALSE(m->roster.empty());
+  EXPECT_FALSE(m->binding.empty());
+  // Spent: a second enrolment is refused.
+  SecretKey late = SecretKey::Generate();
+  auto again = fleet_->Enroll(late.public_key(), "edge1",
+                              MakeEnrollBinding(ek, "edge1", late.public_key()).signature);
+  ASSERT_FALSE(again.ok());
+  EXPECT_THAT(again.message(), HasSubstr("no live enrolment token"));
+  // Grants that expire too late or are already expired are refused.
+  grant.machine = "edge2";
+  grant.expires_at = kNow + 31LL * 24 * 3600 * 1000;
+  EXPECT_FALSE(Call("machine.enroll", {{"grant", Signed(grant)}}).ok);
+  grant.expires_at = kNow - 1;
+  EXPECT_FALSE(Call("machine.enroll", {{"grant", Signed(grant)}}).ok);
+}
+
+TEST_F(ApiTest, OperatorRemovalRefusesTheKeyAndClosesSessions) {
+  ASSERT_TRUE(fleet_->AddOperator("bob", mallory_.public_key().ToText()).ok());
+  auto session = std::make_shared<FakeChannel>();
+  fleet_->OperatorConnected("bob", session);
+  auto list = MustCall("operator.list");
+  ASSERT_EQ(list.result["operators"].size(), 2u);
+  MustCall("operator.remove", {{"name", "bob"}});
+  EXPECT_EQ(session->closed.size(), 1u);
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
+  EXPECT_FALSE(fleet_->IsOperator("bob"));
+  auto last = Call("operator.remove", {{"name", "alice"}});
+  ASSERT_FALSE(last.ok);
+  EXPECT_THAT(last.error, HasSubstr("last operator"));
+  // Removed beside the controller (another process): SyncOperators notices.
+  ASSERT_TRUE(fleet_->AddOperator("carol", mallory_.public_key().ToText()).ok());
+  auto carol = std::make_shared<FakeChannel>();
+  fleet_->OperatorConnected("carol", carol);
+  ASSERT_TRUE(store_->RemoveOperator("carol").ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kOperator);  // not yet synced
+  fleet_->SyncOperators();
+  EXPECT_EQ(carol->closed.size(), 1u);
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
 }
 
 TEST_F(ApiTest, StatusFiltersByMachine) {

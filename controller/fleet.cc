@@ -113,14 +113,26 @@ bool Fleet::IsOperator(const std::string& name) const {
   return operators_.count(name) != 0;
 }
 
-Identity Fleet::Lookup(const PublicKey& key) const {
-  // In memory only: operators added or removed beside a running controller
-  // arrive through SyncOperators, within a second.
+Identity Fleet::Lookup(const PublicKey& key) {
   std::int64_t now = clock_();
+  bool sync = false;
   {
     std::lock_guard lock(mu_);
     auto it = keys_.find(key.ToText());
     if (it != keys_.end()) return it->second;
+    if (now - operators_synced_at_ >= 1000) {
+      operators_synced_at_ = now;
+      sync = true;
+    }
+  }
+  if (sync) {
+    SyncOperators();
+    std::lock_guard lock(mu_);
+    auto it = keys_.find(key.ToText());
+    if (it != keys_.end()) return it->second;
+  }
+  {
+    std::lock_guard lock(mu_);
     // A revoked machine key stays refused, enrolment tokens or not.
     if (revoked_keys_.count(key.ToText())) return {};
     // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).

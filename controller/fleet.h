@@ -85,8 +85,10 @@ class Fleet {
   // Loads the key registry from the store. Call once before serving.
   Status Load();
 
-  // Registry lookups, used during the TLS handshake. Fast, in memory.
-  Identity Lookup(const PublicKey& key) const;
+  // Registry lookups, used during the TLS handshake. In memory; an unknown key
+  // re-reads the operator table at most once a second (so that an operator
+  // added beside a running controller is admitted at once).
+  Identity Lookup(const PublicKey& key);
 
   // --- agents ---
   // Registers the live channel for a machine (replacing and closing an older
@@ -196,6 +198,7 @@ class Fleet {
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;
   FleetObserver* observer_ = nullptr;
+  std::int64_t operators_synced_at_ = 0;
   mutable std::int64_t tokens_checked_at_ = 0;
   mutable int live_tokens_ = 0;
 };

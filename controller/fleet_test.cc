@@ -44,7 +44,7 @@ TEST_F(FleetTest, AddMachineRefusals) {
     std::string want;
   } cases[] = {
       {"", fresh, "machine name '' is invalid"},
-      {"web 2", fresh, "machine name 'web 2' is invalid: use letters, digits"},
+      {"web 2", fresh, "machine name 'web 2' is invalid: use 1-253 letters, digits"},
       {"web/2", fresh, "is invalid"},
       {std::string(254, 'm'), fresh, "is invalid"},
       {"web2", "ssh-ed25519 AAAA", "must look like 'ed25519:<base64>'"},

@@ -118,7 +118,12 @@ int MachineSign(const Globals& g, const std::string& name, const std::string& ex
       held = m->signed_at;
     } else if (auto s2 = EntryFromJson(row->value("roster", json(nullptr))); s2) {
       if (auto e = ParseRosterEntry(s2->entry)) new_tags = e->tags, held = e->signed_at;
+    } else {
+      for (const auto& t : row->value("tags", json::array())) {
+        if (t.is_string()) new_tags.push_back(t.get<std::string>());
+      }
     }
+    if (auto st = ValidateTags(new_tags); !st) return Die(st.message(), kExitFailed);
   }
   std::cerr << "machine " << Printable(name) << "\n  key          " << pk->ToText()
             << "\n  fingerprint  " << pk->Fingerprint() << "\n  tags         "

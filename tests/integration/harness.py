@@ -160,9 +160,11 @@ class Env:
         self.write_cli_config()
         return self.controller
 
-    def write_cli_config(self):
-        with open(os.path.join(self.cli_dir, "config.json"), "w") as f:
-            json.dump({"controller": self.url(), "pin": self.pin, "key": self.op_key}, f)
+    def write_cli_config(self, name="config.json", **extra):
+        path = os.path.join(self.cli_dir, name)
+        with open(path, "w") as f:
+            json.dump({"controller": self.url(), "pin": self.pin, "key": self.op_key, **extra}, f)
+        return path
 
     def url(self, port=None):
         return f"wss://127.0.0.1:{port or self.port}"
@@ -173,15 +175,22 @@ class Env:
         return self
 
     # ------------------------------------------------------------------- CLI
-    def cli(self, *args, check=True, timeout=120, key=None):
-        argv = [binary("muster"), "--config", os.path.join(self.cli_dir, "config.json")]
+    def cli(self, *args, check=True, timeout=120, key=None, config=None):
+        argv = [binary("muster"), "--config", config or os.path.join(self.cli_dir, "config.json")]
         if key:
             argv += ["--key", key]
         r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout,
-                           env=nix_env())
+                           env=self.cli_env())
         if check and r.returncode != 0:
             raise AssertionError(f"muster {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r
+
+    def cli_env(self):
+        """The CLI's environment: its roster memory (roster-seen.json) lives in
+        this test's directory."""
+        env = nix_env()
+        env["XDG_STATE_HOME"] = os.path.join(self.cli_dir, "state")
+        return env
 
     def status(self, machine):
         r = self.cli("status", machine, "--json")

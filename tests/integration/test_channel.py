@@ -183,8 +183,11 @@ class ChannelTest(EnvTest):
         subprocess.run([binary("muster-controller"), "operator", "add", "mallory", "--key", pub,
                         "--state-dir", env.ctl_dir], check=True, capture_output=True)
         top = env.build("mallory")
+        # mallory's CLI trusts alice's roster entries; the agent does not
+        # trust mallory.
+        conf = env.write_cli_config("mallory.json", trustedOperatorKeys=[env.op_pub])
         r = env.cli("publish", "good", top, "--substituter", env.cache.url,
-                    "--trusted-public-key", env.cache.public, key=mallory_key)
+                    "--trusted-public-key", env.cache.public, key=mallory_key, config=conf)
         gen = int(re.search(r"generation (\d+)", r.stdout).group(1))
         detail = self.refused_detail("good", gen)
         self.assertIn("is signed by unknown key", detail)

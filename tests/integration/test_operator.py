@@ -219,7 +219,7 @@ class OperatorTest(EnvTest):
         env = self.env.start()
         r = env.cli("machine", "enroll", "newbie", "--tag", "new", "--ttl", "300")
         token = r.stdout.strip()
-        self.assertTrue(token.startswith("mtok_"))
+        self.assertTrue(token.startswith("mtok2_"))
         tok = os.path.join(env.root, "token")
         with open(tok, "w") as f:
             f.write(token + "\n")
