@@ -31,6 +31,7 @@
 #include "bench/publisher.h"
 #include "bench/sim.h"
 #include "common/crypto.h"
+#include "common/roster.h"
 #include "common/fsutil.h"
 #include "controller/store.h"
 
@@ -174,6 +175,14 @@ int RegisterInto(const std::string& db, std::uint32_t count) {
     m.key = AgentKey(i).public_key().ToText();
     m.tags = {"bench"};
     m.created_at = UnixMs();
+    // Signed like 'muster machine add' signs, so that 'muster publish --all'
+    // with the bench operator key resolves these machines.
+    RosterEntry e;
+    e.machine = m.name;
+    e.key = m.key;
+    e.tags = m.tags;
+    e.signed_at = m.created_at;
+    m.roster = EncodeSignedRosterEntry(SignRosterEntry(e, op));
     auto st = (*store)->AddMachine(m);
     if (st) {
       ++added;
