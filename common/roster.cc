@@ -59,9 +59,14 @@ Status ValidateTags(const std::vector<std::string>& tags) {
 }
 
 std::string RosterEntryToJson(const RosterEntry& e) {
-  json j = {{"format", 1},           {"machine", e.machine},   {"key", e.key},
-            {"enrollKey", e.enroll_key}, {"tags", e.tags},     {"removed", e.removed},
-            {"expiresAt", e.expires_at}, {"signedAt", e.signed_at}};
+  json j = {{"format", 1},
+            {"machine", e.machine},
+            {"key", e.key},
+            {"enrollKey", e.enroll_key},
+            {"tags", e.tags},
+            {"removed", e.removed},
+            {"expiresAt", e.expires_at},
+            {"signedAt", e.signed_at}};
   return j.dump();
 }
 
@@ -175,7 +180,8 @@ std::string NewEnrollToken() {
 
 EnrollBinding MakeEnrollBinding(const SecretKey& enroll_key, std::string_view machine,
                                 const PublicKey& machine_key) {
-  return {machine_key.ToText(), Base64Encode(enroll_key.Sign(BindingMessage(machine, machine_key)))};
+  return {machine_key.ToText(),
+          Base64Encode(enroll_key.Sign(BindingMessage(machine, machine_key)))};
 }
 
 Status VerifyEnrollBinding(const RosterEntry& grant, const EnrollBinding& b) {

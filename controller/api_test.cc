@@ -136,10 +136,10 @@ TEST_F(ApiTest, MachineAddListGetTagRemove) {
   // web1 was registered unsigned (as a store from before signed rosters holds it).
   EXPECT_TRUE(list.result["machines"][1]["roster"].is_null());
 
-  EXPECT_EQ(MustCall("machine.tag", {{"entry", Signed(Entry("db1", mallory_, {"canary"},
-                                                            kNow + 1))}})
-                .result["name"],
-            "db1");
+  EXPECT_EQ(
+      MustCall("machine.tag", {{"entry", Signed(Entry("db1", mallory_, {"canary"}, kNow + 1))}})
+          .result["name"],
+      "db1");
   auto get = MustCall("machine.get", {{"name", "db1"}});
   EXPECT_EQ(get.result["machine"]["tags"], json({"canary"}));
   EXPECT_EQ(get.result["latestGeneration"], 0);
@@ -152,8 +152,8 @@ TEST_F(ApiTest, MachineAddListGetTagRemove) {
   ASSERT_FALSE(rekey.ok);
   EXPECT_THAT(rekey.error, HasSubstr("another key"));
   // Only registered operators' entries are stored.
-  auto rogue = Call("machine.tag",
-                    {{"entry", Signed(Entry("db1", mallory_, {"x"}, kNow + 6), &mallory_)}});
+  auto rogue =
+      Call("machine.tag", {{"entry", Signed(Entry("db1", mallory_, {"x"}, kNow + 6), &mallory_)}});
   ASSERT_FALSE(rogue.ok);
   EXPECT_THAT(rogue.error, HasSubstr("not a registered operator key"));
   // Nor altered ones.

@@ -95,8 +95,7 @@ Status ResolveGlobals(Globals& g) {
 int LoadOperatorKey(const Globals& g, SecretKey* key) {
   auto k = LoadSecretKey(g.key);
   if (!k) {
-    return Die(k.message() + " (create one with 'muster key generate', or pass --key)",
-               kExitUsage);
+    return Die(k.message() + " (create one with 'muster key generate', or pass --key)", kExitUsage);
   }
   if (key) *key = *k;
   return 0;

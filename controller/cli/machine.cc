@@ -133,7 +133,8 @@ int MachineSign(const Globals& g, const std::string& name, const std::string& ex
     if (!want) return Die(want.message(), kExitUsage);
     if (*want != pk->Fingerprint()) {
       return Die("the controller holds key " + pk->Fingerprint() + " for '" + name +
-                     "', not the expected " + *want + "; not signing (the controller may have "
+                     "', not the expected " + *want +
+                     "; not signing (the controller may have "
                      "swapped the key)",
                  kExitFailed);
     }
@@ -191,10 +192,10 @@ int MachineList(const Globals& g) {
       tags = JoinTags(json(t->tags));
     } else {
       const std::string& why = view.untrusted().at(name);
-      trust = why.rfind("unsigned", 0) == 0            ? "UNSIGNED"
-              : why.rfind("revoked", 0) == 0           ? "revoked"
+      trust = why.rfind("unsigned", 0) == 0                   ? "UNSIGNED"
+              : why.rfind("revoked", 0) == 0                  ? "revoked"
               : why.find("not enrolled") != std::string::npos ? "awaiting enrolment"
-                                                       : "UNTRUSTED";
+                                                              : "UNTRUSTED";
       if (auto pk = ParsePublicKey(m.value("key", ""))) fp = pk->Fingerprint();
       tags = "(" + JoinTags(m.value("tags", json::array())) + ")";
     }
@@ -202,8 +203,8 @@ int MachineList(const Globals& g) {
     row["trusted"] = t.ok();
     row["trust"] = t ? trust : view.untrusted().at(name);
     out.push_back(row);
-    rows.push_back({Printable(name), tags, m.value("online", false) ? "yes" : "no",
-                    fp.substr(0, 19), trust});
+    rows.push_back(
+        {Printable(name), tags, m.value("online", false) ? "yes" : "no", fp.substr(0, 19), trust});
   }
   if (g.json_out) {
     std::cout << out.dump(2) << "\n";
@@ -248,8 +249,7 @@ int MachineEnroll(const Globals& g, const std::string& name, const std::vector<s
     return 0;
   }
   std::cout << token << "\n";
-  std::cerr << "one-time token for machine " << name << ", valid until "
-            << Timestamp(e.expires_at)
+  std::cerr << "one-time token for machine " << name << ", valid until " << Timestamp(e.expires_at)
             << "; put it in the agent's enrollTokenFile (only a holder of this token can bind a "
                "key to this grant)\n";
   return 0;

@@ -30,8 +30,8 @@ int ShowStatus(const Globals& g, const std::string& machine) {
                     m["online"].get<bool>() ? "yes" : "no", Ago(m["lastSeen"].get<std::int64_t>()),
                     std::to_string(m["generation"].get<std::int64_t>()),
                     std::to_string(m["targetGeneration"].get<std::int64_t>()),
-                    Printable(m["phase"].get<std::string>()), m["rebootRequired"].get<bool>() ? "yes" : "no",
-                    detail.empty() ? "-" : detail});
+                    Printable(m["phase"].get<std::string>()),
+                    m["rebootRequired"].get<bool>() ? "yes" : "no", detail.empty() ? "-" : detail});
   }
   PrintTable(rows);
   return 0;
@@ -79,8 +79,7 @@ int Logs(const Globals& g, const std::string& machine, std::int64_t generation, 
         std::cout << l.dump() << "\n";
       } else {
         std::cout << "[" << Printable(l["stream"].get<std::string>()) << "] "
-                  << Printable(l["line"].get<std::string>())
-                  << "\n";
+                  << Printable(l["line"].get<std::string>()) << "\n";
       }
     }
     std::cout.flush();

@@ -94,7 +94,8 @@ Result<std::map<std::string, std::int64_t>> MaxGenerations(const json& roster) {
     if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() >= INT64_MAX) ||
         v.get<std::int64_t>() < 0 || v.get<std::int64_t>() == INT64_MAX) {
       return Err("the controller reports an impossible generation number " + v.dump() +
-                 " for machine '" + name + "'; refusing to sign (the controller may be steering "
+                 " for machine '" + name +
+                 "'; refusing to sign (the controller may be steering "
                  "generation numbers)");
     }
     out[name] = v.get<std::int64_t>();

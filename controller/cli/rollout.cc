@@ -74,7 +74,8 @@ int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out) {
     if (state == "succeeded" || state == "halted" || state == "aborted") {
       clear_bar();
       if (!json_out) {
-        std::cout << "rollout " << id << " " << state << ": " << Printable(d.value("detail", "")) << "\n";
+        std::cout << "rollout " << id << " " << state << ": " << Printable(d.value("detail", ""))
+                  << "\n";
       }
       return state == "succeeded" ? 0 : kExitFailed;
     }

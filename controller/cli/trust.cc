@@ -25,8 +25,9 @@ Status SeenEntries::Load() {
   if (!text) return text.error();
   auto j = ParseJsonBounded(*text, 64 << 20, 4);
   if (!j || !j->is_object()) {
-    return Err(path_ + " is damaged (not a JSON object); it records the newest roster entry "
-                       "this CLI saw per machine: fix or remove it");
+    return Err(path_ +
+               " is damaged (not a JSON object); it records the newest roster entry "
+               "this CLI saw per machine: fix or remove it");
   }
   for (const auto& [name, v] : j->items()) {
     if (v.is_number_integer()) seen_[name] = v.get<std::int64_t>();
@@ -103,9 +104,10 @@ RosterView::RosterView(const json& machines, const json& removed,
     }
     auto s = EntryFromJson(m.value("roster", json(nullptr)));
     if (!s) {
-      fail("unsigned: registered before signed rosters; check its key fingerprint and run "
-           "'muster machine sign " +
-           name + "'");
+      fail(
+          "unsigned: registered before signed rosters; check its key fingerprint and run "
+          "'muster machine sign " +
+          name + "'");
       continue;
     }
     auto e = VerifyRosterEntry(*s, trusted);
@@ -140,7 +142,8 @@ RosterView::RosterView(const json& machines, const json& removed,
     }
     seen.Note(name, e->signed_at);
     auto signer = ParsePublicKey(s->signer);
-    trusted_[name] = {name,        *key, e->tags, signer ? signer->ShortId() : s->signer,
+    trusted_[name] = {name,         *key,
+                      e->tags,      signer ? signer->ShortId() : s->signer,
                       e->signed_at, !e->enroll_key.empty()};
   }
 }
