@@ -174,6 +174,51 @@ class TrustTest(EnvTest):
         self.assertEqual(r.returncode, 2, r.stderr)  # no targets
         self.assertIn("older than one this CLI saw", r.stderr)
 
+    def test_publish_to_several_machines_asks_on_a_terminal(self):
+        import pty
+        env = self.env
+        other = env.add_agent("other", tags=["web"]).start()
+        other.wait_connected()
+
+        def on_tty(answer, *extra):
+            pid, fd = pty.fork()
+            if pid == 0:  # child: the CLI on a pseudo-terminal
+                os.execve(binary("muster"), [binary("muster"), "--config",
+                                             os.path.join(env.cli_dir, "config.json"), "publish",
+                                             "--tag", "web", self.top, "--substituter",
+                                             env.cache.url, "--trusted-public-key",
+                                             env.cache.public, *extra], env.cli_env())
+            out = b""
+            sent = False
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if not sent and b"[y/N]" in out:
+                    os.write(fd, answer)
+                    sent = True
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+        code, text = on_tty(b"n\n")
+        self.assertEqual(code, 1, text)
+        self.assertIn("Publish to these 2 machines?", text)
+        self.assertRegex(text, r"  good  sha256:[0-9a-f]{64}")
+        self.assertRegex(text, r"  other  sha256:[0-9a-f]{64}")
+        self.assertIn("not published", text)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM rollouts")[0][0], 0)
+        code, text = on_tty(b"y\n")
+        self.assertEqual(code, 0, text)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM rollouts")[0][0], 1)
+        code, text = on_tty(b"", "--yes", "--force")
+        self.assertEqual(code, 0, text)
+        self.assertNotIn("[y/N]", text)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM rollouts")[0][0], 2)
+
     # ----------------------------------------------------- generation numbers
     def test_steered_generation_numbers_are_refused_without_overflow(self):
         env = self.env
