@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <random>
 
+#include "agent/floor.h"
 #include "agent/health.h"
 #include "agent/vars.h"
 #include "common/fsutil.h"
@@ -85,16 +86,37 @@ proto::HostFacts Agent::Facts() {
 
 int Agent::Run() {
   {
+    auto floor = LoadFloor(cfg_.FloorPath());
+    if (!floor) {
+      spdlog::error("refusing to start: {}", floor.message());
+      return 1;
+    }
+    std::error_code ec;
+    const bool have_state = std::filesystem::exists(cfg_.StatePath(), ec);
     auto st = LoadAgentState(cfg_.StatePath());
     if (!st) {
       spdlog::error("{}", st.message());
-      spdlog::error(
-          "refusing to start with an unreadable state; move {} aside to start afresh "
-          "(the agent then accepts only generations newer than the controller's)",
-          cfg_.StatePath());
+      spdlog::error("{}", UnreadableStateAdvice(cfg_.StatePath(), cfg_.FloorPath(), *floor));
       return 1;
     }
+    // The floor is the larger of floor.json and state.json: moving state.json
+    // aside does not reopen replay.
+    auto established = EstablishFloor(cfg_.FloorPath(), cfg_.KeyPath(), *floor,
+                                      have_state ? std::optional<AgentState>(*st) : std::nullopt);
+    if (established.start.from_key_time) {
+      spdlog::warn("{}", established.start.note);
+    } else {
+      spdlog::info("{}", established.start.note);
+    }
+    if (!established.written) {
+      spdlog::error(
+          "{}; no generation is accepted until it can be written (free space in {} or "
+          "make it writable)",
+          established.written.message(), cfg_.state_dir);
+    }
     state_ = std::move(*st);
+    state_.last_applied = established.start.floor.last_applied;
+    state_.last_created_at = established.start.floor.last_created_at;
     pending_ = state_.pending;  // accepted before a restart, not yet started
   }
   // Resume an interrupted deploy before anything else.
@@ -324,9 +346,12 @@ void Agent::OnDeploy(const proto::Deploy& d) {
   VerifyContext ctx;
   ctx.machine = cfg_.machine;
   ctx.trusted_operators = cfg_.trusted_operator_keys;
+  ctx.now_s = clock_() / 1000;
+  ctx.max_future_skew_s = cfg_.max_manifest_future_skew.count();
   {
     std::lock_guard lock(mu_);
     ctx.last_applied = state_.last_applied;
+    ctx.last_created_at = state_.last_created_at;
     bool in_hand = (pending_ && pending_->generation() == gen) ||
                    (state_.current && state_.current->generation() == gen);
     if (in_hand) {
@@ -373,11 +398,18 @@ void Agent::OnDeploy(const proto::Deploy& d) {
              std::string(ToString(m->action)) + " " + m->toplevel;
   {
     std::lock_guard lock(mu_);
-    state_.last_applied = m->generation;  // never accept this number again
+    const Floor accepted{m->generation, std::max(ctx.last_created_at, m->created_at)};
+    state_.last_applied = accepted.last_applied;        // never accept this number again
+    state_.last_created_at = accepted.last_created_at;  // nor anything signed before it
     std::optional<DeployRecord> previous_pending = state_.pending;
     state_.pending = r;  // survives a restart before the worker takes it
-    if (auto st = SaveAgentState(state_, cfg_.StatePath()); !st) {
+    // floor.json first (fsynced): state.json never records an acceptance that
+    // the floor, which outlives it, does not hold.
+    Status st = SaveFloor(accepted, cfg_.FloorPath());
+    if (st) st = SaveAgentState(state_, cfg_.StatePath());
+    if (!st) {
       state_.last_applied = ctx.last_applied;
+      state_.last_created_at = ctx.last_created_at;
       state_.pending = previous_pending;
       spdlog::error("cannot persist state: {}", st.message());
       proto::StatusReport rep;

@@ -10,6 +10,8 @@ namespace muster {
 using nlohmann::json;
 
 namespace {
+constexpr std::int64_t kMaxFutureSkewSeconds = 86400;
+
 std::chrono::milliseconds Seconds(const json& v, const std::string& field) {
   if (!v.is_number() || v.get<double>() <= 0) {
     throw std::invalid_argument("'" + field + "' must be a positive number of seconds");
@@ -127,6 +129,17 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         c.realise_timeout = Seconds(v, k);
       } else if (k == "activationTimeout") {
         c.activation_timeout = Seconds(v, k);
+      } else if (k == "maxManifestFutureSkew") {
+        // Every manifest accepted holds back those signed before it: a large
+        // skew lets one signed far ahead block updates for that long.
+        if (!v.is_number_integer() || v.get<std::int64_t>() < 0 ||
+            v.get<std::int64_t>() > kMaxFutureSkewSeconds) {
+          throw std::invalid_argument(
+              "must be a whole number of seconds from 0 to " +
+              std::to_string(kMaxFutureSkewSeconds) +
+              " (how far a manifest's signing time may be ahead of this machine's clock)");
+        }
+        c.max_manifest_future_skew = std::chrono::seconds(v.get<std::int64_t>());
       } else {
         return Err(origin + ": unknown setting '" + k + "'");
       }

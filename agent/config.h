@@ -47,9 +47,12 @@ struct AgentConfig {
   std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
   std::chrono::milliseconds realise_timeout{std::chrono::hours(2)};
   std::chrono::milliseconds activation_timeout{std::chrono::minutes(30)};
+  // How far a manifest's signing time may be ahead of this machine's clock.
+  std::chrono::seconds max_manifest_future_skew{300};
 
   std::string KeyPath() const { return state_dir + "/machine.key"; }
   std::string StatePath() const { return state_dir + "/state.json"; }
+  std::string FloorPath() const { return state_dir + "/floor.json"; }
 };
 
 // Parses and validates the JSON text. Errors name the file and the field.

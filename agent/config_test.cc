@@ -32,6 +32,8 @@ TEST(AgentConfig, MinimalHasNixosDefaults) {
   EXPECT_EQ(c->backoff_base, std::chrono::seconds(1));
   EXPECT_EQ(c->backoff_cap, std::chrono::seconds(60));
   EXPECT_EQ(c->reboot_policy, "never");
+  EXPECT_EQ(c->max_manifest_future_skew, std::chrono::seconds(300));
+  EXPECT_EQ(c->FloorPath(), "/var/lib/muster-agent/floor.json");
 }
 
 TEST(AgentConfig, FullSettings) {
@@ -40,7 +42,7 @@ TEST(AgentConfig, FullSettings) {
           R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
-        "enrollTokenFile":"/run/token","metricsListen":null)"),
+        "enrollTokenFile":"/run/token","metricsListen":null,"maxManifestFutureSkew":30)"),
       "agent.json");
   ASSERT_TRUE(c.ok()) << c.message();
   EXPECT_EQ(c->state_dir, "/s");
@@ -50,6 +52,10 @@ TEST(AgentConfig, FullSettings) {
   EXPECT_EQ(c->health_checks[0].timeout, std::chrono::seconds(2));
   EXPECT_EQ(c->health_checks[1].name, "http://127.0.0.1:80/");
   EXPECT_EQ(c->KeyPath(), "/s/machine.key");
+  EXPECT_EQ(c->max_manifest_future_skew, std::chrono::seconds(30));
+  auto zero = ParseAgentConfig(Minimal(R"(,"maxManifestFutureSkew":0)"), "agent.json");
+  ASSERT_TRUE(zero.ok()) << zero.message();
+  EXPECT_EQ(zero->max_manifest_future_skew, std::chrono::seconds(0));
 }
 
 struct BadCase {
@@ -71,6 +77,12 @@ TEST(AgentConfig, ErrorsNameTheField) {
        "exactly one of"},
       {Minimal(R"(,"healthChecks":[{"http":"https://x/"}])"), "https is not supported"},
       {Minimal(R"(,"pingInterval":10,"idleTimeout":5)"), "'idleTimeout' must be greater"},
+      {Minimal(R"(,"maxManifestFutureSkew":-1)"),
+       "setting 'maxManifestFutureSkew': must be a whole number of seconds from 0 to 86400"},
+      {Minimal(R"(,"maxManifestFutureSkew":86401)"), "from 0 to 86400"},
+      {Minimal(R"(,"maxManifestFutureSkew":1.5)"), "whole number of seconds"},
+      {Minimal(R"(,"maxManifestFutureSkew":"300")"), "whole number of seconds"},
+      {Minimal(R"(,"maxManifestFutureSkew":1e300)"), "whole number of seconds"},
       {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) +
            R"(","trustedOperatorKeys":["x"]})",
        "ed25519"},

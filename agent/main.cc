@@ -10,6 +10,7 @@
 
 #include "agent/agent.h"
 #include "agent/config.h"
+#include "agent/floor.h"
 #include "agent/system_ops.h"
 #include "common/crypto.h"
 #include "common/fsutil.h"
@@ -66,7 +67,8 @@ int main(int argc, char** argv) {
     std::cerr << "muster-agent: " << st.message() << "\n";
     return 1;
   }
-  auto key = LoadOrCreateSecretKey(cfg->KeyPath());
+  // The key and the replay floor (floor.json) are created together.
+  auto key = LoadOrCreateMachineKey(cfg->KeyPath(), cfg->FloorPath(), NowMs() / 1000);
   if (!key) {
     std::cerr << "muster-agent: " << key.message() << "\n";
     return 1;

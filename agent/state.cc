@@ -72,6 +72,7 @@ Result<DeployRecord> RecordFromJson(const json& c) {
 std::string EncodeAgentState(const AgentState& s) {
   json j = {{"format", 1},
             {"lastApplied", s.last_applied},
+            {"lastCreatedAt", s.last_created_at},
             {"lastRefused", s.last_refused},
             {"lastRefusedReason", s.last_refused_reason}};
   if (s.current) j["current"] = RecordToJson(*s.current);
@@ -87,6 +88,7 @@ Result<AgentState> DecodeAgentState(std::string_view text) {
     if (j.at("format").get<int>() != 1) return Err("agent state has an unknown format");
     AgentState s;
     s.last_applied = j.at("lastApplied").get<std::int64_t>();
+    s.last_created_at = j.value("lastCreatedAt", std::int64_t{0});  // older agents: absent
     s.last_refused = j.value("lastRefused", std::int64_t{0});
     s.last_refused_reason = j.value("lastRefusedReason", std::string());
     for (const char* which : {"current", "pending"}) {

@@ -42,7 +42,8 @@ struct DeployRecord {
 };
 
 struct AgentState {
-  std::int64_t last_applied = 0;  // highest generation accepted (verified)
+  std::int64_t last_applied = 0;     // highest generation accepted (verified)
+  std::int64_t last_created_at = 0;  // newest createdAt accepted (unix s); absent in old files: 0
   std::optional<DeployRecord> current;
   std::optional<DeployRecord> pending;  // accepted, waiting for the current deploy to end
   std::int64_t last_refused = 0;        // last generation refused, for hello

@@ -17,6 +17,7 @@ TEST(AgentState, RoundTripsEveryField) {
   m.toplevel = "/nix/store/00000000000000000000000000000000-sys";
   AgentState s;
   s.last_applied = 9;
+  s.last_created_at = 1717200000;
   s.last_refused = 12;
   s.last_refused_reason = "unknown key";
   DeployRecord r;
@@ -38,6 +39,7 @@ TEST(AgentState, RoundTripsEveryField) {
   auto back = DecodeAgentState(EncodeAgentState(s));
   ASSERT_TRUE(back.ok()) << back.message();
   EXPECT_EQ(back->last_applied, 9);
+  EXPECT_EQ(back->last_created_at, 1717200000);
   EXPECT_EQ(back->last_refused, 12);
   ASSERT_TRUE(back->current.has_value());
   const auto& b = *back->current;
@@ -68,6 +70,13 @@ TEST(AgentState, MissingFileIsEmptyAndSavedFileIsPrivate) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   EXPECT_EQ(LoadAgentState(path)->last_applied, 4);
   std::filesystem::remove_all(dir);
+}
+
+TEST(AgentState, StateWithoutLastCreatedAtStillLoads) {
+  auto s = DecodeAgentState(R"({"format":1,"lastApplied":7})");
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(s->last_applied, 7);
+  EXPECT_EQ(s->last_created_at, 0);
 }
 
 TEST(AgentState, CorruptStateIsAnErrorNotAReset) {

@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -33,6 +34,7 @@
 #include "common/crypto.h"
 #include "common/roster.h"
 #include "common/fsutil.h"
+#include "common/manifest.h"
 #include "controller/store.h"
 
 using namespace muster;
@@ -338,7 +340,9 @@ int CmdRun(const RunArgs& a) {
 
   std::uint32_t n = stages.back();
   if (a.publish) {
-    std::int64_t gen = UnixMs();  // always newer than any earlier bench generation
+    // Newer than any earlier bench generation (one number per second) and
+    // within the ceiling for the signing time (CheckGenerationNumber).
+    std::int64_t gen = GenerationCeiling(static_cast<std::int64_t>(std::time(nullptr)));
     sim.TrackGeneration(gen);
     PublishOptions po;
     po.host = a.host;

@@ -1,5 +1,9 @@
 #include "common/manifest.h"
 
+#include <time.h>
+
+#include <algorithm>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "common/json_limits.h"
@@ -148,29 +152,50 @@ Result<Manifest> ParseManifest(std::string_view text) {
   }
 }
 
+std::int64_t GenerationCeiling(std::int64_t created_at_s) {
+  // created_at_s > kGenerationEpoch > 0, so the difference cannot overflow.
+  return created_at_s > kGenerationEpoch ? created_at_s - kGenerationEpoch : 0;
+}
+
+std::string UnixSecondsText(std::int64_t s) {
+  // Years 0 to 9999; beyond that gmtime_r may fail or print more digits.
+  constexpr std::int64_t kYear0 = -62167219200, kYear10000 = 253402300800;
+  struct tm tm {};
+  time_t t = static_cast<time_t>(s);
+  if (s < kYear0 || s >= kYear10000 || ::gmtime_r(&t, &tm) == nullptr) {
+    return "unix time " + std::to_string(s);
+  }
+  char buf[80];  // room for any int the compiler imagines
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+  return buf;
+}
+
+Status CheckGenerationNumber(std::int64_t generation, std::int64_t created_at_s) {
+  const std::string gen = "generation " + std::to_string(generation);
+  if (generation < 1) return Err(gen + " is not a positive number; generations start at 1");
+  const std::int64_t ceiling = GenerationCeiling(created_at_s);
+  if (ceiling == 0) {
+    return Err(gen + " is signed at " + UnixSecondsText(created_at_s) +
+               ", before 2020-01-01T00:00:00Z, when no generation number is allowed; the "
+               "signing operator's clock is wrong: set it (NTP) and publish again");
+  }
+  if (generation > ceiling) {
+    return Err(gen + " is above the ceiling " + std::to_string(ceiling) +
+               " for a manifest signed at " + UnixSecondsText(created_at_s) +
+               " (one number per second since 2020-01-01T00:00:00Z); the number looks steered "
+               "by the controller, which numbers generations from the highest one it reports: "
+               "check the controller's generations for this machine before publishing again");
+  }
+  return Status::Ok();
+}
+
 SignedManifest SignManifest(const Manifest& m, const SecretKey& key) {
   SignedManifest sm;
   sm.manifest = ManifestToJson(m);
   sm.signer = key.public_key().ToText();
   sm.signature = Base64Encode(key.Sign(std::string(kSigDomain) + sm.manifest));
   return sm;
-}
-
-std::int64_t GenerationCeiling(std::int64_t created_at_s) {
-  return created_at_s <= kGenerationEpoch ? 0 : created_at_s - kGenerationEpoch;
-}
-
-Status CheckGenerationNumber(std::int64_t generation, std::int64_t created_at_s) {
-  if (generation < 1) return Err("generation " + std::to_string(generation) + " is not positive");
-  std::int64_t ceiling = GenerationCeiling(created_at_s);
-  if (generation > ceiling) {
-    return Err("generation " + std::to_string(generation) + " is above " +
-               std::to_string(ceiling) +
-               ", the highest number a manifest signed at that time may carry (one per second "
-               "since 2020); the number looks steered by the controller, or the signing clock is "
-               "wrong");
-  }
-  return Status::Ok();
 }
 
 std::string VarsHash(std::string_view sealed_vars) {
@@ -204,10 +229,41 @@ Result<Manifest> VerifySignedManifest(const SignedManifest& sm, const VerifyCont
     return Err(what + " is addressed to machine '" + m.machine + "', not to this machine '" +
                ctx.machine + "'");
   }
+  if (auto st = CheckGenerationNumber(m.generation, m.created_at); !st) {
+    return Err(what + ": " + st.message());
+  }
   if (m.generation <= ctx.last_applied) {
     return Err(what + " is not newer than generation " + std::to_string(ctx.last_applied) +
                " already accepted here; replayed or stale generations are refused (a rollback "
                "is published as a new, higher generation)");
+  }
+  // Equal times are fine (two publishes within one second); earlier is not.
+  if (m.created_at < ctx.last_created_at) {
+    std::string floor = ctx.last_applied > 0
+                            ? "generation " + std::to_string(ctx.last_applied) +
+                                  " accepted here, signed at " +
+                                  UnixSecondsText(ctx.last_created_at)
+                            : "this agent's floor " + UnixSecondsText(ctx.last_created_at) +
+                                  " (when its machine key was created; no generation accepted "
+                                  "yet)";
+    return Err(what + " is signed at " + UnixSecondsText(m.created_at) + ", before " + floor +
+               "; a controller is replaying an older manifest, or operators' clocks disagree — "
+               "operators must keep their clocks synchronised (NTP) and publish again");
+  }
+  // A manifest from the future would hold back every later one until then.
+  // The difference of two int64 values fits uint64 when it is positive.
+  const std::uint64_t ahead =
+      ctx.now_s && m.created_at > *ctx.now_s
+          ? static_cast<std::uint64_t>(m.created_at) - static_cast<std::uint64_t>(*ctx.now_s)
+          : 0;
+  if (ahead > static_cast<std::uint64_t>(std::max<std::int64_t>(ctx.max_future_skew_s, 0))) {
+    return Err(what + " is signed at " + UnixSecondsText(m.created_at) + ", " +
+               std::to_string(ahead) + " s ahead of this machine's clock (" +
+               UnixSecondsText(*ctx.now_s) + "; maxManifestFutureSkew is " +
+               std::to_string(ctx.max_future_skew_s) +
+               " s); accepting it would hold back every manifest signed before then. If this "
+               "machine's clock is wrong, set it (NTP); otherwise the signing operator's clock "
+               "is ahead: set it and publish again");
   }
   if (VarsHash(sealed_vars) != m.vars_hash) {
     return Err(what + ": the vars delivered do not match the signed vars hash (expected '" +

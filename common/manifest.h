@@ -54,24 +54,45 @@ Status ValidateStorePath(std::string_view path);
 
 SignedManifest SignManifest(const Manifest& m, const SecretKey& key);
 
-// Generation numbers may not exceed a ceiling that grows with signing time
-// (one per second since kGenerationEpoch), so that no number a controller
-// steers the CLI to can block later updates: a manifest signed later can
-// always carry a higher number.
+// The generation-number rule, shared by the CLI (before signing) and the agent
+// (when verifying). The CLI numbers a generation from what the controller
+// reports, so a compromised controller steers the number; capping it by the
+// signing time means no steered number can block later updates: a manifest
+// signed one second later may always carry a higher number.
 constexpr std::int64_t kGenerationEpoch = 1577836800;  // 2020-01-01T00:00:00Z
-std::int64_t GenerationCeiling(std::int64_t created_at_s);  // >= 0, never overflows
-// Fails when generation < 1 or above the ceiling for created_at_s.
+
+// The highest generation number a manifest signed at created_at_s (unix
+// seconds) may carry: the seconds since kGenerationEpoch, 0 before it. Defined
+// for every int64 input (no overflow).
+std::int64_t GenerationCeiling(std::int64_t created_at_s);
+
+// Ok when 1 <= generation <= GenerationCeiling(created_at_s); otherwise an
+// error saying the number looks steered by the controller (or, when the
+// ceiling is 0, that the signer's clock is wrong).
 Status CheckGenerationNumber(std::int64_t generation, std::int64_t created_at_s);
+
+// "2024-06-01T00:00:00Z" for unix seconds; "unix time N" outside years 0–9999.
+std::string UnixSecondsText(std::int64_t s);
 
 // What the agent needs to decide whether to accept a generation.
 struct VerifyContext {
-  std::string machine;                        // this agent's machine name
-  std::vector<PublicKey> trusted_operators;   // from the agent's configuration
-  std::int64_t last_applied = 0;              // highest generation ever accepted
+  std::string machine;                       // this agent's machine name
+  std::vector<PublicKey> trusted_operators;  // from the agent's configuration
+  std::int64_t last_applied = 0;             // highest generation ever accepted
+  // createdAt (unix seconds) of the newest manifest accepted, or the floor the
+  // agent started from (its key's creation time); 0: none.
+  std::int64_t last_created_at = 0;
+  // The verifier's clock (unix seconds); unset skips the future-skew check (the
+  // controller's early check at publish time has no say in it).
+  std::optional<std::int64_t> now_s = std::nullopt;
+  std::int64_t max_future_skew_s = 300;  // how far createdAt may be ahead of now_s
 };
 
-// Verifies signature, machine, generation number and vars hash. On failure the
-// message names the machine, the generation and what to change.
+// Verifies signature, machine, generation number (greater than last_applied
+// and within CheckGenerationNumber for its own createdAt), signing time (not
+// before last_created_at, not more than max_future_skew_s after now_s) and vars
+// hash. On failure the message names the machine, the generation and what to
+// change.
 Result<Manifest> VerifySignedManifest(const SignedManifest& sm, const VerifyContext& ctx,
                                       std::string_view sealed_vars);
 

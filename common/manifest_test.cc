@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "common/golden_samples.h"
 #include "common/testutil.h"
@@ -295,6 +297,216 @@ TEST_F(VerifyTest, NoTrustedKeysRefusesEverything) {
   auto r = VerifySignedManifest(Signed(Sample(12)), ctx, sealed_);
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.message(), HasSubstr("unknown key"));
+}
+
+TEST(GenerationCeiling, Table) {
+  struct Case {
+    std::int64_t created_at;
+    std::int64_t want;
+  } cases[] = {
+      {INT64_MIN, 0},
+      {-1, 0},
+      {0, 0},
+      {kGenerationEpoch - 1, 0},
+      {kGenerationEpoch, 0},
+      {kGenerationEpoch + 1, 1},
+      {1700000000, 1700000000 - kGenerationEpoch},
+      {INT64_MAX, INT64_MAX - kGenerationEpoch},
+  };
+  for (const auto& c : cases) EXPECT_EQ(GenerationCeiling(c.created_at), c.want) << c.created_at;
+}
+
+TEST(CheckGenerationNumber, Table) {
+  struct Case {
+    std::int64_t generation;
+    std::int64_t created_at;
+    std::string want;  // "" = accepted
+  } cases[] = {
+      {1, kGenerationEpoch + 1, ""},
+      {2, kGenerationEpoch + 1,
+       "generation 2 is above the ceiling 1 for a manifest signed at "
+       "2020-01-01T00:00:01Z"},
+      {1700000000 - kGenerationEpoch, 1700000000, ""},
+      {1700000000 - kGenerationEpoch + 1, 1700000000, "looks steered by the controller"},
+      {INT64_MAX - 1, 1700000000, "check the controller's generations for this machine"},
+      {INT64_MAX, 1700000000, "above the ceiling"},
+      {INT64_MAX - kGenerationEpoch, INT64_MAX, ""},
+      {INT64_MAX, INT64_MAX, "above the ceiling " + std::to_string(INT64_MAX - kGenerationEpoch)},
+      {0, 1700000000, "generation 0 is not a positive number"},
+      {-7, 1700000000, "generation -7 is not a positive number"},
+      {INT64_MIN, 1700000000, "not a positive number"},
+      {1, kGenerationEpoch, "before 2020-01-01T00:00:00Z, when no generation number is allowed"},
+      {1, 0, "signed at 1970-01-01T00:00:00Z, before 2020-01-01"},
+      {1, -1, "signed at 1969-12-31T23:59:59Z"},
+      {1, INT64_MIN, "signed at unix time -9223372036854775808"},
+      {5, INT64_MIN, "the signing operator's clock is wrong: set it (NTP)"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::to_string(c.generation) + " at " + std::to_string(c.created_at));
+    Status st = CheckGenerationNumber(c.generation, c.created_at);
+    if (c.want.empty()) {
+      EXPECT_TRUE(st.ok()) << st.message();
+    } else {
+      ASSERT_FALSE(st.ok());
+      EXPECT_THAT(st.message(), HasSubstr(c.want));
+    }
+  }
+}
+
+TEST(UnixSecondsText, Table) {
+  struct Case {
+    std::int64_t s;
+    const char* want;
+  } cases[] = {
+      {0, "1970-01-01T00:00:00Z"},
+      {kGenerationEpoch, "2020-01-01T00:00:00Z"},
+      {1700000000, "2023-11-14T22:13:20Z"},
+      {-1, "1969-12-31T23:59:59Z"},
+      {-62167219200, "0000-01-01T00:00:00Z"},
+      {-62167219201, "unix time -62167219201"},
+      {253402300799, "9999-12-31T23:59:59Z"},
+      {253402300800, "unix time 253402300800"},
+      {INT64_MAX, "unix time 9223372036854775807"},
+      {INT64_MIN, "unix time -9223372036854775808"},
+  };
+  for (const auto& c : cases) EXPECT_EQ(UnixSecondsText(c.s), c.want) << c.s;
+}
+
+// Signing time and the generation-number rule, as the agent checks them.
+TEST_F(VerifyTest, SigningTimeTable) {
+  constexpr std::int64_t kT = 1700000000;  // 2023-11-14T22:13:20Z
+  struct Case {
+    const char* name;
+    std::int64_t generation, created_at;
+    std::int64_t last_applied, last_created_at;
+    std::optional<std::int64_t> now;
+    std::int64_t skew;
+    std::vector<std::string> want;  // empty = accepted
+  } cases[] = {
+      {"newer number, later time", 12, kT + 5, 11, kT, kT + 5, 300, {}},
+      {"equal time, higher number", 12, kT, 11, kT, kT, 300, {}},
+      {"nothing accepted yet", 1, kT, 0, 0, kT, 300, {}},
+      {"signed earlier than the last accepted",
+       12,
+       kT - 1,
+       11,
+       kT,
+       kT,
+       300,
+       {"manifest for web1 generation 12 is signed at 2023-11-14T22:13:19Z, before generation 11 "
+        "accepted here, signed at 2023-11-14T22:13:20Z",
+        "a controller is replaying an older manifest, or operators' clocks disagree",
+        "operators must keep their clocks synchronised"}},
+      {"signed before the floor of a fresh agent",
+       3,
+       kT - 3600,
+       0,
+       kT,
+       kT,
+       300,
+       {"signed at 2023-11-14T21:13:20Z, before this agent's floor 2023-11-14T22:13:20Z",
+        "no generation accepted yet"}},
+      {"the steered 1000 released after a fix numbered 1",
+       1000,
+       kT,
+       1,
+       kT + 1,
+       kT + 60,
+       300,
+       {"generation 1000 is signed at 2023-11-14T22:13:20Z, before generation 1 accepted here"}},
+      {"exactly the skew ahead", 12, kT + 300, 11, kT, kT, 300, {}},
+      {"one second beyond the skew",
+       12,
+       kT + 301,
+       11,
+       kT,
+       kT,
+       300,
+       {"is signed at 2023-11-14T22:18:21Z, 301 s ahead of this machine's clock "
+        "(2023-11-14T22:13:20Z; maxManifestFutureSkew is 300 s)",
+        "If this machine's clock is wrong, set it (NTP)"}},
+      {"zero skew", 12, kT + 1, 11, kT, kT, 0, {"1 s ahead", "maxManifestFutureSkew is 0 s"}},
+      {"no clock: no skew check", 12, kT + 86400 * 365, 11, kT, std::nullopt, 300, {}},
+      {"signed at INT64_MAX",
+       12,
+       INT64_MAX,
+       11,
+       kT,
+       kT,
+       300,
+       {"signed at unix time 9223372036854775807", "s ahead of this machine's clock"}},
+      {"signed at INT64_MAX, clock at INT64_MIN",
+       12,
+       INT64_MAX,
+       11,
+       0,
+       INT64_MIN,
+       300,
+       {"18446744073709551615 s ahead", "(unix time -9223372036854775808;"}},
+      {"clock at INT64_MAX", 12, kT, 11, kT, INT64_MAX, 300, {}},
+      {"created at 0", 12, 0, 11, 0, kT, 300, {"signed at 1970-01-01T00:00:00Z, before 2020"}},
+      {"created at -1", 12, -1, 11, 0, kT, 300, {"signed at 1969-12-31T23:59:59Z, before 2020"}},
+      {"created at INT64_MIN",
+       12,
+       INT64_MIN,
+       11,
+       0,
+       kT,
+       300,
+       {"generation 12: generation 12 is signed at unix time -9223372036854775808"}},
+      {"number steered to freeze",
+       INT64_MAX - 1,
+       kT,
+       11,
+       kT,
+       kT,
+       300,
+       {"generation 9223372036854775806 is above the ceiling " +
+            std::to_string(kT - kGenerationEpoch),
+        "looks steered by the controller"}},
+      {"number at the ceiling", kT - kGenerationEpoch, kT, 11, kT, kT, 300, {}},
+      // The order of checks: a replayed number is named as such even when its time is old too.
+      {"old number and old time", 5, kT - 10, 11, kT, kT, 300, {"is not newer than generation 11"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    Manifest m = Sample(c.generation);
+    m.created_at = c.created_at;
+    VerifyContext ctx = Ctx(c.last_applied);
+    ctx.last_created_at = c.last_created_at;
+    ctx.now_s = c.now;
+    ctx.max_future_skew_s = c.skew;
+    Result<Manifest> r = Manifest{};
+    EXPECT_NO_THROW(r = VerifySignedManifest(Signed(m), ctx, sealed_));
+    if (c.want.empty()) {
+      EXPECT_TRUE(r.ok()) << r.message();
+      continue;
+    }
+    ASSERT_FALSE(r.ok());
+    for (const auto& w : c.want) EXPECT_THAT(r.message(), HasSubstr(w));
+  }
+}
+
+// No number a controller steers can freeze a machine: whatever was accepted at
+// the ceiling, a manifest signed one second later can carry a higher number.
+TEST_F(VerifyTest, SteeringToTheCeilingCannotFreeze) {
+  for (std::int64_t t :
+       {kGenerationEpoch + 1, std::int64_t{1700000000}, std::int64_t{4102444800}}) {
+    SCOPED_TRACE(t);
+    Manifest at_ceiling = Sample(GenerationCeiling(t));
+    at_ceiling.created_at = t;
+    VerifyContext ctx = Ctx(0);
+    ctx.now_s = t;
+    auto first = VerifySignedManifest(Signed(at_ceiling), ctx, sealed_);
+    ASSERT_TRUE(first.ok()) << first.message();
+    Manifest next = Sample(at_ceiling.generation + 1);
+    next.created_at = t + 1;
+    ctx.last_applied = first->generation;
+    ctx.last_created_at = first->created_at;
+    ctx.now_s = t + 1;
+    auto second = VerifySignedManifest(Signed(next), ctx, sealed_);
+    EXPECT_TRUE(second.ok()) << second.message();
+  }
 }
 
 TEST(VarsHash, EmptyMeansNoVars) {

@@ -168,6 +168,16 @@ in
           default = "info";
           description = "Log level.";
         };
+        maxManifestFutureSkew = mkOption {
+          type = types.ints.between 0 86400;
+          default = 300;
+          description = ''
+            Seconds a manifest's signing time may be ahead of this machine's clock. The agent
+            never accepts a manifest signed before one it accepted, so one signed far in the
+            future would hold back every update until then; keep the clocks of operators and
+            machines synchronised (NTP).
+          '';
+        };
       };
     };
     default = { };

@@ -25,7 +25,7 @@ in
   # cfg: services.muster-agent (machine, controllers, controllerPin, trustedOperatorKeys,
   # enrollTokenFile, varsDir, healthChecks, confirmTimeout, settings).
   # settings carries stateDir, profile, currentSystem, bootedSystem, metricsListen,
-  # rebootPolicy, logLevel and anything else the agent learns later.
+  # rebootPolicy, logLevel, maxManifestFutureSkew and anything else the agent learns later.
   agent = cfg:
     dropNulls (
       {

@@ -48,12 +48,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
 
   VerifyContext ctx{"web1", {Trusted().public_key()}, 3};
+  ctx.last_created_at = 1700000000;
+  ctx.now_s = 1800000000;
   SignedManifest sm{text, Trusted().public_key().ToText(),
                     Base64Encode(Trusted().Sign(std::string(kDomain) + text))};
   std::string_view vars = size > 0 && (data[0] & 1) ? std::string_view("sealed") : "";
   auto verified = VerifySignedManifest(sm, ctx, vars);
-  if (verified.ok() && (!parsed.ok() || verified->machine != "web1" ||
-                        verified->generation <= 3 || verified->vars_hash != VarsHash(vars))) {
+  if (verified.ok() &&
+      (!parsed.ok() || verified->machine != "web1" || verified->generation <= 3 ||
+       verified->vars_hash != VarsHash(vars) || verified->created_at < ctx.last_created_at ||
+       verified->created_at > *ctx.now_s + ctx.max_future_skew_s ||
+       !CheckGenerationNumber(verified->generation, verified->created_at).ok())) {
     std::abort();  // accepted something the rules refuse
   }
 

@@ -80,6 +80,7 @@ step_render() {
         metricsListen = "127.0.0.1:9101";
         rebootPolicy = "never";
         logLevel = "info";
+        maxManifestFutureSkew = 300;
       };
     }'
   eval_json "render.agent $agentFull" "$tmp/agent-full.json"
@@ -128,6 +129,7 @@ expected = {
     "metricsListen": "127.0.0.1:9101",
     "rebootPolicy": "never",
     "logLevel": "info",
+    "maxManifestFutureSkew": 300,
 }
 assert agent == expected, f"agent config differs:\n got      {agent}\n expected {expected}"
 
@@ -194,6 +196,7 @@ assert a["failed"] == [], a["failed"]
 cfg = a["config"]
 assert cfg["machine"] == "web1" and cfg["bootedSystem"] == "/run/booted-system", cfg
 assert cfg["confirmTimeout"] == 120 and cfg["rebootPolicy"] == "never" and cfg["logLevel"] == "info", cfg
+assert cfg["maxManifestFutureSkew"] == 300, cfg
 assert "enrollTokenFile" not in cfg and "metricsListen" not in cfg, cfg
 assert cfg["healthChecks"][1] == {"name": "web", "http": "http://127.0.0.1/", "timeout": 10}, cfg
 s = a["service"]["serviceConfig"]
