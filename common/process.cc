@@ -7,9 +7,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <sstream>
+
+#include "common/utf8.h"
 
 extern char** environ;
 
@@ -43,15 +47,17 @@ ssize_t WriteNoSigpipe(int fd, const char* data, std::size_t n) {
 
 void SplitLines(std::string& pending, const char* data, std::size_t n, bool is_stderr,
                 const RunOptions& o) {
+  constexpr std::size_t kMaxLine = 64 * 1024;
   pending.append(data, n);
   std::size_t pos;
   while ((pos = pending.find('\n')) != std::string::npos) {
     if (o.on_line) o.on_line(is_stderr, pending.substr(0, pos));
     pending.erase(0, pos + 1);
   }
-  if (pending.size() > 64 * 1024) {  // an endless line: flush it in pieces
-    if (o.on_line) o.on_line(is_stderr, pending);
-    pending.clear();
+  while (pending.size() > kMaxLine) {  // an endless line: flush it in pieces
+    std::size_t cut = Utf8SplitPoint(pending, kMaxLine);
+    if (o.on_line) o.on_line(is_stderr, pending.substr(0, cut));
+    pending.erase(0, cut);
   }
 }
 }  // namespace
@@ -68,10 +74,7 @@ std::string RunResult::Describe() const {
   }
   std::string tail = err_tail;
   while (!tail.empty() && (tail.back() == '\n' || tail.back() == ' ')) tail.pop_back();
-  if (!tail.empty()) {
-    auto cut = tail.size() > 1500 ? tail.substr(tail.size() - 1500) : tail;
-    s += ": " + cut;
-  }
+  if (!tail.empty()) s += ": " + TailUtf8(tail, 1500);
   return s;
 }
 
@@ -195,6 +198,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
   }
   auto deadline = std::chrono::steady_clock::now() + o.timeout;
   std::string out_pending, err_pending;
+  std::string err_raw;  // the end of stderr as bytes; err_tail is made from it
   int fds_open = 2;
   bool out_open = true, err_open = true;
   char buf[16384];
@@ -238,8 +242,8 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       }
       auto len = static_cast<std::size_t>(k);
       if (is_err) {
-        r.err_tail.append(buf, len);
-        if (r.err_tail.size() > kErrTail) r.err_tail.erase(0, r.err_tail.size() - kErrTail);
+        err_raw.append(buf, len);
+        if (err_raw.size() > 2 * kErrTail) err_raw.erase(0, err_raw.size() - 2 * kErrTail);
         SplitLines(err_pending, buf, len, true, o);
       } else {
         if (r.out.size() < o.max_output)
@@ -259,6 +263,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       }
     }
   }
+  r.err_tail = TailUtf8(err_raw, kErrTail);
   if (in_fd >= 0) ::close(in_fd);
   ::close(out_pipe[0]);
   ::close(err_pipe[0]);

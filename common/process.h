@@ -23,6 +23,8 @@ struct RunOptions {
   std::string input;                 // written to stdin, then closed
   std::size_t max_output = 1 << 20;  // stdout kept in RunResult::out
   // Called for every complete line on stdout (is_stderr=false) or stderr (true).
+  // Lines are the program's bytes, not necessarily UTF-8; a line longer than
+  // 64 KiB arrives in pieces, cut between characters.
   std::function<void(bool is_stderr, const std::string& line)> on_line;
 };
 
@@ -32,7 +34,7 @@ struct RunResult {
   int signal = 0;
   bool timed_out = false;
   std::string out;          // stdout (up to max_output)
-  std::string err_tail;     // last ~4 KiB of stderr
+  std::string err_tail;     // last ~4 KiB of stderr, valid UTF-8 (bad bytes → U+FFFD)
   std::string start_error;  // set when the program could not be started
 
   bool ok() const { return exited && exit_code == 0; }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/testutil.h"
+#include "common/utf8.h"
 
 namespace muster {
 namespace {
@@ -253,6 +254,40 @@ TEST(SystemProcessRunner, ProgramThatClosesStdinDoesNotKillTheCaller) {
   sigemptyset(&pending);
   ASSERT_EQ(::sigpending(&pending), 0);
   EXPECT_FALSE(sigismember(&pending, SIGPIPE)) << "no SIGPIPE left pending";
+}
+
+TEST(SystemProcessRunner, StderrTailIsValidUtf8WhateverTheProgramWrote) {
+  // 2000 euro signs (3 bytes each) then an invalid byte: the 4 KiB tail starts
+  // inside a character and the 1500-byte quote in Describe too.
+  RunResult r =
+      Sh("i=0; while [ $i -lt 2000 ]; do printf '\\342\\202\\254' >&2; i=$((i+1)); done; "
+         "printf ' bad \\377 end' >&2; exit 1");
+  EXPECT_FALSE(r.ok());
+  EXPECT_TRUE(IsValidUtf8(r.err_tail));
+  EXPECT_LE(r.err_tail.size(), 4096u);
+  EXPECT_GE(r.err_tail.size(), 4096u - 3);
+  EXPECT_THAT(r.err_tail, StartsWith("\xE2\x82\xAC"));
+  EXPECT_THAT(r.err_tail, ::testing::EndsWith(" bad \xEF\xBF\xBD end"));
+  std::string d = r.Describe();
+  EXPECT_TRUE(IsValidUtf8(d));
+  EXPECT_THAT(d, StartsWith("exited with status 1: \xE2\x82\xAC"));
+}
+
+TEST(SystemProcessRunner, EndlessLineArrivesInPiecesCutBetweenCharacters) {
+  std::vector<std::string> pieces;
+  RunOptions o;
+  o.on_line = [&](bool, const std::string& line) { pieces.push_back(line); };
+  // 25000 euro signs, no newline: 75000 bytes, more than one 64 KiB piece.
+  RunResult r = Sh("i=0; while [ $i -lt 25000 ]; do printf '\\342\\202\\254'; i=$((i+1)); done", o);
+  ASSERT_TRUE(r.ok()) << r.Describe();
+  ASSERT_GE(pieces.size(), 2u);
+  std::string joined;
+  for (const auto& p : pieces) {
+    EXPECT_LE(p.size(), 64u * 1024);
+    EXPECT_TRUE(IsValidUtf8(p)) << "piece of " << p.size() << " bytes";
+    joined += p;
+  }
+  EXPECT_EQ(joined.size(), 75000u);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <variant>
 
 #include "common/tls.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -219,7 +220,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
       ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
       websocket::close_reason cr(websocket::close_code::normal,
-                                 std::get<CloseFrame>(front).reason.substr(0, 120));
+                                 CutUtf8(std::get<CloseFrame>(front).reason, 120));
       ws_.async_close(cr, [self](beast::error_code) { self->HardClose(self->close_reason_); });
     }
   }

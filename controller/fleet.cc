@@ -3,10 +3,24 @@
 #include <spdlog/spdlog.h>
 
 #include "common/phase.h"
+#include "common/utf8.h"
 
 namespace muster {
 
 using nlohmann::json;
+
+namespace {
+// An agent's host facts made fit to store: well-formed UTF-8, each bounded.
+json CleanFacts(const proto::HostFacts& f) {
+  proto::HostFacts c;
+  c.system = CutUtf8(f.system, Fleet::kMaxFactBytes);
+  c.os = CutUtf8(f.os, Fleet::kMaxFactBytes);
+  c.os_version = CutUtf8(f.os_version, Fleet::kMaxFactBytes);
+  c.hostname = CutUtf8(f.hostname, Fleet::kMaxFactBytes);
+  c.kernel = CutUtf8(f.kernel, Fleet::kMaxFactBytes);
+  return proto::ToJson(c);
+}
+}  // namespace
 
 Fleet::Fleet(Store& store, Clock clock) : store_(store), clock_(std::move(clock)) {}
 
@@ -86,7 +100,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
   for (std::size_t k = 0; k < hellos.size(); ++k) {
     const auto& [machine, hello, channel] = hellos[k];
     if (hello.machine != machine) {
-      refused[k] = Err("hello names machine '" + hello.machine +
+      refused[k] = Err("hello names machine '" + CutUtf8(hello.machine, 253) +
                        "' but this key is registered as '" + machine + "'");
       continue;
     }
@@ -107,7 +121,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
       refused[k] = Err("machine '" + machine + "' is revoked");
       continue;
     }
-    writes.push_back({machine, clock_(), proto::ToJson(hello.facts), hello.last_applied});
+    writes.push_back({machine, clock_(), CleanFacts(hello.facts), hello.last_applied});
   }
   std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordHellos(writes);
   std::vector<Result<std::vector<std::string>>> out;
@@ -159,11 +173,11 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     w.ev.machine = machine;
     w.ev.generation = r.generation;
     w.ev.phase = r.phase;
-    w.ev.detail = r.detail.substr(0, 4096);
+    w.ev.detail = CutUtf8(r.detail, kMaxDetailBytes);
     w.ev.at = clock_();
-    w.toplevel = r.toplevel;
+    w.toplevel = CutUtf8(r.toplevel, kMaxPathBytes);
     w.reboot_required = r.reboot_required;
-    w.facts = r.facts ? proto::ToJson(*r.facts) : json(nullptr);
+    w.facts = r.facts ? CleanFacts(*r.facts) : json(nullptr);
     writes.push_back(std::move(w));
   }
   std::vector<Status> stored =
@@ -174,7 +188,7 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
   for (const auto& [machine, r] : reports) {
     auto ph = ParsePhase(r.phase);
     if (!ph) {
-      out.push_back(Err("status report has unknown phase '" + r.phase + "'"));
+      out.push_back(Err("status report has unknown phase '" + CutUtf8(r.phase, 40) + "'"));
       continue;
     }
     const EventRecord& ev = writes[k].ev;
@@ -210,15 +224,19 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
 
 Status Fleet::AgentLogs(const std::string& machine, const proto::LogLines& logs) {
   std::vector<LogRecord> recs;
+  std::vector<std::string> lines;
+  lines.reserve(logs.lines.size());
   std::int64_t now = clock_();
+  std::string stream = CutUtf8(logs.stream, kMaxStreamBytes);
   for (const auto& l : logs.lines) {
-    recs.push_back({0, machine, logs.generation, logs.stream, l.substr(0, 8192), now});
+    lines.push_back(CutUtf8(l, kMaxLogLineBytes));
+    recs.push_back({0, machine, logs.generation, stream, lines.back(), now});
   }
   auto st = store_.AppendLogs(recs);
   Broadcast("log", {{"machine", machine},
                     {"generation", logs.generation},
-                    {"stream", logs.stream},
-                    {"lines", logs.lines}});
+                    {"stream", stream},
+                    {"lines", lines}});
   return st;
 }
 

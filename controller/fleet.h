@@ -79,6 +79,15 @@ struct FleetCounters {
 class Fleet {
  public:
   using Clock = std::function<std::int64_t()>;  // unix ms
+
+  // What an agent's strings are cut to (at a character boundary, after
+  // invalid UTF-8 is replaced) before they reach the store or an event.
+  static constexpr std::size_t kMaxDetailBytes = 4096;   // status detail
+  static constexpr std::size_t kMaxLogLineBytes = 8192;  // one log line
+  static constexpr std::size_t kMaxFactBytes = 256;      // each host fact
+  static constexpr std::size_t kMaxPathBytes = 1024;     // reported toplevel
+  static constexpr std::size_t kMaxStreamBytes = 32;     // log stream name
+
   Fleet(Store& store, Clock clock);
 
   // Loads the key registry from the store. Call once before serving.

@@ -212,8 +212,8 @@ int Run(const Paths& p, const RunConfig& c) {
   int n = c.threads > 0 ? c.threads
                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
-  for (int i = 1; i < n; ++i) threads.emplace_back([&] { ioc.run(); });
-  ioc.run();
+  for (int i = 1; i < n; ++i) threads.emplace_back([&] { RunIoContextGuarded(ioc, "I/O thread"); });
+  RunIoContextGuarded(ioc, "I/O thread");
   for (auto& t : threads) t.join();
   return 0;
 }

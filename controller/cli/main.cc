@@ -26,6 +26,7 @@
 #include "common/manifest.h"
 #include "common/phase.h"
 #include "common/tls.h"
+#include "common/utf8.h"
 #include "common/vars_bundle.h"
 #include "controller/cli/connection.h"
 #include "controller/cli/flake.h"
@@ -622,7 +623,7 @@ int Status_(const Globals& g, const std::string& machine) {
       {"MACHINE", "TAGS", "ONLINE", "LAST SEEN", "GEN", "TARGET", "PHASE", "REBOOT", "DETAIL"}};
   for (const auto& m : (*res)["machines"]) {
     std::string detail = m.value("detail", "");
-    if (detail.size() > 80) detail = detail.substr(0, 77) + "...";
+    if (detail.size() > 80) detail = CutUtf8(detail, 77) + "...";
     rows.push_back({m["name"].get<std::string>(), JoinTags(m["tags"]),
                     m["online"].get<bool>() ? "yes" : "no", Ago(m["lastSeen"].get<std::int64_t>()),
                     std::to_string(m["generation"].get<std::int64_t>()),
