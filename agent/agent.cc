@@ -226,7 +226,7 @@ void Agent::EnrollIfNeeded() {
     WsClient::Handlers h;
     h.on_open = [&] { client->Send(proto::Encode(proto::Enroll{cfg_.machine, token})); };
     h.on_message = [&](std::string text) {
-      auto m = proto::Decode(text);
+      auto m = proto::Decode(text, {.max_bytes = cfg_.max_message_bytes});
       if (m && std::holds_alternative<proto::Enrolled>(*m)) outcome = "enrolled";
       if (m && std::holds_alternative<proto::ErrorMsg>(*m))
         refusal = std::get<proto::ErrorMsg>(*m).message;
@@ -295,7 +295,7 @@ void Agent::SendHello() {
 }
 
 void Agent::OnMessage(const std::string& text) {
-  auto msg = proto::Decode(text);
+  auto msg = proto::Decode(text, {.max_bytes = cfg_.max_message_bytes});
   if (!msg) {
     spdlog::error("controller sent an invalid message ({}); reconnecting", msg.message());
     link_->Drop("invalid message from controller");

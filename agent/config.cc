@@ -127,6 +127,14 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         c.realise_timeout = Seconds(v, k);
       } else if (k == "activationTimeout") {
         c.activation_timeout = Seconds(v, k);
+      } else if (k == "maxMessageBytes") {
+        if (!v.is_number_unsigned() || v.get<std::uint64_t>() < 4096 ||
+            v.get<std::uint64_t>() > (1u << 30)) {
+          throw std::invalid_argument(
+              "must be a number of bytes from 4096 to 1073741824 (at least the controller's "
+              "--max-message-bytes)");
+        }
+        c.max_message_bytes = v.get<std::size_t>();
       } else {
         return Err(origin + ": unknown setting '" + k + "'");
       }

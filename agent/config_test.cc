@@ -32,6 +32,7 @@ TEST(AgentConfig, MinimalHasNixosDefaults) {
   EXPECT_EQ(c->backoff_base, std::chrono::seconds(1));
   EXPECT_EQ(c->backoff_cap, std::chrono::seconds(60));
   EXPECT_EQ(c->reboot_policy, "never");
+  EXPECT_EQ(c->max_message_bytes, kDefaultMaxMessageBytes) << "the controller's default too";
 }
 
 TEST(AgentConfig, FullSettings) {
@@ -40,7 +41,7 @@ TEST(AgentConfig, FullSettings) {
           R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
-        "enrollTokenFile":"/run/token","metricsListen":null)"),
+        "enrollTokenFile":"/run/token","metricsListen":null,"maxMessageBytes":2097152)"),
       "agent.json");
   ASSERT_TRUE(c.ok()) << c.message();
   EXPECT_EQ(c->state_dir, "/s");
@@ -50,6 +51,7 @@ TEST(AgentConfig, FullSettings) {
   EXPECT_EQ(c->health_checks[0].timeout, std::chrono::seconds(2));
   EXPECT_EQ(c->health_checks[1].name, "http://127.0.0.1:80/");
   EXPECT_EQ(c->KeyPath(), "/s/machine.key");
+  EXPECT_EQ(c->max_message_bytes, 2097152u);
 }
 
 struct BadCase {
@@ -71,6 +73,9 @@ TEST(AgentConfig, ErrorsNameTheField) {
        "exactly one of"},
       {Minimal(R"(,"healthChecks":[{"http":"https://x/"}])"), "https is not supported"},
       {Minimal(R"(,"pingInterval":10,"idleTimeout":5)"), "'idleTimeout' must be greater"},
+      {Minimal(R"(,"maxMessageBytes":100)"),
+       "setting 'maxMessageBytes': must be a number of bytes from 4096"},
+      {Minimal(R"(,"maxMessageBytes":"1M")"), "at least the controller's --max-message-bytes"},
       {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) +
            R"(","trustedOperatorKeys":["x"]})",
        "ed25519"},

@@ -31,7 +31,8 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
         handlers_(std::move(h)),
         resolver_(strand_),
         ws_(strand_, *opts_.tls),
-        timer_(strand_) {}
+        timer_(strand_),
+        buffer_(opts_.max_message_bytes) {}
 
   void Connect() override {
     asio::dispatch(strand_, [self = shared_from_this()] { self->Resolve(); });
@@ -125,7 +126,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     t.idle_timeout = websocket::stream_base::none();
     t.keep_alive_pings = false;
     ws_.set_option(t);
-    ws_.read_message_max(opts_.max_message_bytes);
+    // The limit is the read buffer's (buffer_overflow names the cause). With
+    // read_message_max Beast would refuse at the frame header and then report
+    // the TLS teardown's error instead ("application data after close notify").
+    ws_.read_message_max(0);
     ws_.set_option(
         websocket::stream_base::decorator([ua = opts_.user_agent](websocket::request_type& req) {
           req.set(beast::http::field::user_agent, ua);
@@ -192,7 +196,12 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) {
         std::string why = ec.message();
-        if (ec == websocket::error::closed) {
+        if (ec == websocket::error::buffer_overflow || ec == websocket::error::message_too_big) {
+          why = "the controller sent a message larger than this side's limit of " +
+                std::to_string(self->opts_.max_message_bytes) + " bytes; it was refused";
+          if (self->handlers_.on_oversize)
+            self->handlers_.on_oversize(self->opts_.max_message_bytes);
+        } else if (ec == websocket::error::closed) {
           auto r = self->ws_.reason();
           why = "closed by the controller" +
                 (r.reason.empty() ? std::string() : ": " + std::string(r.reason.c_str()));

@@ -340,6 +340,19 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
   }
   auto m = ParseManifest(d.manifest.manifest);
   if (!m) return Err("publish: " + m.message());
+  // The agent closes a connection on a larger message and would receive the
+  // same one on every reconnect: refuse it here, where an operator sees why.
+  if (std::size_t size = proto::Encode(d).size(); size > max_deploy_bytes_) {
+    std::size_t rest = size - d.vars.size();  // manifest and framing
+    // Sealed vars are base64 of a box holding base64 contents: ~16/9 of the files.
+    std::size_t room = max_deploy_bytes_ > rest ? (max_deploy_bytes_ - rest) * 9 / 16 : 0;
+    return Err("publish: the deploy message for " + m->machine + " generation " +
+               std::to_string(m->generation) + " would be " + std::to_string(size) +
+               " bytes, more than the " + std::to_string(max_deploy_bytes_) +
+               " bytes agents accept (controller --max-message-bytes, agent maxMessageBytes); "
+               "make the vars smaller (about " +
+               std::to_string(room / 1024) + " KiB of files fit) or raise both limits");
+  }
   auto machine = store_.GetMachine(m->machine);
   if (!machine) return Err("publish: no machine named '" + m->machine + "'; add it first");
   if (machine->revoked) return Err("publish: machine '" + m->machine + "' is revoked");

@@ -90,6 +90,11 @@ class Fleet {
 
   Fleet(Store& store, Clock clock);
 
+  // The largest deploy message agents accept (the controller's
+  // --max-message-bytes, which agents' maxMessageBytes must match): Publish and
+  // ValidateDeploy refuse a generation whose deploy message is larger.
+  void SetMaxDeployBytes(std::size_t n) { max_deploy_bytes_ = n; }
+
   // Loads the key registry from the store. Call once before serving.
   Status Load();
 
@@ -175,6 +180,7 @@ class Fleet {
   FleetObserver* observer_ = nullptr;
   mutable std::int64_t tokens_checked_at_ = 0;
   mutable int live_tokens_ = 0;
+  std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;
 };
 
 }  // namespace muster

@@ -459,5 +459,22 @@ TEST_F(FleetTest, AgentStringsAreStoredAndBroadcastAsValidUtf8CutBetweenCharacte
   EXPECT_EQ(log_event.data["lines"][0], stored[0].line) << "events carry the stored (cut) lines";
 }
 
+TEST_F(FleetTest, PublishRefusesADeployLargerThanAgentsAccept) {
+  proto::Deploy d = MakeDeploy(1);
+  std::size_t size = proto::Encode(d).size();
+  fleet_->SetMaxDeployBytes(size - 1);
+  for (bool validate_only : {true, false}) {
+    auto g = validate_only ? fleet_->ValidateDeploy("alice", d) : fleet_->Publish("alice", d);
+    ASSERT_FALSE(g.ok());
+    EXPECT_THAT(g.message(), HasSubstr("deploy message for web1 generation 1 would be " +
+                                       std::to_string(size) + " bytes, more than the " +
+                                       std::to_string(size - 1) + " bytes agents accept"));
+    EXPECT_THAT(g.message(), HasSubstr("make the vars smaller"));
+  }
+  EXPECT_FALSE(store_->LatestGeneration("web1").has_value()) << "nothing was stored";
+  fleet_->SetMaxDeployBytes(size);
+  EXPECT_TRUE(fleet_->Publish("alice", d).ok()) << "exactly the limit is accepted";
+}
+
 }  // namespace
 }  // namespace muster
