@@ -4,6 +4,8 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +16,10 @@
 #include <sstream>
 
 #include "common/utf8.h"
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 extern char** environ;
 
@@ -60,6 +66,57 @@ void SplitLines(std::string& pending, const char* data, std::size_t n, bool is_s
     pending.erase(0, cut);
   }
 }
+
+// In the child between fork and exec (async-signal-safe calls only): makes
+// sure that no descriptor from 3 up survives exec. `keep` (the exec-error
+// pipe, itself close-on-exec) must stay usable until then. max_fd bounds the
+// last-resort loop when neither close_range nor /proc is available.
+void CloseInheritedDescriptors(int keep, int max_fd) {
+#ifdef SYS_close_range
+  // Linux >= 5.11: everything from 3 becomes close-on-exec.
+  if (::syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) == 0) return;
+  // Linux 5.9, 5.10: close all but keep now.
+  auto k = static_cast<unsigned>(keep);
+  if ((k <= 3 || ::syscall(SYS_close_range, 3U, k - 1, 0U) == 0) &&
+      ::syscall(SYS_close_range, std::max(3U, k + 1), ~0U, 0U) == 0) {
+    return;
+  }
+#endif
+#ifdef SYS_getdents64
+  int dir = ::open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    alignas(8) char buf[4096];
+    for (;;) {
+      long n = ::syscall(SYS_getdents64, dir, buf, sizeof buf);
+      if (n <= 0) break;
+      for (long off = 0; off < n;) {
+        struct Entry {  // struct linux_dirent64
+          std::uint64_t ino;
+          std::int64_t off;
+          unsigned short reclen;
+          unsigned char type;
+          char name[1];
+        };
+        const auto* e = reinterpret_cast<const Entry*>(buf + off);
+        int fd = 0;
+        bool number = e->name[0] != '\0';
+        for (const char* c = e->name; *c != '\0'; ++c) {
+          if (*c < '0' || *c > '9') {
+            number = false;
+            break;
+          }
+          fd = fd * 10 + (*c - '0');
+        }
+        if (number && fd > 2 && fd != dir) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+        off += e->reclen;
+      }
+    }
+    ::close(dir);
+    return;
+  }
+#endif
+  for (int fd = 3; fd < max_fd; ++fd) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
 }  // namespace
 
 std::string RunResult::Describe() const {
@@ -76,6 +133,11 @@ std::string RunResult::Describe() const {
   while (!tail.empty() && (tail.back() == '\n' || tail.back() == ' ')) tail.pop_back();
   if (!tail.empty()) s += ": " + TailUtf8(tail, 1500);
   return s;
+}
+
+bool SetCloseOnExec(int fd) {
+  int flags = ::fcntl(fd, F_GETFD);
+  return flags >= 0 && ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == 0;
 }
 
 std::string FindProgram(const std::string& name, const std::string& dir) {
@@ -147,6 +209,10 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
   std::vector<char*> envp;
   for (auto& e : env_store) envp.push_back(e.data());
   envp.push_back(nullptr);
+  int max_fd = 65536;
+  if (rlimit rl{}; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    max_fd = static_cast<int>(std::min<rlim_t>(rl.rlim_cur, 1 << 20));
+  }
 
   pid_t pid = ::fork();
   if (pid < 0) {
@@ -162,6 +228,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
     ::dup2(in_pipe[0], 0);
     ::dup2(out_pipe[1], 1);
     ::dup2(err_pipe[1], 2);
+    CloseInheritedDescriptors(exec_pipe[1], max_fd);
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);

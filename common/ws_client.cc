@@ -10,6 +10,7 @@
 #include <deque>
 #include <variant>
 
+#include "common/process.h"
 #include "common/tls.h"
 #include "common/utf8.h"
 
@@ -95,6 +96,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
                                 ec.message());
           beast::error_code ig;
           beast::get_lowest_layer(self->ws_).socket().set_option(tcp::no_delay(true), ig);
+          SetCloseOnExec(beast::get_lowest_layer(self->ws_).socket().native_handle());
           self->DoTls();
         });
   }

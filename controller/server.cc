@@ -18,6 +18,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/process.h"
 #include "common/protocol.h"
 #include "common/tls.h"
 #include "common/utf8.h"
@@ -717,6 +718,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
     }
     if (!ec) acceptor_.bind(ep, ec);
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (!ec) SetCloseOnExec(acceptor_.native_handle());
     if (ec) {
       return Err("cannot listen on " + ep.address().to_string() + " port " +
                  std::to_string(hp.port) + ": " + ec.message());
@@ -751,6 +753,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
     }
     beast::error_code ignored;
     s.set_option(tcp::no_delay(true), ignored);
+    SetCloseOnExec(s.native_handle());
     std::make_shared<Session>(std::move(s), shared_)->Run();
     Accept();
   }
