@@ -13,12 +13,24 @@
 #include "agent/vars.h"
 #include "common/fsutil.h"
 #include "common/roster.h"
+#include "common/log.h"
+#include "common/utf8.h"
 
 namespace muster {
 
 namespace {
 constexpr std::size_t kMaxQueuedLogLines = 5000;
 constexpr std::size_t kMaxQueuedReports = 64;
+// What process output and details are cut to (between characters, invalid
+// UTF-8 replaced) before they are queued, persisted or sent.
+constexpr std::size_t kMaxLogLineBytes = 4000;
+constexpr std::size_t kMaxDetailBytes = 4000;
+constexpr std::size_t kMaxFactBytes = 256;
+// One log message holds at most this many lines and line bytes, so that even
+// fully escaped (\u00XX: 6 bytes per byte) it stays far below the controller's
+// message limit.
+constexpr std::size_t kMaxLinesPerMessage = 200;
+constexpr std::size_t kMaxLineBytesPerMessage = 64 * 1024;
 
 std::string ReadFirstLine(const std::string& path) {
   auto t = ReadFile(path, 4096);
@@ -70,14 +82,17 @@ proto::HostFacts Agent::Facts() {
   }
   char host[256] = {};
   if (::gethostname(host, sizeof host - 1) == 0) f.hostname = host;
+  f.system = CutUtf8(f.system, kMaxFactBytes);
+  f.kernel = CutUtf8(f.kernel, kMaxFactBytes);
+  f.hostname = CutUtf8(f.hostname, kMaxFactBytes);
   std::string nixos = ReadFirstLine(cfg_.current_system + "/nixos-version");
   std::string darwin = ReadFirstLine(cfg_.current_system + "/darwin-version");
   if (!nixos.empty()) {
     f.os = "nixos";
-    f.os_version = nixos;
+    f.os_version = CutUtf8(nixos, kMaxFactBytes);
   } else if (!darwin.empty()) {
     f.os = "darwin";
-    f.os_version = darwin;
+    f.os_version = CutUtf8(darwin, kMaxFactBytes);
   } else {
     f.os = f.system.find("darwin") != std::string::npos ? "darwin" : "linux";
   }
@@ -174,7 +189,7 @@ int Agent::Run() {
   worker_ = std::thread([this] { WorkerLoop(); });
   spdlog::info("machine {} (key {}) connecting to {} controller(s)", cfg_.machine,
                key_.public_key().ShortId(), cfg_.controllers.size());
-  ioc_.run();
+  RunIoContextGuarded(ioc_, "I/O thread");
   {
     std::lock_guard lock(mu_);
     stopping_ = true;
@@ -239,7 +254,7 @@ void Agent::EnrollIfNeeded() {
     WsClient::Handlers h;
     h.on_open = [&] { client->Send(proto::Encode(proto::Enroll{cfg_.machine, proof})); };
     h.on_message = [&](std::string text) {
-      auto m = proto::Decode(text);
+      auto m = proto::Decode(text, {.max_bytes = cfg_.max_message_bytes});
       if (m && std::holds_alternative<proto::Enrolled>(*m)) outcome = "enrolled";
       if (m && std::holds_alternative<proto::ErrorMsg>(*m))
         refusal = std::get<proto::ErrorMsg>(*m).message;
@@ -252,8 +267,13 @@ void Agent::EnrollIfNeeded() {
     client = WsClient::Create(ioc.get_executor(), o, h);
     client->Connect();
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!done && std::chrono::steady_clock::now() < deadline)
-      ioc.run_one_for(std::chrono::milliseconds(100));
+    while (!done && std::chrono::steady_clock::now() < deadline) {
+      try {
+        ioc.run_one_for(std::chrono::milliseconds(100));
+      } catch (const std::exception& e) {
+        spdlog::error("enrolment: a handler failed: {}; continuing", e.what());
+      }
+    }
     if (outcome == "enrolled") {
       (void)WriteFileAtomic(marker, cfg_.machine + "\n", 0600);
       spdlog::info("enrolled as machine {} with key {}", cfg_.machine, key_.public_key().ShortId());
@@ -281,7 +301,7 @@ void Agent::SendHello() {
   h.machine = cfg_.machine;
   h.agent_version = MUSTER_VERSION;
   h.facts = Facts();
-  h.toplevel = ops_->ActiveToplevel();
+  h.toplevel = SanitizeUtf8(ops_->ActiveToplevel());
   {
     std::lock_guard lock(mu_);
     h.last_applied = state_.last_applied;
@@ -303,7 +323,7 @@ void Agent::SendHello() {
 }
 
 void Agent::OnMessage(const std::string& text) {
-  auto msg = proto::Decode(text);
+  auto msg = proto::Decode(text, {.max_bytes = cfg_.max_message_bytes});
   if (!msg) {
     spdlog::error("controller sent an invalid message ({}); reconnecting", msg.message());
     link_->Drop("invalid message from controller");
@@ -359,7 +379,8 @@ void Agent::OnDeploy(const proto::Deploy& d) {
       return;
     }
   }
-  auto refuse = [&](const std::string& why) {
+  auto refuse = [&](const std::string& reason) {
+    std::string why = CutUtf8(reason, kMaxDetailBytes);
     spdlog::error("refused: {}", why);
     proto::StatusReport r;
     r.generation = gen;
@@ -462,6 +483,7 @@ void Agent::FlushLogs() {
     if (!welcomed_ || outbox_logs_.empty()) return;
     batch.swap(outbox_logs_);
     outbox_log_lines_ = 0;
+    outbox_log_bytes_ = 0;
   }
   for (auto& l : batch) link_->Send(proto::Encode(l));
 }
@@ -521,10 +543,10 @@ void Agent::Report(const DeployRecord& r) {
   proto::StatusReport s;
   s.generation = r.generation();
   s.phase = std::string(ToString(r.phase));
-  s.detail = r.detail;
+  s.detail = CutUtf8(r.detail, kMaxDetailBytes);
   s.toplevel =
       r.phase == Phase::kSucceeded || r.phase == Phase::kRolledBack || r.phase == Phase::kUnchanged
-          ? ops_->ActiveToplevel()
+          ? SanitizeUtf8(ops_->ActiveToplevel())
           : std::string();
   s.reboot_required = r.reboot_required;
   s.closure_bytes = r.closure_bytes;
@@ -543,11 +565,16 @@ void Agent::Log(std::int64_t generation, const std::string& stream, const std::s
   spdlog::debug("[{}] {}", stream, line);
   std::lock_guard lock(mu_);
   if (outbox_log_lines_ >= kMaxQueuedLogLines) return;  // offline too long: drop the excess
+  std::string clean = CutUtf8(line, kMaxLogLineBytes);
   if (outbox_logs_.empty() || outbox_logs_.back().stream != stream ||
-      outbox_logs_.back().generation != generation || outbox_logs_.back().lines.size() >= 200) {
+      outbox_logs_.back().generation != generation ||
+      outbox_logs_.back().lines.size() >= kMaxLinesPerMessage ||
+      outbox_log_bytes_ + clean.size() > kMaxLineBytesPerMessage) {
     outbox_logs_.push_back(proto::LogLines{generation, stream, {}});
+    outbox_log_bytes_ = 0;
   }
-  outbox_logs_.back().lines.push_back(line.substr(0, 4000));
+  outbox_log_bytes_ += clean.size();
+  outbox_logs_.back().lines.push_back(std::move(clean));
   ++outbox_log_lines_;
 }
 
@@ -557,38 +584,52 @@ std::string Agent::Tag(const DeployRecord& r, const char* what) const {
 
 void Agent::WorkerLoop() {
   for (;;) {
-    DeployRecord* r = nullptr;
-    {
+    try {
+      if (!WorkOnce()) return;
+    } catch (const std::exception& e) {
+      // RunStep turns a failing step into a failed outcome; this is for what
+      // is left (persisting, reporting). Never end the thread or the process:
+      // log, pause so as not to spin, and carry on from the persisted state.
+      spdlog::error("deploy worker: {}; retrying in 1 s", e.what());
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] {
-        return stopping_ || pending_ || (state_.current && !IsTerminal(state_.current->phase));
-      });
-      if (stopping_) return;
-      if (!(state_.current && !IsTerminal(state_.current->phase))) {
-        state_.current = std::move(*pending_);
-        pending_.reset();
-        state_.pending.reset();
-        state_.current->kind = state_.current->manifest.kind != Kind::kAuto
-                                   ? state_.current->manifest.kind
-                                   : Kind::kAuto;  // detected after realise
-        state_.current->previous_toplevel = ops_->ActiveToplevel();
-        Persist();
-        r = &*state_.current;
-        lock.unlock();
-        Report(*r);
-      } else {
-        r = &*state_.current;
-      }
-    }
-    Step step = NextStep(*r);
-    if (step == Step::kNone) continue;
-    RunStep(*r, step);
-    if (IsTerminal(r->phase) && r->reboot_required && cfg_.reboot_policy == "when-required" &&
-        r->phase == Phase::kSucceeded) {
-      Log(r->generation(), "agent", "reboot required and rebootPolicy is when-required: rebooting");
-      if (auto st = ops_->Reboot(); !st) spdlog::error("reboot failed: {}", st.message());
+      cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_; });
     }
   }
+}
+
+bool Agent::WorkOnce() {
+  DeployRecord* r = nullptr;
+  {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] {
+      return stopping_ || pending_ || (state_.current && !IsTerminal(state_.current->phase));
+    });
+    if (stopping_) return false;
+    if (!(state_.current && !IsTerminal(state_.current->phase))) {
+      state_.current = std::move(*pending_);
+      pending_.reset();
+      state_.pending.reset();
+      state_.current->kind = state_.current->manifest.kind != Kind::kAuto
+                                 ? state_.current->manifest.kind
+                                 : Kind::kAuto;  // detected after realise
+      state_.current->previous_toplevel = ops_->ActiveToplevel();
+      Persist();
+      r = &*state_.current;
+      lock.unlock();
+      Report(*r);
+    } else {
+      r = &*state_.current;
+    }
+  }
+  Step step = NextStep(*r);
+  if (step == Step::kNone) return true;
+  RunStep(*r, step);
+  if (IsTerminal(r->phase) && r->reboot_required && cfg_.reboot_policy == "when-required" &&
+      r->phase == Phase::kSucceeded) {
+    Log(r->generation(), "agent", "reboot required and rebootPolicy is when-required: rebooting");
+    if (auto st = ops_->Reboot(); !st) spdlog::error("reboot failed: {}", st.message());
+  }
+  return true;
 }
 
 void Agent::RunStep(DeployRecord& r, Step step) {
@@ -631,7 +672,15 @@ void Agent::RunStep(DeployRecord& r, Step step) {
       return;
     }
   }
-  StepOutcome o = Perform(r, step);
+  StepOutcome o;
+  try {
+    o = Perform(r, step);
+  } catch (const std::exception& e) {
+    o = StepOutcome{};
+    o.detail = std::string(ToString(step)) + " failed with an internal error: " + e.what() +
+               "; see the agent's log";
+  }
+  o.detail = CutUtf8(o.detail, kMaxDetailBytes);  // from program output, paths, files
   {
     std::lock_guard lock(mu_);
     // Only an ack for a message sent from now on proves the controller is

@@ -58,8 +58,9 @@ class Agent {
   void FlushLogs();
   void ArmLogTimer();
 
-  // Worker thread.
+  // Worker thread. WorkOnce takes or continues one deploy step; false when stopping.
   void WorkerLoop();
+  bool WorkOnce();
   void RunStep(DeployRecord& r, Step step);
   StepOutcome Perform(DeployRecord& r, Step step);
   StepOutcome Confirm(DeployRecord& r);
@@ -93,6 +94,7 @@ class Agent {
   std::deque<proto::StatusReport> outbox_status_;  // reports not yet sent (bounded)
   std::deque<proto::LogLines> outbox_logs_;
   std::size_t outbox_log_lines_ = 0;
+  std::size_t outbox_log_bytes_ = 0;  // line bytes in outbox_logs_.back()
   std::uint64_t next_seq_ = 1;
   std::uint64_t acked_seq_ = 0;
   std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact

@@ -140,6 +140,14 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
               " (how far a manifest's signing time may be ahead of this machine's clock)");
         }
         c.max_manifest_future_skew = std::chrono::seconds(v.get<std::int64_t>());
+      } else if (k == "maxMessageBytes") {
+        if (!v.is_number_unsigned() || v.get<std::uint64_t>() < 4096 ||
+            v.get<std::uint64_t>() > (1u << 30)) {
+          throw std::invalid_argument(
+              "must be a number of bytes from 4096 to 1073741824 (at least the controller's "
+              "--max-message-bytes)");
+        }
+        c.max_message_bytes = v.get<std::size_t>();
       } else {
         return Err(origin + ": unknown setting '" + k + "'");
       }

@@ -11,6 +11,7 @@
 
 #include "common/crypto.h"
 #include "common/error.h"
+#include "common/json_limits.h"
 #include "common/url.h"
 
 namespace muster {
@@ -49,6 +50,9 @@ struct AgentConfig {
   std::chrono::milliseconds activation_timeout{std::chrono::minutes(30)};
   // How far a manifest's signing time may be ahead of this machine's clock.
   std::chrono::seconds max_manifest_future_skew{300};
+  // Largest message accepted from the controller; must be at least the
+  // controller's --max-message-bytes, which bounds the deploys it sends.
+  std::size_t max_message_bytes = kDefaultMaxMessageBytes;
 
   std::string KeyPath() const { return state_dir + "/machine.key"; }
   std::string StatePath() const { return state_dir + "/state.json"; }

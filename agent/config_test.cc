@@ -34,6 +34,7 @@ TEST(AgentConfig, MinimalHasNixosDefaults) {
   EXPECT_EQ(c->reboot_policy, "never");
   EXPECT_EQ(c->max_manifest_future_skew, std::chrono::seconds(300));
   EXPECT_EQ(c->FloorPath(), "/var/lib/muster-agent/floor.json");
+  EXPECT_EQ(c->max_message_bytes, kDefaultMaxMessageBytes) << "the controller's default too";
 }
 
 TEST(AgentConfig, FullSettings) {
@@ -42,7 +43,8 @@ TEST(AgentConfig, FullSettings) {
           R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
-        "enrollTokenFile":"/run/token","metricsListen":null,"maxManifestFutureSkew":30)"),
+        "enrollTokenFile":"/run/token","metricsListen":null,"maxManifestFutureSkew":30,
+        "maxMessageBytes":2097152)"),
       "agent.json");
   ASSERT_TRUE(c.ok()) << c.message();
   EXPECT_EQ(c->state_dir, "/s");
@@ -56,6 +58,7 @@ TEST(AgentConfig, FullSettings) {
   auto zero = ParseAgentConfig(Minimal(R"(,"maxManifestFutureSkew":0)"), "agent.json");
   ASSERT_TRUE(zero.ok()) << zero.message();
   EXPECT_EQ(zero->max_manifest_future_skew, std::chrono::seconds(0));
+  EXPECT_EQ(c->max_message_bytes, 2097152u);
 }
 
 struct BadCase {
@@ -83,6 +86,9 @@ TEST(AgentConfig, ErrorsNameTheField) {
       {Minimal(R"(,"maxManifestFutureSkew":1.5)"), "whole number of seconds"},
       {Minimal(R"(,"maxManifestFutureSkew":"300")"), "whole number of seconds"},
       {Minimal(R"(,"maxManifestFutureSkew":1e300)"), "whole number of seconds"},
+      {Minimal(R"(,"maxMessageBytes":100)"),
+       "setting 'maxMessageBytes': must be a number of bytes from 4096"},
+      {Minimal(R"(,"maxMessageBytes":"1M")"), "at least the controller's --max-message-bytes"},
       {R"({"controllers":["wss://x"],"controllerPin":")" + std::string(kPin) +
            R"(","trustedOperatorKeys":["x"]})",
        "ed25519"},

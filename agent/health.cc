@@ -6,6 +6,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "common/process.h"
+
 namespace muster {
 
 namespace asio = boost::asio;
@@ -53,6 +55,7 @@ Result<int> HttpGetStatus(const std::string& url, std::chrono::milliseconds time
             done = true;
             return;
           }
+          SetCloseOnExec(stream.socket().native_handle());
           http::async_write(stream, req, [&](beast::error_code ec3, std::size_t) {
             if (ec3) {
               result = ec3;

@@ -45,6 +45,7 @@ void Link::Connect() {
   o.ping_interval = config_.ping_interval;
   o.idle_timeout = config_.idle_timeout;
   o.user_agent = std::string("muster-agent/") + MUSTER_VERSION;
+  o.max_message_bytes = config_.max_message_bytes;
   std::uint64_t epoch = ++epoch_;
   WsClient::Handlers h;
   h.on_open = [this, epoch] {
@@ -55,6 +56,17 @@ void Link::Connect() {
   h.on_message = [this, epoch](std::string text) {
     if (epoch != epoch_) return;
     if (cb_.on_message) cb_.on_message(std::move(text));
+  };
+  h.on_oversize = [this, epoch](std::size_t limit) {
+    if (epoch != epoch_) return;
+    spdlog::error(
+        "the controller sent a message larger than maxMessageBytes ({} bytes), probably a deploy "
+        "with large vars; it was refused and would be sent again on every reconnect. Set "
+        "maxMessageBytes here to at least the controller's --max-message-bytes (an up-to-date "
+        "controller refuses such a publish), or publish smaller vars",
+        limit);
+    // The same message would follow the next welcome: wait as long as the cap.
+    attempt_ = 64;
   };
   h.on_close = [this, epoch](std::string reason) {
     if (epoch != epoch_) return;

@@ -77,7 +77,7 @@ std::string EncodeAgentState(const AgentState& s) {
             {"lastRefusedReason", s.last_refused_reason}};
   if (s.current) j["current"] = RecordToJson(*s.current);
   if (s.pending) j["pending"] = RecordToJson(*s.pending);
-  return j.dump(2) + "\n";
+  return DumpJson(j, 2) + "\n";  // never throws, whatever a detail holds
 }
 
 Result<AgentState> DecodeAgentState(std::string_view text) {

@@ -79,6 +79,19 @@ TEST(AgentState, StateWithoutLastCreatedAtStillLoads) {
   EXPECT_EQ(s->last_created_at, 0);
 }
 
+TEST(AgentState, DetailsCutInsideACharacterStillSave) {
+  // A detail or refusal reason holding a cut character must not make saving
+  // throw (the agent aborted, and resumed into the same abort).
+  AgentState s;
+  s.last_refused = 3;
+  s.last_refused_reason = "public key 'ed25519:\xE2\x82";
+  std::string text;
+  ASSERT_NO_THROW(text = EncodeAgentState(s));
+  auto back = DecodeAgentState(text);
+  ASSERT_TRUE(back.ok()) << back.message();
+  EXPECT_EQ(back->last_refused_reason, "public key 'ed25519:\xEF\xBF\xBD");
+}
+
 TEST(AgentState, CorruptStateIsAnErrorNotAReset) {
   for (const char* text : {"", "{", R"({"format":2,"lastApplied":1})", R"({"format":1})",
                            R"({"format":1,"lastApplied":1,"current":{"manifest":"{}"}})"}) {

@@ -14,6 +14,7 @@
 
 #include "common/fsutil.h"
 #include "common/json_limits.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -254,7 +255,7 @@ class NixSystem final : public SystemOps {
     auto j = ParseJsonBounded(*text);
     if (!j || !j->is_object()) return ActivationEvidence::kUnknown;
     int code = j->value("exit", -1);
-    if (detail) *detail = j->value("detail", std::string());
+    if (detail) *detail = SanitizeUtf8(j->value("detail", std::string()));
     return code == 0 ? ActivationEvidence::kSucceeded : ActivationEvidence::kFailed;
   }
 
@@ -307,7 +308,7 @@ int RunActivationWrapper(const std::string& lock_path, const std::string& result
   int code = r.exited ? r.exit_code : 128 + r.signal;
   if (!r.start_error.empty()) code = 127;
   json j = {{"exit", code}, {"signal", r.signal}, {"detail", r.ok() ? "" : r.Describe()}};
-  (void)WriteFileAtomic(result_path, j.dump() + "\n", 0600);
+  (void)WriteFileAtomic(result_path, DumpJson(j) + "\n", 0600);
   ::close(fd);
   return code;
 }

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "common/fsutil.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -72,13 +73,11 @@ Result<PublicKey> ParsePublicKey(std::string_view text) {
     text.remove_suffix(1);
   }
   if (text.substr(0, kKeyPrefix.size()) != kKeyPrefix) {
-    return Err("public key must look like 'ed25519:<base64>', got '" +
-               std::string(text.substr(0, 40)) + "'");
+    return Err("public key must look like 'ed25519:<base64>', got '" + CutUtf8(text, 40) + "'");
   }
   auto raw = Base64Decode(text.substr(kKeyPrefix.size()));
   if (!raw || raw->size() != 32) {
-    return Err("public key '" + std::string(text.substr(0, 60)) +
-               "' does not hold 32 base64-encoded bytes");
+    return Err("public key '" + CutUtf8(text, 60) + "' does not hold 32 base64-encoded bytes");
   }
   PublicKey pk;
   std::copy(raw->begin(), raw->end(), pk.bytes.begin());

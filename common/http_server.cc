@@ -4,6 +4,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "common/process.h"
+
 namespace muster {
 
 namespace asio = boost::asio;
@@ -66,6 +68,7 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
     acceptor.async_accept(
         asio::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket s) {
           if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
+          if (!ec) SetCloseOnExec(s.native_handle());
           if (!ec) std::make_shared<HttpSession>(std::move(s), self->handler, self->name)->Run();
           self->Accept();
         });
@@ -90,6 +93,7 @@ Result<tcp::endpoint> HttpServer::Start(const HostPort& where) {
   if (!ec) impl_->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
   if (!ec) impl_->acceptor.bind(ep, ec);
   if (!ec) impl_->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (!ec) SetCloseOnExec(impl_->acceptor.native_handle());
   if (ec) {
     return Err("cannot listen on " + where.host + ":" + std::to_string(where.port) + ": " +
                ec.message());

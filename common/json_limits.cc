@@ -52,4 +52,8 @@ Result<nlohmann::json> ParseJsonBounded(std::string_view text, std::size_t max_b
   return j;
 }
 
+std::string DumpJson(const nlohmann::json& j, int indent) {
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 }  // namespace muster

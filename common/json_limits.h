@@ -1,7 +1,9 @@
-// Cheap structural checks on untrusted JSON text before a DOM is built.
+// JSON at the edges: cheap structural checks on untrusted text before a DOM is
+// built, and an encoder that cannot throw.
 #pragma once
 
 #include <cstddef>
+#include <string>
 #include <string_view>
 
 #include <nlohmann/json.hpp>
@@ -24,5 +26,10 @@ Status CheckJsonLimits(std::string_view text, std::size_t max_bytes = kDefaultMa
 Result<nlohmann::json> ParseJsonBounded(std::string_view text,
                                         std::size_t max_bytes = kDefaultMaxMessageBytes,
                                         int max_depth = kDefaultMaxJsonDepth);
+
+// j.dump(indent) that never throws: an ill-formed UTF-8 string anywhere in j
+// (one that missed SanitizeUtf8) is written with U+FFFD in place of the bad
+// bytes. Use it for every dump of data that may hold strings from outside.
+std::string DumpJson(const nlohmann::json& j, int indent = -1);
 
 }  // namespace muster

@@ -16,4 +16,20 @@ bool SetupLogging(const std::string& name, const std::string& level) {
   return ok;
 }
 
+std::uint64_t RunIoContextGuarded(boost::asio::io_context& ioc, const char* where) {
+  std::uint64_t caught = 0;
+  for (;;) {
+    try {
+      ioc.run();
+      return caught;
+    } catch (const std::exception& e) {
+      ++caught;
+      spdlog::error("{}: a handler failed: {}; continuing", where, e.what());
+    } catch (...) {
+      ++caught;
+      spdlog::error("{}: a handler failed with an unknown exception; continuing", where);
+    }
+  }
+}
+
 }  // namespace muster

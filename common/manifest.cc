@@ -104,7 +104,7 @@ std::string ManifestToJson(const Manifest& m) {
       {"force", m.force},
       {"rollout", m.rollout},
   };
-  return j.dump();
+  return DumpJson(j);
 }
 
 Result<Manifest> ParseManifest(std::string_view text) {

@@ -4,12 +4,22 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <sstream>
+
+#include "common/utf8.h"
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 extern char** environ;
 
@@ -43,16 +53,69 @@ ssize_t WriteNoSigpipe(int fd, const char* data, std::size_t n) {
 
 void SplitLines(std::string& pending, const char* data, std::size_t n, bool is_stderr,
                 const RunOptions& o) {
+  constexpr std::size_t kMaxLine = 64 * 1024;
   pending.append(data, n);
   std::size_t pos;
   while ((pos = pending.find('\n')) != std::string::npos) {
     if (o.on_line) o.on_line(is_stderr, pending.substr(0, pos));
     pending.erase(0, pos + 1);
   }
-  if (pending.size() > 64 * 1024) {  // an endless line: flush it in pieces
-    if (o.on_line) o.on_line(is_stderr, pending);
-    pending.clear();
+  while (pending.size() > kMaxLine) {  // an endless line: flush it in pieces
+    std::size_t cut = Utf8SplitPoint(pending, kMaxLine);
+    if (o.on_line) o.on_line(is_stderr, pending.substr(0, cut));
+    pending.erase(0, cut);
   }
+}
+
+// In the child between fork and exec (async-signal-safe calls only): makes
+// sure that no descriptor from 3 up survives exec. `keep` (the exec-error
+// pipe, itself close-on-exec) must stay usable until then. max_fd bounds the
+// last-resort loop when neither close_range nor /proc is available.
+void CloseInheritedDescriptors(int keep, int max_fd) {
+#ifdef SYS_close_range
+  // Linux >= 5.11: everything from 3 becomes close-on-exec.
+  if (::syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) == 0) return;
+  // Linux 5.9, 5.10: close all but keep now.
+  auto k = static_cast<unsigned>(keep);
+  if ((k <= 3 || ::syscall(SYS_close_range, 3U, k - 1, 0U) == 0) &&
+      ::syscall(SYS_close_range, std::max(3U, k + 1), ~0U, 0U) == 0) {
+    return;
+  }
+#endif
+#ifdef SYS_getdents64
+  int dir = ::open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    alignas(8) char buf[4096];
+    for (;;) {
+      long n = ::syscall(SYS_getdents64, dir, buf, sizeof buf);
+      if (n <= 0) break;
+      for (long off = 0; off < n;) {
+        struct Entry {  // struct linux_dirent64
+          std::uint64_t ino;
+          std::int64_t off;
+          unsigned short reclen;
+          unsigned char type;
+          char name[1];
+        };
+        const auto* e = reinterpret_cast<const Entry*>(buf + off);
+        int fd = 0;
+        bool number = e->name[0] != '\0';
+        for (const char* c = e->name; *c != '\0'; ++c) {
+          if (*c < '0' || *c > '9') {
+            number = false;
+            break;
+          }
+          fd = fd * 10 + (*c - '0');
+        }
+        if (number && fd > 2 && fd != dir) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+        off += e->reclen;
+      }
+    }
+    ::close(dir);
+    return;
+  }
+#endif
+  for (int fd = 3; fd < max_fd; ++fd) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 }  // namespace
 
@@ -68,11 +131,13 @@ std::string RunResult::Describe() const {
   }
   std::string tail = err_tail;
   while (!tail.empty() && (tail.back() == '\n' || tail.back() == ' ')) tail.pop_back();
-  if (!tail.empty()) {
-    auto cut = tail.size() > 1500 ? tail.substr(tail.size() - 1500) : tail;
-    s += ": " + cut;
-  }
+  if (!tail.empty()) s += ": " + TailUtf8(tail, 1500);
   return s;
+}
+
+bool SetCloseOnExec(int fd) {
+  int flags = ::fcntl(fd, F_GETFD);
+  return flags >= 0 && ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == 0;
 }
 
 std::string FindProgram(const std::string& name, const std::string& dir) {
@@ -144,6 +209,10 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
   std::vector<char*> envp;
   for (auto& e : env_store) envp.push_back(e.data());
   envp.push_back(nullptr);
+  int max_fd = 65536;
+  if (rlimit rl{}; ::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    max_fd = static_cast<int>(std::min<rlim_t>(rl.rlim_cur, 1 << 20));
+  }
 
   pid_t pid = ::fork();
   if (pid < 0) {
@@ -159,6 +228,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
     ::dup2(in_pipe[0], 0);
     ::dup2(out_pipe[1], 1);
     ::dup2(err_pipe[1], 2);
+    CloseInheritedDescriptors(exec_pipe[1], max_fd);
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -195,6 +265,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
   }
   auto deadline = std::chrono::steady_clock::now() + o.timeout;
   std::string out_pending, err_pending;
+  std::string err_raw;  // the end of stderr as bytes; err_tail is made from it
   int fds_open = 2;
   bool out_open = true, err_open = true;
   char buf[16384];
@@ -238,8 +309,8 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       }
       auto len = static_cast<std::size_t>(k);
       if (is_err) {
-        r.err_tail.append(buf, len);
-        if (r.err_tail.size() > kErrTail) r.err_tail.erase(0, r.err_tail.size() - kErrTail);
+        err_raw.append(buf, len);
+        if (err_raw.size() > 2 * kErrTail) err_raw.erase(0, err_raw.size() - 2 * kErrTail);
         SplitLines(err_pending, buf, len, true, o);
       } else {
         if (r.out.size() < o.max_output)
@@ -259,6 +330,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       }
     }
   }
+  r.err_tail = TailUtf8(err_raw, kErrTail);
   if (in_fd >= 0) ::close(in_fd);
   ::close(out_pipe[0]);
   ::close(err_pipe[0]);

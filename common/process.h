@@ -2,9 +2,11 @@
 //
 // One Run(RunOptions) entry point (Nix's runProgram) behind an interface, so
 // tests can substitute a fake runner. The real runner forks, execs the absolute
-// program path in its own process group, streams output lines to a callback,
-// keeps the tail of stderr for error messages, and kills the whole group when the
-// timeout passes. Thread-safe: each call is independent.
+// program path in its own process group with nothing but its three pipes as
+// descriptors 0, 1 and 2 (every other descriptor of the daemon, such as its TLS
+// connection or a listener, is closed in the child), streams output lines to a
+// callback, keeps the tail of stderr for error messages, and kills the whole
+// group when the timeout passes. Thread-safe: each call is independent.
 #pragma once
 
 #include <chrono>
@@ -23,6 +25,8 @@ struct RunOptions {
   std::string input;                 // written to stdin, then closed
   std::size_t max_output = 1 << 20;  // stdout kept in RunResult::out
   // Called for every complete line on stdout (is_stderr=false) or stderr (true).
+  // Lines are the program's bytes, not necessarily UTF-8; a line longer than
+  // 64 KiB arrives in pieces, cut between characters.
   std::function<void(bool is_stderr, const std::string& line)> on_line;
 };
 
@@ -32,7 +36,7 @@ struct RunResult {
   int signal = 0;
   bool timed_out = false;
   std::string out;          // stdout (up to max_output)
-  std::string err_tail;     // last ~4 KiB of stderr
+  std::string err_tail;     // last ~4 KiB of stderr, valid UTF-8 (bad bytes → U+FFFD)
   std::string start_error;  // set when the program could not be started
 
   bool ok() const { return exited && exit_code == 0; }
@@ -51,6 +55,11 @@ class SystemProcessRunner : public ProcessRunner {
  public:
   RunResult Run(const RunOptions& options) override;
 };
+
+// Marks fd close-on-exec so that no program a daemon starts inherits it
+// (Boost.Asio opens and accepts sockets without SOCK_CLOEXEC). Returns false
+// when fcntl fails (fd not open).
+bool SetCloseOnExec(int fd);
 
 // Finds an executable by name in dir (if set), then PATH, then the usual Nix,
 // NixOS and nix-darwin locations. Returns its absolute path or "".

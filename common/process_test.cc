@@ -1,17 +1,23 @@
 #include "common/process.h"
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/testutil.h"
+#include "common/utf8.h"
 
 namespace muster {
 namespace {
@@ -253,6 +259,105 @@ TEST(SystemProcessRunner, ProgramThatClosesStdinDoesNotKillTheCaller) {
   sigemptyset(&pending);
   ASSERT_EQ(::sigpending(&pending), 0);
   EXPECT_FALSE(sigismember(&pending, SIGPIPE)) << "no SIGPIPE left pending";
+}
+
+// fd → link target, from `ls -l /proc/self/fd/` run as the child itself, minus
+// the descriptor ls opened to read that directory.
+std::map<int, std::string> ChildDescriptors(const RunResult& r) {
+  std::map<int, std::string> fds;
+  std::istringstream in(r.out);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto arrow = line.find(" -> ");
+    if (arrow == std::string::npos) continue;
+    auto space = line.rfind(' ', arrow - 1);
+    int fd = std::stoi(line.substr(space + 1, arrow - space - 1));
+    std::string target = line.substr(arrow + 4);
+    if (target.rfind("/proc/", 0) == 0 && target.size() > 3 &&
+        target.compare(target.size() - 3, 3, "/fd") == 0) {
+      continue;  // ls's own directory descriptor
+    }
+    fds[fd] = target;
+  }
+  return fds;
+}
+
+TEST(SystemProcessRunner, ChildInheritsNothingButItsThreePipes) {
+  // What a daemon holds while it runs activation: a listening socket and an
+  // open file, deliberately without close-on-exec (as Boost.Asio opens them).
+  int sock = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(sock, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(sock, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(sock, 1), 0);
+  testing::TempDir dir;
+  std::ofstream(dir / "held").put('x');
+  int file = ::open((dir / "held").c_str(), O_RDONLY);
+  ASSERT_GE(file, 0);
+  ASSERT_EQ(::fcntl(sock, F_GETFD) & FD_CLOEXEC, 0);
+  ASSERT_EQ(::fcntl(file, F_GETFD) & FD_CLOEXEC, 0);
+
+  std::string ls = FindProgram("ls");
+  ASSERT_FALSE(ls.empty());
+  RunOptions o;
+  o.argv = {ls, "-l", "/proc/self/fd/"};
+  o.input = "x";  // stdin is a pipe too
+  RunResult r = SystemProcessRunner().Run(o);
+  ::close(sock);
+  ::close(file);
+  ASSERT_TRUE(r.ok()) << r.Describe();
+  auto fds = ChildDescriptors(r);
+  std::vector<int> numbers;
+  for (const auto& [fd, target] : fds) numbers.push_back(fd);
+  EXPECT_THAT(numbers, ElementsAre(0, 1, 2)) << r.out;
+  for (const auto& [fd, target] : fds) EXPECT_THAT(target, StartsWith("pipe:")) << fd;
+}
+
+TEST(SetCloseOnExec, MarksTheDescriptor) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  EXPECT_EQ(::fcntl(fds[0], F_GETFD) & FD_CLOEXEC, 0);
+  EXPECT_TRUE(SetCloseOnExec(fds[0]));
+  EXPECT_NE(::fcntl(fds[0], F_GETFD) & FD_CLOEXEC, 0);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  EXPECT_FALSE(SetCloseOnExec(fds[0])) << "a closed descriptor";
+}
+
+TEST(SystemProcessRunner, StderrTailIsValidUtf8WhateverTheProgramWrote) {
+  // 2000 euro signs (3 bytes each) then an invalid byte: the 4 KiB tail starts
+  // inside a character and the 1500-byte quote in Describe too.
+  RunResult r =
+      Sh("i=0; while [ $i -lt 2000 ]; do printf '\\342\\202\\254' >&2; i=$((i+1)); done; "
+         "printf ' bad \\377 end' >&2; exit 1");
+  EXPECT_FALSE(r.ok());
+  EXPECT_TRUE(IsValidUtf8(r.err_tail));
+  EXPECT_LE(r.err_tail.size(), 4096u);
+  EXPECT_GE(r.err_tail.size(), 4096u - 3);
+  EXPECT_THAT(r.err_tail, StartsWith("\xE2\x82\xAC"));
+  EXPECT_THAT(r.err_tail, ::testing::EndsWith(" bad \xEF\xBF\xBD end"));
+  std::string d = r.Describe();
+  EXPECT_TRUE(IsValidUtf8(d));
+  EXPECT_THAT(d, StartsWith("exited with status 1: \xE2\x82\xAC"));
+}
+
+TEST(SystemProcessRunner, EndlessLineArrivesInPiecesCutBetweenCharacters) {
+  std::vector<std::string> pieces;
+  RunOptions o;
+  o.on_line = [&](bool, const std::string& line) { pieces.push_back(line); };
+  // 25000 euro signs, no newline: 75000 bytes, more than one 64 KiB piece.
+  RunResult r = Sh("i=0; while [ $i -lt 25000 ]; do printf '\\342\\202\\254'; i=$((i+1)); done", o);
+  ASSERT_TRUE(r.ok()) << r.Describe();
+  ASSERT_GE(pieces.size(), 2u);
+  std::string joined;
+  for (const auto& p : pieces) {
+    EXPECT_LE(p.size(), 64u * 1024);
+    EXPECT_TRUE(IsValidUtf8(p)) << "piece of " << p.size() << " bytes";
+    joined += p;
+  }
+  EXPECT_EQ(joined.size(), 75000u);
 }
 
 }  // namespace

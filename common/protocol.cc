@@ -1,5 +1,7 @@
 #include "common/protocol.h"
 
+#include "common/utf8.h"
+
 namespace muster::proto {
 
 using nlohmann::json;
@@ -177,7 +179,7 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
   }
   if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "proof")}};
   if (type == "enrolled") return Message{Enrolled{Str(b, "machine")}};
-  return Err("unknown message type '" + std::string(type.substr(0, 40)) + "'");
+  return Err("unknown message type '" + CutUtf8(type, 40) + "'");
 }
 
 }  // namespace
@@ -224,7 +226,7 @@ std::string_view TypeName(const Message& m) {
 
 std::string Encode(const Message& m) {
   json body = std::visit([](const auto& x) { return Body(x); }, m);
-  return json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}}.dump();
+  return DumpJson(json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}});
 }
 
 Result<Message> Decode(std::string_view text, const DecodeLimits& limits) {

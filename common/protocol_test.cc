@@ -304,6 +304,21 @@ TEST(Protocol, DecodeHonoursLimits) {
   EXPECT_THAT(shallow.message(), HasSubstr("nesting deeper than 1"));
 }
 
+TEST(Protocol, EncodeNeverThrowsOnIllFormedUtf8) {
+  // A string that missed SanitizeUtf8 is encoded with U+FFFD, not thrown on.
+  StatusReport r;
+  r.phase = "failed";
+  r.detail = "stderr: \xE2\x82";
+  std::string text;
+  ASSERT_NO_THROW(text = Encode(r));
+  auto back = Decode(text);
+  ASSERT_TRUE(back.ok()) << back.message();
+  EXPECT_EQ(std::get<StatusReport>(*back).detail, "stderr: \xEF\xBF\xBD");
+  LogLines l{1, "activate", {"ok", "\xC0\xAF", std::string("\xF0\x9F\x98")}};
+  ASSERT_NO_THROW(text = Encode(l));
+  ASSERT_TRUE(Decode(text).ok());
+}
+
 TEST(Protocol, DecodeNeverThrowsOnMutations) {
   // Every prefix and a byte flip at every position of every sample: Decode may
   // fail but must return.

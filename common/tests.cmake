@@ -4,11 +4,13 @@ muster_unit_test(common_test
     crypto_test.cc
     fsutil_test.cc
     json_limits_test.cc
+    log_test.cc
     manifest_test.cc
     phase_test.cc
     process_test.cc
     protocol_test.cc
     roster_test.cc
     url_test.cc
+    utf8_test.cc
     vars_bundle_test.cc
   LIBS muster_common)

@@ -10,6 +10,7 @@
 #include "common/crypto.h"
 #include "common/fsutil.h"
 #include "common/json_limits.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -59,7 +60,7 @@ std::string EncodeVarsBundle(const VarsBundle& b) {
                      {"group", f.group},
                      {"content", Base64Encode(f.content)}});
   }
-  return json{{"format", 1}, {"files", files}}.dump();
+  return DumpJson(json{{"format", 1}, {"files", files}});
 }
 
 Result<VarsBundle> DecodeVarsBundle(std::string_view text, const VarsLimits& limits) {
@@ -135,6 +136,10 @@ Result<VarsBundle> ReadVarsDirectory(const fs::path& dir, const VarsLimits& limi
     if (::lstat(it->path().c_str(), &st) != 0) return Err("cannot stat " + it->path().string());
     if (S_ISDIR(st.st_mode)) continue;
     std::string rel = it->path().lexically_relative(dir).generic_string();
+    if (!IsValidUtf8(rel)) {
+      return Err("vars entry '" + SanitizeUtf8(rel) +
+                 "' has a name that is not valid UTF-8; rename it (bundle paths are JSON text)");
+    }
     if (S_ISLNK(st.st_mode)) return Err("vars entry " + rel + " is a symlink; links are refused");
     if (!S_ISREG(st.st_mode)) return Err("vars entry " + rel + " is not a regular file");
     auto content = ReadFile(it->path(), limits.max_file_bytes);

@@ -10,7 +10,9 @@
 #include <deque>
 #include <variant>
 
+#include "common/process.h"
 #include "common/tls.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -30,7 +32,8 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
         handlers_(std::move(h)),
         resolver_(strand_),
         ws_(strand_, *opts_.tls),
-        timer_(strand_) {}
+        timer_(strand_),
+        buffer_(opts_.max_message_bytes) {}
 
   void Connect() override {
     asio::dispatch(strand_, [self = shared_from_this()] { self->Resolve(); });
@@ -93,6 +96,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
                                 ec.message());
           beast::error_code ig;
           beast::get_lowest_layer(self->ws_).socket().set_option(tcp::no_delay(true), ig);
+          SetCloseOnExec(beast::get_lowest_layer(self->ws_).socket().native_handle());
           self->DoTls();
         });
   }
@@ -124,7 +128,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     t.idle_timeout = websocket::stream_base::none();
     t.keep_alive_pings = false;
     ws_.set_option(t);
-    ws_.read_message_max(opts_.max_message_bytes);
+    // The limit is the read buffer's (buffer_overflow names the cause). With
+    // read_message_max Beast would refuse at the frame header and then report
+    // the TLS teardown's error instead ("application data after close notify").
+    ws_.read_message_max(0);
     ws_.set_option(
         websocket::stream_base::decorator([ua = opts_.user_agent](websocket::request_type& req) {
           req.set(beast::http::field::user_agent, ua);
@@ -191,7 +198,12 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) {
         std::string why = ec.message();
-        if (ec == websocket::error::closed) {
+        if (ec == websocket::error::buffer_overflow || ec == websocket::error::message_too_big) {
+          why = "the controller sent a message larger than this side's limit of " +
+                std::to_string(self->opts_.max_message_bytes) + " bytes; it was refused";
+          if (self->handlers_.on_oversize)
+            self->handlers_.on_oversize(self->opts_.max_message_bytes);
+        } else if (ec == websocket::error::closed) {
           auto r = self->ws_.reason();
           why = "closed by the controller" +
                 (r.reason.empty() ? std::string() : ": " + std::string(r.reason.c_str()));
@@ -219,7 +231,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
       ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
       websocket::close_reason cr(websocket::close_code::normal,
-                                 std::get<CloseFrame>(front).reason.substr(0, 120));
+                                 CutUtf8(std::get<CloseFrame>(front).reason, 120));
       ws_.async_close(cr, [self](beast::error_code) { self->HardClose(self->close_reason_); });
     }
   }

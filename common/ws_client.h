@@ -11,6 +11,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <chrono>
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <string>
@@ -37,6 +38,9 @@ class WsClient {
     // Called exactly once when a connection attempt or connection ends. reason
     // is suitable for a log line (includes TLS pin mismatches and close reasons).
     std::function<void(std::string reason)> on_close;
+    // Called (before on_close) when the peer sent a message larger than
+    // max_message_bytes; the connection is then closed with code 1009.
+    std::function<void(std::size_t limit)> on_oversize;
   };
 
   static std::shared_ptr<WsClient> Create(boost::asio::any_io_executor ex, ClientOptions options,

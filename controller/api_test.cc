@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "common/utf8.h"
 #include "controller/test_fakes.h"
 
 namespace muster {
@@ -30,7 +31,9 @@ class ApiTest : public testing::FleetTest {
     proto::Response r = api_->Handle(who_, req);
     EXPECT_EQ(r.id, req.id) << "the response answers the request";
     // Every response survives the wire.
-    auto back = proto::Decode(proto::Encode(r));
+    std::string text = proto::Encode(r);
+    EXPECT_TRUE(IsValidUtf8(text));
+    auto back = proto::Decode(text);
     EXPECT_TRUE(back.ok()) << back.message();
     return r;
   }
@@ -373,6 +376,27 @@ TEST_F(ApiTest, LogsFollowLatestGenerationAndPage) {
   auto ghost = Call("logs", {{"machine", "ghost"}});
   ASSERT_FALSE(ghost.ok);
   EXPECT_THAT(ghost.error, HasSubstr("no machine named 'ghost'"));
+}
+
+TEST_F(ApiTest, IllFormedStringsAlreadyInTheStoreAreAnsweredNotThrown) {
+  // What an older controller could have stored: details and lines cut inside
+  // a character. Answering must not throw (that ended the controller, again
+  // after every restart); the bad bytes come out as U+FFFD.
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
+  EventRecord ev{0, "web1", 1, "failed", "nix said: \xE2\x82", kNow};
+  ASSERT_TRUE(store_->RecordStatus("web1", ev, kToplevel, false, {{"hostname", "h\xFF"}}).ok());
+  ASSERT_TRUE(store_->AppendLogs({{0, "web1", 1, "realise", "copying \xF0\x9F\x98", kNow}}).ok());
+
+  auto status = MustCall("status");
+  EXPECT_EQ(status.result["machines"][0]["detail"], "nix said: \xE2\x82");
+  auto decoded = proto::Decode(proto::Encode(status));
+  ASSERT_TRUE(decoded.ok()) << decoded.message();
+  const auto& wire = std::get<proto::Response>(*decoded).result["machines"][0];
+  EXPECT_EQ(wire["detail"], "nix said: \xEF\xBF\xBD");
+  auto history = MustCall("history", {{"machine", "web1"}});
+  EXPECT_EQ(history.result["generations"][0]["events"].size(), 1u);
+  auto logs = MustCall("logs", {{"machine", "web1"}});
+  EXPECT_EQ(logs.result["lines"].size(), 1u);
 }
 
 }  // namespace

@@ -3,10 +3,24 @@
 #include <spdlog/spdlog.h>
 
 #include "common/phase.h"
+#include "common/utf8.h"
 
 namespace muster {
 
 using nlohmann::json;
+
+namespace {
+// An agent's host facts made fit to store: well-formed UTF-8, each bounded.
+json CleanFacts(const proto::HostFacts& f) {
+  proto::HostFacts c;
+  c.system = CutUtf8(f.system, Fleet::kMaxFactBytes);
+  c.os = CutUtf8(f.os, Fleet::kMaxFactBytes);
+  c.os_version = CutUtf8(f.os_version, Fleet::kMaxFactBytes);
+  c.hostname = CutUtf8(f.hostname, Fleet::kMaxFactBytes);
+  c.kernel = CutUtf8(f.kernel, Fleet::kMaxFactBytes);
+  return proto::ToJson(c);
+}
+}  // namespace
 
 Fleet::Fleet(Store& store, Clock clock) : store_(store), clock_(std::move(clock)) {}
 
@@ -167,7 +181,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
   for (std::size_t k = 0; k < hellos.size(); ++k) {
     const auto& [machine, hello, channel] = hellos[k];
     if (hello.machine != machine) {
-      refused[k] = Err("hello names machine '" + hello.machine +
+      refused[k] = Err("hello names machine '" + CutUtf8(hello.machine, 253) +
                        "' but this key is registered as '" + machine + "'");
       continue;
     }
@@ -188,7 +202,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
       refused[k] = Err("machine '" + machine + "' is revoked");
       continue;
     }
-    writes.push_back({machine, clock_(), proto::ToJson(hello.facts), hello.last_applied});
+    writes.push_back({machine, clock_(), CleanFacts(hello.facts), hello.last_applied});
   }
   std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordHellos(writes);
   std::vector<Result<std::vector<std::string>>> out;
@@ -240,11 +254,11 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     w.ev.machine = machine;
     w.ev.generation = r.generation;
     w.ev.phase = r.phase;
-    w.ev.detail = r.detail.substr(0, 4096);
+    w.ev.detail = CutUtf8(r.detail, kMaxDetailBytes);
     w.ev.at = clock_();
-    w.toplevel = r.toplevel;
+    w.toplevel = CutUtf8(r.toplevel, kMaxPathBytes);
     w.reboot_required = r.reboot_required;
-    w.facts = r.facts ? proto::ToJson(*r.facts) : json(nullptr);
+    w.facts = r.facts ? CleanFacts(*r.facts) : json(nullptr);
     writes.push_back(std::move(w));
   }
   std::vector<Status> stored =
@@ -255,7 +269,7 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
   for (const auto& [machine, r] : reports) {
     auto ph = ParsePhase(r.phase);
     if (!ph) {
-      out.push_back(Err("status report has unknown phase '" + r.phase + "'"));
+      out.push_back(Err("status report has unknown phase '" + CutUtf8(r.phase, 40) + "'"));
       continue;
     }
     const EventRecord& ev = writes[k].ev;
@@ -291,15 +305,19 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
 
 Status Fleet::AgentLogs(const std::string& machine, const proto::LogLines& logs) {
   std::vector<LogRecord> recs;
+  std::vector<std::string> lines;
+  lines.reserve(logs.lines.size());
   std::int64_t now = clock_();
+  std::string stream = CutUtf8(logs.stream, kMaxStreamBytes);
   for (const auto& l : logs.lines) {
-    recs.push_back({0, machine, logs.generation, logs.stream, l.substr(0, 8192), now});
+    lines.push_back(CutUtf8(l, kMaxLogLineBytes));
+    recs.push_back({0, machine, logs.generation, stream, lines.back(), now});
   }
   auto st = store_.AppendLogs(recs);
   Broadcast("log", {{"machine", machine},
                     {"generation", logs.generation},
-                    {"stream", logs.stream},
-                    {"lines", logs.lines}});
+                    {"stream", stream},
+                    {"lines", lines}});
   return st;
 }
 
@@ -473,6 +491,19 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
   }
   auto m = ParseManifest(d.manifest.manifest);
   if (!m) return Err("publish: " + m.message());
+  // The agent closes a connection on a larger message and would receive the
+  // same one on every reconnect: refuse it here, where an operator sees why.
+  if (std::size_t size = proto::Encode(d).size(); size > max_deploy_bytes_) {
+    std::size_t rest = size - d.vars.size();  // manifest and framing
+    // Sealed vars are base64 of a box holding base64 contents: ~16/9 of the files.
+    std::size_t room = max_deploy_bytes_ > rest ? (max_deploy_bytes_ - rest) * 9 / 16 : 0;
+    return Err("publish: the deploy message for " + m->machine + " generation " +
+               std::to_string(m->generation) + " would be " + std::to_string(size) +
+               " bytes, more than the " + std::to_string(max_deploy_bytes_) +
+               " bytes agents accept (controller --max-message-bytes, agent maxMessageBytes); "
+               "make the vars smaller (about " +
+               std::to_string(room / 1024) + " KiB of files fit) or raise both limits");
+  }
   auto machine = store_.GetMachine(m->machine);
   if (!machine) return Err("publish: no machine named '" + m->machine + "'; add it first");
   if (machine->revoked) return Err("publish: machine '" + m->machine + "' is revoked");

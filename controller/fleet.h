@@ -80,7 +80,21 @@ struct FleetCounters {
 class Fleet {
  public:
   using Clock = std::function<std::int64_t()>;  // unix ms
+
+  // What an agent's strings are cut to (at a character boundary, after
+  // invalid UTF-8 is replaced) before they reach the store or an event.
+  static constexpr std::size_t kMaxDetailBytes = 4096;   // status detail
+  static constexpr std::size_t kMaxLogLineBytes = 8192;  // one log line
+  static constexpr std::size_t kMaxFactBytes = 256;      // each host fact
+  static constexpr std::size_t kMaxPathBytes = 1024;     // reported toplevel
+  static constexpr std::size_t kMaxStreamBytes = 32;     // log stream name
+
   Fleet(Store& store, Clock clock);
+
+  // The largest deploy message agents accept (the controller's
+  // --max-message-bytes, which agents' maxMessageBytes must match): Publish and
+  // ValidateDeploy refuse a generation whose deploy message is larger.
+  void SetMaxDeployBytes(std::size_t n) { max_deploy_bytes_ = n; }
 
   // Loads the key registry from the store. Call once before serving.
   Status Load();
@@ -201,6 +215,7 @@ class Fleet {
   std::int64_t operators_synced_at_ = 0;
   mutable std::int64_t tokens_checked_at_ = 0;
   mutable int live_tokens_ = 0;
+  std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;
 };
 
 }  // namespace muster

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/utf8.h"
 #include "controller/test_fakes.h"
 
 namespace muster {
@@ -379,6 +380,100 @@ TEST_F(FleetTest, SeenUpdatesLastSeen) {
   fleet_->AgentSeen("web1");
   EXPECT_EQ(store_->GetMachine("web1")->last_seen, kNow + 5000);
   EXPECT_EQ(fleet_->Now(), kNow + 5000);
+}
+
+// Strings an agent can send whose cut at the limit falls inside a character:
+// 2-, 3- and 4-byte characters after 0..3 ASCII bytes, sized so that the limit
+// lands on every byte of a character; and ill-formed bytes (which a decoded
+// message cannot hold, but a bug elsewhere might pass on).
+std::vector<std::string> AcrossLimit(std::size_t limit) {
+  std::vector<std::string> out;
+  for (std::string ch : {"\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80"}) {
+    for (std::size_t pad = 0; pad < 4; ++pad) {
+      for (std::size_t over = 0; over < 5; ++over) {
+        std::string s(pad, 'x');
+        while (s.size() < limit + over) s += ch;
+        out.push_back(s);
+      }
+    }
+  }
+  out.push_back("cut \xE2\x82");
+  out.push_back("overlong \xC0\xAF surrogate \xED\xA0\x80 too big \xF4\x90\x80\x80 \xFF");
+  out.push_back(std::string(limit - 1, 'a') + "\xF0\x9F\x98\x80");
+  return out;
+}
+
+TEST_F(FleetTest, AgentStringsAreStoredAndBroadcastAsValidUtf8CutBetweenCharacters) {
+  auto sink = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  auto ch = std::make_shared<FakeChannel>();
+  proto::Hello hello = MakeHello();
+  hello.facts.hostname = "host\xFF" + std::string(300, 'h');
+  hello.facts.os_version = "24.11 \xE2\x82";
+  ASSERT_TRUE(fleet_->AgentHello("web1", hello, ch).ok());
+  auto facts = store_->GetMachine("web1")->facts;
+  EXPECT_TRUE(IsValidUtf8(DumpJson(facts)));
+  EXPECT_LE(facts["hostname"].get<std::string>().size(), Fleet::kMaxFactBytes);
+  EXPECT_EQ(facts["osVersion"], "24.11 \xEF\xBF\xBD");
+
+  std::uint64_t seq = 0;
+  for (const auto& detail : AcrossLimit(Fleet::kMaxDetailBytes)) {
+    SCOPED_TRACE(detail.size());
+    proto::StatusReport r;
+    r.seq = ++seq;
+    r.generation = 1;
+    r.phase = "realising";
+    r.detail = detail;
+    r.toplevel = "/nix/store/x-\xE2\x82";
+    r.facts = hello.facts;
+    auto ack = fleet_->AgentStatus("web1", r);
+    ASSERT_TRUE(ack.ok()) << ack.message();
+    auto m = store_->GetMachine("web1");
+    ASSERT_TRUE(IsValidUtf8(m->detail));
+    EXPECT_LE(m->detail.size(), Fleet::kMaxDetailBytes);
+    EXPECT_EQ(m->detail, CutUtf8(detail, Fleet::kMaxDetailBytes));
+    EXPECT_TRUE(IsValidUtf8(m->toplevel));
+    EXPECT_TRUE(IsValidUtf8(DumpJson(m->facts)));
+    const auto& ev = sink->events.back();
+    EXPECT_EQ(ev.topic, "status");
+    EXPECT_EQ(ev.data["detail"], m->detail);
+  }
+  // An unknown phase is quoted in the refusal, cut.
+  proto::StatusReport odd;
+  odd.phase = std::string(100, 'p') + "\xE2\x82";
+  auto refused = fleet_->AgentStatus("web1", odd);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(IsValidUtf8(refused.message()));
+
+  std::vector<std::string> lines = AcrossLimit(Fleet::kMaxLogLineBytes);
+  ASSERT_TRUE(fleet_->AgentLogs("web1", {1, "realise\xFF", lines}).ok());
+  auto stored = store_->ReadLogs("web1", 1, 0, 1000);
+  ASSERT_EQ(stored.size(), lines.size());
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    EXPECT_EQ(stored[i].line, CutUtf8(lines[i], Fleet::kMaxLogLineBytes)) << i;
+    EXPECT_TRUE(IsValidUtf8(stored[i].stream));
+  }
+  const auto& log_event = sink->events.back();
+  ASSERT_EQ(log_event.topic, "log");
+  EXPECT_EQ(log_event.data["lines"].size(), lines.size());
+  EXPECT_EQ(log_event.data["lines"][0], stored[0].line) << "events carry the stored (cut) lines";
+}
+
+TEST_F(FleetTest, PublishRefusesADeployLargerThanAgentsAccept) {
+  proto::Deploy d = MakeDeploy(1);
+  std::size_t size = proto::Encode(d).size();
+  fleet_->SetMaxDeployBytes(size - 1);
+  for (bool validate_only : {true, false}) {
+    auto g = validate_only ? fleet_->ValidateDeploy("alice", d) : fleet_->Publish("alice", d);
+    ASSERT_FALSE(g.ok());
+    EXPECT_THAT(g.message(), HasSubstr("deploy message for web1 generation 1 would be " +
+                                       std::to_string(size) + " bytes, more than the " +
+                                       std::to_string(size - 1) + " bytes agents accept"));
+    EXPECT_THAT(g.message(), HasSubstr("make the vars smaller"));
+  }
+  EXPECT_FALSE(store_->LatestGeneration("web1").has_value()) << "nothing was stored";
+  fleet_->SetMaxDeployBytes(size);
+  EXPECT_TRUE(fleet_->Publish("alice", d).ok()) << "exactly the limit is accepted";
 }
 
 }  // namespace

@@ -177,6 +177,7 @@ int Run(const Paths& p, const RunConfig& c) {
   if (!store) return Fail(store.message());
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
+  fleet.SetMaxDeployBytes(c.max_message_bytes);
   RolloutManager rollouts(fleet, **store);
   fleet.SetObserver(&rollouts);
   Api api(fleet, &rollouts);
@@ -239,8 +240,8 @@ int Run(const Paths& p, const RunConfig& c) {
   int n = c.threads > 0 ? c.threads
                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
-  for (int i = 1; i < n; ++i) threads.emplace_back([&] { ioc.run(); });
-  ioc.run();
+  for (int i = 1; i < n; ++i) threads.emplace_back([&] { RunIoContextGuarded(ioc, "I/O thread"); });
+  RunIoContextGuarded(ioc, "I/O thread");
   for (auto& t : threads) t.join();
   return 0;
 }
@@ -270,7 +271,10 @@ int main(int argc, char** argv) {
   run->add_option("--handshake-timeout", rc.handshake_timeout, "seconds")->capture_default_str();
   run->add_option("--ping-interval", rc.ping_interval, "seconds")->capture_default_str();
   run->add_option("--idle-timeout", rc.idle_timeout, "seconds")->capture_default_str();
-  run->add_option("--max-message-bytes", rc.max_message_bytes)->capture_default_str();
+  run->add_option("--max-message-bytes", rc.max_message_bytes,
+                  "largest message to or from an agent; publishes whose deploy message is larger "
+                  "are refused (agents' maxMessageBytes must be at least this)")
+      ->capture_default_str();
   run->add_option("--max-handshakes", rc.max_handshakes,
                   "connections allowed in their handshake at once; the oldest is cut beyond")
       ->capture_default_str();

@@ -18,8 +18,10 @@
 #include <boost/beast/websocket/ssl.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/process.h"
 #include "common/protocol.h"
 #include "common/tls.h"
+#include "common/utf8.h"
 
 namespace muster {
 
@@ -103,14 +105,32 @@ class StoreWriter {
           reports.emplace_back(std::move(it.hello.machine), std::move(it.report));
         }
       }
-      auto welcomed = hellos.empty() ? decltype(fleet_.AgentHellos(hellos))() : fleet_.AgentHellos(hellos);
-      auto acked = reports.empty() ? decltype(fleet_.AgentStatuses(reports))() : fleet_.AgentStatuses(reports);
+      decltype(fleet_.AgentHellos(hellos)) welcomed;
+      decltype(fleet_.AgentStatuses(reports)) acked;
+      try {
+        if (!hellos.empty()) welcomed = fleet_.AgentHellos(hellos);
+        if (!reports.empty()) acked = fleet_.AgentStatuses(reports);
+      } catch (const std::exception& e) {
+        // Never end the thread (or the process): answer the whole batch with
+        // the error, so that each session closes and its agent reconnects.
+        spdlog::error("recording {} hello(s) and {} status report(s) failed: {}", hellos.size(),
+                      reports.size(), e.what());
+        std::string why = std::string("controller error while recording: ") + e.what();
+        welcomed.clear();
+        acked.clear();
+        for (std::size_t i = 0; i < hellos.size(); ++i) welcomed.emplace_back(Err(why));
+        for (std::size_t i = 0; i < reports.size(); ++i) acked.emplace_back(Err(why));
+      }
       std::size_t h = 0, r = 0;
       for (auto& it : batch) {
-        if (it.hello_done) {
-          it.hello_done(std::move(welcomed[h++]));
-        } else {
-          it.status_done(std::move(acked[r++]));
+        try {
+          if (it.hello_done) {
+            it.hello_done(std::move(welcomed[h++]));
+          } else {
+            it.status_done(std::move(acked[r++]));
+          }
+        } catch (const std::exception& e) {
+          spdlog::error("answering a hello or status report failed: {}", e.what());
         }
       }
     }
@@ -560,7 +580,7 @@ class Session : public std::enable_shared_from_this<Session>,
   void CloseWith(std::string code, std::string message) {
     if (closed_ || closing_) return;
     Queue(proto::Encode(proto::ErrorMsg{std::move(code), message}));
-    std::string reason = message.substr(0, 120);
+    std::string reason = CutUtf8(message, 120);  // a close reason must be UTF-8, <= 123 bytes
     closing_ = true;
     outbox_.push_back(CloseFrame{websocket::close_reason(websocket::close_code::policy_error, reason)});
     Flush();
@@ -704,6 +724,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
     }
     if (!ec) acceptor_.bind(ep, ec);
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (!ec) SetCloseOnExec(acceptor_.native_handle());
     if (ec) {
       return Err("cannot listen on " + ep.address().to_string() + " port " +
                  std::to_string(hp.port) + ": " + ec.message());
@@ -738,6 +759,7 @@ class Listener : public std::enable_shared_from_this<Listener> {
     }
     beast::error_code ignored;
     s.set_option(tcp::no_delay(true), ignored);
+    SetCloseOnExec(s.native_handle());
     std::make_shared<Session>(std::move(s), shared_)->Run();
     Accept();
   }

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "common/json_limits.h"
 #include "controller/store.h"
 
 namespace muster {
@@ -232,7 +233,7 @@ class SqliteStore final : public Store {
            "?, ?, ?)");
     s.Bind(1, m.name)
         .Bind(2, m.key)
-        .Bind(3, json(m.tags).dump())
+        .Bind(3, DumpJson(json(m.tags)))
         .Bind(4, m.created_at)
         .Bind(5, m.roster)
         .Bind(6, m.binding);
@@ -259,7 +260,7 @@ class SqliteStore final : public Store {
   Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) override {
     std::lock_guard lock(mu_);
     Stmt s(db_, "UPDATE machines SET tags = ? WHERE name = ?");
-    s.Bind(1, json(tags).dump()).Bind(2, name);
+    s.Bind(1, DumpJson(json(tags))).Bind(2, name);
     if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
     if (sqlite3_changes(db_) == 0) return Err("no machine named '" + name + "'");
     return Status::Ok();
@@ -376,7 +377,7 @@ class SqliteStore final : public Store {
     Stmt s(db_,
            "UPDATE machines SET last_seen = ?, facts = ?, last_applied = MAX(last_applied, ?) "
            "WHERE name = ?");
-    s.Bind(1, at).Bind(2, facts.dump()).Bind(3, last_applied).Bind(4, name);
+    s.Bind(1, at).Bind(2, DumpJson(facts)).Bind(3, last_applied).Bind(4, name);
     if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
     return Status::Ok();
   }
@@ -449,7 +450,7 @@ class SqliteStore final : public Store {
     }
     if (facts.is_object()) {
       Stmt f(db_, "UPDATE machines SET facts = ? WHERE name = ?");
-      f.Bind(1, facts.dump()).Bind(2, name);
+      f.Bind(1, DumpJson(facts)).Bind(2, name);
       (void)f.Step();
     }
     return Status::Ok();
@@ -678,7 +679,7 @@ class SqliteStore final : public Store {
            "VALUES (?,?,?,?,?,?)");
     s.Bind(1, t.hash)
         .Bind(2, t.machine)
-        .Bind(3, json(t.tags).dump())
+        .Bind(3, DumpJson(json(t.tags)))
         .Bind(4, t.expires_at)
         .Bind(5, t.created_by)
         .Bind(6, t.grant);

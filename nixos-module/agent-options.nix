@@ -163,6 +163,14 @@ in
             kernel modules differ from the booted ones. A needed reboot is reported either way.
           '';
         };
+        maxMessageBytes = mkOption {
+          type = types.nullOr (types.ints.between 4096 1073741824);
+          default = null;
+          description = ''
+            Largest message accepted from the controller, in bytes; keep it at least the
+            controller's maxMessageBytes. null keeps the built-in default (1048576).
+          '';
+        };
         logLevel = mkOption {
           type = types.enum [ "trace" "debug" "info" "warn" "error" "critical" "off" ];
           default = "info";

@@ -81,7 +81,11 @@ in
           maxMessageBytes = mkOption {
             type = types.nullOr (types.ints.between 4096 2147483647);
             default = null;
-            description = "Largest message accepted, in bytes; null keeps the built-in default.";
+            description = ''
+              Largest message to or from an agent, in bytes; a publish whose deploy message
+              (manifest and sealed vars) is larger is refused. Agents' maxMessageBytes must be
+              at least this. null keeps the built-in default (1048576).
+            '';
           };
         };
       };

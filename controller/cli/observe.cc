@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "common/phase.h"
+#include "common/utf8.h"
 #include "controller/cli/commands.h"
 
 using nlohmann::json;
@@ -25,7 +26,7 @@ int ShowStatus(const Globals& g, const std::string& machine) {
       {"MACHINE", "TAGS", "ONLINE", "LAST SEEN", "GEN", "TARGET", "PHASE", "REBOOT", "DETAIL"}};
   for (const auto& m : (*res)["machines"]) {
     std::string detail = Printable(m.value("detail", ""));
-    if (detail.size() > 80) detail = Printable(detail.substr(0, 77)) + "...";
+    if (detail.size() > 80) detail = CutUtf8(detail, 77) + "...";
     rows.push_back({Printable(m["name"].get<std::string>()), JoinTags(m["tags"]),
                     m["online"].get<bool>() ? "yes" : "no", Ago(m["lastSeen"].get<std::int64_t>()),
                     std::to_string(m["generation"].get<std::int64_t>()),

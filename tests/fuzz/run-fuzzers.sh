@@ -16,7 +16,7 @@ fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build="$root/build/fuzz"
-targets=(fuzz_protocol fuzz_manifest fuzz_vars_bundle)
+targets=(fuzz_protocol fuzz_manifest fuzz_vars_bundle fuzz_utf8)
 jobs=${FUZZ_BUILD_JOBS:-$(nproc)}
 
 cd "$root"

@@ -9,6 +9,9 @@
 #   kind      nixos | darwin | home-manager | profile
 #   behaviour ok | fail (activation exits 1) | cut (creates `cutFile`, which the
 #             test's proxy treats as "network down"; an ok toplevel removes it)
+#             | fds (writes `ls -l /proc/self/fd/` to "<log>.fds": what activation inherits)
+#             | garbage (prints ill-formed UTF-8 and lines of multi-byte characters longer
+#             than the agent's cuts on stdout and stderr, then exits 1)
 #   kernel    a string standing for the kernel build; differing values mean a
 #             reboot is needed
 { name ? "system"
@@ -33,6 +36,15 @@ let
     if [ "${sleep}" != "0" ]; then sleep ${sleep}; fi
     ${if behaviour == "fail" then ''
       echo "error: unit failed to start (fake failure)" >&2
+      exit 1
+    '' else if behaviour == "fds" then ''
+      rm -f "${cutFile}"
+      ls -l /proc/self/fd/ > "${log}.fds"
+    '' else if behaviour == "garbage" then ''
+      i=0; while [ $i -lt 1500 ]; do printf '\342\202\254'; i=$((i+1)); done; echo
+      printf 'bad bytes: \377\376 \300\257 \355\240\200 cut: \342\202\n'
+      i=0; while [ $i -lt 1500 ]; do printf '\360\237\230\200' >&2; i=$((i+1)); done
+      printf ' stderr ends \342\202' >&2
       exit 1
     '' else if behaviour == "cut" then ''
       touch "${cutFile}"
