@@ -19,51 +19,51 @@ void DurationHistogram::Observe(double seconds) {
 }
 
 Status Fleet::Load() {
-  std::lock_guard lock(mu_);
-  keys_.clear();
-  revoked_.clear();
-  for (const auto& m : store_.ListMachines()) {
-    if (m.revoked) {
-      revoked_.insert(m.name);
-    } else {
-      keys_[m.key] = {Role::kMachine, m.name};
+  auto machines = store_.ListMachines();
+  {
+    std::lock_guard lock(mu_);
+    keys_.clear();
+    revoked_.clear();
+    revoked_keys_.clear();
+    for (const auto& m : machines) {
+      if (m.revoked) {
+        revoked_.insert(m.name);
+        revoked_keys_.insert(m.key);
+      } else {
+        keys_[m.key] = {Role::kMachine, m.name};
+      }
     }
   }
-  for (const auto& o : store_.ListOperators()) keys_[o.key] = {Role::kOperator, o.name};
+  Refresh();
   return Status::Ok();
 }
 
-Identity Fleet::Lookup(const PublicKey& key) const {
+void Fleet::Refresh() {
+  std::uint64_t version;
   {
     std::lock_guard lock(mu_);
-    auto it = keys_.find(key.ToText());
-    if (it != keys_.end()) return it->second;
+    version = operators_changed_;
   }
-  // Not cached: an operator added with 'muster-controller operator add' while
-  // this controller runs is in the store only.
-  Identity id;
-  std::string text = key.ToText();
-  for (const auto& o : store_.ListOperators()) {
-    if (o.key == text) id = {Role::kOperator, o.name};
-  }
-  if (id.role != Role::kNone) {
-    std::lock_guard lock(mu_);
-    keys_[text] = id;
-    return id;
-  }
-  // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).
-  std::int64_t now = clock_();
-  {
-    std::lock_guard lock(mu_);
-    if (now - tokens_checked_at_ < 1000) {
-      return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
-    }
-  }
-  int live = store_.LiveEnrollTokens(now);
+  auto operators = store_.ListOperators();
+  int live = store_.LiveEnrollTokens(clock_());
   std::lock_guard lock(mu_);
-  tokens_checked_at_ = now;
   live_tokens_ = live;
-  return live > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
+  // An operator added here meanwhile may be missing from this read: keep the
+  // cache as it is until the next refresh.
+  if (version != operators_changed_) return;
+  std::erase_if(keys_, [](const auto& kv) { return kv.second.role == Role::kOperator; });
+  for (const auto& o : operators) keys_.emplace(o.key, Identity{Role::kOperator, o.name});
+}
+
+Identity Fleet::Lookup(const PublicKey& key) const {
+  std::string text = key.ToText();
+  std::lock_guard lock(mu_);
+  auto it = keys_.find(text);
+  if (it != keys_.end()) return it->second;
+  // A revoked key stays refused while tokens are live: it must not get a
+  // session (nor enrol under another name) again.
+  if (revoked_keys_.count(text)) return {};
+  return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
 }
 
 std::string Fleet::DeployText(const GenerationRecord& g) {
@@ -209,17 +209,40 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
 }
 
 Status Fleet::AgentLogs(const std::string& machine, const proto::LogLines& logs) {
+  auto stored = AgentLogBatch({{machine, logs}});
+  if (!stored) return stored.error();
+  if (!stored->front()) {
+    return Err("log lines for generation " + std::to_string(logs.generation) +
+               ", which does not exist for machine '" + machine + "', were dropped");
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<bool>> Fleet::AgentLogBatch(const std::vector<LogWrite>& writes) {
+  std::vector<bool> known(writes.size(), false);
+  std::map<std::pair<std::string, std::int64_t>, bool> exists;
   std::vector<LogRecord> recs;
   std::int64_t now = clock_();
-  for (const auto& l : logs.lines) {
-    recs.push_back({0, machine, logs.generation, logs.stream, l.substr(0, 8192), now});
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    const auto& [machine, logs] = writes[k];
+    auto [it, fresh] = exists.try_emplace({machine, logs.generation}, false);
+    if (fresh) it->second = store_.HasGeneration(machine, logs.generation);
+    if (!it->second) continue;
+    known[k] = true;
+    for (const auto& l : logs.lines) {
+      recs.push_back({0, machine, logs.generation, logs.stream, l.substr(0, 8192), now});
+    }
   }
-  auto st = store_.AppendLogs(recs);
-  Broadcast("log", {{"machine", machine},
-                    {"generation", logs.generation},
-                    {"stream", logs.stream},
-                    {"lines", logs.lines}});
-  return st;
+  if (auto st = store_.AppendLogs(recs); !st) return st.error();
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    if (!known[k]) continue;
+    const auto& [machine, logs] = writes[k];
+    Broadcast("log", {{"machine", machine},
+                      {"generation", logs.generation},
+                      {"stream", logs.stream},
+                      {"lines", logs.lines}});
+  }
+  return known;
 }
 
 void Fleet::AgentSeen(const std::string& machine) { (void)store_.RecordSeen(machine, clock_()); }
@@ -291,7 +314,8 @@ Status Fleet::RemoveMachine(const std::string& name) {
   {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
-    revoked_.erase(name);  // the name may be registered again
+    revoked_.erase(name);  // the name and the key may be registered again
+    revoked_keys_.erase(m->key);
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
   }
@@ -306,6 +330,7 @@ Status Fleet::AddOperator(const std::string& name, const std::string& key) {
   if (auto st = store_.AddOperator(op); !st) return st;
   std::lock_guard lock(mu_);
   keys_[op.key] = {Role::kOperator, name};
+  ++operators_changed_;
   return Status::Ok();
 }
 
@@ -377,6 +402,7 @@ Status Fleet::RevokeMachine(const std::string& name) {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
     revoked_.insert(name);
+    revoked_keys_.insert(m->key);
     ++counters_.revocations;
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
@@ -410,7 +436,7 @@ Result<std::string> Fleet::CreateEnrollToken(const std::string& machine,
   Store::EnrollToken t{Sha256Hex(token), machine, tags, clock_() + ttl_ms, by};
   if (auto st = store_.AddEnrollToken(t); !st) return st.error();
   std::lock_guard lock(mu_);
-  tokens_checked_at_ = 0;  // re-read the count on the next handshake
+  ++live_tokens_;  // admit enrollees at once, not only after the next Refresh
   return token;
 }
 
@@ -418,9 +444,10 @@ Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std
   if (auto st = store_.SpendEnrollToken(Sha256Hex(token), machine, key.ToText(), clock_()); !st) {
     return st;
   }
+  int live = store_.LiveEnrollTokens(clock_());
   std::lock_guard lock(mu_);
   keys_[key.ToText()] = {Role::kMachine, machine};
-  tokens_checked_at_ = 0;
+  live_tokens_ = live;
   ++counters_.enrolments;
   return Status::Ok();
 }
