@@ -174,6 +174,12 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
     if (req.method == "machine.enroll") {
       std::string name = Need(p, "name");
       std::int64_t ttl = IntParam(p, "ttl", 3600);
+      constexpr std::int64_t kMaxTtl = 30LL * 24 * 3600;  // ttl * 1000 cannot overflow below
+      if (ttl < 1 || ttl > kMaxTtl) {
+        return Fail(req.id, "machine.enroll: a token lifetime of " + std::to_string(ttl) +
+                                " s is out of range; give --ttl between 1 and " +
+                                std::to_string(kMaxTtl) + " seconds (30 days)");
+      }
       auto token = fleet_.CreateEnrollToken(name, Tags(p), ttl * 1000, who.name);
       if (!token) return Fail(req.id, token.message());
       spdlog::info("operator {} created an enrolment token for {} (valid {} s)", who.name, name,

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -217,6 +218,22 @@ TEST_F(ApiTest, HistoryListsGenerationsWithEvents) {
   auto ghost = Call("history", {{"machine", "ghost"}});
   ASSERT_FALSE(ghost.ok);
   EXPECT_THAT(ghost.error, HasSubstr("no machine named 'ghost'"));
+}
+
+TEST_F(ApiTest, EnrolTokenLifetimeIsBounded) {
+  // ttl * 1000 used to overflow for huge values (and then passed the check).
+  for (std::int64_t ttl :
+       {std::int64_t{0}, std::int64_t{-5}, std::int64_t{2592001},
+        std::numeric_limits<std::int64_t>::max() / 500, std::numeric_limits<std::int64_t>::max()}) {
+    auto r = Call("machine.enroll", {{"name", "new1"}, {"ttl", ttl}});
+    ASSERT_FALSE(r.ok) << ttl;
+    EXPECT_THAT(r.error, HasSubstr("token lifetime of " + std::to_string(ttl) +
+                                   " s is out of range; give --ttl between 1 and 2592000"));
+  }
+  auto one = MustCall("machine.enroll", {{"name", "new1"}, {"ttl", 1}});
+  EXPECT_EQ(one.result["expiresAt"], kNow + 1000);
+  auto max = MustCall("machine.enroll", {{"name", "new2"}, {"ttl", 2592000}});
+  EXPECT_EQ(max.result["expiresAt"], kNow + 2592000000LL);
 }
 
 TEST_F(ApiTest, LogsFollowLatestGenerationAndPage) {
