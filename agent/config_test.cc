@@ -40,7 +40,7 @@ TEST(AgentConfig, FullSettings) {
           R"(,"stateDir":"/s","varsDir":"/v","confirmTimeout":3.5,"rebootPolicy":"when-required",
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
-        "enrollTokenFile":"/run/token","metricsListen":null)"),
+        "enrollTokenFile":"/run/token","metricsListen":null,"controllerCaFile":"/etc/muster/ca.pem")"),
       "agent.json");
   ASSERT_TRUE(c.ok()) << c.message();
   EXPECT_EQ(c->state_dir, "/s");
@@ -50,6 +50,9 @@ TEST(AgentConfig, FullSettings) {
   EXPECT_EQ(c->health_checks[0].timeout, std::chrono::seconds(2));
   EXPECT_EQ(c->health_checks[1].name, "http://127.0.0.1:80/");
   EXPECT_EQ(c->KeyPath(), "/s/machine.key");
+  EXPECT_EQ(c->controller_ca_file, "/etc/muster/ca.pem");
+  EXPECT_TRUE(ParseAgentConfig(Minimal(), "agent.json")->controller_ca_file.empty())
+      << "pin only by default";
 }
 
 struct BadCase {
@@ -64,6 +67,7 @@ TEST(AgentConfig, ErrorsNameTheField) {
       {"{", "malformed JSON"},
       {Minimal(R"(,"colour":"red")"), "unknown setting 'colour'"},
       {Minimal(R"(,"stateDir":"relative")"), "'stateDir' must be an absolute path"},
+      {Minimal(R"(,"controllerCaFile":"ca.pem")"), "'controllerCaFile' must be an absolute path"},
       {Minimal(R"(,"confirmTimeout":-1)"), "'confirmTimeout' must be a positive number"},
       {Minimal(R"(,"rebootPolicy":"sometimes")"), "\"never\" or \"when-required\""},
       {Minimal(R"(,"healthChecks":[{"command":["true"]}])"), "must be an absolute path"},

@@ -8,6 +8,7 @@ muster_unit_test(common_test
     phase_test.cc
     process_test.cc
     protocol_test.cc
+    tls_test.cc
     url_test.cc
     vars_bundle_test.cc
   LIBS muster_common)

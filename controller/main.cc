@@ -130,6 +130,20 @@ int Init(const Paths& p) {
   return 0;
 }
 
+// A certificate request for the controller key, for agents that check a CA
+// (controllerCaFile) in addition to the pin.
+int Csr(const Paths& p, const std::string& common_name) {
+  auto key = LoadSecretKey(p.key());
+  if (!key) {
+    return Fail(key.message() + " (run 'muster-controller init --state-dir " + p.dir.string() +
+                "' first)");
+  }
+  auto pem = tls::MakeCertificateRequestPem(*key, common_name);
+  if (!pem) return Fail(pem.message());
+  std::cout << *pem;
+  return 0;
+}
+
 int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_text) {
   auto store = OpenSqliteStore(p.db().string());
   if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
@@ -332,6 +346,12 @@ int main(int argc, char** argv) {
   auto* init = app.add_subcommand("init", "create the controller key, certificate and store");
   init->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
 
+  std::string csr_cn = "muster-controller";
+  auto* csr = app.add_subcommand(
+      "csr", "print a certificate request for the controller key (for agents' controllerCaFile)");
+  csr->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  csr->add_option("--cn", csr_cn, "subject common name")->capture_default_str();
+
   RunConfig rc;
   std::string config_file;
   bool check_config = false;
@@ -387,6 +407,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   if (init->parsed()) return Init({state_dir});
+  if (csr->parsed()) return Csr({state_dir}, csr_cn);
   if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
   if (run->parsed()) {
     RunConfig merged;
