@@ -347,14 +347,14 @@ class Session : public std::enable_shared_from_this<Session>,
     upgrade_ = {};
     buffer_.clear();
     buffer_.shrink_to_fit();
-    // Agents must say hello within the handshake timeout; the TCP deadline
-    // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kMachine) {
       limiter_.emplace(opts().agent_limits, opts().max_message_bytes, Clock::now());
       log_source_ = std::make_shared<LogSource>();
       log_source_->machine = who_.name;
       log_source_->peer = peer_;
     }
+    // Agents must say hello within the handshake timeout; the TCP deadline
+    // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kOperator) {
       authenticated_ = true;
       beast::get_lowest_layer(*ws_).expires_never();

@@ -5,7 +5,8 @@
 // websocket upgrade and, for agents, the hello) must finish within
 // handshake_timeout; after that the server pings a peer that has been quiet for
 // ping_interval and closes one from which nothing was received for idle_timeout. The websocket stream
-// type is instantiated only in server.cc.
+// type is instantiated only in server.cc. An agent session that sends more than its
+// agent_limits is paced (its reads pause); its log lines go to a LogWriter.
 #pragma once
 
 #include <atomic>
