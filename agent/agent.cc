@@ -150,6 +150,9 @@ int Agent::Run() {
   } else if (state_.current) {
     Report(*state_.current);
   }
+  // A deploy that finished before a restart (or just now, while resuming) no
+  // longer needs the previous vars.
+  if (state_.current) DiscardPreviousVarsIfFinal(*state_.current);
 
   if (!cfg_.enroll_token_file.empty()) EnrollIfNeeded();
 
@@ -509,6 +512,21 @@ void Agent::Persist() {
   }
 }
 
+void Agent::DiscardPreviousVarsIfFinal(const DeployRecord& r) {
+  if (!IsTerminal(r.phase)) return;  // a rollback may still restore them
+  if (r.phase == Phase::kFailed && r.vars_changed) {
+    // The rollback failed: the old vars may still be needed to recover by hand.
+    std::error_code ec;
+    if (!std::filesystem::exists(cfg_.vars_dir + ".muster-previous", ec)) return;
+    spdlog::warn(
+        "generation {}: the vars from before it are kept in {}.muster-previous for "
+        "recovery; remove that directory once the machine is repaired",
+        r.generation(), cfg_.vars_dir);
+    return;
+  }
+  if (auto st = DiscardPreviousVars(cfg_.vars_dir); !st) spdlog::error("{}", st.message());
+}
+
 std::string Agent::RenderMetrics() {
   std::lock_guard lock(mu_);
   std::string o;
@@ -624,6 +642,7 @@ bool Agent::WorkOnce() {
   Step step = NextStep(*r);
   if (step == Step::kNone) return true;
   RunStep(*r, step);
+  DiscardPreviousVarsIfFinal(*r);
   if (IsTerminal(r->phase) && r->reboot_required && cfg_.reboot_policy == "when-required" &&
       r->phase == Phase::kSucceeded) {
     Log(r->generation(), "agent", "reboot required and rebootPolicy is when-required: rebooting");
@@ -693,6 +712,11 @@ void Agent::RunStep(DeployRecord& r, Step step) {
   Report(r);
 }
 
+void Agent::SetKind(DeployRecord& r, Kind kind) {
+  std::lock_guard lock(mu_);  // r lives in state_, which the I/O thread saves under mu_
+  r.kind = kind;
+}
+
 StepOutcome Agent::Perform(DeployRecord& r, Step step) {
   const std::int64_t gen = r.generation();
   LineSink sink = [this, gen](const std::string& stream, const std::string& line) {
@@ -726,7 +750,7 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
       }
       o.ok = true;
       o.closure_bytes = *size;
-      if (r.manifest.kind == Kind::kAuto) r.kind = ops_->DetectKind(r.manifest.toplevel);
+      if (r.manifest.kind == Kind::kAuto) SetKind(r, ops_->DetectKind(r.manifest.toplevel));
       o.detail = "realised " + r.manifest.toplevel + " (closure " + HumanBytes(*size) + ", " +
                  std::string(ToString(r.kind)) + ")";
       return o;
@@ -750,7 +774,7 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
       return o;
     }
     case Step::kActivate: {
-      if (r.kind == Kind::kAuto) r.kind = ops_->DetectKind(r.manifest.toplevel);
+      if (r.kind == Kind::kAuto) SetKind(r, ops_->DetectKind(r.manifest.toplevel));
       auto st =
           ops_->Activate(r.kind, r.manifest.toplevel, r.manifest.action, Tag(r, "activate"), sink);
       o.ok = st.ok();

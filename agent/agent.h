@@ -63,12 +63,18 @@ class Agent {
   bool WorkOnce();
   void RunStep(DeployRecord& r, Step step);
   StepOutcome Perform(DeployRecord& r, Step step);
+  // Every change to r (part of state_) is made under mu_: the I/O thread may
+  // be saving state_ at the same moment.
+  void SetKind(DeployRecord& r, Kind kind);
   StepOutcome Confirm(DeployRecord& r);
   StepOutcome Rollback(DeployRecord& r);
   // Saves state_; on failure logs it and remembers the error in persist_error_
   // (cleared by the next successful save) so that no step that changes the
   // system starts from a state that is not on disk.
   void Persist();
+  // Once r is final and its vars need no restoring, deletes the previous vars
+  // kept for a rollback.
+  void DiscardPreviousVarsIfFinal(const DeployRecord& r);
   void Report(const DeployRecord& r);
   void Log(std::int64_t generation, const std::string& stream, const std::string& line);
   std::string Tag(const DeployRecord& r, const char* what) const;

@@ -49,6 +49,8 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         auto pin = ParseFingerprint(v.get<std::string>());
         if (!pin) throw std::invalid_argument(pin.message());
         c.controller_pin = *pin;
+      } else if (k == "controllerCaFile") {
+        c.controller_ca_file = Abs(v, k);
       } else if (k == "trustedOperatorKeys") {
         for (const auto& t : v) {
           auto pk = ParsePublicKey(t.get<std::string>());

@@ -27,6 +27,7 @@ struct AgentConfig {
   std::string machine;
   std::vector<WsUrl> controllers;
   std::string controller_pin;
+  std::string controller_ca_file;  // optional: the controller's certificate must also chain to it
   std::vector<PublicKey> trusted_operator_keys;
   std::string state_dir = "/var/lib/muster-agent";
   std::string vars_dir = "/var/lib/sops-nix";

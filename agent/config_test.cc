@@ -44,7 +44,8 @@ TEST(AgentConfig, FullSettings) {
         "healthChecks":[{"name":"ssh","command":["/bin/true"],"timeout":2},{"http":"http://127.0.0.1:80/"}],
         "metricsListen":"127.0.0.1:9101","systemdRun":"never","pingInterval":1,"idleTimeout":3,
         "enrollTokenFile":"/run/token","metricsListen":null,"maxManifestFutureSkew":30,
-        "maxMessageBytes":2097152)"),
+        "maxMessageBytes":2097152,
+        "controllerCaFile":"/etc/muster/ca.pem")"),
       "agent.json");
   ASSERT_TRUE(c.ok()) << c.message();
   EXPECT_EQ(c->state_dir, "/s");
@@ -59,6 +60,9 @@ TEST(AgentConfig, FullSettings) {
   ASSERT_TRUE(zero.ok()) << zero.message();
   EXPECT_EQ(zero->max_manifest_future_skew, std::chrono::seconds(0));
   EXPECT_EQ(c->max_message_bytes, 2097152u);
+  EXPECT_EQ(c->controller_ca_file, "/etc/muster/ca.pem");
+  EXPECT_TRUE(ParseAgentConfig(Minimal(), "agent.json")->controller_ca_file.empty())
+      << "pin only by default";
 }
 
 struct BadCase {
@@ -73,6 +77,7 @@ TEST(AgentConfig, ErrorsNameTheField) {
       {"{", "malformed JSON"},
       {Minimal(R"(,"colour":"red")"), "unknown setting 'colour'"},
       {Minimal(R"(,"stateDir":"relative")"), "'stateDir' must be an absolute path"},
+      {Minimal(R"(,"controllerCaFile":"ca.pem")"), "'controllerCaFile' must be an absolute path"},
       {Minimal(R"(,"confirmTimeout":-1)"), "'confirmTimeout' must be a positive number"},
       {Minimal(R"(,"rebootPolicy":"sometimes")"), "\"never\" or \"when-required\""},
       {Minimal(R"(,"healthChecks":[{"command":["true"]}])"), "must be an absolute path"},

@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   if (!SetupLogging("muster-agent", cfg->log_level)) {
     spdlog::warn("unknown logLevel '{}'; using info", cfg->log_level);
   }
-  auto tls = tls::MakeClientContext(*key, cfg->controller_pin);
+  auto tls = tls::MakeClientContext(*key, cfg->controller_pin, cfg->controller_ca_file);
   if (!tls) {
     std::cerr << "muster-agent: " << tls.message() << "\n";
     return 2;

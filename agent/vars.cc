@@ -178,4 +178,17 @@ Status RestoreVars(const std::string& target) {
   return ReplaceDirectoryAtomicKeep(previous, t, fs::path());
 }
 
+Status DiscardPreviousVars(const std::string& target) {
+  fs::path t(target);
+  fs::path previous = t.string() + ".muster-previous";
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(previous, ec))) return Status::Ok();
+  fs::remove_all(previous, ec);
+  if (ec) {
+    return Err("cannot remove the previous vars " + previous.string() + ": " + ec.message() +
+               "; remove it by hand");
+  }
+  return FsyncPath(previous.parent_path());
+}
+
 }  // namespace muster

@@ -30,4 +30,8 @@ Result<VarsInstallResult> InstallVars(const SecretKey& key, const std::string& s
 // Swaps the previous content back in. OK (and a no-op) when none was kept.
 Status RestoreVars(const std::string& target);
 
+// Deletes the previous content kept beside target, once no rollback can need
+// it (a rotated secret must not linger). OK (and a no-op) when none was kept.
+Status DiscardPreviousVars(const std::string& target);
+
 }  // namespace muster

@@ -88,6 +88,24 @@ TEST_F(VarsTest, ReplacesWholeDirectoryAndRestoreBringsTheOldBack) {
   EXPECT_TRUE(fs::exists(fs::path(target_) / "only-in-one"));
 }
 
+TEST_F(VarsTest, DiscardingThePreviousVarsLeavesOnlyTheCurrentOnes) {
+  std::string h1, h2;
+  VarsBundle old_key;
+  old_key.files.push_back({"key.txt", 0400, "root", "root", "rotated-out"});
+  VarsBundle new_key;
+  new_key.files.push_back({"key.txt", 0400, "root", "root", "current"});
+  ASSERT_TRUE(InstallVars(key_, Seal(old_key, &h1), h1, target_).ok());
+  ASSERT_TRUE(InstallVars(key_, Seal(new_key, &h2), h2, target_).ok());
+  const fs::path previous = target_ + ".muster-previous";
+  ASSERT_EQ(Slurp(previous / "key.txt"), "rotated-out") << "kept while a rollback may need it";
+  ASSERT_TRUE(DiscardPreviousVars(target_).ok());
+  EXPECT_FALSE(fs::exists(previous));
+  EXPECT_EQ(Slurp(fs::path(target_) / "key.txt"), "current");
+  EXPECT_TRUE(DiscardPreviousVars(target_).ok()) << "nothing kept: a no-op";
+  EXPECT_TRUE(RestoreVars(target_).ok());
+  EXPECT_EQ(Slurp(fs::path(target_) / "key.txt"), "current") << "nothing to restore any more";
+}
+
 TEST_F(VarsTest, RestoringAFirstInstallLeavesAnEmptyDirectory) {
   std::string h;
   VarsBundle b;

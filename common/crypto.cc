@@ -165,13 +165,14 @@ Result<std::string> SealTo(const PublicKey& recipient, std::string_view plaintex
 }
 
 Status SaveSecretKey(const SecretKey& key, const std::filesystem::path& path) {
-  std::error_code ec;
-  if (std::filesystem::exists(path, ec)) {
-    return Err("refusing to overwrite existing key file " + path.string());
-  }
   std::string text = std::string(kSecretHeader) + Base64Encode(key.seed()) + "\n";
-  auto st = WriteFileAtomic(path, text, 0600);
+  bool existed = false;
+  auto st = WriteFileExclusive(path, text, 0600, &existed);
   sodium_memzero(text.data(), text.size());
+  if (existed) {
+    return Err("refusing to overwrite existing key file " + path.string() +
+               "; move it aside first if you really mean to replace this key");
+  }
   return st;
 }
 
@@ -208,7 +209,11 @@ Result<SecretKey> LoadOrCreateSecretKey(const std::filesystem::path& path) {
     if (auto st = MakeDirs(path.parent_path(), 0700); !st) return st.error();
   }
   SecretKey k = SecretKey::Generate();
-  if (auto st = SaveSecretKey(k, path); !st) return st.error();
+  if (auto st = SaveSecretKey(k, path); !st) {
+    // Another process created it meanwhile: use that key, never replace it.
+    if (std::filesystem::exists(path, ec)) return LoadSecretKey(path);
+    return st.error();
+  }
   return k;
 }
 

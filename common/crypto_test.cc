@@ -3,8 +3,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/testutil.h"
@@ -218,6 +222,42 @@ TEST(KeyFile, RefusesOverwrite) {
   ASSERT_FALSE(st.ok());
   EXPECT_THAT(st.message(), HasSubstr("refusing to overwrite"));
   EXPECT_EQ(LoadSecretKey(path)->public_key(), a.public_key());
+}
+
+TEST(KeyFile, ConcurrentSavesNeverReplaceAKey) {
+  // The refusal used to be check-then-rename: two writers could both pass the
+  // check, and the later rename replaced the key the first one had saved.
+  for (int round = 0; round < 20; ++round) {
+    TempDir dir;
+    auto path = dir / "key";
+    std::vector<SecretKey> keys;
+    for (int i = 0; i < 8; ++i) keys.push_back(SecretKey::Generate());
+    std::vector<int> ok(keys.size(), 0);
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      threads.emplace_back([&, i] { ok[i] = SaveSecretKey(keys[i], path).ok() ? 1 : 0; });
+    }
+    for (auto& t : threads) t.join();
+    ASSERT_EQ(std::count(ok.begin(), ok.end(), 1), 1) << "round " << round;
+    std::size_t winner = static_cast<std::size_t>(std::find(ok.begin(), ok.end(), 1) - ok.begin());
+    EXPECT_EQ(LoadSecretKey(path)->public_key(), keys[winner].public_key());
+    int entries = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) {
+      ++entries;
+    }
+    EXPECT_EQ(entries, 1) << "no staging files left";
+  }
+}
+
+TEST(KeyFile, RefusesToReplaceADanglingSymlink) {
+  TempDir dir;
+  auto path = dir / "key";
+  ASSERT_EQ(::symlink((dir / "elsewhere").c_str(), path.c_str()), 0);
+  auto st = SaveSecretKey(SecretKey::Generate(), path);
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.message(), HasSubstr("refusing to overwrite existing key file"));
+  EXPECT_TRUE(std::filesystem::is_symlink(path));
+  EXPECT_FALSE(std::filesystem::exists(dir / "elsewhere"));
 }
 
 TEST(KeyFile, RefusesGroupOrWorldAccessibleFile) {

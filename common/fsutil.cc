@@ -92,6 +92,37 @@ Status WriteFileAtomic(const fs::path& path, std::string_view content, mode_t mo
   return FsyncPath(path.parent_path().empty() ? fs::path(".") : path.parent_path());
 }
 
+Status WriteFileExclusive(const fs::path& path, std::string_view content, mode_t mode,
+                          bool* existed) {
+  if (existed != nullptr) *existed = false;
+  fs::path tmp = StagingPathFor(path, "tmp");
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) return Err("cannot create " + tmp.string() + ": " + ErrnoText(errno));
+  ::fchmod(fd, mode);  // not subject to umask
+  Status st = WriteAll(fd, content, tmp);
+  if (st && ::fsync(fd) != 0) st = Err("cannot fsync " + tmp.string() + ": " + ErrnoText(errno));
+  ::close(fd);
+  if (!st) {
+    ::unlink(tmp.c_str());
+    return st;
+  }
+  int e = 0;
+  if (::syscall(SYS_renameat2, AT_FDCWD, tmp.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE) !=
+      0) {
+    e = errno;
+    if (e == EINVAL || e == ENOSYS || e == ENOTSUP) {  // no RENAME_NOREPLACE here: link()
+      e = ::link(tmp.c_str(), path.c_str()) == 0 ? 0 : errno;
+    }
+  }
+  ::unlink(tmp.c_str());  // no-op after a rename; after link() the name at path remains
+  if (e == EEXIST) {
+    if (existed != nullptr) *existed = true;
+    return Err(path.string() + " already exists; refusing to replace it");
+  }
+  if (e != 0) return Err("cannot create " + path.string() + ": " + ErrnoText(e));
+  return FsyncPath(path.parent_path().empty() ? fs::path(".") : path.parent_path());
+}
+
 Status MakeDirs(const fs::path& path, mode_t mode) {
   if (path.empty()) return Status::Ok();
   struct stat st {};

@@ -23,6 +23,14 @@ Result<std::string> ReadFile(const std::filesystem::path& path, std::size_t max_
 Status WriteFileAtomic(const std::filesystem::path& path, std::string_view content,
                        mode_t mode = 0644);
 
+// Creates path with content (written beside it, fsynced) only if nothing
+// exists at path: the check and the creation are one step (renameat2
+// RENAME_NOREPLACE, or link() where that is unsupported), so an existing file
+// is never replaced, even by a concurrent writer. On failure sets *existed
+// (when given) to whether something was already at path.
+Status WriteFileExclusive(const std::filesystem::path& path, std::string_view content,
+                          mode_t mode = 0600, bool* existed = nullptr);
+
 // mkdir -p with the given mode for directories it creates.
 Status MakeDirs(const std::filesystem::path& path, mode_t mode = 0755);
 

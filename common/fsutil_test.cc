@@ -53,6 +53,31 @@ TEST(WriteFileAtomic, CreatesWithModeAndReplaces) {
   }
 }
 
+TEST(WriteFileExclusive, CreatesOnceAndNeverReplaces) {
+  testing::TempDir dir;
+  auto path = dir / "f";
+  bool existed = true;
+  ASSERT_TRUE(WriteFileExclusive(path, "first", 0640, &existed).ok());
+  EXPECT_FALSE(existed);
+  EXPECT_EQ(testing::Slurp(path), "first");
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0640u);
+  auto again = WriteFileExclusive(path, "second", 0600, &existed);
+  ASSERT_FALSE(again.ok());
+  EXPECT_TRUE(existed);
+  EXPECT_THAT(again.message(),
+              HasSubstr(path.string() + " already exists; refusing to replace it"));
+  EXPECT_EQ(testing::Slurp(path), "first");
+  int entries = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++entries;
+  EXPECT_EQ(entries, 1) << "no staging file left";
+  auto missing = WriteFileExclusive(dir / "missing/f", "x", 0600, &existed);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_FALSE(existed);
+  EXPECT_THAT(missing.message(), HasSubstr("cannot create"));
+}
+
 TEST(WriteFileAtomic, FailsInMissingDirectoryWithoutLeftovers) {
   TempDir dir;
   auto st = WriteFileAtomic(dir / "missing/file", "x");

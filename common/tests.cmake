@@ -10,6 +10,7 @@ muster_unit_test(common_test
     process_test.cc
     protocol_test.cc
     roster_test.cc
+    tls_test.cc
     url_test.cc
     utf8_test.cc
     vars_bundle_test.cc

@@ -84,8 +84,15 @@ int ServerVerify(X509_STORE_CTX* ctx, void* arg) {
   return 1;
 }
 
+// What a client checks about the controller's certificate.
+struct ClientCheck {
+  std::string pin;
+  std::string ca_file;  // "" = pin only
+};
+
 int ClientVerify(X509_STORE_CTX* ctx, void* arg) {
-  const auto* pin = static_cast<const std::string*>(arg);
+  const auto* check = static_cast<const ClientCheck*>(arg);
+  const std::string* pin = &check->pin;
   auto key = KeyOfCert(X509_STORE_CTX_get0_cert(ctx));
   if (!key) {
     SetReason(SslOf(ctx), "controller certificate does not carry an Ed25519 key");
@@ -97,6 +104,17 @@ int ClientVerify(X509_STORE_CTX* ctx, void* arg) {
                               " does not match the pinned " + *pin +
                               "; check the pin printed by 'muster-controller init'");
     X509_STORE_CTX_set_error(ctx, X509_V_ERR_APPLICATION_VERIFICATION);
+    return 0;
+  }
+  // The pin matched; with a CA file the chain must verify too (OpenSSL's own
+  // path building, validity and purpose checks against the CA file's store).
+  if (!check->ca_file.empty() && X509_verify_cert(ctx) != 1) {
+    int err = X509_STORE_CTX_get_error(ctx);
+    SetReason(SslOf(ctx), "controller certificate does not chain to a CA in " + check->ca_file +
+                              " (" + X509_verify_cert_error_string(err) +
+                              "); install a certificate for the controller key issued by that "
+                              "CA as controller.crt (see 'muster-controller csr'), or remove "
+                              "controllerCaFile");
     return 0;
   }
   return 1;
@@ -112,6 +130,14 @@ Status UseKeyAndCert(SSL_CTX* ctx, const SecretKey& key, const std::string& cert
       SSL_CTX_check_private_key(ctx) != 1) {
     return Err("certificate does not match the key: " + OpenSslError());
   }
+  // Any further certificates are the chain (intermediates) sent with it.
+  while (std::unique_ptr<X509, X509Free> extra{
+      PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)}) {
+    if (SSL_CTX_add1_chain_cert(ctx, extra.get()) != 1) {
+      return Err("cannot use the chain certificate: " + OpenSslError());
+    }
+  }
+  ERR_clear_error();  // reaching the end of the PEM text is recorded as an error
   return Status::Ok();
 }
 
@@ -155,6 +181,30 @@ Result<std::string> MakeSelfSignedCertPem(const SecretKey& key, const std::strin
   return std::string(data, static_cast<size_t>(len));
 }
 
+Result<std::string> MakeCertificateRequestPem(const SecretKey& key,
+                                              const std::string& common_name) {
+  auto pkey = ToEvp(key);
+  if (!pkey) return Err("cannot load Ed25519 key into OpenSSL: " + OpenSslError());
+  struct ReqFree {
+    void operator()(X509_REQ* p) const { X509_REQ_free(p); }
+  };
+  std::unique_ptr<X509_REQ, ReqFree> req(X509_REQ_new());
+  X509_REQ_set_version(req.get(), 0);
+  X509_NAME* name = X509_REQ_get_subject_name(req.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1,
+                             0);
+  X509_REQ_set_pubkey(req.get(), pkey.get());
+  if (X509_REQ_sign(req.get(), pkey.get(), nullptr) <= 0) {
+    return Err("cannot sign the certificate request: " + OpenSslError());
+  }
+  std::unique_ptr<BIO, BioFree> bio(BIO_new(BIO_s_mem()));
+  PEM_write_bio_X509_REQ(bio.get(), req.get());
+  char* data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(len));
+}
+
 Result<std::shared_ptr<boost::asio::ssl::context>> MakeServerContext(const SecretKey& key,
                                                                      const std::string& cert_pem,
                                                                      const KeyCheck* check) {
@@ -168,7 +218,8 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeServerContext(const Secre
 }
 
 Result<std::shared_ptr<boost::asio::ssl::context>> MakeClientContext(const SecretKey& key,
-                                                                     const std::string& pin) {
+                                                                     const std::string& pin,
+                                                                     const std::string& ca_file) {
   auto fp = ParseFingerprint(pin);
   if (!fp) return fp.error();
   auto cert = MakeSelfSignedCertPem(key, "muster-client");
@@ -177,16 +228,20 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeClientContext(const Secre
   SSL_CTX* c = ctx->native_handle();
   CommonSettings(c);
   if (auto st = UseKeyAndCert(c, key, *cert); !st) return st.error();
-  // The pin string lives as long as the context: keep it in the context's ex data
-  // via a holder owned by the shared_ptr's deleter chain.
-  auto* pin_copy = new std::string(*fp);
+  if (!ca_file.empty() && SSL_CTX_load_verify_locations(c, ca_file.c_str(), nullptr) != 1) {
+    return Err("cannot load the CA file " + ca_file + " (controllerCaFile): " + OpenSslError() +
+               "; it must hold PEM certificates");
+  }
+  // The check lives as long as the context: a holder owned by the shared_ptr's
+  // deleter chain.
+  auto* check = new ClientCheck{*fp, ca_file};
   auto holder = std::shared_ptr<boost::asio::ssl::context>(
-      ctx.get(), [ctx, pin_copy](boost::asio::ssl::context*) mutable {
+      ctx.get(), [ctx, check](boost::asio::ssl::context*) mutable {
         ctx.reset();
-        delete pin_copy;
+        delete check;
       });
   SSL_CTX_set_verify(c, SSL_VERIFY_PEER, nullptr);
-  SSL_CTX_set_cert_verify_callback(c, ClientVerify, pin_copy);
+  SSL_CTX_set_cert_verify_callback(c, ClientVerify, check);
   return holder;
 }
 

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -260,13 +261,13 @@ TEST_F(ApiTest, OperatorRemovalRefusesTheKeyAndClosesSessions) {
   auto last = Call("operator.remove", {{"name", "alice"}});
   ASSERT_FALSE(last.ok);
   EXPECT_THAT(last.error, HasSubstr("last operator"));
-  // Removed beside the controller (another process): SyncOperators notices.
+  // Removed beside the controller (another process): Refresh notices.
   ASSERT_TRUE(fleet_->AddOperator("carol", mallory_.public_key().ToText()).ok());
   auto carol = std::make_shared<FakeChannel>();
   fleet_->OperatorConnected("carol", carol);
   ASSERT_TRUE(store_->RemoveOperator("carol").ok());
   EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kOperator);  // not yet synced
-  fleet_->SyncOperators();
+  fleet_->Refresh();
   EXPECT_EQ(carol->closed.size(), 1u);
   EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
 }
@@ -345,6 +346,30 @@ TEST_F(ApiTest, HistoryListsGenerationsWithEvents) {
   auto ghost = Call("history", {{"machine", "ghost"}});
   ASSERT_FALSE(ghost.ok);
   EXPECT_THAT(ghost.error, HasSubstr("no machine named 'ghost'"));
+}
+
+TEST_F(ApiTest, EnrolGrantLifetimeIsBounded) {
+  // Lifetimes are checked without arithmetic that could overflow.
+  RosterEntry grant;
+  grant.machine = "new1";
+  grant.enroll_key = SecretKey::Generate().public_key().ToText();
+  grant.signed_at = kNow;
+  for (std::int64_t expires :
+       {std::int64_t{0}, std::int64_t{kNow}, std::int64_t{kNow + 2592000001}, std::numeric_limits<std::int64_t>::max(),
+        std::numeric_limits<std::int64_t>::min()}) {
+    grant.expires_at = expires;
+    auto r = Call("machine.enroll", {{"grant", Signed(grant)}});
+    ASSERT_FALSE(r.ok) << expires;
+    EXPECT_THAT(r.error, HasSubstr("must expire between now and 30 days from now")) << expires;
+  }
+  grant.expires_at = kNow + 1000;
+  EXPECT_EQ(MustCall("machine.enroll", {{"grant", Signed(grant)}}).result["expiresAt"],
+            kNow + 1000);
+  grant.machine = "new2";
+  grant.enroll_key = SecretKey::Generate().public_key().ToText();
+  grant.expires_at = kNow + 2592000000LL;
+  EXPECT_EQ(MustCall("machine.enroll", {{"grant", Signed(grant)}}).result["expiresAt"],
+            kNow + 2592000000LL);
 }
 
 TEST_F(ApiTest, LogsFollowLatestGenerationAndPage) {

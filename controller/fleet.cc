@@ -33,22 +33,22 @@ void DurationHistogram::Observe(double seconds) {
 }
 
 Status Fleet::Load() {
-  std::lock_guard lock(mu_);
-  keys_.clear();
-  revoked_.clear();
-  for (const auto& m : store_.ListMachines()) {
-    if (m.revoked) {
-      revoked_.insert(m.name);
-      revoked_keys_.insert(m.key);
-    } else {
-      keys_[m.key] = {Role::kMachine, m.name};
+  auto machines = store_.ListMachines();
+  {
+    std::lock_guard lock(mu_);
+    keys_.clear();
+    revoked_.clear();
+    revoked_keys_.clear();
+    for (const auto& m : machines) {
+      if (m.revoked) {
+        revoked_.insert(m.name);
+        revoked_keys_.insert(m.key);
+      } else {
+        keys_[m.key] = {Role::kMachine, m.name};
+      }
     }
   }
-  operators_.clear();
-  for (const auto& o : store_.ListOperators()) {
-    keys_[o.key] = {Role::kOperator, o.name};
-    operators_[o.name] = o.key;
-  }
+  Refresh();
   return Status::Ok();
 }
 
@@ -83,18 +83,46 @@ Status Fleet::RemoveOperator(const std::string& name) {
     sessions = DropOperatorLocked(name);
   }
   for (auto& ch : sessions) ch->Close("operator '" + name + "' was removed");
+  {
+    std::lock_guard lock(mu_);
+    ++operators_changed_;
+  }
   spdlog::warn("operator {} removed; {} open session(s) closed", name, sessions.size());
   Broadcast("operator", {{"operator", name}, {"removed", true}});
   return Status::Ok();
 }
 
-void Fleet::SyncOperators() {
+void Fleet::OperatorConnected(const std::string& name, std::shared_ptr<AgentChannel> session) {
+  std::lock_guard lock(mu_);
+  // Forget sessions that ended, so the map does not grow with reconnects.
+  for (auto it = operator_sessions_.begin(); it != operator_sessions_.end();) {
+    it = it->second.expired() ? operator_sessions_.erase(it) : std::next(it);
+  }
+  operator_sessions_.emplace(name, session);
+}
+
+bool Fleet::IsOperator(const std::string& name) const {
+  std::lock_guard lock(mu_);
+  return operators_.count(name) != 0;
+}
+
+void Fleet::Refresh() {
+  std::uint64_t version;
+  {
+    std::lock_guard lock(mu_);
+    version = operators_changed_;
+  }
   std::map<std::string, std::string> stored;
   for (const auto& o : store_.ListOperators()) stored[o.name] = o.key;
+  int live = store_.LiveEnrollTokens(clock_());
   std::vector<std::string> gone;
   std::vector<std::shared_ptr<AgentChannel>> sessions;
   {
     std::lock_guard lock(mu_);
+    live_tokens_ = live;
+    // An operator added or removed here meanwhile may be missing from this
+    // read: keep the cache as it is until the next refresh.
+    if (version != operators_changed_) return;
     for (const auto& [name, key] : operators_) {
       auto it = stored.find(name);
       if (it == stored.end() || it->second != key) gone.push_back(name);
@@ -113,52 +141,15 @@ void Fleet::SyncOperators() {
   for (auto& ch : sessions) ch->Close("operator was removed");
 }
 
-void Fleet::OperatorConnected(const std::string& name, std::shared_ptr<AgentChannel> session) {
+Identity Fleet::Lookup(const PublicKey& key) const {
+  std::string text = key.ToText();
   std::lock_guard lock(mu_);
-  // Forget sessions that ended, so the map does not grow with reconnects.
-  for (auto it = operator_sessions_.begin(); it != operator_sessions_.end();) {
-    it = it->second.expired() ? operator_sessions_.erase(it) : std::next(it);
-  }
-  operator_sessions_.emplace(name, session);
-}
-
-bool Fleet::IsOperator(const std::string& name) const {
-  std::lock_guard lock(mu_);
-  return operators_.count(name) != 0;
-}
-
-Identity Fleet::Lookup(const PublicKey& key) {
-  std::int64_t now = clock_();
-  bool sync = false;
-  {
-    std::lock_guard lock(mu_);
-    auto it = keys_.find(key.ToText());
-    if (it != keys_.end()) return it->second;
-    if (now - operators_synced_at_ >= 1000) {
-      operators_synced_at_ = now;
-      sync = true;
-    }
-  }
-  if (sync) {
-    SyncOperators();
-    std::lock_guard lock(mu_);
-    auto it = keys_.find(key.ToText());
-    if (it != keys_.end()) return it->second;
-  }
-  {
-    std::lock_guard lock(mu_);
-    // A revoked machine key stays refused, enrolment tokens or not.
-    if (revoked_keys_.count(key.ToText())) return {};
-    // Unknown keys may enrol while tokens are outstanding (count cached for 1 s).
-    if (now - tokens_checked_at_ < 1000) {
-      return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
-    }
-  }
-  int live = store_.LiveEnrollTokens(now);
-  std::lock_guard lock(mu_);
-  tokens_checked_at_ = now;
-  live_tokens_ = live;
-  return live > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
+  auto it = keys_.find(text);
+  if (it != keys_.end()) return it->second;
+  // A revoked key stays refused while tokens are live: it must not get a
+  // session (nor enrol under another name) again.
+  if (revoked_keys_.count(text)) return {};
+  return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
 }
 
 std::string Fleet::DeployText(const GenerationRecord& g) {
@@ -304,21 +295,45 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
 }
 
 Status Fleet::AgentLogs(const std::string& machine, const proto::LogLines& logs) {
-  std::vector<LogRecord> recs;
-  std::vector<std::string> lines;
-  lines.reserve(logs.lines.size());
-  std::int64_t now = clock_();
-  std::string stream = CutUtf8(logs.stream, kMaxStreamBytes);
-  for (const auto& l : logs.lines) {
-    lines.push_back(CutUtf8(l, kMaxLogLineBytes));
-    recs.push_back({0, machine, logs.generation, stream, lines.back(), now});
+  auto stored = AgentLogBatch({{machine, logs}});
+  if (!stored) return stored.error();
+  if (!stored->front()) {
+    return Err("log lines for generation " + std::to_string(logs.generation) +
+               ", which does not exist for machine '" + machine + "', were dropped");
   }
-  auto st = store_.AppendLogs(recs);
-  Broadcast("log", {{"machine", machine},
-                    {"generation", logs.generation},
-                    {"stream", stream},
-                    {"lines", lines}});
-  return st;
+  return Status::Ok();
+}
+
+Result<std::vector<bool>> Fleet::AgentLogBatch(const std::vector<LogWrite>& writes) {
+  std::vector<bool> known(writes.size(), false);
+  std::map<std::pair<std::string, std::int64_t>, bool> exists;
+  std::vector<LogRecord> recs;
+  // Each write's stream and lines cut between characters, as stored and sent.
+  std::vector<std::pair<std::string, std::vector<std::string>>> cut(writes.size());
+  std::int64_t now = clock_();
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    const auto& [machine, logs] = writes[k];
+    auto [it, fresh] = exists.try_emplace({machine, logs.generation}, false);
+    if (fresh) it->second = store_.HasGeneration(machine, logs.generation);
+    if (!it->second) continue;
+    known[k] = true;
+    cut[k].first = CutUtf8(logs.stream, kMaxStreamBytes);
+    cut[k].second.reserve(logs.lines.size());
+    for (const auto& l : logs.lines) {
+      cut[k].second.push_back(CutUtf8(l, kMaxLogLineBytes));
+      recs.push_back({0, machine, logs.generation, cut[k].first, cut[k].second.back(), now});
+    }
+  }
+  if (auto st = store_.AppendLogs(recs); !st) return st.error();
+  for (std::size_t k = 0; k < writes.size(); ++k) {
+    if (!known[k]) continue;
+    const auto& [machine, logs] = writes[k];
+    Broadcast("log", {{"machine", machine},
+                      {"generation", logs.generation},
+                      {"stream", cut[k].first},
+                      {"lines", cut[k].second}});
+  }
+  return known;
 }
 
 void Fleet::AgentSeen(const std::string& machine) { (void)store_.RecordSeen(machine, clock_()); }
@@ -459,7 +474,8 @@ Status Fleet::RemoveMachine(const std::string& name) {
   {
     std::lock_guard lock(mu_);
     keys_.erase(m->key);
-    revoked_.erase(name);  // the name may be registered again
+    revoked_.erase(name);  // the name and the key may be registered again
+    revoked_keys_.erase(m->key);
     auto it = online_.find(name);
     if (it != online_.end()) ch = it->second.lock();
   }
@@ -475,6 +491,7 @@ Status Fleet::AddOperator(const std::string& name, const std::string& key) {
   std::lock_guard lock(mu_);
   keys_[op.key] = {Role::kOperator, name};
   operators_[name] = op.key;
+  ++operators_changed_;
   return Status::Ok();
 }
 
@@ -586,7 +603,7 @@ Status Fleet::AddEnrollGrant(const SignedRosterEntry& grant, const std::string& 
                        EncodeSignedRosterEntry(grant)};
   if (auto st = store_.AddEnrollToken(t); !st) return st;
   std::lock_guard lock(mu_);
-  tokens_checked_at_ = 0;  // re-read the count on the next handshake
+  ++live_tokens_;  // admit enrollees at once, not only after the next Refresh
   return Status::Ok();
 }
 
@@ -610,9 +627,10 @@ Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std
       !st) {
     return st;
   }
+  int live = store_.LiveEnrollTokens(clock_());
   std::lock_guard lock(mu_);
   keys_[key.ToText()] = {Role::kMachine, machine};
-  tokens_checked_at_ = 0;
+  live_tokens_ = live;
   ++counters_.enrolments;
   return Status::Ok();
 }

@@ -98,11 +98,15 @@ class Fleet {
 
   // Loads the key registry from the store. Call once before serving.
   Status Load();
+  // Re-reads what another process may change in the store: the operators
+  // ('muster-controller operator add') and the number of live enrolment
+  // tokens. The controller calls it every second, off the handshake path.
+  void Refresh();
 
-  // Registry lookups, used during the TLS handshake. In memory; an unknown key
-  // re-reads the operator table at most once a second (so that an operator
-  // added beside a running controller is admitted at once).
-  Identity Lookup(const PublicKey& key);
+  // Registry lookups, used during the TLS handshake. In memory only: a
+  // registered key's identity; kNone for a revoked key; kEnrollee for any other
+  // key while enrolment tokens are live.
+  Identity Lookup(const PublicKey& key) const;
 
   // --- agents ---
   // Registers the live channel for a machine (replacing and closing an older
@@ -125,7 +129,17 @@ class Fleet {
   // in the store; one result per report, in order.
   std::vector<Result<std::string>> AgentStatuses(
       const std::vector<std::pair<std::string, proto::StatusReport>>& reports);
+  // Stores log lines (AgentLogBatch for one message); fails if the generation
+  // does not exist for the machine (the lines are dropped) or the store fails.
   Status AgentLogs(const std::string& machine, const proto::LogLines& logs);
+  struct LogWrite {
+    std::string machine;
+    proto::LogLines logs;
+  };
+  // Stores several log messages in one transaction and broadcasts them. A
+  // message for a generation that does not exist for its machine is dropped:
+  // false at its index. Fails (nothing stored) when the store does.
+  Result<std::vector<bool>> AgentLogBatch(const std::vector<LogWrite>& writes);
   void AgentSeen(const std::string& machine);
   void AgentGone(const std::string& machine, const AgentChannel* channel);
   bool IsOnline(const std::string& machine) const;
@@ -149,10 +163,6 @@ class Fleet {
   // Removes an operator: its key is refused from now on and its open sessions
   // are closed. Refuses to remove the last operator.
   Status RemoveOperator(const std::string& name);
-  // Re-reads the operator table (changed by 'muster-controller operator
-  // add|remove' beside a running controller): adds new keys, drops removed
-  // ones and closes their sessions. Cheap; called every second.
-  void SyncOperators();
   // An operator session, closed when its operator is removed.
   void OperatorConnected(const std::string& name, std::shared_ptr<AgentChannel> session);
   bool IsOperator(const std::string& name) const;
@@ -202,19 +212,17 @@ class Fleet {
   Store& store_;
   Clock clock_;
   mutable std::mutex mu_;
-  mutable std::map<std::string, Identity> keys_;
-  std::set<std::string>
-      revoked_;  // machine names whose keys were revoked  // key text → identity (a cache)
-  std::set<std::string> revoked_keys_;  // key texts of revoked machines
+  std::map<std::string, Identity> keys_;  // key text → identity (machines and operators)
+  std::set<std::string> revoked_;         // machine names whose keys were revoked
+  std::set<std::string> revoked_keys_;    // their keys (refused, never enrollees)
+  std::uint64_t operators_changed_ = 0;   // bumped by AddOperator (see Refresh)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
   std::map<std::string, std::string> operators_;  // name → key text
   std::multimap<std::string, std::weak_ptr<AgentChannel>> operator_sessions_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;
   FleetObserver* observer_ = nullptr;
-  std::int64_t operators_synced_at_ = 0;
-  mutable std::int64_t tokens_checked_at_ = 0;
-  mutable int live_tokens_ = 0;
+  int live_tokens_ = 0;  // as of the last Refresh, AddEnrollGrant or Enroll
   std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;
 };
 

@@ -336,6 +336,7 @@ TEST_F(FleetTest, BatchedHellosAndStatusesAnswerEachInOrder) {
 }
 
 TEST_F(FleetTest, LogsAreStoredAndBroadcast) {
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(4)).ok());
   auto sink = std::make_shared<FakeSink>();
   fleet_->Subscribe(sink);
   proto::LogLines l{4, "realise", {"copying path", std::string(10000, 'x')}};
@@ -347,6 +348,67 @@ TEST_F(FleetTest, LogsAreStoredAndBroadcast) {
   EXPECT_EQ(stored[1].line.size(), 8192u) << "lines are capped";
   ASSERT_THAT(sink->Topics(), ElementsAre("log"));
   EXPECT_EQ(sink->events[0].data["lines"][0], "copying path");
+}
+
+TEST_F(FleetTest, LogsForGenerationsThatDoNotExistAreDropped) {
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(2)).ok());
+  ASSERT_TRUE(fleet_->AddMachine("db1", mallory_.public_key().ToText(), {}).ok());
+  auto sink = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  auto st = fleet_->AgentLogs("web1", {7, "realise", {"made up"}});
+  ASSERT_FALSE(st.ok());
+  EXPECT_THAT(st.message(),
+              HasSubstr("generation 7, which does not exist for machine 'web1', were dropped"));
+  auto stored = fleet_->AgentLogBatch({{"web1", {2, "realise", {"a"}}},
+                                       {"web1", {3, "realise", {"b"}}},
+                                       {"db1", {2, "realise", {"web1's number"}}},
+                                       {"web1", {2, "activate", {"c"}}}});
+  ASSERT_TRUE(stored.ok()) << stored.message();
+  EXPECT_THAT(*stored, ElementsAre(true, false, false, true));
+  std::vector<std::string> lines;
+  for (const auto& l : store_->ReadLogs("web1", 2, 0, 10)) lines.push_back(l.line);
+  EXPECT_THAT(lines, ElementsAre("a", "c"));
+  EXPECT_TRUE(store_->ReadLogs("web1", 3, 0, 10).empty());
+  EXPECT_TRUE(store_->ReadLogs("web1", 7, 0, 10).empty());
+  EXPECT_TRUE(store_->ReadLogs("db1", 2, 0, 10).empty());
+  EXPECT_THAT(sink->Topics(), ElementsAre("log", "log")) << "only stored lines are broadcast";
+}
+
+TEST_F(FleetTest, RevokedKeyIsRefusedEvenWhileEnrolmentTokensAreLive) {
+  ASSERT_TRUE(AddGrant("new1", 60000).ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kEnrollee)
+      << "an unknown key may enrol while a token is live";
+  ASSERT_TRUE(fleet_->RevokeMachine("web1").ok());
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kNone);
+  Fleet restarted(*store_, [this] { return now_; });
+  ASSERT_TRUE(restarted.Load().ok());
+  EXPECT_EQ(restarted.Lookup(web1_.public_key()).role, Role::kNone) << "also after a restart";
+  EXPECT_EQ(restarted.Lookup(mallory_.public_key()).role, Role::kEnrollee);
+  // Removing the machine forgets the revocation: the key may be registered again.
+  ASSERT_TRUE(fleet_->RemoveMachine("web1").ok());
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kEnrollee);
+}
+
+TEST_F(FleetTest, LookupIsInMemoryAndRefreshedFromTheStore) {
+  // Another process ('muster-controller operator add') writes the store.
+  ASSERT_TRUE(store_->AddOperator({"bob", mallory_.public_key().ToText(), kNow}).ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone) << "not read per handshake";
+  fleet_->Refresh();
+  Identity bob = fleet_->Lookup(mallory_.public_key());
+  EXPECT_EQ(bob.role, Role::kOperator);
+  EXPECT_EQ(bob.name, "bob");
+  ASSERT_TRUE(store_->RemoveOperator("bob").ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kOperator) << "cached";
+  fleet_->Refresh();
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone) << "invalidated";
+  EXPECT_EQ(fleet_->Lookup(alice_.public_key()).role, Role::kOperator);
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kMachine) << "machines stay";
+  // Tokens: live at once when created here; gone after expiry and a refresh.
+  ASSERT_TRUE(AddGrant("new1", 1000).ok());
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kEnrollee);
+  now_ += 2000;
+  fleet_->Refresh();
+  EXPECT_EQ(fleet_->Lookup(mallory_.public_key()).role, Role::kNone);
 }
 
 TEST_F(FleetTest, SubscribersSeeFleetEventsUntilUnsubscribed) {
@@ -446,6 +508,7 @@ TEST_F(FleetTest, AgentStringsAreStoredAndBroadcastAsValidUtf8CutBetweenCharacte
   EXPECT_TRUE(IsValidUtf8(refused.message()));
 
   std::vector<std::string> lines = AcrossLimit(Fleet::kMaxLogLineBytes);
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());  // logs need their generation
   ASSERT_TRUE(fleet_->AgentLogs("web1", {1, "realise\xFF", lines}).ok());
   auto stored = store_->ReadLogs("web1", 1, 0, 1000);
   ASSERT_EQ(stored.size(), lines.size());

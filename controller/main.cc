@@ -1,11 +1,19 @@
 // muster-controller: init, run, operator add / remove.
 #include <signal.h>
 
+#ifdef __linux__
+#include <sys/inotify.h>
+#endif
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <array>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <iostream>
@@ -33,6 +41,65 @@ struct Paths {
   fs::path key() const { return dir / "controller.key"; }
   fs::path cert() const { return dir / "controller.crt"; }
   fs::path db() const { return dir / "muster.db"; }
+  // Rewritten by 'operator add' after it committed: a running controller
+  // watches it and re-reads the operators at once.
+  fs::path operators_marker() const { return dir / "operators.changed"; }
+};
+
+// Calls Fleet::Refresh every second, and at once when the operators marker
+// changes (inotify on the state directory, where available). Its handlers run
+// until the io_context stops; destroy it only after that.
+class RegistryRefresher {
+ public:
+  RegistryRefresher(boost::asio::io_context& ioc, Fleet& fleet, fs::path marker)
+      : fleet_(fleet), marker_(std::move(marker)), timer_(ioc), watch_(ioc) {}
+
+  void Start() {
+#ifdef __linux__
+    int fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd >= 0 &&
+        ::inotify_add_watch(fd, marker_.parent_path().c_str(), IN_MOVED_TO | IN_CLOSE_WRITE) >= 0) {
+      watch_.assign(fd);
+      Watch();
+    } else {
+      int e = errno;
+      if (fd >= 0) ::close(fd);
+      spdlog::warn(
+          "cannot watch {} ({}); operators added with 'operator add' take effect "
+          "within a second",
+          marker_.parent_path().string(), std::strerror(e));
+    }
+#endif
+    Tick();
+  }
+
+ private:
+  void Tick() {
+    timer_.expires_after(std::chrono::seconds(1));
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      fleet_.Refresh();
+      Tick();
+    });
+  }
+  void Watch() {
+    watch_.async_read_some(boost::asio::buffer(events_),
+                           [this](const boost::system::error_code& ec, std::size_t n) {
+                             if (ec) return;
+                             // Any event naming the marker (the directory sees others).
+                             std::string_view data(events_.data(), n);
+                             if (data.find(marker_.filename().string()) != data.npos) {
+                               fleet_.Refresh();
+                             }
+                             Watch();
+                           });
+  }
+
+  Fleet& fleet_;
+  fs::path marker_;
+  boost::asio::steady_timer timer_;
+  boost::asio::posix::stream_descriptor watch_;
+  std::array<char, 4096> events_{};
 };
 
 std::int64_t NowMs() {
@@ -70,9 +137,24 @@ int OperatorRemove(const Paths& p, const std::string& name) {
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
   if (auto st = fleet.RemoveOperator(name); !st) return Fail(st.message());
+  (void)WriteFileAtomic(p.operators_marker(), std::to_string(NowMs()) + "\n", 0600);
   std::cout << "operator " << name
-            << " removed: a running controller refuses its key and closes its sessions within a "
-               "second; remove it from agents' trustedOperatorKeys too\n";
+            << " removed: a running controller refuses its key and closes its sessions at once"
+               "; remove it from agents' trustedOperatorKeys too\n";
+  return 0;
+}
+
+// A certificate request for the controller key, for agents that check a CA
+// (controllerCaFile) in addition to the pin.
+int Csr(const Paths& p, const std::string& common_name) {
+  auto key = LoadSecretKey(p.key());
+  if (!key) {
+    return Fail(key.message() + " (run 'muster-controller init --state-dir " + p.dir.string() +
+                "' first)");
+  }
+  auto pem = tls::MakeCertificateRequestPem(*key, common_name);
+  if (!pem) return Fail(pem.message());
+  std::cout << *pem;
   return 0;
 }
 
@@ -88,6 +170,9 @@ int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_
     k = *text;
   }
   if (auto st = fleet.AddOperator(name, k); !st) return Fail(st.message());
+  // Tells a running controller (see RegistryRefresher); it also re-reads
+  // the operators every second, so a failure here only delays it.
+  (void)WriteFileAtomic(p.operators_marker(), std::to_string(NowMs()) + "\n", 0600);
   std::cout << "operator " << name << " added\n";
   return 0;
 }
@@ -102,6 +187,9 @@ struct RunConfig {
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
   std::size_t max_handshakes = 1024;
   std::string log_level = "info";
+  StoreLimits store;    // per-machine bounds on logs and events
+  SessionLimits agent;  // per-session message and byte rates
+  std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
 };
 
 Status CheckRunConfig(const RunConfig& c) {
@@ -120,6 +208,12 @@ Status CheckRunConfig(const RunConfig& c) {
   if (c.handshake_timeout <= 0) return Err("--handshake-timeout must be positive");
   if (c.max_message_bytes < 4096) return Err("--max-message-bytes must be at least 4096");
   if (c.max_handshakes < 1) return Err("--max-handshakes must be at least 1");
+  if (auto st = CheckStoreLimits(c.store); !st) return st;
+  if (c.agent.messages_per_second < 1) {
+    return Err("--agent-messages-per-second must be at least 1");
+  }
+  if (c.agent.bytes_per_second < 1024) return Err("--agent-bytes-per-second must be at least 1024");
+  if (c.log_queue_lines < 1000) return Err("--log-queue-lines must be at least 1000");
   return Status::Ok();
 }
 
@@ -153,6 +247,20 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.max_message_bytes = v.get<std::size_t>();
       } else if (k == "logLevel") {
         c.log_level = v.get<std::string>();
+      } else if (k == "maxLogBytesPerMachine") {
+        c.store.log_bytes_per_machine = v.get<std::int64_t>();
+      } else if (k == "maxLogBytesPerGeneration") {
+        c.store.log_bytes_per_generation = v.get<std::int64_t>();
+      } else if (k == "maxEventsPerMachine") {
+        c.store.events_per_machine = v.get<std::int64_t>();
+      } else if (k == "keepEventGenerations") {
+        c.store.keep_event_generations = v.get<int>();
+      } else if (k == "agentMessagesPerSecond") {
+        c.agent.messages_per_second = v.get<double>();
+      } else if (k == "agentBytesPerSecond") {
+        c.agent.bytes_per_second = v.get<double>();
+      } else if (k == "logQueueLines") {
+        c.log_queue_lines = v.get<std::size_t>();
       } else {
         return Err(path + ": unknown setting '" + k + "'");
       }
@@ -173,7 +281,7 @@ int Run(const Paths& p, const RunConfig& c) {
                 "' first)");
   auto pem = ReadFile(p.cert(), 1 << 16);
   if (!pem) return Fail(pem.message());
-  auto store = OpenSqliteStore(p.db().string());
+  auto store = OpenSqliteStore(p.db().string(), c.store);
   if (!store) return Fail(store.message());
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
@@ -198,6 +306,8 @@ int Run(const Paths& p, const RunConfig& c) {
   so.idle_timeout = std::chrono::seconds(c.idle_timeout);
   so.max_message_bytes = c.max_message_bytes;
   so.max_handshakes = c.max_handshakes;
+  so.agent_limits = c.agent;
+  so.log_queue.max_queued_lines = c.log_queue_lines;
   Server server(ioc, fleet, api, *ctx, so);
   auto bound = server.Start();
   if (!bound) return Fail(bound.message());
@@ -216,24 +326,16 @@ int Run(const Paths& p, const RunConfig& c) {
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());
   rollouts.Resume();  // active rollouts continue where they were
-  // Operators added or removed with 'muster-controller operator' beside this
-  // process take effect within a second.
-  boost::asio::steady_timer operator_sync(ioc);
-  std::function<void()> sync_operators = [&] {
-    operator_sync.expires_after(std::chrono::seconds(1));
-    operator_sync.async_wait([&](const boost::system::error_code& ec) {
-      if (ec) return;
-      fleet.SyncOperators();
-      sync_operators();
-    });
-  };
-  sync_operators();
+  // Operators added by another process and expired enrolment tokens: the
+  // handshake consults memory only (Fleet::Lookup), so refresh it in the
+  // background; 'operator add' also pokes a marker file that is watched.
+  RegistryRefresher refresher(ioc, fleet, p.operators_marker());
+  refresher.Start();
   boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
     if (ec) return;
     spdlog::info("signal {}: shutting down", sig);
     server.Stop();
-    operator_sync.cancel();
     if (metrics) metrics->Stop();
     ioc.stop();
   });
@@ -259,6 +361,12 @@ int main(int argc, char** argv) {
   auto* init = app.add_subcommand("init", "create the controller key, certificate and store");
   init->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
 
+  std::string csr_cn = "muster-controller";
+  auto* csr = app.add_subcommand(
+      "csr", "print a certificate request for the controller key (for agents' controllerCaFile)");
+  csr->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  csr->add_option("--cn", csr_cn, "subject common name")->capture_default_str();
+
   RunConfig rc;
   std::string config_file;
   bool check_config = false;
@@ -279,6 +387,27 @@ int main(int argc, char** argv) {
                   "connections allowed in their handshake at once; the oldest is cut beyond")
       ->capture_default_str();
   run->add_option("--log-level", rc.log_level)->capture_default_str();
+  run->add_option("--max-log-bytes-per-machine", rc.store.log_bytes_per_machine,
+                  "log bytes kept per machine (oldest dropped)")
+      ->capture_default_str();
+  run->add_option("--max-log-bytes-per-generation", rc.store.log_bytes_per_generation,
+                  "log bytes kept per generation of a machine")
+      ->capture_default_str();
+  run->add_option("--max-events-per-machine", rc.store.events_per_machine,
+                  "status events kept per machine (oldest dropped)")
+      ->capture_default_str();
+  run->add_option("--keep-event-generations", rc.store.keep_event_generations,
+                  "the events of this many newest generations are pruned last")
+      ->capture_default_str();
+  run->add_option("--agent-messages-per-second", rc.agent.messages_per_second,
+                  "per agent connection; beyond it (after a 4 s burst) its reads pause")
+      ->capture_default_str();
+  run->add_option("--agent-bytes-per-second", rc.agent.bytes_per_second,
+                  "per agent connection; beyond it (after a 4 s burst) its reads pause")
+      ->capture_default_str();
+  run->add_option("--log-queue-lines", rc.log_queue_lines,
+                  "agent log lines waiting for the store; beyond it lines are dropped")
+      ->capture_default_str();
   run->add_flag("--check-config", check_config, "validate the configuration and exit");
 
   std::string op_name, op_key;
@@ -301,6 +430,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   if (init->parsed()) return Init({state_dir});
+  if (csr->parsed()) return Csr({state_dir}, csr_cn);
   if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
   if (op_remove->parsed()) return OperatorRemove({state_dir}, op_rm_name);
   if (run->parsed()) {
@@ -323,6 +453,19 @@ int main(int argc, char** argv) {
     if (run->count("--max-handshakes") || config_file.empty())
       merged.max_handshakes = rc.max_handshakes;
     if (run->count("--log-level") || config_file.empty()) merged.log_level = rc.log_level;
+    auto flag = [&](const char* name) { return run->count(name) > 0 || config_file.empty(); };
+    if (flag("--max-log-bytes-per-machine"))
+      merged.store.log_bytes_per_machine = rc.store.log_bytes_per_machine;
+    if (flag("--max-log-bytes-per-generation"))
+      merged.store.log_bytes_per_generation = rc.store.log_bytes_per_generation;
+    if (flag("--max-events-per-machine"))
+      merged.store.events_per_machine = rc.store.events_per_machine;
+    if (flag("--keep-event-generations"))
+      merged.store.keep_event_generations = rc.store.keep_event_generations;
+    if (flag("--agent-messages-per-second"))
+      merged.agent.messages_per_second = rc.agent.messages_per_second;
+    if (flag("--agent-bytes-per-second")) merged.agent.bytes_per_second = rc.agent.bytes_per_second;
+    if (flag("--log-queue-lines")) merged.log_queue_lines = rc.log_queue_lines;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {
       std::cout << "configuration is valid\n";

@@ -49,6 +49,24 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
       o << "muster_refusals_total{reason=\"" << reason << "\"} " << n << "\n";
     }
   }
+  o << "# HELP muster_log_lines_stored_total Agent log lines stored.\n"
+    << "# TYPE muster_log_lines_stored_total counter\n"
+    << "muster_log_lines_stored_total " << stats.logs.stored_lines.load() << "\n"
+    << "# HELP muster_log_lines_dropped_total Agent log lines dropped, by reason.\n"
+    << "# TYPE muster_log_lines_dropped_total counter\n"
+    << "muster_log_lines_dropped_total{reason=\"queue-full\"} "
+    << stats.logs.dropped_queue_full.load() << "\n"
+    << "muster_log_lines_dropped_total{reason=\"unknown-generation\"} "
+    << stats.logs.dropped_unknown_generation.load() << "\n"
+    << "muster_log_lines_dropped_total{reason=\"store-error\"} "
+    << stats.logs.dropped_store_error.load() << "\n"
+    << "# HELP muster_log_queue_lines Agent log lines waiting to be stored.\n"
+    << "# TYPE muster_log_queue_lines gauge\n"
+    << "muster_log_queue_lines " << stats.logs.queued_lines.load() << "\n"
+    << "# HELP muster_agent_read_pauses_total Pauses of an agent session's reads because it "
+       "sent more than its budget.\n"
+    << "# TYPE muster_agent_read_pauses_total counter\n"
+    << "muster_agent_read_pauses_total " << stats.read_pauses.load() << "\n";
   o << "# HELP muster_publishes_total Generations published.\n"
     << "# TYPE muster_publishes_total counter\n"
     << "muster_publishes_total " << c.publishes << "\n"

@@ -35,6 +35,11 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
   stats.Refuse("unknown-key");
   stats.Refuse("unknown-key");
   stats.Refuse("bad-message");
+  stats.read_pauses = 3;
+  stats.logs.stored_lines = 40;
+  stats.logs.dropped_queue_full = 4;
+  stats.logs.dropped_unknown_generation = 9;
+  stats.logs.queued_lines = 6;
 
   std::string text = RenderMetrics(*fleet_, stats);
   std::string lined = "\n" + text;  // every line, the first included, follows a newline
@@ -57,6 +62,14 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
        "counter",
        {"muster_refusals_total{reason=\"unknown-key\"} 2",
         "muster_refusals_total{reason=\"bad-message\"} 1"}},
+      {"muster_log_lines_stored_total", "counter", {"muster_log_lines_stored_total 40"}},
+      {"muster_log_lines_dropped_total",
+       "counter",
+       {"muster_log_lines_dropped_total{reason=\"queue-full\"} 4",
+        "muster_log_lines_dropped_total{reason=\"unknown-generation\"} 9",
+        "muster_log_lines_dropped_total{reason=\"store-error\"} 0"}},
+      {"muster_log_queue_lines", "gauge", {"muster_log_queue_lines 6"}},
+      {"muster_agent_read_pauses_total", "counter", {"muster_agent_read_pauses_total 3"}},
       {"muster_publishes_total", "counter", {"muster_publishes_total 1"}},
       {"muster_deploys_sent_total", "counter", {"muster_deploys_sent_total 1"}},
       {"muster_status_reports_total", "counter", {"muster_status_reports_total 1"}},
@@ -85,9 +98,10 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  // 13 fleet and server samples, 2 enrolment/revocation counters, 13 histogram
-  // lines (10 buckets, +Inf, sum, count); no rollouts yet.
-  EXPECT_EQ(samples, 28);
+  // 13 fleet and server samples, 6 log and pacing samples, 2
+  // enrolment/revocation counters, 13 histogram lines (10 buckets, +Inf, sum,
+  // count); no rollouts yet.
+  EXPECT_EQ(samples, 34);
   EXPECT_EQ(text.back(), '\n');
 }
 

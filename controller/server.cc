@@ -147,8 +147,14 @@ class StoreWriter {
 struct Shared {
   Shared(Fleet& f, Api& a, std::shared_ptr<asio::ssl::context> t, ServerOptions o,
          std::shared_ptr<ServerStats> s)
-      : fleet(f), api(a), tls(std::move(t)), options(std::move(o)), stats(std::move(s)),
-        store_writer(f) {}
+      : fleet(f),
+        api(a),
+        tls(std::move(t)),
+        options(std::move(o)),
+        stats(std::move(s)),
+        store_writer(f),
+        log_writer([&f](const std::vector<Fleet::LogWrite>& w) { return f.AgentLogBatch(w); },
+                   options.log_queue, stats->logs) {}
   Fleet& fleet;
   Api& api;
   std::shared_ptr<asio::ssl::context> tls;
@@ -160,6 +166,7 @@ struct Shared {
   std::mutex handshaking_mu;
   std::list<std::weak_ptr<Session>> handshaking;
   StoreWriter store_writer;
+  LogWriter log_writer;  // agents' log lines, off the I/O threads
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -185,7 +192,8 @@ class Session : public std::enable_shared_from_this<Session>,
       : shared_(std::move(shared)),
         ex_(socket.get_executor()),
         raw_(std::move(socket)),
-        timer_(ex_) {
+        timer_(ex_),
+        pause_timer_(ex_) {
     peer_ = Endpoint(raw_);
     ++shared_->stats->sessions_open;
     ++shared_->stats->connections;
@@ -359,6 +367,12 @@ class Session : public std::enable_shared_from_this<Session>,
     upgrade_ = {};
     buffer_.clear();
     buffer_.shrink_to_fit();
+    if (who_.role == Role::kMachine) {
+      limiter_.emplace(opts().agent_limits, opts().max_message_bytes, Clock::now());
+      log_source_ = std::make_shared<LogSource>();
+      log_source_->machine = who_.name;
+      log_source_->peer = peer_;
+    }
     // Agents must say hello within the handshake timeout; the TCP deadline
     // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kOperator) {
@@ -385,6 +399,10 @@ class Session : public std::enable_shared_from_this<Session>,
 
   void OnTimer() {
     if (closed_) return;
+    if (paused_) {  // we are not reading (ReadNext): the silence is ours
+      ArmTimer();
+      return;
+    }
     if (Clock::now() - last_rx_ >= opts().idle_timeout) {
       spdlog::info("{} ({}): nothing received for {} s; closing", peer_, who_.name,
                    std::chrono::duration_cast<std::chrono::seconds>(opts().idle_timeout).count());
@@ -400,6 +418,29 @@ class Session : public std::enable_shared_from_this<Session>,
       Flush();
     }
     ArmTimer();
+  }
+
+  // Reads the next message, first waiting out the session's debt when the
+  // agent sent more than its budget: backpressure, nothing it sent is dropped.
+  void ReadNext() {
+    if (closed_) return;
+    auto wait = limiter_ ? limiter_->Delay(Clock::now()) : std::chrono::nanoseconds(0);
+    if (wait <= std::chrono::nanoseconds(0)) return Read();
+    ++shared_->stats->read_pauses;
+    if (!warned_pace_) {
+      warned_pace_ = true;
+      spdlog::info("{} ({}): sending more than {} messages or {} bytes per second; pacing reads",
+                   peer_, who_.name, opts().agent_limits.messages_per_second,
+                   opts().agent_limits.bytes_per_second);
+    }
+    paused_ = true;
+    pause_timer_.expires_after(wait);
+    pause_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      self->paused_ = false;
+      if (ec || self->closed_) return;
+      self->last_rx_ = Clock::now();
+      self->Read();
+    });
   }
 
   void Read() {
@@ -427,6 +468,7 @@ class Session : public std::enable_shared_from_this<Session>,
     }
     std::string text = beast::buffers_to_string(buffer_.data());
     buffer_.consume(buffer_.size());
+    if (limiter_) limiter_->Charge(text.size(), Clock::now());
     if (buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
     proto::DecodeLimits limits;
     limits.max_bytes = who_.role == Role::kOperator
@@ -442,10 +484,10 @@ class Session : public std::enable_shared_from_this<Session>,
       HandleEnroll(*msg);
       return;
     }
-    if (!closed_) Read();
+    if (!closed_) ReadNext();
   }
 
-  bool HandleAgent(const proto::Message& msg) {
+  bool HandleAgent(proto::Message& msg) {
     if (!authenticated_) {
       const auto* hello = std::get_if<proto::Hello>(&msg);
       if (!hello) {
@@ -474,15 +516,14 @@ class Session : public std::enable_shared_from_this<Session>,
               spdlog::info("{} generation {}: {}{}{}", self->who_.name, st.generation, st.phase,
                            st.detail.empty() ? "" : ": ", st.detail);
               self->Queue(std::move(*ack));
-              if (!self->closed_) self->Read();
+              if (!self->closed_) self->ReadNext();
             });
           });
       return false;
     }
-    if (const auto* logs = std::get_if<proto::LogLines>(&msg)) {
-      if (auto s = shared_->fleet.AgentLogs(who_.name, *logs); !s) {
-        spdlog::warn("{}: {}", who_.name, s.message());
-      }
+    if (auto* logs = std::get_if<proto::LogLines>(&msg)) {
+      // Never blocks: a full queue drops the lines (counted, warned once).
+      (void)shared_->log_writer.Submit(log_source_, std::move(*logs));
       return true;
     }
     if (std::holds_alternative<proto::Hello>(msg)) {
@@ -542,7 +583,7 @@ class Session : public std::enable_shared_from_this<Session>,
     spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
                  generation, phase);
     for (auto& t : *out) Queue(std::move(t));
-    if (!closed_) Read();
+    if (!closed_) ReadNext();
   }
 
   bool HandleOperator(const proto::Message& msg) {
@@ -670,6 +711,7 @@ class Session : public std::enable_shared_from_this<Session>,
     closed_ = true;
     LeaveHandshake();
     timer_.cancel();
+    pause_timer_.cancel();
     // A write in flight still reads the front element; OnWrite drops it.
     if (writing_ && !outbox_.empty()) {
       outbox_.erase(outbox_.begin() + 1, outbox_.end());
@@ -688,6 +730,11 @@ class Session : public std::enable_shared_from_this<Session>,
   tcp::socket raw_;           // until the peer sends its first bytes
   std::optional<WsStream> ws_;
   asio::steady_timer timer_;
+  asio::steady_timer pause_timer_;         // ReadNext's wait
+  std::optional<SessionLimiter> limiter_;  // agents only
+  std::shared_ptr<LogSource> log_source_;  // agents only
+  bool paused_ = false;
+  bool warned_pace_ = false;
   Clock::time_point handshake_deadline_;
   std::list<std::weak_ptr<Session>>::iterator hs_it_;
   bool in_handshake_ = false;
@@ -787,6 +834,7 @@ Server::Server(asio::io_context& ioc, Fleet& fleet, Api& api,
 Server::~Server() {
   Stop();
   impl_->shared->store_writer.Stop();  // before the io_context its callbacks post to
+  impl_->shared->log_writer.Stop();    // stores what is queued
 }
 
 Result<std::vector<tcp::endpoint>> Server::Start() {

@@ -5,7 +5,8 @@
 // websocket upgrade and, for agents, the hello) must finish within
 // handshake_timeout; after that the server pings a peer that has been quiet for
 // ping_interval and closes one from which nothing was received for idle_timeout. The websocket stream
-// type is instantiated only in server.cc.
+// type is instantiated only in server.cc. An agent session that sends more than its
+// agent_limits is paced (its reads pause); its log lines go to a LogWriter.
 #pragma once
 
 #include <atomic>
@@ -25,6 +26,8 @@
 #include "common/url.h"
 #include "controller/api.h"
 #include "controller/fleet.h"
+#include "controller/log_writer.h"
+#include "controller/rate_limit.h"
 
 namespace muster {
 
@@ -38,6 +41,10 @@ struct ServerOptions {
   std::size_t max_outbox_bytes = 16 << 20;
   // Connections still in their handshake; past this the oldest is cut.
   std::size_t max_handshakes = 1024;
+  // What one agent session may send; past it, its reads pause (rate_limit.h).
+  SessionLimits agent_limits;
+  // The queue in front of the log writer thread (log_writer.h).
+  LogWriter::Options log_queue;
 };
 
 // Counters for metrics; all monotonic except sessions_open.
@@ -45,6 +52,8 @@ struct ServerStats {
   std::atomic<std::uint64_t> connections{0};
   std::atomic<std::uint64_t> handshakes_ok{0};
   std::atomic<std::int64_t> sessions_open{0};
+  std::atomic<std::uint64_t> read_pauses{0};  // agent sessions paced by their budget
+  LogStats logs;
   std::mutex mu;
   std::map<std::string, std::uint64_t> refusals;  // reason → count
   void Refuse(const std::string& reason) {

@@ -16,7 +16,6 @@ namespace {
 using nlohmann::json;
 
 constexpr int kSchemaVersion = 1;
-constexpr std::int64_t kLogBytesPerGeneration = 4 << 20;
 
 constexpr const char* kSchema = R"SQL(
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -201,7 +200,7 @@ json ParseOr(const std::string& text, json fallback) {
 
 class SqliteStore final : public Store {
  public:
-  explicit SqliteStore(sqlite3* db) : db_(db) {}
+  SqliteStore(sqlite3* db, const StoreLimits& limits) : limits_(limits), db_(db) {}
   ~SqliteStore() override {
     FinalizeCachedStatements(db_);
     sqlite3_close(db_);
@@ -223,7 +222,21 @@ class SqliteStore final : public Store {
       return Err("store schema version " + *v + " is newer than this controller supports (" +
                  std::to_string(kSchemaVersion) + "); upgrade muster-controller");
     }
+    if (auto st = RecountLogSizes(); !st) return st;
     return SetSettingLocked("schema_version", std::to_string(kSchemaVersion));
+  }
+
+  // log_sizes once counted line bytes only; it now also counts a per-row
+  // overhead (StoreLimits::kLogRowOverhead). Recounted once per store.
+  Status RecountLogSizes() {
+    if (GetSettingLocked("log_accounting") == "2") return Status::Ok();
+    std::string sql =
+        "UPDATE log_sizes SET bytes = (SELECT COALESCE(SUM(LENGTH(CAST(line AS BLOB)) + " +
+        std::to_string(StoreLimits::kLogRowOverhead) +
+        "), 0) FROM logs WHERE logs.machine = log_sizes.machine AND "
+        "logs.generation = log_sizes.generation)";
+    if (auto st = Exec(sql.c_str()); !st) return st;
+    return SetSettingLocked("log_accounting", "2");
   }
 
   Status AddMachine(const MachineRecord& m) override {
@@ -395,10 +408,14 @@ class SqliteStore final : public Store {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
     if (auto st = WriteStatusLocked(name, ev, toplevel, reboot_required, facts); !st) {
-      (void)Exec("ROLLBACK");
+      RollbackLocked();
       return st;
     }
-    return Exec("COMMIT");
+    if (auto st = Exec("COMMIT"); !st) {
+      RollbackLocked();
+      return st;
+    }
+    return Status::Ok();
   }
 
   // Group commit: every report in one transaction, one fsync. If anything
@@ -415,7 +432,7 @@ class SqliteStore final : public Store {
           }
         }
         if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
-        (void)Exec("ROLLBACK");
+        RollbackLocked();
       }
     }
     return Store::RecordStatuses(writes);
@@ -448,6 +465,7 @@ class SqliteStore final : public Store {
     if (u.Step() != SQLITE_DONE || i.Step() != SQLITE_DONE) {
       return Err("store: cannot record status: " + std::string(sqlite3_errmsg(db_)));
     }
+    if (auto st = BoundEventsLocked(name); !st) return st;
     if (facts.is_object()) {
       Stmt f(db_, "UPDATE machines SET facts = ? WHERE name = ?");
       f.Bind(1, DumpJson(facts)).Bind(2, name);
@@ -818,47 +836,53 @@ class SqliteStore final : public Store {
     return out;
   }
 
+  bool HasGeneration(const std::string& machine, std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT 1 FROM generations WHERE machine = ? AND generation = ?");
+    s.Bind(1, machine).Bind(2, generation);
+    return s.Step() == SQLITE_ROW;
+  }
+
   Status AppendLogs(const std::vector<LogRecord>& lines) override {
     if (lines.empty()) return Status::Ok();
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    auto fail = [&](const std::string& what) {
+      std::string e = what + ": " + sqlite3_errmsg(db_);
+      RollbackLocked();
+      return Status(Err("store: cannot append logs: " + e));
+    };
+    std::map<std::pair<std::string, std::int64_t>, std::int64_t> added;  // (machine, gen) → bytes
     for (const auto& l : lines) {
+      // Load the machine's total before its first line is counted in log_sizes.
+      if (!log_bytes_.count(l.machine)) (void)MachineLogBytesLocked(l.machine);
       Stmt i(db_, "INSERT INTO logs (machine, generation, stream, line, at) VALUES (?,?,?,?,?)");
       i.Bind(1, l.machine).Bind(2, l.generation).Bind(3, l.stream).Bind(4, l.line).Bind(5, l.at);
+      if (i.Step() != SQLITE_DONE) return fail("insert");
+      std::int64_t cost = static_cast<std::int64_t>(l.line.size()) + StoreLimits::kLogRowOverhead;
+      added[{l.machine, l.generation}] += cost;
+      log_bytes_[l.machine] += cost;
+    }
+    for (const auto& [key, bytes] : added) {
       Stmt z(db_,
              "INSERT INTO log_sizes (machine, generation, bytes) VALUES (?,?,?) "
-             "ON CONFLICT (machine, generation) DO UPDATE SET bytes = bytes + excluded.bytes");
-      z.Bind(1, l.machine).Bind(2, l.generation).Bind(3, static_cast<std::int64_t>(l.line.size()));
-      if (i.Step() != SQLITE_DONE || z.Step() != SQLITE_DONE) {
-        std::string e = sqlite3_errmsg(db_);
-        (void)Exec("ROLLBACK");
-        return Err("store: cannot append logs: " + e);
+             "ON CONFLICT (machine, generation) DO UPDATE SET bytes = bytes + excluded.bytes "
+             "RETURNING bytes");
+      z.Bind(1, key.first).Bind(2, key.second).Bind(3, bytes);
+      if (z.Step() != SQLITE_ROW) return fail("count");
+      std::int64_t total = z.Int(0);
+      if (total > limits_.log_bytes_per_generation) {
+        std::int64_t target = limits_.log_bytes_per_generation * 3 / 4;
+        if (!DropOldestLogLinesLocked(key.first, key.second, total - target)) return fail("prune");
       }
     }
-    // Enforce the per-generation bound by dropping the oldest lines.
-    const auto& first = lines.front();
-    Stmt q(db_, "SELECT bytes FROM log_sizes WHERE machine = ? AND generation = ?");
-    q.Bind(1, first.machine).Bind(2, first.generation);
-    if (q.Step() == SQLITE_ROW && q.Int(0) > kLogBytesPerGeneration) {
-      Stmt d(db_,
-             "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE machine = ? AND "
-             "generation = ? ORDER BY id LIMIT (SELECT COUNT(*) / 4 + 1 FROM logs WHERE "
-             "machine = ? AND generation = ?))");
-      d.Bind(1, first.machine)
-          .Bind(2, first.generation)
-          .Bind(3, first.machine)
-          .Bind(4, first.generation);
-      (void)d.Step();
-      Stmt r(db_,
-             "UPDATE log_sizes SET bytes = (SELECT COALESCE(SUM(LENGTH(line)), 0) FROM logs "
-             "WHERE machine = ? AND generation = ?) WHERE machine = ? AND generation = ?");
-      r.Bind(1, first.machine)
-          .Bind(2, first.generation)
-          .Bind(3, first.machine)
-          .Bind(4, first.generation);
-      (void)r.Step();
+    for (const auto& [key, bytes] : added) {
+      if (log_bytes_[key.first] > limits_.log_bytes_per_machine) {
+        if (!PruneMachineLogsLocked(key.first)) return fail("prune");
+      }
     }
-    return Exec("COMMIT");
+    if (auto st = Exec("COMMIT"); !st) return fail("commit");
+    return Status::Ok();
   }
 
   std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
@@ -897,6 +921,123 @@ class SqliteStore final : public Store {
     }
   }
 
+  // After a failed transaction the cached per-machine totals may count rows
+  // that were never written: forget them (they are recounted when needed).
+  void RollbackLocked() {
+    (void)Exec("ROLLBACK");
+    log_bytes_.clear();
+    event_rows_.clear();
+  }
+
+  // The machine's log bytes (sum of log_sizes), cached.
+  std::int64_t MachineLogBytesLocked(const std::string& machine) {
+    auto it = log_bytes_.find(machine);
+    if (it != log_bytes_.end()) return it->second;
+    Stmt q(db_, "SELECT COALESCE(SUM(bytes), 0) FROM log_sizes WHERE machine = ?");
+    q.Bind(1, machine);
+    std::int64_t n = q.Step() == SQLITE_ROW ? q.Int(0) : 0;
+    log_bytes_[machine] = n;
+    return n;
+  }
+
+  // Deletes the oldest lines of (machine, generation) worth at least `bytes`
+  // and updates both counts. Returns false on a store error.
+  bool DropOldestLogLinesLocked(const std::string& machine, std::int64_t generation,
+                                std::int64_t bytes) {
+    std::int64_t removed = 0, last_id = -1;
+    {
+      Stmt q(db_,
+             "SELECT id, LENGTH(CAST(line AS BLOB)) FROM logs WHERE machine = ? AND "
+             "generation = ? ORDER BY id");
+      q.Bind(1, machine).Bind(2, generation);
+      while (removed < bytes && q.Step() == SQLITE_ROW) {
+        last_id = q.Int(0);
+        removed += q.Int(1) + StoreLimits::kLogRowOverhead;
+      }
+    }
+    Stmt d(db_, "DELETE FROM logs WHERE machine = ? AND generation = ? AND id <= ?");
+    d.Bind(1, machine).Bind(2, generation).Bind(3, last_id);
+    if (d.Step() != SQLITE_DONE) return false;
+    Stmt z(db_, "UPDATE log_sizes SET bytes = bytes - ? WHERE machine = ? AND generation = ?");
+    z.Bind(1, removed).Bind(2, machine).Bind(3, generation);
+    if (z.Step() != SQLITE_DONE) return false;
+    Stmt e(db_, "DELETE FROM log_sizes WHERE machine = ? AND generation = ? AND bytes <= 0");
+    e.Bind(1, machine).Bind(2, generation);
+    if (e.Step() != SQLITE_DONE) return false;
+    log_bytes_[machine] -= removed;
+    return true;
+  }
+
+  // Brings the machine's logs to 3/4 of its bound: whole generations go
+  // first, lowest number (oldest) first, then the oldest lines of the next.
+  bool PruneMachineLogsLocked(const std::string& machine) {
+    const std::int64_t target = limits_.log_bytes_per_machine * 3 / 4;
+    std::int64_t& total = log_bytes_[machine];
+    while (total > target) {
+      std::int64_t generation = 0, bytes = 0;
+      {
+        Stmt q(db_,
+               "SELECT generation, bytes FROM log_sizes WHERE machine = ? ORDER BY generation "
+               "LIMIT 1");
+        q.Bind(1, machine);
+        if (q.Step() != SQLITE_ROW) {
+          total = 0;  // nothing is left: the cached total was stale
+          return true;
+        }
+        generation = q.Int(0);
+        bytes = q.Int(1);
+      }
+      if (bytes <= total - target) {
+        Stmt d(db_, "DELETE FROM logs WHERE machine = ? AND generation = ?");
+        d.Bind(1, machine).Bind(2, generation);
+        Stmt z(db_, "DELETE FROM log_sizes WHERE machine = ? AND generation = ?");
+        z.Bind(1, machine).Bind(2, generation);
+        if (d.Step() != SQLITE_DONE || z.Step() != SQLITE_DONE) return false;
+        total -= bytes;
+      } else if (!DropOldestLogLinesLocked(machine, generation, total - target)) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Counts the event just inserted for machine; past the bound, deletes the
+  // oldest events down to 3/4 of it, sparing the newest generations' events
+  // unless they alone are too many. The caller holds mu_ and a transaction.
+  Status BoundEventsLocked(const std::string& machine) {
+    auto it = event_rows_.find(machine);
+    if (it == event_rows_.end()) {
+      Stmt q(db_, "SELECT COUNT(*) FROM events WHERE machine = ?");  // includes the new row
+      q.Bind(1, machine);
+      it = event_rows_.emplace(machine, q.Step() == SQLITE_ROW ? q.Int(0) : 0).first;
+    } else {
+      ++it->second;
+    }
+    std::int64_t& rows = it->second;
+    if (rows <= limits_.events_per_machine) return Status::Ok();
+    const std::int64_t target = limits_.events_per_machine - limits_.events_per_machine / 4;
+    {
+      Stmt d(db_,
+             "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE machine = ?1 AND "
+             "generation NOT IN (SELECT generation FROM generations WHERE machine = ?1 ORDER BY "
+             "generation DESC LIMIT ?2) ORDER BY id LIMIT ?3)");
+      d.Bind(1, machine)
+          .Bind(2, std::int64_t{limits_.keep_event_generations})
+          .Bind(3, rows - target);
+      if (d.Step() != SQLITE_DONE) return Err("store: cannot prune events: " + d.ErrorText());
+      rows -= sqlite3_changes(db_);
+    }
+    if (rows > target) {
+      Stmt d(db_,
+             "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE machine = ? ORDER BY "
+             "id LIMIT ?)");
+      d.Bind(1, machine).Bind(2, rows - target);
+      if (d.Step() != SQLITE_DONE) return Err("store: cannot prune events: " + d.ErrorText());
+      rows -= sqlite3_changes(db_);
+    }
+    return Status::Ok();
+  }
+
   Status Exec(const char* sql) {
     char* err = nullptr;
     if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
@@ -924,12 +1065,32 @@ class SqliteStore final : public Store {
   }
 
   std::mutex mu_;
+  const StoreLimits limits_;
   sqlite3* db_;
+  std::unordered_map<std::string, std::int64_t> log_bytes_;   // machine → bytes in log_sizes
+  std::unordered_map<std::string, std::int64_t> event_rows_;  // machine → rows in events
 };
 
 }  // namespace
 
-Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path) {
+Status CheckStoreLimits(const StoreLimits& l) {
+  if (l.log_bytes_per_generation < 4096) {
+    return Err("--max-log-bytes-per-generation must be at least 4096");
+  }
+  if (l.log_bytes_per_machine < l.log_bytes_per_generation) {
+    return Err("--max-log-bytes-per-machine (" + std::to_string(l.log_bytes_per_machine) +
+               ") must be at least --max-log-bytes-per-generation (" +
+               std::to_string(l.log_bytes_per_generation) + ")");
+  }
+  if (l.events_per_machine < 16) return Err("--max-events-per-machine must be at least 16");
+  if (l.keep_event_generations < 0 || l.keep_event_generations > 10000) {
+    return Err("--keep-event-generations must be between 0 and 10000");
+  }
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path, const StoreLimits& limits) {
+  if (auto st = CheckStoreLimits(limits); !st) return st.error();
   sqlite3* db = nullptr;
   int rc =
       sqlite3_open_v2(path.c_str(), &db,
@@ -939,7 +1100,7 @@ Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path) {
     sqlite3_close(db);
     return Err("cannot open store " + path + ": " + e);
   }
-  auto store = std::make_unique<SqliteStore>(db);
+  auto store = std::make_unique<SqliteStore>(db, limits);
   if (auto st = store->Init(); !st)
     return Err("cannot initialise store " + path + ": " + st.message());
   return std::unique_ptr<Store>(std::move(store));

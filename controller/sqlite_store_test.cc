@@ -19,9 +19,9 @@ class SqliteStoreTest : public ::testing::Test {
  protected:
   void SetUp() override { Reopen(); }
 
-  void Reopen() {
+  void Reopen(const StoreLimits& limits = {}) {
     store_.reset();
-    auto s = OpenSqliteStore((dir_ / "muster.db").string());
+    auto s = OpenSqliteStore((dir_ / "muster.db").string(), limits);
     ASSERT_TRUE(s.ok()) << s.message();
     store_ = std::move(*s);
   }
@@ -339,6 +339,150 @@ TEST_F(SqliteStoreTest, LogsAreBoundedPerGeneration) {
       << "the oldest lines go first";
   EXPECT_EQ(kept.back().line.substr(0, kept.back().line.find(':')), std::to_string(n - 1));
   EXPECT_EQ(store_->ReadLogs("web1", 2, 0, 10).size(), 1u) << "other generations untouched";
+}
+
+// Bytes a set of log lines occupies by the store's accounting.
+std::int64_t LogBytes(const std::vector<LogRecord>& lines) {
+  std::int64_t n = 0;
+  for (const auto& l : lines) {
+    n += static_cast<std::int64_t>(l.line.size()) + StoreLimits::kLogRowOverhead;
+  }
+  return n;
+}
+
+TEST_F(SqliteStoreTest, LogsAreBoundedPerMachineOldestGenerationsFirst) {
+  StoreLimits limits;
+  limits.log_bytes_per_generation = 64 << 10;
+  limits.log_bytes_per_machine = 256 << 10;
+  Reopen(limits);
+  const std::string line(960, 'x');  // 1 KiB with the row overhead
+  for (int gen = 1; gen <= 10; ++gen) {
+    std::vector<LogRecord> lines;
+    for (int i = 0; i < 100; ++i) {
+      lines.push_back({0, "web1", gen, "realise", std::to_string(i) + ":" + line, i});
+    }
+    ASSERT_TRUE(store_->AppendLogs(lines).ok());
+  }
+  ASSERT_TRUE(store_->AppendLogs({{0, "web2", 1, "realise", "another machine", 0}}).ok());
+  std::int64_t total = 0;
+  std::vector<int> kept_gens;
+  for (int gen = 1; gen <= 10; ++gen) {
+    auto kept = store_->ReadLogs("web1", gen, 0, 100000);
+    EXPECT_LE(LogBytes(kept), limits.log_bytes_per_generation) << "generation " << gen;
+    total += LogBytes(kept);
+    if (!kept.empty()) kept_gens.push_back(gen);
+  }
+  EXPECT_LE(total, limits.log_bytes_per_machine);
+  EXPECT_GE(total, limits.log_bytes_per_machine / 2) << "pruning is gradual";
+  ASSERT_FALSE(kept_gens.empty());
+  EXPECT_EQ(kept_gens.back(), 10) << "the newest generation is kept";
+  EXPECT_GT(kept_gens.front(), 1) << "the oldest generation goes first";
+  for (std::size_t i = 1; i < kept_gens.size(); ++i) {
+    EXPECT_EQ(kept_gens[i], kept_gens[i - 1] + 1) << "only the oldest generations are gone";
+  }
+  EXPECT_EQ(store_->ReadLogs("web2", 1, 0, 10).size(), 1u) << "other machines untouched";
+}
+
+TEST_F(SqliteStoreTest, EmptyLogLinesAreBoundedByTheirRowCost) {
+  StoreLimits limits;
+  limits.log_bytes_per_generation = 64 << 10;
+  limits.log_bytes_per_machine = 64 << 10;
+  Reopen(limits);
+  std::vector<LogRecord> lines(20000, LogRecord{0, "web1", 1, "realise", "", 0});
+  ASSERT_TRUE(store_->AppendLogs(lines).ok());
+  auto kept = store_->ReadLogs("web1", 1, 0, 100000);
+  EXPECT_LE(static_cast<std::int64_t>(kept.size()),
+            limits.log_bytes_per_machine / StoreLimits::kLogRowOverhead);
+  EXPECT_FALSE(kept.empty());
+}
+
+TEST_F(SqliteStoreTest, LogBoundHoldsAcrossReopen) {
+  StoreLimits limits;
+  limits.log_bytes_per_generation = 64 << 10;
+  limits.log_bytes_per_machine = 128 << 10;
+  Reopen(limits);
+  const std::string line(960, 'y');
+  for (int round = 0; round < 2; ++round) {
+    for (int gen = round * 3 + 1; gen <= round * 3 + 3; ++gen) {
+      std::vector<LogRecord> lines(60, LogRecord{0, "web1", gen, "realise", line, 0});
+      ASSERT_TRUE(store_->AppendLogs(lines).ok());
+    }
+    Reopen(limits);  // the per-machine total is recounted from the store
+  }
+  std::int64_t total = 0;
+  for (int gen = 1; gen <= 6; ++gen) total += LogBytes(store_->ReadLogs("web1", gen, 0, 100000));
+  EXPECT_LE(total, limits.log_bytes_per_machine);
+  EXPECT_FALSE(store_->ReadLogs("web1", 6, 0, 1).empty());
+}
+
+TEST_F(SqliteStoreTest, EventsAreBoundedPerMachineKeepingTheNewestGenerationsWhole) {
+  StoreLimits limits;
+  limits.events_per_machine = 40;
+  limits.keep_event_generations = 2;
+  Reopen(limits);
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2")).ok());
+  for (int gen = 1; gen <= 5; ++gen) ASSERT_TRUE(store_->AddGeneration(Gen("web1", gen)).ok());
+  ASSERT_TRUE(store_->RecordStatus("web2", Event(1, "succeeded", 1), "", false).ok());
+  // Gen 99 does not exist: its events are never among the newest generations.
+  std::vector<StatusWrite> writes;
+  for (int gen : {1, 2, 99, 3, 4, 5}) {
+    for (int i = 0; i < 10; ++i) {
+      writes.push_back({"web1", Event(gen, "realising", gen * 100 + i), "", false});
+    }
+  }
+  for (const auto& st : store_->RecordStatuses(writes)) ASSERT_TRUE(st.ok()) << st.message();
+  auto all = store_->ListEvents("web1", 0, 100000);
+  EXPECT_LE(all.size(), 40u);
+  EXPECT_EQ(store_->ListEvents("web1", 5, 100).size(), 10u) << "newest generation whole";
+  EXPECT_EQ(store_->ListEvents("web1", 4, 100).size(), 10u) << "second newest whole";
+  EXPECT_TRUE(store_->ListEvents("web1", 1, 100).empty()) << "oldest events go first";
+  EXPECT_EQ(store_->ListEvents("web2", 0, 100).size(), 1u) << "other machines untouched";
+
+  // A flood for the newest generation: the bound still holds, newest kept.
+  for (int i = 0; i < 200; ++i) {
+    ASSERT_TRUE(store_->RecordStatus("web1", Event(5, "confirming", 10000 + i), "", false).ok());
+  }
+  all = store_->ListEvents("web1", 0, 100000);
+  EXPECT_LE(all.size(), 40u);
+  ASSERT_FALSE(all.empty());
+  EXPECT_EQ(all.back().at, 10199);
+  Reopen(limits);  // the count is recounted after a restart
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_TRUE(store_->RecordStatus("web1", Event(5, "confirming", 20000 + i), "", false).ok());
+  }
+  EXPECT_LE(store_->ListEvents("web1", 0, 100000).size(), 40u);
+}
+
+TEST_F(SqliteStoreTest, HasGeneration) {
+  ASSERT_TRUE(store_->AddGeneration(Gen("web1", 3)).ok());
+  auto held = Gen("web1", 4);
+  held.released = false;
+  ASSERT_TRUE(store_->AddGeneration(held).ok());
+  EXPECT_TRUE(store_->HasGeneration("web1", 3));
+  EXPECT_TRUE(store_->HasGeneration("web1", 4)) << "unreleased generations exist too";
+  EXPECT_FALSE(store_->HasGeneration("web1", 2));
+  EXPECT_FALSE(store_->HasGeneration("web2", 3));
+}
+
+TEST(StoreLimitsCheck, NamesTheSettingThatIsWrong) {
+  StoreLimits l;
+  EXPECT_TRUE(CheckStoreLimits(l).ok()) << "the defaults are valid";
+  l.log_bytes_per_machine = l.log_bytes_per_generation - 1;
+  EXPECT_THAT(CheckStoreLimits(l).message(),
+              HasSubstr("--max-log-bytes-per-machine (4194303) must be at least "
+                        "--max-log-bytes-per-generation (4194304)"));
+  l = {};
+  l.events_per_machine = 3;
+  EXPECT_THAT(CheckStoreLimits(l).message(), HasSubstr("--max-events-per-machine"));
+  l = {};
+  l.keep_event_generations = -1;
+  EXPECT_THAT(CheckStoreLimits(l).message(), HasSubstr("--keep-event-generations"));
+  testing::TempDir dir;
+  l.keep_event_generations = -1;
+  auto s = OpenSqliteStore((dir / "muster.db").string(), l);
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("--keep-event-generations"));
 }
 
 TEST_F(SqliteStoreTest, SettingsAndSchemaVersion) {

@@ -215,8 +215,11 @@ class Store {
   virtual std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) = 0;
   virtual std::vector<EventRecord> ListEvents(const std::string& machine, std::int64_t generation,
                                               int limit) = 0;  // generation 0: all
+  // Whether machine has a stored generation with this number (released or not).
+  virtual bool HasGeneration(const std::string& machine, std::int64_t generation) = 0;
 
-  // Logs, kept per generation up to a byte bound (oldest lines dropped).
+  // Logs, kept within the byte bounds of StoreLimits per generation and per
+  // machine (oldest lines dropped). The caller decides which lines to accept.
   virtual Status AppendLogs(const std::vector<LogRecord>& lines) = 0;
   virtual std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
                                           std::int64_t after_id, int limit) = 0;
@@ -226,7 +229,25 @@ class Store {
   virtual Status SetSetting(const std::string& key, const std::string& value) = 0;
 };
 
+// What one machine may occupy in the store; enforced on every write, the
+// oldest data dropped first (with some slack, so that not every write prunes).
+struct StoreLimits {
+  // Log bytes per machine and per generation; each line counts its length plus
+  // kLogRowOverhead, so that a flood of empty lines is bounded too.
+  std::int64_t log_bytes_per_machine = 16 << 20;
+  std::int64_t log_bytes_per_generation = 4 << 20;
+  static constexpr std::int64_t kLogRowOverhead = 64;
+  // Event rows (status reports) per machine. Pruning takes the oldest events
+  // outside the newest keep_event_generations generations first, so that those
+  // stay whole unless they alone exceed the bound.
+  std::int64_t events_per_machine = 2000;
+  int keep_event_generations = 10;
+};
+// A message naming what is wrong with limits, or OK.
+Status CheckStoreLimits(const StoreLimits& limits);
+
 // Opens (creating if needed) the SQLite store at path.
-Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path);
+Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path,
+                                               const StoreLimits& limits = {});
 
 }  // namespace muster

@@ -90,6 +90,16 @@ class FleetTest : public ::testing::Test {
     return d;
   }
 
+  // An enrolment grant for machine signed by alice, live for ttl_ms.
+  Status AddGrant(const std::string& machine, std::int64_t ttl_ms) {
+    RosterEntry e;
+    e.machine = machine;
+    e.enroll_key = SecretKey::Generate().public_key().ToText();
+    e.signed_at = now_;
+    e.expires_at = now_ + ttl_ms;
+    return fleet_->AddEnrollGrant(SignRosterEntry(e, alice_), "alice");
+  }
+
   static proto::Hello MakeHello(std::int64_t last_applied = 0, std::int64_t generation = 0,
                                 const std::string& phase = "idle",
                                 const std::string& machine = "web1") {

@@ -96,6 +96,48 @@ class ChannelTest(EnvTest):
         self.assertFalse(env.status("wrongpin")["online"])
         self.assert_serves_good_agent()
 
+    def make_ca(self, name):
+        key = os.path.join(self.env.root, f"{name}.key")
+        crt = os.path.join(self.env.root, f"{name}.crt")
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "req", "-new", "-x509", "-key", key, "-subj", f"/CN={name}",
+                        "-days", "2", "-out", crt, "-addext", "basicConstraints=critical,CA:TRUE",
+                        "-addext", "keyUsage=critical,keyCertSign"], check=True,
+                       capture_output=True)
+        return key, crt
+
+    def test_controller_ca_file_is_checked_in_addition_to_the_pin(self):
+        env = self.env
+        env.init_controller()
+        ca_key, ca_crt = self.make_ca("fleet-ca")
+        _, other_crt = self.make_ca("other-ca")
+        env.start_controller()
+        strict = env.add_agent("strict", controllerCaFile=ca_crt).start()
+        strict.proc.wait_log(r"controller certificate does not chain to a CA in " + re.escape(ca_crt),
+                             timeout=20)
+        self.assertFalse(env.status("strict")["online"], "the self-signed certificate is refused")
+        # Have the CA issue the controller's certificate; the pin does not change.
+        csr = subprocess.run([binary("muster-controller"), "csr", "--state-dir", env.ctl_dir],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertIn("BEGIN CERTIFICATE REQUEST", csr)
+        csr_path = os.path.join(env.root, "controller.csr")
+        with open(csr_path, "w") as f:
+            f.write(csr)
+        subprocess.run(["openssl", "x509", "-req", "-in", csr_path, "-CA", ca_crt, "-CAkey", ca_key,
+                        "-days", "1", "-out", os.path.join(env.ctl_dir, "controller.crt")],
+                       check=True, capture_output=True)
+        env.controller.stop()
+        env.start_controller()
+        strict.wait_connected()
+        top = env.build("strict")
+        env.wait_phase("strict", env.publish("strict", top), "succeeded")
+        pin_only = env.add_agent("pinonly").start()
+        pin_only.wait_connected()  # agents without a CA file are unaffected
+        wrong = env.add_agent("wrongca", controllerCaFile=other_crt).start()
+        wrong.proc.wait_log(r"does not chain to a CA in " + re.escape(other_crt), timeout=20)
+        self.assertFalse(env.status("wrongca")["online"])
+
     def refused_detail(self, machine, gen):
         s = self.env.wait_phase(machine, gen, "refused")
         return s["detail"]

@@ -44,6 +44,33 @@ class DeployTest(EnvTest):
         self.assertLess(phases.index("realising"), phases.index("activating"))
         self.assertLess(phases.index("activating"), phases.index("succeeded"))
 
+    def test_previous_vars_are_removed_once_the_deploy_is_confirmed(self):
+        env = self.env.start()
+        a = env.add_agent("web1").start()
+        a.wait_connected()
+        vars_dir = os.path.join(env.root, "vars-in")
+        os.makedirs(vars_dir)
+        key = os.path.join(vars_dir, "key.txt")
+        previous = a.vars + ".muster-previous"
+        for n, secret in enumerate(["AGE-SECRET-KEY-OLD\n", "AGE-SECRET-KEY-NEW\n"], 1):
+            with open(key, "w") as f:
+                f.write(secret)
+            gen = env.publish("web1", env.build(f"web1-v{n}"), "--vars", vars_dir)
+            env.wait_phase("web1", gen, "succeeded")
+            self.assertFalse(os.path.exists(previous),
+                             f"generation {gen}: the replaced vars do not linger after success")
+            with open(os.path.join(a.vars, "key.txt")) as f:
+                self.assertEqual(f.read(), secret)
+        # A copy left by an agent that stopped before removing it goes at start.
+        a.stop()
+        os.makedirs(previous)
+        with open(os.path.join(previous, "key.txt"), "w") as f:
+            f.write("AGE-SECRET-KEY-OLD\n")
+        a.start()
+        a.wait_connected()
+        self.assertFalse(os.path.exists(previous))
+        self.assertEqual(env.status("web1")["phase"], "succeeded")
+
 
 if __name__ == "__main__":
     unittest.main()
