@@ -109,4 +109,33 @@ std::size_t Utf8SplitPoint(std::string_view s, std::size_t max_bytes) {
   return max_bytes;
 }
 
+std::string PrintableUtf8(std::string_view in) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const std::string clean = SanitizeUtf8(in);
+  std::string out;
+  out.reserve(clean.size());
+  auto escape = [&](unsigned char c) {
+    out += "\\x";
+    out += kHex[c >> 4];
+    out += kHex[c & 15];
+  };
+  for (std::size_t i = 0; i < clean.size(); ++i) {
+    auto c = static_cast<unsigned char>(clean[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      escape(c);
+    } else if (c == 0xc2 && i + 1 < clean.size() &&
+               static_cast<unsigned char>(clean[i + 1]) < 0xa0) {
+      escape(static_cast<unsigned char>(clean[++i]));  // C1 control, U+0080..U+009F
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+std::string ForLog(std::string_view s, std::size_t max_bytes) {
+  if (s.size() <= max_bytes) return PrintableUtf8(s);
+  return PrintableUtf8(CutUtf8(s, max_bytes)) + "\xe2\x80\xa6";
+}
+
 }  // namespace muster

@@ -40,4 +40,12 @@ std::string TailUtf8(std::string_view s, std::size_t max_bytes);
 // return less than max_bytes by up to 3 bytes, never 0 when max_bytes >= 4.
 std::size_t Utf8SplitPoint(std::string_view s, std::size_t max_bytes);
 
+// SanitizeUtf8(s) with control characters (C0 but tab, DEL, C1) shown as
+// \xNN, so that text from a peer cannot move a terminal's cursor, change its
+// colours or forge log lines.
+std::string PrintableUtf8(std::string_view s);
+
+// For a log line: PrintableUtf8 of at most max_bytes of s, "…" marking a cut.
+std::string ForLog(std::string_view s, std::size_t max_bytes = 256);
+
 }  // namespace muster

@@ -209,5 +209,35 @@ TEST(DumpJson, ReplacesWhatDumpWouldThrowOn) {
 
 #undef FFFD
 
+TEST(PrintableUtf8, ControlsAndEscapesCannotReachATerminalOrALog) {
+  struct PrintCase {
+    std::string in, want;
+  } cases[] = {
+      {"plain", "plain"},
+      {"a\tb", "a\tb"},
+      {"line\nforged 2026-01-01 info operator removed",
+       "line\\x0aforged 2026-01-01 info operator removed"},
+      {"\x1b[2J\x1b[31m", "\\x1b[2J\\x1b[31m"},
+      {"\r\x7f", "\\x0d\\x7f"},
+      {"\xc2\x9b"
+       "1m",
+       "\\x9b1m"},  // C1 CSI
+      {"caf\xc3\xa9 \xe2\x82\xac", "caf\xc3\xa9 \xe2\x82\xac"},
+      {"bad\xff", "bad\xef\xbf\xbd"},
+      {std::string("nul\0", 4), "nul\\x00"},
+  };
+  for (const auto& c : cases) EXPECT_EQ(PrintableUtf8(c.in), c.want) << c.in;
+}
+
+TEST(ForLog, CutsBetweenCharactersAndMarksTheCut) {
+  EXPECT_EQ(ForLog("short"), "short");
+  std::string euros;
+  for (int i = 0; i < 100; ++i) euros += "\xe2\x82\xac";
+  std::string s = ForLog(euros, 10);
+  EXPECT_EQ(s, "\xe2\x82\xac\xe2\x82\xac\xe2\x82\xac\xe2\x80\xa6");
+  EXPECT_TRUE(IsValidUtf8(s));
+  EXPECT_EQ(ForLog("a\nb", 10), "a\\x0ab");
+}
+
 }  // namespace
 }  // namespace muster

@@ -513,8 +513,9 @@ class Session : public std::enable_shared_from_this<Session>,
             asio::post(self->ex_, [self, st = std::move(st), ack = std::move(ack)]() mutable {
               if (self->closed_) return;
               if (!ack) return self->Refuse("bad-message", ack.message());
-              spdlog::info("{} generation {}: {}{}{}", self->who_.name, st.generation, st.phase,
-                           st.detail.empty() ? "" : ": ", st.detail);
+              spdlog::info("{} generation {}: {}{}{}", self->who_.name, st.generation,
+                           ForLog(st.phase, 32), st.detail.empty() ? "" : ": ",
+                           ForLog(st.detail));
               self->Queue(std::move(*ack));
               if (!self->closed_) self->ReadNext();
             });
@@ -546,7 +547,8 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!key) return Refuse("bad-enroll", "no client key");
     if (auto st = shared_->fleet.Enroll(*key, e->machine, e->proof); !st) {
       shared_->stats->Refuse("bad-enroll");
-      spdlog::warn("{}: enrolment of '{}' refused: {}", peer_, e->machine, st.message());
+      spdlog::warn("{}: enrolment of '{}' refused: {}", peer_, ForLog(e->machine, 64),
+                   ForLog(st.message()));
       CloseWith("bad-enroll", st.message());
       return;
     }
@@ -581,7 +583,7 @@ class Session : public std::enable_shared_from_this<Session>,
     beast::get_lowest_layer(*ws_).expires_never();
     ++shared_->stats->handshakes_ok;
     spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
-                 generation, phase);
+                 generation, ForLog(phase, 32));
     for (auto& t : *out) Queue(std::move(t));
     if (!closed_) ReadNext();
   }
@@ -614,7 +616,8 @@ class Session : public std::enable_shared_from_this<Session>,
   // Sends an error message explaining why, then closes.
   void Refuse(const std::string& code, const std::string& message) {
     shared_->stats->Refuse(code);
-    spdlog::warn("{} ({} '{}'): {}: {}; closing", peer_, RoleName(), who_.name, code, message);
+    spdlog::warn("{} ({} '{}'): {}: {}; closing", peer_, RoleName(), who_.name, code,
+                 ForLog(message));
     CloseWith(code, message);
   }
 

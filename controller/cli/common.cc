@@ -12,6 +12,7 @@
 #include "common/json_limits.h"
 #include "common/tls.h"
 #include "common/url.h"
+#include "common/utf8.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -184,57 +185,7 @@ void PrintTable(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
-std::string Printable(std::string_view in) {
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  out.reserve(in.size());
-  auto escape = [&](unsigned char c) {
-    out += "\\x";
-    out += kHex[c >> 4];
-    out += kHex[c & 15];
-  };
-  for (std::size_t i = 0; i < in.size();) {
-    auto c = static_cast<unsigned char>(in[i]);
-    if (c < 0x80) {
-      if ((c < 0x20 && c != '\t') || c == 0x7f) {
-        escape(c);
-      } else {
-        out += static_cast<char>(c);
-      }
-      ++i;
-      continue;
-    }
-    // A well-formed UTF-8 sequence is copied; C1 controls (U+0080-U+009F,
-    // which some terminals treat as escape introducers) and bad bytes are not.
-    std::size_t len = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c <= 0xdf ? 2 : 0;
-    if (c >= 0xf5) len = 0;
-    bool ok = len > 0 && i + len <= in.size();
-    for (std::size_t k = 1; ok && k < len; ++k) {
-      ok = (static_cast<unsigned char>(in[i + k]) & 0xc0) == 0x80;
-    }
-    if (ok && len == 3) {
-      auto c1 = static_cast<unsigned char>(in[i + 1]);
-      ok = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0);  // overlong, surrogate
-    }
-    if (ok && len == 4) {
-      auto c1 = static_cast<unsigned char>(in[i + 1]);
-      ok = !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);  // overlong, > U+10FFFF
-    }
-    if (ok && len == 2 && c == 0xc2 && static_cast<unsigned char>(in[i + 1]) < 0xa0) {
-      escape(static_cast<unsigned char>(in[i + 1]));  // C1 control
-      i += 2;
-      continue;
-    }
-    if (!ok) {
-      out += "\xef\xbf\xbd";
-      ++i;
-      continue;
-    }
-    out.append(in.substr(i, len));
-    i += len;
-  }
-  return out;
-}
+std::string Printable(std::string_view in) { return PrintableUtf8(in); }
 
 bool Interactive() { return ::isatty(0) && ::isatty(2); }
 

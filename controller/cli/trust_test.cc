@@ -116,9 +116,9 @@ TEST(Printable, EscapesControlsAndInvalidBytes) {
       {"\xe2\x82\xac \xf0\x9f\x98\x80", "\xe2\x82\xac \xf0\x9f\x98\x80"},  // € 😀
       {"\xc2\x9b"
        "31m",
-       "\\x9b31m"},                                                              // C1 CSI
-      {"cut\xe2\x82", "cut\xef\xbf\xbd\xef\xbf\xbd"},                            // truncated
-      {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},                                  // overlong
+       "\\x9b31m"},                              // C1 CSI
+      {"cut\xe2\x82", "cut\xef\xbf\xbd"},        // a truncated character: one U+FFFD
+      {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},  // overlong
       {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},                  // surrogate
       {"\xf4\x90\x80\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},  // > U+10FFFF
       {std::string("nul\0x", 5), "nul\\x00x"},
