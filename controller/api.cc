@@ -29,6 +29,13 @@ std::string Need(const json& p, const char* key) {
   }
   return it->get<std::string>();
 }
+// The signing time of a generation's manifest (unix ms; 0 if unreadable): the
+// time agents order manifests by, which may differ from when it was stored.
+std::int64_t SignedAtMs(const GenerationRecord& g) {
+  auto m = ParseManifest(g.manifest.manifest);
+  if (!m || m->created_at <= 0 || m->created_at > INT64_MAX / 1000) return 0;
+  return m->created_at * 1000;
+}
 // A signed roster entry parameter: {entry, signer, signature}.
 SignedRosterEntry EntryParam(const json& p, const char* key) {
   auto it = p.find(key);
@@ -176,6 +183,7 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
                         {"rollout", g.rollout},
                         {"publishedBy", g.published_by},
                         {"createdAt", g.created_at},
+                        {"signedAt", SignedAtMs(g)},
                         {"events", events}});
       }
       return Ok(req.id, {{"machine", name}, {"generations", gens}});

@@ -333,6 +333,7 @@ TEST_F(ApiTest, HistoryListsGenerationsWithEvents) {
   EXPECT_EQ(gens[0]["action"], "switch");
   EXPECT_EQ(gens[0]["publishedBy"], "alice");
   EXPECT_EQ(gens[0]["createdAt"], kNow);
+  EXPECT_EQ(gens[0]["signedAt"], 1717200000000) << "the manifest's createdAt, in ms";
   ASSERT_EQ(gens[0]["events"].size(), 3u);
   EXPECT_EQ(gens[0]["events"][0]["phase"], "received");
   EXPECT_EQ(gens[0]["events"][2]["phase"], "succeeded");

@@ -51,7 +51,11 @@ int History(const Globals& g, const std::string& machine, int limit) {
     std::cout << "generation " << gen["generation"].get<std::int64_t>() << "  "
               << gen["action"].get<std::string>() << " " << gen["toplevel"].get<std::string>()
               << "  published " << Timestamp(gen["createdAt"].get<std::int64_t>()) << " by "
-              << gen["publishedBy"].get<std::string>() << "\n";
+              << gen["publishedBy"].get<std::string>();
+    if (std::int64_t signed_at = gen.value("signedAt", std::int64_t{0}); signed_at != 0) {
+      std::cout << ", signed " << Timestamp(signed_at);
+    }
+    std::cout << "\n";
     for (const auto& e : gen["events"]) {
       std::string d = Printable(e.value("detail", ""));
       std::cout << "  " << Timestamp(e["at"].get<std::int64_t>()) << "  " << std::left
