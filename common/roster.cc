@@ -67,7 +67,8 @@ std::string RosterEntryToJson(const RosterEntry& e) {
             {"removed", e.removed},
             {"expiresAt", e.expires_at},
             {"signedAt", e.signed_at}};
-  return j.dump();
+  if (e.revoked) j["revoked"] = true;  // absent in entries from before revocations were signed
+  return DumpJson(j);
 }
 
 Result<RosterEntry> ParseRosterEntry(std::string_view text) {
@@ -86,6 +87,7 @@ Result<RosterEntry> ParseRosterEntry(std::string_view text) {
     e.enroll_key = j.at("enrollKey").get<std::string>();
     e.tags = j.at("tags").get<std::vector<std::string>>();
     e.removed = j.at("removed").get<bool>();
+    if (j.contains("revoked")) e.revoked = j.at("revoked").get<bool>();
     e.expires_at = IntField(j, "expiresAt");
     e.signed_at = IntField(j, "signedAt");
     if (auto st = ValidateMachineName(e.machine); !st) return Err("roster entry: " + st.message());
@@ -102,6 +104,9 @@ Result<RosterEntry> ParseRosterEntry(std::string_view text) {
       if (auto k = ParsePublicKey(e.enroll_key); !k) {
         return Err("roster entry enrolment key: " + k.message());
       }
+    }
+    if (e.revoked && e.key.empty()) {
+      return Err("roster entry for '" + e.machine + "' revokes no key");
     }
     if (e.signed_at <= 0) return Err("roster entry signedAt must be positive");
     return e;
@@ -203,6 +208,11 @@ Status VerifyEnrollBinding(const RosterEntry& grant, const EnrollBinding& b) {
 
 Result<PublicKey> RosterKey(const RosterEntry& e, const std::optional<EnrollBinding>& binding) {
   if (e.removed) return Err("machine '" + e.machine + "' was removed from the roster");
+  if (e.revoked) {
+    return Err("machine '" + e.machine +
+               "' is revoked: an operator signed that its key must not be trusted; remove it and "
+               "add it again with a new key");
+  }
   if (!e.key.empty()) return ParsePublicKey(e.key);
   if (!binding) {
     return Err("machine '" + e.machine +

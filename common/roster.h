@@ -15,7 +15,8 @@
 // complete a grant.
 //
 // Entries for one machine are ordered by signedAt (unix ms): a newer entry
-// replaces an older one; a removal is an entry with "removed": true.
+// replaces an older one; a removal is an entry with "removed": true; a
+// revocation names the key with "revoked": true.
 // All functions are pure and thread-safe.
 #pragma once
 
@@ -36,6 +37,7 @@ struct RosterEntry {
   std::string enroll_key;  // "ed25519:…" enrolment key of a grant; "" otherwise
   std::vector<std::string> tags;
   bool removed = false;
+  bool revoked = false;  // the key is compromised: never seal to it (names the key)
   std::int64_t expires_at = 0;  // grants: unix ms after which the controller refuses to bind
   std::int64_t signed_at = 0;   // unix ms on the signing operator's clock
 };
@@ -81,7 +83,7 @@ EnrollBinding MakeEnrollBinding(const SecretKey& enroll_key, std::string_view ma
 Status VerifyEnrollBinding(const RosterEntry& grant, const EnrollBinding& b);
 
 // The machine key an entry vouches for: its key, or a grant's bound key. Fails
-// for removals, for grants without a valid binding, and for bad keys.
+// for removals, revocations, grants without a valid binding, and bad keys.
 Result<PublicKey> RosterKey(const RosterEntry& e, const std::optional<EnrollBinding>& binding);
 
 // JSON forms used on the wire and in the store.

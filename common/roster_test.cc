@@ -55,10 +55,10 @@ TEST(Roster, AnyChangeAfterSigningIsRefused) {
   SecretKey machine = SecretKey::Generate();
   SignedRosterEntry good = SignRosterEntry(Entry("web1", machine.public_key()), op);
   const std::vector<std::pair<std::string, std::string>> edits = {
-      {"\"web\"", "\"db\""},                                   // tag injection
+      {"\"web\"", "\"db\""},  // tag injection
       {machine.public_key().ToText(), SecretKey::Generate().public_key().ToText()},  // key swap
-      {"\"web1\"", "\"web2\""},                                // other machine
-      {"1700000000123", "1900000000123"},                      // reordering
+      {"\"web1\"", "\"web2\""},            // other machine
+      {"1700000000123", "1900000000123"},  // reordering
   };
   for (const auto& [from, to] : edits) {
     SignedRosterEntry s = good;
@@ -122,6 +122,25 @@ TEST(Roster, RemovalEntryVouchesForNoKey) {
   EXPECT_THAT(k.message(), HasSubstr("removed"));
 }
 
+TEST(Roster, RevocationNamesTheKeyAndVouchesForNothing) {
+  SecretKey op = SecretKey::Generate();
+  SecretKey machine = SecretKey::Generate();
+  RosterEntry e = Entry("web1", machine.public_key());
+  e.revoked = true;
+  auto v = VerifyRosterEntry(SignRosterEntry(e, op), {op.public_key()});
+  ASSERT_TRUE(v) << v.message();
+  EXPECT_TRUE(v->revoked);
+  auto k = RosterKey(*v, std::nullopt);
+  ASSERT_FALSE(k);
+  EXPECT_THAT(k.message(), HasSubstr("revoked"));
+  // Entries from before revocations were signed have no "revoked" field.
+  EXPECT_EQ(RosterEntryToJson(Entry("web1", machine.public_key())).find("revoked"),
+            std::string::npos);
+  e.key.clear();
+  e.removed = true;
+  EXPECT_FALSE(ParseRosterEntry(RosterEntryToJson(e)));  // a revocation names its key
+}
+
 TEST(Roster, GrantIsCompletedOnlyByTheTokenHolder) {
   SecretKey op = SecretKey::Generate();
   std::string token = NewEnrollToken();
@@ -155,8 +174,8 @@ TEST(Roster, GrantIsCompletedOnlyByTheTokenHolder) {
   ASSERT_FALSE(bad);
   EXPECT_THAT(bad.message(), HasSubstr("not signed by the key of the token"));
   // Nor can it sign one with another key of its own.
-  EXPECT_FALSE(RosterKey(*g, MakeEnrollBinding(SecretKey::Generate(), "edge7",
-                                                rogue.public_key())));
+  EXPECT_FALSE(
+      RosterKey(*g, MakeEnrollBinding(SecretKey::Generate(), "edge7", rogue.public_key())));
   // A binding is for one machine name.
   EXPECT_FALSE(RosterKey(*g, MakeEnrollBinding(*ek, "edge8", machine.public_key())));
 }

@@ -207,8 +207,9 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       return Ok(req.id, {{"generation", gen}, {"lines", lines}, {"last", last}});
     }
     if (req.method == "machine.revoke") {
-      std::string name = Need(p, "name");
-      if (auto st = fleet_.RevokeMachine(name); !st) return Fail(req.id, st.message());
+      SignedRosterEntry e = EntryParam(p, "entry");
+      if (auto st = fleet_.RevokeMachine(e); !st) return Fail(req.id, st.message());
+      std::string name = ParseRosterEntry(e.entry)->machine;
       spdlog::warn("operator {} revoked machine {}", who.name, name);
       return Ok(req.id, {{"name", name}});
     }

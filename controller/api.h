@@ -6,6 +6,7 @@
 //   machine.add    {entry}                        → {name}
 //   machine.remove {entry}  (a signed removal)    → {name}
 //   machine.tag|sign {entry} (same key, newer)    → {name}
+//   machine.revoke {entry} (the key, revoked)     → {name}  (its connection closes)
 //   machine.list   {}                             → {machines: [Machine]}
 //   machine.get    {name}                         → {machine: Machine, latestGeneration,
 //                                                    maxGeneration}
@@ -15,7 +16,6 @@
 //   status         {machine?}                     → {machines: [Machine]}
 //   history        {machine, limit?}              → {machine, generations: [{…, events}]}
 //   logs           {machine, generation?, after?, limit?} → {generation, lines, last}
-//   machine.revoke {name}                         → {name}
 //   machine.enroll {grant: Entry}                 → {name, expiresAt}
 //   rollout.create {items: [{manifest, signer, signature, vars}], canary, maxParallel,
 //                   maxFailures}                 → Rollout

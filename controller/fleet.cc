@@ -449,6 +449,27 @@ Status Fleet::UpdateMachine(const SignedRosterEntry& entry) {
   return store_.SetMachineRoster(e->machine, e->tags, EncodeSignedRosterEntry(entry), "");
 }
 
+Status Fleet::RevokeMachine(const SignedRosterEntry& entry) {
+  auto e = CheckEntry(entry);
+  if (!e) return e.error();
+  if (!e->revoked) return Err("machine.revoke: the entry is not a revocation");
+  auto m = store_.GetMachine(e->machine);
+  if (!m) return Err("no machine named '" + e->machine + "'");
+  if (e->key != m->key) {
+    return Err("the revocation of '" + e->machine + "' names another key than the one registered");
+  }
+  if (e->signed_at <= HeldSignedAt(*m)) {
+    return Err("revocation of '" + e->machine +
+               "' is not newer than its roster entry (check the operator's clock)");
+  }
+  if (auto st = store_.SetMachineRoster(e->machine, e->tags, EncodeSignedRosterEntry(entry),
+                                        m->binding);
+      !st) {
+    return st;
+  }
+  return RevokeMachine(e->machine);
+}
+
 Status Fleet::RemoveMachine(const SignedRosterEntry& entry) {
   auto e = CheckEntry(entry);
   if (!e) return e.error();

@@ -168,6 +168,9 @@ class Fleet {
   bool IsOperator(const std::string& name) const;
   // Closes the machine's connection and refuses its key from now on.
   Status RevokeMachine(const std::string& name);
+  // The same, with an operator-signed revocation naming the machine's key,
+  // which CLIs then see and refuse to seal to.
+  Status RevokeMachine(const SignedRosterEntry& entry);
   // Stores an operator-signed enrolment grant (the CLI made the token and keeps
   // it; the controller only sees the grant's public enrolment key).
   Status AddEnrollGrant(const SignedRosterEntry& grant, const std::string& by);

@@ -20,6 +20,9 @@ int MachineTag(const Globals& g, const std::string& name, const std::vector<std:
 int MachineSign(const Globals& g, const std::string& name, const std::string& expect_fingerprint,
                 const std::vector<std::string>& tags, bool set_tags);
 int MachineRemove(const Globals& g, const std::string& name);
+// Signs that the machine's key (as the controller holds it) must not be
+// trusted: every CLI then refuses to seal to it, and the controller refuses it.
+int MachineRevoke(const Globals& g, const std::string& name);
 int MachineList(const Globals& g);
 int MachineEnroll(const Globals& g, const std::string& name, const std::vector<std::string>& tags,
                   std::int64_t ttl_s);

@@ -172,6 +172,35 @@ int MachineRemove(const Globals& g, const std::string& name) {
   return Done(g, *res, "machine " + name + " removed");
 }
 
+int MachineRevoke(const Globals& g, const std::string& name) {
+  Session s;
+  if (int rc = Open(g, s)) return rc;
+  auto res = s.conn->Call("roster", {{"names", {name}}});
+  if (!res) return Die(res.message(), kExitFailed);
+  const json* row = nullptr;
+  for (const auto& m : (*res)["machines"]) {
+    if (m.value("name", "") == name) row = &m;
+  }
+  if (!row) return Die("no machine named '" + name + "'", kExitFailed);
+  // Revoking the key the controller reports can only take trust away, so
+  // it needs no verification; a verified entry's tags are kept.
+  RosterView view((*res)["machines"], (*res)["removed"], s.trusted, s.seen);
+  RosterEntry e;
+  e.machine = name;
+  e.key = row->value("key", "");
+  e.revoked = true;
+  std::int64_t held = 0;
+  if (auto m = view.Get(name)) {
+    e.tags = m->tags;
+    held = m->signed_at;
+  }
+  e.signed_at = NextSignedAt(s, name, held);
+  auto sent = SendEntry(*s.conn, "machine.revoke", e, s.key, s.seen);
+  if (!sent) return Die(sent.message(), kExitFailed);
+  return Done(g, *sent,
+              "machine " + name + " revoked: its key is refused and no vars are sealed to it");
+}
+
 int MachineList(const Globals& g) {
   Session s;
   if (int rc = Open(g, s)) return rc;

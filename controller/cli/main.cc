@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
     if (sc->parsed()) return Rollout(g, sc->get_name(), r_id, r_timeout);
   }
   if (m_revoke->parsed()) {
-    return SimpleCall(g, "machine.revoke", {{"name", m_name}}, "machine " + m_name + " revoked");
+    return MachineRevoke(g, m_name);
   }
   if (m_enroll->parsed()) return MachineEnroll(g, e_name, e_tags, e_ttl);
   if (status->parsed()) return ShowStatus(g, s_machine);

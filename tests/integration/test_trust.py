@@ -219,6 +219,25 @@ class TrustTest(EnvTest):
         self.assertNotIn("[y/N]", text)
         self.assertEqual(self.sql("SELECT COUNT(*) FROM rollouts")[0][0], 2)
 
+    def test_revocation_is_signed_and_cannot_be_undone_by_the_controller(self):
+        env = self.env
+        (before,) = self.sql("SELECT roster FROM machines WHERE name = 'good'")[0]
+        r = env.cli("machine", "revoke", "good")
+        self.assertIn("revoked", r.stdout)
+        wait_until(lambda: not env.status("good")["online"], 20, what="good disconnected")
+        # The controller un-revokes the machine and serves the signed revocation
+        # without its flag: the CLI still refuses to seal to the key.
+        self.sql("UPDATE machines SET revoked = 0 WHERE name = 'good'")
+        r = env.publish("good", self.top, "--vars", self.vars, check=False)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("is revoked: an operator signed that its key must not be trusted", r.stderr)
+        # Nor can it bring back the entry from before the revocation.
+        self.sql("UPDATE machines SET roster = ? WHERE name = 'good'", before)
+        r = env.publish("good", self.top, "--vars", self.vars, check=False)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("older than one this CLI saw", r.stderr)
+        self.assertEqual(self.generations("good"), [])
+
     # ----------------------------------------------------- generation numbers
     def test_steered_generation_numbers_are_refused_without_overflow(self):
         env = self.env
