@@ -11,7 +11,8 @@
 #                        maintainer scripts; its binaries run from a dpkg -x root
 # Environment (set by tests/packaging/CMakeLists.txt):
 #   MUSTER_SOURCE_DIR, MUSTER_BUILD_DIR, MUSTER_BINARIES ("name=path;…" of the binaries
-#   that are built), MUSTER_NIXPKGS_LIB (optional: a nixpkgs checkout or its lib/ dir).
+#   that are built), MUSTER_NIXPKGS_LIB (optional: a nixpkgs checkout or its lib/ dir),
+#   MUSTER_DEB_OUT (optional: the deb step copies the .deb it built there).
 # Exit 0 = pass, 77 = skipped (ctest SKIP_RETURN_CODE), anything else = failure.
 set -euo pipefail
 
@@ -332,6 +333,11 @@ step_deb() {
   deb=$(find "$tmp/out" -maxdepth 1 -name 'muster_*.deb' | head -n 1)
   [[ -n $deb ]] || { cat "$tmp/cpack.log" >&2; fail "cpack produced no muster_*.deb"; }
   echo "built $(basename "$deb")"
+  if [[ -n ${MUSTER_DEB_OUT:-} ]]; then  # for the systemd container tests (tests/systemd)
+    mkdir -p "$MUSTER_DEB_OUT"
+    rm -f "$MUSTER_DEB_OUT"/muster_*.deb
+    cp "$deb" "$MUSTER_DEB_OUT/"
+  fi
 
   dpkg-deb -c "$deb" | awk '{print $NF}' | sed 's|^\./|/|' >"$tmp/contents"
   local f
