@@ -177,7 +177,7 @@ step_modules() {
   [[ -f $lib/default.nix && -f $lib/modules.nix ]] || lib=$lib/lib
   [[ -f $lib/modules.nix ]] || fail "MUSTER_NIXPKGS_LIB=$MUSTER_NIXPKGS_LIB holds no lib/modules.nix"
   local c
-  for c in agent agent-settings agent-bad-check darwin-agent controller controller-custom flake-modules package; do
+  for c in agent agent-settings agent-bad-check agent-no-hostname darwin-agent controller controller-custom flake-modules package; do
     nix-instantiate --eval --strict --json "$src/nixos-module/tests/eval.nix" \
       --arg lib "import $lib" --argstr case "$c" >"$tmp/$c.json" || fail "module case $c does not evaluate"
   done
@@ -209,6 +209,8 @@ a2 = load("agent-settings")["config"]
 assert a2["machine"] == "db1" and a2["enrollTokenFile"] == "/run/secrets/muster-token", a2
 assert a2["metricsListen"] == "127.0.0.1:9101" and a2["extraKey"] == [1, 2] and a2["confirmTimeout"] == 300, a2
 assert "needs exactly one of" in load("agent-bad-check")["failed"][0]
+nh = load("agent-no-hostname")["failed"]
+assert len(nh) == 1 and "networking.hostName is empty" in nh[0] and "services.muster-agent.machine" in nh[0], nh
 
 dw = load("darwin-agent")
 assert dw["failed"] == [] and dw["config"]["bootedSystem"] == "/run/current-system", dw
@@ -240,11 +242,13 @@ assert f["nixosModules"] == ["agent", "controller", "default"] and f["darwinModu
 for k in ("packages", "nixosModules", "darwinModules", "devShells", "checks"):
     assert k in f["outputs"], (k, f["outputs"])
 assert "/bin/muster-agent --config " in f["agentExec"] and "/bin/muster-controller run --config " in f["controllerExec"], f
+assert f["bothPackage"] == "muster-0.1.0", f  # default + agent: package defined once
 
 p = load("package")
 assert p["pname"] == "muster" and p["version"] and p["mainProgram"] == "muster", p
 assert "-DMUSTER_WERROR:BOOL=FALSE" in p["cmakeFlags"] and "-DMUSTER_BUILD_BENCH:BOOL=FALSE" in p["cmakeFlags"], p
-assert p["nativeBuildInputs"] == ["cmake", "ninja", "pkg-config"], p
+assert p["nativeBuildInputs"] == ["cmake", "ninja", "pkg-config", "python3"], p  # python3: doCheck
+assert p["license"] == "MIT" and p["homepage"].startswith("https://"), p
 assert "ctest -L unit" in p["checkPhase"], p
 print("modules: agent, darwin agent, controller, flake outputs and package evaluate as expected")
 EOF
