@@ -214,6 +214,7 @@ assert len(nh) == 1 and "networking.hostName is empty" in nh[0] and "services.mu
 
 dw = load("darwin-agent")
 assert dw["failed"] == [] and dw["config"]["bootedSystem"] == "/run/current-system", dw
+assert dw["config"]["logFile"] == "/var/log/muster-agent.log", dw["config"]  # rotated by the agent
 sc = dw["daemon"]["serviceConfig"]
 assert sc["KeepAlive"] is True and sc["RunAtLoad"] is True and sc["Label"] == "org.muster.agent", sc
 assert sc["ProgramArguments"][0].endswith("/bin/muster-agent") and sc["ProgramArguments"][1] == "--config", sc
