@@ -255,11 +255,12 @@ class Container:
     def close(self):
         self.shutdown()
         subprocess.run(["umount", self.merged], capture_output=True)
-        for d in self.cgroups:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        for d in self.cgroups:  # nspawn leaves payload/, supervisor/ … below it
+            for sub, _dirs, _files in os.walk(d, topdown=False):
+                try:
+                    os.rmdir(sub)
+                except OSError:
+                    pass
 
 
 if __name__ == "__main__":
