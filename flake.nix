@@ -6,12 +6,18 @@
   outputs = { self, nixpkgs }:
     let
       inherit (nixpkgs) lib;
-      systems = [ "x86_64-linux" "aarch64-linux" "x86_64-darwin" "aarch64-darwin" ];
+      # No x86_64-darwin: nixpkgs deprecated it (a warning on every evaluation).
+      systems = [ "x86_64-linux" "aarch64-linux" "aarch64-darwin" ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       # The flake's modules default `package` to muster built from this checkout with
       # the user's own nixpkgs (set it to pkgs.muster when using overlays.default).
-      withPackage = service: module: { lib, pkgs, ... }: {
+      # `key` lets the module system import each wrapper once, however often it is
+      # reached (nixosModules.default together with nixosModules.agent); `_file`
+      # names it in error messages.
+      withPackage = name: service: module: { lib, pkgs, ... }: {
+        key = "muster-flake#${name}";
+        _file = "${toString ./flake.nix}#${name}";
         imports = [ module ];
         config.services.${service}.package = lib.mkDefault (pkgs.callPackage ./packaging/package.nix { });
       };
@@ -27,13 +33,17 @@
       });
 
       nixosModules = rec {
-        agent = withPackage "muster-agent" ./nixos-module/agent.nix;
-        controller = withPackage "muster-controller" ./nixos-module/controller.nix;
-        default = { imports = [ agent controller ]; };
+        agent = withPackage "nixosModules.agent" "muster-agent" ./nixos-module/agent.nix;
+        controller = withPackage "nixosModules.controller" "muster-controller" ./nixos-module/controller.nix;
+        default = {
+          key = "muster-flake#nixosModules.default";
+          _file = "${toString ./flake.nix}#nixosModules.default";
+          imports = [ agent controller ];
+        };
       };
 
       darwinModules = rec {
-        agent = withPackage "muster-agent" ./nixos-module/darwin-agent.nix;
+        agent = withPackage "darwinModules.agent" "muster-agent" ./nixos-module/darwin-agent.nix;
         default = agent;
       };
 

@@ -32,6 +32,15 @@ constexpr std::size_t kMaxFactBytes = 256;
 constexpr std::size_t kMaxLinesPerMessage = 200;
 constexpr std::size_t kMaxLineBytesPerMessage = 64 * 1024;
 
+// This boot's id ("" where there is none, e.g. macOS).
+std::string BootId() {
+  auto t = ReadFile("/proc/sys/kernel/random/boot_id", 128);
+  if (!t) return "";
+  std::string s = *t;
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
 std::string ReadFirstLine(const std::string& path) {
   auto t = ReadFile(path, 4096);
   if (!t) return "";
@@ -139,15 +148,17 @@ int Agent::Run() {
     DeployRecord& r = *state_.current;
     spdlog::info("resuming generation {} from phase {}", r.generation(), ToString(r.phase));
     if (r.phase == Phase::kActivating) {
-      std::string detail;
-      auto ev = ops_->ActivationResult(Tag(r, "activate"), &detail);
-      Resume(r, ev, ops_->ActiveToplevel(), detail, clock_(), policy_);
+      // The activation may still run in its transient unit (the previous agent
+      // stopped at once on SIGTERM): the worker waits for its result while the
+      // link is up, and a SIGTERM meanwhile still stops this agent at once.
+      resume_activation_ = true;
     } else {
       Resume(r, ActivationEvidence::kUnknown, ops_->ActiveToplevel(), "", clock_(), policy_);
+      Persist();
     }
-    Persist();
     Report(r);
   } else if (state_.current) {
+    NoteBootedInto(*state_.current);
     Report(*state_.current);
   }
   // A deploy that finished before a restart (or just now, while resuming) no
@@ -208,6 +219,7 @@ void Agent::Stop() {
     stopping_ = true;
   }
   cv_.notify_all();
+  ops_->Interrupt();  // an activation in progress goes on without this agent
   boost::asio::post(ioc_, [this] {
     if (link_) link_->Stop();
     log_timer_.cancel();
@@ -639,6 +651,11 @@ bool Agent::WorkOnce() {
       r = &*state_.current;
     }
   }
+  if (resume_activation_) {
+    resume_activation_ = false;
+    ResumeActivation(*r);
+    return true;
+  }
   Step step = NextStep(*r);
   if (step == Step::kNone) return true;
   RunStep(*r, step);
@@ -651,7 +668,43 @@ bool Agent::WorkOnce() {
   return true;
 }
 
+void Agent::ResumeActivation(DeployRecord& r) {
+  std::string detail;
+  auto ev = ops_->ActivationResult(Tag(r, "activate"), &detail);
+  if (ev == ActivationEvidence::kRunning) return;  // stopping; the next agent waits for it
+  const bool reboot =
+      ev == ActivationEvidence::kSucceeded && ops_->RebootRequired(r.manifest.toplevel);
+  {
+    std::lock_guard lock(mu_);
+    Resume(r, ev, ops_->ActiveToplevel(), detail, clock_(), policy_);
+    if (r.phase == Phase::kConfirming || r.phase == Phase::kSucceeded) {
+      r.reboot_required = reboot;
+      if (reboot) r.detail += "; reboot required (kernel, initrd or modules changed)";
+      r.activated_boot_id = BootId();
+    }
+    if (IsTerminal(r.phase)) ++outcomes_[std::string(ToString(r.phase))];
+    Persist();
+  }
+  Report(r);
+}
+
+void Agent::NoteBootedInto(DeployRecord& r) {
+  if (r.phase != Phase::kSucceeded || !r.reboot_required || r.activated_boot_id.empty()) return;
+  const std::string boot = BootId();
+  if (boot.empty() || boot == r.activated_boot_id) return;
+  if (ops_->RebootRequired(r.manifest.toplevel)) return;  // booted something else
+  r.reboot_required = false;
+  r.detail = "booted into generation " + std::to_string(r.generation()) + " (boot " + boot +
+             "; activated in boot " + r.activated_boot_id + ")";
+  r.activated_boot_id = boot;
+  Persist();
+}
+
 void Agent::RunStep(DeployRecord& r, Step step) {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;  // start nothing new; the next agent resumes from the record
+  }
   Phase before = PhaseBefore(step, r.phase);
   if (before != r.phase) {
     {
@@ -699,6 +752,7 @@ void Agent::RunStep(DeployRecord& r, Step step) {
     o.detail = std::string(ToString(step)) + " failed with an internal error: " + e.what() +
                "; see the agent's log";
   }
+  if (o.interrupted) return;  // stopping: the record stays as persisted, for the next agent
   o.detail = CutUtf8(o.detail, kMaxDetailBytes);  // from program output, paths, files
   {
     std::lock_guard lock(mu_);
@@ -706,6 +760,7 @@ void Agent::RunStep(DeployRecord& r, Step step) {
     // reachable after this activation.
     if (step == Step::kActivate) confirm_floor_ = next_seq_ - 1;
     Apply(r, step, o, clock_(), policy_);
+    if (step == Step::kActivate && o.ok) r.activated_boot_id = BootId();
     if (IsTerminal(r.phase)) ++outcomes_[std::string(ToString(r.phase))];
     Persist();
   }
@@ -775,11 +830,15 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
     }
     case Step::kActivate: {
       if (r.kind == Kind::kAuto) SetKind(r, ops_->DetectKind(r.manifest.toplevel));
-      auto st =
+      auto a =
           ops_->Activate(r.kind, r.manifest.toplevel, r.manifest.action, Tag(r, "activate"), sink);
-      o.ok = st.ok();
-      if (!st) {
-        o.detail = "activation failed: " + st.message();
+      if (a.left_running) {
+        o.interrupted = true;
+        return o;
+      }
+      o.ok = a.status.ok();
+      if (!a.status) {
+        o.detail = "activation failed: " + a.status.message();
         return o;
       }
       o.reboot_required = ops_->RebootRequired(r.manifest.toplevel);
@@ -809,7 +868,11 @@ StepOutcome Agent::Confirm(DeployRecord& r) {
     {
       std::unique_lock lock(mu_);
       controller_ok = acked_seq_ > floor;
-      if (stopping_) return StepOutcome{false, "agent stopping"};
+      if (stopping_) {
+        StepOutcome o{false, "agent stopping"};
+        o.interrupted = true;  // the next agent confirms (its window restarts)
+        return o;
+      }
     }
     if (!health.ok) health = RunHealthChecks(cfg_.health_checks, runner_);
     if (!health.ok) Log(r.generation(), "health", health.detail);
@@ -856,9 +919,13 @@ StepOutcome Agent::Rollback(DeployRecord& r) {
       r.manifest.action != Action::kBoot) {
     Kind k = ops_->DetectKind(prev);
     Action a = r.profile_changed ? Action::kSwitch : Action::kTest;
-    if (auto st = ops_->Activate(k, prev, a, Tag(r, "rollback"), sink); !st) {
-      return {false, "re-activating " + prev + ": " + st.message()};
+    auto act = ops_->Activate(k, prev, a, Tag(r, "rollback"), sink);
+    if (act.left_running) {
+      StepOutcome o{false, "agent stopping during the rollback"};
+      o.interrupted = true;  // the next agent waits for it (same tag) and finishes
+      return o;
     }
+    if (!act.status) return {false, "re-activating " + prev + ": " + act.status.message()};
     done.push_back("re-activated " + prev);
   }
   std::string d;

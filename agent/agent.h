@@ -66,6 +66,12 @@ class Agent {
   // Every change to r (part of state_) is made under mu_: the I/O thread may
   // be saving state_ at the same moment.
   void SetKind(DeployRecord& r, Kind kind);
+  // An activation the previous agent left running: waits for its result
+  // (interruptible) and records it as Resume() decides.
+  void ResumeActivation(DeployRecord& r);
+  // Start-up: a generation that succeeded needing a reboot, now booted (a new
+  // boot id, and no reboot required any more), says so.
+  void NoteBootedInto(DeployRecord& r);
   StepOutcome Confirm(DeployRecord& r);
   StepOutcome Rollback(DeployRecord& r);
   // Saves state_; on failure logs it and remembers the error in persist_error_
@@ -110,7 +116,8 @@ class Agent {
   std::map<std::string, std::uint64_t> outcomes_;  // final phase → deploys
   std::unique_ptr<HttpServer> metrics_;
   bool stopping_ = false;
-  std::string persist_error_;  // why the last Persist() failed; empty when it succeeded
+  bool resume_activation_ = false;  // worker only, after Run() set it
+  std::string persist_error_;       // why the last Persist() failed; empty when it succeeded
   std::thread worker_;
 };
 

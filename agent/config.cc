@@ -104,6 +104,8 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         }
       } else if (k == "logLevel") {
         c.log_level = v.get<std::string>();
+      } else if (k == "logFile") {
+        c.log_file = Abs(v, k);
       } else if (k == "nixBinDir") {
         c.nix_bin_dir = Abs(v, k);
       } else if (k == "homeManagerUser") {

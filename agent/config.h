@@ -40,6 +40,8 @@ struct AgentConfig {
   std::string metrics_listen;
   std::string reboot_policy = "never";  // never | when-required
   std::string log_level = "info";
+  // "" = stderr (journald); else a file, rotated at 10 MiB with 5 kept.
+  std::string log_file;
   std::string nix_bin_dir;           // "" = search PATH and the usual places
   std::string home_manager_user;     // home-manager kind: activate as this user
   std::string systemd_run = "auto";  // auto | always | never

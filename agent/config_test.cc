@@ -78,6 +78,7 @@ TEST(AgentConfig, ErrorsNameTheField) {
       {Minimal(R"(,"colour":"red")"), "unknown setting 'colour'"},
       {Minimal(R"(,"stateDir":"relative")"), "'stateDir' must be an absolute path"},
       {Minimal(R"(,"controllerCaFile":"ca.pem")"), "'controllerCaFile' must be an absolute path"},
+      {Minimal(R"(,"logFile":"agent.log")"), "'logFile' must be an absolute path"},
       {Minimal(R"(,"confirmTimeout":-1)"), "'confirmTimeout' must be a positive number"},
       {Minimal(R"(,"rebootPolicy":"sometimes")"), "\"never\" or \"when-required\""},
       {Minimal(R"(,"healthChecks":[{"command":["true"]}])"), "must be an absolute path"},

@@ -94,6 +94,7 @@ Phase PhaseBefore(Step step, Phase current) {
 
 void Apply(DeployRecord& r, Step step, const StepOutcome& o, std::int64_t now,
            const LifecyclePolicy& policy) {
+  if (o.interrupted) return;  // the next agent resumes from the persisted record
   switch (step) {
     case Step::kNone:
       return;
@@ -179,6 +180,8 @@ void Resume(DeployRecord& r, ActivationEvidence evidence, const std::string& act
   if (r.phase == Phase::kActivating) {
     StepOutcome o;
     switch (evidence) {
+      case ActivationEvidence::kRunning:
+        return;  // still running: the record stays as it is, for the next agent
       case ActivationEvidence::kSucceeded:
         o.ok = true;
         o.detail = "activation finished while the agent was down";

@@ -40,6 +40,10 @@ struct StepOutcome {
   std::int64_t closure_bytes = 0;  // realise
   bool reboot_required = false;    // activate
   bool unchanged = false;          // check-unchanged: closure already active
+  // The agent is stopping and the step goes on without it (an activation in
+  // its transient unit) or is taken up again after the restart (confirm):
+  // Apply leaves the record as it is, so the next agent resumes it.
+  bool interrupted = false;
 };
 
 struct LifecyclePolicy {
@@ -69,6 +73,7 @@ enum class ActivationEvidence {
   kSucceeded,  // the activation wrapper recorded exit status 0
   kFailed,     // it recorded a non-zero status
   kUnknown,    // no record: the activation was cut short or never started
+  kRunning,    // still running, and the agent is stopping: decide after the restart
 };
 
 // Adjusts a record found in a non-terminal phase when the agent starts.

@@ -139,6 +139,37 @@ TEST(Lifecycle, FailedRollbackIsFailedWithBothReasons) {
   EXPECT_NE(r.detail.find("nothing to roll back to"), std::string::npos);
 }
 
+// SIGTERM during activation or confirmation: the agent stops at once and the
+// record stays exactly as persisted, so the next agent resumes it.
+TEST(Lifecycle, InterruptedStepLeavesTheRecordForTheNextAgent) {
+  for (Step step : {Step::kActivate, Step::kConfirm, Step::kRollback}) {
+    DeployRecord r = Record(Action::kSwitch);
+    r.phase = PhaseBefore(step, Phase::kProfileSet);
+    r.profile_changed = true;
+    if (step == Step::kRollback) r.rollback_reason = "health checks failed";
+    const std::string before = r.detail;
+    StepOutcome o{false, "agent stopping"};
+    o.interrupted = true;
+    Apply(r, step, o, 7, {});
+    EXPECT_EQ(r.phase, PhaseBefore(step, Phase::kProfileSet)) << ToString(step);
+    EXPECT_EQ(r.detail, before) << ToString(step);
+    EXPECT_EQ(r.activation_started, false) << ToString(step);
+    EXPECT_EQ(NextStep(r), step) << "the next agent takes the same step up again";
+  }
+}
+
+TEST(Lifecycle, ResumeWhileTheActivationStillRunsChangesNothing) {
+  DeployRecord r = Record(Action::kSwitch);
+  r.phase = Phase::kActivating;
+  Resume(r, ActivationEvidence::kRunning, r.previous_toplevel, "", 10, {});
+  EXPECT_EQ(r.phase, Phase::kActivating);
+  EXPECT_TRUE(r.rollback_reason.empty());
+  // Once it finished, the agent that waited for it records the result.
+  Resume(r, ActivationEvidence::kSucceeded, r.manifest.toplevel, "", 20, {});
+  EXPECT_EQ(r.phase, Phase::kConfirming);
+  EXPECT_EQ(r.detail, "activation finished while the agent was down");
+}
+
 TEST(Lifecycle, ConfirmVerdicts) {
   DeployRecord r = Record(Action::kSwitch);
   r.confirm_deadline = 1000;

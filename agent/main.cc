@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     std::cerr << "fingerprint " << key->public_key().Fingerprint() << "\n";
     return 0;
   }
-  if (!SetupLogging("muster-agent", cfg->log_level)) {
+  if (!SetupLogging("muster-agent", cfg->log_level, cfg->log_file)) {
     spdlog::warn("unknown logLevel '{}'; using info", cfg->log_level);
   }
   auto tls = tls::MakeClientContext(*key, cfg->controller_pin, cfg->controller_ca_file);

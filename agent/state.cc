@@ -33,7 +33,8 @@ json RecordToJson(const DeployRecord& r) {
           {"confirmDeadline", r.confirm_deadline},
           {"finishedAt", r.finished_at},
           {"closureBytes", r.closure_bytes},
-          {"rebootRequired", r.reboot_required}};
+          {"rebootRequired", r.reboot_required},
+          {"activatedBootId", r.activated_boot_id}};
 }
 
 Result<DeployRecord> RecordFromJson(const json& c) {
@@ -64,6 +65,7 @@ Result<DeployRecord> RecordFromJson(const json& c) {
   r.finished_at = c.value("finishedAt", std::int64_t{0});
   r.closure_bytes = c.value("closureBytes", std::int64_t{0});
   r.reboot_required = c.value("rebootRequired", false);
+  r.activated_boot_id = c.value("activatedBootId", std::string());
   return r;
 }
 

@@ -37,6 +37,7 @@ struct DeployRecord {
   std::int64_t finished_at = 0;
   std::int64_t closure_bytes = 0;
   bool reboot_required = false;
+  std::string activated_boot_id;  // the boot in which the activation finished
 
   std::int64_t generation() const { return manifest.generation; }
 };

@@ -46,6 +46,7 @@ class NixSystem final : public SystemOps {
     nix_store_ = FindProgram("nix-store", c.nix_bin_dir);
     nix_env_ = FindProgram("nix-env", c.nix_bin_dir);
     systemd_run_ = FindProgram("systemd-run", "");
+    systemctl_ = FindProgram("systemctl", "");
   }
 
   Kind DetectKind(const std::string& toplevel) override {
@@ -120,8 +121,8 @@ class NixSystem final : public SystemOps {
     return Status::Ok();
   }
 
-  Status Activate(Kind kind, const std::string& toplevel, Action action, const std::string& tag,
-                  const LineSink& sink) override {
+  ActivateOutcome Activate(Kind kind, const std::string& toplevel, Action action,
+                           const std::string& tag, const LineSink& sink) override {
     std::vector<std::string> cmd;
     switch (kind) {
       case Kind::kNixos:
@@ -132,7 +133,7 @@ class NixSystem final : public SystemOps {
         if (action == Action::kDryActivate || action == Action::kBoot) {
           sink("activate", std::string(ToString(kind)) + " has no '" +
                                std::string(ToString(action)) + "' activation; nothing to run");
-          return Status::Ok();
+          return {Status::Ok()};
         }
         cmd = {toplevel + "/activate"};
         if (kind == Kind::kHomeManager && !cfg_.home_manager_user.empty()) {
@@ -144,69 +145,87 @@ class NixSystem final : public SystemOps {
           } else if (!sudo.empty()) {
             cmd = {sudo, "-u", cfg_.home_manager_user, "-H", "--", toplevel + "/activate"};
           } else {
-            return Err("homeManagerUser is set but neither runuser nor sudo was found");
+            return {Err("homeManagerUser is set but neither runuser nor sudo was found")};
           }
         }
         break;
       case Kind::kAuto:
       case Kind::kProfile:
         sink("activate", "plain profile: nothing to activate");
-        return Status::Ok();
+        return {Status::Ok()};
     }
     std::error_code ec;
     std::string script =
         kind == Kind::kNixos ? toplevel + "/bin/switch-to-configuration" : toplevel + "/activate";
     if (!fs::exists(script, ec))
-      return Err(toplevel + " has no " + script.substr(toplevel.size() + 1));
-    if (auto st = MakeDirs(cfg_.state_dir + "/activations", 0700); !st) return st;
+      return {Err(toplevel + " has no " + script.substr(toplevel.size() + 1))};
+    if (auto st = MakeDirs(cfg_.state_dir + "/activations", 0700); !st) return {st};
     std::string lock = LockPath(tag), result = ResultPath(tag);
+    if (Running(tag)) {
+      // Started by an agent before this one (a restart during a rollback):
+      // its outcome is this call's outcome; a second one would collide.
+      sink("activate", "an activation for " + tag + " started before the agent restarted is " +
+                           "still running; waiting for it");
+      std::string detail;
+      switch (WaitFor(tag, &detail)) {
+        case ActivationEvidence::kSucceeded:
+          return {Status::Ok()};
+        case ActivationEvidence::kRunning:
+          return {Status::Ok(), true};
+        case ActivationEvidence::kFailed:
+          return {Err(ArgvToString(cmd) + " " + detail)};
+        case ActivationEvidence::kUnknown:
+          return {Err(ArgvToString(cmd) + " ended without recording a result; see the journal of " +
+                      UnitName(tag))};
+      }
+    }
+    if (interrupted_.load()) return {Err("the agent is stopping; activation not started")};
     ::unlink(result.c_str());
     std::vector<std::string> argv;
     std::map<std::string, std::string> env = {{"MUSTER_CURRENT_SYSTEM", cfg_.current_system},
                                               {"MUSTER_PROFILE", cfg_.profile}};
-    bool use_systemd = cfg_.systemd_run == "always" ||
-                       (cfg_.systemd_run == "auto" && SystemdIsPid1() && !systemd_run_.empty());
-    if (use_systemd) {
+    if (UseSystemd()) {
       if (systemd_run_.empty())
-        return Err("systemdRun is \"always\" but systemd-run was not found");
+        return {
+            Err("systemdRun is \"always\" but systemd-run was not found; install systemd or "
+                "set systemdRun to \"never\"")};
       argv = {systemd_run_,
               "--pipe",
               "--wait",
               "--collect",
               "--quiet",
               "--service-type=exec",
-              "--unit=muster-activate-" + tag};
+              "--unit=" + UnitName(tag)};
       for (const auto& [k, v] : env) argv.push_back("--setenv=" + k + "=" + v);
       argv.push_back("--");
     }
     std::string self = SelfExe();
     if (self.empty())
-      return Err("cannot find the agent's own executable for the activation wrapper");
+      return {Err("cannot find the agent's own executable for the activation wrapper")};
     argv.insert(argv.end(), {self, "--activation-wrapper", lock, result, "--"});
     argv.insert(argv.end(), cmd.begin(), cmd.end());
-    auto r = Run(argv, cfg_.activation_timeout, "activate", sink, env);
+    auto r = Run(argv, cfg_.activation_timeout, "activate", sink, env, &interrupted_);
+    if (r.detached) {
+      // Stopping: the wrapper (in its transient unit, or a child in its own
+      // process group that KillMode=process spares) finishes on its own.
+      spdlog::info("agent stopping: {} goes on without it; the next agent reads its result",
+                   UseSystemd() ? UnitName(tag) : "the activation");
+      return {Status::Ok(), true};
+    }
     if (!r.ok()) {
       std::string detail;
       auto ev = ReadResult(result, &detail);
-      if (ev == ActivationEvidence::kFailed) return Err(ArgvToString(cmd) + " " + detail);
-      return Err(ArgvToString(cmd) + " " + r.Describe());
+      if (ev == ActivationEvidence::kFailed) return {Err(ArgvToString(cmd) + " " + detail)};
+      return {Err(ArgvToString(cmd) + " " + r.Describe())};
     }
-    return Status::Ok();
+    return {Status::Ok()};
   }
 
   ActivationEvidence ActivationResult(const std::string& tag, std::string* detail) override {
-    // A wrapper that is still running holds the lock: wait for it.
-    int fd = ::open(LockPath(tag).c_str(), O_RDWR | O_CLOEXEC);
-    if (fd >= 0) {
-      auto deadline = std::chrono::steady_clock::now() + cfg_.activation_timeout;
-      while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        if (std::chrono::steady_clock::now() > deadline) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      }
-      ::close(fd);
-    }
-    return ReadResult(ResultPath(tag), detail);
+    return WaitFor(tag, detail);
   }
+
+  void Interrupt() override { interrupted_.store(true); }
 
   bool RebootRequired(const std::string& toplevel) override {
     std::error_code ec;
@@ -242,6 +261,45 @@ class NixSystem final : public SystemOps {
     return s;
   }
 
+  bool UseSystemd() const {
+    return cfg_.systemd_run == "always" ||
+           (cfg_.systemd_run == "auto" && SystemdIsPid1() && !systemd_run_.empty());
+  }
+
+  static std::string UnitName(const std::string& tag) {
+    return "muster-activate-" + tag + ".service";
+  }
+
+  // An activation for tag is running: its wrapper holds the lock, or (with
+  // systemd) its transient unit is still active, which also covers the moment
+  // before the wrapper took the lock.
+  bool Running(const std::string& tag) {
+    int fd = ::open(LockPath(tag).c_str(), O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+      bool held = ::flock(fd, LOCK_EX | LOCK_NB) != 0;
+      ::close(fd);
+      if (held) return true;
+    }
+    if (!UseSystemd() || systemctl_.empty()) return false;
+    auto r = Run({systemctl_, "show", "--property=ActiveState", "--value", UnitName(tag)},
+                 std::chrono::seconds(30), "", nullptr);
+    std::string state = r.out.substr(0, r.out.find('\n'));
+    return r.ok() && (state == "active" || state == "activating" || state == "deactivating" ||
+                      state == "reloading");
+  }
+
+  // Waits (up to activationTimeout) while the activation for tag runs, then
+  // reads its result; kRunning when interrupted first.
+  ActivationEvidence WaitFor(const std::string& tag, std::string* detail) {
+    auto deadline = std::chrono::steady_clock::now() + cfg_.activation_timeout;
+    while (Running(tag)) {
+      if (interrupted_.load()) return ActivationEvidence::kRunning;
+      if (std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return ReadResult(ResultPath(tag), detail);
+  }
+
   std::string LockPath(const std::string& tag) const {
     return cfg_.state_dir + "/activations/" + tag + ".lock";
   }
@@ -261,8 +319,10 @@ class NixSystem final : public SystemOps {
 
   RunResult Run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                 const std::string& stream, const LineSink& sink,
-                std::map<std::string, std::string> env = {}) {
+                std::map<std::string, std::string> env = {},
+                const std::atomic<bool>* detach = nullptr) {
     RunOptions o;
+    o.detach = detach;
     o.argv = argv;
     o.timeout = timeout;
     o.env = std::move(env);
@@ -276,7 +336,8 @@ class NixSystem final : public SystemOps {
 
   const AgentConfig& cfg_;
   ProcessRunner& runner_;
-  std::string nix_store_, nix_env_, systemd_run_;
+  std::string nix_store_, nix_env_, systemd_run_, systemctl_;
+  std::atomic<bool> interrupted_{false};
 };
 
 }  // namespace

@@ -18,6 +18,13 @@
 
 namespace muster {
 
+// How Activate ended: status is its success or failure; left_running means
+// the agent is stopping and the activation carries on without it (status Ok).
+struct ActivateOutcome {
+  Status status;
+  bool left_running = false;
+};
+
 // Receives output lines: stream is "realise", "activate", "rollback", …
 using LineSink = std::function<void(const std::string& stream, const std::string& line)>;
 
@@ -36,11 +43,22 @@ class SystemOps {
   // nix-env -p PROFILE --set PATH.
   virtual Status SetProfile(const std::string& toplevel, const LineSink& sink) = 0;
   // Runs the activation for kind/action through the activation wrapper, which
-  // records the result under tag so that a restarted agent can learn it.
-  virtual Status Activate(Kind kind, const std::string& toplevel, Action action,
-                          const std::string& tag, const LineSink& sink) = 0;
-  // What the wrapper recorded for tag; waits while an activation still runs.
+  // records the result under tag so that a restarted agent can learn it (with
+  // systemd, in the transient unit muster-activate-<tag>.service). When an
+  // activation for tag is still running (started by an agent before a
+  // restart), waits for it instead of starting another one. After Interrupt()
+  // returns at once with left_running set: the activation goes on without the
+  // agent, and ActivationResult(tag) learns its outcome later.
+  virtual ActivateOutcome Activate(Kind kind, const std::string& toplevel, Action action,
+                                   const std::string& tag, const LineSink& sink) = 0;
+  // What the wrapper recorded for tag; waits while an activation still runs
+  // (its wrapper holds the lock, or its transient unit is active). After
+  // Interrupt() it returns kRunning instead of waiting.
   virtual ActivationEvidence ActivationResult(const std::string& tag, std::string* detail) = 0;
+  // Thread-safe: the agent is stopping. A running Activate or ActivationResult
+  // returns within a fraction of a second, and later ones do not wait; nothing
+  // is killed.
+  virtual void Interrupt() = 0;
   // Kernel, initrd or kernel modules of the booted system differ from toplevel's.
   virtual bool RebootRequired(const std::string& toplevel) = 0;
   // Reboots the machine (rebootPolicy = when-required).

@@ -11,9 +11,13 @@
 
 namespace muster {
 
-// Configures the default logger: "<time> <level> <name>: message" to stderr.
-// Returns false (and leaves the level at info) when level is not recognised.
-bool SetupLogging(const std::string& name, const std::string& level);
+// Configures the default logger: "<time> <level> <name>: message" to stderr,
+// or, when file is set, to that file, rotated by size (file.1 … file.N kept;
+// for launchd, which cannot rotate what it captures). Returns false (and leaves
+// the level at info) when level is not recognised; a file that cannot be opened
+// falls back to stderr with an error logged there.
+bool SetupLogging(const std::string& name, const std::string& level, const std::string& file = "",
+                  std::size_t file_max_bytes = 10u << 20, std::size_t files_kept = 5);
 
 // ioc.run() until it returns normally (stopped, or out of work). An exception
 // escaping a handler is logged as "<where>: …" and the loop is entered again,

@@ -122,7 +122,9 @@ void CloseInheritedDescriptors(int keep, int max_fd) {
 std::string RunResult::Describe() const {
   std::string s;
   if (!start_error.empty()) return "could not start: " + start_error;
-  if (timed_out) {
+  if (detached) {
+    s = "was left running (the caller is stopping)";
+  } else if (timed_out) {
     s = "timed out and was killed";
   } else if (exited) {
     s = "exited with status " + std::to_string(exit_code);
@@ -276,8 +278,13 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
       ::kill(-pid, SIGKILL);
       break;
     }
+    if (o.detach != nullptr && o.detach->load()) {
+      r.detached = true;
+      break;
+    }
     int wait_ms = static_cast<int>(std::min<long long>(
-        1000, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1));
+        o.detach != nullptr ? 100 : 1000,
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1));
     pollfd p[3];
     int n = 0;
     int oi = -1, ei = -1, ii = -1;
@@ -338,6 +345,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
     if (!out_pending.empty()) o.on_line(false, out_pending);
     if (!err_pending.empty()) o.on_line(true, err_pending);
   }
+  if (r.detached) return r;  // never waited for: it outlives this call (and maybe us)
   int status = 0;
   // After the pipes close the program may still run (daemonised children keep
   // them open otherwise); wait up to the deadline, then kill.
@@ -345,6 +353,10 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
     pid_t w = ::waitpid(pid, &status, WNOHANG);
     if (w == pid) break;
     if (w < 0 && errno != EINTR) break;
+    if (o.detach != nullptr && o.detach->load()) {
+      r.detached = true;
+      return r;
+    }
     if (std::chrono::steady_clock::now() >= deadline) {
       r.timed_out = true;
       ::kill(-pid, SIGKILL);

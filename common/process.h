@@ -9,6 +9,7 @@
 // group when the timeout passes. Thread-safe: each call is independent.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
@@ -28,6 +29,11 @@ struct RunOptions {
   // Lines are the program's bytes, not necessarily UTF-8; a line longer than
   // 64 KiB arrives in pieces, cut between characters.
   std::function<void(bool is_stderr, const std::string& line)> on_line;
+  // When set and it becomes true, Run returns within ~100 ms with
+  // RunResult::detached: the program keeps running (in its own process group,
+  // never signalled), its output is no longer read. For a daemon that stops
+  // while a child must outlive it (an activation).
+  const std::atomic<bool>* detach = nullptr;
 };
 
 struct RunResult {
@@ -35,6 +41,7 @@ struct RunResult {
   bool exited = false;  // false: killed by a signal or failed to start
   int signal = 0;
   bool timed_out = false;
+  bool detached = false;    // left running because RunOptions::detach became true
   std::string out;          // stdout (up to max_output)
   std::string err_tail;     // last ~4 KiB of stderr, valid UTF-8 (bad bytes → U+FFFD)
   std::string start_error;  // set when the program could not be started

@@ -13,6 +13,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -53,7 +54,7 @@ TEST(SystemProcessRunner, ExitCodes) {
 
 TEST(SystemProcessRunner, CapturesStdoutExactly) {
   RunOptions o;
-  o.argv = {"/bin/echo", "hello", "two words", "it's"};
+  o.argv = {FindProgram("echo"), "hello", "two words", "it's"};  // no /bin/echo in Nix's sandbox
   RunResult r = SystemProcessRunner().Run(o);
   ASSERT_TRUE(r.ok()) << r.Describe();
   EXPECT_EQ(r.out, "hello two words it's\n");
@@ -102,7 +103,7 @@ TEST(SystemProcessRunner, OnLineSeesEveryLineOfBothStreams) {
 
 TEST(SystemProcessRunner, WritesInputToStdin) {
   RunOptions o;
-  o.argv = {"/bin/cat"};
+  o.argv = {FindProgram("cat")};
   o.input = "line one\nline two";
   RunResult r = SystemProcessRunner().Run(o);
   ASSERT_TRUE(r.ok()) << r.Describe();
@@ -259,6 +260,38 @@ TEST(SystemProcessRunner, ProgramThatClosesStdinDoesNotKillTheCaller) {
   sigemptyset(&pending);
   ASSERT_EQ(::sigpending(&pending), 0);
   EXPECT_FALSE(sigismember(&pending, SIGPIPE)) << "no SIGPIPE left pending";
+}
+
+TEST(SystemProcessRunner, DetachLeavesTheProgramRunning) {
+  // The agent stopping during an activation: Run returns at once and the
+  // program carries on (it writes its file after the caller stopped waiting).
+  testing::TempDir dir;
+  const std::string marker = (dir.path() / "done").string();
+  std::atomic<bool> detach{false};
+  RunOptions o;
+  o.argv = {"/bin/sh", "-c", "echo started; sleep 0.5; echo finished > " + marker};
+  o.timeout = std::chrono::seconds(30);
+  o.detach = &detach;
+  std::vector<std::string> lines;
+  o.on_line = [&](bool, const std::string& l) {
+    lines.push_back(l);
+    detach.store(true);  // as soon as it runs
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  RunResult r = SystemProcessRunner().Run(o);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 400ms) << "returned without waiting";
+  EXPECT_TRUE(r.detached);
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(r.Describe(), HasSubstr("left running"));
+  EXPECT_THAT(lines, ElementsAre("started"));
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (!std::ifstream(marker) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  std::ifstream in(marker);
+  std::string text;
+  std::getline(in, text);
+  EXPECT_EQ(text, "finished") << "the detached program ran to its end";
 }
 
 // fd → link target, from `ls -l /proc/self/fd/` run as the child itself, minus

@@ -45,7 +45,9 @@ in
   package = mkPackageOption pkgs "muster" { };
 
   machine = mkOption {
-    type = types.strMatching "[A-Za-z0-9][A-Za-z0-9_.-]*";
+    # "" is let through the type so that the modules' assertion can say what to do
+    # when networking.hostName is empty.
+    type = types.strMatching "([A-Za-z0-9][A-Za-z0-9_.-]*)?";
     default = config.networking.hostName;
     defaultText = literalExpression "config.networking.hostName";
     description = ''
@@ -190,8 +192,11 @@ in
     };
     default = { };
     description = ''
-      Further settings of the agent's JSON configuration, merged over the options above
-      (a value of null removes a key). See docs/PACKAGING.md for the format.
+      Further settings of the agent's JSON configuration, merged over the options above.
+      A null value removes a freeform key (one not declared here, e.g. `confirmTimeout`
+      or `nixBinDir`); a declared setting takes null only where its type allows it
+      (`metricsListen`, `maxManifestFutureSkew`), which leaves it out of the file.
+      See docs/PACKAGING.md for the format.
     '';
     example = { rebootPolicy = "when-required"; metricsListen = "127.0.0.1:9101"; };
   };

@@ -18,7 +18,10 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = map
+    assertions = [{
+      assertion = cfg.machine != "";
+      message = "services.muster-agent.machine is empty because networking.hostName is empty; set services.muster-agent.machine to the name registered with `muster machine add` (or set networking.hostName).";
+    }] ++ map
       (c: {
         assertion = (c.command == null) != (c.http == null);
         message = "services.muster-agent.healthChecks: check '${c.name}' needs exactly one of `command` and `http`.";

@@ -87,12 +87,22 @@ in
               at least this. null keeps the built-in default (1048576).
             '';
           };
+          maxHandshakes = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            description = ''
+              Connections that may be in their TLS/websocket handshake at once; the oldest is
+              cut beyond that. null keeps the built-in default (1024).
+            '';
+          };
         };
       };
       default = { };
       description = ''
         Further settings of the controller's JSON configuration, merged over the options
-        above (a value of null removes a key). See docs/PACKAGING.md for the format.
+        above. A null value removes a freeform key (one not declared here); a declared
+        setting takes null where its type allows it (all but `logLevel`), which leaves it
+        out of the file and keeps the built-in default. See docs/PACKAGING.md for the format.
       '';
       example = { threads = 4; logLevel = "debug"; };
     };

@@ -5,7 +5,10 @@ let
   cfg = config.services.muster-agent;
   render = import ./render.nix;
   jsonFormat = pkgs.formats.json { };
-  configFile = jsonFormat.generate "muster-agent.json" (render.agent cfg);
+  # launchd cannot rotate what it captures: the agent writes logFile itself and
+  # rotates it (10 MiB, 5 kept as muster-agent.1.log …); settings.logFile overrides.
+  configFile = jsonFormat.generate "muster-agent.json"
+    (render.agent (cfg // { settings = { logFile = cfg.logFile; } // cfg.settings; }));
 in
 {
   options.services.muster-agent = import ./agent-options.nix {
@@ -18,14 +21,21 @@ in
     };
   } // {
     logFile = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.strMatching "/.*";
       default = "/var/log/muster-agent.log";
-      description = "File launchd writes the agent's standard output and error to.";
+      description = ''
+        The agent's log. The agent writes it and rotates it at 10 MiB, keeping five
+        (`muster-agent.1.log` … next to it); launchd also sends the process's standard
+        output and error there (only what comes before logging starts).
+      '';
     };
   };
 
   config = lib.mkIf cfg.enable {
-    assertions = map
+    assertions = [{
+      assertion = cfg.machine != "";
+      message = "services.muster-agent.machine is empty because networking.hostName is empty; set services.muster-agent.machine to the name registered with `muster machine add` (or set networking.hostName).";
+    }] ++ map
       (c: {
         assertion = (c.command == null) != (c.http == null);
         message = "services.muster-agent.healthChecks: check '${c.name}' needs exactly one of `command` and `http`.";

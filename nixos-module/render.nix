@@ -38,7 +38,7 @@ in
 
   # cfg: services.muster-controller (stateDir, listen, metricsListen, settings).
   # settings carries logLevel, threads, handshakeTimeout, pingInterval, idleTimeout,
-  # maxMessageBytes.
+  # maxMessageBytes, maxHandshakes.
   controller = cfg:
     dropNulls (
       {

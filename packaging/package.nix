@@ -13,6 +13,7 @@
 , cli11
 , sqlite
 , gtest
+, python3
 }:
 
 assert lib.versionAtLeast boost.version "1.81";
@@ -37,7 +38,9 @@ stdenv.mkDerivation (finalAttrs: {
     ];
   };
 
-  nativeBuildInputs = [ cmake ninja pkg-config ];
+  # python3: with doCheck the test tree is configured, and the integration and
+  # systemd tests' CMake needs the interpreter (only the unit tests run here).
+  nativeBuildInputs = [ cmake ninja pkg-config ] ++ lib.optional finalAttrs.doCheck python3;
   buildInputs = [ boost openssl libsodium nlohmann_json spdlog cli11 sqlite gtest ];
 
   cmakeFlags = [
@@ -63,6 +66,9 @@ stdenv.mkDerivation (finalAttrs: {
       system generation an operator signed for its machine together with its secrets,
       realises it from a binary cache, activates, and confirms or rolls back.
     '';
+    # Where this repository is published (the docs' github:OWNER/muster).
+    homepage = "https://github.com/OWNER/muster";
+    license = lib.licenses.mit;
     mainProgram = "muster";
     platforms = lib.platforms.linux ++ lib.platforms.darwin;
   };

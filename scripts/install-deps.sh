@@ -10,6 +10,7 @@ PACKAGES=(
   libcli11-dev libsqlite3-dev sqlite3 libgtest-dev libgmock-dev
   nix-bin clang libclang-rt-14-dev
   iproute2 iptables procps psmisc python3 curl ca-certificates systemd
+  systemd-container mmdebstrap
 )
 
 missing=()

@@ -36,9 +36,10 @@ let
     config._module.freeformType = types.lazyAttrsOf types.anything;
   };
 
-  eval = module: extra:
+  eval = module: extra: evalWith [ module ] extra;
+  evalWith = modules: extra:
     (lib.evalModules {
-      modules = [ stub module extra { _module.args = { inherit pkgs; }; } ];
+      modules = [ stub extra { _module.args = { inherit pkgs; }; } ] ++ modules;
     }).config;
 
   agentBase = {
@@ -72,7 +73,7 @@ let
       hostPlatform = { };
     };
     boost = { version = "1.83.0"; };
-  } // lib.genAttrs [ "cmake" "ninja" "pkg-config" "openssl" "libsodium" "nlohmann_json" "spdlog" "cli11" "sqlite" "gtest" ] (n: n));
+  } // lib.genAttrs [ "cmake" "ninja" "pkg-config" "openssl" "libsodium" "nlohmann_json" "spdlog" "cli11" "sqlite" "gtest" "python3" ] (n: n));
 
   failedAssertions = cfg: map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
 
@@ -99,6 +100,11 @@ let
         service = c.systemd.services.muster-agent;
         failed = failedAssertions c;
       };
+
+    # An empty networking.hostName: an assertion says what to set, not a type error.
+    agent-no-hostname =
+      let c = eval ../agent.nix (lib.recursiveUpdate agentBase { networking.hostName = ""; });
+      in { failed = failedAssertions c; };
 
     agent-bad-check =
       let c = eval ../agent.nix (lib.recursiveUpdate agentBase {
@@ -131,6 +137,9 @@ let
         controllerExec = controller.systemd.services.muster-controller.serviceConfig.ExecStart;
         outputs = builtins.attrNames flake;
         nixosModules = builtins.attrNames flake.nixosModules;
+        # default and agent together: each wrapper is imported once (by its key).
+        bothPackage = (evalWith [ flake.nixosModules.default flake.nixosModules.agent ]
+          agentBase).services.muster-agent.package.name;
         darwinModules = builtins.attrNames flake.darwinModules;
       };
 
@@ -138,7 +147,8 @@ let
       inherit (package) pname version cmakeFlags nativeBuildInputs buildInputs checkPhase doCheck;
       # lib.fileset needs Nix >= 2.14 (builtins.readFileType); older Nix skips the source.
       srcFiles = if builtins ? readFileType then builtins.attrNames (builtins.readDir package.src) else null;
-      inherit (package.meta) mainProgram platforms;
+      inherit (package.meta) mainProgram platforms homepage;
+      license = package.meta.license.spdxId or package.meta.license;
     };
 
     controller =

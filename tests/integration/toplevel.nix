@@ -9,6 +9,8 @@
 #   kind      nixos | darwin | home-manager | profile
 #   behaviour ok | fail (activation exits 1) | cut (creates `cutFile`, which the
 #             test's proxy treats as "network down"; an ok toplevel removes it)
+#             | restart-agent (runs `systemctl restart muster-agent.service`, as a NixOS
+#             switch does when muster's unit or package changed)
 #             | fds (writes `ls -l /proc/self/fd/` to "<log>.fds": what activation inherits)
 #             | garbage (prints ill-formed UTF-8 and lines of multi-byte characters longer
 #             than the agent's cuts on stdout and stderr, then exits 1)
@@ -32,6 +34,8 @@ let
     self="$(cd "$(dirname "$0")" && pwd -P)"
     case "$(basename "$0")" in switch-to-configuration) self="$(dirname "$self")";; esac
     echo "${name} ''${1:-activate} ${kind}" >> "${log}"
+    # Where it ran: the cgroup names the systemd unit (a transient muster-activate-*).
+    cat /proc/self/cgroup > "${log}.${name}.cgroup" 2>/dev/null || true
     echo "activating ${name} (${kind}) action ''${1:-activate}"
     if [ "${sleep}" != "0" ]; then sleep ${sleep}; fi
     ${if behaviour == "fail" then ''
@@ -46,6 +50,12 @@ let
       i=0; while [ $i -lt 1500 ]; do printf '\360\237\230\200' >&2; i=$((i+1)); done
       printf ' stderr ends \342\202' >&2
       exit 1
+    '' else if behaviour == "restart-agent" then ''
+      # As a NixOS switch does when muster's unit or package changed.
+      rm -f "${cutFile}"
+      echo "restarting muster-agent.service"
+      systemctl restart muster-agent.service
+      echo "muster-agent.service restarted"
     '' else if behaviour == "cut" then ''
       touch "${cutFile}"
       echo "networking reconfigured (cut)"

@@ -11,7 +11,8 @@
 #                        maintainer scripts; its binaries run from a dpkg -x root
 # Environment (set by tests/packaging/CMakeLists.txt):
 #   MUSTER_SOURCE_DIR, MUSTER_BUILD_DIR, MUSTER_BINARIES ("name=path;…" of the binaries
-#   that are built), MUSTER_NIXPKGS_LIB (optional: a nixpkgs checkout or its lib/ dir).
+#   that are built), MUSTER_NIXPKGS_LIB (optional: a nixpkgs checkout or its lib/ dir),
+#   MUSTER_DEB_OUT (optional: the deb step copies the .deb it built there).
 # Exit 0 = pass, 77 = skipped (ctest SKIP_RETURN_CODE), anything else = failure.
 set -euo pipefail
 
@@ -176,7 +177,7 @@ step_modules() {
   [[ -f $lib/default.nix && -f $lib/modules.nix ]] || lib=$lib/lib
   [[ -f $lib/modules.nix ]] || fail "MUSTER_NIXPKGS_LIB=$MUSTER_NIXPKGS_LIB holds no lib/modules.nix"
   local c
-  for c in agent agent-settings agent-bad-check darwin-agent controller controller-custom flake-modules package; do
+  for c in agent agent-settings agent-bad-check agent-no-hostname darwin-agent controller controller-custom flake-modules package; do
     nix-instantiate --eval --strict --json "$src/nixos-module/tests/eval.nix" \
       --arg lib "import $lib" --argstr case "$c" >"$tmp/$c.json" || fail "module case $c does not evaluate"
   done
@@ -208,9 +209,12 @@ a2 = load("agent-settings")["config"]
 assert a2["machine"] == "db1" and a2["enrollTokenFile"] == "/run/secrets/muster-token", a2
 assert a2["metricsListen"] == "127.0.0.1:9101" and a2["extraKey"] == [1, 2] and a2["confirmTimeout"] == 300, a2
 assert "needs exactly one of" in load("agent-bad-check")["failed"][0]
+nh = load("agent-no-hostname")["failed"]
+assert len(nh) == 1 and "networking.hostName is empty" in nh[0] and "services.muster-agent.machine" in nh[0], nh
 
 dw = load("darwin-agent")
 assert dw["failed"] == [] and dw["config"]["bootedSystem"] == "/run/current-system", dw
+assert dw["config"]["logFile"] == "/var/log/muster-agent.log", dw["config"]  # rotated by the agent
 sc = dw["daemon"]["serviceConfig"]
 assert sc["KeepAlive"] is True and sc["RunAtLoad"] is True and sc["Label"] == "org.muster.agent", sc
 assert sc["ProgramArguments"][0].endswith("/bin/muster-agent") and sc["ProgramArguments"][1] == "--config", sc
@@ -239,11 +243,13 @@ assert f["nixosModules"] == ["agent", "controller", "default"] and f["darwinModu
 for k in ("packages", "nixosModules", "darwinModules", "devShells", "checks"):
     assert k in f["outputs"], (k, f["outputs"])
 assert "/bin/muster-agent --config " in f["agentExec"] and "/bin/muster-controller run --config " in f["controllerExec"], f
+assert f["bothPackage"] == "muster-0.1.0", f  # default + agent: package defined once
 
 p = load("package")
 assert p["pname"] == "muster" and p["version"] and p["mainProgram"] == "muster", p
 assert "-DMUSTER_WERROR:BOOL=FALSE" in p["cmakeFlags"] and "-DMUSTER_BUILD_BENCH:BOOL=FALSE" in p["cmakeFlags"], p
-assert p["nativeBuildInputs"] == ["cmake", "ninja", "pkg-config"], p
+assert p["nativeBuildInputs"] == ["cmake", "ninja", "pkg-config", "python3"], p  # python3: doCheck
+assert p["license"] == "MIT" and p["homepage"].startswith("https://"), p
 assert "ctest -L unit" in p["checkPhase"], p
 print("modules: agent, darwin agent, controller, flake outputs and package evaluate as expected")
 EOF
@@ -332,6 +338,11 @@ step_deb() {
   deb=$(find "$tmp/out" -maxdepth 1 -name 'muster_*.deb' | head -n 1)
   [[ -n $deb ]] || { cat "$tmp/cpack.log" >&2; fail "cpack produced no muster_*.deb"; }
   echo "built $(basename "$deb")"
+  if [[ -n ${MUSTER_DEB_OUT:-} ]]; then  # for the systemd container tests (tests/systemd)
+    mkdir -p "$MUSTER_DEB_OUT"
+    rm -f "$MUSTER_DEB_OUT"/muster_*.deb
+    cp "$deb" "$MUSTER_DEB_OUT/"
+  fi
 
   dpkg-deb -c "$deb" | awk '{print $NF}' | sed 's|^\./|/|' >"$tmp/contents"
   local f
