@@ -93,6 +93,15 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
         }
       } else if (k == "enrollTokenFile") {
         c.enroll_token_file = Abs(v, k);
+      } else if (k == "machineKeyFile") {
+        c.machine_key_file = Abs(v, k);
+      } else if (k == "machineKeyCreatedAt") {
+        if (!v.is_number_integer() || v.get<std::int64_t>() < 0) {
+          throw std::invalid_argument(
+              "must be the key's creation time in unix seconds (clan's muster generator "
+              "writes it as the public value 'created-at')");
+        }
+        c.machine_key_created_at = v.get<std::int64_t>();
       } else if (k == "metricsListen") {
         c.metrics_listen = v.get<std::string>();
         auto hp = ParseHostPort(c.metrics_listen);
@@ -168,6 +177,16 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
     return Err(origin +
                ": 'trustedOperatorKeys' must list at least one operator key; without it no "
                "generation can be accepted");
+  }
+  if (c.machine_key_created_at != 0 && c.machine_key_file.empty()) {
+    return Err(origin +
+               ": 'machineKeyCreatedAt' belongs to 'machineKeyFile'; a key the agent "
+               "creates itself needs neither");
+  }
+  if (!c.machine_key_file.empty() && !c.enroll_token_file.empty()) {
+    return Err(origin +
+               ": 'machineKeyFile' and 'enrollTokenFile' exclude each other: a provided "
+               "key is registered through a signed roster entry, not by enrolment");
   }
   if (c.idle_timeout <= c.ping_interval)
     return Err(origin + ": 'idleTimeout' must be greater than 'pingInterval'");

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,11 @@ struct AgentConfig {
   std::chrono::milliseconds confirm_timeout{std::chrono::seconds(120)};
   std::vector<HealthCheck> health_checks;
   std::string enroll_token_file;
+  // A key provided by a secret store (clan vars) instead of <stateDir>/machine.key,
+  // and the time it was created (unix seconds; 0 = unknown): the replay floor's
+  // start when neither floor.json nor state.json exists (see agent/floor.h).
+  std::string machine_key_file;
+  std::int64_t machine_key_created_at = 0;
   std::string metrics_listen;
   std::string reboot_policy = "never";  // never | when-required
   std::string log_level = "info";
@@ -57,7 +63,10 @@ struct AgentConfig {
   // controller's --max-message-bytes, which bounds the deploys it sends.
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
 
-  std::string KeyPath() const { return state_dir + "/machine.key"; }
+  std::string KeyPath() const {
+    return machine_key_file.empty() ? state_dir + "/machine.key" : machine_key_file;
+  }
+  bool KeyProvided() const { return !machine_key_file.empty(); }
   std::string StatePath() const { return state_dir + "/state.json"; }
   std::string FloorPath() const { return state_dir + "/floor.json"; }
 };

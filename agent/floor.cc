@@ -107,6 +107,27 @@ Result<SecretKey> LoadOrCreateMachineKey(const std::string& key_path, const std:
   return key;
 }
 
+Result<SecretKey> LoadProvidedMachineKey(const std::string& key_path) {
+  if (!Exists(key_path)) {
+    return Err("machineKeyFile " + key_path +
+               " does not exist; the secret store installs it (with clan: deploy the machine once "
+               "with 'clan machines update', or check the muster-agent vars generator), or remove "
+               "machineKeyFile to let the agent create its own key");
+  }
+  auto key = LoadSecretKey(key_path);
+  if (!key) return Err("machineKeyFile: " + key.message());
+  return key;
+}
+
+KeyTime MachineKeyTime(const std::string& key_path, bool provided, std::int64_t created_at_s) {
+  if (!provided) return {MtimeSeconds(key_path), "the machine key's modification time"};
+  if (created_at_s > 0)
+    return {created_at_s, "the provided key's creation time (machineKeyCreatedAt)"};
+  return {0,
+          "no time (machineKeyFile is given without machineKeyCreatedAt, and a provided key's "
+          "modification time says nothing about when it was made)"};
+}
+
 Floor FloorOfState(const AgentState& s) {
   Floor f{s.last_applied, s.last_created_at};
   for (const auto* r : {&s.current, &s.pending}) {
@@ -117,6 +138,12 @@ Floor FloorOfState(const AgentState& s) {
 
 StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::optional<Floor>& state,
                              std::optional<std::int64_t> key_mtime_s) {
+  return ResolveStartFloor(file, state,
+                           KeyTime{key_mtime_s, "the machine key's modification time"});
+}
+
+StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::optional<Floor>& state,
+                             const KeyTime& key_time) {
   StartFloor out;
   if (file && state) {
     out.floor = MaxFloor(*file, *state);
@@ -131,11 +158,11 @@ StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::option
                " (state.json; floor.json was missing and is written now)";
   } else {
     out.from_key_time = true;
-    out.floor = Floor{0, key_mtime_s.value_or(0)};
+    out.floor = Floor{0, key_time.seconds.value_or(0)};
     out.note =
-        "neither state.json nor floor.json exists (an install from before floor.json, or "
-        "both moved aside): starting from the machine key's modification time " +
-        UnixSecondsText(out.floor.last_created_at) +
+        "neither state.json nor floor.json exists (a first start, an install from before "
+        "floor.json, or both moved aside): starting from " +
+        key_time.what + " " + UnixSecondsText(out.floor.last_created_at) +
         " as the signing-time floor; manifests signed before it are refused, and "
         "floor.json is written now";
   }
@@ -145,10 +172,16 @@ StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::option
 EstablishedFloor EstablishFloor(const std::string& floor_path, const std::string& key_path,
                                 const std::optional<Floor>& file,
                                 const std::optional<AgentState>& state) {
+  return EstablishFloor(floor_path, MachineKeyTime(key_path, false, 0), file, state);
+}
+
+EstablishedFloor EstablishFloor(const std::string& floor_path, const KeyTime& key_time,
+                                const std::optional<Floor>& file,
+                                const std::optional<AgentState>& state) {
   EstablishedFloor out;
   std::optional<Floor> from_state;
   if (state) from_state = FloorOfState(*state);
-  out.start = ResolveStartFloor(file, from_state, MtimeSeconds(key_path));
+  out.start = ResolveStartFloor(file, from_state, key_time);
   if (!file || *file != out.start.floor) out.written = SaveFloor(out.start.floor, floor_path);
   return out;
 }

@@ -49,6 +49,25 @@ Status SaveFloor(const Floor& f, const std::string& path);
 Result<SecretKey> LoadOrCreateMachineKey(const std::string& key_path, const std::string& floor_path,
                                          std::int64_t now_s);
 
+// A key provided by a secret store (machineKeyFile, e.g. clan vars): loaded,
+// never created. Fails naming the file and what to do when it is missing,
+// readable by others or malformed.
+Result<SecretKey> LoadProvidedMachineKey(const std::string& key_path);
+
+// When the machine key came to be: the signing-time floor when neither
+// floor.json nor state.json exists. A key the agent created: its file's
+// modification time (written once, never rewritten). A provided key: a secret
+// store may install it afresh at every activation (sops-nix decrypts into
+// /run/secrets.d/<n>), so its modification time can be later than manifests
+// legitimately signed for it, and a machine that first starts after a publish
+// would refuse it; the configured creation time (machineKeyCreatedAt, written
+// by the generator that made the key) is used instead, or 0 when unknown.
+struct KeyTime {
+  std::optional<std::int64_t> seconds;
+  std::string what;  // for the log: where the time came from
+};
+KeyTime MachineKeyTime(const std::string& key_path, bool provided, std::int64_t created_at_s);
+
 // What the state says: lastApplied, and the newest of lastCreatedAt and the
 // createdAt of the records it holds (state.json written before lastCreatedAt
 // existed still carries the manifest of the last deploy).
@@ -65,6 +84,8 @@ struct StartFloor {
 // machine key file's modification time, used only when both are missing.
 StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::optional<Floor>& state,
                              std::optional<std::int64_t> key_mtime_s);
+StartFloor ResolveStartFloor(const std::optional<Floor>& file, const std::optional<Floor>& state,
+                             const KeyTime& key_time);
 
 // At start-up: ResolveStartFloor over the files in place (file and state as
 // already loaded), then writes floor.json when it is missing or behind. A
@@ -75,6 +96,9 @@ struct EstablishedFloor {
   Status written;
 };
 EstablishedFloor EstablishFloor(const std::string& floor_path, const std::string& key_path,
+                                const std::optional<Floor>& file,
+                                const std::optional<AgentState>& state);
+EstablishedFloor EstablishFloor(const std::string& floor_path, const KeyTime& key_time,
                                 const std::optional<Floor>& file,
                                 const std::optional<AgentState>& state);
 

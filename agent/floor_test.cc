@@ -297,6 +297,53 @@ TEST_F(EstablishFloorTest, AnUnwritableFloorIsReportedNotIgnored) {
   EXPECT_THAT(e.written.message(), HasSubstr("cannot write the replay floor"));
 }
 
+// A key installed by a secret store (clan vars through sops-nix) is rewritten at
+// every activation: its modification time is not when it was made, and a
+// machine that starts for the first time after a publish must still accept
+// what was signed for it. The generator's creation time is the floor instead.
+TEST(Floor, ProvidedKeyStartsFromItsDeclaredCreationTimeNotItsMtime) {
+  testing::TempDir dir;
+  std::string key = dir / "vars-key";
+  std::string floor = dir / "floor.json";
+  ASSERT_TRUE(SaveSecretKey(SecretKey::Generate(), key).ok());
+  SetMtime(key, kT + 3600);  // installed an hour after a publish signed at kT + 60
+
+  EstablishedFloor e =
+      EstablishFloor(floor, MachineKeyTime(key, true, kT), std::nullopt, std::nullopt);
+  EXPECT_TRUE(e.written.ok()) << e.written.message();
+  EXPECT_EQ(e.start.floor, (Floor{0, kT}));
+  EXPECT_TRUE(e.start.from_key_time);
+  EXPECT_THAT(e.start.note, HasSubstr("machineKeyCreatedAt"));
+  EXPECT_EQ(Load(floor), (Floor{0, kT})) << "written at the first start, then it only rises";
+
+  std::string floor2 = dir / "floor2.json";
+  EstablishedFloor unknown =
+      EstablishFloor(floor2, MachineKeyTime(key, true, 0), std::nullopt, std::nullopt);
+  EXPECT_EQ(unknown.start.floor, (Floor{0, 0}));
+  EXPECT_THAT(unknown.start.note, HasSubstr("without machineKeyCreatedAt"));
+
+  EstablishedFloor created =
+      EstablishFloor(floor2, MachineKeyTime(key, false, 0), std::nullopt, std::nullopt);
+  EXPECT_EQ(created.start.floor, (Floor{0, kT + 3600})) << "an agent-created key: its mtime";
+}
+
+TEST(Floor, ProvidedKeyIsLoadedNeverCreated) {
+  testing::TempDir dir;
+  std::string key = dir / "missing";
+  auto k = LoadProvidedMachineKey(key);
+  ASSERT_FALSE(k.ok());
+  EXPECT_THAT(k.message(), AllOf(HasSubstr("machineKeyFile " + key + " does not exist"),
+                                 HasSubstr("clan machines update")));
+  EXPECT_FALSE(std::filesystem::exists(key));
+  ASSERT_TRUE(SaveSecretKey(SecretKey::Generate(), key).ok());
+  ::chmod(key.c_str(), 0444);
+  auto open = LoadProvidedMachineKey(key);
+  ASSERT_FALSE(open.ok());
+  EXPECT_THAT(open.message(), HasSubstr("chmod 600"));
+  ::chmod(key.c_str(), 0400);  // as clan installs secrets
+  EXPECT_TRUE(LoadProvidedMachineKey(key).ok());
+}
+
 TEST(Floor, UnreadableStateAdviceSaysWhatIsKeptAndWhatIsSafe) {
   std::string kept = UnreadableStateAdvice("/s/state.json", "/s/floor.json", Floor{2, kT});
   EXPECT_THAT(kept, AllOf(HasSubstr("Moving /s/state.json aside is safe"),

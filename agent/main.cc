@@ -67,8 +67,11 @@ int main(int argc, char** argv) {
     std::cerr << "muster-agent: " << st.message() << "\n";
     return 1;
   }
-  // The key and the replay floor (floor.json) are created together.
-  auto key = LoadOrCreateMachineKey(cfg->KeyPath(), cfg->FloorPath(), NowMs() / 1000);
+  // The key and the replay floor (floor.json) are created together; a
+  // provided key (machineKeyFile) gets its floor at the first start.
+  auto key = cfg->KeyProvided()
+                 ? LoadProvidedMachineKey(cfg->KeyPath())
+                 : LoadOrCreateMachineKey(cfg->KeyPath(), cfg->FloorPath(), NowMs() / 1000);
   if (!key) {
     std::cerr << "muster-agent: " << key.message() << "\n";
     return 1;
