@@ -12,8 +12,8 @@
 #include "agent/health.h"
 #include "agent/vars.h"
 #include "common/fsutil.h"
-#include "common/roster.h"
 #include "common/log.h"
+#include "common/roster.h"
 #include "common/utf8.h"
 
 namespace muster {
@@ -125,8 +125,10 @@ int Agent::Run() {
     }
     // The floor is the larger of floor.json and state.json: moving state.json
     // aside does not reopen replay.
-    auto established = EstablishFloor(cfg_.FloorPath(), cfg_.KeyPath(), *floor,
-                                      have_state ? std::optional<AgentState>(*st) : std::nullopt);
+    auto established = EstablishFloor(
+        cfg_.FloorPath(),
+        MachineKeyTime(cfg_.KeyPath(), cfg_.KeyProvided(), cfg_.machine_key_created_at), *floor,
+        have_state ? std::optional<AgentState>(*st) : std::nullopt);
     if (established.start.from_key_time) {
       spdlog::warn("{}", established.start.note);
     } else {
@@ -422,6 +424,9 @@ void Agent::OnDeploy(const proto::Deploy& d) {
     if (!bundle) {
       return refuse("manifest for " + cfg_.machine + " generation " + std::to_string(gen) + ": " +
                     bundle.message());
+    }
+    if (auto st = CheckVarsTarget(*bundle, cfg_.vars_dir); !st) {
+      return refuse("generation " + std::to_string(gen) + ": " + st.message());
     }
   }
   DeployRecord r;

@@ -117,10 +117,25 @@ Result<VarsBundle> OpenVars(const SecretKey& key, const std::string& sealed_b64)
   return bundle;
 }
 
+Status CheckVarsTarget(const VarsBundle& b, const std::string& vars_dir) {
+  if (b.target.empty()) return Status::Ok();
+  auto norm = [](std::string p) {
+    while (p.size() > 1 && p.back() == '/') p.pop_back();
+    return p;
+  };
+  if (norm(b.target) == norm(vars_dir)) return Status::Ok();
+  return Err("the vars are meant for " + b.target +
+             " (the machine's secret store directory) but "
+             "this agent installs vars into " +
+             vars_dir + "; set varsDir to " + b.target +
+             " (the clan service does so from the machine's secret store)");
+}
+
 Result<VarsInstallResult> InstallVars(const SecretKey& key, const std::string& sealed_b64,
                                       const std::string& vars_hash, const std::string& target) {
   auto bundle = OpenVars(key, sealed_b64);
   if (!bundle) return bundle.error();
+  if (auto st = CheckVarsTarget(*bundle, target); !st) return st.error();
   fs::path t(target);
   RemoveStaleStaging(t);
   auto current_hash = ReadFile(t / kHashFile, 4096);

@@ -24,6 +24,10 @@ struct VarsInstallResult {
 // Opens and validates a base64 sealed box; does not touch the file system.
 Result<VarsBundle> OpenVars(const SecretKey& key, const std::string& sealed_b64);
 
+// OK when the bundle names no target or exactly vars_dir; otherwise an error
+// saying which directory the operator meant and what to set.
+Status CheckVarsTarget(const VarsBundle& b, const std::string& vars_dir);
+
 Result<VarsInstallResult> InstallVars(const SecretKey& key, const std::string& sealed_b64,
                                       const std::string& vars_hash, const std::string& target);
 

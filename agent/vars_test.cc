@@ -143,5 +143,25 @@ TEST_F(VarsTest, RefusesWhatItCannotOpenOrValidate) {
   }
 }
 
+TEST_F(VarsTest, BundleForAnotherDirectoryIsRefusedBeforeAnythingIsWritten) {
+  VarsBundle b;
+  b.files.push_back({"secrets.tar.gz", 0400, "root", "root", "tarball"});
+  b.target = "/etc/secret-vars";
+  std::string hash;
+  std::string sealed = Seal(b, &hash);
+  auto r = InstallVars(key_, sealed, hash, target_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.message().find("meant for /etc/secret-vars"), std::string::npos) << r.message();
+  EXPECT_NE(r.message().find("set varsDir to /etc/secret-vars"), std::string::npos);
+  EXPECT_FALSE(fs::exists(target_));
+
+  b.target = target_ + "/";
+  sealed = Seal(b, &hash);
+  auto ok = InstallVars(key_, sealed, hash, target_);
+  ASSERT_TRUE(ok.ok()) << ok.message();
+  EXPECT_EQ(Slurp(fs::path(target_) / "secrets.tar.gz"), "tarball");
+  EXPECT_TRUE(CheckVarsTarget(VarsBundle{}, "/anything").ok()) << "no target: the agent's varsDir";
+}
+
 }  // namespace
 }  // namespace muster

@@ -27,8 +27,8 @@ std::string ModeText(mode_t m) {
 bool ValidName(const std::string& s) {
   if (s.empty() || s.size() > 32) return false;
   return std::all_of(s.begin(), s.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '-' || c == '.';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-' || c == '.';
   });
 }
 }  // namespace
@@ -60,7 +60,9 @@ std::string EncodeVarsBundle(const VarsBundle& b) {
                      {"group", f.group},
                      {"content", Base64Encode(f.content)}});
   }
-  return DumpJson(json{{"format", 1}, {"files", files}});
+  json j{{"format", 1}, {"files", files}};
+  if (!b.target.empty()) j["target"] = b.target;
+  return DumpJson(j);
 }
 
 Result<VarsBundle> DecodeVarsBundle(std::string_view text, const VarsLimits& limits) {
@@ -79,6 +81,14 @@ Result<VarsBundle> DecodeVarsBundle(std::string_view text, const VarsLimits& lim
                  std::to_string(limits.max_files));
     }
     VarsBundle b;
+    if (j.contains("target")) {
+      b.target = j.at("target").get<std::string>();
+      if (b.target.size() < 2 || b.target[0] != '/' || b.target.size() > 4096 ||
+          b.target.find("/../") != std::string::npos || b.target.find('\0') != std::string::npos ||
+          b.target.ends_with("/..")) {
+        return Err("vars bundle 'target' must be an absolute directory path");
+      }
+    }
     std::set<std::string> seen;
     std::size_t total = 0;
     for (const auto& e : files) {

@@ -4,7 +4,8 @@
 //   {"format":1,"files":[{"path":"key.txt","mode":"0400","owner":"root","group":"root",
 //                         "content":"<base64>"}]}
 // Paths are relative, use '/' separators, and never contain "", "." or ".."
-// components. Directories are implied and created 0700.
+// components. Directories are implied and created 0700. An optional
+// "target":"/abs/dir" names the directory the files are meant for.
 #pragma once
 
 #include <sys/types.h>
@@ -28,6 +29,12 @@ struct VarsFile {
 
 struct VarsBundle {
   std::vector<VarsFile> files;
+  // The directory the operator meant these files for (absolute; "" = the
+  // agent's varsDir, whatever it is). 'muster publish --clan' sets it to the
+  // machine's secret store directory; an agent whose varsDir differs refuses
+  // the generation rather than put a secret store's files where it does not
+  // look for them.
+  std::string target;
 };
 
 struct VarsLimits {

@@ -293,5 +293,19 @@ TEST(ReadVarsDirectory, Refusals) {
   EXPECT_THAT(missing.message(), HasSubstr("does not exist"));
 }
 
+TEST(VarsBundleTarget, RoundTripsAndIsChecked) {
+  VarsBundle b;
+  b.files.push_back({"key.txt", 0400, "root", "root", "AGE-SECRET-KEY-1"});
+  EXPECT_EQ(EncodeVarsBundle(b).find("target"), std::string::npos) << "absent unless set";
+  b.target = "/var/lib/sops-nix";
+  auto back = DecodeVarsBundle(EncodeVarsBundle(b));
+  ASSERT_TRUE(back.ok()) << back.message();
+  EXPECT_EQ(back->target, "/var/lib/sops-nix");
+  for (const char* bad : {"relative", "/", "/a/../b", "/a/.."}) {
+    b.target = bad;
+    EXPECT_FALSE(DecodeVarsBundle(EncodeVarsBundle(b)).ok()) << bad;
+  }
+}
+
 }  // namespace
 }  // namespace muster
