@@ -252,4 +252,33 @@ Result<EnrollBinding> DecodeEnrollBinding(std::string_view text) {
   }
 }
 
+std::string EncodeRosterFile(const std::vector<SignedRosterEntry>& entries) {
+  json list = json::array();
+  for (const auto& s : entries) {
+    list.push_back({{"entry", s.entry}, {"signer", s.signer}, {"signature", s.signature}});
+  }
+  return json{{"format", 1}, {"entries", list}}.dump(2) + "\n";
+}
+
+Result<std::vector<SignedRosterEntry>> DecodeRosterFile(std::string_view text) {
+  auto j = ParseJsonBounded(text, 64u << 20, 4);
+  if (!j) return Err("roster file: " + j.message());
+  if (!j->is_object() || j->value("format", 0) != 1 || !j->contains("entries") ||
+      !(*j)["entries"].is_array()) {
+    return Err(
+        "roster file: expected {\"format\":1,\"entries\":[…]} as 'muster roster sign' writes it");
+  }
+  std::vector<SignedRosterEntry> out;
+  for (const auto& e : (*j)["entries"]) {
+    try {
+      out.push_back({e.at("entry").get<std::string>(), e.at("signer").get<std::string>(),
+                     e.at("signature").get<std::string>()});
+    } catch (const json::exception&) {
+      return Err("roster file: entry " + std::to_string(out.size() + 1) +
+                 " needs the strings 'entry', 'signer' and 'signature'");
+    }
+  }
+  return out;
+}
+
 }  // namespace muster

@@ -90,6 +90,12 @@ Result<PublicKey> RosterKey(const RosterEntry& e, const std::optional<EnrollBind
 std::string EncodeSignedRosterEntry(const SignedRosterEntry& s);
 Result<SignedRosterEntry> DecodeSignedRosterEntry(std::string_view text);
 std::string EncodeEnrollBinding(const EnrollBinding& b);
+
+// A roster file ('muster roster sign' writes it, 'muster-controller run
+// --roster' reads it): {"format":1,"entries":[{"entry","signer","signature"}…]}.
+// Decoding checks the shape only; signatures are the reader's business.
+std::string EncodeRosterFile(const std::vector<SignedRosterEntry>& entries);
+Result<std::vector<SignedRosterEntry>> DecodeRosterFile(std::string_view text);
 Result<EnrollBinding> DecodeEnrollBinding(std::string_view text);
 
 }  // namespace muster

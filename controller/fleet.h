@@ -158,6 +158,11 @@ class Fleet {
   Status AddMachine(const SignedRosterEntry& entry);     // a new machine with its key
   Status UpdateMachine(const SignedRosterEntry& entry);  // tags / (re-)signing; same key
   Status RemoveMachine(const SignedRosterEntry& entry);  // a signed removal
+  // Checks an entry's signature and that a registered operator made it,
+  // without changing anything (the declarative roster, before a key change).
+  Result<RosterEntry> ValidateRosterEntry(const SignedRosterEntry& entry) {
+    return CheckEntry(entry);
+  }
   Status RemoveMachine(const std::string& name);  // also closes its connection
   Status AddOperator(const std::string& name, const std::string& key);
   // Removes an operator: its key is refused from now on and its open sessions

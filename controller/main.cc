@@ -28,6 +28,7 @@
 #include "controller/fleet.h"
 #include "controller/metrics.h"
 #include "controller/rollout.h"
+#include "controller/roster_file.h"
 #include "controller/server.h"
 #include "controller/store.h"
 
@@ -38,7 +39,9 @@ namespace {
 
 struct Paths {
   fs::path dir;
-  fs::path key() const { return dir / "controller.key"; }
+  // A key provided by a secret store (clan vars) instead of dir/controller.key.
+  fs::path key_file = {};
+  fs::path key() const { return key_file.empty() ? dir / "controller.key" : key_file; }
   fs::path cert() const { return dir / "controller.crt"; }
   fs::path db() const { return dir / "muster.db"; }
   // Rewritten by 'operator add' after it committed: a running controller
@@ -102,6 +105,45 @@ class RegistryRefresher {
   std::array<char, 4096> events_{};
 };
 
+// Applies the declarative roster (--roster) when it changes; polled every
+// second. Logs a result only when it differs from the previous one.
+class RosterWatcher {
+ public:
+  RosterWatcher(boost::asio::io_context& ioc, RosterFile& file) : file_(file), timer_(ioc) {}
+  void Report(const Result<RosterApplied>& r) {
+    std::string text = r ? r->Summary() : r.message();
+    if (r) {
+      for (const auto& why : r->refused) text += "\n" + why;
+    }
+    if (text == last_) return;
+    last_ = text;
+    if (!r) {
+      spdlog::error("{}", r.message());
+      return;
+    }
+    spdlog::info("roster {}: {}", file_.path(), r->Summary());
+    for (const auto& why : r->refused) {
+      spdlog::warn(
+          "roster {}: refused {} (sign it with an operator key registered here: "
+          "'muster roster sign', 'muster-controller operator add')",
+          file_.path(), why);
+    }
+  }
+  void Start() {
+    timer_.expires_after(std::chrono::seconds(1));
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      if (auto r = file_.Poll()) Report(*r);
+      Start();
+    });
+  }
+
+ private:
+  RosterFile& file_;
+  boost::asio::steady_timer timer_;
+  std::string last_;
+};
+
 std::int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -115,9 +157,20 @@ int Fail(const std::string& msg, int code = 1) {
 
 int Init(const Paths& p) {
   if (auto st = MakeDirs(p.dir, 0700); !st) return Fail(st.message());
-  auto key = LoadOrCreateSecretKey(p.key());
+  auto key = p.key_file.empty() ? LoadOrCreateSecretKey(p.key()) : LoadSecretKey(p.key());
   if (!key) return Fail(key.message());
-  if (!fs::exists(p.cert())) {
+  bool stale_cert = false;
+  if (!p.key_file.empty() && fs::exists(p.cert())) {
+    // A provided key may have been regenerated: a self-signed certificate for
+    // another key would fail every handshake, so make a new one.
+    auto pem = ReadFile(p.cert(), 1 << 16);
+    stale_cert = !pem || !tls::MakeServerContext(*key, *pem, nullptr);
+    if (stale_cert) {
+      std::cerr << "muster-controller: " << p.cert().string() << " is not for the key in "
+                << p.key_file.string() << "; writing a new self-signed certificate\n";
+    }
+  }
+  if (stale_cert || !fs::exists(p.cert())) {
     auto pem = tls::MakeSelfSignedCertPem(*key, "muster-controller");
     if (!pem) return Fail(pem.message());
     if (auto st = WriteFileAtomic(p.cert(), *pem, 0644); !st) return Fail(st.message());
@@ -169,6 +222,13 @@ int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_
     if (!text) return Fail(text.message());
     k = *text;
   }
+  if (auto pk = ParsePublicKey(k); pk) {
+    Identity who = fleet.Lookup(*pk);
+    if (who.role == Role::kOperator && who.name == name) {
+      std::cout << "operator " << name << " is already registered with this key\n";
+      return 0;  // idempotent, so that modules can run it before every start
+    }
+  }
   if (auto st = fleet.AddOperator(name, k); !st) return Fail(st.message());
   // Tells a running controller (see RegistryRefresher); it also re-reads
   // the operators every second, so a failure here only delays it.
@@ -190,6 +250,8 @@ struct RunConfig {
   StoreLimits store;    // per-machine bounds on logs and events
   SessionLimits agent;  // per-session message and byte rates
   std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
+  std::string roster;    // declarative roster file ("" = none)
+  std::string key_file;  // provided controller key ("" = STATE_DIR/controller.key)
 };
 
 Status CheckRunConfig(const RunConfig& c) {
@@ -261,6 +323,10 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.agent.bytes_per_second = v.get<double>();
       } else if (k == "logQueueLines") {
         c.log_queue_lines = v.get<std::size_t>();
+      } else if (k == "keyFile") {
+        c.key_file = v.is_null() ? "" : v.get<std::string>();
+      } else if (k == "roster") {
+        c.roster = v.is_null() ? "" : v.get<std::string>();
       } else {
         return Err(path + ": unknown setting '" + k + "'");
       }
@@ -325,6 +391,18 @@ int Run(const Paths& p, const RunConfig& c) {
   }
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());
+  std::unique_ptr<RosterFile> roster;
+  std::unique_ptr<RosterWatcher> roster_watch;
+  if (!c.roster.empty()) {
+    // Machines in the declarative roster need no 'machine add'; its entries
+    // pass the same checks as the CLI's (a registered operator signed them).
+    roster = std::make_unique<RosterFile>(fleet, c.roster);
+    auto applied = roster->Load();
+    if (!applied) return Fail(applied.message(), 2);
+    roster_watch = std::make_unique<RosterWatcher>(ioc, *roster);
+    roster_watch->Report(applied);
+    roster_watch->Start();
+  }
   rollouts.Resume();  // active rollouts continue where they were
   // Operators added by another process and expired enrolment tokens: the
   // handshake consults memory only (Fleet::Lookup), so refresh it in the
@@ -360,6 +438,10 @@ int main(int argc, char** argv) {
 
   auto* init = app.add_subcommand("init", "create the controller key, certificate and store");
   init->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  std::string key_file;
+  init->add_option("--key-file", key_file,
+                   "use this controller key (e.g. from clan vars) instead of creating "
+                   "STATE_DIR/controller.key");
 
   std::string csr_cn = "muster-controller";
   auto* csr = app.add_subcommand(
@@ -408,6 +490,10 @@ int main(int argc, char** argv) {
   run->add_option("--log-queue-lines", rc.log_queue_lines,
                   "agent log lines waiting for the store; beyond it lines are dropped")
       ->capture_default_str();
+  run->add_option("--key-file", key_file, "controller key file (default STATE_DIR/controller.key)");
+  run->add_option("--roster", rc.roster,
+                  "declarative roster: signed entries from 'muster roster sign', applied at start "
+                  "and whenever the file changes");
   run->add_flag("--check-config", check_config, "validate the configuration and exit");
 
   std::string op_name, op_key;
@@ -419,8 +505,8 @@ int main(int argc, char** argv) {
       ->required();
   op_add->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
   std::string op_rm_name;
-  auto* op_remove = op->add_subcommand(
-      "remove", "remove an operator: its key is refused and its sessions close");
+  auto* op_remove =
+      op->add_subcommand("remove", "remove an operator: its key is refused and its sessions close");
   op_remove->add_option("NAME", op_rm_name, "operator name")->required();
   op_remove->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
 
@@ -429,7 +515,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (init->parsed()) return Init({state_dir});
+  if (init->parsed()) return Init({state_dir, key_file});
   if (csr->parsed()) return Csr({state_dir}, csr_cn);
   if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
   if (op_remove->parsed()) return OperatorRemove({state_dir}, op_rm_name);
@@ -466,12 +552,14 @@ int main(int argc, char** argv) {
       merged.agent.messages_per_second = rc.agent.messages_per_second;
     if (flag("--agent-bytes-per-second")) merged.agent.bytes_per_second = rc.agent.bytes_per_second;
     if (flag("--log-queue-lines")) merged.log_queue_lines = rc.log_queue_lines;
+    if (run->count("--roster")) merged.roster = rc.roster;
+    if (run->count("--key-file")) merged.key_file = key_file;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {
       std::cout << "configuration is valid\n";
       return 0;
     }
-    return Run({dir}, merged);
+    return Run({dir, merged.key_file}, merged);
   }
   return 0;
 }

@@ -6,5 +6,6 @@ muster_unit_test(controller_test
     metrics_test.cc rollout_test.cc
     log_writer_test.cc
     rate_limit_test.cc
+    roster_file_test.cc
     sqlite_store_test.cc
   LIBS muster_controller_lib)
