@@ -54,6 +54,7 @@ struct PublishArgs {
   std::string canary;
   int max_parallel = 0;
   int max_failures = 0;
+  bool clan = false;  // targets from the clan inventory, vars from 'clan vars upload' (clan.h)
 };
 int Publish(const Globals& g, PublishArgs a);
 

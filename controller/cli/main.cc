@@ -12,6 +12,7 @@
 
 #include "common/crypto.h"
 #include "common/fsutil.h"
+#include "controller/cli/clan.h"
 #include "controller/cli/commands.h"
 
 namespace fs = std::filesystem;
@@ -91,6 +92,10 @@ int main(int argc, char** argv) {
   publish->add_flag("--all", pa.all, "every registered machine");
   publish->add_option("--flake", pa.flake,
                       "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
+  publish->add_flag("--clan", pa.clan,
+                    "a clan flake (--flake, default .): machines and --tag (AND) from its "
+                    "inventory, honouring requireExplicitUpdate; vars from 'clan vars upload'; "
+                    "one rollout");
   publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")
       ->capture_default_str();
   publish->add_option("--cache", pa.cache,
@@ -120,6 +125,25 @@ int main(int argc, char** argv) {
   publish->add_flag("--wait", pa.wait,
                     "follow the deploy or rollout live; exit code says whether it succeeded");
   publish->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
+
+  RosterSignArgs rs;
+  auto* roster =
+      app.add_subcommand("roster", "the declarative roster (muster-controller --roster)");
+  roster->require_subcommand(1);
+  auto* roster_sign = roster->add_subcommand(
+      "sign", "sign roster entries for machine keys into a file for 'muster-controller --roster'");
+  roster_sign->add_option("--machine", rs.machines, "NAME=ed25519:… (repeatable)")
+      ->allow_extra_args(false);
+  roster_sign->add_option("--keys", rs.keys_file,
+                          "JSON file {\"NAME\": \"ed25519:…\" or {\"key\", \"tags\"}}");
+  roster_sign->add_flag("--clan", rs.clan,
+                        "every clan machine with a muster-agent key (public value), with its "
+                        "inventory tags");
+  roster_sign->add_option("--flake", rs.flake, "the clan flake's directory with --clan")
+      ->capture_default_str();
+  roster_sign->add_option("-o,--out", rs.out,
+                          "roster file to write; unchanged entries in it are kept, machines no "
+                          "longer listed get a signed removal (default: stdout)");
 
   auto* rollout = app.add_subcommand("rollout", "staged rollouts");
   rollout->require_subcommand(1);
@@ -204,6 +228,7 @@ int main(int argc, char** argv) {
   if (op_list->parsed()) return OperatorList(g);
   if (op_remove->parsed()) return OperatorRemove(g, op_name);
   if (publish->parsed()) return Publish(g, pa);
+  if (roster_sign->parsed()) return RosterSign(g, rs);
   if (r_list->parsed()) return Rollout(g, "list", "", 0);
   for (auto* sc : r_cmds) {
     if (sc->parsed()) return Rollout(g, sc->get_name(), r_id, r_timeout);

@@ -14,6 +14,7 @@
 #include "common/manifest.h"
 #include "common/phase.h"
 #include "common/vars_bundle.h"
+#include "controller/cli/clan.h"
 #include "controller/cli/commands.h"
 #include "controller/cli/flake.h"
 #include "controller/cli/trust.h"
@@ -123,6 +124,23 @@ int Publish(const Globals& g, PublishArgs a) {
 
   // Targets and toplevel(s).
   std::string storepath;
+  std::unique_ptr<ClanFlake> clan;
+  if (a.clan) {
+    // The clan's inventory picks the machines (then checked against the
+    // signed roster like any other names); clan's secret store gives vars.
+    if (a.flake.empty()) a.flake = ".";
+    if (!a.vars_dir.empty() || !a.vars_root.empty()) {
+      return Die("--clan takes vars from 'clan vars upload'; drop --vars / --vars-root",
+                 kExitUsage);
+    }
+    clan = std::make_unique<ClanFlake>(a.flake);
+    auto t = clan->Targets({a.positionals, a.tags, a.all});
+    if (!t) return Die(t.message(), kExitUsage);
+    a.positionals.clear();
+    a.machines = *t;
+    a.tags.clear();
+    a.all = false;
+  }
   if (!a.flake.empty()) {
     auto hash = a.flake.find('#');
     if (hash != std::string::npos) {
@@ -196,7 +214,7 @@ int Publish(const Globals& g, PublishArgs a) {
     return Die("not published", kExitFailed);
   }
   bool rollout =
-      targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0;
+      targets.size() > 1 || !a.canary.empty() || a.max_parallel > 0 || a.max_failures > 0 || a.clan;
   auto canary = CanaryCount(a.canary, targets.size());
   if (!canary) return Die(canary.message(), kExitUsage);
 
@@ -236,6 +254,11 @@ int Publish(const Globals& g, PublishArgs a) {
         if (!b) return Die(b.message(), kExitUsage);
         bundle = std::move(*b);
       }
+    }
+    if (clan) {
+      auto b = clan->Vars(machine);  // plaintext only in memory once this returns
+      if (!b) return Die(b.message(), kExitFailed);
+      bundle = std::move(*b);
     }
     if (!bundle) continue;
     auto box = SealTo(view.Get(machine)->key, EncodeVarsBundle(*bundle));
