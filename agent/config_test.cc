@@ -37,6 +37,37 @@ TEST(AgentConfig, MinimalHasNixosDefaults) {
   EXPECT_EQ(c->max_message_bytes, kDefaultMaxMessageBytes) << "the controller's default too";
 }
 
+TEST(AgentConfig, ProvidedMachineKey) {
+  auto c = ParseAgentConfig(
+      Minimal(
+          R"(,"machineKeyFile":"/run/secrets/vars/muster-agent/key","machineKeyCreatedAt":1717200000)"),
+      "agent.json");
+  ASSERT_TRUE(c.ok()) << c.message();
+  EXPECT_EQ(c->KeyPath(), "/run/secrets/vars/muster-agent/key");
+  EXPECT_TRUE(c->KeyProvided());
+  EXPECT_EQ(c->machine_key_created_at, 1717200000);
+  EXPECT_EQ(c->FloorPath(), "/var/lib/muster-agent/floor.json") << "the floor stays in stateDir";
+
+  auto own = ParseAgentConfig(Minimal(), "agent.json");
+  ASSERT_TRUE(own.ok());
+  EXPECT_EQ(own->KeyPath(), "/var/lib/muster-agent/machine.key");
+  EXPECT_FALSE(own->KeyProvided());
+
+  struct {
+    std::string extra, error;
+  } bad[] = {
+      {R"(,"machineKeyFile":"relative/key")", "machineKeyFile"},
+      {R"(,"machineKeyFile":"/k","machineKeyCreatedAt":-1)", "unix seconds"},
+      {R"(,"machineKeyCreatedAt":5)", "belongs to 'machineKeyFile'"},
+      {R"(,"machineKeyFile":"/k","enrollTokenFile":"/t")", "exclude each other"},
+  };
+  for (const auto& b : bad) {
+    auto r = ParseAgentConfig(Minimal(b.extra), "agent.json");
+    ASSERT_FALSE(r.ok()) << b.extra;
+    EXPECT_THAT(r.message(), HasSubstr(b.error)) << b.extra;
+  }
+}
+
 TEST(AgentConfig, FullSettings) {
   auto c = ParseAgentConfig(
       Minimal(
