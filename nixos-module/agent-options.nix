@@ -96,6 +96,31 @@ in
     example = "/run/secrets/muster-token";
   };
 
+  machineKeyFile = mkOption {
+    # A string, not a path: the key must never be copied into the store.
+    type = types.nullOr (types.strMatching "/.*");
+    default = null;
+    description = ''
+      The machine's Ed25519 key, provided by a secret store (the clan service passes
+      its vars generator's file) instead of the agent creating `stateDir/machine.key`.
+      It must be readable by root only (0400/0600). Register its public key with a
+      signed roster entry (`muster roster sign`); it cannot be combined with
+      `enrollTokenFile`.
+    '';
+    example = "/run/secrets/vars/muster-agent/key";
+  };
+
+  machineKeyCreatedAt = mkOption {
+    type = types.nullOr types.ints.unsigned;
+    default = null;
+    description = ''
+      When `machineKeyFile` was made (unix seconds). On the agent's very first start
+      (no floor.json, no state.json) manifests signed before it are refused; the file's
+      own modification time is not used, because a secret store rewrites it at every
+      activation. null: no such floor.
+    '';
+  };
+
   varsDir = mkOption {
     type = types.strMatching "/.*";
     default = "/var/lib/sops-nix";

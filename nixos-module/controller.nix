@@ -43,6 +43,40 @@ in
       example = "[::1]:9100";
     };
 
+    keyFile = mkOption {
+      # A string, not a path: the key must never be copied into the store.
+      type = types.nullOr (types.strMatching "/.*");
+      default = null;
+      description = ''
+        The controller's key, provided by a secret store (the clan service passes its
+        vars generator's file, owned by `muster`), instead of `stateDir/controller.key`.
+        Its pin is what agents check; a self-signed certificate is made for it.
+      '';
+      example = "/run/secrets/vars/muster-controller/key";
+    };
+
+    rosterFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = ''
+        Declarative roster: operator-signed entries written by `muster roster sign`
+        (with clan: `muster roster sign --clan -o roster.json`). Applied at start and
+        whenever it changes, without a restart; entries not signed by a registered
+        operator are refused. Machines in it need no `muster machine add`.
+      '';
+    };
+
+    operators = mkOption {
+      type = types.attrsOf (types.strMatching "ed25519:[A-Za-z0-9+/]{43}=");
+      default = { };
+      description = ''
+        Operators registered before every start (`muster-controller operator add`,
+        idempotent). Operators added by hand stay; remove them with
+        `muster-controller operator remove`.
+      '';
+      example = { alice = "ed25519:8O59lk3d/tJL8ZliV76W15+ym20stQNRFDl23jppQRo="; };
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -110,6 +144,7 @@ in
 
   config = lib.mkIf cfg.enable {
     environment.etc."muster/controller.json".source = configFile;
+    environment.etc."muster/roster.json" = lib.mkIf (cfg.rosterFile != null) { source = cfg.rosterFile; };
     environment.systemPackages = [ cfg.package ];
 
     users.users.muster = {
@@ -138,8 +173,11 @@ in
         ExecStartPre = [
           "${exe} run --check-config --config ${configFile}"
           # Idempotent: creates whatever is missing (key, certificate, store) and logs the pin.
-          "${exe} init --state-dir ${cfg.stateDir}"
-        ];
+          ("${exe} init --state-dir ${cfg.stateDir}"
+            + lib.optionalString (cfg.keyFile != null) " --key-file ${cfg.keyFile}")
+        ] ++ lib.mapAttrsToList
+          (name: key: "${exe} operator add ${lib.escapeShellArg name} --key ${key} --state-dir ${cfg.stateDir}")
+          cfg.operators;
         ExecStart = "${exe} run --config ${configFile}";
         Restart = "on-failure";
         RestartSec = 5;

@@ -32,11 +32,16 @@ in
         inherit (cfg) machine controllers controllerPin trustedOperatorKeys varsDir confirmTimeout;
         healthChecks = map healthCheck cfg.healthChecks;
         enrollTokenFile = cfg.enrollTokenFile or null;
+        machineKeyFile = cfg.machineKeyFile or null;
+        machineKeyCreatedAt = cfg.machineKeyCreatedAt or null;
       }
       // cfg.settings
     );
 
-  # cfg: services.muster-controller (stateDir, listen, metricsListen, settings).
+  # cfg: services.muster-controller (stateDir, listen, metricsListen, keyFile, rosterFile,
+  # settings). The roster is read from /etc/muster/roster.json, a link the module points at
+  # rosterFile: a new roster changes the link, not the configuration, so the controller
+  # applies it without a restart.
   # settings carries logLevel, threads, handshakeTimeout, pingInterval, idleTimeout,
   # maxMessageBytes, maxHandshakes.
   controller = cfg:
@@ -44,6 +49,8 @@ in
       {
         inherit (cfg) stateDir listen;
         metricsListen = cfg.metricsListen or null;
+        keyFile = cfg.keyFile or null;
+        roster = if (cfg.rosterFile or null) == null then null else "/etc/muster/roster.json";
       }
       // cfg.settings
     );
