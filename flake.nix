@@ -42,6 +42,9 @@
         };
       };
 
+      # clan service (clan.lol): `inventory.instances.muster.module.input = "muster"`.
+      clan.modules.muster = import ./nixos-module/clan-service.nix { inherit self; };
+
       darwinModules = rec {
         agent = withPackage "darwinModules.agent" "muster-agent" ./nixos-module/darwin-agent.nix;
         default = agent;
