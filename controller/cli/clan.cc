@@ -398,9 +398,16 @@ Result<std::map<std::string, KeyAndTags>> KeysFromClan(const std::string& flake)
   auto machines = ParseClanInventory(*inv);
   if (!machines) return machines.error();
   std::map<std::string, KeyAndTags> out;
+  // Public values are files in the clan's directory (clanLib.getPublicValue).
+  std::string dir = flake.rfind("path:", 0) == 0 ? flake.substr(5) : flake;
+  if (std::error_code ec; !fs::is_directory(dir, ec)) {
+    return Err("--flake " + flake +
+               " is not a directory; 'roster sign --clan' reads the clan's "
+               "public values from its checkout");
+  }
   for (const auto& [name, m] : *machines) {
     fs::path value =
-        fs::path(flake) / "vars/per-machine" / name / kAgentGenerator / "key.pub" / "value";
+        fs::path(dir) / "vars/per-machine" / name / kAgentGenerator / "key.pub" / "value";
     std::error_code ec;
     if (!fs::exists(value, ec)) {
       std::cerr << "muster: " << name << ": no " << value.string()

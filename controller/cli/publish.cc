@@ -129,6 +129,10 @@ int Publish(const Globals& g, PublishArgs a) {
     // The clan's inventory picks the machines (then checked against the
     // signed roster like any other names); clan's secret store gives vars.
     if (a.flake.empty()) a.flake = ".";
+    if (a.flake.find('#') != std::string::npos) {
+      return Die("--clan takes the clan flake without #MACHINE; name machines as arguments",
+                 kExitUsage);
+    }
     if (!a.vars_dir.empty() || !a.vars_root.empty()) {
       return Die("--clan takes vars from 'clan vars upload'; drop --vars / --vars-root",
                  kExitUsage);

@@ -153,7 +153,7 @@ class ClanTest(EnvTest):
         self.make_clan(env)
         roster = os.path.join(env.root, "roster.json")
         r = subprocess.run([binary("muster"), "--key", env.op_key, "roster", "sign", "--clan",
-                            "--flake", self.clan_dir, "--out", roster],
+                            "--flake", f"path:{self.clan_dir}", "--out", roster],
                            capture_output=True, text=True, env=nix_env())
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("4 signed", r.stderr)
