@@ -25,6 +25,7 @@ FAKE_CLAN = os.path.join(HERE, "clan", "fake-clan")
 MACHINES = {
     "web1": (["web", "eu"], "sops", False),
     "pw1": (["web", "eu"], "password-store", False),
+    "age1": (["web", "eu"], "age", False),
     "web2": (["web", "us"], "sops", False),
     "laptop": (["web", "eu"], "sops", True),
 }
@@ -75,7 +76,8 @@ class ClanTest(EnvTest):
       clan.core.deployment.requireExplicitUpdate = {"true" if explicit else "false"};
       clan.core.vars.settings.secretStore = "{backend}";
       clan.core.vars.sops.secretUploadDirectory = "{store_dir if backend == "sops" else "/var/lib/sops-nix"}";
-      clan.core.vars.password-store.secretLocation = "{store_dir if backend != "sops" else "/etc/secret-vars"}";
+      clan.core.vars.password-store.secretLocation = "{store_dir if backend == "password-store" else "/etc/secret-vars"}";
+      clan.core.vars.age.secretLocation = "{store_dir if backend == "age" else "/etc/secret-vars"}";
     }};''')
             fake[name] = {"backend": backend, "ageKey": f"AGE-SECRET-KEY-1{name.upper()}\n",
                           "secrets": {"app/password": f"pw-of-{name}"},
@@ -156,10 +158,10 @@ class ClanTest(EnvTest):
                             "--flake", f"path:{self.clan_dir}", "--out", roster],
                            capture_output=True, text=True, env=nix_env())
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertIn("4 signed", r.stderr)
+        self.assertIn("5 signed", r.stderr)
         env.start_controller(["--roster", roster])
-        env.controller.wait_log(r"4 added")
-        self.start_agents(env, "web1", "pw1", "laptop")
+        env.controller.wait_log(r"5 added")
+        self.start_agents(env, "web1", "pw1", "age1", "laptop")
 
         # Tags are AND-ed; laptop (requireExplicitUpdate) is skipped, web2 lacks "eu".
         r = self.publish(env, "--tag", "web", "--tag", "eu", "--wait", "--timeout", "300")
@@ -167,7 +169,8 @@ class ClanTest(EnvTest):
         self.assertIn("skipped laptop: clan.core.deployment.requireExplicitUpdate", r.stderr)
         self.assertIn("rollout ", r.stdout)
         self.assertEqual(sorted(env.activation_log()),
-                         ["clan-pw1 switch nixos", "clan-web1 switch nixos"])
+                         ["clan-age1 switch nixos", "clan-pw1 switch nixos",
+                          "clan-web1 switch nixos"])
         self.assertIsNone(env.status("web2")["generation"] or None)
         self.assertIsNone(env.status("laptop")["generation"] or None)
 
@@ -176,6 +179,9 @@ class ClanTest(EnvTest):
         self.assert_layout(web1, ["key.txt", "activation/per-machine/app/token"])
         with open(os.path.join(web1, "key.txt")) as f:
             self.assertEqual(f.read(), "AGE-SECRET-KEY-1WEB1\n")
+        age1 = self.agents["age1"].cfg["varsDir"]
+        self.assertTrue(age1.endswith("/secret-vars"), age1)
+        self.assert_layout(age1, ["key.txt", "activation/per-machine/app/token"])
         pw1 = self.agents["pw1"].cfg["varsDir"]
         self.assert_layout(pw1, ["secrets.tar.gz", "secrets_for_users.tar.gz", ".pass_info",
                                  "activation/per-machine/app/token"])
@@ -188,7 +194,7 @@ class ClanTest(EnvTest):
         # Nothing plaintext stays behind; it went through a tmpfs where there is one.
         with open(self.clan_log) as f:
             calls = [json.loads(l) for l in f]
-        self.assertEqual(sorted(c["machine"] for c in calls), ["pw1", "web1"])
+        self.assertEqual(sorted(c["machine"] for c in calls), ["age1", "pw1", "web1"])
         tmpfs = tmpfs_mounts()
         for c in calls:
             self.assertFalse(os.path.exists(c["directory"]), c["directory"])
