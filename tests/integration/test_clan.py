@@ -11,6 +11,7 @@ them from a roster file signed with `muster roster sign --clan`: no
 """
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -226,7 +227,21 @@ class ClanTest(EnvTest):
         sign = [binary("muster"), "--key", env.op_key, "roster", "sign", "--out", roster]
         web1_pub = self.pubs["web1"]
         subprocess.run(sign + ["--machine", f"web1={web1_pub}"], check=True, capture_output=True)
-        env.start_controller(["--roster", roster])
+        # The controller's key from a secret store (the clan generator's file, 0400):
+        # init makes a certificate for it in place of the one for its own key, and
+        # agents pin that key.
+        ctl_key = os.path.join(env.root, "controller-var.key")
+        subprocess.run([binary("muster"), "--key", ctl_key, "key", "generate"], check=True,
+                       capture_output=True)
+        os.chmod(ctl_key, 0o400)
+        out = subprocess.run([binary("muster-controller"), "init", "--state-dir", env.ctl_dir,
+                              "--key-file", ctl_key], capture_output=True, text=True,
+                             check=True)
+        self.assertIn("is not for the key in", out.stderr)
+        pin = re.search(r"pin:\s+(sha256:[0-9a-f]{64})", out.stdout).group(1)
+        self.assertNotEqual(pin, env.pin)
+        env.pin = pin
+        env.start_controller(["--roster", roster, "--key-file", ctl_key])
         env.controller.wait_log(r"1 added")
         self.start_agents(env, "web1")
         # Signing again with the same input keeps the entry: nothing to apply.
