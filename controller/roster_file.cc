@@ -27,7 +27,8 @@ std::int64_t HeldSignedAt(const MachineRecord& m) {
 std::string RosterApplied::Summary() const {
   return std::to_string(added) + " added, " + std::to_string(updated) + " updated, " +
          std::to_string(rekeyed) + " with a new key, " + std::to_string(removed) + " removed, " +
-         std::to_string(unchanged) + " unchanged, " + std::to_string(refused.size()) + " refused";
+         std::to_string(revoked) + " revoked, " + std::to_string(unchanged) + " unchanged, " +
+         std::to_string(refused.size()) + " refused";
 }
 
 Result<RosterApplied> ApplyRosterText(Fleet& fleet, std::string_view text) {
@@ -50,6 +51,16 @@ Result<RosterApplied> ApplyRosterText(Fleet& fleet, std::string_view text) {
     auto held = fleet.store().GetMachine(e->machine);
     if (held && e->signed_at <= HeldSignedAt(*held)) {
       ++out.unchanged;
+      continue;
+    }
+    if (e->revoked) {
+      if (!held) {
+        refuse(Err("a revocation for a machine this controller does not hold"));
+      } else if (auto st = fleet.RevokeMachine(s); !st) {
+        refuse(st);
+      } else {
+        ++out.revoked;
+      }
       continue;
     }
     if (e->removed) {

@@ -7,8 +7,8 @@
 // is held), so a machine in it needs no 'machine add' and a file edited by
 // anyone else is refused entry by entry. An entry whose key differs from the
 // registered one replaces the machine's key (its connection is closed); a
-// signed removal removes the machine. Entries not newer than what the store
-// holds are left alone. Not thread-safe: one watcher, called from one timer.
+// signed removal removes the machine; a signed revocation revokes its key. Entries not newer than
+// what the store holds are left alone. Not thread-safe: one watcher, called from one timer.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@
 namespace muster {
 
 struct RosterApplied {
-  int added = 0, updated = 0, rekeyed = 0, removed = 0, unchanged = 0;
+  int added = 0, updated = 0, rekeyed = 0, removed = 0, revoked = 0, unchanged = 0;
   std::vector<std::string> refused;  // one message per refused entry: machine and why
   std::string Summary() const;
 };

@@ -95,6 +95,25 @@ TEST_F(RosterFileTest, EntriesNotSignedByARegisteredOperatorAreRefusedOneByOne) 
   EXPECT_EQ(fleet_->Lookup(web1_.public_key()).name, "web1");
 }
 
+TEST_F(RosterFileTest, SignedRevocationsRevokeAndOlderEntriesCannotUndoThem) {
+  ASSERT_TRUE(ApplyRosterText(*fleet_, EncodeRosterFile({Entry("db1", db1_, {"db"}, 100)})).ok());
+  RosterEntry rev;
+  rev.machine = "db1";
+  rev.key = db1_.public_key().ToText();
+  rev.revoked = true;
+  rev.signed_at = 200;
+  auto r = ApplyRosterText(
+      *fleet_, EncodeRosterFile({Entry("db1", db1_, {"db"}, 100), SignRosterEntry(rev, alice_)}));
+  ASSERT_TRUE(r.ok()) << r.message();
+  EXPECT_EQ(r->revoked, 1);
+  EXPECT_EQ(r->unchanged, 1);
+  EXPECT_EQ(fleet_->Lookup(db1_.public_key()).role, Role::kNone) << "the key is refused";
+  auto again = ApplyRosterText(*fleet_, EncodeRosterFile({Entry("db1", db1_, {"db"}, 150)}));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->unchanged, 1) << "older than the revocation";
+  EXPECT_EQ(fleet_->Lookup(db1_.public_key()).role, Role::kNone);
+}
+
 TEST_F(RosterFileTest, MalformedFilesApplyNothing) {
   for (const char* text :
        {"", "[]", R"({"format":2,"entries":[]})", R"({"format":1,"entries":[{"entry":1}]})"}) {

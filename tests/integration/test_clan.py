@@ -254,7 +254,7 @@ class ClanTest(EnvTest):
         pw1_pub = self.pubs["pw1"]
         r = subprocess.run(sign + ["--machine", f"pw1={pw1_pub}"], capture_output=True, text=True)
         self.assertIn("1 signed, 0 unchanged, 1 removals", r.stderr)
-        env.controller.wait_log(r"1 added, 0 updated, 0 with a new key, 1 removed")
+        env.controller.wait_log(r"1 added, 0 updated, 0 with a new key, 1 removed, 0 revoked")
         wait_until(lambda: not any(m["name"] == "web1" for m in
                                    json.loads(env.cli("machine", "list", "--json").stdout)),
                    what="web1 removed")
