@@ -8,6 +8,7 @@
 , boost
 , openssl
 , libsodium
+, zstd
 , nlohmann_json
 , spdlog
 , cli11
@@ -38,7 +39,7 @@ stdenv.mkDerivation (finalAttrs: {
   };
 
   nativeBuildInputs = [ cmake ninja pkg-config ];
-  buildInputs = [ boost openssl libsodium nlohmann_json spdlog cli11 sqlite gtest ];
+  buildInputs = [ boost openssl libsodium zstd nlohmann_json spdlog cli11 sqlite gtest ];
 
   cmakeFlags = [
     (lib.cmakeBool "MUSTER_WERROR" false)
