@@ -190,6 +190,9 @@ struct RunConfig {
   StoreLimits store;    // per-machine bounds on logs and events
   SessionLimits agent;  // per-session message and byte rates
   std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
+  std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
+  std::int64_t cache_gc_interval = 3600;        // seconds between collections
+  std::int64_t cache_gc_grace = 86400;          // unreferenced paths survive this long
 };
 
 Status CheckRunConfig(const RunConfig& c) {
@@ -289,6 +292,13 @@ int Run(const Paths& p, const RunConfig& c) {
   RolloutManager rollouts(fleet, **store);
   fleet.SetObserver(&rollouts);
   Api api(fleet, &rollouts);
+  auto bytes = OpenFileByteStorage((p.dir / "cache").string());
+  if (!bytes) return Fail(bytes.message());
+  auto nars = NarCache::Open(std::move(*bytes), c.cache_max_bytes);
+  if (!nars) return Fail("binary cache in " + (p.dir / "cache").string() + ": " + nars.message());
+  CacheService cache(**store, std::move(*nars), c.cache_gc_grace);
+  cache.StartSchedule(c.cache_gc_interval);
+  api.SetCache(&cache);
   tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {
     if (fleet.Lookup(k).role != Role::kNone) return true;  // incl. enrolment while tokens are live
     *reason = "key " + k.ToText() + " (" + k.ShortId() +
@@ -308,6 +318,7 @@ int Run(const Paths& p, const RunConfig& c) {
   so.max_handshakes = c.max_handshakes;
   so.agent_limits = c.agent;
   so.log_queue.max_queued_lines = c.log_queue_lines;
+  so.cache = &cache;
   Server server(ioc, fleet, api, *ctx, so);
   auto bound = server.Start();
   if (!bound) return Fail(bound.message());
@@ -405,6 +416,16 @@ int main(int argc, char** argv) {
   run->add_option("--agent-bytes-per-second", rc.agent.bytes_per_second,
                   "per agent connection; beyond it (after a 4 s burst) its reads pause")
       ->capture_default_str();
+  run->add_option("--cache-max-bytes", rc.cache_max_bytes,
+                  "bound on the binary cache (<state-dir>/cache), bytes")
+      ->capture_default_str();
+  run->add_option("--cache-gc-interval", rc.cache_gc_interval, "seconds between cache collections")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40));
+  run->add_option("--cache-gc-grace", rc.cache_gc_grace,
+                  "seconds an unreferenced cache path or upload survives")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40));
   run->add_option("--log-queue-lines", rc.log_queue_lines,
                   "agent log lines waiting for the store; beyond it lines are dropped")
       ->capture_default_str();
@@ -466,6 +487,9 @@ int main(int argc, char** argv) {
       merged.agent.messages_per_second = rc.agent.messages_per_second;
     if (flag("--agent-bytes-per-second")) merged.agent.bytes_per_second = rc.agent.bytes_per_second;
     if (flag("--log-queue-lines")) merged.log_queue_lines = rc.log_queue_lines;
+    if (flag("--cache-max-bytes")) merged.cache_max_bytes = rc.cache_max_bytes;
+    if (flag("--cache-gc-interval")) merged.cache_gc_interval = rc.cache_gc_interval;
+    if (flag("--cache-gc-grace")) merged.cache_gc_grace = rc.cache_gc_grace;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {
       std::cout << "configuration is valid\n";
