@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace muster {
@@ -28,6 +29,11 @@ struct RunOptions {
   // Lines are the program's bytes, not necessarily UTF-8; a line longer than
   // 64 KiB arrives in pieces, cut between characters.
   std::function<void(bool is_stderr, const std::string& line)> on_line;
+  // When set, stdout is not split into lines nor kept in RunResult::out: every
+  // piece read is passed as it is, in order (streaming a NAR of any size in
+  // bounded memory). Returning false kills the program's process group (the
+  // result then reports signal 9).
+  std::function<bool(std::string_view bytes)> on_stdout;
 };
 
 struct RunResult {
