@@ -345,6 +345,7 @@ void Agent::OnMessage(const std::string& text) {
     }
     FlushReports();
     FlushLogs();
+    substituter_->OnLinkUp();
     return;
   }
   if (const auto* a = std::get_if<proto::Ack>(&*msg)) {

@@ -66,6 +66,10 @@ struct Substituter::Impl : std::enable_shared_from_this<Substituter::Impl> {
   std::map<std::uint64_t, std::shared_ptr<HttpConn>> waiting;  // fetch id → request
   std::map<HttpConn*, std::shared_ptr<HttpConn>> conns;
   std::deque<std::weak_ptr<HttpConn>> queued;  // beyond kMaxRequests
+  // Requests whose fetch was lost with the connection: asked again, from the
+  // same offset, once it is back (objects never change), or cut by their
+  // no-progress timer. nix cannot retry a NAR it has begun to unpack.
+  std::vector<std::shared_ptr<HttpConn>> stalled;
   std::size_t active = 0;
 
   void Accept();
@@ -90,9 +94,8 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   void Begin() {
     began_ = true;
     ++owner_->active;
-    if (!owner_->Fetch(shared_from_this(), name_, 0)) {
-      Cut("not connected to the controller");
-    }
+    in_flight_ = true;
+    if (!owner_->Fetch(shared_from_this(), name_, 0)) owner_->stalled.push_back(shared_from_this());
   }
 
   void OnChunk(proto::Fetched f) {
@@ -132,6 +135,14 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   }
 
   bool waiting() const { return in_flight_; }
+  bool closed() const { return closed_; }
+
+  // The connection is back: ask again for what was lost.
+  void Resend() {
+    if (closed_) return;
+    if (!owner_->Fetch(shared_from_this(), name_, next_offset_))
+      owner_->stalled.push_back(shared_from_this());
+  }
 
  private:
   void Arm() {
@@ -181,8 +192,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
     if (!complete && !in_flight_ && out_.size() <= 1) {
       in_flight_ = true;
       if (!owner_->Fetch(shared_from_this(), name_, next_offset_)) {
-        in_flight_ = false;
-        return Cut("not connected to the controller");
+        owner_->stalled.push_back(shared_from_this());
       }
     }
     if (writing_) return;
@@ -271,6 +281,7 @@ void Substituter::Impl::CutAll() {
   for (auto& c : all) c->Cut("cut");
   waiting.clear();
   queued.clear();
+  stalled.clear();
 }
 
 Substituter::Substituter(asio::io_context& ioc, SendFn send)
@@ -329,11 +340,23 @@ void Substituter::OnFetched(proto::Fetched f) {
 }
 
 void Substituter::OnLinkDown() {
-  // Requests in flight will never be answered on the new connection.
-  std::vector<std::shared_ptr<HttpConn>> cut;
-  for (auto& [id, c] : impl_->waiting) cut.push_back(c);
+  // Requests in flight will never be answered on the new connection: they
+  // wait for it and ask again from where they were.
+  for (auto& [id, c] : impl_->waiting) {
+    if (!c->closed()) impl_->stalled.push_back(c);
+  }
   impl_->waiting.clear();
-  for (auto& c : cut) c->Cut("connection to the controller lost");
+  if (!impl_->stalled.empty()) {
+    spdlog::info(
+        "substituter: connection to the controller lost; {} request(s) resume when it is back",
+        impl_->stalled.size());
+  }
+}
+
+void Substituter::OnLinkUp() {
+  auto stalled = std::move(impl_->stalled);
+  impl_->stalled.clear();
+  for (auto& c : stalled) c->Resend();
 }
 
 }  // namespace muster

@@ -4,8 +4,9 @@
 // messages over the agent's one authenticated connection, and streams the
 // answers back chunk by chunk (at most two chunks per request in memory, a
 // bounded number of requests at once). The token keeps other local users
-// from reading through it. A loss of the connection fails the requests in
-// flight (the HTTP connection is cut, so nix retries); nothing is cached.
+// from reading through it. A loss of the connection holds the requests in
+// flight until it is back, then continues each from its offset; nothing is
+// cached.
 //
 // Threading: Open and Close may be called from any thread (they post to the
 // io_context and wait); OnFetched and OnLinkDown run on the io_context thread.
@@ -47,7 +48,11 @@ class Substituter {
   void Close();
 
   void OnFetched(proto::Fetched f);
+  // The connection dropped / is back (welcome): requests in flight wait for
+  // it and continue from their offset (nix cannot retry a NAR it has begun to
+  // unpack); one without progress for 120 s is cut.
   void OnLinkDown();
+  void OnLinkUp();
 
   struct Impl;
 
