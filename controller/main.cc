@@ -217,6 +217,8 @@ Status CheckRunConfig(const RunConfig& c) {
   }
   if (c.agent.bytes_per_second < 1024) return Err("--agent-bytes-per-second must be at least 1024");
   if (c.log_queue_lines < 1000) return Err("--log-queue-lines must be at least 1000");
+  if (c.cache_gc_interval < 1) return Err("--cache-gc-interval must be at least 1 second");
+  if (c.cache_gc_grace < 0) return Err("--cache-gc-grace must not be negative");
   return Status::Ok();
 }
 
@@ -264,6 +266,12 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.agent.bytes_per_second = v.get<double>();
       } else if (k == "logQueueLines") {
         c.log_queue_lines = v.get<std::size_t>();
+      } else if (k == "cacheMaxBytes") {
+        c.cache_max_bytes = v.get<std::uint64_t>();
+      } else if (k == "cacheGcInterval") {
+        c.cache_gc_interval = v.get<std::int64_t>();
+      } else if (k == "cacheGcGrace") {
+        c.cache_gc_grace = v.get<std::int64_t>();
       } else {
         return Err(path + ": unknown setting '" + k + "'");
       }

@@ -5,15 +5,19 @@ cache key."""
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
 
-from harness import EnvTest, Process, binary, nix_env, wait_until
+from harness import HERE, CuttableProxy, EnvTest, Process, binary, nix_env, wait_until
 from rawclient import Identity, WsConn
 
 
-class ClosuresTest(EnvTest):
+class ClosuresBase(EnvTest):
+    """A controller, a CLI with a cache key, helpers; no tests of its own."""
+
     def setUp(self):
         super().setUp()
         self.env.start()
@@ -41,6 +45,9 @@ class ClosuresTest(EnvTest):
     def narinfo(self, path):
         return self.cache_file(os.path.basename(path)[:32] + ".narinfo")
 
+
+
+class ClosuresTest(ClosuresBase):
     def test_machine_with_only_the_controller_realises_a_multi_path_closure(self):
         env = self.env
         a = env.add_agent("m1").start()
@@ -257,3 +264,63 @@ class ClosuresTest(EnvTest):
         except (OSError, ConnectionError):
             pass
         return None
+
+
+class ClosuresFlowTest(ClosuresBase):
+    def test_flake_publish_goes_through_the_controller(self):
+        env = self.env
+        a = env.add_agent("n0")  # started once the closure exists only on the controller
+        flake = os.path.join(env.root, "infra")
+        os.makedirs(flake)
+        shutil.copy(os.path.join(HERE, "toplevel.nix"), os.path.join(flake, "toplevel.nix"))
+        system = subprocess.run(["nix", "eval", "--raw", "--impure", "--expr", "builtins.currentSystem"],
+                                capture_output=True, text=True, env=nix_env(), check=True).stdout
+        with open(os.path.join(flake, "flake.nix"), "w") as f:
+            f.write(f"""{{
+  outputs = {{ self }}: {{
+    nixosConfigurations.n0.config.system.build.toplevel = import ./toplevel.nix {{
+      name = "flake-via-controller"; system = "{system}"; log = "{env.root}/activation.log";
+      salt = "{env.salt}"; payload = "1048576";
+    }};
+  }};
+}}
+""")
+        r = env.cli("publish", "--flake", f"path:{flake}#n0", "--cache-key", self.key, check=False)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        top = re.search(r"\[n0\] built (/nix/store/\S+)", r.stderr).group(1)
+        gen = int(re.search(r"generation (\d+)", r.stdout).group(1))
+        self.assertTrue(os.path.exists(self.narinfo(top)))
+        env.delete_local(top)
+        self.assertFalse(os.path.exists(top))
+        a.start()
+        s = env.wait_phase("n0", gen, ["succeeded", "failed"], timeout=120)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(a.current_system(), top)
+
+    def test_connection_lost_mid_nar_resumes_where_it_was(self):
+        env = self.env
+        cut = os.path.join(env.root, "cut-link")
+        proxy = CuttableProxy(env.port, cut)
+        self.addCleanup(proxy.close)
+        a = env.add_agent("m1", controllers=[env.url(proxy.port)]).start()
+        a.wait_connected()
+        top = env.build("mid-nar", push=False, delete=False, payload=64 << 20)
+        payload = [p for p in self.closure(top) if "payload" in p][0]
+        self.push(top)
+        env.delete_local(top)
+        gen = self.publish("m1", top)
+        # Cut the agent's only connection while nix is downloading the payload's NAR.
+        a.proc.wait_log(r"copying path '" + re.escape(payload), timeout=120)
+        losses = a.proc.text().count("connection lost")  # the proxy also drops idle links
+        open(cut, "w").close()
+        wait_until(lambda: a.proc.text().count("connection lost") > losses, 60,
+                   interval=0.02, what="the agent's connection cut")
+        os.unlink(cut)
+        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        # The request waited for the new connection and continued from its
+        # offset (nix 2.8 cannot retry a NAR it has begun to unpack).
+        self.assertIn("1 request(s) resume when it is back", a.proc.text())
+        self.assertNotIn("partial file", a.proc.text())
+        with open(os.path.join(payload, "data"), "rb") as f:
+            self.assertEqual(len(f.read()), 64 << 20)
