@@ -173,11 +173,14 @@ int Agent::Run() {
   cb.on_open = [this] { OnOpen(); };
   cb.on_message = [this](std::string t) { OnMessage(t); };
   cb.on_down = [this](const std::string&) {
+    if (substituter_) substituter_->OnLinkDown();
     std::lock_guard lock(mu_);
     if (welcomed_) ++disconnects_;
     welcomed_ = false;
   };
   link_ = std::make_unique<Link>(ioc_, cfg_, tls_, cb);
+  substituter_ = std::make_unique<Substituter>(
+      ioc_, [this](std::string t) { return link_->Send(std::move(t)); });
   link_->Start();
   ArmLogTimer();
   if (!cfg_.metrics_listen.empty()) {
@@ -356,6 +359,7 @@ void Agent::OnMessage(const std::string& text) {
     }
     FlushReports();
     FlushLogs();
+    substituter_->OnLinkUp();
     return;
   }
   if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
@@ -364,6 +368,10 @@ void Agent::OnMessage(const std::string& text) {
       acked_seq_ = std::max(acked_seq_, a->seq);
     }
     cv_.notify_all();
+    return;
+  }
+  if (auto* f = std::get_if<proto::Fetched>(&*msg)) {
+    substituter_->OnFetched(std::move(*f));
     return;
   }
   if (const auto* d = std::get_if<proto::Deploy>(&*msg)) {
@@ -803,9 +811,28 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
       return o;
     }
     case Step::kRealise: {
-      auto size = ops_->Realise(r.manifest, sink);
+      // "muster:" in the signed manifest: the controller's cache, served on
+      // loopback for this realise only.
+      Manifest m = r.manifest;
+      bool via_controller = UsesControllerCache(m) && substituter_;
+      std::string url;
+      if (via_controller) {
+        auto opened = substituter_->Open();
+        if (!opened) {
+          o.detail = opened.message();
+          return o;
+        }
+        url = *opened;
+        m = WithControllerCache(std::move(m), url);
+      }
+      auto size = ops_->Realise(m, sink);
+      if (via_controller) substituter_->Close();
       if (!size) {
         o.detail = size.message();
+        for (auto at = o.detail.find(url); via_controller && at != std::string::npos;
+             at = o.detail.find(url)) {
+          o.detail.replace(at, url.size(), "the controller's cache (muster:)");
+        }
         return o;
       }
       o.ok = true;

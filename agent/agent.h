@@ -24,6 +24,7 @@
 #include "agent/config.h"
 #include "agent/link.h"
 #include "agent/state.h"
+#include "agent/substituter.h"
 #include "agent/system_ops.h"
 #include "common/crypto.h"
 #include "common/http_server.h"
@@ -97,6 +98,7 @@ class Agent {
 
   boost::asio::io_context ioc_;
   std::unique_ptr<Link> link_;
+  std::unique_ptr<Substituter> substituter_;  // the controller's cache, during a realise
   boost::asio::steady_timer log_timer_;
 
   std::mutex mu_;  // guards everything below

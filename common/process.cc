@@ -270,7 +270,7 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
   std::string err_raw;  // the end of stderr as bytes; err_tail is made from it
   int fds_open = 2;
   bool out_open = true, err_open = true;
-  char buf[16384];
+  char buf[65536];
   while (fds_open > 0) {
     auto now = std::chrono::steady_clock::now();
     if (now >= deadline) {
@@ -319,6 +319,12 @@ RunResult SystemProcessRunner::Run(const RunOptions& o) {
         err_raw.append(buf, len);
         if (err_raw.size() > 2 * kErrTail) err_raw.erase(0, err_raw.size() - 2 * kErrTail);
         SplitLines(err_pending, buf, len, true, o);
+      } else if (o.on_stdout) {
+        if (!o.on_stdout(std::string_view(buf, len))) {
+          ::kill(-pid, SIGKILL);
+          open = false;
+          --fds_open;
+        }
       } else {
         if (r.out.size() < o.max_output)
           r.out.append(buf, std::min(len, o.max_output - r.out.size()));

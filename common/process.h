@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace muster {
@@ -34,6 +35,11 @@ struct RunOptions {
   // never signalled), its output is no longer read. For a daemon that stops
   // while a child must outlive it (an activation).
   const std::atomic<bool>* detach = nullptr;
+  // When set, stdout is not split into lines nor kept in RunResult::out: every
+  // piece read is passed as it is, in order (streaming a NAR of any size in
+  // bounded memory). Returning false kills the program's process group (the
+  // result then reports signal 9).
+  std::function<bool(std::string_view bytes)> on_stdout;
 };
 
 struct RunResult {

@@ -1,5 +1,6 @@
 #include "common/protocol.h"
 
+#include "common/crypto.h"
 #include "common/utf8.h"
 
 namespace muster::proto {
@@ -95,6 +96,18 @@ json Body(const Response& m) {
 json Body(const Event& m) { return {{"topic", m.topic}, {"data", m.data}}; }
 json Body(const Enroll& m) { return {{"machine", m.machine}, {"proof", m.proof}}; }
 json Body(const Enrolled& m) { return {{"machine", m.machine}}; }
+json Body(const Fetch& m) {
+  return {{"id", m.id}, {"name", m.name}, {"offset", m.offset}, {"length", m.length}};
+}
+json Body(const Fetched& m) {
+  json j = {{"id", m.id},
+            {"status", m.status},
+            {"offset", m.offset},
+            {"total", m.total},
+            {"data", Base64Encode(m.data)}};
+  if (!m.error.empty()) j["error"] = m.error;
+  return j;
+}
 
 Result<Message> DecodeBody(std::string_view type, const json& b) {
   if (type == "hello") {
@@ -179,6 +192,26 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
   }
   if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "proof")}};
   if (type == "enrolled") return Message{Enrolled{Str(b, "machine")}};
+  if (type == "fetch") {
+    Fetch m{UInt(b, "id"), Str(b, "name"), UInt(b, "offset"), UInt(b, "length")};
+    if (m.name.size() > 512) return Err("fetch: name longer than 512 bytes");
+    return Message{m};
+  }
+  if (type == "fetched") {
+    Fetched m;
+    m.id = UInt(b, "id");
+    m.status = static_cast<int>(Int(b, "status"));
+    if (m.status != 200 && m.status != 404 && m.status != 500) {
+      return Err("fetched: status must be 200, 404 or 500");
+    }
+    m.offset = UInt(b, "offset");
+    m.total = UInt(b, "total");
+    auto data = Base64Decode(OptStr(b, "data"));
+    if (!data) return Err("fetched: data is not base64");
+    m.data = std::move(*data);
+    m.error = OptStr(b, "error");
+    return Message{m};
+  }
   return Err("unknown message type '" + CutUtf8(type, 40) + "'");
 }
 
@@ -220,6 +253,8 @@ std::string_view TypeName(const Message& m) {
                         [](const Event&) { return std::string_view("event"); },
                         [](const Enroll&) { return std::string_view("enroll"); },
                         [](const Enrolled&) { return std::string_view("enrolled"); },
+                        [](const Fetch&) { return std::string_view("fetch"); },
+                        [](const Fetched&) { return std::string_view("fetched"); },
                     },
                     m);
 }

@@ -9,6 +9,7 @@
 //   agent → hello, status, log            controller → welcome, deploy, ack, error
 // Enrolment (/v1/enroll, unregistered key with a one-time token):
 //   agent → enroll                         controller → enrolled, error
+//   agent → fetch                          controller → fetched   (binary cache)
 // Operator ↔ controller (/v1/operator):
 //   CLI → request                          controller → response, event, error
 #pragma once
@@ -123,8 +124,30 @@ struct Event {
   nlohmann::json data = nlohmann::json::object();
 };
 
-using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg,
-                             Request, Response, Event, Enroll, Enrolled>;
+// The agent's loopback substituter asks for part of an object in the
+// controller's binary cache (agent/substituter.h): name is "nix-cache-info",
+// "<hash>.narinfo" or "nar/…"; at most `length` bytes from offset.
+struct Fetch {
+  std::uint64_t id = 0;
+  std::string name;
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+};
+
+// The answer: status 200 with the bytes (base64 in `data`) and the object's
+// total size, or 404 (not in the cache, or not in a closure published for
+// this machine) / 500 with a reason.
+struct Fetched {
+  std::uint64_t id = 0;
+  int status = 200;
+  std::uint64_t offset = 0;
+  std::uint64_t total = 0;
+  std::string data;  // raw bytes (base64 on the wire)
+  std::string error;
+};
+
+using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg, Request,
+                             Response, Event, Enroll, Enrolled, Fetch, Fetched>;
 
 std::string_view TypeName(const Message& m);
 std::string Encode(const Message& m);

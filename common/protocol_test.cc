@@ -70,12 +70,14 @@ std::vector<Message> Samples() {
           response,
           event,
           Enroll{"web2", "c2lnbmF0dXJlLW9mLXRoZS1tYWNoaW5lLWtleQ=="},
-          Enrolled{"web2"}};
+          Enrolled{"web2"},
+          Fetch{9, "nar/0a1b2c3d4e5f6g7h8i9jakalamanapaq-1b2c.nar.zst", 1048576, 524288},
+          Fetched{9, 200, 1048576, 3145728, std::string("\x28\xb5\x2f\xfd NAR bytes", 14), ""}};
 }
 
-const std::vector<std::string> kTypes = {"hello", "status",   "log",      "welcome",
-                                         "deploy", "ack",     "error",    "request",
-                                         "response", "event", "enroll",   "enrolled"};
+const std::vector<std::string> kTypes = {"hello",  "status",   "log",     "welcome",  "deploy",
+                                         "ack",    "error",    "request", "response", "event",
+                                         "enroll", "enrolled", "fetch",   "fetched"};
 
 Message DecodeOk(const std::string& text) {
   auto r = Decode(text);

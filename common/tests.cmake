@@ -6,6 +6,7 @@ muster_unit_test(common_test
     json_limits_test.cc
     log_test.cc
     manifest_test.cc
+    narinfo_test.cc
     phase_test.cc
     process_test.cc
     protocol_test.cc

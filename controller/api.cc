@@ -85,6 +85,12 @@ json Api::MachineJson(const MachineRecord& m) {
 proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
   const json& p = req.params;
   try {
+    if (req.method.rfind("cache.", 0) == 0) {
+      if (!cache_) return Fail(req.id, "this controller runs without a binary cache");
+      auto r = cache_->Handle(req.method, p);
+      if (!r) return Fail(req.id, r.message());
+      return Ok(req.id, std::move(*r));
+    }
     if (req.method == "machine.add") {
       SignedRosterEntry e = EntryParam(p, "entry");
       if (auto st = fleet_.AddMachine(e); !st) return Fail(req.id, st.message());

@@ -24,10 +24,12 @@
 //   operator.list  {}                             → {operators: [{name, key, createdAt}]}
 //   operator.remove {name}                        → {name}  (its sessions close)
 //   subscribe      {}  (handled by the session)  → {} then events
+//   cache.*        the binary cache (controller/cache_service.h)
 // Thread-safe: stateless apart from the Fleet it calls.
 #pragma once
 
 #include "common/protocol.h"
+#include "controller/cache_service.h"
 #include "controller/fleet.h"
 #include "controller/rollout.h"
 
@@ -38,11 +40,14 @@ class Api {
   explicit Api(Fleet& fleet, RolloutManager* rollouts = nullptr)
       : fleet_(fleet), rollouts_(rollouts) {}
   proto::Response Handle(const Identity& who, const proto::Request& req);
+  // Serves cache.* requests from cache (unset: they are refused).
+  void SetCache(CacheService* cache) { cache_ = cache; }
 
  private:
   nlohmann::json MachineJson(const MachineRecord& m);
   Fleet& fleet_;
   RolloutManager* rollouts_;
+  CacheService* cache_ = nullptr;
 };
 
 }  // namespace muster

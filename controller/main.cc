@@ -252,6 +252,9 @@ struct RunConfig {
   std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
   std::string roster;    // declarative roster file ("" = none)
   std::string key_file;  // provided controller key ("" = STATE_DIR/controller.key)
+  std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
+  std::int64_t cache_gc_interval = 3600;        // seconds between collections
+  std::int64_t cache_gc_grace = 86400;          // unreferenced paths survive this long
 };
 
 Status CheckRunConfig(const RunConfig& c) {
@@ -276,6 +279,8 @@ Status CheckRunConfig(const RunConfig& c) {
   }
   if (c.agent.bytes_per_second < 1024) return Err("--agent-bytes-per-second must be at least 1024");
   if (c.log_queue_lines < 1000) return Err("--log-queue-lines must be at least 1000");
+  if (c.cache_gc_interval < 1) return Err("--cache-gc-interval must be at least 1 second");
+  if (c.cache_gc_grace < 0) return Err("--cache-gc-grace must not be negative");
   return Status::Ok();
 }
 
@@ -327,6 +332,12 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.key_file = v.is_null() ? "" : v.get<std::string>();
       } else if (k == "roster") {
         c.roster = v.is_null() ? "" : v.get<std::string>();
+      } else if (k == "cacheMaxBytes") {
+        c.cache_max_bytes = v.get<std::uint64_t>();
+      } else if (k == "cacheGcInterval") {
+        c.cache_gc_interval = v.get<std::int64_t>();
+      } else if (k == "cacheGcGrace") {
+        c.cache_gc_grace = v.get<std::int64_t>();
       } else {
         return Err(path + ": unknown setting '" + k + "'");
       }
@@ -355,6 +366,13 @@ int Run(const Paths& p, const RunConfig& c) {
   RolloutManager rollouts(fleet, **store);
   fleet.SetObserver(&rollouts);
   Api api(fleet, &rollouts);
+  auto bytes = OpenFileByteStorage((p.dir / "cache").string());
+  if (!bytes) return Fail(bytes.message());
+  auto nars = NarCache::Open(std::move(*bytes), c.cache_max_bytes);
+  if (!nars) return Fail("binary cache in " + (p.dir / "cache").string() + ": " + nars.message());
+  CacheService cache(**store, std::move(*nars), c.cache_gc_grace);
+  cache.StartSchedule(c.cache_gc_interval);
+  api.SetCache(&cache);
   tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {
     if (fleet.Lookup(k).role != Role::kNone) return true;  // incl. enrolment while tokens are live
     *reason = "key " + k.ToText() + " (" + k.ShortId() +
@@ -374,6 +392,7 @@ int Run(const Paths& p, const RunConfig& c) {
   so.max_handshakes = c.max_handshakes;
   so.agent_limits = c.agent;
   so.log_queue.max_queued_lines = c.log_queue_lines;
+  so.cache = &cache;
   Server server(ioc, fleet, api, *ctx, so);
   auto bound = server.Start();
   if (!bound) return Fail(bound.message());
@@ -487,6 +506,16 @@ int main(int argc, char** argv) {
   run->add_option("--agent-bytes-per-second", rc.agent.bytes_per_second,
                   "per agent connection; beyond it (after a 4 s burst) its reads pause")
       ->capture_default_str();
+  run->add_option("--cache-max-bytes", rc.cache_max_bytes,
+                  "bound on the binary cache (<state-dir>/cache), bytes")
+      ->capture_default_str();
+  run->add_option("--cache-gc-interval", rc.cache_gc_interval, "seconds between cache collections")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40));
+  run->add_option("--cache-gc-grace", rc.cache_gc_grace,
+                  "seconds an unreferenced cache path or upload survives")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40));
   run->add_option("--log-queue-lines", rc.log_queue_lines,
                   "agent log lines waiting for the store; beyond it lines are dropped")
       ->capture_default_str();
@@ -554,6 +583,9 @@ int main(int argc, char** argv) {
     if (flag("--log-queue-lines")) merged.log_queue_lines = rc.log_queue_lines;
     if (run->count("--roster")) merged.roster = rc.roster;
     if (run->count("--key-file")) merged.key_file = key_file;
+    if (flag("--cache-max-bytes")) merged.cache_max_bytes = rc.cache_max_bytes;
+    if (flag("--cache-gc-interval")) merged.cache_gc_interval = rc.cache_gc_interval;
+    if (flag("--cache-gc-grace")) merged.cache_gc_grace = rc.cache_gc_grace;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {
       std::cout << "configuration is valid\n";

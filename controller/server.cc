@@ -468,7 +468,10 @@ class Session : public std::enable_shared_from_this<Session>,
     }
     std::string text = beast::buffers_to_string(buffer_.data());
     buffer_.consume(buffer_.size());
-    if (limiter_) limiter_->Charge(text.size(), Clock::now());
+    // Cache fetches are paced by the agent's own window, not the message budget.
+    if (limiter_ && text.find("\"type\":\"fetch\"") == std::string::npos) {
+      limiter_->Charge(text.size(), Clock::now());
+    }
     if (buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
     proto::DecodeLimits limits;
     limits.max_bytes = who_.role == Role::kOperator
@@ -521,6 +524,16 @@ class Session : public std::enable_shared_from_this<Session>,
             });
           });
       return false;
+    }
+    if (const auto* f = std::get_if<proto::Fetch>(&msg)) {
+      // One chunk per request, read from disk on this I/O thread: the agent
+      // asks for the next only when it has room, so nothing queues up here.
+      if (!opts().cache) {
+        Queue(proto::Encode(proto::Fetched{f->id, 404, f->offset, 0, "", "no binary cache"}));
+      } else {
+        Queue(proto::Encode(opts().cache->Fetch(who_.name, *f)));
+      }
+      return true;
     }
     if (auto* logs = std::get_if<proto::LogLines>(&msg)) {
       // Never blocks: a full queue drops the lines (counted, warned once).

@@ -45,6 +45,8 @@ struct ServerOptions {
   SessionLimits agent_limits;
   // The queue in front of the log writer thread (log_writer.h).
   LogWriter::Options log_queue;
+  // The binary cache agents fetch from (fetch messages); unset: 404s.
+  CacheService* cache = nullptr;
 };
 
 // Counters for metrics; all monotonic except sessions_open.

@@ -5,6 +5,7 @@ muster_unit_test(controller_test
     fleet_test.cc
     metrics_test.cc rollout_test.cc
     log_writer_test.cc
+    nar_cache_test.cc
     rate_limit_test.cc
     roster_file_test.cc
     sqlite_store_test.cc

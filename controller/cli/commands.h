@@ -62,6 +62,13 @@ int Publish(const Globals& g, PublishArgs a);
 int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out);
 int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout);
 
+// cache.cc — the controller's binary cache. verb: status | gc.
+int CacheCommand(const Globals& g, const std::string& verb);
+// Uploads the closures of paths (signed with the cache key) without publishing.
+int CachePush(const Globals& g, const std::vector<std::string>& paths, const std::string& key_file);
+// Creates a Nix cache signing key (default ~/.config/muster/cache.key).
+int CacheKeyGenerate(const Globals& g, const std::string& out, const std::string& name);
+
 // observe.cc
 int ShowStatus(const Globals& g, const std::string& machine);
 int History(const Globals& g, const std::string& machine, int limit);

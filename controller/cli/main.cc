@@ -44,6 +44,26 @@ int main(int argc, char** argv) {
       key->add_subcommand("generate", "create an operator key and print its public key");
   key_gen->add_option("--out", key_out, "where to write it (default: --key path)");
   auto* key_show = key->add_subcommand("show", "print the public key of the operator key");
+  bool key_cache = false;
+  std::string key_cache_name;
+  key_gen->add_flag("--cache", key_cache,
+                    "create a Nix binary-cache signing key instead (default "
+                    "~/.config/muster/cache.key), used by 'muster publish' to sign uploads");
+  key_gen->add_option("--name", key_cache_name,
+                      "with --cache: the key's name (default HOST-muster-1)");
+
+  auto* cache = app.add_subcommand("cache", "the controller's binary cache");
+  cache->require_subcommand(1);
+  auto* cache_status = cache->add_subcommand("status", "size, paths and what GC would free");
+  auto* cache_gc = cache->add_subcommand("gc", "remove paths no machine needs now");
+  std::vector<std::string> push_paths;
+  std::string push_key;
+  auto* cache_push =
+      cache->add_subcommand("push", "upload closures to the controller without publishing");
+  cache_push->add_option("STOREPATH", push_paths, "store paths whose closures to upload")
+      ->required();
+  cache_push->add_option("--cache-key", push_key,
+                         "Nix secret key file (default ~/.config/muster/cache.key)");
 
   auto* machine = app.add_subcommand("machine", "register and list machines");
   machine->require_subcommand(1);
@@ -99,8 +119,11 @@ int main(int argc, char** argv) {
   publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")
       ->capture_default_str();
   publish->add_option("--cache", pa.cache,
-                      "binary cache to copy built closures to (nix copy --to)");
-  publish->add_option("--cache-key", pa.cache_key, "secret key file to sign closures with");
+                      "binary cache of your own to copy built closures to (nix copy --to); "
+                      "default: upload to the controller");
+  publish->add_option("--cache-key", pa.cache_key,
+                      "Nix secret key file to sign closures with (default "
+                      "~/.config/muster/cache.key from 'muster key generate --cache')");
   publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")
       ->capture_default_str();
   publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")
@@ -193,6 +216,11 @@ int main(int argc, char** argv) {
   }
   if (auto st = ResolveGlobals(g); !st) return Die(st.message(), kExitUsage);
 
+  if (key_gen->parsed() && key_cache) return CacheKeyGenerate(g, key_out, key_cache_name);
+  if (cache_status->parsed()) return CacheCommand(g, "status");
+  if (cache_gc->parsed()) return CacheCommand(g, "gc");
+  if (cache_push->parsed())
+    return CachePush(g, push_paths, push_key.empty() ? g.cache_key : push_key);
   if (key_gen->parsed()) {
     std::string out = key_out.empty() ? g.key : key_out;
     std::error_code ec;

@@ -15,6 +15,7 @@
 #include "common/phase.h"
 #include "common/vars_bundle.h"
 #include "controller/cli/clan.h"
+#include "controller/cli/cache.h"
 #include "controller/cli/commands.h"
 #include "controller/cli/flake.h"
 #include "controller/cli/trust.h"
@@ -115,6 +116,28 @@ int Publish(const Globals& g, PublishArgs a) {
   if (a.cache_key.empty()) a.cache_key = g.cache_key;
   if (a.substituters.empty()) a.substituters = g.substituters;
   if (a.trusted_keys.empty()) a.trusted_keys = g.trusted_keys;
+  // Closures go through the controller's own cache unless the operator runs a
+  // cache (--cache, or substituters of their own): signed by the operator's
+  // Nix cache key, named in the manifest as the reserved "muster:".
+  const bool names_controller = std::find(a.substituters.begin(), a.substituters.end(),
+                                          kControllerSubstituter) != a.substituters.end();
+  std::optional<nar::SigningKey> upload_key;
+  if (a.cache.empty() && (a.substituters.empty() || names_controller)) {
+    auto k = LoadCacheKey(a.cache_key);
+    if (k) {
+      upload_key = *k;
+      if (a.substituters.empty()) a.substituters = {kControllerSubstituter};
+      std::string pub = nar::PublicKeyText(*k);
+      if (std::find(a.trusted_keys.begin(), a.trusted_keys.end(), pub) == a.trusted_keys.end()) {
+        a.trusted_keys.push_back(pub);
+      }
+    } else if (names_controller || !a.cache_key.empty()) {
+      return Die(k.message(), kExitUsage);
+    } else if (!g.json_out) {
+      std::cerr << "muster: " << k.message()
+                << "; publishing without uploading the closure (machines must have it already)\n";
+    }
+  }
   if (a.substituters.empty() && !a.cache.empty()) a.substituters = {a.cache};
   if (a.trusted_keys.empty() && !a.cache_key.empty()) {
     auto pub = CachePublicKey(a.cache_key);
@@ -164,7 +187,6 @@ int Publish(const Globals& g, PublishArgs a) {
   SecretKey key = SecretKey::Generate();
   std::unique_ptr<Connection> conn;
   if (int rc = OpenConnection(g, &conn, &key)) return rc;
-  Connection& c = *conn;
   std::vector<PublicKey> trusted = TrustedOperatorKeys(g, key);
   SeenEntries seen(StateHome() + "/roster-seen.json");
   if (auto st = seen.Load(); !st) return Die(st.message(), kExitUsage);
@@ -174,7 +196,7 @@ int Publish(const Globals& g, PublishArgs a) {
   const bool by_tag = a.all || !a.tags.empty();
   json params = json::object();
   if (!by_tag) params["names"] = a.machines;
-  auto roster = c.Call("roster", params);
+  auto roster = conn->Call("roster", params);
   if (!roster) return Die(roster.message(), kExitFailed);
   RosterView view((*roster)["machines"], (*roster)["removed"], trusted, seen);
   (void)seen.Save();
@@ -228,7 +250,7 @@ int Publish(const Globals& g, PublishArgs a) {
     fo.flake = a.flake;
     fo.jobs = a.build_jobs;
     fo.cache = a.cache;
-    fo.cache_key = a.cache_key;
+    fo.cache_key = upload_key ? "" : a.cache_key;  // uploads are signed here
     fo.on_line = [&](const std::string& m, const std::string& line) {
       std::cerr << "[" << m << "] " << Printable(line) << "\n";
     };
@@ -237,6 +259,24 @@ int Publish(const Globals& g, PublishArgs a) {
     toplevels = *built;
   } else {
     for (const auto& t : targets) toplevels[t] = storepath;
+  }
+
+  if (upload_key) {
+    std::vector<std::string> tops;
+    for (const auto& [m, t] : toplevels) {
+      if (std::find(tops.begin(), tops.end(), t) == tops.end()) tops.push_back(t);
+    }
+    UploadOptions uo;
+    uo.progress = !g.json_out && ::isatty(2);
+    auto st = UploadClosures(
+        conn,
+        [&]() -> std::unique_ptr<Connection> {
+          std::unique_ptr<Connection> again;
+          if (OpenConnection(g, &again, &key) != 0) return nullptr;
+          return again;
+        },
+        tops, *upload_key, uo);
+    if (!st) return Die(st.message(), kExitFailed);
   }
 
   std::optional<VarsBundle> shared_vars;
@@ -271,7 +311,7 @@ int Publish(const Globals& g, PublishArgs a) {
     var_counts[machine] = bundle->files.size();
   }
   if (a.wait) {
-    auto sub = c.Call("subscribe", json::object());
+    auto sub = conn->Call("subscribe", json::object());
     if (!sub) return Die(sub.message(), kExitFailed);
   }
 
@@ -280,7 +320,7 @@ int Publish(const Globals& g, PublishArgs a) {
     if (attempt > 0 || by_tag) {
       // Numbers for exactly the targets (by tag, the first answer had them
       // all; after a race, they changed).
-      auto again = c.Call("roster", {{"names", targets}});
+      auto again = conn->Call("roster", {{"names", targets}});
       if (!again) return Die(again.message(), kExitFailed);
       numbers_src = *again;
     }
@@ -314,7 +354,7 @@ int Publish(const Globals& g, PublishArgs a) {
                        {"vars", box == sealed.end() ? "" : Base64Encode(box->second)}});
     }
     if (!rollout) {
-      auto res = c.Call("publish", items[0]);
+      auto res = conn->Call("publish", items[0]);
       if (!res) {
         if (res.message().find("not newer") != std::string::npos)
           continue;  // raced another publish
@@ -334,12 +374,12 @@ int Publish(const Globals& g, PublishArgs a) {
       }
       std::cout.flush();
       if (!a.wait) return 0;
-      return WaitFor(c, machine, numbers[machine], a.timeout, g.json_out);
+      return WaitFor(*conn, machine, numbers[machine], a.timeout, g.json_out);
     }
-    auto res = c.Call("rollout.create", {{"items", items},
-                                         {"canary", *canary},
-                                         {"maxParallel", a.max_parallel},
-                                         {"maxFailures", a.max_failures}});
+    auto res = conn->Call("rollout.create", {{"items", items},
+                                             {"canary", *canary},
+                                             {"maxParallel", a.max_parallel},
+                                             {"maxFailures", a.max_failures}});
     if (!res) {
       if (res.message().find("not newer") != std::string::npos) continue;
       return Die(res.message(), kExitFailed);
@@ -355,7 +395,7 @@ int Publish(const Globals& g, PublishArgs a) {
     }
     std::cout.flush();
     if (!a.wait) return 0;
-    return Watch(c, id, a.timeout, g.json_out);
+    return Watch(*conn, id, a.timeout, g.json_out);
   }
   return Die("could not publish: generations kept changing underneath", kExitFailed);
 }

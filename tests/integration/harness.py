@@ -237,7 +237,7 @@ class Env:
         return self.cache
 
     def build(self, name, kind="nixos", behaviour="ok", kernel="6.1.0", push=True, delete=True,
-              log=None, sleep=0):
+              log=None, sleep=0, payload=0):
         """Builds a fake toplevel; pushes it to the signed cache and deletes it
         locally so that the agent must substitute it."""
         log = log or os.path.join(self.root, "activation.log")
@@ -246,6 +246,8 @@ class Env:
                 "--argstr", "log", log, "--argstr", "cutFile", os.path.join(self.root, "cut"),
                 "--argstr", "kernel", kernel, "--argstr", "salt", self.salt,
                 "--argstr", "sleep", str(sleep)]
+        if payload:
+            args += ["--argstr", "payload", str(payload)]
         r = subprocess.run(args, capture_output=True, text=True, env=nix_env())
         if r.returncode != 0:
             raise AssertionError(f"nix-build failed: {r.stderr}")

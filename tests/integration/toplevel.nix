@@ -16,6 +16,8 @@
 #             than the agent's cuts on stdout and stderr, then exits 1)
 #   kernel    a string standing for the kernel build; differing values mean a
 #             reboot is needed
+#   payload   bytes of random data in a store path of its own that the toplevel
+#             refers to (closures of several paths and of any size); "0": none
 { name ? "system"
 , kind ? "nixos"
 , behaviour ? "ok"
@@ -24,6 +26,7 @@
 , kernel ? "6.1.0"
 , salt ? ""
 , sleep ? "0"
+, payload ? "0"
 , system ? builtins.currentSystem
 }:
 let
@@ -79,6 +82,12 @@ let
     builder = sh;
     args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt" ];
   };
+  payloadPkg = derivation {
+    name = "muster-test-payload-${name}";
+    inherit system;
+    builder = sh;
+    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out; head -c ${payload} /dev/urandom > $out/data; echo ${salt} > $out/salt" ];
+  };
 in
 derivation {
   name = "muster-test-${name}";
@@ -114,5 +123,6 @@ derivation {
         ;;
     esac
     echo "$salt" > $out/salt
+    ${if payload != "0" then "ln -s ${payloadPkg} $out/payload" else ""}
   '' ];
 }

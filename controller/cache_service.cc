@@ -1,0 +1,221 @@
+#include "controller/cache_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <stdexcept>
+
+namespace muster {
+
+using nlohmann::json;
+
+namespace {
+
+std::string NeedStr(const json& p, const char* k) {
+  auto it = p.find(k);
+  if (it == p.end() || !it->is_string() || it->get<std::string>().empty()) {
+    throw std::invalid_argument(std::string("parameter '") + k + "' (a string) is required");
+  }
+  return it->get<std::string>();
+}
+std::uint64_t NeedU64(const json& p, const char* k) {
+  auto it = p.find(k);
+  if (it == p.end() || !it->is_number_unsigned()) {
+    throw std::invalid_argument(std::string("parameter '") + k +
+                                "' (a non-negative integer) is required");
+  }
+  return it->get<std::uint64_t>();
+}
+std::vector<std::string> StrList(const json& p, const char* k) {
+  std::vector<std::string> out;
+  auto it = p.find(k);
+  if (it == p.end()) return out;
+  if (!it->is_array())
+    throw std::invalid_argument(std::string("parameter '") + k + "' must be a list");
+  for (const auto& v : *it) {
+    if (!v.is_string())
+      throw std::invalid_argument(std::string("parameter '") + k + "' must list strings");
+    out.push_back(v.get<std::string>());
+  }
+  return out;
+}
+
+}  // namespace
+
+CacheService::CacheService(Store& store, std::unique_ptr<NarCache> cache, std::int64_t grace_s)
+    : store_(store), cache_(std::move(cache)), grace_s_(grace_s) {}
+
+CacheService::~CacheService() {
+  {
+    std::lock_guard lock(gc_mu_);
+    stop_ = true;
+  }
+  gc_cv_.notify_all();
+  if (gc_thread_.joinable()) gc_thread_.join();
+}
+
+std::vector<std::string> CacheService::Roots(const std::string& machine) {
+  std::vector<std::string> roots;
+  if (auto m = store_.GetMachine(machine); m && !m->toplevel.empty()) roots.push_back(m->toplevel);
+  // Target and previous: the two newest generations (released or held by a rollout).
+  for (const auto& g : store_.ListGenerations(machine, 2)) roots.push_back(g.toplevel);
+  return roots;
+}
+
+std::set<std::string> CacheService::Allowed(const std::string& machine) {
+  auto roots = Roots(machine);
+  std::string key;
+  for (const auto& r : roots) key += r + "\n";
+  {
+    std::lock_guard lock(mu_);
+    auto it = allowed_.find(machine);
+    if (it != allowed_.end() && it->second.first == key) return it->second.second;
+  }
+  auto set = cache_->Closure(roots);
+  std::lock_guard lock(mu_);
+  if (allowed_.size() > 100000) allowed_.clear();
+  allowed_[machine] = {key, set};
+  return set;
+}
+
+proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetch& f) {
+  proto::Fetched r;
+  r.id = f.id;
+  r.offset = f.offset;
+  try {
+    std::string h = NarCache::HashOfObject(f.name);
+    if (f.name != "nix-cache-info") {
+      // Paths outside this machine's closures look exactly like absent ones.
+      if (h.empty() || !Allowed(machine).count(h)) {
+        r.status = 404;
+        r.error = "not in a closure published for " + machine;
+        return r;
+      }
+    }
+    std::uint64_t total = 0;
+    std::size_t len =
+        static_cast<std::size_t>(std::min<std::uint64_t>(f.length, NarCache::kMaxChunk));
+    auto data = cache_->Read(f.name, f.offset, len, &total);
+    if (!data) {
+      r.status = 404;
+      r.error = data.message();
+      return r;
+    }
+    r.total = total;
+    r.data = std::move(*data);
+  } catch (const std::exception& e) {
+    r.status = 500;
+    r.error = e.what();
+  }
+  return r;
+}
+
+Result<json> CacheService::Handle(const std::string& method, const json& p) {
+  if (method == "cache.missing") {
+    auto it = p.find("paths");
+    if (it == p.end() || !it->is_array())
+      throw std::invalid_argument("parameter 'paths' (a list) is required");
+    if (it->size() > 1000000)
+      throw std::invalid_argument("more than a million paths in one request");
+    json missing = json::array();
+    for (const auto& e : *it) {
+      if (!e.is_object()) throw std::invalid_argument("each path is {path, narHash, narSize}");
+      std::string path = NeedStr(e, "path");
+      if (nar::StorePathHash(path).empty()) {
+        return Err("'" + path.substr(0, 120) + "' is not a store path");
+      }
+      if (cache_->Has(path)) continue;
+      missing.push_back(
+          {{"path", path}, {"offset", cache_->StagedOffset(path, e.value("narHash", ""))}});
+    }
+    return json{{"missing", missing}};
+  }
+  if (method == "cache.upload") {
+    std::string path = NeedStr(p, "path");
+    auto data = Base64Decode(p.value("data", ""));
+    if (!data) throw std::invalid_argument("parameter 'data' must be base64");
+    auto off = cache_->Append(path, NeedStr(p, "narHash"), NeedU64(p, "narSize"),
+                              NeedU64(p, "offset"), *data);
+    if (!off) return off.error();
+    return json{{"offset", *off}};
+  }
+  if (method == "cache.commit") {
+    nar::NarInfo info;
+    info.store_path = NeedStr(p, "path");
+    info.nar_hash = NeedStr(p, "narHash");
+    info.nar_size = NeedU64(p, "narSize");
+    for (const auto& r : StrList(p, "references")) {
+      std::string b = r.rfind("/nix/store/", 0) == 0 ? r.substr(11) : r;
+      if (nar::StorePathHash(b).empty())
+        return Err("reference '" + r.substr(0, 120) + "' is not a store path");
+      info.references.push_back(b);
+    }
+    std::sort(info.references.begin(), info.references.end());
+    std::string deriver = p.value("deriver", "");
+    if (!deriver.empty()) {
+      info.deriver = deriver.rfind("/nix/store/", 0) == 0 ? deriver.substr(11) : deriver;
+      if (nar::StorePathHash(info.deriver).empty()) return Err("deriver is not a store path");
+    }
+    info.sigs = StrList(p, "sigs");
+    if (info.sigs.empty())
+      return Err("the narinfo for " + info.store_path +
+                 " carries no signature; sign it with a cache key");
+    auto done = cache_->Commit(info);
+    if (!done) return done.error();
+    {
+      std::lock_guard lock(mu_);
+      allowed_.clear();  // closures may have grown
+    }
+    return json{{"path", done->store_path}, {"fileSize", done->file_size}};
+  }
+  if (method == "cache.status") {
+    auto s = cache_->Stats();
+    auto [gp, gb] = CollectGarbage(true);
+    return json{{"paths", s.paths},
+                {"bytes", s.bytes},
+                {"narBytes", s.nar_bytes},
+                {"stagedPaths", s.staged_paths},
+                {"stagedBytes", s.staged_bytes},
+                {"maxBytes", s.max_bytes},
+                {"gcPaths", gp},
+                {"gcBytes", gb}};
+  }
+  if (method == "cache.gc") {
+    auto [gp, gb] = CollectGarbage(false);
+    return json{{"paths", gp}, {"bytes", gb}};
+  }
+  if (method == "cache.allowed") {
+    auto set = Allowed(NeedStr(p, "machine"));
+    return json{{"paths", json(std::vector<std::string>(set.begin(), set.end()))}};
+  }
+  throw std::invalid_argument("unknown method '" + method + "'");
+}
+
+std::pair<std::uint64_t, std::uint64_t> CacheService::CollectGarbage(bool dry_run) {
+  std::set<std::string> keep;
+  for (const auto& m : store_.ListMachines()) {
+    auto a = Allowed(m.name);
+    keep.insert(a.begin(), a.end());
+  }
+  auto out = cache_->CollectGarbage(keep, grace_s_, dry_run);
+  if (!dry_run && out.first) {
+    spdlog::info("cache: garbage collection removed {} paths, {} bytes", out.first, out.second);
+  }
+  return out;
+}
+
+void CacheService::StartSchedule(std::int64_t interval_s) {
+  gc_thread_ = std::thread([this, interval_s] {
+    std::unique_lock lock(gc_mu_);
+    while (!gc_cv_.wait_for(lock, std::chrono::seconds(interval_s), [&] { return stop_; })) {
+      lock.unlock();
+      try {
+        CollectGarbage(false);
+      } catch (const std::exception& e) {
+        spdlog::error("cache: garbage collection failed: {}", e.what());
+      }
+      lock.lock();
+    }
+  });
+}
+
+}  // namespace muster

@@ -1,0 +1,69 @@
+// The controller as the fleet's binary cache: operators upload NARs and
+// query the cache (cache.* requests), agents fetch objects (fetch messages),
+// and each machine may fetch only paths in the closures of its current,
+// target and previous generations (everything else is 404, the same answer
+// as for a path the cache lacks, so a machine learns nothing about others).
+//
+// Operator methods (params → result):
+//   cache.missing {paths: [{path, narHash, narSize}]}  → {missing: [{path, offset}]}
+//   cache.upload  {path, narHash, narSize, offset, data (base64 zstd bytes)} → {offset}
+//   cache.commit  {path, narHash, narSize, references, deriver?, sigs} → {path, fileSize}
+//   cache.status  {}                                   → {paths, bytes, narBytes, staged…,
+//                                                         maxBytes, gcPaths, gcBytes}
+//   cache.gc      {}                                   → {paths, bytes}
+//   cache.allowed {machine}                            → {paths: [hash]} (operators may query)
+// Thread-safe.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "common/protocol.h"
+#include "controller/nar_cache.h"
+#include "controller/store.h"
+
+namespace muster {
+
+class CacheService {
+ public:
+  // grace_s: how long an unreferenced path or a stale upload survives GC.
+  CacheService(Store& store, std::unique_ptr<NarCache> cache, std::int64_t grace_s);
+  ~CacheService();
+
+  // An agent's fetch, answered for machine; never throws.
+  proto::Fetched Fetch(const std::string& machine, const proto::Fetch& f);
+  // Operator requests; throws std::invalid_argument on bad params (the Api
+  // turns it into an error response), returns an error for refused uploads.
+  Result<nlohmann::json> Handle(const std::string& method, const nlohmann::json& params);
+
+  // Store hashes machine may fetch.
+  std::set<std::string> Allowed(const std::string& machine);
+  // Removes what no machine needs (and stale uploads); returns {paths, bytes}.
+  std::pair<std::uint64_t, std::uint64_t> CollectGarbage(bool dry_run);
+  // Runs CollectGarbage every interval_s on a thread of its own until destruction.
+  void StartSchedule(std::int64_t interval_s);
+
+  NarCache& cache() { return *cache_; }
+
+ private:
+  std::vector<std::string> Roots(const std::string& machine);
+
+  Store& store_;
+  std::unique_ptr<NarCache> cache_;
+  std::int64_t grace_s_;
+  std::mutex mu_;
+  std::map<std::string, std::pair<std::string, std::set<std::string>>>
+      allowed_;  // machine → (roots, set)
+  std::mutex gc_mu_;
+  std::condition_variable gc_cv_;
+  bool stop_ = false;
+  std::thread gc_thread_;
+};
+
+}  // namespace muster

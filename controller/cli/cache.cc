@@ -1,0 +1,418 @@
+// muster cache …, and the upload half of muster publish.
+#include "controller/cli/cache.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <map>
+
+#include "common/fsutil.h"
+#include "common/process.h"
+#include "controller/cli/commands.h"
+#include "controller/cli/flake.h"
+
+using nlohmann::json;
+
+namespace muster::cli {
+
+namespace {
+
+constexpr std::size_t kInputBlock = 128 * 1024;  // fixed blocks: the same NAR compresses the same
+constexpr std::size_t kPathInfoBatch = 256;
+
+struct PathInfo {
+  std::string path;
+  std::string nar_hash;  // sha256:<nix32>
+  std::uint64_t nar_size = 0;
+  std::vector<std::string> references;
+  std::string deriver;
+};
+
+std::string Human(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u ? "%.1f %s" : "%.0f %s", bytes, units[u]);
+  return buf;
+}
+
+Result<std::string> RunNix(const std::vector<std::string>& argv, std::size_t max_output) {
+  std::string exe = FindProgram(argv[0]);
+  if (exe.empty()) return Err(argv[0] + " not found in PATH; install nix");
+  RunOptions o;
+  o.argv = argv;
+  o.argv[0] = exe;
+  o.env = NixEnv();
+  o.max_output = max_output;
+  o.timeout = std::chrono::minutes(30);
+  SystemProcessRunner runner;
+  auto r = runner.Run(o);
+  if (!r.ok())
+    return Err(ArgvToString({argv[0], argv.size() > 1 ? argv[1] : ""}) + " " + r.Describe());
+  if (r.out.size() >= max_output)
+    return Err(argv[0] + " printed more than " + Human(double(max_output)));
+  return r.out;
+}
+
+Result<std::vector<PathInfo>> ClosureInfo(const std::vector<std::string>& toplevels) {
+  std::vector<std::string> argv = {"nix-store", "--query", "--requisites"};
+  argv.insert(argv.end(), toplevels.begin(), toplevels.end());
+  auto out = RunNix(argv, 256u << 20);
+  if (!out) return Err("listing the closure: " + out.message());
+  std::vector<std::string> paths;
+  std::size_t p = 0;
+  while (p < out->size()) {
+    auto nl = out->find('\n', p);
+    if (nl == std::string::npos) nl = out->size();
+    if (nl > p) paths.push_back(out->substr(p, nl - p));
+    p = nl + 1;
+  }
+  std::vector<PathInfo> infos;
+  for (std::size_t i = 0; i < paths.size(); i += kPathInfoBatch) {
+    std::vector<std::string> a = {"nix", "path-info", "--json"};
+    for (std::size_t j = i; j < std::min(paths.size(), i + kPathInfoBatch); ++j)
+      a.push_back(paths[j]);
+    auto text = RunNix(a, 256u << 20);
+    if (!text) return Err("reading path info: " + text.message());
+    json j = json::parse(*text, nullptr, false);
+    if (!j.is_array()) return Err("nix path-info --json printed something that is not a list");
+    for (const auto& e : j) {
+      PathInfo pi;
+      pi.path = e.value("path", "");
+      auto h = nar::ParseSha256(e.value("narHash", ""));
+      if (!h) return Err(pi.path + ": " + h.message());
+      pi.nar_hash = nar::FormatSha256(*h);
+      pi.nar_size = e.value("narSize", std::uint64_t{0});
+      if (e.contains("references") && e["references"].is_array()) {
+        for (const auto& r : e["references"]) pi.references.push_back(r.get<std::string>());
+      }
+      if (e.contains("deriver") && e["deriver"].is_string())
+        pi.deriver = e["deriver"].get<std::string>();
+      if (pi.path.empty() || pi.nar_size == 0) return Err("nix path-info gave no path or size");
+      infos.push_back(std::move(pi));
+    }
+  }
+  return infos;
+}
+
+class Progress {
+ public:
+  Progress(bool on, std::size_t paths, std::uint64_t bytes)
+      : on_(on), paths_(paths), total_(bytes) {}
+  void Path() {
+    ++done_paths_;
+    Show(true);
+  }
+  void Bytes(std::uint64_t n) {
+    done_ += n;
+    Show(false);
+  }
+  void End() {
+    if (on_ && shown_) std::cerr << "\n";
+  }
+
+ private:
+  void Show(bool force) {
+    if (!on_) return;
+    auto now = std::chrono::steady_clock::now();
+    if (!force && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    shown_ = true;
+    double s = std::chrono::duration<double>(now - start_).count();
+    std::cerr << "\r\x1b[Kuploading " << done_paths_ << "/" << paths_ << " paths, "
+              << Human(double(done_)) << " of ~" << Human(double(total_)) << " (NAR), "
+              << Human(s > 0 ? double(done_) / s : 0) << "/s" << std::flush;
+  }
+  bool on_;
+  std::size_t paths_;
+  std::uint64_t total_;
+  std::size_t done_paths_ = 0;
+  std::uint64_t done_ = 0;
+  bool shown_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_{};
+};
+
+// One attempt at streaming a path's compressed NAR from offset. Sets *cut
+// when the connection broke (worth a reconnect).
+Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const UploadOptions& o,
+                  Progress& progress, bool* cut) {
+  std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+  ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, o.zstd_level);
+  ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, 1);
+  std::string in_block, out_buf;
+  std::string zbuf(ZSTD_CStreamOutSize(), '\0');
+  std::uint64_t produced = 0;  // compressed bytes produced so far
+  std::uint64_t nar_seen = 0;
+  std::optional<Error> failure;
+  auto send = [&](bool final) -> bool {
+    while (out_buf.size() >= o.chunk_bytes || (final && !out_buf.empty())) {
+      std::size_t n = std::min(out_buf.size(), o.chunk_bytes);
+      std::uint64_t start = produced;
+      produced += n;
+      if (produced > offset) {
+        std::size_t skip = start >= offset ? 0 : static_cast<std::size_t>(offset - start);
+        auto r = c.Call("cache.upload",
+                        {{"path", pi.path},
+                         {"narHash", pi.nar_hash},
+                         {"narSize", pi.nar_size},
+                         {"offset", start + skip},
+                         {"data", Base64Encode(std::string_view(out_buf).substr(skip, n - skip))}},
+                        std::chrono::minutes(5));
+        if (!r) {
+          *cut = r.message().find("connection") != std::string::npos ||
+                 r.message().find("no answer") != std::string::npos;
+          failure = Err(r.message());
+          return false;
+        }
+      }
+      out_buf.erase(0, n);
+    }
+    return true;
+  };
+  auto compress = [&](std::string_view block, ZSTD_EndDirective mode) -> bool {
+    ZSTD_inBuffer in{block.data(), block.size(), 0};
+    for (;;) {
+      ZSTD_outBuffer out{zbuf.data(), zbuf.size(), 0};
+      std::size_t left = ZSTD_compressStream2(cctx.get(), &out, &in, mode);
+      if (ZSTD_isError(left)) {
+        failure = Err(std::string("zstd: ") + ZSTD_getErrorName(left));
+        return false;
+      }
+      out_buf.append(zbuf.data(), out.pos);
+      bool done = mode == ZSTD_e_end ? left == 0 : in.pos == in.size;
+      if (done) break;
+    }
+    return send(false);
+  };
+  RunOptions ro;
+  ro.argv = {FindProgram("nix-store"), "--dump", pi.path};
+  ro.env = NixEnv();
+  ro.timeout = std::chrono::hours(24);
+  ro.on_stdout = [&](std::string_view bytes) {
+    nar_seen += bytes.size();
+    progress.Bytes(bytes.size());
+    while (!bytes.empty()) {
+      std::size_t take = std::min(bytes.size(), kInputBlock - in_block.size());
+      in_block.append(bytes.substr(0, take));
+      bytes.remove_prefix(take);
+      if (in_block.size() == kInputBlock) {
+        if (!compress(in_block, ZSTD_e_continue)) return false;
+        in_block.clear();
+      }
+    }
+    return true;
+  };
+  SystemProcessRunner runner;
+  auto r = runner.Run(ro);
+  if (failure) return *failure;
+  if (!r.ok()) return Err("nix-store --dump " + pi.path + " " + r.Describe());
+  if (nar_seen != pi.nar_size) {
+    return Err("nix-store --dump " + pi.path + " gave " + std::to_string(nar_seen) +
+               " bytes, nix path-info says " + std::to_string(pi.nar_size) +
+               " (run nix-store --verify)");
+  }
+  if (!compress(in_block, ZSTD_e_end)) return *failure;
+  if (!send(true)) return *failure;
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string DefaultCacheKeyPath() { return ConfigHome() + "/cache.key"; }
+
+Result<nar::SigningKey> LoadCacheKey(const std::string& file) {
+  std::string path = file.empty() ? DefaultCacheKeyPath() : file;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return Err("no cache signing key at " + path +
+               (file.empty()
+                    ? "; create one with 'muster key generate --cache' or pass --cache-key FILE"
+                    : "; check --cache-key"));
+  }
+  auto text = ReadFile(path, 4096);
+  if (!text) return text.error();
+  auto k = nar::ParseSigningKey(*text);
+  if (!k) return Err(path + ": " + k.message());
+  return k;
+}
+
+Status UploadClosures(std::unique_ptr<Connection>& conn,
+                      const std::function<std::unique_ptr<Connection>()>& reconnect,
+                      const std::vector<std::string>& toplevels, const nar::SigningKey& key,
+                      const UploadOptions& o) {
+  // A toplevel no longer in the local store (uploaded earlier, then
+  // collected) is fine if the controller has it already.
+  std::vector<std::string> local;
+  for (const auto& t : toplevels) {
+    if (RunNix({"nix-store", "--check-validity", t}, 4096).ok()) {
+      local.push_back(t);
+      continue;
+    }
+    auto have = conn->Call("cache.missing", {{"paths", {{{"path", t}}}}});
+    if (!have) return Err("asking the controller whether it has " + t + ": " + have.message());
+    if (!(*have)["missing"].empty()) {
+      return Err(t +
+                 " is neither in the local store nor in the controller's cache; build it here "
+                 "first (nix-build / nix build), then publish");
+    }
+  }
+  if (local.empty()) return Status::Ok();
+  auto infos = ClosureInfo(local);
+  if (!infos) return infos.error();
+  std::map<std::string, const PathInfo*> by_path;
+  json ask = json::array();
+  for (const auto& pi : *infos) {
+    by_path[pi.path] = &pi;
+    ask.push_back({{"path", pi.path}, {"narHash", pi.nar_hash}, {"narSize", pi.nar_size}});
+  }
+  auto missing = conn->Call("cache.missing", {{"paths", ask}}, std::chrono::minutes(5));
+  if (!missing) return Err("asking the controller which paths it lacks: " + missing.message());
+  std::vector<std::pair<const PathInfo*, std::uint64_t>> todo;
+  std::uint64_t bytes = 0;
+  for (const auto& m : (*missing)["missing"]) {
+    auto it = by_path.find(m.value("path", ""));
+    if (it == by_path.end()) return Err("the controller asked for a path outside the closure");
+    todo.emplace_back(it->second, m.value("offset", std::uint64_t{0}));
+    bytes += it->second->nar_size;
+  }
+  Progress progress(o.progress, todo.size(), bytes);
+  for (auto& [pi, offset] : todo) {
+    bool restarted = false;
+    if (offset > 0 && !o.progress) {
+      std::cerr << "resuming the upload of " << pi->path << " at " << offset << " bytes\n";
+    }
+    for (int attempt = 1;; ++attempt) {
+      bool cut = false;
+      Status st =
+          conn ? StreamPath(*conn, *pi, offset, o, progress, &cut) : Status(Err("not connected"));
+      if (st.ok()) {
+        nar::NarInfo info;
+        info.store_path = pi->path;
+        info.nar_hash = pi->nar_hash;
+        info.nar_size = pi->nar_size;
+        for (const auto& r : pi->references) info.references.push_back(r.substr(11));
+        std::sort(info.references.begin(), info.references.end());
+        std::string sig = nar::Sign(info, key);
+        auto done = conn->Call("cache.commit",
+                               {{"path", pi->path},
+                                {"narHash", pi->nar_hash},
+                                {"narSize", pi->nar_size},
+                                {"references", pi->references},
+                                {"deriver", pi->deriver},
+                                {"sigs", {sig}}},
+                               std::chrono::minutes(30));
+        if (done) break;
+        // Bytes staged by another build of zstd, or a torn earlier upload:
+        // the controller discarded them; start this path over once.
+        if (!restarted && done.message().find("discarded") != std::string::npos) {
+          restarted = true;
+          offset = 0;
+          continue;
+        }
+        st = Err(done.message());
+        cut = done.message().find("connection") != std::string::npos;
+      }
+      if (!cut || attempt >= o.max_attempts) {
+        progress.End();
+        return Err("uploading " + pi->path + " to the controller: " + st.message());
+      }
+      std::cerr << "\nmuster: connection lost while uploading " << pi->path << " (" << st.message()
+                << "); reconnecting and resuming\n";
+      conn = reconnect();
+      if (!conn) continue;
+      auto again = conn->Call(
+          "cache.missing",
+          {{"paths",
+            {{{"path", pi->path}, {"narHash", pi->nar_hash}, {"narSize", pi->nar_size}}}}});
+      if (!again) continue;
+      if ((*again)["missing"].empty()) break;  // it made it after all
+      offset = (*again)["missing"][0].value("offset", std::uint64_t{0});
+    }
+    progress.Path();
+  }
+  progress.End();
+  return Status::Ok();
+}
+
+int CachePush(const Globals& g, const std::vector<std::string>& paths,
+              const std::string& key_file) {
+  auto key = LoadCacheKey(key_file);
+  if (!key) return Die(key.message(), kExitUsage);
+  SecretKey op = SecretKey::Generate();
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn, &op)) return rc;
+  UploadOptions uo;
+  uo.progress = !g.json_out && ::isatty(2);
+  auto st = UploadClosures(
+      conn,
+      [&]() -> std::unique_ptr<Connection> {
+        std::unique_ptr<Connection> again;
+        if (OpenConnection(g, &again, &op) != 0) return nullptr;
+        return again;
+      },
+      paths, *key, uo);
+  if (!st) return Die(st.message(), kExitFailed);
+  if (!g.json_out)
+    std::cout << "the controller's cache holds the closures of " << paths.size() << " path(s)\n";
+  return 0;
+}
+
+int CacheCommand(const Globals& g, const std::string& verb) {
+  std::unique_ptr<Connection> conn;
+  if (int rc = OpenConnection(g, &conn)) return rc;
+  auto r = conn->Call(verb == "gc" ? "cache.gc" : "cache.status", json::object(),
+                      std::chrono::minutes(10));
+  if (!r) return Die(r.message(), kExitFailed);
+  if (g.json_out) {
+    std::cout << r->dump() << "\n";
+    return 0;
+  }
+  auto u = [&](const char* k) { return (*r).value(k, std::uint64_t{0}); };
+  if (verb == "gc") {
+    std::cout << "removed " << u("paths") << " paths, freed " << Human(double(u("bytes"))) << "\n";
+    return 0;
+  }
+  PrintTable(
+      {{"paths", std::to_string(u("paths"))},
+       {"size", Human(double(u("bytes"))) + " of " + Human(double(u("maxBytes"))) + " (NARs " +
+                    Human(double(u("narBytes"))) + " uncompressed)"},
+       {"uploads in progress",
+        std::to_string(u("stagedPaths")) + " (" + Human(double(u("stagedBytes"))) + ")"},
+       {"gc would free", std::to_string(u("gcPaths")) + " paths, " + Human(double(u("gcBytes")))}});
+  return 0;
+}
+
+int CacheKeyGenerate(const Globals& g, const std::string& out_path, const std::string& name) {
+  std::string out = out_path.empty() ? DefaultCacheKeyPath() : out_path;
+  struct stat st {};
+  if (::stat(out.c_str(), &st) == 0)
+    return Die(out + " already exists; refusing to overwrite a key", kExitUsage);
+  if (auto s = MakeDirs(std::filesystem::path(out).parent_path(), 0700); !s)
+    return Die(s.message(), kExitUsage);
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  auto k = nar::GenerateSigningKey(name.empty() ? std::string(host) + "-muster-1" : name);
+  bool existed = false;
+  if (auto s = WriteFileExclusive(out, nar::SigningKeyText(k) + "\n", 0600, &existed); !s) {
+    return Die(s.message(), kExitFailed);
+  }
+  (void)WriteFileAtomic(out + ".pub", nar::PublicKeyText(k) + "\n", 0644);
+  if (g.json_out) {
+    std::cout << json{{"key", nar::PublicKeyText(k)}, {"path", out}}.dump() << "\n";
+  } else {
+    std::cout << nar::PublicKeyText(k) << "\n";
+    std::cerr << "wrote Nix cache signing key " << out << " (0600) and " << out << ".pub\n";
+  }
+  return 0;
+}
+
+}  // namespace muster::cli

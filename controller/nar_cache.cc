@@ -1,0 +1,284 @@
+#include "controller/nar_cache.h"
+
+#include <spdlog/spdlog.h>
+#include <zstd.h>
+
+#include <ctime>
+#include <deque>
+
+namespace muster {
+
+namespace {
+
+constexpr std::string_view kCacheInfo = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+constexpr std::size_t kVerifyChunk = 1 << 20;
+
+std::string Nix32Of(const std::string& nar_hash) {
+  auto raw = nar::ParseSha256(nar_hash);
+  return raw ? nar::Nix32Encode(*raw) : "";
+}
+
+}  // namespace
+
+std::uint64_t MaxCompressedSize(std::uint64_t nar_size) {
+  // Each chunk the CLI compresses may start a frame; allow one header per KiB.
+  return ZSTD_compressBound(static_cast<std::size_t>(nar_size)) + nar_size / 1024 + 4096;
+}
+
+std::string NarCache::StagingKey(const std::string& hash, const std::string& nar_hash_nix32) {
+  return "staging/" + hash + "-" + nar_hash_nix32 + ".nar.zst";
+}
+
+Result<std::unique_ptr<NarCache>> NarCache::Open(std::unique_ptr<ByteStorage> storage,
+                                                 std::uint64_t max_bytes) {
+  std::unique_ptr<NarCache> c(new NarCache(std::move(storage), max_bytes));
+  if (auto st = c->storage_->Put("nix-cache-info", kCacheInfo); !st) return st.error();
+  for (const auto& e : c->storage_->List("")) {
+    if (e.key.find('/') != std::string::npos || e.key.size() != 32 + 8 ||
+        e.key.substr(32) != ".narinfo") {
+      continue;
+    }
+    auto text = c->storage_->Read(e.key, 0, 64 * 1024);
+    auto info = text ? nar::ParseNarInfo(*text) : Result<nar::NarInfo>(text.error());
+    auto nar_size = info ? c->storage_->Size(info->url) : std::nullopt;
+    if (!info || !nar_size) {
+      spdlog::warn("cache: skipping {}: {}", e.key,
+                   info ? "its NAR " + info->url + " is missing" : info.message());
+      continue;
+    }
+    Entry en;
+    for (const auto& r : info->references) en.refs.push_back(r.substr(0, 32));
+    en.nar_key = info->url;
+    en.file_size = *nar_size;
+    en.nar_size = info->nar_size;
+    en.info_size = e.size;
+    c->committed_bytes_ += en.file_size + en.info_size;
+    c->index_[e.key.substr(0, 32)] = std::move(en);
+  }
+  return c;
+}
+
+bool NarCache::Has(const std::string& path_or_hash) {
+  std::string h = path_or_hash.size() == 32 ? path_or_hash : nar::StorePathHash(path_or_hash);
+  std::lock_guard lock(mu_);
+  return index_.count(h) > 0;
+}
+
+std::uint64_t NarCache::StagedOffset(const std::string& path, const std::string& nar_hash) {
+  std::string h = nar::StorePathHash(path);
+  std::string n = Nix32Of(nar_hash);
+  if (h.empty() || n.empty()) return 0;
+  return storage_->Size(StagingKey(h, n)).value_or(0);
+}
+
+Result<std::uint64_t> NarCache::Append(const std::string& path, const std::string& nar_hash,
+                                       std::uint64_t nar_size, std::uint64_t offset,
+                                       std::string_view bytes) {
+  std::string h = nar::StorePathHash(path);
+  if (h.empty()) return Err("'" + path.substr(0, 120) + "' is not a store path");
+  std::string n = Nix32Of(nar_hash);
+  if (n.empty()) return Err("narHash '" + nar_hash.substr(0, 80) + "' is not a SHA-256");
+  if (nar_size == 0) return Err("narSize must be positive");
+  if (bytes.size() > kMaxChunk) return Err("upload chunk larger than 4 MiB");
+  if (offset + bytes.size() > MaxCompressedSize(nar_size)) {
+    storage_->Remove(StagingKey(h, n)).ok();
+    return Err("upload of " + path + " is larger than a compressed NAR of " +
+               std::to_string(nar_size) +
+               " bytes can be; refused and discarded (is narSize right?)");
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (index_.count(h)) return Err(path + " is already in the cache");
+    std::uint64_t staged = 0;
+    for (const auto& e : storage_->List("staging/")) staged += e.size;
+    if (committed_bytes_ + staged + bytes.size() > max_) {
+      return Err("the controller's cache is full (" + std::to_string(committed_bytes_ + staged) +
+                 " of " + std::to_string(max_) +
+                 " bytes); run 'muster cache gc' or raise the controller's --cache-max-bytes");
+    }
+  }
+  return storage_->Append(StagingKey(h, n), offset, bytes);
+}
+
+Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
+  std::string h = nar::StorePathHash(info.store_path);
+  if (h.empty()) return Err("'" + info.store_path.substr(0, 120) + "' is not a store path");
+  auto want = nar::ParseSha256(info.nar_hash);
+  if (!want) return Err("narHash: " + want.message());
+  info.nar_hash = nar::FormatSha256(*want);
+  std::string staging = StagingKey(h, nar::Nix32Encode(*want));
+  auto staged_size = storage_->Size(staging);
+  if (!staged_size) return Err("nothing was uploaded for " + info.store_path + "; upload it first");
+  {
+    std::lock_guard lock(mu_);
+    if (index_.count(h)) return Err(info.store_path + " is already in the cache");
+  }
+  // Decompress the staged bytes, bounded by the declared size.
+  auto discard = [&](const std::string& why) -> Error {
+    storage_->Remove(staging).ok();
+    return Err(why + "; the upload was discarded, nothing was added to the cache");
+  };
+  std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx(ZSTD_createDCtx(), ZSTD_freeDCtx);
+  nar::Sha256 nar_sha, file_sha;
+  std::uint64_t nar_bytes = 0;
+  std::string out(ZSTD_DStreamOutSize(), '\0');
+  std::size_t last = 0;
+  for (std::uint64_t off = 0; off < *staged_size;) {
+    auto chunk = storage_->Read(staging, off, kVerifyChunk);
+    if (!chunk) return Err("reading the upload of " + info.store_path + ": " + chunk.message());
+    if (chunk->empty()) break;
+    off += chunk->size();
+    file_sha.Update(*chunk);
+    ZSTD_inBuffer in{chunk->data(), chunk->size(), 0};
+    while (in.pos < in.size) {
+      ZSTD_outBuffer o{out.data(), out.size(), 0};
+      last = ZSTD_decompressStream(dctx.get(), &o, &in);
+      if (ZSTD_isError(last)) {
+        return discard("the upload of " + info.store_path + " is not valid zstd (" +
+                       ZSTD_getErrorName(last) + ")");
+      }
+      nar_bytes += o.pos;
+      if (nar_bytes > info.nar_size) {
+        return discard("the upload of " + info.store_path + " is larger than its narSize " +
+                       std::to_string(info.nar_size));
+      }
+      nar_sha.Update(std::string_view(out.data(), o.pos));
+    }
+  }
+  if (last != 0) return discard("the upload of " + info.store_path + " is truncated");
+  if (nar_bytes != info.nar_size) {
+    return discard("the upload of " + info.store_path + " has " + std::to_string(nar_bytes) +
+                   " bytes, its narSize says " + std::to_string(info.nar_size));
+  }
+  std::string got = nar_sha.Final();
+  if (got != *want) {
+    return discard("the upload of " + info.store_path + " has NAR hash " + nar::FormatSha256(got) +
+                   ", not " + info.nar_hash);
+  }
+  std::string fh = nar::Nix32Encode(file_sha.Final());
+  info.compression = "zstd";
+  info.file_hash = "sha256:" + fh;
+  info.file_size = *staged_size;
+  info.url = "nar/" + h + "-" + fh + ".nar.zst";
+  std::string text = nar::FormatNarInfo(info);
+  if (auto st = storage_->Promote(staging, info.url); !st) return st.error();
+  if (auto st = storage_->Put(h + ".narinfo", text); !st) {
+    storage_->Remove(info.url).ok();
+    return st.error();
+  }
+  Entry en;
+  for (const auto& r : info.references) en.refs.push_back(r.substr(0, 32));
+  en.nar_key = info.url;
+  en.file_size = info.file_size;
+  en.nar_size = info.nar_size;
+  en.info_size = text.size();
+  std::lock_guard lock(mu_);
+  committed_bytes_ += en.file_size + en.info_size;
+  index_[h] = std::move(en);
+  return info;
+}
+
+std::string NarCache::HashOfObject(const std::string& name) {
+  if (name.size() == 40 && name.substr(32) == ".narinfo")
+    return nar::StorePathHash(name.substr(0, 32) + "-x");
+  if (name.rfind("nar/", 0) == 0 && name.size() > 4 + 33) {
+    std::string h = nar::StorePathHash(name.substr(4, 32) + "-x");
+    if (!h.empty() && name[4 + 32] == '-' && ValidStorageKey(name)) return h;
+  }
+  return "";
+}
+
+Result<std::string> NarCache::Read(const std::string& name, std::uint64_t offset,
+                                   std::size_t max_bytes, std::uint64_t* total) {
+  bool known = name == "nix-cache-info";
+  std::string h = HashOfObject(name);
+  if (!h.empty()) {
+    std::lock_guard lock(mu_);
+    auto it = index_.find(h);
+    known = it != index_.end() && (name.back() == 'o' || it->second.nar_key == name);
+  }
+  if (!known) return Err("not found");
+  auto size = storage_->Size(name);
+  if (!size) return Err("not found");
+  *total = *size;
+  if (offset >= *size) return std::string();
+  return storage_->Read(name, offset, std::min(max_bytes, kMaxChunk));
+}
+
+std::set<std::string> NarCache::Closure(const std::vector<std::string>& roots) {
+  std::set<std::string> out;
+  std::deque<std::string> todo;
+  for (const auto& r : roots) {
+    std::string h = r.size() == 32 ? r : nar::StorePathHash(r);
+    if (!h.empty()) todo.push_back(h);
+  }
+  std::lock_guard lock(mu_);
+  while (!todo.empty()) {
+    std::string h = std::move(todo.front());
+    todo.pop_front();
+    if (!out.insert(h).second) continue;
+    auto it = index_.find(h);
+    if (it == index_.end()) continue;
+    for (const auto& r : it->second.refs) {
+      if (!out.count(r)) todo.push_back(r);
+    }
+  }
+  return out;
+}
+
+CacheStats NarCache::Stats() {
+  CacheStats s;
+  for (const auto& e : storage_->List("staging/")) {
+    ++s.staged_paths;
+    s.staged_bytes += e.size;
+  }
+  std::lock_guard lock(mu_);
+  s.paths = index_.size();
+  s.bytes = committed_bytes_;
+  for (const auto& [h, e] : index_) s.nar_bytes += e.nar_size;
+  s.max_bytes = max_;
+  return s;
+}
+
+std::pair<std::uint64_t, std::uint64_t> NarCache::CollectGarbage(const std::set<std::string>& keep,
+                                                                 std::int64_t grace_s,
+                                                                 bool dry_run) {
+  std::int64_t now = static_cast<std::int64_t>(std::time(nullptr));
+  // Paths uploaded within the grace period stay: their generation may not be
+  // published yet.
+  std::set<std::string> young;
+  for (const auto& e : storage_->List("")) {
+    if (e.key.size() == 40 && e.key.find('/') == std::string::npos && now - e.mtime < grace_s) {
+      young.insert(e.key.substr(0, 32));
+    }
+  }
+  std::vector<std::pair<std::string, Entry>> doomed;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [h, e] : index_) {
+      if (!keep.count(h) && !young.count(h)) doomed.emplace_back(h, e);
+    }
+    if (!dry_run) {
+      for (const auto& [h, e] : doomed) {
+        index_.erase(h);
+        committed_bytes_ -= e.file_size + e.info_size;
+      }
+    }
+  }
+  std::uint64_t bytes = 0, paths = doomed.size();
+  for (const auto& [h, e] : doomed) {
+    bytes += e.file_size + e.info_size;
+    if (dry_run) continue;
+    // The narinfo first: a path is never visible without its NAR.
+    storage_->Remove(h + ".narinfo").ok();
+    storage_->Remove(e.nar_key).ok();
+  }
+  for (const auto& e : storage_->List("staging/")) {
+    if (now - e.mtime < grace_s) continue;
+    bytes += e.size;
+    if (!dry_run) storage_->Remove(e.key).ok();
+  }
+  return {paths, bytes};
+}
+
+}  // namespace muster

@@ -1,0 +1,107 @@
+// The controller's binary cache: NARs and narinfos in Nix's binary-cache
+// layout, on a ByteStorage, written so that nix on an agent can read them as
+// it reads any HTTP cache:
+//   nix-cache-info
+//   <hash>.narinfo                       (signed by the operator's cache key)
+//   nar/<hash>-<filehash>.nar.zst        (the store hash leads, so that a NAR
+//                                         request names the path it belongs to)
+//   staging/<hash>-<narhash>.nar.zst     (uploads in progress, resumable)
+// NARs arrive compressed (zstd, by the CLI); Commit decompresses the staged
+// bytes, checks NarHash and NarSize and only then writes the narinfo, which is
+// what makes a path visible. Nothing here trusts the uploader's word beyond
+// the narinfo's signature, which nix checks on the agent.
+// Thread-safe (one mutex around the index; I/O outside it where possible).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "common/narinfo.h"
+#include "controller/byte_storage.h"
+
+namespace muster {
+
+struct CacheStats {
+  std::uint64_t paths = 0;
+  std::uint64_t bytes = 0;         // narinfos + NARs (compressed)
+  std::uint64_t nar_bytes = 0;     // uncompressed NAR sizes
+  std::uint64_t staged_paths = 0;  // uploads in progress
+  std::uint64_t staged_bytes = 0;
+  std::uint64_t max_bytes = 0;
+};
+
+class NarCache {
+ public:
+  // Largest chunk Append accepts and Read returns.
+  static constexpr std::size_t kMaxChunk = 4 << 20;
+
+  // Loads the index from storage (narinfos; unreadable ones are skipped and
+  // logged) and writes nix-cache-info. max_bytes bounds committed plus staged bytes.
+  static Result<std::unique_ptr<NarCache>> Open(std::unique_ptr<ByteStorage> storage,
+                                                std::uint64_t max_bytes);
+
+  // Whether the store path (full path or hash) has a committed narinfo.
+  bool Has(const std::string& path_or_hash);
+  // Bytes of the staged upload for (path, narHash) received so far (0: none).
+  std::uint64_t StagedOffset(const std::string& path, const std::string& nar_hash);
+  // Appends compressed bytes of path's NAR at offset; returns the new offset.
+  // Refused: a bad path or hash, an offset other than StagedOffset, more bytes
+  // than a zstd stream of nar_size can take, a full cache or disk.
+  Result<std::uint64_t> Append(const std::string& path, const std::string& nar_hash,
+                               std::uint64_t nar_size, std::uint64_t offset,
+                               std::string_view bytes);
+  // Verifies the staged upload against info (StorePath, NarHash, NarSize,
+  // References, Deriver, Sig; URL and file fields are set here), moves it into
+  // nar/ and writes the narinfo. A mismatch removes the staged bytes and says
+  // what differed. Returns the narinfo as stored.
+  Result<nar::NarInfo> Commit(nar::NarInfo info);
+
+  // An object by its name in the cache layout ("nix-cache-info",
+  // "<hash>.narinfo", "nar/…"): up to max_bytes from offset, and the object's
+  // total size. Fails (not found) for any other name.
+  Result<std::string> Read(const std::string& name, std::uint64_t offset, std::size_t max_bytes,
+                           std::uint64_t* total);
+  // The store hash an object belongs to ("" for nix-cache-info, and for a
+  // name outside the layout).
+  static std::string HashOfObject(const std::string& name);
+
+  // Hashes of the closures of roots (store paths or hashes) as far as the
+  // cache knows them (paths not in the cache end the walk there).
+  std::set<std::string> Closure(const std::vector<std::string>& roots);
+
+  CacheStats Stats();
+  // What removing every committed path outside keep (hashes) and older than
+  // grace_s would free, and (unless dry_run) removes them, plus staged uploads
+  // older than grace_s. Returns {paths, bytes}.
+  std::pair<std::uint64_t, std::uint64_t> CollectGarbage(const std::set<std::string>& keep,
+                                                         std::int64_t grace_s, bool dry_run);
+
+ private:
+  struct Entry {
+    std::vector<std::string> refs;  // hashes
+    std::string nar_key;
+    std::uint64_t file_size = 0;
+    std::uint64_t nar_size = 0;
+    std::uint64_t info_size = 0;
+  };
+  NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max) : storage_(std::move(s)), max_(max) {}
+  static std::string StagingKey(const std::string& hash, const std::string& nar_hash_nix32);
+
+  std::unique_ptr<ByteStorage> storage_;
+  std::uint64_t max_;
+  std::mutex mu_;
+  std::map<std::string, Entry> index_;  // store hash → entry
+  std::uint64_t committed_bytes_ = 0;
+};
+
+// The compressed-size bound for a NAR of nar_size bytes (zstd's worst case
+// plus per-frame slack).
+std::uint64_t MaxCompressedSize(std::uint64_t nar_size);
+
+}  // namespace muster

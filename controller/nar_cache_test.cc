@@ -1,0 +1,287 @@
+#include "controller/nar_cache.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <zstd.h>
+
+#include <filesystem>
+
+#include "common/testutil.h"
+#include "controller/cache_service.h"
+
+namespace muster {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string Zstd(std::string_view data) {
+  std::string out(ZSTD_compressBound(data.size()), '\0');
+  out.resize(ZSTD_compress(out.data(), out.size(), data.data(), data.size(), 3));
+  return out;
+}
+
+// A path named by its hash character, e.g. P('a') = /nix/store/aaaa…-p.
+std::string P(char c, const std::string& name = "p") {
+  return "/nix/store/" + std::string(32, c) + "-" + name;
+}
+
+struct Nar {
+  std::string path, bytes, zst, hash;
+  std::vector<std::string> refs;
+};
+
+Nar MakeNar(char c, std::vector<std::string> refs = {}, std::size_t size = 3000) {
+  Nar n;
+  n.path = P(c);
+  for (std::size_t i = 0; i < size; ++i) n.bytes.push_back(static_cast<char>((i * 31 + c) % 251));
+  n.zst = Zstd(n.bytes);
+  nar::Sha256 h;
+  h.Update(n.bytes);
+  n.hash = nar::FormatSha256(h.Final());
+  n.refs = std::move(refs);
+  return n;
+}
+
+nar::NarInfo Info(const Nar& n) {
+  nar::NarInfo i;
+  i.store_path = n.path;
+  i.nar_hash = n.hash;
+  i.nar_size = n.bytes.size();
+  for (const auto& r : n.refs) i.references.push_back(r.substr(11));
+  i.sigs = {"k:c2ln"};
+  return i;
+}
+
+class NarCacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Reopen(1 << 30); }
+  void Reopen(std::uint64_t max) {
+    cache_.reset();
+    auto s = OpenFileByteStorage((dir_ / "cache").string());
+    ASSERT_TRUE(s.ok()) << s.message();
+    auto c = NarCache::Open(std::move(*s), max);
+    ASSERT_TRUE(c.ok()) << c.message();
+    cache_ = std::move(*c);
+  }
+  Status Upload(const Nar& n) {
+    auto off = cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst);
+    if (!off) return off.error();
+    auto done = cache_->Commit(Info(n));
+    if (!done) return done.error();
+    return Status::Ok();
+  }
+  std::vector<std::string> Files(const std::string& sub) {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (auto& e : std::filesystem::directory_iterator(dir_ / "cache" / sub, ec)) {
+      out.push_back(e.path().filename().string());
+    }
+    return out;
+  }
+  testing::TempDir dir_;
+  std::unique_ptr<NarCache> cache_;
+};
+
+TEST(ByteStorage, AppendsOnlyAtTheCurrentEndAndPromotesWhole) {
+  testing::TempDir dir;
+  auto s = OpenFileByteStorage((dir / "b").string());
+  ASSERT_TRUE(s.ok());
+  ByteStorage& b = **s;
+  ASSERT_TRUE(b.Append("staging/x", 0, "hello ").ok());
+  auto wrong = b.Append("staging/x", 2, "world");
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.message(), HasSubstr("resume from 6"));
+  auto end = b.Append("staging/x", 6, "world");
+  ASSERT_TRUE(end.ok());
+  EXPECT_EQ(*end, 11u);
+  EXPECT_FALSE(b.Size("nar/x").has_value());
+  ASSERT_TRUE(b.Promote("staging/x", "nar/x").ok());
+  EXPECT_EQ(*b.Read("nar/x", 6, 100), "world");
+  EXPECT_FALSE(b.Size("staging/x").has_value());
+  for (const char* bad : {"../x", "/abs", "a//b", ".hidden", "a/../b", "sp ace", ""}) {
+    EXPECT_FALSE(ValidStorageKey(bad)) << bad;
+    EXPECT_FALSE(b.Put(bad, "x").ok()) << bad;
+  }
+}
+
+TEST_F(NarCacheTest, CommittedPathIsServedInNixLayout) {
+  Nar n = MakeNar('a');
+  ASSERT_TRUE(Upload(n).ok());
+  EXPECT_TRUE(cache_->Has(n.path));
+  std::uint64_t total = 0;
+  auto text = cache_->Read(std::string(32, 'a') + ".narinfo", 0, 1 << 20, &total);
+  ASSERT_TRUE(text.ok()) << text.message();
+  auto info = nar::ParseNarInfo(*text);
+  ASSERT_TRUE(info.ok()) << info.message();
+  EXPECT_EQ(info->compression, "zstd");
+  EXPECT_EQ(info->nar_hash, n.hash);
+  EXPECT_EQ(info->file_size, n.zst.size());
+  auto nar = cache_->Read(info->url, 0, 1 << 20, &total);
+  ASSERT_TRUE(nar.ok());
+  EXPECT_EQ(*nar, n.zst);
+  EXPECT_EQ(NarCache::HashOfObject(info->url), std::string(32, 'a'));
+  auto info_file = cache_->Read("nix-cache-info", 0, 100, &total);
+  ASSERT_TRUE(info_file.ok());
+  EXPECT_THAT(*info_file, HasSubstr("StoreDir: /nix/store"));
+  EXPECT_TRUE(Files("staging").empty());
+  // The index survives a restart.
+  Reopen(1 << 30);
+  EXPECT_TRUE(cache_->Has(n.path));
+  EXPECT_EQ(cache_->Stats().paths, 1u);
+}
+
+TEST_F(NarCacheTest, ResumedUploadContinuesAtTheStagedOffset) {
+  Nar n = MakeNar('b', {}, 200000);
+  std::size_t half = n.zst.size() / 2;
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst.substr(0, half)).ok());
+  Reopen(1 << 30);  // a controller restart in between
+  EXPECT_EQ(cache_->StagedOffset(n.path, n.hash), half);
+  EXPECT_FALSE(cache_->Has(n.path));
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), half, n.zst.substr(half)).ok());
+  auto done = cache_->Commit(Info(n));
+  ASSERT_TRUE(done.ok()) << done.message();
+  EXPECT_TRUE(cache_->Has(n.path));
+}
+
+TEST_F(NarCacheTest, BadUploadsAreRefusedAndLeaveNothing) {
+  Nar n = MakeNar('c');
+  struct Case {
+    std::string name, bytes;
+    std::uint64_t nar_size;
+    std::string hash, why;
+  } cases[] = {
+      {"truncated", n.zst.substr(0, n.zst.size() - 5), n.bytes.size(), n.hash, "truncated"},
+      {"hash differs", n.zst, n.bytes.size(), MakeNar('z').hash, "NAR hash"},
+      {"larger than narSize", n.zst, n.bytes.size() - 1, n.hash, "larger than its narSize"},
+      {"smaller than narSize", n.zst, n.bytes.size() + 1, n.hash, "narSize says"},
+      {"not zstd", std::string(100, 'x'), n.bytes.size(), n.hash, "not valid zstd"},
+  };
+  for (const auto& c : cases) {
+    ASSERT_TRUE(cache_->Append(n.path, c.hash, c.nar_size, 0, c.bytes).ok()) << c.name;
+    auto info = Info(n);
+    info.nar_hash = c.hash;
+    info.nar_size = c.nar_size;
+    auto r = cache_->Commit(info);
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_THAT(r.message(), HasSubstr(c.why)) << c.name;
+    EXPECT_THAT(r.message(), HasSubstr("nothing was added")) << c.name;
+    EXPECT_FALSE(cache_->Has(n.path)) << c.name;
+    EXPECT_TRUE(Files("staging").empty()) << c.name;
+    EXPECT_TRUE(Files("nar").empty()) << c.name;
+  }
+  // More bytes than a compressed NAR of that size can be: refused at once.
+  auto big = cache_->Append(n.path, n.hash, 10, 0, std::string(9000, 'x'));
+  ASSERT_FALSE(big.ok());
+  EXPECT_THAT(big.message(), HasSubstr("larger than a compressed NAR"));
+  EXPECT_TRUE(Files("staging").empty());
+}
+
+TEST_F(NarCacheTest, FullCacheRefusesUploads) {
+  Reopen(4096);
+  Nar n = MakeNar('d', {}, 100000);
+  auto r = cache_->Append(n.path, n.hash, n.bytes.size(), 0, std::string(5000, 'x'));
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.message(), HasSubstr("cache is full"));
+  EXPECT_THAT(r.message(), HasSubstr("--cache-max-bytes"));
+}
+
+TEST_F(NarCacheTest, ClosureFollowsReferencesAndGcKeepsIt) {
+  Nar leaf = MakeNar('d'), mid = MakeNar('f', {P('d')}), top = MakeNar('g', {P('f'), P('d')});
+  Nar other = MakeNar('h');
+  for (auto* n : {&leaf, &mid, &top, &other}) ASSERT_TRUE(Upload(*n).ok());
+  auto c = cache_->Closure({top.path});
+  EXPECT_EQ(
+      c, (std::set<std::string>{std::string(32, 'd'), std::string(32, 'f'), std::string(32, 'g')}));
+  auto [dry_paths, dry_bytes] = cache_->CollectGarbage(c, 0, true);
+  EXPECT_EQ(dry_paths, 1u);
+  EXPECT_GT(dry_bytes, 0u);
+  EXPECT_TRUE(cache_->Has(other.path));  // a dry run removes nothing
+  // Within the grace period nothing goes.
+  EXPECT_EQ(cache_->CollectGarbage(c, 3600, false).first, 0u);
+  EXPECT_EQ(cache_->CollectGarbage(c, 0, false).first, 1u);
+  EXPECT_FALSE(cache_->Has(other.path));
+  for (auto* n : {&leaf, &mid, &top}) EXPECT_TRUE(cache_->Has(n->path));
+  std::uint64_t total = 0;
+  EXPECT_FALSE(cache_->Read(std::string(32, 'h') + ".narinfo", 0, 10, &total).ok());
+}
+
+class CacheServiceTest : public NarCacheTest {
+ protected:
+  void SetUp() override {
+    NarCacheTest::SetUp();
+    auto s = OpenSqliteStore((dir_ / "muster.db").string());
+    ASSERT_TRUE(s.ok());
+    store_ = std::move(*s);
+    for (const char* m : {"web1", "db1"}) {
+      MachineRecord r;
+      r.name = m;
+      r.key = std::string("ed25519:") + m;
+      ASSERT_TRUE(store_->AddMachine(r).ok());
+    }
+  }
+  void Publish(const std::string& machine, std::int64_t gen, const std::string& toplevel) {
+    GenerationRecord g;
+    g.machine = machine;
+    g.generation = gen;
+    g.manifest = {"{}", "ed25519:op", "sig"};
+    g.toplevel = toplevel;
+    g.action = "switch";
+    g.published_by = "alice";
+    ASSERT_TRUE(store_->AddGeneration(g).ok());
+  }
+  int Status(CacheService& svc, const std::string& machine, const std::string& name) {
+    return svc.Fetch(machine, proto::Fetch{1, name, 0, 1 << 20}).status;
+  }
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(CacheServiceTest, MachineFetchesOnlyClosuresPublishedForIt) {
+  Nar lib = MakeNar('i'), web = MakeNar('j', {P('i')}), db = MakeNar('k');
+  Nar web2 = MakeNar('l'), web3 = MakeNar('m');
+  for (auto* n : {&lib, &web, &db, &web2, &web3}) ASSERT_TRUE(Upload(*n).ok());
+  Publish("web1", 1, web.path);
+  Publish("db1", 1, db.path);
+  auto storage = OpenFileByteStorage((dir_ / "cache").string());
+  auto nc = NarCache::Open(std::move(*storage), 1 << 30);
+  ASSERT_TRUE(nc.ok());
+  CacheService svc(*store_, std::move(*nc), 0);
+  const std::string lib_info = std::string(32, 'i') + ".narinfo";
+  const std::string db_info = std::string(32, 'k') + ".narinfo";
+  EXPECT_EQ(Status(svc, "web1", "nix-cache-info"), 200);
+  EXPECT_EQ(Status(svc, "web1", lib_info), 200);  // a dependency of its target
+  EXPECT_EQ(Status(svc, "web1", db_info), 404);   // another machine's path
+  EXPECT_EQ(Status(svc, "db1", db_info), 200);
+  EXPECT_EQ(Status(svc, "db1", lib_info), 404);
+  EXPECT_EQ(Status(svc, "web1", "../" + db_info), 404);
+  // The NAR of a path it may fetch, but not one of another path under a borrowed name.
+  std::uint64_t total = 0;
+  auto text = svc.cache().Read(lib_info, 0, 1 << 20, &total);
+  auto url = nar::ParseNarInfo(*text)->url;
+  EXPECT_EQ(Status(svc, "web1", url), 200);
+  EXPECT_EQ(Status(svc, "db1", url), 404);
+  EXPECT_EQ(Status(svc, "web1", "nar/" + std::string(32, 'i') + "-forged.nar.zst"), 404);
+  // Target and previous stay fetchable; what came before them does not.
+  Publish("web1", 2, web2.path);
+  EXPECT_EQ(Status(svc, "web1", lib_info), 200);
+  Publish("web1", 3, web3.path);
+  EXPECT_EQ(Status(svc, "web1", lib_info), 404);
+  EXPECT_EQ(Status(svc, "web1", std::string(32, 'l') + ".narinfo"), 200);
+  // ...unless the machine still runs it.
+  EventRecord ev;
+  ev.generation = 1;
+  ev.phase = "succeeded";
+  ev.at = 1;
+  ASSERT_TRUE(store_->RecordStatus("web1", ev, web.path, false).ok());
+  EXPECT_EQ(Status(svc, "web1", lib_info), 200);
+  // GC keeps every path some machine may fetch and removes the rest.
+  Nar stray = MakeNar('n');
+  ASSERT_TRUE(svc.cache().Append(stray.path, stray.hash, stray.bytes.size(), 0, stray.zst).ok());
+  ASSERT_TRUE(svc.cache().Commit(Info(stray)).ok());
+  auto [paths, bytes] = svc.CollectGarbage(false);
+  EXPECT_EQ(paths, 1u);
+  EXPECT_FALSE(svc.cache().Has(stray.path));
+  for (auto* n : {&lib, &web, &db, &web2, &web3}) EXPECT_TRUE(svc.cache().Has(n->path)) << n->path;
+}
+
+}  // namespace
+}  // namespace muster
