@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Closures through the controller against nix copy with a file:// cache, in
+one run on one machine (docs/BENCHMARKS.md, "Closures").
+
+    MUSTER_BIN_DIR=build/release python3 bench/closures.py [--mib 1024]
+
+Builds a toplevel whose closure holds MIB of random data (incompressible: the
+worst case for time, the honest case for bytes), then measures
+  upload   muster cache push             vs  nix copy --to file://…?compression=zstd
+  fetch    publish → agent realised it    vs  nix-store --realise from that file:// cache
+and the peak RSS (VmHWM) of the controller and the agent. Prints one JSON object.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
+from harness import Env, nix_env  # noqa: E402
+
+
+def hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def timed(argv, **kw):
+    t = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True, env=nix_env(), **kw)
+    return time.monotonic() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024)
+    args = ap.parse_args()
+    size = args.mib << 20
+    env = Env("bench-closures")
+    try:
+        env.start()
+        agent = env.add_agent("m1", realiseTimeout=7200).start()
+        key = os.path.join(env.cli_dir, "cache.key")
+        env.cli("key", "generate", "--cache", "--out", key)
+        top = env.build("bench", push=False, delete=False, payload=size)
+        closure = subprocess.run(["nix-store", "-q", "--requisites", top], capture_output=True,
+                                 text=True, env=nix_env(), check=True).stdout.split()
+        nar_bytes = sum(int(json.loads(subprocess.run(
+            ["nix", "path-info", "--json", p], capture_output=True, text=True, env=nix_env(),
+            check=True).stdout)[0]["narSize"]) for p in closure)
+
+        t = time.monotonic()
+        env.cli("cache", "push", top, "--cache-key", key, timeout=7200)
+        up = time.monotonic() - t
+
+        fcache = os.path.join(env.root, "filecache")
+        url = f"file://{fcache}?compression=zstd"
+        up_nix = timed(["nix", "copy", "--to", url, top])
+
+        # The baseline first: once the agent set its profile, the closure is a GC root.
+        env.delete_local(top)
+        assert not os.path.exists(top)
+        down_nix = timed(["nix-store", "--realise", top, "--option", "substituters", f"file://{fcache}",
+                          "--option", "require-sigs", "false", "--max-jobs", "0"])
+
+        env.delete_local(top)
+        assert not os.path.exists(top)
+        t = time.monotonic()
+        gen = int(env.cli("publish", "m1", top, "--cache-key", key).stdout.split("generation ")[1].split(":")[0])
+        env.wait_phase("m1", gen, "succeeded", timeout=7200)
+        down = time.monotonic() - t
+        out = {
+            "narBytes": nar_bytes,
+            "paths": len(closure),
+            "upload": {"muster_s": round(up, 2), "nixCopy_s": round(up_nix, 2),
+                       "muster_MiBps": round(nar_bytes / up / 2**20, 1),
+                       "nixCopy_MiBps": round(nar_bytes / up_nix / 2**20, 1)},
+            "fetch": {"muster_s": round(down, 2), "nixRealiseFromFile_s": round(down_nix, 2),
+                      "muster_MiBps": round(nar_bytes / down / 2**20, 1),
+                      "nixRealiseFromFile_MiBps": round(nar_bytes / down_nix / 2**20, 1)},
+            "peakRssMiB": {"controller": round(hwm_kib(env.controller.proc.pid) / 1024, 1),
+                           "agent": round(hwm_kib(agent.proc.proc.pid) / 1024, 1)},
+        }
+        print(json.dumps(out, indent=2))
+    finally:
+        try:
+            env.delete_local(top)
+        except Exception:  # noqa: BLE001
+            pass
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
