@@ -155,9 +155,16 @@ class SystemdTest(unittest.TestCase):
         self.assertIn(f"0::/system.slice/muster-activate-gen{gen}-activate.service", cgroup)
         # --collect: the transient unit is gone once it finished.
         self.assertEqual(self.unit_state(f"muster-activate-gen{gen}-activate.service"), "inactive")
-        # Its output still reached the operator through --pipe.
-        logs = self.env.cli("logs", self.name, "--generation", str(gen), check=False).stdout
-        self.assertIn("activating sd-one (nixos) action switch", logs)
+        # Its output still reached the operator through --pipe (log lines are
+        # stored by the controller's log writer, after the final report).
+        want = "activating sd-one (nixos) action switch"
+        deadline = time.monotonic() + 20
+        logs = ""
+        while time.monotonic() < deadline and want not in logs:
+            logs = self.env.cli("logs", self.name, "--generation", str(gen), check=False).stdout
+            if want not in logs:
+                time.sleep(0.2)
+        self.assertIn(want, logs)
 
     def test_restart_and_kill_during_activation(self):
         """systemctl restart (and kill -9 of the main PID) while a long activation
