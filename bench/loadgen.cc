@@ -32,9 +32,9 @@
 #include "bench/publisher.h"
 #include "bench/sim.h"
 #include "common/crypto.h"
-#include "common/roster.h"
 #include "common/fsutil.h"
 #include "common/manifest.h"
+#include "common/roster.h"
 #include "controller/store.h"
 
 using namespace muster;

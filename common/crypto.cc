@@ -141,16 +141,17 @@ Result<std::string> SecretKey::OpenSealed(std::string_view ciphertext) const {
                                 ciphertext.size(), xpk, xsk);
   sodium_memzero(xsk, sizeof xsk);
   if (rc != 0) {
-    return Err("sealed box cannot be opened with this machine's key (tampered, or sealed to "
-               "another key)");
+    return Err(
+        "sealed box cannot be opened with this machine's key (tampered, or sealed to "
+        "another key)");
   }
   return out;
 }
 
 bool VerifySignature(const PublicKey& key, std::string_view message, std::string_view signature) {
   if (signature.size() != crypto_sign_BYTES) return false;
-  return crypto_sign_verify_detached(U(signature), U(message), message.size(),
-                                     key.bytes.data()) == 0;
+  return crypto_sign_verify_detached(U(signature), U(message), message.size(), key.bytes.data()) ==
+         0;
 }
 
 Result<std::string> SealTo(const PublicKey& recipient, std::string_view plaintext) {

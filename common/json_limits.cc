@@ -56,4 +56,13 @@ std::string DumpJson(const nlohmann::json& j, int indent) {
   return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+std::int64_t JsonInt64Field(const nlohmann::json& j, const char* key) {
+  const nlohmann::json& v = j.at(key);
+  if (!v.is_number_integer() ||
+      (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
+    throw nlohmann::json::type_error::create(302, std::string(key) + " must be an integer", &v);
+  }
+  return v.get<std::int64_t>();
+}
+
 }  // namespace muster

@@ -3,10 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 #include "common/error.h"
 
@@ -31,5 +30,10 @@ Result<nlohmann::json> ParseJsonBounded(std::string_view text,
 // (one that missed SanitizeUtf8) is written with U+FFFD in place of the bad
 // bytes. Use it for every dump of data that may hold strings from outside.
 std::string DumpJson(const nlohmann::json& j, int indent = -1);
+
+// The integer field key of object j that fits int64; throws json::type_error
+// otherwise (get<int64_t>() alone would convert floats, undefined behaviour when
+// out of range, and wrap large unsigneds). For parsers inside a try block.
+std::int64_t JsonInt64Field(const nlohmann::json& j, const char* key);
 
 }  // namespace muster

@@ -16,16 +16,6 @@ namespace {
 constexpr std::string_view kSigDomain = "muster-manifest-v1\n";
 constexpr std::string_view kStoreDir = "/nix/store/";
 
-// A JSON integer that fits int64. get<int64_t>() alone would convert floats
-// (undefined behaviour when out of range, e.g. 1e300) and wrap large unsigneds.
-std::int64_t IntField(const json& j, const char* key) {
-  const json& v = j.at(key);
-  if (!v.is_number_integer() ||
-      (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
-    throw json::type_error::create(302, std::string(key) + " must be an integer", &v);
-  }
-  return v.get<std::int64_t>();
-}
 }  // namespace
 
 std::string_view ToString(Action a) {
@@ -113,13 +103,13 @@ Result<Manifest> ParseManifest(std::string_view text) {
   const json& j = *parsed;
   try {
     if (!j.is_object()) return Err("manifest is not a JSON object");
-    if (IntField(j, "format") != 1) {
+    if (JsonInt64Field(j, "format") != 1) {
       return Err("manifest format " + j.at("format").dump() +
                  " is not supported by this agent; upgrade muster-agent");
     }
     Manifest m;
     m.machine = j.at("machine").get<std::string>();
-    m.generation = IntField(j, "generation");
+    m.generation = JsonInt64Field(j, "generation");
     m.toplevel = j.at("toplevel").get<std::string>();
     auto kind = ParseKind(j.at("kind").get<std::string>());
     if (!kind) return Err("manifest kind " + j.at("kind").dump() + " is unknown");
@@ -130,7 +120,7 @@ Result<Manifest> ParseManifest(std::string_view text) {
     m.substituters = j.at("substituters").get<std::vector<std::string>>();
     m.trusted_public_keys = j.at("trustedPublicKeys").get<std::vector<std::string>>();
     m.vars_hash = j.at("varsHash").get<std::string>();
-    m.created_at = IntField(j, "createdAt");
+    m.created_at = JsonInt64Field(j, "createdAt");
     m.force = j.at("force").get<bool>();
     m.rollout = j.value("rollout", std::string());
     if (m.machine.empty() || m.machine.size() > 253) return Err("manifest machine name is invalid");

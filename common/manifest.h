@@ -32,7 +32,7 @@ struct Manifest {
   Action action = Action::kSwitch;
   std::vector<std::string> substituters;
   std::vector<std::string> trusted_public_keys;
-  std::string vars_hash;  // "" when there are no vars, else "sha256:<hex>" of the ciphertext
+  std::string vars_hash;        // "" when there are no vars, else "sha256:<hex>" of the ciphertext
   std::int64_t created_at = 0;  // unix seconds
   bool force = false;           // activate even when the closure is already active
   std::string rollout;          // rollout id, "" for a single publish

@@ -16,13 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "common/error.h"
 #include "common/json_limits.h"
@@ -60,7 +59,7 @@ struct StatusReport {
   std::string toplevel;
   bool reboot_required = false;
   std::int64_t closure_bytes = 0;
-  std::int64_t at = 0;  // unix ms on the agent
+  std::int64_t at = 0;             // unix ms on the agent
   std::optional<HostFacts> facts;  // sent with final reports: the OS may have changed
 };
 

@@ -16,15 +16,6 @@ constexpr std::string_view kEnrollDomain = "muster-enroll-v1\n";
 constexpr std::string_view kTokenPrefix = "mtok2_";
 constexpr std::size_t kMaxTags = 64;
 
-std::int64_t IntField(const json& j, const char* key) {
-  const json& v = j.at(key);
-  if (!v.is_number_integer() ||
-      (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
-    throw json::type_error::create(302, std::string(key) + " must be an integer", &v);
-  }
-  return v.get<std::int64_t>();
-}
-
 std::string BindingMessage(std::string_view machine, const PublicKey& key) {
   return std::string(kEnrollDomain) + std::string(machine) + "\n" + key.ToText();
 }
@@ -77,7 +68,7 @@ Result<RosterEntry> ParseRosterEntry(std::string_view text) {
   const json& j = *parsed;
   try {
     if (!j.is_object()) return Err("roster entry is not a JSON object");
-    if (IntField(j, "format") != 1) {
+    if (JsonInt64Field(j, "format") != 1) {
       return Err("roster entry format " + j.at("format").dump() +
                  " is not supported; upgrade muster");
     }
@@ -88,8 +79,8 @@ Result<RosterEntry> ParseRosterEntry(std::string_view text) {
     e.tags = j.at("tags").get<std::vector<std::string>>();
     e.removed = j.at("removed").get<bool>();
     if (j.contains("revoked")) e.revoked = j.at("revoked").get<bool>();
-    e.expires_at = IntField(j, "expiresAt");
-    e.signed_at = IntField(j, "signedAt");
+    e.expires_at = JsonInt64Field(j, "expiresAt");
+    e.signed_at = JsonInt64Field(j, "signedAt");
     if (auto st = ValidateMachineName(e.machine); !st) return Err("roster entry: " + st.message());
     if (auto st = ValidateTags(e.tags); !st) return Err("roster entry: " + st.message());
     int kinds = (e.key.empty() ? 0 : 1) + (e.enroll_key.empty() ? 0 : 1) + (e.removed ? 1 : 0);

@@ -37,7 +37,7 @@ struct RosterEntry {
   std::string enroll_key;  // "ed25519:…" enrolment key of a grant; "" otherwise
   std::vector<std::string> tags;
   bool removed = false;
-  bool revoked = false;  // the key is compromised: never seal to it (names the key)
+  bool revoked = false;         // the key is compromised: never seal to it (names the key)
   std::int64_t expires_at = 0;  // grants: unix ms after which the controller refuses to bind
   std::int64_t signed_at = 0;   // unix ms on the signing operator's clock
 };

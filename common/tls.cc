@@ -48,11 +48,10 @@ std::optional<PublicKey> KeyOfCert(X509* cert) {
 
 // Per-connection refusal reason, kept on the SSL object for logging.
 int ReasonIndex() {
-  static int idx = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, [](void*, void* ptr,
-                                                                          CRYPTO_EX_DATA*, int,
-                                                                          long, void*) {
-    delete static_cast<std::string*>(ptr);
-  });
+  static int idx = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr,
+                                        [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
+                                          delete static_cast<std::string*>(ptr);
+                                        });
   return idx;
 }
 
@@ -123,11 +122,12 @@ int ClientVerify(X509_STORE_CTX* ctx, void* arg) {
 Status UseKeyAndCert(SSL_CTX* ctx, const SecretKey& key, const std::string& cert_pem) {
   auto pkey = ToEvp(key);
   if (!pkey) return Err("cannot load Ed25519 key into OpenSSL: " + OpenSslError());
-  std::unique_ptr<BIO, BioFree> bio(BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size())));
+  std::unique_ptr<BIO, BioFree> bio(
+      BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size())));
   std::unique_ptr<X509, X509Free> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
   if (!cert) return Err("cannot parse certificate: " + OpenSslError());
-  if (SSL_CTX_use_certificate(ctx, cert.get()) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey.get()) != 1 ||
-      SSL_CTX_check_private_key(ctx) != 1) {
+  if (SSL_CTX_use_certificate(ctx, cert.get()) != 1 ||
+      SSL_CTX_use_PrivateKey(ctx, pkey.get()) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
     return Err("certificate does not match the key: " + OpenSslError());
   }
   // Any further certificates are the chain (intermediates) sent with it.
@@ -159,7 +159,8 @@ Result<std::string> MakeSelfSignedCertPem(const SecretKey& key, const std::strin
   std::unique_ptr<X509, X509Free> x(X509_new());
   X509_set_version(x.get(), 2);
   unsigned char serial[16];
-  for (size_t i = 0; i < sizeof serial; ++i) serial[i] = static_cast<unsigned char>(key.public_key().bytes[i]);
+  for (size_t i = 0; i < sizeof serial; ++i)
+    serial[i] = static_cast<unsigned char>(key.public_key().bytes[i]);
   serial[0] &= 0x7f;
   BIGNUM* bn = BN_bin2bn(serial, sizeof serial, nullptr);
   BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(x.get()));
@@ -169,7 +170,8 @@ Result<std::string> MakeSelfSignedCertPem(const SecretKey& key, const std::strin
   X509_set_pubkey(x.get(), pkey.get());
   X509_NAME* name = X509_get_subject_name(x.get());
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
-                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1, 0);
+                             reinterpret_cast<const unsigned char*>(common_name.c_str()), -1, -1,
+                             0);
   X509_set_issuer_name(x.get(), name);
   if (X509_sign(x.get(), pkey.get(), nullptr) <= 0) {
     return Err("cannot sign certificate: " + OpenSslError());

@@ -12,12 +12,11 @@
 
 #include <openssl/ssl.h>
 
+#include <boost/asio/ssl/context.hpp>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <boost/asio/ssl/context.hpp>
 
 #include "common/crypto.h"
 #include "common/error.h"

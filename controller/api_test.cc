@@ -356,8 +356,8 @@ TEST_F(ApiTest, EnrolGrantLifetimeIsBounded) {
   grant.enroll_key = SecretKey::Generate().public_key().ToText();
   grant.signed_at = kNow;
   for (std::int64_t expires :
-       {std::int64_t{0}, std::int64_t{kNow}, std::int64_t{kNow + 2592000001}, std::numeric_limits<std::int64_t>::max(),
-        std::numeric_limits<std::int64_t>::min()}) {
+       {std::int64_t{0}, std::int64_t{kNow}, std::int64_t{kNow + 2592000001},
+        std::numeric_limits<std::int64_t>::max(), std::numeric_limits<std::int64_t>::min()}) {
     grant.expires_at = expires;
     auto r = Call("machine.enroll", {{"grant", Signed(grant)}});
     ASSERT_FALSE(r.ok) << expires;

@@ -42,6 +42,14 @@ std::int64_t NextSignedAt(const Session& s, const std::string& name, std::int64_
   return std::max({NowMs(), s.seen.Get(name) + 1, held + 1});
 }
 
+// The controller's row for a machine in a "roster" answer, or null.
+const json* FindRow(const json& roster, const std::string& name) {
+  for (const auto& m : roster["machines"]) {
+    if (m.value("name", "") == name) return &m;
+  }
+  return nullptr;
+}
+
 int Done(const Globals& g, const json& res, const std::string& text) {
   if (g.json_out) {
     std::cout << res.dump() << "\n";
@@ -95,10 +103,7 @@ int MachineSign(const Globals& g, const std::string& name, const std::string& ex
   if (int rc = Open(g, s)) return rc;
   auto res = s.conn->Call("roster", {{"names", {name}}});
   if (!res) return Die(res.message(), kExitFailed);
-  const json* row = nullptr;
-  for (const auto& m : (*res)["machines"]) {
-    if (m.value("name", "") == name) row = &m;
-  }
+  const json* row = FindRow(*res, name);
   if (!row) return Die("no machine named '" + name + "'", kExitFailed);
   // The key below comes from the controller and is exactly what is not yet
   // trusted: the operator compares its fingerprint with the machine's own
@@ -177,10 +182,7 @@ int MachineRevoke(const Globals& g, const std::string& name) {
   if (int rc = Open(g, s)) return rc;
   auto res = s.conn->Call("roster", {{"names", {name}}});
   if (!res) return Die(res.message(), kExitFailed);
-  const json* row = nullptr;
-  for (const auto& m : (*res)["machines"]) {
-    if (m.value("name", "") == name) row = &m;
-  }
+  const json* row = FindRow(*res, name);
   if (!row) return Die("no machine named '" + name + "'", kExitFailed);
   // Revoking the key the controller reports can only take trust away, so
   // it needs no verification; a verified entry's tags are kept.
