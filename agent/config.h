@@ -51,8 +51,8 @@ struct AgentConfig {
   std::string nix_bin_dir;           // "" = search PATH and the usual places
   std::string home_manager_user;     // home-manager kind: activate as this user
   std::string systemd_run = "auto";  // auto | always | never
-  std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
-  std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
+  std::chrono::milliseconds ping_interval{std::chrono::seconds(50)};
+  std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
   std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};
   std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
   std::chrono::milliseconds realise_timeout{std::chrono::hours(2)};

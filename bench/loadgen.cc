@@ -3,6 +3,7 @@
 //
 //   register  --state-dir DIR --count N       machines bench-000000… and the bench operator
 //   agent-key --index I --out PATH            the key of simulated agent I (for a real agent)
+//   operator-key --out PATH                   the bench operator's key (for the muster CLI)
 //   baseline  [--threads T] [--seconds S]     mTLS handshakes per second, in memory
 //   run       --state-dir DIR --port P --count N [--stages a,b,…] [--idle S] [--publish]
 //             [--restart-cmd CMD --controller-pid PID] [--json FILE] [--check]
@@ -98,6 +99,10 @@ ProcSample Sample(int pid) {
   s.cpu_s = (std::stod(f[11]) + std::stod(f[12])) / tck;
   s.ok = s.rss_kib > 0;
   return s;
+}
+
+double TimevalSec(const timeval& t) {
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
 }
 
 json Percentiles(std::vector<double> v) {
@@ -216,11 +221,13 @@ struct RunArgs {
   std::string stages;
   double idle = 0;
   double settle = 5;
-  int ping_interval = 25;
+  int ping_interval = 50;
   int controller_pid = 0;
   bool publish = false;
   int publish_timeout = 120;
   std::string restart_cmd;
+  std::string publish_cmd;
+  int waves = 0;
   std::string pid_file;
   int reconnect_timeout = 300;
   int stage_timeout = 600;
@@ -397,6 +404,82 @@ int CmdRun(const RunArgs& a) {
     std::cerr << "loadgen: fanout " << out["fanout"].dump() << "\n";
   }
 
+  if (!a.publish_cmd.empty()) {
+    // The way an operator reaches the fleet: one 'muster publish --all' (a
+    // rollout), run as given. Times are from the command's start; "after
+    // accepted" subtracts the moment the command returned (the controller had
+    // stored the rollout and released its first wave by then).
+    sim.TrackGeneration(1);
+    ProcSample p0 = Sample(pid);
+    std::int64_t t0 = NowNs();
+    pid_t child = fork();
+    if (child == 0) {
+      execl("/bin/sh", "sh", "-c", a.publish_cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    int status = 0;
+    struct rusage ru {};
+    (void)wait4(child, &status, 0, &ru);
+    std::int64_t t_done = NowNs();
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      fail("--publish-cmd exited with status " + std::to_string(status));
+    }
+    std::int64_t deadline = NowNs() + static_cast<std::int64_t>(a.publish_timeout) * 1000000000;
+    auto acked = [&] {
+      std::uint32_t k = 0;
+      for (std::uint32_t i = 0; i < n; ++i) k += sim.AckNs(i) != 0;
+      return k;
+    };
+    while (acked() < n && NowNs() < deadline) SleepMs(5);
+    ProcSample p1 = Sample(pid);
+    std::vector<double> notify, ack, notify_after, ack_after;
+    std::vector<std::int64_t> notify_ns, ack_ns;
+    for (std::uint32_t i = 0; i < n; ++i) {
+      if (std::int64_t t = sim.NotifyNs(i)) {
+        notify.push_back(Sec(t - t0) * 1000);
+        notify_after.push_back(Sec(t - t_done) * 1000);
+        notify_ns.push_back(t);
+      }
+      if (std::int64_t t = sim.AckNs(i)) {
+        ack.push_back(Sec(t - t0) * 1000);
+        ack_after.push_back(Sec(t - t_done) * 1000);
+        ack_ns.push_back(t);
+      }
+    }
+    json f = {{"agents", n},
+              {"command", a.publish_cmd},
+              {"commandSeconds", Sec(t_done - t0)},
+              {"commandCpuSeconds", TimevalSec(ru.ru_utime) + TimevalSec(ru.ru_stime)},
+              {"commandMaxRssKiB", ru.ru_maxrss},
+              {"notified", notify.size()},
+              {"acknowledged", ack.size()},
+              {"notifyMs", Percentiles(notify)},
+              {"ackMs", Percentiles(ack)},
+              {"notifyAfterCommandMs", Percentiles(notify_after)},
+              {"ackAfterCommandMs", Percentiles(ack_after)},
+              {"controllerCpuSeconds", p1.cpu_s - p0.cpu_s},
+              {"controllerRssKiB", p1.rss_kib}};
+    if (a.waves > 0 && notify_ns.size() == n && ack_ns.size() == n) {
+      // A rollout with --max-parallel W keeps W machines in flight: the
+      // (W+k)-th release is enabled by the k-th final report. The gap between
+      // the two is the controller's reaction time.
+      std::sort(notify_ns.begin(), notify_ns.end());
+      std::sort(ack_ns.begin(), ack_ns.end());
+      std::vector<double> gaps;
+      for (std::size_t k = 0; k + static_cast<std::size_t>(a.waves) < n; ++k) {
+        gaps.push_back(Sec(notify_ns[k + static_cast<std::size_t>(a.waves)] - ack_ns[k]) * 1000);
+      }
+      f["maxParallel"] = a.waves;
+      f["finalReportToNextReleaseMs"] = Percentiles(gaps);
+    }
+    out["rollout"] = f;
+    if (notify.size() != n || ack.size() != n) {
+      fail("rollout: " + std::to_string(notify.size()) + " notified, " +
+           std::to_string(ack.size()) + " acknowledged, of " + std::to_string(n));
+    }
+    std::cerr << "loadgen: rollout " << f.dump() << "\n";
+  }
+
   if (!a.restart_cmd.empty()) {
     if (pid <= 0) {
       fail("--restart-cmd needs --controller-pid");
@@ -550,6 +633,10 @@ int main(int argc, char** argv) {
   ak->add_option("--index", index)->required();
   ak->add_option("--out", key_out)->required();
 
+  std::string op_out;
+  auto* ok = app.add_subcommand("operator-key", "write the bench operator's key file (for 'muster')");
+  ok->add_option("--out", op_out)->required();
+
   int bthreads = 0;
   double bseconds = 5;
   std::uint32_t bregistry = 10000;
@@ -583,6 +670,10 @@ int main(int argc, char** argv) {
   run->add_option("--publish-timeout", ra.publish_timeout)->capture_default_str();
   run->add_option("--restart-cmd", ra.restart_cmd,
                   "SIGKILL the controller, run this (sh -c) and time the reconnect storm");
+  run->add_option("--publish-cmd", ra.publish_cmd,
+                  "run this (sh -c), e.g. 'muster publish --all …', and time the rollout");
+  run->add_option("--max-parallel", ra.waves,
+                  "the --max-parallel the command uses: measure final report → next release");
   run->add_option("--pid-file", ra.pid_file, "where to write the restarted controller's pid");
   run->add_option("--reconnect-timeout", ra.reconnect_timeout)->capture_default_str();
   run->add_option("--stage-timeout", ra.stage_timeout)->capture_default_str();
@@ -603,6 +694,14 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::cout << AgentName(index) << " " << AgentKey(index).public_key().ToText() << "\n";
+    return 0;
+  }
+  if (ok->parsed()) {
+    if (auto st = SaveSecretKey(OperatorKey(), op_out); !st) {
+      std::cerr << "loadgen: " << st.message() << "\n";
+      return 1;
+    }
+    std::cout << kOperatorName << " " << OperatorKey().public_key().ToText() << "\n";
     return 0;
   }
   if (base->parsed()) {

@@ -479,12 +479,12 @@ class Worker {
     if (const auto* d = std::get_if<proto::Deploy>(&*msg)) return OnDeploy(j, *d);
     if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
       sim_.counters_.acks++;
-      bool tracked = c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed);
+      bool tracked = sim_.Tracked(c.final_generation);
       if (a->seq == c.first_seq && tracked)
         sim_.received_ack_ns_[i].store(NowNs(), std::memory_order_relaxed);
       if (a->seq == c.final_seq && c.final_seq != 0) {
         sim_.counters_.final_acks++;
-        if (c.final_generation == sim_.tracked_generation_.load(std::memory_order_relaxed)) {
+        if (sim_.Tracked(c.final_generation)) {
           sim_.ack_ns_[i].store(NowNs(), std::memory_order_relaxed);
         }
       }
@@ -503,7 +503,7 @@ class Worker {
     auto peek = ParseManifest(d.manifest.manifest);
     std::int64_t gen = peek ? peek->generation : 0;
     if (gen != 0 && gen == c.last_applied) return;  // delivered again; already in hand
-    if (gen == sim_.tracked_generation_.load(std::memory_order_relaxed) &&
+    if (sim_.Tracked(gen) &&
         sim_.notify_ns_[i].load(std::memory_order_relaxed) == 0) {
       sim_.notify_ns_[i].store(NowNs(), std::memory_order_relaxed);
     }

@@ -43,7 +43,9 @@ struct SimOptions {
   int source_addresses = 200;         // 127.0.0.2 … 127.0.0.(1+N)
   std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
-  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
+  // From the connect to the welcome: the agent's connect (10 s) plus TLS
+  // handshake (60 s) timeouts (common/ws_client.h).
+  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(70)};
   std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};
   std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
 };
@@ -105,8 +107,14 @@ class Simulator {
   std::int64_t AppliedGeneration(std::uint32_t i) const {
     return applied_[i].load(std::memory_order_relaxed);
   }
-  // Deploys of this generation set NotifyNs/AckNs (earlier ones are ignored there).
+  // Deploys of this generation or a newer one set NotifyNs/AckNs (earlier ones
+  // are ignored there). With 1, any deploy is tracked (the generation numbers a
+  // 'muster publish' picks are not known beforehand).
   void TrackGeneration(std::int64_t generation) { tracked_generation_ = generation; }
+  bool Tracked(std::int64_t generation) const {
+    std::int64_t t = tracked_generation_.load(std::memory_order_relaxed);
+    return t != 0 && generation >= t;
+  }
 
  private:
   friend class Worker;

@@ -73,7 +73,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   using Out = std::variant<std::string, Ping, CloseFrame>;
 
   void Resolve() {
-    timer_.expires_after(opts_.handshake_timeout);
+    timer_.expires_after(opts_.connect_timeout + opts_.handshake_timeout);
     timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
       if (!ec && !self->open_)
         self->HardClose("connection to " + self->opts_.url.ToString() + " timed out");
@@ -88,7 +88,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   }
 
   void DoConnect(const tcp::resolver::results_type& r) {
-    beast::get_lowest_layer(ws_).expires_after(opts_.handshake_timeout);
+    beast::get_lowest_layer(ws_).expires_after(opts_.connect_timeout);
     beast::get_lowest_layer(ws_).async_connect(
         r, [self = shared_from_this()](beast::error_code ec, const tcp::endpoint&) {
           if (ec)
@@ -97,6 +97,7 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
           beast::error_code ig;
           beast::get_lowest_layer(self->ws_).socket().set_option(tcp::no_delay(true), ig);
           SetCloseOnExec(beast::get_lowest_layer(self->ws_).socket().native_handle());
+          beast::get_lowest_layer(self->ws_).expires_after(self->opts_.handshake_timeout);
           self->DoTls();
         });
   }

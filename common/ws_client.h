@@ -23,9 +23,14 @@ namespace muster {
 struct ClientOptions {
   WsUrl url;
   std::shared_ptr<boost::asio::ssl::context> tls;
-  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
-  std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
-  std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
+  // Name resolution and TCP connect.
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};
+  // TLS handshake and websocket upgrade, once TCP is up. Long, because a
+  // controller taking in a whole fleet at once (after a restart) queues
+  // connections and handshakes them in turn rather than cutting them.
+  std::chrono::milliseconds handshake_timeout{std::chrono::seconds(60)};
+  std::chrono::milliseconds ping_interval{std::chrono::seconds(50)};
+  std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
   std::size_t max_message_bytes = 1 << 20;
   std::string user_agent = "muster";
 };

@@ -82,6 +82,30 @@ json Api::MachineJson(const MachineRecord& m) {
           {"facts", m.facts}};
 }
 
+Result<GenerationRecord> Api::PreparePublish(const Identity& who, const proto::Request& req) {
+  try {
+    const json& p = req.params;
+    proto::Deploy d;
+    d.manifest.manifest = Need(p, "manifest");
+    d.manifest.signer = Need(p, "signer");
+    d.manifest.signature = Need(p, "signature");
+    d.vars = p.value("vars", std::string());
+    return fleet_.ValidateDeploy(who.name, d);
+  } catch (const std::exception& e) {
+    return Err(req.method + ": " + e.what());
+  }
+}
+
+proto::Response Api::PublishAnswer(const Identity& who, std::uint64_t id,
+                                   const Result<GenerationRecord>& g) {
+  if (!g) return Fail(id, g.message());
+  spdlog::info("operator {} published {} generation {} ({})", who.name, g->machine, g->generation,
+               g->toplevel);
+  return Ok(id, {{"machine", g->machine},
+                 {"generation", g->generation},
+                 {"online", fleet_.IsOnline(g->machine)}});
+}
+
 proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
   const json& p = req.params;
   try {
@@ -160,18 +184,11 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
                          {"maxGeneration", fleet_.store().MaxGeneration(name)}});
     }
     if (req.method == "publish") {
-      proto::Deploy d;
-      d.manifest.manifest = Need(p, "manifest");
-      d.manifest.signer = Need(p, "signer");
-      d.manifest.signature = Need(p, "signature");
-      d.vars = p.value("vars", std::string());
-      auto g = fleet_.Publish(who.name, d);
-      if (!g) return Fail(req.id, g.message());
-      spdlog::info("operator {} published {} generation {} ({})", who.name, g->machine,
-                   g->generation, g->toplevel);
-      return Ok(req.id, {{"machine", g->machine},
-                         {"generation", g->generation},
-                         {"online", fleet_.IsOnline(g->machine)}});
+      auto g = PreparePublish(who, req);
+      if (g) {
+        if (auto st = fleet_.CommitPublishes({{who.name, *g}}).front(); !st) g = st.error();
+      }
+      return PublishAnswer(who, req.id, g);
     }
     if (req.method == "history") {
       std::string name = Need(p, "machine");

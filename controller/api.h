@@ -40,6 +40,12 @@ class Api {
   explicit Api(Fleet& fleet, RolloutManager* rollouts = nullptr)
       : fleet_(fleet), rollouts_(rollouts) {}
   proto::Response Handle(const Identity& who, const proto::Request& req);
+  // A 'publish' request in two steps, so that the server can group-commit
+  // pipelined publishes: the checks (signature, numbers, size), then the
+  // answer for what Fleet::CommitPublishes did with the record.
+  Result<GenerationRecord> PreparePublish(const Identity& who, const proto::Request& req);
+  proto::Response PublishAnswer(const Identity& who, std::uint64_t id,
+                                const Result<GenerationRecord>& stored);
   // Serves cache.* requests from cache (unset: they are refused).
   void SetCache(CacheService* cache) { cache_ = cache; }
 

@@ -256,6 +256,7 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
       writes.empty() ? std::vector<Status>() : store_.RecordStatuses(writes);
   std::vector<Result<std::string>> out;
   out.reserve(reports.size());
+  std::vector<StatusNote> notes;
   std::size_t k = 0;
   for (const auto& [machine, r] : reports) {
     auto ph = ParsePhase(r.phase);
@@ -267,7 +268,11 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     if (!stored[k]) spdlog::error("{}: {}", machine, stored[k].message());
     ++k;
     out.push_back(AfterStatus(machine, r, *ph, ev));
+    notes.push_back({machine, r.generation, r.phase, ev.detail});
   }
+  // After the status events, so that watchers see the phases before their
+  // effect; one call for the batch, so that a wave's reports cost one commit.
+  if (observer_ && !notes.empty()) observer_->OnStatuses(notes);
   return out;
 }
 
@@ -289,8 +294,6 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
                        {"detail", ev.detail},
                        {"rebootRequired", r.reboot_required},
                        {"at", ev.at}});
-  // After the status event, so that watchers see the phase before its effect.
-  if (observer_) observer_->OnStatus(machine, r.generation, r.phase, ev.detail);
   return proto::Encode(proto::Ack{r.seq});
 }
 
@@ -567,25 +570,36 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
 Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const proto::Deploy& d) {
   auto v = ValidateDeploy(operator_name, d);
   if (!v) return v.error();
-  GenerationRecord g = std::move(*v);
-  if (auto st = store_.AddGeneration(g); !st) return st.error();  // durable from here on
+  if (auto st = CommitPublishes({{operator_name, *v}}).front(); !st) return st.error();
+  return v;
+}
 
-  std::shared_ptr<AgentChannel> ch;
-  {
-    std::lock_guard lock(mu_);
-    ++counters_.publishes;
-    auto it = online_.find(g.machine);
-    if (it != online_.end()) ch = it->second.lock();
-    if (ch) ++counters_.deploys_sent;
+std::vector<Status> Fleet::CommitPublishes(
+    const std::vector<std::pair<std::string, GenerationRecord>>& items) {
+  std::vector<GenerationRecord> gens;
+  gens.reserve(items.size());
+  for (const auto& [op, g] : items) gens.push_back(g);
+  std::vector<Status> stored = store_.AddGenerations(gens);  // durable from here on
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (!stored[i]) continue;
+    const auto& [operator_name, g] = items[i];
+    std::shared_ptr<AgentChannel> ch;
+    {
+      std::lock_guard lock(mu_);
+      ++counters_.publishes;
+      auto it = online_.find(g.machine);
+      if (it != online_.end()) ch = it->second.lock();
+      if (ch) ++counters_.deploys_sent;
+    }
+    if (ch) ch->Send(DeployText(g));
+    if (observer_) observer_->OnDirectPublish(g.machine, g.generation);
+    Broadcast("publish", {{"machine", g.machine},
+                          {"generation", g.generation},
+                          {"toplevel", g.toplevel},
+                          {"by", operator_name},
+                          {"online", ch != nullptr}});
   }
-  if (ch) ch->Send(DeployText(g));
-  if (observer_) observer_->OnDirectPublish(g.machine, g.generation);
-  Broadcast("publish", {{"machine", g.machine},
-                        {"generation", g.generation},
-                        {"toplevel", g.toplevel},
-                        {"by", operator_name},
-                        {"online", ch != nullptr}});
-  return g;
+  return stored;
 }
 
 Status Fleet::RevokeMachine(const std::string& name) {
@@ -658,17 +672,25 @@ Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std
 
 Status Fleet::Release(const std::string& machine, std::int64_t generation) {
   if (auto st = store_.ReleaseGeneration(machine, generation); !st) return st;
-  auto g = store_.GetGeneration(machine, generation);
-  if (!g) return Err("generation vanished");
+  Push(machine, generation);
+  return Status::Ok();
+}
+
+void Fleet::Push(const std::string& machine, std::int64_t generation) {
   std::shared_ptr<AgentChannel> ch;
   {
     std::lock_guard lock(mu_);
     auto it = online_.find(machine);
     if (it != online_.end()) ch = it->second.lock();
-    if (ch) ++counters_.deploys_sent;
   }
-  if (ch) ch->Send(DeployText(*g));
-  return Status::Ok();
+  if (!ch) return;  // offline: the welcome carries it when it connects
+  auto g = store_.GetGeneration(machine, generation);
+  if (!g) return;
+  {
+    std::lock_guard lock(mu_);
+    ++counters_.deploys_sent;
+  }
+  ch->Send(DeployText(*g));
 }
 
 void Fleet::Subscribe(std::shared_ptr<EventSink> sink) {

@@ -45,11 +45,22 @@ class EventSink {
 enum class Role { kNone, kMachine, kOperator, kEnrollee };
 
 // Told about agent progress (the rollout manager). Called without Fleet locks.
+struct StatusNote {
+  std::string machine;
+  std::int64_t generation = 0;
+  std::string phase;
+  std::string detail;
+};
+
 class FleetObserver {
  public:
   virtual ~FleetObserver() = default;
   virtual void OnStatus(const std::string& machine, std::int64_t generation,
                         const std::string& phase, const std::string& detail) = 0;
+  // The reports of one group commit, in order (by default one by one).
+  virtual void OnStatuses(const std::vector<StatusNote>& notes) {
+    for (const auto& n : notes) OnStatus(n.machine, n.generation, n.phase, n.detail);
+  }
   virtual void OnOnline(const std::string& machine) = 0;
   virtual void OnDirectPublish(const std::string& machine, std::int64_t generation) = 0;
 };
@@ -185,6 +196,8 @@ class Fleet {
 
   // Marks a held-back generation released and pushes it if the agent is online.
   Status Release(const std::string& machine, std::int64_t generation);
+  // Pushes an already released generation to the agent if it is online.
+  void Push(const std::string& machine, std::int64_t generation);
   void SetObserver(FleetObserver* o) { observer_ = o; }
 
   // Validates and stores a signed generation, then pushes it to the machine if
@@ -192,6 +205,10 @@ class Fleet {
   Result<GenerationRecord> Publish(const std::string& operator_name, const proto::Deploy& d);
   // Publish's checks without storing anything.
   Result<GenerationRecord> ValidateDeploy(const std::string& operator_name, const proto::Deploy& d);
+  // Stores validated generations (operator name, record) in one group commit,
+  // then pushes each to its machine if connected; one result per item.
+  std::vector<Status> CommitPublishes(
+      const std::vector<std::pair<std::string, GenerationRecord>>& items);
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);

@@ -242,10 +242,12 @@ struct RunConfig {
   std::string metrics_listen;
   int threads = 0;
   int handshake_timeout = 10;
-  int ping_interval = 30;
-  int idle_timeout = 90;
+  int ping_interval = 60;
+  int idle_timeout = 150;
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
-  std::size_t max_handshakes = 1024;
+  std::size_t max_handshakes = 256;
+  std::size_t max_waiting = 65536;
+  int admission_timeout = 120;
   std::string log_level = "info";
   StoreLimits store;    // per-machine bounds on logs and events
   SessionLimits agent;  // per-session message and byte rates
@@ -273,6 +275,8 @@ Status CheckRunConfig(const RunConfig& c) {
   if (c.handshake_timeout <= 0) return Err("--handshake-timeout must be positive");
   if (c.max_message_bytes < 4096) return Err("--max-message-bytes must be at least 4096");
   if (c.max_handshakes < 1) return Err("--max-handshakes must be at least 1");
+  if (c.max_waiting < 1) return Err("--max-waiting must be at least 1");
+  if (c.admission_timeout < 1) return Err("--admission-timeout must be at least 1 second");
   if (auto st = CheckStoreLimits(c.store); !st) return st;
   if (c.agent.messages_per_second < 1) {
     return Err("--agent-messages-per-second must be at least 1");
@@ -310,6 +314,10 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.idle_timeout = v.get<int>();
       } else if (k == "maxHandshakes") {
         c.max_handshakes = v.get<std::size_t>();
+      } else if (k == "maxWaiting") {
+        c.max_waiting = v.get<std::size_t>();
+      } else if (k == "admissionTimeout") {
+        c.admission_timeout = v.get<int>();
       } else if (k == "maxMessageBytes") {
         c.max_message_bytes = v.get<std::size_t>();
       } else if (k == "logLevel") {
@@ -390,6 +398,8 @@ int Run(const Paths& p, const RunConfig& c) {
   so.idle_timeout = std::chrono::seconds(c.idle_timeout);
   so.max_message_bytes = c.max_message_bytes;
   so.max_handshakes = c.max_handshakes;
+  so.max_waiting = c.max_waiting;
+  so.admission_timeout = std::chrono::seconds(c.admission_timeout);
   so.agent_limits = c.agent;
   so.log_queue.max_queued_lines = c.log_queue_lines;
   so.cache = &cache;
@@ -485,7 +495,13 @@ int main(int argc, char** argv) {
                   "are refused (agents' maxMessageBytes must be at least this)")
       ->capture_default_str();
   run->add_option("--max-handshakes", rc.max_handshakes,
-                  "connections allowed in their handshake at once; the oldest is cut beyond")
+                  "TLS handshakes processed at once; further connections wait their turn")
+      ->capture_default_str();
+  run->add_option("--max-waiting", rc.max_waiting,
+                  "connections waiting for a handshake slot; beyond, new ones are refused")
+      ->capture_default_str();
+  run->add_option("--admission-timeout", rc.admission_timeout,
+                  "seconds a connection may wait for a handshake slot")
       ->capture_default_str();
   run->add_option("--log-level", rc.log_level)->capture_default_str();
   run->add_option("--max-log-bytes-per-machine", rc.store.log_bytes_per_machine,
@@ -567,6 +583,9 @@ int main(int argc, char** argv) {
       merged.max_message_bytes = rc.max_message_bytes;
     if (run->count("--max-handshakes") || config_file.empty())
       merged.max_handshakes = rc.max_handshakes;
+    if (run->count("--max-waiting") || config_file.empty()) merged.max_waiting = rc.max_waiting;
+    if (run->count("--admission-timeout") || config_file.empty())
+      merged.admission_timeout = rc.admission_timeout;
     if (run->count("--log-level") || config_file.empty()) merged.log_level = rc.log_level;
     auto flag = [&](const char* name) { return run->count(name) > 0 || config_file.empty(); };
     if (flag("--max-log-bytes-per-machine"))

@@ -41,6 +41,9 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
     << "# HELP muster_sessions_open Open sessions, authenticated or not.\n"
     << "# TYPE muster_sessions_open gauge\n"
     << "muster_sessions_open " << stats.sessions_open.load() << "\n"
+    << "# HELP muster_admission_waits_total Connections that waited for a handshake slot.\n"
+    << "# TYPE muster_admission_waits_total counter\n"
+    << "muster_admission_waits_total " << stats.admission_waits.load() << "\n"
     << "# HELP muster_refusals_total Connections refused or closed, by reason.\n"
     << "# TYPE muster_refusals_total counter\n";
   {

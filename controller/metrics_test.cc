@@ -32,6 +32,7 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
   stats.connections = 7;
   stats.handshakes_ok = 5;
   stats.sessions_open = 2;
+  stats.admission_waits = 4;
   stats.Refuse("unknown-key");
   stats.Refuse("unknown-key");
   stats.Refuse("bad-message");
@@ -58,6 +59,7 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
       {"muster_connections_total", "counter", {"muster_connections_total 7"}},
       {"muster_handshakes_total", "counter", {"muster_handshakes_total 5"}},
       {"muster_sessions_open", "gauge", {"muster_sessions_open 2"}},
+      {"muster_admission_waits_total", "counter", {"muster_admission_waits_total 4"}},
       {"muster_refusals_total",
        "counter",
        {"muster_refusals_total{reason=\"unknown-key\"} 2",
@@ -98,10 +100,10 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  // 13 fleet and server samples, 6 log and pacing samples, 2
+  // 14 fleet and server samples, 6 log and pacing samples, 2
   // enrolment/revocation counters, 13 histogram lines (10 buckets, +Inf, sum,
   // count); no rollouts yet.
-  EXPECT_EQ(samples, 34);
+  EXPECT_EQ(samples, 35);
   EXPECT_EQ(text.back(), '\n');
 }
 

@@ -160,18 +160,29 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
   }
   auto res = Schedule(r, *items, [&](const std::string& m) { return fleet_.IsOnline(m); });
   std::int64_t now = fleet_.Now();
-  for (int pos : res.release) {
-    auto& it = (*items)[static_cast<std::size_t>(pos)];
-    if (auto st = fleet_.Release(it.machine, it.generation); !st) {
-      spdlog::error("rollout {}: cannot release {} generation {}: {}", id, it.machine,
-                    it.generation, st.message());
-      continue;
+  if (!res.release.empty()) {
+    // The whole wave in one durable transaction, then pushed: memory changes
+    // only once the store has it.
+    std::vector<RolloutItemRecord> wave;
+    wave.reserve(res.release.size());
+    for (int pos : res.release) {
+      RolloutItemRecord it = (*items)[static_cast<std::size_t>(pos)];
+      it.state = "released";
+      it.detail = it.stage == 0 ? "released (canary)" : "released";
+      it.updated_at = now;
+      wave.push_back(std::move(it));
     }
-    it.state = "released";
-    it.detail = it.stage == 0 ? "released (canary)" : "released";
-    it.updated_at = now;
-    (void)store_.UpdateRolloutItem(it);
-    changed.push_back(pos);
+    if (auto st = store_.ReleaseRolloutItems(wave); !st) {
+      spdlog::error("rollout {}: cannot release {} machine(s): {}", id, wave.size(),
+                    st.message());
+      res.release.clear();
+    } else {
+      for (auto& it : wave) {
+        fleet_.Push(it.machine, it.generation);
+        changed.push_back(it.position);
+        (*items)[static_cast<std::size_t>(it.position)] = std::move(it);
+      }
+    }
   }
   bool reindex = false;
   if (res.state != r.state || res.detail != r.detail) {
@@ -193,25 +204,48 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
 
 void RolloutManager::OnStatus(const std::string& machine, std::int64_t generation,
                               const std::string& phase, const std::string& detail) {
+  OnStatuses({{machine, generation, phase, detail}});
+}
+
+void RolloutManager::OnStatuses(const std::vector<StatusNote>& notes) {
   // Only a final report changes a rollout; intermediate phases reach watchers
-  // as status events and need no write or re-evaluation here.
-  std::string outcome = ItemOutcome(phase);
-  if (outcome.empty()) return;
+  // as status events and need no write or re-evaluation here. A batch (one
+  // group commit of reports) is stored in one transaction and each rollout it
+  // touches is evaluated once.
   std::lock_guard lock(mu_);
-  auto idx = by_machine_.find(machine);
-  if (idx == by_machine_.end()) return;
-  auto refs = idx->second;  // EvaluateLocked may rebuild the index
-  for (const auto& [id, pos] : refs) {
-    auto a = active_.find(id);
-    if (a == active_.end()) continue;
-    auto& it = a->second.items[static_cast<std::size_t>(pos)];
-    if (it.generation != generation || Final(it.state)) continue;
-    it.state = outcome;
-    it.detail = phase + (detail.empty() ? "" : ": " + detail);
-    it.updated_at = fleet_.Now();
-    (void)store_.UpdateRolloutItem(it);
-    EvaluateLocked(id, {pos});
+  std::vector<RolloutItemRecord> updates;
+  std::map<std::string, std::vector<int>> touched;  // rollout → positions
+  std::int64_t now = fleet_.Now();
+  for (const auto& n : notes) {
+    std::string outcome = ItemOutcome(n.phase);
+    if (outcome.empty()) continue;
+    auto idx = by_machine_.find(n.machine);
+    if (idx == by_machine_.end()) continue;
+    for (const auto& [id, pos] : idx->second) {
+      auto a = active_.find(id);
+      if (a == active_.end()) continue;
+      const auto& it = a->second.items[static_cast<std::size_t>(pos)];
+      if (it.generation != n.generation || Final(it.state)) continue;
+      RolloutItemRecord u = it;
+      u.state = outcome;
+      u.detail = n.phase + (n.detail.empty() ? "" : ": " + n.detail);
+      u.updated_at = now;
+      updates.push_back(std::move(u));
+      touched[id].push_back(pos);
+    }
   }
+  if (updates.empty()) return;
+  if (auto st = store_.UpdateRolloutItems(updates); !st) {
+    // Kept in memory only after the store has it; the next report or a
+    // restart re-evaluates from what is stored.
+    spdlog::error("rollouts: cannot record {} final report(s): {}", updates.size(), st.message());
+    return;
+  }
+  for (auto& u : updates) {
+    auto a = active_.find(u.rollout);
+    if (a != active_.end()) a->second.items[static_cast<std::size_t>(u.position)] = std::move(u);
+  }
+  for (auto& [id, positions] : touched) EvaluateLocked(id, std::move(positions));
 }
 
 void RolloutManager::OnOnline(const std::string& machine) {

@@ -65,6 +65,7 @@ class RolloutManager : public FleetObserver {
   // FleetObserver
   void OnStatus(const std::string& machine, std::int64_t generation, const std::string& phase,
                 const std::string& detail) override;
+  void OnStatuses(const std::vector<StatusNote>& notes) override;
   void OnOnline(const std::string& machine) override;
   void OnDirectPublish(const std::string& machine, std::int64_t generation) override;
 

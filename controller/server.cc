@@ -13,15 +13,14 @@
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket.hpp>
-#include <boost/beast/websocket/ssl.hpp>
 #include <spdlog/spdlog.h>
 
 #include "common/process.h"
 #include "common/protocol.h"
 #include "common/tls.h"
 #include "common/utf8.h"
+#include "controller/tls_stream.h"
 
 namespace muster {
 
@@ -34,7 +33,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-using WsStream = websocket::stream<beast::ssl_stream<beast::tcp_stream>>;
+using WsStream = websocket::stream<TlsStream>;  // tls_stream.h: no per-connection buffers
 
 class Session;
 
@@ -47,14 +46,32 @@ class StoreWriter {
  public:
   using HelloDone = std::function<void(Result<std::vector<std::string>>)>;
   using StatusDone = std::function<void(Result<std::string>)>;
+  using PublishDone = std::function<void(Result<GenerationRecord>)>;
   explicit StoreWriter(Fleet& fleet) : fleet_(fleet) {}
   ~StoreWriter() { Stop(); }
 
   void SubmitHello(Fleet::HelloRequest request, HelloDone done) {
-    Push(Item{std::move(request), {}, std::move(done), {}});
+    Item it;
+    it.hello = std::move(request);
+    it.hello_done = std::move(done);
+    Push(std::move(it));
   }
   void SubmitStatus(std::string machine, proto::StatusReport report, StatusDone done) {
-    Push(Item{{std::move(machine), {}, {}}, std::move(report), {}, std::move(done)});
+    Item it;
+    it.hello.machine = std::move(machine);
+    it.report = std::move(report);
+    it.status_done = std::move(done);
+    Push(std::move(it));
+  }
+  // A publish checked by Api::PreparePublish (an error passes through, in
+  // order with the operator's other publishes).
+  void SubmitPublish(std::string operator_name, Result<GenerationRecord> prepared,
+                     PublishDone done) {
+    Item it;
+    it.hello.machine = std::move(operator_name);
+    it.publish = std::move(prepared);
+    it.publish_done = std::move(done);
+    Push(std::move(it));
   }
 
   // Joins the thread; what is still queued is dropped (never answered).
@@ -73,6 +90,8 @@ class StoreWriter {
     proto::StatusReport report;
     HelloDone hello_done;       // set for a hello
     StatusDone status_done;     // set for a status report
+    Result<GenerationRecord> publish = Err("");  // a publish: hello.machine is the operator
+    PublishDone publish_done;                    // set for a publish
   };
   static constexpr std::size_t kMaxBatch = 4096;
 
@@ -98,18 +117,23 @@ class StoreWriter {
       }
       std::vector<Fleet::HelloRequest> hellos;
       std::vector<std::pair<std::string, proto::StatusReport>> reports;
+      std::vector<std::pair<std::string, GenerationRecord>> publishes;
       for (auto& it : batch) {
         if (it.hello_done) {
           hellos.push_back(std::move(it.hello));
+        } else if (it.publish_done) {
+          if (it.publish) publishes.emplace_back(it.hello.machine, *it.publish);
         } else {
           reports.emplace_back(std::move(it.hello.machine), std::move(it.report));
         }
       }
       decltype(fleet_.AgentHellos(hellos)) welcomed;
       decltype(fleet_.AgentStatuses(reports)) acked;
+      std::vector<Status> published;
       try {
         if (!hellos.empty()) welcomed = fleet_.AgentHellos(hellos);
         if (!reports.empty()) acked = fleet_.AgentStatuses(reports);
+        if (!publishes.empty()) published = fleet_.CommitPublishes(publishes);
       } catch (const std::exception& e) {
         // Never end the thread (or the process): answer the whole batch with
         // the error, so that each session closes and its agent reconnects.
@@ -120,12 +144,19 @@ class StoreWriter {
         acked.clear();
         for (std::size_t i = 0; i < hellos.size(); ++i) welcomed.emplace_back(Err(why));
         for (std::size_t i = 0; i < reports.size(); ++i) acked.emplace_back(Err(why));
+        published.assign(publishes.size(), Status(Err(why)));
       }
-      std::size_t h = 0, r = 0;
+      std::size_t h = 0, r = 0, q = 0;
       for (auto& it : batch) {
         try {
           if (it.hello_done) {
             it.hello_done(std::move(welcomed[h++]));
+          } else if (it.publish_done) {
+            if (it.publish) {
+              const Status& st = published[q++];
+              if (!st) it.publish = st.error();
+            }
+            it.publish_done(std::move(it.publish));
           } else {
             it.status_done(std::move(acked[r++]));
           }
@@ -160,11 +191,15 @@ struct Shared {
   std::shared_ptr<asio::ssl::context> tls;
   ServerOptions options;
   std::shared_ptr<ServerStats> stats;
-  // Sessions still in their handshake, oldest first. Past the cap the oldest
-  // is cut: a flood of stalled handshakes cannot hold unbounded memory, and a
-  // real agent (whose handshake takes milliseconds) is never the oldest.
-  std::mutex handshaking_mu;
-  std::list<std::weak_ptr<Session>> handshaking;
+  // Admission: at most options.max_handshakes connections go through their
+  // TLS handshake at once; the others wait their turn, first come first
+  // served, holding only a socket (no TLS or websocket state). A fleet that
+  // reconnects all at once (controller restart) is then taken in at the rate
+  // the CPU does handshakes, instead of being cut and pushed onto backoffs.
+  std::mutex admission_mu;
+  std::list<std::weak_ptr<Session>> holders;  // in their handshake, oldest grant first
+  std::deque<std::weak_ptr<Session>> waiting;
+  double handshake_ewma_ms = 50;  // recent successful handshakes, grant to ready
   StoreWriter store_writer;
   LogWriter log_writer;  // agents' log lines, off the I/O threads
 };
@@ -193,6 +228,7 @@ class Session : public std::enable_shared_from_this<Session>,
         ex_(socket.get_executor()),
         raw_(std::move(socket)),
         timer_(ex_),
+        hs_timer_(ex_),
         pause_timer_(ex_) {
     peer_ = Endpoint(raw_);
     ++shared_->stats->sessions_open;
@@ -207,13 +243,6 @@ class Session : public std::enable_shared_from_this<Session>,
     asio::dispatch(ex_, [self = shared_from_this()] { self->WaitForBytes(); });
   }
 
-  // Cut by the handshake cap (see Shared::handshaking).
-  void Evict() {
-    asio::post(ex_, [self = shared_from_this()] {
-      self->shared_->stats->Refuse("handshake-evicted");
-      self->Abort();
-    });
-  }
 
   // AgentChannel / EventSink: thread-safe, post onto the strand.
   void Send(std::string text) override {
@@ -231,49 +260,145 @@ class Session : public std::enable_shared_from_this<Session>,
   const ServerOptions& opts() const { return shared_->options; }
 
   // The TLS and websocket machinery (~90 KiB) is built only once the peer has
-  // sent something: a connection that stalls in TCP costs a socket and a timer.
+  // sent something and a handshake slot is free: a connection that stalls in
+  // TCP or waits its turn costs a socket and a timer. Silent connections are
+  // cut at handshake_timeout; one that has sent its first bytes waits for a
+  // slot up to admission_timeout; the handshake timeout then runs again from
+  // the slot's grant.
   void WaitForBytes() {
-    handshake_deadline_ = Clock::now() + opts().handshake_timeout;
-    EnterHandshake();
-    timer_.expires_at(handshake_deadline_);
+    timer_.expires_after(opts().handshake_timeout);
     timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
-      if (ec || self->ws_) return;
+      if (ec || self->ws_ || self->closed_ || self->got_bytes_) return;
       self->shared_->stats->Refuse("handshake-timeout");
       beast::error_code ig;
       self->raw_.close(ig);
     });
     raw_.async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
       if (ec || !self->raw_.is_open() || self->closed_) return self->End();
+      self->got_bytes_ = true;
       self->timer_.cancel();
-      self->ws_.emplace(std::move(self->raw_), *self->shared_->tls);
-      self->StartTls();
+      self->RequestSlot();
     });
   }
 
-  void EnterHandshake() {
+  void RequestSlot() {
+    bool granted = false, full = false, queued = false;
     std::shared_ptr<Session> evict;
     {
-      std::lock_guard lock(shared_->handshaking_mu);
-      auto& list = shared_->handshaking;
-      hs_it_ = list.insert(list.end(), shared_from_this());
-      in_handshake_ = true;
-      if (list.size() > shared_->options.max_handshakes) {
-        evict = list.front().lock();
+      std::lock_guard lock(shared_->admission_mu);
+      auto& a = *shared_;
+      if (a.holders.size() < opts().max_handshakes) {
+        GrantLocked();
+        granted = true;
+      } else if (a.waiting.size() >= opts().max_waiting) {
+        full = true;
+      } else {
+        a.waiting.push_back(weak_from_this());
+        queued_ = queued = true;
+        ++a.stats->admission_waits;
+        // All slots busy: the longest holder is cut if it has taken far
+        // longer than handshakes do now (a stalled peer); its slot goes to
+        // the longest waiter. In a storm every holder is young, so nobody
+        // is cut and the queue drains at the handshake rate.
+        auto oldest = a.holders.front().lock();
+        auto min_age = std::chrono::duration_cast<Clock::duration>(std::clamp(
+            std::chrono::milliseconds(static_cast<std::int64_t>(4 * a.handshake_ewma_ms)),
+            std::chrono::milliseconds(500), opts().handshake_timeout));
+        if (oldest && Clock::now() - oldest->granted_at_ > min_age) {
+          evict = oldest;
+          oldest->ReleaseSlotLocked();
+        }
       }
     }
-    if (evict) evict->Evict();
+    if (evict) {
+      asio::post(evict->ex_, [evict] {
+        evict->shared_->stats->Refuse("handshake-evicted");
+        evict->Abort();
+      });
+    }
+    if (granted) return BeginHandshake();
+    if (full) {
+      shared_->stats->Refuse("admission-full");
+      beast::error_code ig;
+      raw_.close(ig);
+      return End();
+    }
+    if (queued) ArmAdmissionTimer();
   }
 
-  void LeaveHandshake() {
-    std::lock_guard lock(shared_->handshaking_mu);
+  // While queued, this timer keeps the session alive; BeginHandshake (posted
+  // when a slot is granted) cancels it.
+  void ArmAdmissionTimer() {
+    timer_.expires_after(opts().admission_timeout);
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->ws_ || self->closed_) return;
+      self->shared_->stats->Refuse("admission-timeout");
+      beast::error_code ig;
+      self->raw_.close(ig);
+      self->End();
+    });
+  }
+
+  // Under admission_mu: takes a slot for this session.
+  void GrantLocked() {
+    auto& h = shared_->holders;
+    hs_it_ = h.insert(h.end(), weak_from_this());
+    in_handshake_ = true;
+    queued_ = false;
+    granted_at_ = Clock::now();
+  }
+
+  // Under admission_mu: gives the slot back and hands free slots to the
+  // longest-waiting live sessions (their BeginHandshake is posted).
+  void ReleaseSlotLocked() {
+    auto& a = *shared_;
+    if (in_handshake_) {
+      a.holders.erase(hs_it_);
+      in_handshake_ = false;
+    }
+    while (!a.waiting.empty() && a.holders.size() < opts().max_handshakes) {
+      auto s = a.waiting.front().lock();
+      a.waiting.pop_front();
+      if (!s) continue;
+      s->GrantLocked();
+      asio::post(s->ex_, [s] { s->BeginHandshake(); });
+    }
+  }
+
+  // On the session's strand, holding a slot.
+  void BeginHandshake() {
+    if (closed_ || !raw_.is_open()) {
+      LeaveHandshake();  // gone while it waited: the slot goes to the next
+      return End();
+    }
+    timer_.cancel();
+    handshake_deadline_ = Clock::now() + opts().handshake_timeout;
+    ws_.emplace(std::move(raw_), *shared_->tls);
+    StartTls();
+  }
+
+  // The handshake ended (ok: the peer is authenticated and ready); the slot
+  // is released. Successful durations feed the eviction threshold.
+  void LeaveHandshake(bool ok = false) {
+    std::lock_guard lock(shared_->admission_mu);
     if (!in_handshake_) return;
-    shared_->handshaking.erase(hs_it_);
-    in_handshake_ = false;
+    if (ok) {
+      double ms = std::chrono::duration<double, std::milli>(Clock::now() - granted_at_).count();
+      shared_->handshake_ewma_ms = 0.95 * shared_->handshake_ewma_ms + 0.05 * ms;
+    }
+    ReleaseSlotLocked();
   }
 
   void StartTls() {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(handshake_deadline_ - Clock::now());
-    beast::get_lowest_layer(*ws_).expires_after(std::max(left, std::chrono::milliseconds(1)));
+    // TLS, upgrade and (agents) the hello must be done by the deadline; the
+    // socket is closed then, which aborts whatever step is waiting.
+    hs_timer_.expires_at(handshake_deadline_);
+    hs_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->authenticated_ || self->closed_) return;
+      self->timed_out_ = true;
+      beast::error_code ig;
+      beast::get_lowest_layer(*self->ws_).close(ig);
+    });
     ws_->next_layer().async_handshake(
         asio::ssl::stream_base::server,
         [self = shared_from_this()](beast::error_code ec) { self->OnTls(ec); });
@@ -285,7 +410,7 @@ class Session : public std::enable_shared_from_this<Session>,
       if (!why.empty()) {
         shared_->stats->Refuse("unregistered-key");
         spdlog::warn("{}: refused during TLS handshake: {}", peer_, why);
-      } else if (ec == beast::error::timeout) {
+      } else if (timed_out_) {
         shared_->stats->Refuse("handshake-timeout");
         spdlog::debug("{}: TLS handshake timed out", peer_);
       } else {
@@ -314,7 +439,7 @@ class Session : public std::enable_shared_from_this<Session>,
 
   void OnUpgradeRequest(beast::error_code ec) {
     if (ec) {
-      shared_->stats->Refuse(ec == beast::error::timeout ? "handshake-timeout" : "bad-upgrade");
+      shared_->stats->Refuse(timed_out_ ? "handshake-timeout" : "bad-upgrade");
       spdlog::info("{} ({}): no valid websocket upgrade: {}", peer_, who_.name, ec.message());
       return;
     }
@@ -332,7 +457,8 @@ class Session : public std::enable_shared_from_this<Session>,
       res->prepare_payload();
       http::async_write(ws_->next_layer(), *res,
                         [self = shared_from_this(), res](beast::error_code, std::size_t) {
-                          beast::get_lowest_layer(*self->ws_).close();
+                          beast::error_code ig;
+                          beast::get_lowest_layer(*self->ws_).close(ig);
                         });
       return;
     }
@@ -377,8 +503,8 @@ class Session : public std::enable_shared_from_this<Session>,
     // stays armed until then. Operators are ready at once.
     if (who_.role == Role::kOperator) {
       authenticated_ = true;
-      beast::get_lowest_layer(*ws_).expires_never();
-      LeaveHandshake();
+      hs_timer_.cancel();
+      LeaveHandshake(true);
       ++shared_->stats->handshakes_ok;
       shared_->fleet.OperatorConnected(who_.name,
                                        std::static_pointer_cast<AgentChannel>(shared_from_this()));
@@ -592,8 +718,8 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!out) return Refuse("bad-hello", out.message());
     authenticated_ = true;
     registered_ = true;
-    LeaveHandshake();
-    beast::get_lowest_layer(*ws_).expires_never();
+    LeaveHandshake(true);
+    hs_timer_.cancel();
     ++shared_->stats->handshakes_ok;
     spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
                  generation, ForLog(phase, 32));
@@ -612,6 +738,13 @@ class Session : public std::enable_shared_from_this<Session>,
       Refuse("operator-removed", "operator '" + who_.name + "' was removed; its key is refused");
       return false;
     }
+    if (publishes_pending_ > 0 && req->method != "publish") {
+      // Anything else waits until the publishes before it are answered: it
+      // may read what they stored.
+      deferred_ = *req;
+      read_held_ = true;
+      return false;
+    }
     if (req->method == "subscribe") {
       if (!subscribed_) {
         subscribed_ = true;
@@ -622,8 +755,43 @@ class Session : public std::enable_shared_from_this<Session>,
       Queue(proto::Encode(r));
       return true;
     }
+    if (req->method == "publish") {
+      // Pipelined: checked here, committed with whatever else is queued for
+      // the store (one fsync for many), answered in order; the session reads
+      // on meanwhile, up to kMaxPipelinedPublishes.
+      ++publishes_pending_;
+      shared_->store_writer.SubmitPublish(
+          who_.name, shared_->api.PreparePublish(who_, *req),
+          [self = shared_from_this(), id = req->id](Result<GenerationRecord> g) mutable {
+            asio::post(self->ex_, [self, id, g = std::move(g)]() { self->OnPublished(id, g); });
+          });
+      if (publishes_pending_ >= kMaxPipelinedPublishes) {
+        read_held_ = true;
+        return false;
+      }
+      return true;
+    }
     Queue(proto::Encode(shared_->api.Handle(who_, *req)));
     return true;
+  }
+
+  void OnPublished(std::uint64_t id, const Result<GenerationRecord>& g) {
+    --publishes_pending_;
+    if (closed_) return;
+    Queue(proto::Encode(shared_->api.PublishAnswer(who_, id, g)));
+    if (!read_held_) return;
+    if (deferred_) {
+      if (publishes_pending_ > 0) return;
+      proto::Message m = std::move(*deferred_);
+      deferred_.reset();
+      read_held_ = false;
+      if (HandleOperator(m) && !closed_) ReadNext();
+      return;
+    }
+    if (publishes_pending_ < kMaxPipelinedPublishes) {
+      read_held_ = false;
+      ReadNext();
+    }
   }
 
   // Sends an error message explaining why, then closes.
@@ -716,7 +884,7 @@ class Session : public std::enable_shared_from_this<Session>,
   // Hard close: cancels everything outstanding.
   void Abort() {
     beast::error_code ec;
-    tcp::socket& sock = ws_ ? beast::get_lowest_layer(*ws_).socket() : raw_;
+    tcp::socket& sock = ws_ ? beast::get_lowest_layer(*ws_) : raw_;
     sock.shutdown(tcp::socket::shutdown_both, ec);
     sock.close(ec);
     End();
@@ -727,6 +895,7 @@ class Session : public std::enable_shared_from_this<Session>,
     closed_ = true;
     LeaveHandshake();
     timer_.cancel();
+    hs_timer_.cancel();
     pause_timer_.cancel();
     // A write in flight still reads the front element; OnWrite drops it.
     if (writing_ && !outbox_.empty()) {
@@ -746,14 +915,19 @@ class Session : public std::enable_shared_from_this<Session>,
   tcp::socket raw_;           // until the peer sends its first bytes
   std::optional<WsStream> ws_;
   asio::steady_timer timer_;
+  asio::steady_timer hs_timer_;            // the handshake deadline (StartTls)
   asio::steady_timer pause_timer_;         // ReadNext's wait
   std::optional<SessionLimiter> limiter_;  // agents only
   std::shared_ptr<LogSource> log_source_;  // agents only
   bool paused_ = false;
   bool warned_pace_ = false;
   Clock::time_point handshake_deadline_;
-  std::list<std::weak_ptr<Session>>::iterator hs_it_;
+  // Admission (under Shared::admission_mu): holds a slot, or waits for one.
   bool in_handshake_ = false;
+  bool queued_ = false;
+  bool got_bytes_ = false;  // strand-local
+  std::list<std::weak_ptr<Session>>::iterator hs_it_;
+  Clock::time_point granted_at_;
   beast::flat_buffer buffer_;
   http::request<http::string_body> upgrade_;
   std::deque<Out> outbox_;
@@ -762,6 +936,13 @@ class Session : public std::enable_shared_from_this<Session>,
   bool closing_ = false;
   bool closed_ = false;
   bool authenticated_ = false;
+  bool timed_out_ = false;  // the handshake deadline closed the socket
+  // Operators: publishes submitted and not yet answered, a request held back
+  // behind them, and whether reading waits for them.
+  static constexpr int kMaxPipelinedPublishes = 4096;
+  int publishes_pending_ = 0;
+  std::optional<proto::Request> deferred_;
+  bool read_held_ = false;
   bool registered_ = false;
   bool subscribed_ = false;
   Identity who_;

@@ -34,13 +34,18 @@ namespace muster {
 struct ServerOptions {
   std::vector<HostPort> listen;
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
-  std::chrono::milliseconds ping_interval{std::chrono::seconds(30)};
-  std::chrono::milliseconds idle_timeout{std::chrono::seconds(90)};
+  std::chrono::milliseconds ping_interval{std::chrono::seconds(60)};
+  std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
   std::size_t max_message_bytes = 1 << 20;            // agents and enrolment
   std::size_t max_operator_message_bytes = 64u << 20;  // operators (rollouts over many machines)
   std::size_t max_outbox_bytes = 16 << 20;
-  // Connections still in their handshake; past this the oldest is cut.
-  std::size_t max_handshakes = 1024;
+  // TLS handshakes processed at once; further connections wait their turn
+  // (first come, first served) holding only a socket, at most max_waiting of
+  // them for at most admission_timeout each (then they are refused and the
+  // agent backs off). handshake_timeout runs from the start of a handshake.
+  std::size_t max_handshakes = 256;
+  std::size_t max_waiting = 65536;
+  std::chrono::milliseconds admission_timeout{std::chrono::seconds(120)};
   // What one agent session may send; past it, its reads pause (rate_limit.h).
   SessionLimits agent_limits;
   // The queue in front of the log writer thread (log_writer.h).
@@ -54,6 +59,7 @@ struct ServerStats {
   std::atomic<std::uint64_t> connections{0};
   std::atomic<std::uint64_t> handshakes_ok{0};
   std::atomic<std::int64_t> sessions_open{0};
+  std::atomic<std::uint64_t> admission_waits{0};  // connections that waited for a slot
   std::atomic<std::uint64_t> read_pauses{0};  // agent sessions paced by their budget
   LogStats logs;
   std::mutex mu;

@@ -513,6 +513,29 @@ class SqliteStore final : public Store {
     return Exec("COMMIT");
   }
 
+  std::vector<Status> AddGenerations(const std::vector<GenerationRecord>& gens) override {
+    std::lock_guard lock(mu_);
+    std::vector<Status> out;
+    out.reserve(gens.size());
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return std::vector<Status>(gens.size(), st);
+    bool any = false;
+    for (const auto& g : gens) {
+      out.push_back(InsertGenerationLocked(g));  // a refusal writes nothing
+      any |= out.back().ok();
+    }
+    if (!any) {
+      (void)Exec("ROLLBACK");
+      return out;
+    }
+    if (auto st = Exec("COMMIT"); !st) {
+      (void)Exec("ROLLBACK");
+      for (auto& o : out) {
+        if (o) o = st;
+      }
+    }
+    return out;
+  }
+
   // Inside a transaction: refuses a number not above the stored ones.
   Status InsertGenerationLocked(const GenerationRecord& g) {
     Stmt q(db_, "SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = ?");
@@ -612,6 +635,43 @@ class SqliteStore final : public Store {
 
   Status UpdateRolloutItem(const RolloutItemRecord& it) override {
     std::lock_guard lock(mu_);
+    return UpdateItemLocked(it);
+  }
+
+  Status UpdateRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    return InTransaction([&] {
+      for (const auto& it : items) {
+        if (auto st = UpdateItemLocked(it); !st) return st;
+      }
+      return Status::Ok();
+    });
+  }
+
+  Status ReleaseRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    return InTransaction([&] {
+      for (const auto& it : items) {
+        Stmt g(db_, "UPDATE generations SET released = 1 WHERE machine = ? AND generation = ?");
+        g.Bind(1, it.machine).Bind(2, it.generation);
+        if (g.Step() != SQLITE_DONE) return Status(Err("store: " + g.ErrorText()));
+        if (auto st = UpdateItemLocked(it); !st) return st;
+      }
+      return Status::Ok();
+    });
+  }
+
+  // Runs body inside BEGIN IMMEDIATE … COMMIT, rolled back when it fails.
+  template <typename F>
+  Status InTransaction(F&& body) {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    if (auto st = body(); !st) {
+      (void)Exec("ROLLBACK");
+      return st;
+    }
+    return Exec("COMMIT");
+  }
+
+  Status UpdateItemLocked(const RolloutItemRecord& it) {
     Stmt s(db_,
            "UPDATE rollout_items SET state = ?, detail = ?, updated_at = ? WHERE rollout = ? AND "
            "position = ?");

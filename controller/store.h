@@ -172,6 +172,14 @@ class Store {
   // Stores a generation; fails with a message containing "not newer" when a
   // generation >= g.generation exists for the machine.
   virtual Status AddGeneration(const GenerationRecord& g) = 0;
+  // Several generations in one durable transaction (pipelined publishes); one
+  // status per record, in order: one refused (not newer) leaves the others.
+  virtual std::vector<Status> AddGenerations(const std::vector<GenerationRecord>& gens) {
+    std::vector<Status> out;
+    out.reserve(gens.size());
+    for (const auto& g : gens) out.push_back(AddGeneration(g));
+    return out;
+  }
   // The newest released generation (what an agent should run).
   virtual std::optional<GenerationRecord> LatestGeneration(const std::string& machine) = 0;
   // The highest generation number stored, released or not (0 if none).
@@ -183,6 +191,23 @@ class Store {
                                const std::vector<RolloutItemRecord>& items) = 0;
   virtual Status UpdateRollout(const RolloutRecord& r) = 0;
   virtual Status UpdateRolloutItem(const RolloutItemRecord& item) = 0;
+  // Many items in one durable transaction (a wave's final reports).
+  virtual Status UpdateRolloutItems(const std::vector<RolloutItemRecord>& items) {
+    for (const auto& it : items) {
+      if (auto st = UpdateRolloutItem(it); !st) return st;
+    }
+    return Status::Ok();
+  }
+  // Releases rollout items in one durable transaction: each item's generation
+  // is marked released and the item stored as given (a wave of thousands
+  // costs one commit, not two per machine).
+  virtual Status ReleaseRolloutItems(const std::vector<RolloutItemRecord>& items) {
+    for (const auto& it : items) {
+      if (auto st = ReleaseGeneration(it.machine, it.generation); !st) return st;
+      if (auto st = UpdateRolloutItem(it); !st) return st;
+    }
+    return Status::Ok();
+  }
   virtual std::optional<RolloutRecord> GetRollout(const std::string& id) = 0;
   virtual std::vector<RolloutRecord> ListRollouts(int limit) = 0;  // newest first
   virtual std::vector<RolloutItemRecord> ListRolloutItems(const std::string& id) = 0;

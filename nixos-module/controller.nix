@@ -105,12 +105,12 @@ in
           pingInterval = mkOption {
             type = types.nullOr types.ints.positive;
             default = null;
-            description = "Seconds between pings to each agent; null keeps the built-in default (30).";
+            description = "Seconds between pings to each agent; null keeps the built-in default (60; agents ping every 50 s, so idle agents are not pinged).";
           };
           idleTimeout = mkOption {
             type = types.nullOr types.ints.positive;
             default = null;
-            description = "Seconds without a frame after which a connection is dropped; null keeps the built-in default (90).";
+            description = "Seconds without a frame after which a connection is dropped; null keeps the built-in default (150).";
           };
           maxMessageBytes = mkOption {
             type = types.nullOr (types.ints.between 4096 2147483647);

@@ -12,7 +12,7 @@ Result<std::unique_ptr<Connection>> Connection::Open(ClientOptions options) {
     self->closed_ = true;
     self->close_reason_ = std::move(r);
   };
-  auto timeout = options.handshake_timeout + std::chrono::seconds(1);
+  auto timeout = options.connect_timeout + options.handshake_timeout + std::chrono::seconds(1);
   c->client_ = WsClient::Create(c->ioc_.get_executor(), std::move(options), std::move(h));
   c->client_->Connect();
   auto deadline = std::chrono::steady_clock::now() + timeout;
