@@ -1,4 +1,7 @@
 #include "agent/link.h"
+#include "common/protocol.h"
+
+#include <algorithm>
 
 #include <spdlog/spdlog.h>
 
@@ -45,7 +48,8 @@ void Link::Connect() {
   o.ping_interval = config_.ping_interval;
   o.idle_timeout = config_.idle_timeout;
   o.user_agent = std::string("muster-agent/") + MUSTER_VERSION;
-  o.max_message_bytes = config_.max_message_bytes;
+  // Cache chunks arrive in binary frames of up to 1 MiB whatever the limit for messages.
+  o.max_message_bytes = std::max(config_.max_message_bytes, proto::kMaxFetchedFrameBytes);
   std::uint64_t epoch = ++epoch_;
   WsClient::Handlers h;
   h.on_open = [this, epoch] {

@@ -47,6 +47,14 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     });
   }
 
+  void SendBinary(std::string bytes) override {
+    asio::post(strand_, [self = shared_from_this(), b = std::move(bytes)]() mutable {
+      if (self->done_ || !self->open_) return;
+      self->outbox_.push_back(Binary{std::move(b)});
+      self->Flush();
+    });
+  }
+
   void Close(std::string reason) override {
     asio::post(strand_, [self = shared_from_this(), r = std::move(reason)]() mutable {
       if (self->done_) return;
@@ -70,7 +78,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   struct CloseFrame {
     std::string reason;
   };
-  using Out = std::variant<std::string, Ping, CloseFrame>;
+  struct Binary {
+    std::string bytes;
+  };
+  using Out = std::variant<std::string, Ping, CloseFrame, Binary>;
 
   void Resolve() {
     timer_.expires_after(opts_.handshake_timeout);
@@ -226,6 +237,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     if (auto* text = std::get_if<std::string>(&front)) {
       ws_.text(true);
       ws_.async_write(asio::buffer(*text),
+                      [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
+    } else if (auto* bin = std::get_if<Binary>(&front)) {
+      ws_.binary(true);
+      ws_.async_write(asio::buffer(bin->bytes),
                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });

@@ -49,6 +49,9 @@ class WsClient {
 
   virtual void Connect() = 0;
   virtual void Send(std::string text) = 0;
+  // Sends a binary frame (proto::EncodeBinary). A binary frame received is
+  // handed to on_message as it is; proto::Decode recognises it.
+  virtual void SendBinary(std::string bytes) = 0;
   virtual void Close(std::string reason) = 0;
   // Drops the TCP connection without a close handshake (tests, fault paths).
   virtual void Abort() = 0;

@@ -37,7 +37,8 @@ namespace {
 std::string Errno(const std::string& what, const fs::path& p) {
   int e = errno;
   std::string s = what + " " + p.string() + ": " + std::strerror(e);
-  if (e == ENOSPC || e == EDQUOT) s += " (the disk is full: free space or lower the cache bound)";
+  if (e == ENOSPC || e == EDQUOT)
+    s += std::string(" (") + kDiskFullNote + ": free space or lower the cache bound)";
   return s;
 }
 
@@ -93,7 +94,13 @@ class FileByteStorage : public ByteStorage {
   std::vector<Entry> List(const std::string& prefix) override {
     std::vector<Entry> out;
     std::error_code ec;
-    for (auto it = fs::recursive_directory_iterator(root_, ec);
+    // Walk only the directory the prefix names ("staging/" → root/staging).
+    fs::path dir = root_;
+    if (auto slash = prefix.rfind('/'); slash != std::string::npos) {
+      if (!ValidStorageKey(prefix.substr(0, slash))) return out;
+      dir /= prefix.substr(0, slash);
+    }
+    for (auto it = fs::recursive_directory_iterator(dir, ec);
          !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
       if (!it->is_regular_file(ec)) continue;
       std::string key = fs::relative(it->path(), root_, ec).string();

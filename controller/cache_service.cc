@@ -93,7 +93,7 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
     }
     std::uint64_t total = 0;
     std::size_t len =
-        static_cast<std::size_t>(std::min<std::uint64_t>(f.length, NarCache::kMaxChunk));
+        static_cast<std::size_t>(std::min<std::uint64_t>(f.length, proto::kMaxFetchChunk));
     auto data = cache_->Read(f.name, f.offset, len, &total);
     if (!data) {
       r.status = 404;
@@ -109,7 +109,8 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
   return r;
 }
 
-Result<json> CacheService::Handle(const std::string& method, const json& p) {
+Result<json> CacheService::Handle(const std::string& method, const json& p,
+                                  std::string_view payload) {
   if (method == "cache.missing") {
     auto it = p.find("paths");
     if (it == p.end() || !it->is_array())
@@ -131,10 +132,16 @@ Result<json> CacheService::Handle(const std::string& method, const json& p) {
   }
   if (method == "cache.upload") {
     std::string path = NeedStr(p, "path");
-    auto data = Base64Decode(p.value("data", ""));
-    if (!data) throw std::invalid_argument("parameter 'data' must be base64");
+    std::optional<std::string> decoded;
+    if (p.contains("data")) {
+      if (!payload.empty())
+        throw std::invalid_argument("upload bytes both in 'data' and as a binary payload");
+      decoded = Base64Decode(p.value("data", ""));
+      if (!decoded) throw std::invalid_argument("parameter 'data' must be base64");
+      payload = *decoded;
+    }
     auto off = cache_->Append(path, NeedStr(p, "narHash"), NeedU64(p, "narSize"),
-                              NeedU64(p, "offset"), *data);
+                              NeedU64(p, "offset"), payload);
     if (!off) return off.error();
     return json{{"offset", *off}};
   }

@@ -6,7 +6,8 @@
 //
 // Operator methods (params → result):
 //   cache.missing {paths: [{path, narHash, narSize}]}  → {missing: [{path, offset}]}
-//   cache.upload  {path, narHash, narSize, offset, data (base64 zstd bytes)} → {offset}
+//   cache.upload  {path, narHash, narSize, offset} + the zstd bytes as the
+//                 payload of a binary frame (or `data`, base64)  → {offset}
 //   cache.commit  {path, narHash, narSize, references, deriver?, sigs} → {path, fileSize}
 //   cache.status  {}                                   → {paths, bytes, narBytes, staged…,
 //                                                         maxBytes, gcPaths, gcBytes}
@@ -40,7 +41,9 @@ class CacheService {
   proto::Fetched Fetch(const std::string& machine, const proto::Fetch& f);
   // Operator requests; throws std::invalid_argument on bad params (the Api
   // turns it into an error response), returns an error for refused uploads.
-  Result<nlohmann::json> Handle(const std::string& method, const nlohmann::json& params);
+  // payload: the bytes of a binary frame (cache.upload).
+  Result<nlohmann::json> Handle(const std::string& method, const nlohmann::json& params,
+                                std::string_view payload = {});
 
   // Store hashes machine may fetch.
   std::set<std::string> Allowed(const std::string& machine);
