@@ -1,11 +1,11 @@
 #include "agent/link.h"
-#include "common/protocol.h"
-
-#include <algorithm>
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/asio/post.hpp>
+
+#include "common/protocol.h"
 
 namespace muster {
 

@@ -97,7 +97,8 @@ class Machine : public std::enable_shared_from_this<Machine> {
     auto* f = std::get_if<proto::Fetched>(&*msg);
     if (!f) return;  // a deploy, an ack: not this bench's business
     --in_flight_;
-    if (f->status != 200) return End(name_ + ": status " + std::to_string(f->status) + " " + f->error);
+    if (f->status != 200)
+      return End(name_ + ": status " + std::to_string(f->status) + " " + f->error);
     if (f->offset != received_) return End(name_ + ": answer out of order");
     std::uint64_t want = std::min<std::uint64_t>(s_.o.chunk, f->total - f->offset);
     if (f->data.size() != want) return End(name_ + ": short chunk");
@@ -121,7 +122,8 @@ class Machine : public std::enable_shared_from_this<Machine> {
       file_hash_ = info->file_hash;
     } else if (hash_) {
       std::string got = "sha256:" + nar::Nix32Encode(hash_->Final());
-      if (got != file_hash_) return End(name_ + ": FileHash " + got + ", narinfo says " + file_hash_);
+      if (got != file_hash_)
+        return End(name_ + ": FileHash " + got + ", narinfo says " + file_hash_);
       ++s_.verified;
     }
     NextObject();

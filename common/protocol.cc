@@ -299,7 +299,8 @@ namespace {
 Result<Message> DecodeBinary(std::string_view frame, const DecodeLimits& limits) {
   if (frame.size() < 4) return Err("binary frame shorter than its 4-byte header length");
   std::uint32_t n = 0;
-  for (int i = 0; i < 4; ++i) n = (n << 8) | static_cast<unsigned char>(frame[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < 4; ++i)
+    n = (n << 8) | static_cast<unsigned char>(frame[static_cast<std::size_t>(i)]);
   if (n > kMaxBinaryHeaderBytes || n > frame.size() - 4) {
     return Err("binary frame header length " + std::to_string(n) + " exceeds the frame (" +
                std::to_string(frame.size()) + " bytes) or " +

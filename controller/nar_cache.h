@@ -9,9 +9,9 @@
 // NARs arrive compressed (zstd, by the CLI); each chunk is decompressed and
 // hashed as it is appended (a resumed or interleaved upload is instead read
 // back once at commit), and Commit checks NarHash and NarSize and only then
-// writes the narinfo, which is what makes a path visible. Nothing here trusts the uploader's word beyond
-// the narinfo's signature, which nix checks on the agent.
-// Thread-safe (one mutex around the index; I/O outside it where possible).
+// writes the narinfo, which is what makes a path visible. Nothing here trusts the uploader's word
+// beyond the narinfo's signature, which nix checks on the agent. Thread-safe (one mutex around the
+// index; I/O outside it where possible).
 #pragma once
 
 #include <cstdint>

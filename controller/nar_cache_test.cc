@@ -326,6 +326,14 @@ TEST_F(CacheServiceTest, MachineFetchesOnlyClosuresPublishedForIt) {
   ev.at = 1;
   ASSERT_TRUE(store_->RecordStatus("web1", ev, web.path, false).ok());
   EXPECT_EQ(Status(svc, "web1", lib_info), 200);
+  // A machine that names another's toplevel as its own learns nothing: the
+  // current generation's toplevel is the one the operator published.
+  ASSERT_TRUE(store_->RecordStatus("db1", ev, web.path, false).ok());
+  EXPECT_EQ(Status(svc, "db1", lib_info), 404);
+  EXPECT_EQ(Status(svc, "db1", db_info), 200);
+  ev.generation = 99;  // a generation never published for it
+  ASSERT_TRUE(store_->RecordStatus("db1", ev, web.path, false).ok());
+  EXPECT_EQ(Status(svc, "db1", lib_info), 404);
   // GC keeps every path some machine may fetch and removes the rest.
   Nar stray = MakeNar('n');
   ASSERT_TRUE(svc.cache().Append(stray.path, stray.hash, stray.bytes.size(), 0, stray.zst).ok());

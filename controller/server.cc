@@ -518,8 +518,8 @@ class Session : public std::enable_shared_from_this<Session>,
     last_rx_ = Clock::now();
     // A binary frame carries bulk bytes after a JSON header (proto::EncodeBinary);
     // Decode tells the two apart and refuses a binary frame without the header.
-    if (!ws_->got_text() && (buffer_.size() == 0 ||
-                             static_cast<const char*>(buffer_.data().data())[0] != '\0')) {
+    if (!ws_->got_text() &&
+        (buffer_.size() == 0 || static_cast<const char*>(buffer_.data().data())[0] != '\0')) {
       buffer_.consume(buffer_.size());
       return Refuse("bad-message", "a binary frame must start with its header length");
     }
@@ -762,9 +762,8 @@ class Session : public std::enable_shared_from_this<Session>,
       });
     } else if (auto* bin = std::get_if<Binary>(&front)) {
       ws_->binary(true);
-      ws_->async_write(asio::buffer(bin->bytes), [self](beast::error_code ec, std::size_t) {
-        self->OnWrite(ec);
-      });
+      ws_->async_write(asio::buffer(bin->bytes),
+                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_->async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {

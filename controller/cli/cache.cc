@@ -9,10 +9,10 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
-#include <mutex>
-#include <thread>
 #include <iostream>
 #include <map>
+#include <mutex>
+#include <thread>
 
 #include "common/fsutil.h"
 #include "common/process.h"
@@ -151,7 +151,7 @@ class Progress {
 class ChunkMaker {
  public:
   struct Chunk {
-    std::uint64_t start = 0;     // offset of bytes in the compressed stream
+    std::uint64_t start = 0;  // offset of bytes in the compressed stream
     std::string bytes;
     std::uint64_t nar_seen = 0;  // NAR bytes read when this chunk was cut
   };
@@ -305,8 +305,7 @@ Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const
     reported = chunk->nar_seen;
     std::uint64_t end = chunk->start + chunk->bytes.size();
     if (end <= offset) continue;  // the controller has these bytes already
-    std::size_t skip =
-        chunk->start >= offset ? 0 : static_cast<std::size_t>(offset - chunk->start);
+    std::size_t skip = chunk->start >= offset ? 0 : static_cast<std::size_t>(offset - chunk->start);
     if (skip) chunk->bytes.erase(0, skip);
     in_flight.push_back(c.Send("cache.upload",
                                {{"path", pi.path},
