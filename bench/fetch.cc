@@ -21,6 +21,7 @@ namespace muster::bench {
 namespace {
 
 struct Shared {
+  explicit Shared(const FetchOptions& options) : o(options) {}
   const FetchOptions& o;
   std::mutex mu;
   std::condition_variable cv;
@@ -175,7 +176,7 @@ class Machine : public std::enable_shared_from_this<Machine> {
 }  // namespace
 
 FetchResult FetchAll(const FetchOptions& o) {
-  Shared s{o};
+  Shared s(o);
   boost::asio::io_context ioc;
   auto guard = boost::asio::make_work_guard(ioc);
   std::vector<std::shared_ptr<Machine>> machines;

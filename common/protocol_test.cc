@@ -384,7 +384,7 @@ TEST(Protocol, MalformedBinaryFramesAreRefused) {
   } cases[] = {
       {"shorter than its length", std::string("\0\0", 2), "shorter"},
       {"length beyond the frame", frame(500, "{}"), "exceeds the frame"},
-      {"length beyond the cap", frame(1u << 30, "{}"), "exceeds the frame"},
+      {"length beyond the cap", frame(0xffffff, "{}"), "exceeds the frame"},
       {"header not JSON", frame(3, "abc"), ""},
       {"payload on an ack", frame(static_cast<std::uint32_t>(ack.size()), ack + "xyz"),
        "may not carry a payload"},

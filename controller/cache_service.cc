@@ -147,13 +147,14 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
   }
   if (method == "cache.upload") {
     std::string path = NeedStr(p, "path");
-    std::optional<std::string> decoded;
+    std::string decoded;
     if (p.contains("data")) {
       if (!payload.empty())
         throw std::invalid_argument("upload bytes both in 'data' and as a binary payload");
-      decoded = Base64Decode(p.value("data", ""));
-      if (!decoded) throw std::invalid_argument("parameter 'data' must be base64");
-      payload = *decoded;
+      auto d = Base64Decode(p.value("data", ""));
+      if (!d) throw std::invalid_argument("parameter 'data' must be base64");
+      decoded = std::move(*d);
+      payload = decoded;
     }
     auto off = cache_->Append(path, NeedStr(p, "narHash"), NeedU64(p, "narSize"),
                               NeedU64(p, "offset"), payload);

@@ -236,7 +236,8 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
   std::string text = nar::FormatNarInfo(info);
   if (auto st = storage_->Promote(staging, info.url); !st) return st.error();
   if (auto st = storage_->Put(h + ".narinfo", text); !st) {
-    storage_->Remove(info.url).ok();
+    storage_->Remove(info.url).ok();  // the staged bytes went with the rename
+    DropStaged(staging, *staged_size);
     return st.error();
   }
   DropStaged(staging, *staged_size);

@@ -186,8 +186,8 @@ TEST_F(NarCacheTest, FullCacheRefusesUploads) {
 }
 
 TEST_F(NarCacheTest, StagedBytesCountTowardsTheBoundAndAreGivenBack) {
-  Nar a = MakeNar('d', {}, 4000), b = MakeNar('e', {}, 4000);
-  Reopen(a.zst.size() + b.zst.size() / 2 + 1024);
+  Nar a = MakeNar('p', {}, 4000), b = MakeNar('q', {}, 4000);
+  Reopen(a.zst.size() + b.zst.size() / 2);
   ASSERT_TRUE(cache_->Append(a.path, a.hash, a.bytes.size(), 0, a.zst).ok());
   EXPECT_EQ(cache_->Stats().staged_bytes, a.zst.size());
   auto full = cache_->Append(b.path, b.hash, b.bytes.size(), 0, b.zst);
@@ -204,11 +204,14 @@ TEST_F(NarCacheTest, StagedBytesCountTowardsTheBoundAndAreGivenBack) {
   ASSERT_TRUE(Upload(b).ok()) << "room given back";
   EXPECT_EQ(cache_->Stats().staged_bytes, 0u) << "promoted bytes are committed, not staged";
   // A restart counts what is staged again.
+  Reopen(1 << 30);
   ASSERT_TRUE(cache_->Append(a.path, a.hash, a.bytes.size(), 0, a.zst.substr(0, 100)).ok());
-  Reopen(a.zst.size() + b.zst.size() / 2 + 1024);
+  std::uint64_t committed = cache_->Stats().bytes;
+  Reopen(committed + a.zst.size() - 1);
   EXPECT_EQ(cache_->Stats().staged_bytes, 100u);
   auto again = cache_->Append(a.path, a.hash, a.bytes.size(), 100, a.zst.substr(100));
-  ASSERT_FALSE(again.ok()) << "committed b plus staged a exceed the bound";
+  ASSERT_FALSE(again.ok()) << "committed b plus staged a exceed the bound by one byte";
+  EXPECT_THAT(again.message(), HasSubstr("cache is full"));
 }
 
 TEST_F(NarCacheTest, VerifiedWhileArrivingEqualsVerifiedAtCommit) {

@@ -12,6 +12,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "common/fsutil.h"
@@ -294,8 +295,11 @@ Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const
     auto r = c.Await(in_flight.front(), std::chrono::minutes(5));
     in_flight.pop_front();
     if (!r) {
+      // "resume from": the controller has more bytes than this attempt
+      // thought (an earlier connection's last chunks landed late): ask again.
       *cut = r.message().find("connection") != std::string::npos ||
-             r.message().find("no answer") != std::string::npos;
+             r.message().find("no answer") != std::string::npos ||
+             r.message().find("resume from") != std::string::npos;
       return Err(r.message());
     }
     return Status::Ok();
