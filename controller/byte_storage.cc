@@ -117,7 +117,13 @@ class FileByteStorage : public ByteStorage {
     if (!ValidStorageKey(key)) return Err("invalid storage key '" + key + "'");
     fs::path p = root_ / key;
     if (auto st = MakeDirs(p.parent_path(), 0750); !st) return st.error();
-    int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+    // Only the first chunk creates the object: a later one for an object that
+    // is gone (discarded meanwhile) must not leave an empty one behind.
+    int fd = ::open(p.c_str(), O_WRONLY | O_CLOEXEC | (offset == 0 ? O_CREAT : 0), 0640);
+    if (fd < 0 && errno == ENOENT) {
+      return Err("upload offset " + std::to_string(offset) +
+                 " does not match the 0 bytes received so far; resume from 0");
+    }
     if (fd < 0) return Err(Errno("cannot open", p));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {

@@ -91,6 +91,10 @@ TEST(ByteStorage, AppendsOnlyAtTheCurrentEndAndPromotesWhole) {
   auto wrong = b.Append("staging/x", 2, "world");
   ASSERT_FALSE(wrong.ok());
   EXPECT_THAT(wrong.message(), HasSubstr("resume from 6"));
+  auto absent = b.Append("staging/y", 6, "world");
+  ASSERT_FALSE(absent.ok());
+  EXPECT_THAT(absent.message(), HasSubstr("resume from 0"));
+  EXPECT_FALSE(b.Size("staging/y").has_value()) << "a later chunk creates nothing";
   auto end = b.Append("staging/x", 6, "world");
   ASSERT_TRUE(end.ok());
   EXPECT_EQ(*end, 11u);
