@@ -50,6 +50,7 @@ void Link::Connect() {
   o.user_agent = std::string("muster-agent/") + MUSTER_VERSION;
   // Cache chunks arrive in binary frames of up to 1 MiB whatever the limit for messages.
   o.max_message_bytes = std::max(config_.max_message_bytes, proto::kMaxFetchedFrameBytes);
+  o.max_text_message_bytes = config_.max_message_bytes;
   std::uint64_t epoch = ++epoch_;
   WsClient::Handlers h;
   h.on_open = [this, epoch] {

@@ -222,6 +222,13 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
         return self->HardClose(why);
       }
       self->last_rx_ = SteadyClock::now();
+      std::size_t text_max = self->opts_.max_text_message_bytes;
+      if (text_max && self->ws_.got_text() && self->buffer_.size() > text_max) {
+        self->buffer_.consume(self->buffer_.size());
+        if (self->handlers_.on_oversize) self->handlers_.on_oversize(text_max);
+        return self->HardClose("the controller sent a message larger than this side's limit of " +
+                               std::to_string(text_max) + " bytes; it was refused");
+      }
       std::string text = beast::buffers_to_string(self->buffer_.data());
       self->buffer_.consume(self->buffer_.size());
       if (self->handlers_.on_message) self->handlers_.on_message(std::move(text));

@@ -27,6 +27,9 @@ struct ClientOptions {
   std::chrono::milliseconds ping_interval{std::chrono::seconds(25)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(75)};
   std::size_t max_message_bytes = 1 << 20;
+  // A lower bound for text messages (0: max_message_bytes), when binary
+  // frames (bulk bytes) may be larger than any JSON message should be.
+  std::size_t max_text_message_bytes = 0;
   std::string user_agent = "muster";
 };
 
