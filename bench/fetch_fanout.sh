@@ -29,7 +29,7 @@ export NIX_CONFIG=${NIX_CONFIG:-$'sandbox = false\nbuild-users-group =\nexperime
 pin=$(sed -n 's/.*pin:[[:space:]]*\(sha256:[0-9a-f]*\).*/\1/p' "$dir/init.txt" | head -n1)
 "$bin/muster-loadgen" register --state-dir "$dir/state" --count "$n" >/dev/null
 "$bin/muster-loadgen" operator-key --out "$dir/operator.key" >/dev/null
-"$bin/muster-controller" run --state-dir "$dir/state" --listen 127.0.0.1:0 --log-level warn \
+"$bin/muster-controller" run --state-dir "$dir/state" --listen 127.0.0.1:0 --log-level info \
   >"$dir/controller.log" 2>&1 &
 pid=$!
 port=
