@@ -2,7 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/asio/post.hpp>
+
+#include "common/protocol.h"
 
 namespace muster {
 
@@ -45,7 +48,9 @@ void Link::Connect() {
   o.ping_interval = config_.ping_interval;
   o.idle_timeout = config_.idle_timeout;
   o.user_agent = std::string("muster-agent/") + MUSTER_VERSION;
-  o.max_message_bytes = config_.max_message_bytes;
+  // Cache chunks arrive in binary frames of up to 1 MiB whatever the limit for messages.
+  o.max_message_bytes = std::max(config_.max_message_bytes, proto::kMaxFetchedFrameBytes);
+  o.max_text_message_bytes = config_.max_message_bytes;
   std::uint64_t epoch = ++epoch_;
   WsClient::Handlers h;
   h.on_open = [this, epoch] {

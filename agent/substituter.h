@@ -36,8 +36,8 @@ class Substituter {
  public:
   // send: sends a text message to the controller; false when not connected.
   using SendFn = std::function<bool(std::string text)>;
-  static constexpr std::size_t kChunkBytes = 512 * 1024;  // fits a 1 MiB message as base64
-  static constexpr std::size_t kMaxRequests = 16;         // HTTP requests served at once
+  static constexpr std::size_t kChunkBytes = proto::kMaxFetchChunk;  // one binary frame
+  static constexpr std::size_t kMaxRequests = 16;                    // HTTP requests served at once
 
   Substituter(boost::asio::io_context& ioc, SendFn send);
   ~Substituter();

@@ -9,6 +9,9 @@ worst case for time, the honest case for bytes), then measures
   upload   muster cache push             vs  nix copy --to file://…?compression=zstd
   fetch    publish → agent realised it    vs  nix-store --realise from that file:// cache
 and the peak RSS (VmHWM) of the controller and the agent. Prints one JSON object.
+With --max-rss-mib N it fails (exit 1) when either peak exceeds N MiB: memory
+is bounded by chunk sizes and windows, never by the closure's size (run it with
+--mib 1024 to check that on a closure of 1 GiB).
 """
 import argparse
 import json
@@ -29,6 +32,14 @@ def hwm_kib(pid):
     return 0
 
 
+def cpu_model():
+    r = subprocess.run(["lscpu"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
 def timed(argv, **kw):
     t = time.monotonic()
     subprocess.run(argv, check=True, capture_output=True, env=nix_env(), **kw)
@@ -38,6 +49,8 @@ def timed(argv, **kw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--max-rss-mib", type=float, default=0,
+                    help="fail when the controller's or the agent's peak RSS exceeds this")
     args = ap.parse_args()
     size = args.mib << 20
     env = Env("bench-closures")
@@ -85,7 +98,14 @@ def main():
             "peakRssMiB": {"controller": round(hwm_kib(env.controller.proc.pid) / 1024, 1),
                            "agent": round(hwm_kib(agent.proc.proc.pid) / 1024, 1)},
         }
+        out["machine"] = {"cpu": cpu_model(), "nproc": os.cpu_count(),
+                          "loadavg": open("/proc/loadavg").read().split()[:3]}
         print(json.dumps(out, indent=2))
+        if args.max_rss_mib:
+            for who, mib in out["peakRssMiB"].items():
+                if mib > args.max_rss_mib:
+                    print(f"{who} peak RSS {mib} MiB exceeds {args.max_rss_mib} MiB", file=sys.stderr)
+                    sys.exit(1)
     finally:
         try:
             env.delete_local(top)

@@ -29,6 +29,7 @@
 #include <thread>
 
 #include "bench/baseline.h"
+#include "bench/fetch.h"
 #include "bench/keys.h"
 #include "bench/publisher.h"
 #include "bench/sim.h"
@@ -611,6 +612,70 @@ int CmdRun(const RunArgs& a) {
 
 }  // namespace
 
+struct FetchArgs {
+  std::string state_dir;
+  std::uint16_t port = 0;
+  std::uint32_t count = 200;
+  std::string toplevel;
+  std::string hashes;  // comma-separated store hashes of the closure
+  int threads = 1;
+  int controller_pid = 0;
+  int timeout = 600;
+  std::string json_out;
+};
+
+// Publishes toplevel to machines [0, count) (which authorises them to fetch
+// its closure), then has them all fetch it at once.
+int CmdFetch(const FetchArgs& a) {
+  auto key = LoadSecretKey(a.state_dir + "/controller.key");
+  if (!key) {
+    std::cerr << "loadgen: " << key.message() << "\n";
+    return 2;
+  }
+  std::string pin = key->public_key().Fingerprint();
+  RaiseNoFile(static_cast<rlim_t>(a.count) * 2 + 4096);
+  PublishOptions po;
+  po.port = a.port;
+  po.pin = pin;
+  po.count = a.count;
+  po.generation = GenerationCeiling(static_cast<std::int64_t>(std::time(nullptr)));
+  po.toplevel = a.toplevel;
+  PublishResult pr = PublishAll(po);
+  if (!pr.error.empty() || pr.ok != a.count) {
+    std::cerr << "loadgen: publish: " << pr.error << " (" << pr.ok << " of " << a.count << ")\n";
+    return 1;
+  }
+  FetchOptions fo;
+  fo.port = a.port;
+  fo.pin = pin;
+  fo.count = a.count;
+  fo.threads = a.threads;
+  fo.timeout = std::chrono::seconds(a.timeout);
+  std::stringstream ss(a.hashes);
+  for (std::string h; std::getline(ss, h, ',');)
+    if (!h.empty()) fo.hashes.push_back(h);
+  ProcSample c0 = Sample(a.controller_pid), l0 = Sample(0);
+  FetchResult r = FetchAll(fo);
+  ProcSample c1 = Sample(a.controller_pid), l1 = Sample(0);
+  double wall = r.end_ns > r.start_ns ? Sec(r.end_ns - r.start_ns) : 0;
+  double gib = static_cast<double>(r.bytes) / (1u << 30);
+  json out = {{"machines", a.count},
+              {"done", r.done},
+              {"objects", fo.hashes.size() * 2},
+              {"bytes", r.bytes},
+              {"seconds", wall},
+              {"GiBps", wall > 0 ? gib / wall : 0},
+              {"controllerCpuSeconds", c1.cpu_s - c0.cpu_s},
+              {"controllerCpuSecondsPerGiB", gib > 0 ? (c1.cpu_s - c0.cpu_s) / gib : 0},
+              {"controllerPeakRssKiB", c1.hwm_kib},
+              {"loadgenCpuSeconds", l1.cpu_s - l0.cpu_s},
+              {"narsVerifiedByMachine0", r.verified},
+              {"error", r.error}};
+  std::cout << out.dump(2) << "\n";
+  if (!a.json_out.empty()) (void)WriteFileAtomic(a.json_out, out.dump(2) + "\n", 0644);
+  return r.error.empty() && r.done == a.count ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   InitCrypto();
@@ -633,9 +698,24 @@ int main(int argc, char** argv) {
   ak->add_option("--index", index)->required();
   ak->add_option("--out", key_out)->required();
 
-  std::string op_out;
-  auto* ok = app.add_subcommand("operator-key", "write the bench operator's key file (for 'muster')");
-  ok->add_option("--out", op_out)->required();
+  std::string op_key_out;
+  auto* ok = app.add_subcommand("operator-key", "write the bench operator's key file");
+  ok->add_option("--out", op_key_out)->required();
+
+  FetchArgs fa;
+  auto* fetch = app.add_subcommand(
+      "fetch", "publish TOPLEVEL to COUNT machines, then have them fetch its closure at once");
+  fetch->add_option("--state-dir", fa.state_dir, "controller state directory (for the pin)")
+      ->required();
+  fetch->add_option("--port", fa.port)->required();
+  fetch->add_option("--count", fa.count)->capture_default_str();
+  fetch->add_option("--toplevel", fa.toplevel)->required();
+  fetch->add_option("--hashes", fa.hashes, "store hashes of the closure, comma-separated")
+      ->required();
+  fetch->add_option("--threads", fa.threads)->capture_default_str();
+  fetch->add_option("--controller-pid", fa.controller_pid)->required();
+  fetch->add_option("--timeout", fa.timeout, "seconds")->capture_default_str();
+  fetch->add_option("--json", fa.json_out, "also write the results here");
 
   int bthreads = 0;
   double bseconds = 5;
@@ -697,13 +777,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (ok->parsed()) {
-    if (auto st = SaveSecretKey(OperatorKey(), op_out); !st) {
+    auto st = SaveSecretKey(OperatorKey(), op_key_out);
+    if (!st) {
       std::cerr << "loadgen: " << st.message() << "\n";
       return 1;
     }
     std::cout << kOperatorName << " " << OperatorKey().public_key().ToText() << "\n";
     return 0;
   }
+  if (fetch->parsed()) return CmdFetch(fa);
   if (base->parsed()) {
     int t = bthreads > 0 ? bthreads
                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -1,5 +1,7 @@
 #include "common/protocol.h"
 
+#include <algorithm>
+
 #include "common/crypto.h"
 #include "common/utf8.h"
 
@@ -264,7 +266,68 @@ std::string Encode(const Message& m) {
   return DumpJson(json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}});
 }
 
+std::string EncodeBinary(const Message& m) {
+  std::string payload;
+  std::string header;
+  if (const auto* f = std::get_if<Fetched>(&m)) {
+    Fetched h = *f;
+    payload = std::move(h.data);
+    h.data.clear();
+    header = Encode(h);
+  } else if (const auto* r = std::get_if<Request>(&m)) {
+    Request h = *r;
+    payload = std::move(h.payload);
+    h.payload.clear();
+    header = Encode(h);
+  } else {
+    header = Encode(m);
+  }
+  std::string out;
+  out.reserve(4 + header.size() + payload.size());
+  auto n = static_cast<std::uint32_t>(header.size());
+  out.push_back(static_cast<char>((n >> 24) & 0xff));
+  out.push_back(static_cast<char>((n >> 16) & 0xff));
+  out.push_back(static_cast<char>((n >> 8) & 0xff));
+  out.push_back(static_cast<char>(n & 0xff));
+  out += header;
+  out += payload;
+  return out;
+}
+
+namespace {
+
+Result<Message> DecodeBinary(std::string_view frame, const DecodeLimits& limits) {
+  if (frame.size() < 4) return Err("binary frame shorter than its 4-byte header length");
+  std::uint32_t n = 0;
+  for (int i = 0; i < 4; ++i)
+    n = (n << 8) | static_cast<unsigned char>(frame[static_cast<std::size_t>(i)]);
+  if (n > kMaxBinaryHeaderBytes || n > frame.size() - 4) {
+    return Err("binary frame header length " + std::to_string(n) + " exceeds the frame (" +
+               std::to_string(frame.size()) + " bytes) or " +
+               std::to_string(kMaxBinaryHeaderBytes) + " bytes");
+  }
+  std::string_view header = frame.substr(4, n);
+  std::string_view payload = frame.substr(4 + n);
+  if (!header.empty() && header.front() == '\0') return Err("binary frame header is not JSON");
+  DecodeLimits hl = limits;
+  hl.max_bytes = std::min<std::size_t>(limits.max_bytes, kMaxBinaryHeaderBytes);
+  auto msg = Decode(header, hl);
+  if (!msg) return msg;
+  if (auto* f = std::get_if<Fetched>(&*msg)) {
+    if (!f->data.empty()) return Err("fetched: data both in the header and as payload");
+    f->data.assign(payload);
+  } else if (auto* r = std::get_if<Request>(&*msg)) {
+    r->payload.assign(payload);
+  } else if (!payload.empty()) {
+    return Err("a binary '" + std::string(TypeName(*msg)) + "' frame may not carry a payload");
+  }
+  return msg;
+}
+
+}  // namespace
+
 Result<Message> Decode(std::string_view text, const DecodeLimits& limits) {
+  if (!text.empty() && text.front() == '\0') return DecodeBinary(text, limits);
   auto parsed = ParseJsonBounded(text, limits.max_bytes, limits.max_depth);
   if (!parsed) return parsed.error();
   try {

@@ -12,6 +12,12 @@
 //   agent → fetch                          controller → fetched   (binary cache)
 // Operator ↔ controller (/v1/operator):
 //   CLI → request                          controller → response, event, error
+//
+// Bulk bytes (a `fetched` chunk, a `cache.upload` request) travel in binary
+// websocket frames instead of base64 inside JSON: EncodeBinary() writes
+//   [4 bytes: header length, big-endian][header: the JSON envelope][payload]
+// with the payload left out of the header, and Decode() recognises such a
+// frame by its first byte (0: no JSON text starts with it).
 #pragma once
 
 #include <cstddef>
@@ -109,6 +115,7 @@ struct Request {
   std::uint64_t id = 0;
   std::string method;
   nlohmann::json params = nlohmann::json::object();
+  std::string payload;  // raw bytes after the header of a binary frame (cache.upload)
 };
 
 struct Response {
@@ -150,11 +157,23 @@ using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack
 
 std::string_view TypeName(const Message& m);
 std::string Encode(const Message& m);
+// A binary frame (see the top of this file) for a Fetched (payload: data) or
+// a Request (payload: payload); other messages carry no payload and are
+// encoded with an empty one.
+std::string EncodeBinary(const Message& m);
+// Largest header a binary frame may carry (the payload is bounded by the
+// websocket's message limit).
+constexpr std::size_t kMaxBinaryHeaderBytes = 64 * 1024;
+// Largest `length` a fetch may ask for (the controller answers at most this),
+// and so the largest fetched frame an agent must accept whatever its message limit.
+constexpr std::size_t kMaxFetchChunk = 1 << 20;
+constexpr std::size_t kMaxFetchedFrameBytes = 4 + kMaxBinaryHeaderBytes + kMaxFetchChunk;
 
 struct DecodeLimits {
   std::size_t max_bytes = kDefaultMaxMessageBytes;
   int max_depth = kDefaultMaxJsonDepth;
 };
+// A text message, or a binary frame from EncodeBinary (limits apply to its header).
 Result<Message> Decode(std::string_view text, const DecodeLimits& limits = {});
 
 nlohmann::json ToJson(const HostFacts& f);

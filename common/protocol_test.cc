@@ -338,5 +338,71 @@ TEST(Protocol, DecodeNeverThrowsOnMutations) {
   }
 }
 
+TEST(Protocol, BinaryFramesCarryBytesAfterAJsonHeader) {
+  std::string bytes("\x28\xb5\x2f\xfd\0\x01 NAR bytes", 16);
+  Fetched f{9, 200, 1048576, 3145728, bytes, ""};
+  std::string frame = EncodeBinary(f);
+  ASSERT_GE(frame.size(), 4u);
+  std::size_t n = (std::size_t(static_cast<unsigned char>(frame[0])) << 24) |
+                  (std::size_t(static_cast<unsigned char>(frame[1])) << 16) |
+                  (std::size_t(static_cast<unsigned char>(frame[2])) << 8) |
+                  std::size_t(static_cast<unsigned char>(frame[3]));
+  ASSERT_EQ(frame.size(), 4 + n + bytes.size());
+  json header = json::parse(frame.substr(4, n));
+  EXPECT_EQ(header["type"], "fetched");
+  EXPECT_EQ(header["body"]["data"], "") << "the bytes are not in the header";
+  EXPECT_EQ(frame.substr(4 + n), bytes);
+  auto back = Decode(frame);
+  ASSERT_TRUE(back.ok()) << back.message();
+  const auto& g = std::get<Fetched>(*back);
+  EXPECT_EQ(g.data, bytes);
+  EXPECT_EQ(g.offset, 1048576u);
+  EXPECT_EQ(g.total, 3145728u);
+
+  Request r;
+  r.id = 4;
+  r.method = "cache.upload";
+  r.params = {{"offset", 0}};
+  r.payload = bytes;
+  auto rb = Decode(EncodeBinary(r));
+  ASSERT_TRUE(rb.ok()) << rb.message();
+  EXPECT_EQ(std::get<Request>(*rb).payload, bytes);
+  EXPECT_EQ(std::get<Request>(*rb).params["offset"], 0);
+  // A text request never carries a payload.
+  EXPECT_TRUE(std::get<Request>(DecodeOk(Encode(r))).payload.empty());
+}
+
+TEST(Protocol, MalformedBinaryFramesAreRefused) {
+  std::string ack = Encode(Ack{7});
+  auto frame = [](std::uint32_t n, std::string_view rest) {
+    std::string f;
+    for (int s = 24; s >= 0; s -= 8) f.push_back(static_cast<char>((n >> s) & 0xff));
+    return f + std::string(rest);
+  };
+  struct Case {
+    std::string name, bytes, why;
+  } cases[] = {
+      {"shorter than its length", std::string("\0\0", 2), "shorter"},
+      {"length beyond the frame", frame(500, "{}"), "exceeds the frame"},
+      {"length beyond the cap", frame(0xffffff, "{}"), "exceeds the frame"},
+      {"header not JSON", frame(3, "abc"), ""},
+      {"payload on an ack", frame(static_cast<std::uint32_t>(ack.size()), ack + "xyz"),
+       "may not carry a payload"},
+      {"data twice",
+       frame(static_cast<std::uint32_t>(Encode(Fetched{1, 200, 0, 2, "ab", ""}).size()),
+             Encode(Fetched{1, 200, 0, 2, "ab", ""}) + "ab"),
+       "both in the header"},
+  };
+  for (const auto& c : cases) {
+    auto r = Decode(c.bytes);
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_THAT(r.message(), ::testing::HasSubstr(c.why)) << c.name;
+  }
+  // An ack as a binary frame without payload is just an ack.
+  auto plain = Decode(frame(static_cast<std::uint32_t>(ack.size()), ack));
+  ASSERT_TRUE(plain.ok()) << plain.message();
+  EXPECT_EQ(std::get<Ack>(*plain).seq, 7u);
+}
+
 }  // namespace
 }  // namespace muster::proto

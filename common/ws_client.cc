@@ -47,6 +47,14 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     });
   }
 
+  void SendBinary(std::string bytes) override {
+    asio::post(strand_, [self = shared_from_this(), b = std::move(bytes)]() mutable {
+      if (self->done_ || !self->open_) return;
+      self->outbox_.push_back(Binary{std::move(b)});
+      self->Flush();
+    });
+  }
+
   void Close(std::string reason) override {
     asio::post(strand_, [self = shared_from_this(), r = std::move(reason)]() mutable {
       if (self->done_) return;
@@ -70,7 +78,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   struct CloseFrame {
     std::string reason;
   };
-  using Out = std::variant<std::string, Ping, CloseFrame>;
+  struct Binary {
+    std::string bytes;
+  };
+  using Out = std::variant<std::string, Ping, CloseFrame, Binary>;
 
   void Resolve() {
     timer_.expires_after(opts_.connect_timeout + opts_.handshake_timeout);
@@ -212,6 +223,13 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
         return self->HardClose(why);
       }
       self->last_rx_ = SteadyClock::now();
+      std::size_t text_max = self->opts_.max_text_message_bytes;
+      if (text_max && self->ws_.got_text() && self->buffer_.size() > text_max) {
+        self->buffer_.consume(self->buffer_.size());
+        if (self->handlers_.on_oversize) self->handlers_.on_oversize(text_max);
+        return self->HardClose("the controller sent a message larger than this side's limit of " +
+                               std::to_string(text_max) + " bytes; it was refused");
+      }
       std::string text = beast::buffers_to_string(self->buffer_.data());
       self->buffer_.consume(self->buffer_.size());
       if (self->handlers_.on_message) self->handlers_.on_message(std::move(text));
@@ -227,6 +245,10 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     if (auto* text = std::get_if<std::string>(&front)) {
       ws_.text(true);
       ws_.async_write(asio::buffer(*text),
+                      [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
+    } else if (auto* bin = std::get_if<Binary>(&front)) {
+      ws_.binary(true);
+      ws_.async_write(asio::buffer(bin->bytes),
                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_.async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });

@@ -32,6 +32,9 @@ struct ClientOptions {
   std::chrono::milliseconds ping_interval{std::chrono::seconds(50)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
   std::size_t max_message_bytes = 1 << 20;
+  // A lower bound for text messages (0: max_message_bytes), when binary
+  // frames (bulk bytes) may be larger than any JSON message should be.
+  std::size_t max_text_message_bytes = 0;
   std::string user_agent = "muster";
 };
 
@@ -54,6 +57,9 @@ class WsClient {
 
   virtual void Connect() = 0;
   virtual void Send(std::string text) = 0;
+  // Sends a binary frame (proto::EncodeBinary). A binary frame received is
+  // handed to on_message as it is; proto::Decode recognises it.
+  virtual void SendBinary(std::string bytes) = 0;
   virtual void Close(std::string reason) = 0;
   // Drops the TCP connection without a close handshake (tests, fault paths).
   virtual void Abort() = 0;

@@ -111,7 +111,7 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
   try {
     if (req.method.rfind("cache.", 0) == 0) {
       if (!cache_) return Fail(req.id, "this controller runs without a binary cache");
-      auto r = cache_->Handle(req.method, p);
+      auto r = cache_->Handle(req.method, p, req.payload);
       if (!r) return Fail(req.id, r.message());
       return Ok(req.id, std::move(*r));
     }

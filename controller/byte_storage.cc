@@ -37,7 +37,8 @@ namespace {
 std::string Errno(const std::string& what, const fs::path& p) {
   int e = errno;
   std::string s = what + " " + p.string() + ": " + std::strerror(e);
-  if (e == ENOSPC || e == EDQUOT) s += " (the disk is full: free space or lower the cache bound)";
+  if (e == ENOSPC || e == EDQUOT)
+    s += std::string(" (") + kDiskFullNote + ": free space or lower the cache bound)";
   return s;
 }
 
@@ -93,7 +94,13 @@ class FileByteStorage : public ByteStorage {
   std::vector<Entry> List(const std::string& prefix) override {
     std::vector<Entry> out;
     std::error_code ec;
-    for (auto it = fs::recursive_directory_iterator(root_, ec);
+    // Walk only the directory the prefix names ("staging/" → root/staging).
+    fs::path dir = root_;
+    if (auto slash = prefix.rfind('/'); slash != std::string::npos) {
+      if (!ValidStorageKey(prefix.substr(0, slash))) return out;
+      dir /= prefix.substr(0, slash);
+    }
+    for (auto it = fs::recursive_directory_iterator(dir, ec);
          !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
       if (!it->is_regular_file(ec)) continue;
       std::string key = fs::relative(it->path(), root_, ec).string();
@@ -110,7 +117,13 @@ class FileByteStorage : public ByteStorage {
     if (!ValidStorageKey(key)) return Err("invalid storage key '" + key + "'");
     fs::path p = root_ / key;
     if (auto st = MakeDirs(p.parent_path(), 0750); !st) return st.error();
-    int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+    // Only the first chunk creates the object: a later one for an object that
+    // is gone (discarded meanwhile) must not leave an empty one behind.
+    int fd = ::open(p.c_str(), O_WRONLY | O_CLOEXEC | (offset == 0 ? O_CREAT : 0), 0640);
+    if (fd < 0 && errno == ENOENT) {
+      return Err("upload offset " + std::to_string(offset) +
+                 " does not match the 0 bytes received so far; resume from 0");
+    }
     if (fd < 0) return Err(Errno("cannot open", p));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {

@@ -52,6 +52,9 @@ class ByteStorage {
 // with fsync and rename. Creates root (0750) if needed.
 Result<std::unique_ptr<ByteStorage>> OpenFileByteStorage(const std::string& root);
 
+// Part of every error message that means the disk (or quota) is full.
+constexpr const char* kDiskFullNote = "the disk is full";
+
 // True for a key the storage accepts.
 bool ValidStorageKey(std::string_view key);
 

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace muster {
@@ -55,13 +56,20 @@ CacheService::~CacheService() {
 
 std::vector<std::string> CacheService::Roots(const std::string& machine) {
   std::vector<std::string> roots;
-  if (auto m = store_.GetMachine(machine); m && !m->toplevel.empty()) roots.push_back(m->toplevel);
+  // Current: the toplevel of the generation the machine reports being on, as
+  // the operator published it (never the toplevel the machine itself names:
+  // a machine could name another's and read its closure).
+  if (auto m = store_.GetMachine(machine); m && m->generation > 0) {
+    if (auto g = store_.GetGeneration(machine, m->generation)) roots.push_back(g->toplevel);
+  }
   // Target and previous: the two newest generations (released or held by a rollout).
   for (const auto& g : store_.ListGenerations(machine, 2)) roots.push_back(g.toplevel);
+  std::sort(roots.begin(), roots.end());
+  roots.erase(std::unique(roots.begin(), roots.end()), roots.end());
   return roots;
 }
 
-std::set<std::string> CacheService::Allowed(const std::string& machine) {
+std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::string& machine) {
   auto roots = Roots(machine);
   std::string key;
   for (const auto& r : roots) key += r + "\n";
@@ -69,11 +77,18 @@ std::set<std::string> CacheService::Allowed(const std::string& machine) {
     std::lock_guard lock(mu_);
     auto it = allowed_.find(machine);
     if (it != allowed_.end() && it->second.first == key) return it->second.second;
+    // Machines on the same generations share one set.
+    if (auto s = by_roots_[key].lock()) {
+      allowed_[machine] = {key, s};
+      return s;
+    }
   }
-  auto set = cache_->Closure(roots);
+  auto set = std::make_shared<const std::set<std::string>>(cache_->Closure(roots));
   std::lock_guard lock(mu_);
   if (allowed_.size() > 100000) allowed_.clear();
+  if (by_roots_.size() > 100000) by_roots_.clear();
   allowed_[machine] = {key, set};
+  by_roots_[key] = set;
   return set;
 }
 
@@ -85,7 +100,7 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
     std::string h = NarCache::HashOfObject(f.name);
     if (f.name != "nix-cache-info") {
       // Paths outside this machine's closures look exactly like absent ones.
-      if (h.empty() || !Allowed(machine).count(h)) {
+      if (h.empty() || !Allowed(machine)->count(h)) {
         r.status = 404;
         r.error = "not in a closure published for " + machine;
         return r;
@@ -93,7 +108,7 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
     }
     std::uint64_t total = 0;
     std::size_t len =
-        static_cast<std::size_t>(std::min<std::uint64_t>(f.length, NarCache::kMaxChunk));
+        static_cast<std::size_t>(std::min<std::uint64_t>(f.length, proto::kMaxFetchChunk));
     auto data = cache_->Read(f.name, f.offset, len, &total);
     if (!data) {
       r.status = 404;
@@ -109,7 +124,8 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
   return r;
 }
 
-Result<json> CacheService::Handle(const std::string& method, const json& p) {
+Result<json> CacheService::Handle(const std::string& method, const json& p,
+                                  std::string_view payload) {
   if (method == "cache.missing") {
     auto it = p.find("paths");
     if (it == p.end() || !it->is_array())
@@ -131,10 +147,17 @@ Result<json> CacheService::Handle(const std::string& method, const json& p) {
   }
   if (method == "cache.upload") {
     std::string path = NeedStr(p, "path");
-    auto data = Base64Decode(p.value("data", ""));
-    if (!data) throw std::invalid_argument("parameter 'data' must be base64");
+    std::string decoded;
+    if (p.contains("data")) {
+      if (!payload.empty())
+        throw std::invalid_argument("upload bytes both in 'data' and as a binary payload");
+      auto d = Base64Decode(p.value("data", ""));
+      if (!d) throw std::invalid_argument("parameter 'data' must be base64");
+      decoded = std::move(*d);
+      payload = decoded;
+    }
     auto off = cache_->Append(path, NeedStr(p, "narHash"), NeedU64(p, "narSize"),
-                              NeedU64(p, "offset"), *data);
+                              NeedU64(p, "offset"), payload);
     if (!off) return off.error();
     return json{{"offset", *off}};
   }
@@ -164,6 +187,7 @@ Result<json> CacheService::Handle(const std::string& method, const json& p) {
     {
       std::lock_guard lock(mu_);
       allowed_.clear();  // closures may have grown
+      by_roots_.clear();
     }
     return json{{"path", done->store_path}, {"fileSize", done->file_size}};
   }
@@ -185,7 +209,7 @@ Result<json> CacheService::Handle(const std::string& method, const json& p) {
   }
   if (method == "cache.allowed") {
     auto set = Allowed(NeedStr(p, "machine"));
-    return json{{"paths", json(std::vector<std::string>(set.begin(), set.end()))}};
+    return json{{"paths", json(std::vector<std::string>(set->begin(), set->end()))}};
   }
   throw std::invalid_argument("unknown method '" + method + "'");
 }
@@ -194,7 +218,12 @@ std::pair<std::uint64_t, std::uint64_t> CacheService::CollectGarbage(bool dry_ru
   std::set<std::string> keep;
   for (const auto& m : store_.ListMachines()) {
     auto a = Allowed(m.name);
-    keep.insert(a.begin(), a.end());
+    keep.insert(a->begin(), a->end());
+    // What a machine reports running stays too (GC only; it authorises nothing).
+    if (!m.toplevel.empty()) {
+      auto running = cache_->Closure({m.toplevel});
+      keep.insert(running.begin(), running.end());
+    }
   }
   auto out = cache_->CollectGarbage(keep, grace_s_, dry_run);
   if (!dry_run && out.first) {

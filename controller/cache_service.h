@@ -1,12 +1,15 @@
 // The controller as the fleet's binary cache: operators upload NARs and
 // query the cache (cache.* requests), agents fetch objects (fetch messages),
 // and each machine may fetch only paths in the closures of its current,
-// target and previous generations (everything else is 404, the same answer
+// target and previous generations (toplevels as the operator published them;
+// closures from the stored narinfos' references, which are signed and never
+// change once a path is in the cache) (everything else is 404, the same answer
 // as for a path the cache lacks, so a machine learns nothing about others).
 //
 // Operator methods (params → result):
 //   cache.missing {paths: [{path, narHash, narSize}]}  → {missing: [{path, offset}]}
-//   cache.upload  {path, narHash, narSize, offset, data (base64 zstd bytes)} → {offset}
+//   cache.upload  {path, narHash, narSize, offset} + the zstd bytes as the
+//                 payload of a binary frame (or `data`, base64)  → {offset}
 //   cache.commit  {path, narHash, narSize, references, deriver?, sigs} → {path, fileSize}
 //   cache.status  {}                                   → {paths, bytes, narBytes, staged…,
 //                                                         maxBytes, gcPaths, gcBytes}
@@ -40,10 +43,12 @@ class CacheService {
   proto::Fetched Fetch(const std::string& machine, const proto::Fetch& f);
   // Operator requests; throws std::invalid_argument on bad params (the Api
   // turns it into an error response), returns an error for refused uploads.
-  Result<nlohmann::json> Handle(const std::string& method, const nlohmann::json& params);
+  // payload: the bytes of a binary frame (cache.upload).
+  Result<nlohmann::json> Handle(const std::string& method, const nlohmann::json& params,
+                                std::string_view payload = {});
 
-  // Store hashes machine may fetch.
-  std::set<std::string> Allowed(const std::string& machine);
+  // Store hashes machine may fetch (shared, not copied: asked once per chunk).
+  std::shared_ptr<const std::set<std::string>> Allowed(const std::string& machine);
   // Removes what no machine needs (and stale uploads); returns {paths, bytes}.
   std::pair<std::uint64_t, std::uint64_t> CollectGarbage(bool dry_run);
   // Runs CollectGarbage every interval_s on a thread of its own until destruction.
@@ -58,8 +63,9 @@ class CacheService {
   std::unique_ptr<NarCache> cache_;
   std::int64_t grace_s_;
   std::mutex mu_;
-  std::map<std::string, std::pair<std::string, std::set<std::string>>>
+  std::map<std::string, std::pair<std::string, std::shared_ptr<const std::set<std::string>>>>
       allowed_;  // machine → (roots, set)
+  std::map<std::string, std::weak_ptr<const std::set<std::string>>> by_roots_;  // roots → set
   std::mutex gc_mu_;
   std::condition_variable gc_cv_;
   bool stop_ = false;

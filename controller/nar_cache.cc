@@ -20,6 +20,63 @@ std::string Nix32Of(const std::string& nar_hash) {
 
 }  // namespace
 
+struct NarCache::Verifier {
+  explicit Verifier(std::uint64_t size)
+      : nar_size(size), dctx(ZSTD_createDCtx(), ZSTD_freeDCtx), out(ZSTD_DStreamOutSize(), '\0') {}
+
+  // Feeds the next compressed bytes; the first problem found is kept in error.
+  void Feed(std::string_view chunk) {
+    offset += chunk.size();
+    if (!error.empty()) return;
+    file_sha.Update(chunk);
+    ZSTD_inBuffer in{chunk.data(), chunk.size(), 0};
+    while (in.pos < in.size) {
+      ZSTD_outBuffer o{out.data(), out.size(), 0};
+      last = ZSTD_decompressStream(dctx.get(), &o, &in);
+      if (ZSTD_isError(last)) {
+        error = std::string("is not valid zstd (") + ZSTD_getErrorName(last) + ")";
+        return;
+      }
+      nar_bytes += o.pos;
+      if (nar_bytes > nar_size) {
+        error = "is larger than its narSize " + std::to_string(nar_size);
+        return;
+      }
+      nar_sha.Update(std::string_view(out.data(), o.pos));
+    }
+  }
+
+  std::uint64_t nar_size;
+  std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx;
+  std::string out;
+  nar::Sha256 nar_sha, file_sha;
+  std::uint64_t offset = 0;  // compressed bytes fed
+  std::uint64_t nar_bytes = 0;
+  std::size_t last = 0;  // ZSTD_decompressStream's last answer: 0 at the end of a frame
+  std::string error;
+};
+
+NarCache::NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max)
+    : storage_(std::move(s)), max_(max) {}
+NarCache::~NarCache() = default;
+
+std::unique_ptr<NarCache::Verifier> NarCache::TakeVerifier(const std::string& key,
+                                                           std::uint64_t offset) {
+  std::lock_guard lock(mu_);
+  auto it = verifiers_.find(key);
+  if (it == verifiers_.end()) return nullptr;
+  std::unique_ptr<Verifier> v = std::move(it->second);
+  verifiers_.erase(it);
+  if (v->offset != offset) return nullptr;
+  return v;
+}
+
+void NarCache::DropStaged(const std::string& key, std::uint64_t size) {
+  std::lock_guard lock(mu_);
+  staged_bytes_ -= std::min(staged_bytes_, size);
+  verifiers_.erase(key);
+}
+
 std::uint64_t MaxCompressedSize(std::uint64_t nar_size) {
   // Each chunk the CLI compresses may start a frame; allow one header per KiB.
   return ZSTD_compressBound(static_cast<std::size_t>(nar_size)) + nar_size / 1024 + 4096;
@@ -55,6 +112,7 @@ Result<std::unique_ptr<NarCache>> NarCache::Open(std::unique_ptr<ByteStorage> st
     c->committed_bytes_ += en.file_size + en.info_size;
     c->index_[e.key.substr(0, 32)] = std::move(en);
   }
+  for (const auto& e : c->storage_->List("staging/")) c->staged_bytes_ += e.size;
   return c;
 }
 
@@ -80,8 +138,11 @@ Result<std::uint64_t> NarCache::Append(const std::string& path, const std::strin
   if (n.empty()) return Err("narHash '" + nar_hash.substr(0, 80) + "' is not a SHA-256");
   if (nar_size == 0) return Err("narSize must be positive");
   if (bytes.size() > kMaxChunk) return Err("upload chunk larger than 4 MiB");
+  std::string key = StagingKey(h, n);
   if (offset + bytes.size() > MaxCompressedSize(nar_size)) {
-    storage_->Remove(StagingKey(h, n)).ok();
+    auto had = storage_->Size(key);
+    storage_->Remove(key).ok();
+    DropStaged(key, had.value_or(0));
     return Err("upload of " + path + " is larger than a compressed NAR of " +
                std::to_string(nar_size) +
                " bytes can be; refused and discarded (is narSize right?)");
@@ -89,15 +150,39 @@ Result<std::uint64_t> NarCache::Append(const std::string& path, const std::strin
   {
     std::lock_guard lock(mu_);
     if (index_.count(h)) return Err(path + " is already in the cache");
-    std::uint64_t staged = 0;
-    for (const auto& e : storage_->List("staging/")) staged += e.size;
-    if (committed_bytes_ + staged + bytes.size() > max_) {
-      return Err("the controller's cache is full (" + std::to_string(committed_bytes_ + staged) +
-                 " of " + std::to_string(max_) +
+    if (committed_bytes_ + staged_bytes_ + bytes.size() > max_) {
+      return Err("the controller's cache is full (" +
+                 std::to_string(committed_bytes_ + staged_bytes_) + " of " + std::to_string(max_) +
                  " bytes); run 'muster cache gc' or raise the controller's --cache-max-bytes");
     }
+    staged_bytes_ += bytes.size();  // reserved; given back below if the write fails
   }
-  return storage_->Append(StagingKey(h, n), offset, bytes);
+  auto r = storage_->Append(key, offset, bytes);
+  if (!r) {
+    {
+      std::lock_guard lock(mu_);
+      staged_bytes_ -= std::min<std::uint64_t>(staged_bytes_, bytes.size());
+    }
+    if (r.message().find(kDiskFullNote) != std::string::npos) {
+      // Resuming cannot help until space is freed, and the partial upload
+      // would keep every other upload from fitting: give its room back.
+      storage_->Remove(key).ok();
+      DropStaged(key, offset);
+      return Err("the controller's disk is full: " + r.message() + "; the upload of " + path +
+                 " was discarded, nothing was added to the cache");
+    }
+    return r;
+  }
+  // Verify as it arrives: Commit then needs no second pass over the bytes.
+  std::unique_ptr<Verifier> v = TakeVerifier(key, offset);
+  if (!v && offset == 0) v = std::make_unique<Verifier>(nar_size);
+  if (v && v->nar_size == nar_size) {
+    v->Feed(bytes);
+    std::lock_guard lock(mu_);
+    if (verifiers_.size() >= kMaxVerifiers) verifiers_.erase(verifiers_.begin());
+    verifiers_[key] = std::move(v);
+  }
+  return r;
 }
 
 Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
@@ -113,48 +198,36 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
     std::lock_guard lock(mu_);
     if (index_.count(h)) return Err(info.store_path + " is already in the cache");
   }
-  // Decompress the staged bytes, bounded by the declared size.
   auto discard = [&](const std::string& why) -> Error {
     storage_->Remove(staging).ok();
+    DropStaged(staging, *staged_size);
     return Err(why + "; the upload was discarded, nothing was added to the cache");
   };
-  std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx(ZSTD_createDCtx(), ZSTD_freeDCtx);
-  nar::Sha256 nar_sha, file_sha;
-  std::uint64_t nar_bytes = 0;
-  std::string out(ZSTD_DStreamOutSize(), '\0');
-  std::size_t last = 0;
-  for (std::uint64_t off = 0; off < *staged_size;) {
-    auto chunk = storage_->Read(staging, off, kVerifyChunk);
-    if (!chunk) return Err("reading the upload of " + info.store_path + ": " + chunk.message());
-    if (chunk->empty()) break;
-    off += chunk->size();
-    file_sha.Update(*chunk);
-    ZSTD_inBuffer in{chunk->data(), chunk->size(), 0};
-    while (in.pos < in.size) {
-      ZSTD_outBuffer o{out.data(), out.size(), 0};
-      last = ZSTD_decompressStream(dctx.get(), &o, &in);
-      if (ZSTD_isError(last)) {
-        return discard("the upload of " + info.store_path + " is not valid zstd (" +
-                       ZSTD_getErrorName(last) + ")");
-      }
-      nar_bytes += o.pos;
-      if (nar_bytes > info.nar_size) {
-        return discard("the upload of " + info.store_path + " is larger than its narSize " +
-                       std::to_string(info.nar_size));
-      }
-      nar_sha.Update(std::string_view(out.data(), o.pos));
+  // The bytes were verified as they arrived, unless the upload was resumed
+  // after a restart (or its verifier was evicted): then read them back once.
+  std::unique_ptr<Verifier> v = TakeVerifier(staging, *staged_size);
+  if (!v || v->nar_size != info.nar_size) {
+    v = std::make_unique<Verifier>(info.nar_size);
+    for (std::uint64_t off = 0; off < *staged_size && v->error.empty();) {
+      auto chunk = storage_->Read(staging, off, kVerifyChunk);
+      if (!chunk) return Err("reading the upload of " + info.store_path + ": " + chunk.message());
+      if (chunk->empty()) break;
+      off += chunk->size();
+      v->Feed(*chunk);
     }
   }
-  if (last != 0) return discard("the upload of " + info.store_path + " is truncated");
-  if (nar_bytes != info.nar_size) {
-    return discard("the upload of " + info.store_path + " has " + std::to_string(nar_bytes) +
+  if (!v->error.empty()) return discard("the upload of " + info.store_path + " " + v->error);
+  if (v->last != 0) return discard("the upload of " + info.store_path + " is truncated");
+  if (v->nar_bytes != info.nar_size) {
+    return discard("the upload of " + info.store_path + " has " + std::to_string(v->nar_bytes) +
                    " bytes, its narSize says " + std::to_string(info.nar_size));
   }
-  std::string got = nar_sha.Final();
+  std::string got = v->nar_sha.Final();
   if (got != *want) {
     return discard("the upload of " + info.store_path + " has NAR hash " + nar::FormatSha256(got) +
                    ", not " + info.nar_hash);
   }
+  nar::Sha256& file_sha = v->file_sha;
   std::string fh = nar::Nix32Encode(file_sha.Final());
   info.compression = "zstd";
   info.file_hash = "sha256:" + fh;
@@ -163,9 +236,11 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
   std::string text = nar::FormatNarInfo(info);
   if (auto st = storage_->Promote(staging, info.url); !st) return st.error();
   if (auto st = storage_->Put(h + ".narinfo", text); !st) {
-    storage_->Remove(info.url).ok();
+    storage_->Remove(info.url).ok();  // the staged bytes went with the rename
+    DropStaged(staging, *staged_size);
     return st.error();
   }
+  DropStaged(staging, *staged_size);
   Entry en;
   for (const auto& r : info.references) en.refs.push_back(r.substr(0, 32));
   en.nar_key = info.url;
@@ -276,7 +351,7 @@ std::pair<std::uint64_t, std::uint64_t> NarCache::CollectGarbage(const std::set<
   for (const auto& e : storage_->List("staging/")) {
     if (now - e.mtime < grace_s) continue;
     bytes += e.size;
-    if (!dry_run) storage_->Remove(e.key).ok();
+    if (!dry_run && storage_->Remove(e.key).ok()) DropStaged(e.key, e.size);
   }
   return {paths, bytes};
 }

@@ -6,11 +6,12 @@
 //   nar/<hash>-<filehash>.nar.zst        (the store hash leads, so that a NAR
 //                                         request names the path it belongs to)
 //   staging/<hash>-<narhash>.nar.zst     (uploads in progress, resumable)
-// NARs arrive compressed (zstd, by the CLI); Commit decompresses the staged
-// bytes, checks NarHash and NarSize and only then writes the narinfo, which is
-// what makes a path visible. Nothing here trusts the uploader's word beyond
-// the narinfo's signature, which nix checks on the agent.
-// Thread-safe (one mutex around the index; I/O outside it where possible).
+// NARs arrive compressed (zstd, by the CLI); each chunk is decompressed and
+// hashed as it is appended (a resumed or interleaved upload is instead read
+// back once at commit), and Commit checks NarHash and NarSize and only then
+// writes the narinfo, which is what makes a path visible. Nothing here trusts the uploader's word
+// beyond the narinfo's signature, which nix checks on the agent. Thread-safe (one mutex around the
+// index; I/O outside it where possible).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +46,7 @@ class NarCache {
   // logged) and writes nix-cache-info. max_bytes bounds committed plus staged bytes.
   static Result<std::unique_ptr<NarCache>> Open(std::unique_ptr<ByteStorage> storage,
                                                 std::uint64_t max_bytes);
+  ~NarCache();
 
   // Whether the store path (full path or hash) has a committed narinfo.
   bool Has(const std::string& path_or_hash);
@@ -90,14 +92,25 @@ class NarCache {
     std::uint64_t nar_size = 0;
     std::uint64_t info_size = 0;
   };
-  NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max) : storage_(std::move(s)), max_(max) {}
+  // Decompresses and hashes an upload as it arrives (defined in the .cc).
+  struct Verifier;
+  static constexpr std::size_t kMaxVerifiers = 8;  // uploads verified as they arrive, at once
+
+  NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max);
   static std::string StagingKey(const std::string& hash, const std::string& nar_hash_nix32);
+  // The verifier of key if it has seen exactly `offset` bytes (removed from
+  // the map: the caller owns it until it puts it back); nullptr otherwise.
+  std::unique_ptr<Verifier> TakeVerifier(const std::string& key, std::uint64_t offset);
+  // Forgets the staged object key of `size` bytes (discarded, promoted, collected).
+  void DropStaged(const std::string& key, std::uint64_t size);
 
   std::unique_ptr<ByteStorage> storage_;
   std::uint64_t max_;
   std::mutex mu_;
   std::map<std::string, Entry> index_;  // store hash → entry
   std::uint64_t committed_bytes_ = 0;
+  std::uint64_t staged_bytes_ = 0;  // a running total: no directory walk per chunk
+  std::map<std::string, std::unique_ptr<Verifier>> verifiers_;  // staging key → verifier
 };
 
 // The compressed-size bound for a NAR of nar_size bytes (zstd's worst case

@@ -91,6 +91,10 @@ TEST(ByteStorage, AppendsOnlyAtTheCurrentEndAndPromotesWhole) {
   auto wrong = b.Append("staging/x", 2, "world");
   ASSERT_FALSE(wrong.ok());
   EXPECT_THAT(wrong.message(), HasSubstr("resume from 6"));
+  auto absent = b.Append("staging/y", 6, "world");
+  ASSERT_FALSE(absent.ok());
+  EXPECT_THAT(absent.message(), HasSubstr("resume from 0"));
+  EXPECT_FALSE(b.Size("staging/y").has_value()) << "a later chunk creates nothing";
   auto end = b.Append("staging/x", 6, "world");
   ASSERT_TRUE(end.ok());
   EXPECT_EQ(*end, 11u);
@@ -185,6 +189,62 @@ TEST_F(NarCacheTest, FullCacheRefusesUploads) {
   EXPECT_THAT(r.message(), HasSubstr("--cache-max-bytes"));
 }
 
+TEST_F(NarCacheTest, StagedBytesCountTowardsTheBoundAndAreGivenBack) {
+  Nar a = MakeNar('p', {}, 4000), b = MakeNar('q', {}, 4000);
+  Reopen(a.zst.size() + b.zst.size() / 2);
+  ASSERT_TRUE(cache_->Append(a.path, a.hash, a.bytes.size(), 0, a.zst).ok());
+  EXPECT_EQ(cache_->Stats().staged_bytes, a.zst.size());
+  auto full = cache_->Append(b.path, b.hash, b.bytes.size(), 0, b.zst);
+  ASSERT_FALSE(full.ok()) << "staged bytes count";
+  EXPECT_THAT(full.message(), HasSubstr("cache is full"));
+  // A refused commit discards a's bytes and gives their room back.
+  auto info = Info(a);
+  info.nar_hash = b.hash;  // wrong: nothing staged under that hash
+  EXPECT_FALSE(cache_->Commit(info).ok());
+  info.nar_size = a.bytes.size() + 1;
+  info.nar_hash = a.hash;
+  ASSERT_FALSE(cache_->Commit(info).ok());
+  EXPECT_EQ(cache_->Stats().staged_bytes, 0u);
+  ASSERT_TRUE(Upload(b).ok()) << "room given back";
+  EXPECT_EQ(cache_->Stats().staged_bytes, 0u) << "promoted bytes are committed, not staged";
+  // A restart counts what is staged again.
+  Reopen(1 << 30);
+  ASSERT_TRUE(cache_->Append(a.path, a.hash, a.bytes.size(), 0, a.zst.substr(0, 100)).ok());
+  std::uint64_t committed = cache_->Stats().bytes;
+  Reopen(committed + a.zst.size() - 1);
+  EXPECT_EQ(cache_->Stats().staged_bytes, 100u);
+  auto again = cache_->Append(a.path, a.hash, a.bytes.size(), 100, a.zst.substr(100));
+  ASSERT_FALSE(again.ok()) << "committed b plus staged a exceed the bound by one byte";
+  EXPECT_THAT(again.message(), HasSubstr("cache is full"));
+}
+
+TEST_F(NarCacheTest, VerifiedWhileArrivingEqualsVerifiedAtCommit) {
+  // The same NAR uploaded in chunks (verified as it arrives) and resumed
+  // across a restart (read back at commit) gives the same narinfo.
+  Nar n = MakeNar('k', {}, 300000);
+  std::size_t step = n.zst.size() / 3 + 1;
+  for (std::size_t off = 0; off < n.zst.size(); off += step) {
+    ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), off, n.zst.substr(off, step)).ok());
+  }
+  auto live = cache_->Commit(Info(n));
+  ASSERT_TRUE(live.ok()) << live.message();
+  ASSERT_EQ(cache_->CollectGarbage({}, 0, false).first, 1u);
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst.substr(0, step)).ok());
+  Reopen(1 << 30);
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), step, n.zst.substr(step)).ok());
+  auto read_back = cache_->Commit(Info(n));
+  ASSERT_TRUE(read_back.ok()) << read_back.message();
+  EXPECT_EQ(nar::FormatNarInfo(*live), nar::FormatNarInfo(*read_back));
+  // A bad chunk in the middle is found either way.
+  Nar m = MakeNar('m', {}, 300000);
+  std::string bad = m.zst;
+  bad[bad.size() / 2] = static_cast<char>(bad[bad.size() / 2] ^ 0x55);
+  ASSERT_TRUE(cache_->Append(m.path, m.hash, m.bytes.size(), 0, bad).ok());
+  auto r = cache_->Commit(Info(m));
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.message(), HasSubstr("nothing was added"));
+}
+
 TEST_F(NarCacheTest, ClosureFollowsReferencesAndGcKeepsIt) {
   Nar leaf = MakeNar('d'), mid = MakeNar('f', {P('d')}), top = MakeNar('g', {P('f'), P('d')});
   Nar other = MakeNar('h');
@@ -273,6 +333,14 @@ TEST_F(CacheServiceTest, MachineFetchesOnlyClosuresPublishedForIt) {
   ev.at = 1;
   ASSERT_TRUE(store_->RecordStatus("web1", ev, web.path, false).ok());
   EXPECT_EQ(Status(svc, "web1", lib_info), 200);
+  // A machine that names another's toplevel as its own learns nothing: the
+  // current generation's toplevel is the one the operator published.
+  ASSERT_TRUE(store_->RecordStatus("db1", ev, web.path, false).ok());
+  EXPECT_EQ(Status(svc, "db1", lib_info), 404);
+  EXPECT_EQ(Status(svc, "db1", db_info), 200);
+  ev.generation = 99;  // a generation never published for it
+  ASSERT_TRUE(store_->RecordStatus("db1", ev, web.path, false).ok());
+  EXPECT_EQ(Status(svc, "db1", lib_info), 404);
   // GC keeps every path some machine may fetch and removes the rest.
   Nar stray = MakeNar('n');
   ASSERT_TRUE(svc.cache().Append(stray.path, stray.hash, stray.bytes.size(), 0, stray.zst).ok());

@@ -175,6 +175,59 @@ class StoreWriter {
   bool stop_ = false;
 };
 
+// Runs operators' cache requests (uploads verify and hash as they arrive; a
+// commit or a GC touches the disk for seconds) on a thread of its own, so
+// that they never hold an I/O thread that serves agents. One job at a time;
+// a session waits for its job before it reads on (backpressure: one chunk per
+// uploader in memory here). Callbacks run on the worker thread.
+class CacheWorker {
+ public:
+  ~CacheWorker() { Stop(); }
+
+  void Submit(std::function<void()> job) {
+    std::lock_guard lock(mu_);
+    if (stop_) return;
+    if (!thread_.joinable()) thread_ = std::thread([this] { Loop(); });
+    queue_.push_back(std::move(job));
+    cv_.notify_one();
+  }
+
+  // Joins the thread; what is still queued is dropped (never answered).
+  void Stop() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (stop_) return;
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      try {
+        job();
+      } catch (const std::exception& e) {
+        spdlog::error("cache request failed: {}", e.what());
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  std::thread thread_;
+  bool stop_ = false;
+};
+
 struct Shared {
   Shared(Fleet& f, Api& a, std::shared_ptr<asio::ssl::context> t, ServerOptions o,
          std::shared_ptr<ServerStats> s)
@@ -202,6 +255,7 @@ struct Shared {
   double handshake_ewma_ms = 50;  // recent successful handshakes, grant to ready
   StoreWriter store_writer;
   LogWriter log_writer;  // agents' log lines, off the I/O threads
+  CacheWorker cache_worker;
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -588,9 +642,12 @@ class Session : public std::enable_shared_from_this<Session>,
       return End();
     }
     last_rx_ = Clock::now();
-    if (!ws_->got_text()) {
+    // A binary frame carries bulk bytes after a JSON header (proto::EncodeBinary);
+    // Decode tells the two apart and refuses a binary frame without the header.
+    if (!ws_->got_text() &&
+        (buffer_.size() == 0 || static_cast<const char*>(buffer_.data().data())[0] != '\0')) {
       buffer_.consume(buffer_.size());
-      return Refuse("bad-message", "binary frames are not part of the protocol");
+      return Refuse("bad-message", "a binary frame must start with its header length");
     }
     std::string text = beast::buffers_to_string(buffer_.data());
     buffer_.consume(buffer_.size());
@@ -657,7 +714,7 @@ class Session : public std::enable_shared_from_this<Session>,
       if (!opts().cache) {
         Queue(proto::Encode(proto::Fetched{f->id, 404, f->offset, 0, "", "no binary cache"}));
       } else {
-        Queue(proto::Encode(opts().cache->Fetch(who_.name, *f)));
+        Queue(proto::EncodeBinary(opts().cache->Fetch(who_.name, *f)), true);
       }
       return true;
     }
@@ -771,6 +828,18 @@ class Session : public std::enable_shared_from_this<Session>,
       }
       return true;
     }
+    if (req->method.rfind("cache.", 0) == 0) {
+      // Off the I/O thread; reading resumes once it is answered.
+      shared_->cache_worker.Submit([self = shared_from_this(), req = *req]() mutable {
+        auto res = self->shared_->api.Handle(self->who_, req);
+        asio::post(self->ex_, [self, res = std::move(res)]() mutable {
+          if (self->closed_) return;
+          self->Queue(proto::Encode(res));
+          if (!self->closed_) self->ReadNext();
+        });
+      });
+      return false;
+    }
     Queue(proto::Encode(shared_->api.Handle(who_, *req)));
     return true;
   }
@@ -820,9 +889,13 @@ class Session : public std::enable_shared_from_this<Session>,
   struct CloseFrame {
     websocket::close_reason reason;
   };
-  using Out = std::variant<std::string, Ping, CloseFrame>;
+  struct Binary {
+    std::string bytes;
+  };
+  using Out = std::variant<std::string, Ping, CloseFrame, Binary>;
 
-  void Queue(std::string text) {
+  // Queues a text message, or a binary frame (proto::EncodeBinary).
+  void Queue(std::string text, bool binary = false) {
     if (closed_) return;
     outbox_bytes_ += text.size();
     if (outbox_bytes_ > opts().max_outbox_bytes) {
@@ -836,7 +909,9 @@ class Session : public std::enable_shared_from_this<Session>,
       // Insert before the close frame.
       auto it = outbox_.end();
       if (!outbox_.empty() && std::holds_alternative<CloseFrame>(outbox_.back())) --it;
-      outbox_.insert(it, Out{std::move(text)});
+      outbox_.insert(it, binary ? Out{Binary{std::move(text)}} : Out{std::move(text)});
+    } else if (binary) {
+      outbox_.push_back(Binary{std::move(text)});
     } else {
       outbox_.push_back(std::move(text));
     }
@@ -853,6 +928,10 @@ class Session : public std::enable_shared_from_this<Session>,
       ws_->async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) {
         self->OnWrite(ec);
       });
+    } else if (auto* bin = std::get_if<Binary>(&front)) {
+      ws_->binary(true);
+      ws_->async_write(asio::buffer(bin->bytes),
+                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_->async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
@@ -877,6 +956,7 @@ class Session : public std::enable_shared_from_this<Session>,
       return Abort();
     }
     if (auto* text = std::get_if<std::string>(&outbox_.front())) outbox_bytes_ -= text->size();
+    if (auto* bin = std::get_if<Binary>(&outbox_.front())) outbox_bytes_ -= bin->bytes.size();
     outbox_.pop_front();
     Flush();
   }
@@ -1031,6 +1111,7 @@ Server::Server(asio::io_context& ioc, Fleet& fleet, Api& api,
 Server::~Server() {
   Stop();
   impl_->shared->store_writer.Stop();  // before the io_context its callbacks post to
+  impl_->shared->cache_worker.Stop();
   impl_->shared->log_writer.Stop();    // stores what is queued
 }
 

@@ -6,9 +6,14 @@
 #include <zstd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <iostream>
 #include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include "common/fsutil.h"
 #include "common/process.h"
@@ -141,87 +146,186 @@ class Progress {
   std::chrono::steady_clock::time_point last_{};
 };
 
-// One attempt at streaming a path's compressed NAR from offset. Sets *cut
-// when the connection broke (worth a reconnect).
-Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const UploadOptions& o,
-                  Progress& progress, bool* cut) {
-  std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
-  ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, o.zstd_level);
-  ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, 1);
-  std::string in_block, out_buf;
-  std::string zbuf(ZSTD_CStreamOutSize(), '\0');
-  std::uint64_t produced = 0;  // compressed bytes produced so far
-  std::uint64_t nar_seen = 0;
-  std::optional<Error> failure;
-  auto send = [&](bool final) -> bool {
-    while (out_buf.size() >= o.chunk_bytes || (final && !out_buf.empty())) {
-      std::size_t n = std::min(out_buf.size(), o.chunk_bytes);
-      std::uint64_t start = produced;
-      produced += n;
-      if (produced > offset) {
-        std::size_t skip = start >= offset ? 0 : static_cast<std::size_t>(offset - start);
-        auto r = c.Call("cache.upload",
-                        {{"path", pi.path},
-                         {"narHash", pi.nar_hash},
-                         {"narSize", pi.nar_size},
-                         {"offset", start + skip},
-                         {"data", Base64Encode(std::string_view(out_buf).substr(skip, n - skip))}},
-                        std::chrono::minutes(5));
-        if (!r) {
-          *cut = r.message().find("connection") != std::string::npos ||
-                 r.message().find("no answer") != std::string::npos;
-          failure = Err(r.message());
+// Compressed chunks of one NAR, made by a thread of their own (nix-store
+// --dump piped through zstd) while the caller sends the previous ones: a
+// bounded queue between the two.
+class ChunkMaker {
+ public:
+  struct Chunk {
+    std::uint64_t start = 0;  // offset of bytes in the compressed stream
+    std::string bytes;
+    std::uint64_t nar_seen = 0;  // NAR bytes read when this chunk was cut
+  };
+
+  ChunkMaker(const PathInfo& pi, const UploadOptions& o) : pi_(pi), o_(o) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~ChunkMaker() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  // The next chunk; nullopt at the end (then failure() says whether it failed).
+  std::optional<Chunk> Next() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return !queue_.empty() || done_; });
+    if (queue_.empty()) return std::nullopt;
+    Chunk c = std::move(queue_.front());
+    queue_.pop_front();
+    cv_.notify_all();
+    return c;
+  }
+  std::optional<Error> failure() {
+    std::lock_guard lock(mu_);
+    return failure_;
+  }
+
+ private:
+  // Blocks while the queue is full; false when the consumer gave up.
+  bool Push(Chunk c) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return stop_ || queue_.size() < std::max<std::size_t>(o_.window, 1); });
+    if (stop_) return false;
+    queue_.push_back(std::move(c));
+    cv_.notify_all();
+    return true;
+  }
+
+  void Finish(std::optional<Error> failure) {
+    std::lock_guard lock(mu_);
+    if (!failure_) failure_ = std::move(failure);
+    done_ = true;
+    cv_.notify_all();
+  }
+
+  void Run() {
+    std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, o_.zstd_level);
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, 1);
+    std::string in_block, out_buf;
+    std::string zbuf(ZSTD_CStreamOutSize(), '\0');
+    std::uint64_t produced = 0;  // compressed bytes cut into chunks so far
+    std::uint64_t nar_seen = 0;
+    std::optional<Error> failure;
+    auto cut = [&](bool final) -> bool {
+      while (out_buf.size() >= o_.chunk_bytes || (final && !out_buf.empty())) {
+        std::size_t n = std::min(out_buf.size(), o_.chunk_bytes);
+        Chunk c{produced, out_buf.substr(0, n), nar_seen};
+        produced += n;
+        out_buf.erase(0, n);
+        if (!Push(std::move(c))) return false;
+      }
+      return true;
+    };
+    auto compress = [&](std::string_view block, ZSTD_EndDirective mode) -> bool {
+      ZSTD_inBuffer in{block.data(), block.size(), 0};
+      for (;;) {
+        ZSTD_outBuffer out{zbuf.data(), zbuf.size(), 0};
+        std::size_t left = ZSTD_compressStream2(cctx.get(), &out, &in, mode);
+        if (ZSTD_isError(left)) {
+          failure = Err(std::string("zstd: ") + ZSTD_getErrorName(left));
           return false;
         }
+        out_buf.append(zbuf.data(), out.pos);
+        bool done = mode == ZSTD_e_end ? left == 0 : in.pos == in.size;
+        if (done) break;
       }
-      out_buf.erase(0, n);
-    }
-    return true;
-  };
-  auto compress = [&](std::string_view block, ZSTD_EndDirective mode) -> bool {
-    ZSTD_inBuffer in{block.data(), block.size(), 0};
-    for (;;) {
-      ZSTD_outBuffer out{zbuf.data(), zbuf.size(), 0};
-      std::size_t left = ZSTD_compressStream2(cctx.get(), &out, &in, mode);
-      if (ZSTD_isError(left)) {
-        failure = Err(std::string("zstd: ") + ZSTD_getErrorName(left));
-        return false;
+      return cut(false);
+    };
+    RunOptions ro;
+    ro.argv = {FindProgram("nix-store"), "--dump", pi_.path};
+    ro.env = NixEnv();
+    ro.timeout = std::chrono::hours(24);
+    ro.on_stdout = [&](std::string_view bytes) {
+      nar_seen += bytes.size();
+      while (!bytes.empty()) {
+        std::size_t take = std::min(bytes.size(), kInputBlock - in_block.size());
+        in_block.append(bytes.substr(0, take));
+        bytes.remove_prefix(take);
+        if (in_block.size() == kInputBlock) {
+          if (!compress(in_block, ZSTD_e_continue)) return false;
+          in_block.clear();
+        }
       }
-      out_buf.append(zbuf.data(), out.pos);
-      bool done = mode == ZSTD_e_end ? left == 0 : in.pos == in.size;
-      if (done) break;
+      return true;
+    };
+    SystemProcessRunner runner;
+    auto r = runner.Run(ro);
+    if (failure) return Finish(std::move(failure));
+    {
+      std::lock_guard lock(mu_);
+      if (stop_) return Finish(Err("stopped"));
     }
-    return send(false);
-  };
-  RunOptions ro;
-  ro.argv = {FindProgram("nix-store"), "--dump", pi.path};
-  ro.env = NixEnv();
-  ro.timeout = std::chrono::hours(24);
-  ro.on_stdout = [&](std::string_view bytes) {
-    nar_seen += bytes.size();
-    progress.Bytes(bytes.size());
-    while (!bytes.empty()) {
-      std::size_t take = std::min(bytes.size(), kInputBlock - in_block.size());
-      in_block.append(bytes.substr(0, take));
-      bytes.remove_prefix(take);
-      if (in_block.size() == kInputBlock) {
-        if (!compress(in_block, ZSTD_e_continue)) return false;
-        in_block.clear();
-      }
+    if (!r.ok()) return Finish(Err("nix-store --dump " + pi_.path + " " + r.Describe()));
+    if (nar_seen != pi_.nar_size) {
+      return Finish(Err("nix-store --dump " + pi_.path + " gave " + std::to_string(nar_seen) +
+                        " bytes, nix path-info says " + std::to_string(pi_.nar_size) +
+                        " (run nix-store --verify)"));
     }
-    return true;
-  };
-  SystemProcessRunner runner;
-  auto r = runner.Run(ro);
-  if (failure) return *failure;
-  if (!r.ok()) return Err("nix-store --dump " + pi.path + " " + r.Describe());
-  if (nar_seen != pi.nar_size) {
-    return Err("nix-store --dump " + pi.path + " gave " + std::to_string(nar_seen) +
-               " bytes, nix path-info says " + std::to_string(pi.nar_size) +
-               " (run nix-store --verify)");
+    if (!compress(in_block, ZSTD_e_end) || !cut(true)) {
+      return Finish(failure ? std::move(failure) : std::optional<Error>(Err("stopped")));
+    }
+    Finish(std::nullopt);
   }
-  if (!compress(in_block, ZSTD_e_end)) return *failure;
-  if (!send(true)) return *failure;
+
+  const PathInfo& pi_;
+  const UploadOptions& o_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Chunk> queue_;
+  bool done_ = false;
+  bool stop_ = false;
+  std::optional<Error> failure_;
+  std::thread thread_;
+};
+
+// One attempt at streaming a path's compressed NAR from offset: binary
+// cache.upload frames, up to o.window of them in flight while the next ones
+// are compressed. Sets *cut when the connection broke (worth a reconnect).
+Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const UploadOptions& o,
+                  Progress& progress, bool* cut) {
+  ChunkMaker maker(pi, o);
+  std::deque<std::uint64_t> in_flight;  // request ids, oldest first
+  std::uint64_t reported = 0;           // NAR bytes shown on the progress line
+  auto await_one = [&]() -> Status {
+    auto r = c.Await(in_flight.front(), std::chrono::minutes(5));
+    in_flight.pop_front();
+    if (!r) {
+      // "resume from": the controller has more bytes than this attempt
+      // thought (an earlier connection's last chunks landed late): ask again.
+      *cut = r.message().find("connection") != std::string::npos ||
+             r.message().find("no answer") != std::string::npos ||
+             r.message().find("resume from") != std::string::npos;
+      return Err(r.message());
+    }
+    return Status::Ok();
+  };
+  while (auto chunk = maker.Next()) {
+    progress.Bytes(chunk->nar_seen - reported);
+    reported = chunk->nar_seen;
+    std::uint64_t end = chunk->start + chunk->bytes.size();
+    if (end <= offset) continue;  // the controller has these bytes already
+    std::size_t skip = chunk->start >= offset ? 0 : static_cast<std::size_t>(offset - chunk->start);
+    if (skip) chunk->bytes.erase(0, skip);
+    in_flight.push_back(c.Send("cache.upload",
+                               {{"path", pi.path},
+                                {"narHash", pi.nar_hash},
+                                {"narSize", pi.nar_size},
+                                {"offset", chunk->start + skip}},
+                               std::move(chunk->bytes)));
+    if (in_flight.size() >= std::max<std::size_t>(o.window, 1)) {
+      if (auto st = await_one(); !st) return st;
+    }
+  }
+  if (auto f = maker.failure()) return *f;
+  while (!in_flight.empty()) {
+    if (auto st = await_one(); !st) return st;
+  }
+  progress.Bytes(pi.nar_size - reported);
   return Status::Ok();
 }
 

@@ -18,7 +18,9 @@ namespace muster::cli {
 constexpr const char* kControllerSubstituter = "muster:";
 
 struct UploadOptions {
-  std::size_t chunk_bytes = 1 << 20;  // compressed bytes per cache.upload
+  std::size_t chunk_bytes = 2 << 20;  // compressed bytes per cache.upload (≤ 4 MiB)
+  std::size_t window = 4;             // cache.upload requests in flight (and as many compressed
+                                      // ahead): memory ≈ 2 × window × chunk_bytes
   int zstd_level = 3;
   bool progress = false;  // a progress line on stderr
   int max_attempts = 5;   // per path, across reconnects

@@ -51,8 +51,29 @@ Result<nlohmann::json> Connection::Call(const std::string& method, nlohmann::jso
   req.method = method;
   req.params = std::move(params);
   client_->Send(proto::Encode(req));
+  return Await(req.id, timeout);
+}
+
+std::uint64_t Connection::Send(const std::string& method, nlohmann::json params,
+                               std::string payload) {
+  proto::Request req;
+  req.id = next_id_++;
+  req.method = method;
+  req.params = std::move(params);
+  req.payload = std::move(payload);
+  client_->SendBinary(proto::EncodeBinary(req));
+  return req.id;
+}
+
+Result<nlohmann::json> Connection::Await(std::uint64_t id, std::chrono::milliseconds timeout) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
+    if (auto it = responses_.find(id); it != responses_.end()) {
+      proto::Response r = std::move(it->second);
+      responses_.erase(it);
+      if (!r.ok) return Err(r.error);
+      return r.result;
+    }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0)
@@ -72,9 +93,8 @@ Result<nlohmann::json> Connection::Call(const std::string& method, nlohmann::jso
     }
     if (auto* err = std::get_if<proto::ErrorMsg>(&*msg)) return Err(err->message);
     if (auto* r = std::get_if<proto::Response>(&*msg)) {
-      if (r->id != req.id) continue;
-      if (!r->ok) return Err(r->error);
-      return r->result;
+      // Only requests still awaited are kept (ids below next_id_).
+      if (r->id > 0 && r->id < next_id_) responses_[r->id] = std::move(*r);
     }
   }
 }

@@ -5,6 +5,7 @@
 #include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <deque>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -27,6 +28,12 @@ class Connection {
   // queued for NextEvent.
   Result<nlohmann::json> Call(const std::string& method, nlohmann::json params,
                               std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  // Pipelining: sends a request (a binary frame carrying payload, see
+  // proto::EncodeBinary) without waiting; returns its id for Await.
+  std::uint64_t Send(const std::string& method, nlohmann::json params, std::string payload);
+  // Waits for the response to the request id (responses to other requests
+  // that arrive meanwhile are kept for their own Await).
+  Result<nlohmann::json> Await(std::uint64_t id, std::chrono::milliseconds timeout);
   // Waits up to timeout for an event; nullopt on timeout. Fails if the
   // connection ended.
   Result<std::optional<proto::Event>> NextEvent(std::chrono::milliseconds timeout);
@@ -39,6 +46,7 @@ class Connection {
   std::shared_ptr<WsClient> client_;
   std::deque<std::string> inbox_;
   std::deque<proto::Event> events_;
+  std::map<std::uint64_t, proto::Response> responses_;  // arrived before their Await
   bool open_ = false;
   bool closed_ = false;
   std::string close_reason_;

@@ -157,18 +157,21 @@ class ClosuresTest(ClosuresBase):
                                      "body": {"id": fid, "name": name, "offset": 0, "length": 65536}}))
             for _ in range(20):
                 op, data = c.recv_frame()
-                if op != 0x1:
+                if op != 0x2:  # fetched comes as a binary frame: header length, JSON, bytes
                     continue
-                m = json.loads(data)
+                n = int.from_bytes(data[:4], "big")
+                m = json.loads(data[4:4 + n])
                 if m["type"] == "fetched" and m["body"]["id"] == fid:
+                    m["body"]["payload"] = data[4 + n:]
                     return m["body"]
             raise AssertionError("no answer to fetch " + name)
 
         own = fetch(os.path.basename(top2)[:32] + ".narinfo", 1)
         self.assertEqual(own["status"], 200, own)
+        self.assertIn(b"StorePath: " + top2.encode(), own["payload"])
         other = fetch(os.path.basename(top1)[:32] + ".narinfo", 2)
         self.assertEqual(other["status"], 404, other)
-        self.assertEqual(other["data"], "")
+        self.assertEqual(other["payload"], b"")
         info = fetch("nix-cache-info", 3)
         self.assertEqual(info["status"], 200)
         # The NAR of m1's toplevel, by its exact name, is refused as well.
@@ -264,6 +267,56 @@ class ClosuresTest(ClosuresBase):
         except (OSError, ConnectionError):
             pass
         return None
+
+
+class ClosuresFullDiskTest(ClosuresBase):
+    """The controller's cache on an 8 MiB tmpfs (needs root to mount it)."""
+
+    def setUp(self):
+        EnvTest.setUp(self)
+        env = self.env
+        env.init_controller()
+        self.cache_dir = os.path.join(env.ctl_dir, "cache")
+        os.makedirs(self.cache_dir, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0750", "tmpfs",
+                            self.cache_dir], capture_output=True, text=True)
+        if r.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here: " + r.stderr.strip())
+        # Lazily: the controller may still hold the directory when this runs.
+        self.addCleanup(subprocess.run, ["umount", "-l", self.cache_dir], capture_output=True)
+        env.start_controller()
+        self.key = os.path.join(env.cli_dir, "cache.key")
+        env.cli("key", "generate", "--cache", "--name", "fleet-test-1", "--out", self.key)
+
+    def test_full_disk_refuses_the_upload_and_the_cache_stays_usable(self):
+        env = self.env
+        a = env.add_agent("m1").start()
+        first = env.build("before-full", push=False, delete=False, payload=1 << 20)
+        self.push(first)
+        big = env.build("fills-disk", push=False, delete=False, payload=16 << 20)
+        r = self.push(big, check=False)
+        self.assertNotEqual(r.returncode, 0, r.stdout)
+        self.assertIn("disk is full", r.stderr)
+        self.assertIn("nothing was added", r.stderr)
+        big_payload = [p for p in self.closure(big) if "payload" in p][0]
+        self.assertFalse(os.path.exists(self.narinfo_path(big_payload)))
+        # The partial upload gave its room back; nothing half-written is visible.
+        self.assertEqual(glob.glob(os.path.join(self.cache_dir, "staging", "*")), [])
+        st = json.loads(env.cli("cache", "status", "--json").stdout)
+        self.assertEqual(st["stagedBytes"], 0, st)
+        # Later uploads and fetches work: what was there before, and something new.
+        later = env.build("after-full", push=False, delete=False, payload=1 << 20)
+        self.push(later)
+        for top in (first, later):
+            env.delete_local(top)
+            gen = self.publish("m1", top)
+            s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=120)
+            self.assertEqual(s["phase"], "succeeded", s["detail"])
+            self.assertEqual(a.current_system(), top)
+        env.delete_local(big)
+
+    def narinfo_path(self, path):
+        return os.path.join(self.cache_dir, os.path.basename(path)[:32] + ".narinfo")
 
 
 class ClosuresFlowTest(ClosuresBase):

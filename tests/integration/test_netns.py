@@ -2,13 +2,15 @@
 blackholed path and a NAT that forgets idle connections. Every test builds its
 own network namespaces (see netns.py), runs the real controller, CLI and agent
 inside them and deletes them afterwards; skipped where namespaces are unavailable."""
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 import unittest
 
-from harness import EnvTest, wait_until
+from harness import EnvTest, binary, nix_env, wait_until
 from netns import Net, NetEnv, nat_topology, start_agent_in
 
 PORT = 7443
@@ -78,6 +80,46 @@ class NetTest(EnvTest):
         self.assertTrue(self.net.can_connect(agt, "10.200.2.2", 9999))
         self.assertFalse(self.net.can_connect(ctl, "10.200.2.2", 9999, timeout=1.5),
                          "the controller side reached the agent behind NAT directly")
+
+    def test_machine_behind_nat_fetches_its_closure_through_its_one_connection(self):
+        # The closure exists only on the operator's machine and then only in
+        # the controller's cache; the machine behind masquerade has no
+        # substituter but the controller, reached over its outbound connection.
+        ctl, rtr, agt = nat_topology(self.net)
+        env = self.make_env(ctl, "10.200.1.1", "10.200.1.1")
+        a = env.add_agent("natted-cache")
+        start_agent_in(self.net, agt, a)
+        a.wait_connected()
+        key = os.path.join(env.cli_dir, "cache.key")
+        env.cli("key", "generate", "--cache", "--name", "nat-test-1", "--out", key)
+        top = env.build("natted-closure", push=False, delete=False, payload=4 << 20)
+        closure = subprocess.run(["nix-store", "-q", "--requisites", top], capture_output=True,
+                                 text=True, env=nix_env(), check=True).stdout.split()
+        self.assertEqual(len(closure), 3, closure)
+        argv = [binary("muster"), "--config", os.path.join(env.cli_dir, "config.json")]
+        subprocess.run(self.net.exec_argv(ctl, argv + ["cache", "push", top, "--cache-key", key]),
+                       check=True, capture_output=True, env=env.cli_env(), timeout=300)
+        env.delete_local(top)
+        for p in closure:
+            self.assertFalse(os.path.exists(p), p)
+        r = subprocess.run(self.net.exec_argv(ctl, argv + ["publish", "natted-cache", top,
+                                                           "--cache-key", key]),
+                           capture_output=True, text=True, env=env.cli_env(), timeout=300)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        gen = int(r.stdout.split("generation ")[1].split(":")[0])
+        s = env.wait_phase("natted-cache", gen, ["succeeded", "failed"], timeout=180)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(a.current_system(), top)
+        for p in closure:
+            self.assertTrue(os.path.exists(p), p)
+        # Fetched through the loopback substituter, i.e. over the agent's one
+        # connection (which the controller sees from the router's address).
+        out = env.cli("logs", "natted-cache", "--generation", str(gen), "--json").stdout
+        text = "\n".join(json.loads(l)["line"] for l in out.splitlines() if l.strip())
+        self.assertIn("copying path '" + [p for p in closure if "payload" in p][0], text)
+        self.assertIn("http://127.0.0.1:", text)
+        self.assertRegex(env.controller.text(), r"10\.200\.1\.2:\d+: machine natted-cache connected")
+        self.assertNotIn("10.200.2.2", env.controller.text())
 
     # ------------------------------------------------------------ overlay
     def test_ipv6_ula_overlay_with_controller_on_any_address(self):
