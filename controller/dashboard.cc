@@ -214,8 +214,9 @@ class DashSession : public EventSink, public std::enable_shared_from_this<DashSe
                          "to an IP address or localhost."));
       }
     }
-    if (path.rfind("/static/", 0) == 0) {
-      const DashboardAsset* a = FindDashboardAsset(path);
+    if (path.rfind("/static/", 0) == 0 || path == "/favicon.ico") {
+      const DashboardAsset* a =
+          FindDashboardAsset(path == "/favicon.ico" ? "/static/icon.svg" : path);
       if (!a) return Send(Page(http::status::not_found, "Not found", "No such file."));
       Response res(http::status::ok, 11);
       res.set(http::field::content_type, a->content_type);

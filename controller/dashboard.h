@@ -42,8 +42,9 @@ class DashboardServer {
   Result<boost::asio::ip::tcp::endpoint> Start(const HostPort& where);
   void Stop();
 
+  struct Impl;  // defined in dashboard.cc, shared with its sessions
+
  private:
-  struct Impl;
   std::shared_ptr<Impl> impl_;
 };
 

@@ -33,8 +33,8 @@ std::string Head(const std::string& title, const std::string& page, const std::s
          "<body data-page=\"" +
          page + "\"" + data_attrs +
          "><header><span class=\"brand\">muster</span>"
-         "<a href=\"/\">Fleet</a><a href=\"/rollouts\">Rollouts</a>"
-         (live ? "<span id=\"live\" class=\"live\">connecting</span>" : "") + "</header><main>";
+         "<a href=\"/\">Fleet</a><a href=\"/rollouts\">Rollouts</a>" +
+         std::string(live ? "<span id=\"live\" class=\"live\">connecting</span>" : "") + "</header><main>";
 }
 
 constexpr const char* kFoot = "</main></body></html>\n";

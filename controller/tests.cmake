@@ -4,6 +4,7 @@ muster_unit_test(controller_test
     api_test.cc
     fleet_test.cc
     dashboard_test.cc
+    notifier_test.cc
     metrics_test.cc rollout_test.cc
     log_writer_test.cc
     nar_cache_test.cc
