@@ -139,8 +139,13 @@ constexpr std::string_view kJs = R"JS('use strict';
       const pre = document.getElementById('log');
       if (!pre || !Array.isArray(d.lines)) return;
       const gen = document.getElementById('log-generation');
-      if (gen) gen.textContent = str(d.generation);
-      d.lines.forEach(function (l) { pre.appendChild(document.createTextNode(str(l) + '\n')); });
+      if (gen && gen.textContent !== str(d.generation)) {
+        if (Number(d.generation) < Number(gen.textContent)) return;  // an older generation's
+        gen.textContent = str(d.generation);
+        while (pre.firstChild) pre.removeChild(pre.firstChild);
+      }
+      const prefix = '[' + str(d.stream) + '] ';
+      d.lines.forEach(function (l) { pre.appendChild(document.createTextNode(prefix + str(l) + '\n')); });
       while (pre.childNodes.length > 2000) pre.removeChild(pre.firstChild);
       pre.scrollTop = pre.scrollHeight;
     },

@@ -182,8 +182,8 @@ std::optional<std::string> RenderMachinePage(Fleet& fleet, const std::string& na
                                   E(g.rollout) + "</a>") +
          (g.released ? "" : " (held back)") + "</p>";
     o += "<table class=\"events\"><tr><th>Time</th><th>Phase</th><th>Detail</th></tr>";
+    // The newest kEventsPerGeneration, oldest first (as the store returns them).
     auto events = fleet.store().ListEvents(m->name, g.generation, kEventsPerGeneration);
-    std::reverse(events.begin(), events.end());  // oldest first
     for (const auto& e : events) {
       o += "<tr class=\"event\"><td class=\"muted\">" + E(DashboardTime(e.at)) + "</td><td class=\"phase-" +
            PhaseClass(e.phase) + "\">" + E(e.phase) + "</td><td>" + E(e.detail) + "</td></tr>";
