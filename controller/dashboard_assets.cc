@@ -108,6 +108,8 @@ constexpr std::string_view kJs = R"JS('use strict';
       if (page === 'machine' && m === here) {
         const p = document.getElementById('phase');
         if (p) { p.textContent = phase; p.className = 'phase-' + phase; }
+        const g = document.getElementById('generation');
+        if (g) g.textContent = str(d.generation);
         const sec = generationSection(d.generation);
         if (sec) {
           const tr = el('tr', 'event');

@@ -138,7 +138,7 @@ std::optional<std::string> RenderMachinePage(Fleet& fleet, const std::string& na
   o += "<dt>Last seen</dt><dd>" + E(DashboardTime(m->last_seen)) + "</dd>";
   o += "<dt>Phase</dt><dd id=\"phase\" class=\"phase-" + PhaseClass(m->phase) + "\">" +
        E(m->phase) + "</dd>";
-  o += "<dt>Generation</dt><dd>" + std::to_string(m->generation) + "</dd>";
+  o += "<dt>Generation</dt><dd id=\"generation\">" + std::to_string(m->generation) + "</dd>";
   o += "<dt>System</dt><dd><code>" + E(m->toplevel) + "</code></dd>";
   o += "<dt>Reboot needed</dt><dd>" + std::string(m->reboot_required ? "yes" : "no") + "</dd>";
   o += "<dt>Tags</dt><dd>" + Tags(m->tags) + "</dd>";

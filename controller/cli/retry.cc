@@ -91,6 +91,9 @@ int RolloutRetry(const Globals& g, const std::string& id, bool wait, int timeout
       m.generation = max_gen[m.machine] + 1;
       m.created_at = now;
       m.rollout = "";
+      // A failed deploy may have left its closure active (nothing to roll
+      // back to): activate and check it again rather than report "unchanged".
+      m.force = true;
       if (auto st = CheckGenerationNumber(m.generation, now); !st) {
         return Die("machine '" + m.machine + "': " + st.message() + "; refusing to sign",
                    kExitFailed);
