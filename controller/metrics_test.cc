@@ -70,6 +70,7 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
         "muster_log_lines_dropped_total{reason=\"store-error\"} 0"}},
       {"muster_log_queue_lines", "gauge", {"muster_log_queue_lines 6"}},
       {"muster_agent_read_pauses_total", "counter", {"muster_agent_read_pauses_total 3"}},
+      {"muster_webhook_deliveries_queued", "gauge", {"muster_webhook_deliveries_queued 0"}},
       {"muster_publishes_total", "counter", {"muster_publishes_total 1"}},
       {"muster_deploys_sent_total", "counter", {"muster_deploys_sent_total 1"}},
       {"muster_status_reports_total", "counter", {"muster_status_reports_total 1"}},
