@@ -3,6 +3,7 @@ console errors, live deploys and rollouts update the page without a reload,
 agent-supplied strings stay text, and beyond loopback a token is needed.
 
 Screenshots go to $MUSTER_BIN_DIR/test-artefacts/dashboard/."""
+import hashlib
 import json
 import os
 import re
@@ -137,6 +138,13 @@ class DashboardTest(EnvTest):
                        "facts": {"hostname": payload, "os": payload, "system": "x86_64-linux"},
                        "generation": 0, "phase": "idle", "lastApplied": 0}})
         b = self.browser()
+        # The error detector itself: a console error and a failed load are caught.
+        b.navigate(base + "/machine/nope")
+        b.eval("console.error('probe')")
+        b.pump(0.3)
+        self.assertTrue(any("probe" in p for p in b.problems), b.problems)
+        self.assertTrue(any("404" in p for p in b.problems), b.problems)
+        b.problems.clear()
         b.navigate(base + "/")
         b.wait_for("document.getElementById('live').textContent === 'live'", 20, "event stream open")
         # A report arriving live is as hostile as one rendered by the server.
@@ -167,8 +175,14 @@ class DashboardTest(EnvTest):
         out = json.loads(env.cli("dashboard", "token", "--url", base, "--json").stdout)
         token, link = out["token"], out["url"]
         self.assertEqual(link, f"{base}/?token={token}")
-        db = open(os.path.join(env.ctl_dir, "muster.db"), "rb").read()
-        self.assertNotIn(token.encode(), db, "the controller stores only a hash")
+        stored = b""
+        for name in ("muster.db", "muster.db-wal"):  # recent writes sit in the WAL
+            path = os.path.join(env.ctl_dir, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    stored += f.read()
+        self.assertIn(hashlib.sha256(token.encode()).hexdigest().encode(), stored)
+        self.assertNotIn(token.encode(), stored, "the controller stores only a hash")
 
         status, headers, _ = get(link)
         self.assertEqual(status, 303)
