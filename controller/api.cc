@@ -1,10 +1,10 @@
 #include "controller/api.h"
 
-#include "controller/dashboard.h"
-
 #include <spdlog/spdlog.h>
 
 #include <set>
+
+#include "controller/dashboard.h"
 
 namespace muster {
 
@@ -268,8 +268,7 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
                           {"createdBy", w.created_by},
                           {"createdAt", w.created_at}});
         }
-        return Ok(req.id,
-                  {{"webhooks", list}, {"queued", fleet_.store().QueuedDeliveries()}});
+        return Ok(req.id, {{"webhooks", list}, {"queued", fleet_.store().QueuedDeliveries()}});
       }
       if (req.method == "webhook.remove") {
         std::string id = Need(p, "id");

@@ -3,12 +3,12 @@
 #include <sodium.h>
 #include <spdlog/spdlog.h>
 
+#include <array>
 #include <atomic>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <array>
 #include <deque>
 
 #include "common/crypto.h"
@@ -187,9 +187,10 @@ class DashSession : public EventSink, public std::enable_shared_from_this<DashSe
 
   // EventSink: any thread.
   void Deliver(std::string text) override {
-    asio::post(stream_.get_executor(), [self = shared_from_this(), text = std::move(text)]() mutable {
-      self->Queue(std::move(text));
-    });
+    asio::post(stream_.get_executor(),
+               [self = shared_from_this(), text = std::move(text)]() mutable {
+                 self->Queue(std::move(text));
+               });
   }
 
  private:
@@ -231,8 +232,8 @@ class DashSession : public EventSink, public std::enable_shared_from_this<DashSe
         // The token leaves the address bar (and history) at once.
         Response res(http::status::see_other, 11);
         res.set(http::field::location, path.empty() ? "/" : std::string(target.substr(0, q)));
-        res.set(http::field::set_cookie, std::string(kCookie) + "=" + from_query +
-                                             "; Path=/; HttpOnly; SameSite=Strict");
+        res.set(http::field::set_cookie,
+                std::string(kCookie) + "=" + from_query + "; Path=/; HttpOnly; SameSite=Strict");
         return Send(std::move(res));
       }
       std::string presented;

@@ -28,9 +28,9 @@
 namespace muster {
 
 struct DashboardOptions {
-  std::size_t max_streams = 64;            // open /events streams at once
+  std::size_t max_streams = 64;              // open /events streams at once
   std::size_t max_stream_backlog = 4 << 20;  // bytes queued for one slow stream
-  std::chrono::seconds keepalive{15};      // comment line sent on idle streams
+  std::chrono::seconds keepalive{15};        // comment line sent on idle streams
 };
 
 class DashboardServer {

@@ -29,12 +29,14 @@ std::string Head(const std::string& title, const std::string& page, const std::s
          " · muster</title>"
          "<link rel=\"icon\" href=\"/static/icon.svg\" type=\"image/svg+xml\">"
          "<link rel=\"stylesheet\" href=\"/static/app.css\">" +
-         std::string(live ? "<script src=\"/static/app.js\" defer></script>" : "") + "</head>"
+         std::string(live ? "<script src=\"/static/app.js\" defer></script>" : "") +
+         "</head>"
          "<body data-page=\"" +
          page + "\"" + data_attrs +
          "><header><span class=\"brand\">muster</span>"
          "<a href=\"/\">Fleet</a><a href=\"/rollouts\">Rollouts</a>" +
-         std::string(live ? "<span id=\"live\" class=\"live\">connecting</span>" : "") + "</header><main>";
+         std::string(live ? "<span id=\"live\" class=\"live\">connecting</span>" : "") +
+         "</header><main>";
 }
 
 constexpr const char* kFoot = "</main></body></html>\n";
@@ -67,12 +69,23 @@ std::string HtmlEscape(std::string_view text) {
   o.reserve(in.size() + in.size() / 8);
   for (char c : in) {
     switch (c) {
-      case '&': o += "&amp;"; break;
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '"': o += "&quot;"; break;
-      case '\'': o += "&#39;"; break;
-      default: o += c;
+      case '&':
+        o += "&amp;";
+        break;
+      case '<':
+        o += "&lt;";
+        break;
+      case '>':
+        o += "&gt;";
+        break;
+      case '"':
+        o += "&quot;";
+        break;
+      case '\'':
+        o += "&#39;";
+        break;
+      default:
+        o += c;
     }
   }
   return o;
@@ -177,16 +190,17 @@ std::optional<std::string> RenderMachinePage(Fleet& fleet, const std::string& na
     o += "<h3>Generation " + std::to_string(g.generation) + "</h3>";
     o += "<p class=\"muted\">" + E(g.action) + " <code>" + E(g.toplevel) + "</code> published by " +
          E(g.published_by) + " at " + E(DashboardTime(g.created_at)) +
-         (g.rollout.empty() ? ""
-                            : " in rollout <a href=\"/rollout/" + E(g.rollout) + "\">" +
-                                  E(g.rollout) + "</a>") +
+         (g.rollout.empty()
+              ? ""
+              : " in rollout <a href=\"/rollout/" + E(g.rollout) + "\">" + E(g.rollout) + "</a>") +
          (g.released ? "" : " (held back)") + "</p>";
     o += "<table class=\"events\"><tr><th>Time</th><th>Phase</th><th>Detail</th></tr>";
     // The newest kEventsPerGeneration, oldest first (as the store returns them).
     auto events = fleet.store().ListEvents(m->name, g.generation, kEventsPerGeneration);
     for (const auto& e : events) {
-      o += "<tr class=\"event\"><td class=\"muted\">" + E(DashboardTime(e.at)) + "</td><td class=\"phase-" +
-           PhaseClass(e.phase) + "\">" + E(e.phase) + "</td><td>" + E(e.detail) + "</td></tr>";
+      o += "<tr class=\"event\"><td class=\"muted\">" + E(DashboardTime(e.at)) +
+           "</td><td class=\"phase-" + PhaseClass(e.phase) + "\">" + E(e.phase) + "</td><td>" +
+           E(e.detail) + "</td></tr>";
     }
     o += "</table></section>";
   }
@@ -257,7 +271,8 @@ std::optional<std::string> RenderRolloutPage(Fleet& fleet, RolloutManager* rollo
 }
 
 std::string RenderMessagePage(const std::string& title, const std::string& text) {
-  return Head(title, "message", "", false) + "<h1>" + E(title) + "</h1><p>" + E(text) + "</p>" + kFoot;
+  return Head(title, "message", "", false) + "<h1>" + E(title) + "</h1><p>" + E(text) + "</p>" +
+         kFoot;
 }
 
 }  // namespace muster

@@ -445,11 +445,10 @@ int Run(const Paths& p, const RunConfig& c) {
     dashboard = std::make_unique<DashboardServer>(ioc, fleet, &rollouts);
     auto ep = dashboard->Start(*ParseHostPort(c.http_listen));
     if (!ep) return Fail(ep.message());
-    spdlog::info("dashboard on http://{}:{}/{}",
-                 ep->address().is_v6() ? "[" + ep->address().to_string() + "]"
-                                       : ep->address().to_string(),
-                 ep->port(),
-                 ep->address().is_loopback() ? "" : " (access token required)");
+    spdlog::info(
+        "dashboard on http://{}:{}/{}",
+        ep->address().is_v6() ? "[" + ep->address().to_string() + "]" : ep->address().to_string(),
+        ep->port(), ep->address().is_loopback() ? "" : " (access token required)");
   }
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());

@@ -40,21 +40,21 @@ void Exchange(Stream& stream, http::request<http::string_body>& req, PostResult&
   auto buffer = std::make_shared<beast::flat_buffer>();
   auto parser = std::make_shared<http::response_parser<http::string_body>>();
   parser->body_limit(64 * 1024);  // the answer's body is not used
-  http::async_write(stream, req, [&stream, &out, buffer, parser](beast::error_code ec,
-                                                                 std::size_t) {
-    if (ec) {
-      out.error = "sending: " + ec.message();
-      return;
-    }
-    http::async_read(stream, *buffer, *parser,
-                     [&out, buffer, parser](beast::error_code ec2, std::size_t) {
-                       if (ec2) {
-                         out.error = "reading the answer: " + ec2.message();
-                         return;
-                       }
-                       out.status = static_cast<int>(parser->get().result_int());
-                     });
-  });
+  http::async_write(stream, req,
+                    [&stream, &out, buffer, parser](beast::error_code ec, std::size_t) {
+                      if (ec) {
+                        out.error = "sending: " + ec.message();
+                        return;
+                      }
+                      http::async_read(stream, *buffer, *parser,
+                                       [&out, buffer, parser](beast::error_code ec2, std::size_t) {
+                                         if (ec2) {
+                                           out.error = "reading the answer: " + ec2.message();
+                                           return;
+                                         }
+                                         out.status = static_cast<int>(parser->get().result_int());
+                                       });
+                    });
 }
 
 }  // namespace
@@ -83,8 +83,9 @@ Result<HttpUrl> ParseHttpUrl(std::string_view url) {
   u.target = slash == rest.npos ? "/" : std::string(rest.substr(slash));
   if (u.target[0] == '?') u.target = "/" + u.target;
   if (authority.find('@') != authority.npos) {
-    return Err("webhook URL must not carry credentials; the signature authenticates the "
-               "controller");
+    return Err(
+        "webhook URL must not carry credentials; the signature authenticates the "
+        "controller");
   }
   std::string_view port_text;
   if (!authority.empty() && authority[0] == '[') {
@@ -297,7 +298,8 @@ void Notifier::Enqueue(const std::string& event, json data, const std::string& o
   std::vector<DeliveryRecord> rows;
   std::int64_t now = fleet_.Now();
   std::string id = RandomHex(16);
-  json body = {{"version", 1}, {"id", id}, {"event", event}, {"at", now}, {"data", std::move(data)}};
+  json body = {
+      {"version", 1}, {"id", id}, {"event", event}, {"at", now}, {"data", std::move(data)}};
   std::string text = DumpJson(body);
   for (const auto& w : store_.ListWebhooks()) {
     if (!only_webhook.empty() && w.id != only_webhook) continue;
@@ -328,8 +330,7 @@ void Notifier::Enqueue(const std::string& event, json data, const std::string& o
 }
 
 Result<WebhookRecord> Notifier::Add(const std::string& url, const std::string& secret,
-                                    const std::vector<std::string>& events,
-                                    const std::string& by) {
+                                    const std::vector<std::string>& events, const std::string& by) {
   auto u = ParseHttpUrl(url);
   if (!u) return u.error();
   if (secret.size() < 16 || secret.size() > 256) {
@@ -416,8 +417,9 @@ void Notifier::Attempt(const DeliveryRecord& d, const std::map<std::string, Webh
                 d.body, options_.timeout);
   }
   bool ok = r.status >= 200 && r.status < 300;
-  json ev = {{"delivery", id},       {"webhook", d.webhook},   {"event", d.event},
-             {"attempt", d.attempts + 1}, {"status", r.status}, {"delivered", ok}};
+  json ev = {{"delivery", id},     {"webhook", d.webhook},
+             {"event", d.event},   {"attempt", d.attempts + 1},
+             {"status", r.status}, {"delivered", ok}};
   if (ok) {
     (void)store_.RemoveDelivery(d.id);
     fleet_.Broadcast("webhook", ev);
@@ -428,12 +430,13 @@ void Notifier::Attempt(const DeliveryRecord& d, const std::map<std::string, Webh
   next.last_error = r.status ? "HTTP " + std::to_string(r.status) : CutUtf8(r.error, 512);
   ev["error"] = next.last_error;
   if (next.attempts >= options_.max_attempts) {
-    spdlog::error("notifications: gave up on {} delivery {} to {} after {} attempts: {}",
-                  d.event, id, hook->second.url, next.attempts, next.last_error);
+    spdlog::error("notifications: gave up on {} delivery {} to {} after {} attempts: {}", d.event,
+                  id, hook->second.url, next.attempts, next.last_error);
     (void)store_.RemoveDelivery(d.id);
     ev["gaveUp"] = true;
   } else {
-    next.next_at = fleet_.Now() + RetryDelayMs(options_, next.attempts, randombytes_uniform(1000) / 1000.0);
+    next.next_at =
+        fleet_.Now() + RetryDelayMs(options_, next.attempts, randombytes_uniform(1000) / 1000.0);
     spdlog::warn("notifications: {} delivery {} to {} failed ({}); attempt {} at +{} ms", d.event,
                  id, hook->second.url, next.last_error, next.attempts + 1,
                  next.next_at - fleet_.Now());
@@ -468,8 +471,8 @@ void Notifier::SenderLoop() {
     if (stop_) return;
     // The fleet clock is wall time in unix ms; a minute at most, so that a
     // clock step cannot park the sender.
-    std::int64_t wait_ms = wake_at ? std::clamp<std::int64_t>(*wake_at - fleet_.Now(), 0, 60000)
-                                   : 60000;
+    std::int64_t wait_ms =
+        wake_at ? std::clamp<std::int64_t>(*wake_at - fleet_.Now(), 0, 60000) : 60000;
     cv_.wait_for(lock, std::chrono::milliseconds(wait_ms), [this] { return stop_ || wake_; });
     if (stop_) return;
     wake_ = false;

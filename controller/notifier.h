@@ -62,10 +62,9 @@ struct PostResult {
   int status = 0;  // 0: no answer
   std::string error;
 };
-using Poster = std::function<PostResult(const HttpUrl& url,
-                                        const std::vector<std::pair<std::string, std::string>>&
-                                            headers,
-                                        const std::string& body, std::chrono::seconds timeout)>;
+using Poster = std::function<PostResult(
+    const HttpUrl& url, const std::vector<std::pair<std::string, std::string>>& headers,
+    const std::string& body, std::chrono::seconds timeout)>;
 // The real poster: Boost.Beast over TCP, TLS (system CAs, host name checked)
 // for https.
 PostResult HttpPost(const HttpUrl& url,
@@ -96,8 +95,8 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
 
  private:
   // Queues body (with a fresh delivery id) for every webhook wanting event.
-  void Enqueue(const std::string& event, nlohmann::json data,
-               const std::string& only_webhook = "", std::string* id_out = nullptr);
+  void Enqueue(const std::string& event, nlohmann::json data, const std::string& only_webhook = "",
+               std::string* id_out = nullptr);
   void SenderLoop();
   void Attempt(const DeliveryRecord& d, const std::map<std::string, WebhookRecord>& hooks);
   // Offline machines past the threshold, queued once per absence; returns the

@@ -67,15 +67,15 @@ class NotifierTest : public testing::FleetTest {
     std::vector<std::pair<std::string, std::string>> headers;
   };
   Poster Recorder(std::vector<int> codes) {
-    return [this, codes](const HttpUrl& u,
-                         const std::vector<std::pair<std::string, std::string>>& h,
-                         const std::string& body, std::chrono::seconds) {
-      std::lock_guard lock(mu_);
-      int code = posts_.size() < codes.size() ? codes[posts_.size()] : 200;
-      posts_.push_back({u.target, body, h});
-      cv_.notify_all();
-      return PostResult{code, ""};
-    };
+    return
+        [this, codes](const HttpUrl& u, const std::vector<std::pair<std::string, std::string>>& h,
+                      const std::string& body, std::chrono::seconds) {
+          std::lock_guard lock(mu_);
+          int code = posts_.size() < codes.size() ? codes[posts_.size()] : 200;
+          posts_.push_back({u.target, body, h});
+          cv_.notify_all();
+          return PostResult{code, ""};
+        };
   }
   bool WaitPosts(std::size_t n) {
     std::unique_lock lock(mu_);

@@ -216,14 +216,17 @@ int main(int argc, char** argv) {
   logs->add_option("--generation", l_gen, "generation (default: the newest)");
   logs->add_flag("-f,--follow", l_follow, "keep printing new lines");
 
-  auto* hook = app.add_subcommand("webhook", "notifications on deploys, rollouts, offline machines");
+  auto* hook =
+      app.add_subcommand("webhook", "notifications on deploys, rollouts, offline machines");
   hook->require_subcommand(1);
   std::string w_url, w_id, w_secret_file;
   std::vector<std::string> w_events;
   int w_timeout = 30;
   auto* w_add = hook->add_subcommand("add", "POST signed JSON notifications to a URL");
   w_add->add_option("URL", w_url, "http:// or https:// address of the receiver")->required();
-  w_add->add_option("--event", w_events, "deploy, rollout, offline or test (repeatable; default all)")
+  w_add
+      ->add_option("--event", w_events,
+                   "deploy, rollout, offline or test (repeatable; default all)")
       ->allow_extra_args(false);
   w_add->add_option("--secret-file", w_secret_file,
                     "file holding the HMAC secret (default: make one and print it once)");
@@ -232,15 +235,18 @@ int main(int argc, char** argv) {
   w_remove->add_option("ID", w_id)->required();
   auto* w_test = hook->add_subcommand("test", "send a test notification and report the outcome");
   w_test->add_option("ID", w_id)->required();
-  w_test->add_option("--timeout", w_timeout, "seconds to wait for the attempt")->capture_default_str();
+  w_test->add_option("--timeout", w_timeout, "seconds to wait for the attempt")
+      ->capture_default_str();
 
   auto* dash = app.add_subcommand("dashboard", "the controller's web dashboard (--http-listen)");
   dash->require_subcommand(1);
   std::string d_url;
   bool d_revoke = false;
   auto* dash_token = dash->add_subcommand(
-      "token", "print a new access token for a dashboard that listens beyond loopback (shown once)");
-  dash_token->add_option("--url", d_url, "the dashboard's address, e.g. http://10.0.0.1:8080, to print a link");
+      "token",
+      "print a new access token for a dashboard that listens beyond loopback (shown once)");
+  dash_token->add_option("--url", d_url,
+                         "the dashboard's address, e.g. http://10.0.0.1:8080, to print a link");
   dash_token->add_flag("--revoke-all", d_revoke, "revoke every dashboard token instead");
 
   try {

@@ -24,9 +24,8 @@ int RolloutRetry(const Globals& g, const std::string& id, bool wait, int timeout
   }
   std::string state = plan->value("state", "");
   if (state == "running" || state == "paused") {
-    return Die("rollout " + id + " is still " + state +
-                   "; abort it first ('muster rollout abort " + id +
-                   "') so that it releases nothing more",
+    return Die("rollout " + id + " is still " + state + "; abort it first ('muster rollout abort " +
+                   id + "') so that it releases nothing more",
                kExitFailed);
   }
   // Re-sign only what an operator this CLI trusts signed, for a machine whose
@@ -49,8 +48,7 @@ int RolloutRetry(const Globals& g, const std::string& id, bool wait, int timeout
   for (const auto& it : items) {
     std::string machine = it.value("machine", "");
     if (auto m = view.Get(machine); !m) return Die(m.message(), kExitFailed);
-    SignedManifest old{it.value("manifest", ""), it.value("signer", ""),
-                       it.value("signature", "")};
+    SignedManifest old{it.value("manifest", ""), it.value("signer", ""), it.value("signature", "")};
     auto signer = ParsePublicKey(old.signer);
     bool known = false;
     for (const auto& k : trusted) known = known || (signer && k == *signer);

@@ -112,8 +112,8 @@ int WebhookTest(const Globals& g, const std::string& id, int timeout_s) {
                 << ")\n";
       return 0;
     }
-    std::cout << "webhook " << id << ": test delivery failed: "
-              << Printable(e.data.value("error", "")) << "; "
+    std::cout << "webhook " << id
+              << ": test delivery failed: " << Printable(e.data.value("error", "")) << "; "
               << (e.data.value("gaveUp", false)
                       ? std::string("given up")
                       : "retried in " + std::to_string(e.data.value("retryInMs", 0) / 1000) + " s")
