@@ -99,10 +99,10 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  // 13 fleet and server samples, 6 log and pacing samples, 2
-  // enrolment/revocation counters, 13 histogram lines (10 buckets, +Inf, sum,
-  // count); no rollouts yet.
-  EXPECT_EQ(samples, 34);
+  // 13 fleet and server samples, 6 log and pacing samples, 1 webhook queue
+  // gauge, 2 enrolment/revocation counters, 13 histogram lines (10 buckets,
+  // +Inf, sum, count); no rollouts yet.
+  EXPECT_EQ(samples, 35);
   EXPECT_EQ(text.back(), '\n');
 }
 
