@@ -204,9 +204,16 @@ Notifier::Notifier(Fleet& fleet, NotifierOptions options, Poster poster)
 Notifier::~Notifier() { Stop(); }
 
 void Notifier::Start() {
+  if (!store_.ListWebhooks().empty()) Subscribe();
+  sender_ = std::thread([this] { SenderLoop(); });
+}
+
+void Notifier::Subscribe() {
   std::int64_t now = fleet_.Now();
   {
     std::lock_guard lock(mu_);
+    if (subscribed_) return;
+    subscribed_ = true;
     for (const auto& r : store_.ListRollouts(200)) rollout_state_[r.id] = r.state;
     // Away since before this start: counted from the start, so that agents
     // get the full threshold to reconnect after a controller restart.
@@ -217,7 +224,6 @@ void Notifier::Start() {
     }
   }
   fleet_.Subscribe(shared_from_this());
-  sender_ = std::thread([this] { SenderLoop(); });
 }
 
 void Notifier::Stop() {
@@ -351,6 +357,7 @@ Result<WebhookRecord> Notifier::Add(const std::string& url, const std::string& s
   w.created_by = by;
   w.created_at = fleet_.Now();
   if (auto st = store_.AddWebhook(w); !st) return st.error();
+  Subscribe();  // events cost nothing until the first webhook exists
   return w;
 }
 

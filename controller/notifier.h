@@ -76,7 +76,9 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   Notifier(Fleet& fleet, NotifierOptions options, Poster poster = HttpPost);
   ~Notifier() override;
 
-  // Subscribes to the fleet's events and starts the sender thread.
+  // Starts the sender thread, and subscribes to the fleet's events when a
+  // webhook exists (Add subscribes too): without webhooks, fleet events cost
+  // nothing here.
   void Start();
   void Stop();
 
@@ -103,6 +105,7 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   // next time one will be due (or nullopt).
   std::optional<std::int64_t> CheckOffline(std::int64_t now);
   void Wake();
+  void Subscribe();  // once
 
   Fleet& fleet_;
   Store& store_;
@@ -112,6 +115,7 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   std::condition_variable cv_;
   bool stop_ = false;
   bool wake_ = false;
+  bool subscribed_ = false;
   std::thread sender_;
   std::map<std::string, std::string> rollout_state_;   // rollout id → last state seen
   std::map<std::string, std::int64_t> offline_since_;  // machine → unix ms
