@@ -4,6 +4,8 @@
 
 #include <set>
 
+#include "controller/dashboard.h"
+
 namespace muster {
 
 using nlohmann::json;
@@ -258,6 +260,60 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       spdlog::info("operator {} created an enrolment grant for {}", who.name, e->machine);
       return Ok(req.id, {{"name", e->machine}, {"expiresAt", e->expires_at}});
     }
+    if (req.method.rfind("webhook.", 0) == 0) {
+      if (!notifier_) return Fail(req.id, "this controller runs without notifications");
+      if (req.method == "webhook.add") {
+        std::vector<std::string> events;
+        if (auto it = p.find("events"); it != p.end() && !it->is_null()) {
+          if (!it->is_array()) return Fail(req.id, "webhook.add: 'events' must be a list");
+          for (const auto& e : *it) {
+            if (!e.is_string()) return Fail(req.id, "webhook.add: events are strings");
+            events.push_back(e.get<std::string>());
+          }
+        }
+        auto w = notifier_->Add(Need(p, "url"), Need(p, "secret"), events, who.name);
+        if (!w) return Fail(req.id, w.message());
+        spdlog::info("operator {} added webhook {} ({})", who.name, w->id, w->url);
+        return Ok(req.id, {{"id", w->id}, {"url", w->url}, {"events", w->events}});
+      }
+      if (req.method == "webhook.list") {
+        json list = json::array();
+        for (const auto& w : fleet_.store().ListWebhooks()) {
+          list.push_back({{"id", w.id},
+                          {"url", w.url},
+                          {"events", w.events},
+                          {"createdBy", w.created_by},
+                          {"createdAt", w.created_at}});
+        }
+        return Ok(req.id, {{"webhooks", list}, {"queued", fleet_.store().QueuedDeliveries()}});
+      }
+      if (req.method == "webhook.remove") {
+        std::string id = Need(p, "id");
+        if (auto st = notifier_->Remove(id); !st) return Fail(req.id, st.message());
+        spdlog::info("operator {} removed webhook {}", who.name, id);
+        return Ok(req.id, {{"id", id}});
+      }
+      if (req.method == "webhook.test") {
+        auto d = notifier_->Test(Need(p, "id"), who.name);
+        if (!d) return Fail(req.id, d.message());
+        return Ok(req.id, {{"delivery", *d}});
+      }
+      return Fail(req.id, "unknown method '" + req.method + "'");
+    }
+    if (req.method == "dashboard.token") {
+      std::string hash = Need(p, "hash");
+      if (auto st = AddDashboardTokenHash(fleet_.store(), hash, who.name, fleet_.Now()); !st) {
+        return Fail(req.id, st.message());
+      }
+      spdlog::info("operator {} issued a dashboard access token", who.name);
+      return Ok(req.id, json::object());
+    }
+    if (req.method == "dashboard.revoke") {
+      auto n = ClearDashboardTokens(fleet_.store());
+      if (!n) return Fail(req.id, n.message());
+      spdlog::warn("operator {} revoked every dashboard access token ({})", who.name, *n);
+      return Ok(req.id, {{"revoked", *n}});
+    }
     if (req.method.rfind("rollout.", 0) == 0) {
       if (!rollouts_) return Fail(req.id, "rollouts are not available");
       if (req.method == "rollout.create") {
@@ -292,6 +348,34 @@ proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
       if (req.method == "rollout.list") {
         int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 20), 1, 1000));
         return Ok(req.id, {{"rollouts", rollouts_->List(limit)}});
+      }
+      if (req.method == "rollout.retry-plan") {
+        // What 'muster rollout retry' re-signs: the failed machines' signed
+        // manifests and sealed vars, as stored (the CLI verifies them).
+        std::string rid = Need(p, "id");
+        auto r = fleet_.store().GetRollout(rid);
+        if (!r) return Fail(req.id, "no rollout '" + rid + "'; see 'muster rollout list'");
+        json items = json::array();
+        for (const auto& it : fleet_.store().ListRolloutItems(rid)) {
+          if (it.state != "failed") continue;
+          auto g = fleet_.store().GetGeneration(it.machine, it.generation);
+          if (!g) continue;
+          auto m = fleet_.store().GetMachine(it.machine);
+          items.push_back({{"machine", it.machine},
+                           {"generation", it.generation},
+                           {"detail", it.detail},
+                           {"phase", m && m->generation == it.generation ? m->phase : ""},
+                           {"manifest", g->manifest.manifest},
+                           {"signer", g->manifest.signer},
+                           {"signature", g->manifest.signature},
+                           {"vars", g->vars}});
+        }
+        return Ok(req.id, {{"rollout", r->id},
+                           {"state", r->state},
+                           {"canary", r->canary},
+                           {"maxParallel", r->max_parallel},
+                           {"maxFailures", r->max_failures},
+                           {"items", items}});
       }
       std::string id = Need(p, "id");
       Status st;

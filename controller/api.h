@@ -21,8 +21,18 @@
 //                   maxFailures}                 → Rollout
 //   rollout.list   {limit?}                       → {rollouts: [Rollout]}
 //   rollout.status|pause|resume|abort {id}        → Rollout
+//   rollout.retry-plan {id}  → {rollout, state, canary, maxParallel, maxFailures,
+//                   items: [{machine, generation, detail, phase, manifest, signer,
+//                   signature, vars}]}  (its failed items, as stored)
 //   operator.list  {}                             → {operators: [{name, key, createdAt}]}
 //   operator.remove {name}                        → {name}  (its sessions close)
+//   dashboard.token {hash}  (SHA-256 hex of a token the CLI made) → {}
+//   dashboard.revoke {}  (every dashboard token)  → {revoked}
+//   webhook.add    {url, secret, events?}         → {id, url, events}
+//   webhook.list   {}                             → {webhooks: [{id, url, events, createdBy,
+//                                                    createdAt}], queued}  (no secrets)
+//   webhook.remove {id}                           → {id}  (its queued deliveries too)
+//   webhook.test   {id}                           → {delivery}  (then "webhook" events)
 //   subscribe      {}  (handled by the session)  → {} then events
 //   cache.*        the binary cache (controller/cache_service.h)
 // Thread-safe: stateless apart from the Fleet it calls.
@@ -31,6 +41,7 @@
 #include "common/protocol.h"
 #include "controller/cache_service.h"
 #include "controller/fleet.h"
+#include "controller/notifier.h"
 #include "controller/rollout.h"
 
 namespace muster {
@@ -48,12 +59,15 @@ class Api {
                                 const Result<GenerationRecord>& stored);
   // Serves cache.* requests from cache (unset: they are refused).
   void SetCache(CacheService* cache) { cache_ = cache; }
+  // Serves webhook.* requests (unset: they are refused).
+  void SetNotifier(Notifier* notifier) { notifier_ = notifier; }
 
  private:
   nlohmann::json MachineJson(const MachineRecord& m);
   Fleet& fleet_;
   RolloutManager* rollouts_;
   CacheService* cache_ = nullptr;
+  Notifier* notifier_ = nullptr;
 };
 
 }  // namespace muster

@@ -25,8 +25,10 @@
 #include "common/log.h"
 #include "common/tls.h"
 #include "controller/api.h"
+#include "controller/dashboard.h"
 #include "controller/fleet.h"
 #include "controller/metrics.h"
+#include "controller/notifier.h"
 #include "controller/rollout.h"
 #include "controller/roster_file.h"
 #include "controller/server.h"
@@ -240,6 +242,7 @@ int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_
 struct RunConfig {
   std::vector<std::string> listen;
   std::string metrics_listen;
+  std::string http_listen;  // the dashboard ("" = none)
   int threads = 0;
   int handshake_timeout = 10;
   int ping_interval = 60;
@@ -257,6 +260,10 @@ struct RunConfig {
   std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
   std::int64_t cache_gc_interval = 3600;        // seconds between collections
   std::int64_t cache_gc_grace = 86400;          // unreferenced paths survive this long
+  std::int64_t webhook_offline_after = 600;     // seconds away before an "offline" notification
+  std::int64_t webhook_queue_max = NotifierOptions{}.max_queued;
+  std::int64_t webhook_retry_base_ms = NotifierOptions{}.retry_base_ms;
+  int webhook_max_attempts = NotifierOptions{}.max_attempts;
 };
 
 Status CheckRunConfig(const RunConfig& c) {
@@ -268,6 +275,10 @@ Status CheckRunConfig(const RunConfig& c) {
   if (!c.metrics_listen.empty()) {
     auto hp = ParseHostPort(c.metrics_listen);
     if (!hp) return Err("--metrics-listen: " + hp.message());
+  }
+  if (!c.http_listen.empty()) {
+    auto hp = ParseHostPort(c.http_listen);
+    if (!hp) return Err("--http-listen: " + hp.message());
   }
   if (c.ping_interval <= 0 || c.idle_timeout <= c.ping_interval) {
     return Err("--idle-timeout must be greater than --ping-interval (both in seconds, > 0)");
@@ -285,6 +296,10 @@ Status CheckRunConfig(const RunConfig& c) {
   if (c.log_queue_lines < 1000) return Err("--log-queue-lines must be at least 1000");
   if (c.cache_gc_interval < 1) return Err("--cache-gc-interval must be at least 1 second");
   if (c.cache_gc_grace < 0) return Err("--cache-gc-grace must not be negative");
+  if (c.webhook_offline_after < 1) return Err("--webhook-offline-after must be at least 1 second");
+  if (c.webhook_queue_max < 1) return Err("--webhook-queue-max must be at least 1");
+  if (c.webhook_retry_base_ms < 1) return Err("--webhook-retry-base-ms must be at least 1");
+  if (c.webhook_max_attempts < 1) return Err("--webhook-max-attempts must be at least 1");
   return Status::Ok();
 }
 
@@ -302,6 +317,8 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.listen = v.get<std::vector<std::string>>();
       } else if (k == "metricsListen") {
         c.metrics_listen = v.is_null() ? "" : v.get<std::string>();
+      } else if (k == "httpListen") {
+        c.http_listen = v.is_null() ? "" : v.get<std::string>();
       } else if (k == "stateDir") {
         state_dir = v.get<std::string>();
       } else if (k == "threads") {
@@ -346,6 +363,14 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.cache_gc_interval = v.get<std::int64_t>();
       } else if (k == "cacheGcGrace") {
         c.cache_gc_grace = v.get<std::int64_t>();
+      } else if (k == "webhookOfflineAfter") {
+        c.webhook_offline_after = v.get<std::int64_t>();
+      } else if (k == "webhookQueueMax") {
+        c.webhook_queue_max = v.get<std::int64_t>();
+      } else if (k == "webhookRetryBaseMs") {
+        c.webhook_retry_base_ms = v.get<std::int64_t>();
+      } else if (k == "webhookMaxAttempts") {
+        c.webhook_max_attempts = v.get<int>();
       } else {
         return Err(path + ": unknown setting '" + k + "'");
       }
@@ -381,6 +406,13 @@ int Run(const Paths& p, const RunConfig& c) {
   CacheService cache(**store, std::move(*nars), c.cache_gc_grace);
   cache.StartSchedule(c.cache_gc_interval);
   api.SetCache(&cache);
+  NotifierOptions no;
+  no.offline_after_ms = c.webhook_offline_after * 1000;
+  no.max_queued = c.webhook_queue_max;
+  no.retry_base_ms = c.webhook_retry_base_ms;
+  no.max_attempts = c.webhook_max_attempts;
+  auto notifier = std::make_shared<Notifier>(fleet, no);
+  api.SetNotifier(notifier.get());
   tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {
     if (fleet.Lookup(k).role != Role::kNone) return true;  // incl. enrolment while tokens are live
     *reason = "key " + k.ToText() + " (" + k.ShortId() +
@@ -418,6 +450,16 @@ int Run(const Paths& p, const RunConfig& c) {
     if (!ep) return Fail(ep.message());
     spdlog::info("metrics on {}:{}", ep->address().to_string(), ep->port());
   }
+  std::unique_ptr<DashboardServer> dashboard;
+  if (!c.http_listen.empty()) {
+    dashboard = std::make_unique<DashboardServer>(ioc, fleet, &rollouts);
+    auto ep = dashboard->Start(*ParseHostPort(c.http_listen));
+    if (!ep) return Fail(ep.message());
+    spdlog::info(
+        "dashboard on http://{}:{}/{}",
+        ep->address().is_v6() ? "[" + ep->address().to_string() + "]" : ep->address().to_string(),
+        ep->port(), ep->address().is_loopback() ? "" : " (access token required)");
+  }
   spdlog::info("controller key {} ready, pin {}", key->public_key().ToText(),
                key->public_key().Fingerprint());
   std::unique_ptr<RosterFile> roster;
@@ -433,6 +475,7 @@ int Run(const Paths& p, const RunConfig& c) {
     roster_watch->Start();
   }
   rollouts.Resume();  // active rollouts continue where they were
+  notifier->Start();  // and queued notifications are sent
   // Operators added by another process and expired enrolment tokens: the
   // handshake consults memory only (Fleet::Lookup), so refresh it in the
   // background; 'operator add' also pokes a marker file that is watched.
@@ -444,6 +487,7 @@ int Run(const Paths& p, const RunConfig& c) {
     spdlog::info("signal {}: shutting down", sig);
     server.Stop();
     if (metrics) metrics->Stop();
+    if (dashboard) dashboard->Stop();
     ioc.stop();
   });
   int n = c.threads > 0 ? c.threads
@@ -452,6 +496,7 @@ int Run(const Paths& p, const RunConfig& c) {
   for (int i = 1; i < n; ++i) threads.emplace_back([&] { RunIoContextGuarded(ioc, "I/O thread"); });
   RunIoContextGuarded(ioc, "I/O thread");
   for (auto& t : threads) t.join();
+  notifier->Stop();
   return 0;
 }
 
@@ -486,6 +531,9 @@ int main(int argc, char** argv) {
   run->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
   run->add_option("--listen", rc.listen, "ADDR:PORT to listen on (repeatable; [::]:PORT for all)");
   run->add_option("--metrics-listen", rc.metrics_listen, "ADDR:PORT for /metrics and /healthz");
+  run->add_option("--http-listen", rc.http_listen,
+                  "ADDR:PORT for the read-only web dashboard (loopback: open; any other address "
+                  "needs a token from 'muster dashboard token')");
   run->add_option("--threads", rc.threads, "I/O threads (default: one per core)");
   run->add_option("--handshake-timeout", rc.handshake_timeout, "seconds")->capture_default_str();
   run->add_option("--ping-interval", rc.ping_interval, "seconds")->capture_default_str();
@@ -532,6 +580,18 @@ int main(int argc, char** argv) {
                   "seconds an unreferenced cache path or upload survives")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40));
+  run->add_option("--webhook-offline-after", rc.webhook_offline_after,
+                  "seconds a machine must be away before webhooks hear it is offline")
+      ->capture_default_str();
+  run->add_option("--webhook-queue-max", rc.webhook_queue_max,
+                  "webhook deliveries kept queued; beyond it the oldest are dropped")
+      ->capture_default_str();
+  run->add_option("--webhook-retry-base-ms", rc.webhook_retry_base_ms,
+                  "delay before the first webhook retry; it doubles per attempt (up to an hour)")
+      ->capture_default_str();
+  run->add_option("--webhook-max-attempts", rc.webhook_max_attempts,
+                  "attempts per webhook delivery before it is dropped (logged)")
+      ->capture_default_str();
   run->add_option("--log-queue-lines", rc.log_queue_lines,
                   "agent log lines waiting for the store; beyond it lines are dropped")
       ->capture_default_str();
@@ -573,6 +633,7 @@ int main(int argc, char** argv) {
     }
     if (!rc.listen.empty() || config_file.empty()) merged.listen = rc.listen;
     if (run->count("--metrics-listen")) merged.metrics_listen = rc.metrics_listen;
+    if (run->count("--http-listen")) merged.http_listen = rc.http_listen;
     if (run->count("--threads")) merged.threads = rc.threads;
     if (run->count("--handshake-timeout") || config_file.empty())
       merged.handshake_timeout = rc.handshake_timeout;
@@ -605,6 +666,10 @@ int main(int argc, char** argv) {
     if (flag("--cache-max-bytes")) merged.cache_max_bytes = rc.cache_max_bytes;
     if (flag("--cache-gc-interval")) merged.cache_gc_interval = rc.cache_gc_interval;
     if (flag("--cache-gc-grace")) merged.cache_gc_grace = rc.cache_gc_grace;
+    if (flag("--webhook-offline-after")) merged.webhook_offline_after = rc.webhook_offline_after;
+    if (flag("--webhook-queue-max")) merged.webhook_queue_max = rc.webhook_queue_max;
+    if (flag("--webhook-retry-base-ms")) merged.webhook_retry_base_ms = rc.webhook_retry_base_ms;
+    if (flag("--webhook-max-attempts")) merged.webhook_max_attempts = rc.webhook_max_attempts;
     if (auto st = CheckRunConfig(merged); !st) return Fail(st.message(), 2);
     if (check_config) {
       std::cout << "configuration is valid\n";

@@ -70,6 +70,10 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
        "sent more than its budget.\n"
     << "# TYPE muster_agent_read_pauses_total counter\n"
     << "muster_agent_read_pauses_total " << stats.read_pauses.load() << "\n";
+  o << "# HELP muster_webhook_deliveries_queued Webhook deliveries waiting to be sent or "
+       "retried.\n"
+    << "# TYPE muster_webhook_deliveries_queued gauge\n"
+    << "muster_webhook_deliveries_queued " << fleet.store().QueuedDeliveries() << "\n";
   o << "# HELP muster_publishes_total Generations published.\n"
     << "# TYPE muster_publishes_total counter\n"
     << "muster_publishes_total " << c.publishes << "\n"

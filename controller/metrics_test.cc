@@ -72,6 +72,7 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
         "muster_log_lines_dropped_total{reason=\"store-error\"} 0"}},
       {"muster_log_queue_lines", "gauge", {"muster_log_queue_lines 6"}},
       {"muster_agent_read_pauses_total", "counter", {"muster_agent_read_pauses_total 3"}},
+      {"muster_webhook_deliveries_queued", "gauge", {"muster_webhook_deliveries_queued 0"}},
       {"muster_publishes_total", "counter", {"muster_publishes_total 1"}},
       {"muster_deploys_sent_total", "counter", {"muster_deploys_sent_total 1"}},
       {"muster_status_reports_total", "counter", {"muster_status_reports_total 1"}},
@@ -100,10 +101,10 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  // 14 fleet and server samples, 6 log and pacing samples, 2
-  // enrolment/revocation counters, 13 histogram lines (10 buckets, +Inf, sum,
-  // count); no rollouts yet.
-  EXPECT_EQ(samples, 35);
+  // 14 fleet and server samples, 6 log and pacing samples, 1 webhook queue
+  // gauge, 2 enrolment/revocation counters, 13 histogram lines (10 buckets,
+  // +Inf, sum, count); no rollouts yet.
+  EXPECT_EQ(samples, 36);
   EXPECT_EQ(text.back(), '\n');
 }
 

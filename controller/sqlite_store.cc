@@ -105,6 +105,25 @@ CREATE TABLE IF NOT EXISTS roster_removed (
   roster TEXT NOT NULL,
   signed_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS webhooks (
+  id TEXT PRIMARY KEY,
+  url TEXT NOT NULL,
+  secret TEXT NOT NULL,
+  events TEXT NOT NULL DEFAULT '[]',
+  created_by TEXT NOT NULL DEFAULT '',
+  created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  webhook TEXT NOT NULL,
+  event TEXT NOT NULL,
+  body TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  created_at INTEGER NOT NULL,
+  next_at INTEGER NOT NULL,
+  last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at, id);
 CREATE TABLE IF NOT EXISTS log_sizes (
   machine TEXT NOT NULL,
   generation INTEGER NOT NULL,
@@ -185,6 +204,7 @@ class Stmt {
              : std::string();
   }
   std::int64_t Int(int i) const { return sqlite3_column_int64(s_, i); }
+  bool IsNull(int i) const { return sqlite3_column_type(s_, i) == SQLITE_NULL; }
   std::string ErrorText() const { return sqlite3_errmsg(db_); }
 
  private:
@@ -967,6 +987,157 @@ class SqliteStore final : public Store {
   Status SetSetting(const std::string& key, const std::string& value) override {
     std::lock_guard lock(mu_);
     return SetSettingLocked(key, value);
+  }
+
+  // --- Notifications ---
+  Status AddWebhook(const WebhookRecord& w) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_,
+           "INSERT INTO webhooks (id, url, secret, events, created_by, created_at) VALUES (?, ?, "
+           "?, ?, ?, ?)");
+    s.Bind(1, w.id)
+        .Bind(2, w.url)
+        .Bind(3, w.secret)
+        .Bind(4, DumpJson(json(w.events)))
+        .Bind(5, w.created_by)
+        .Bind(6, w.created_at);
+    int rc = s.Step();
+    if (rc == SQLITE_CONSTRAINT) return Err("webhook '" + w.id + "' exists already");
+    if (rc != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RemoveWebhook(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    Stmt d(db_, "DELETE FROM webhooks WHERE id = ?");
+    d.Bind(1, id);
+    if (d.Step() != SQLITE_DONE) {
+      RollbackLocked();
+      return Err("store: " + d.ErrorText());
+    }
+    if (sqlite3_changes(db_) == 0) {
+      RollbackLocked();
+      return Err("no webhook '" + id + "'; see 'muster webhook list'");
+    }
+    Stmt q(db_, "DELETE FROM deliveries WHERE webhook = ?");
+    q.Bind(1, id);
+    if (q.Step() != SQLITE_DONE) {
+      RollbackLocked();
+      return Err("store: " + q.ErrorText());
+    }
+    return Exec("COMMIT");
+  }
+
+  std::vector<WebhookRecord> ListWebhooks() override {
+    std::lock_guard lock(mu_);
+    std::vector<WebhookRecord> out;
+    Stmt s(db_,
+           "SELECT id, url, secret, events, created_by, created_at FROM webhooks ORDER BY "
+           "created_at, id");
+    while (s.Step() == SQLITE_ROW) {
+      WebhookRecord w;
+      w.id = s.Text(0);
+      w.url = s.Text(1);
+      w.secret = s.Text(2);
+      json ev = ParseOr(s.Text(3), json::array());
+      if (ev.is_array()) {
+        for (const auto& e : ev) {
+          if (e.is_string()) w.events.push_back(e.get<std::string>());
+        }
+      }
+      w.created_by = s.Text(4);
+      w.created_at = s.Int(5);
+      out.push_back(std::move(w));
+    }
+    return out;
+  }
+
+  Result<std::int64_t> EnqueueDeliveries(const std::vector<DeliveryRecord>& deliveries,
+                                         std::int64_t max_queued) override {
+    std::lock_guard lock(mu_);
+    if (deliveries.empty()) return std::int64_t{0};
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st.error();
+    for (const auto& d : deliveries) {
+      Stmt s(db_,
+             "INSERT INTO deliveries (webhook, event, body, attempts, created_at, next_at, "
+             "last_error) VALUES (?, ?, ?, ?, ?, ?, ?)");
+      s.Bind(1, d.webhook)
+          .Bind(2, d.event)
+          .Bind(3, d.body)
+          .Bind(4, std::int64_t{d.attempts})
+          .Bind(5, d.created_at)
+          .Bind(6, d.next_at)
+          .Bind(7, d.last_error);
+      if (s.Step() != SQLITE_DONE) {
+        std::string e = s.ErrorText();
+        RollbackLocked();
+        return Err("store: " + e);
+      }
+    }
+    std::int64_t dropped = 0;
+    {
+      Stmt c(db_, "SELECT COUNT(*) FROM deliveries");
+      std::int64_t n = c.Step() == SQLITE_ROW ? c.Int(0) : 0;
+      dropped = std::max<std::int64_t>(0, n - max_queued);
+    }
+    if (dropped > 0) {
+      Stmt d(db_,
+             "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries ORDER BY id LIMIT ?)");
+      d.Bind(1, dropped);
+      if (d.Step() != SQLITE_DONE) {
+        std::string e = d.ErrorText();
+        RollbackLocked();
+        return Err("store: " + e);
+      }
+    }
+    if (auto st = Exec("COMMIT"); !st) return st.error();
+    return dropped;
+  }
+
+  std::vector<DeliveryRecord> DueDeliveries(std::int64_t now, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<DeliveryRecord> out;
+    Stmt s(db_,
+           "SELECT id, webhook, event, body, attempts, created_at, next_at, last_error FROM "
+           "deliveries WHERE next_at <= ? ORDER BY next_at, id LIMIT ?");
+    s.Bind(1, now).Bind(2, std::int64_t{limit});
+    while (s.Step() == SQLITE_ROW) {
+      out.push_back({s.Int(0), s.Text(1), s.Text(2), s.Text(3), static_cast<int>(s.Int(4)),
+                     s.Int(5), s.Int(6), s.Text(7)});
+    }
+    return out;
+  }
+
+  std::optional<std::int64_t> NextDeliveryAt() override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT MIN(next_at) FROM deliveries");
+    if (s.Step() != SQLITE_ROW || s.IsNull(0)) {
+      return std::nullopt;
+    }
+    return s.Int(0);
+  }
+
+  Status RescheduleDelivery(const DeliveryRecord& d) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "UPDATE deliveries SET attempts = ?, next_at = ?, last_error = ? WHERE id = ?");
+    s.Bind(1, std::int64_t{d.attempts}).Bind(2, d.next_at).Bind(3, d.last_error).Bind(4, d.id);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  Status RemoveDelivery(std::int64_t id) override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "DELETE FROM deliveries WHERE id = ?");
+    s.Bind(1, id);
+    if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
+    return Status::Ok();
+  }
+
+  std::int64_t QueuedDeliveries() override {
+    std::lock_guard lock(mu_);
+    Stmt s(db_, "SELECT COUNT(*) FROM deliveries");
+    return s.Step() == SQLITE_ROW ? s.Int(0) : 0;
   }
 
  private:

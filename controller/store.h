@@ -117,6 +117,29 @@ struct LogRecord {
   std::int64_t at = 0;
 };
 
+// A webhook target (muster webhook add). The secret keys the HMAC-SHA256
+// signature of every body; the controller must hold it to sign.
+struct WebhookRecord {
+  std::string id;
+  std::string url;  // http:// or https://
+  std::string secret;
+  std::vector<std::string> events;  // "deploy", "rollout", "offline", "test"; empty = all
+  std::string created_by;
+  std::int64_t created_at = 0;
+};
+
+// One queued delivery of a notification body to one webhook.
+struct DeliveryRecord {
+  std::int64_t id = 0;
+  std::string webhook;  // WebhookRecord::id
+  std::string event;    // "deploy" | "rollout" | "offline" | "test"
+  std::string body;     // the JSON body, signed as it is
+  int attempts = 0;
+  std::int64_t created_at = 0;
+  std::int64_t next_at = 0;  // unix ms of the next attempt
+  std::string last_error;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -252,6 +275,48 @@ class Store {
   // Small key/value settings (schema version, etc.).
   virtual std::optional<std::string> GetSetting(const std::string& key) = 0;
   virtual Status SetSetting(const std::string& key, const std::string& value) = 0;
+
+  // --- Notifications (controller/notifier.h) -------------------------------
+  // Webhook targets and the durable queue of deliveries not yet acknowledged.
+  // The defaults refuse, so that a backend without them still builds; the
+  // notifier then logs why nothing is sent.
+  virtual Status AddWebhook(const WebhookRecord& w) {
+    (void)w;
+    return Err("this store backend does not keep webhooks");
+  }
+  virtual Status RemoveWebhook(const std::string& id) {  // also drops its queued deliveries
+    (void)id;
+    return Err("this store backend does not keep webhooks");
+  }
+  virtual std::vector<WebhookRecord> ListWebhooks() { return {}; }
+  // Queues one delivery per webhook in `deliveries`, in one transaction. When
+  // the queue would exceed max_queued, the oldest deliveries are dropped
+  // first; their number is returned.
+  virtual Result<std::int64_t> EnqueueDeliveries(const std::vector<DeliveryRecord>& deliveries,
+                                                 std::int64_t max_queued) {
+    (void)deliveries;
+    (void)max_queued;
+    return Err("this store backend does not keep a notification queue");
+  }
+  // Deliveries whose next_at <= now, oldest first.
+  virtual std::vector<DeliveryRecord> DueDeliveries(std::int64_t now, int limit) {
+    (void)now;
+    (void)limit;
+    return {};
+  }
+  // The earliest next_at in the queue, if any.
+  virtual std::optional<std::int64_t> NextDeliveryAt() { return std::nullopt; }
+  // After a failed attempt: attempts, next_at and last_error as given.
+  virtual Status RescheduleDelivery(const DeliveryRecord& d) {
+    (void)d;
+    return Err("this store backend does not keep a notification queue");
+  }
+  // Acknowledged (or given up): removed from the queue.
+  virtual Status RemoveDelivery(std::int64_t id) {
+    (void)id;
+    return Err("this store backend does not keep a notification queue");
+  }
+  virtual std::int64_t QueuedDeliveries() { return 0; }
 };
 
 // What one machine may occupy in the store; enforced on every write, the

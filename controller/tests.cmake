@@ -3,6 +3,8 @@ muster_unit_test(controller_test
   SOURCES
     api_test.cc
     fleet_test.cc
+    dashboard_test.cc
+    notifier_test.cc
     metrics_test.cc rollout_test.cc rollout_manager_test.cc store_batch_test.cc
     log_writer_test.cc
     nar_cache_test.cc

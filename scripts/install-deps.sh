@@ -10,7 +10,7 @@ PACKAGES=(
   libcli11-dev libsqlite3-dev sqlite3 libzstd-dev libgtest-dev libgmock-dev
   nix-bin clang libclang-rt-14-dev
   iproute2 iptables procps psmisc python3 curl ca-certificates systemd
-  systemd-container mmdebstrap
+  systemd-container mmdebstrap chromium
 )
 
 missing=()

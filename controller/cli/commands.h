@@ -61,6 +61,11 @@ int Publish(const Globals& g, PublishArgs a);
 // rollout.cc
 int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out);
 int Rollout(const Globals& g, const std::string& verb, const std::string& id, int timeout);
+// retry.cc — re-publishes the failed (and rolled-back) machines of a finished
+// rollout as a new rollout: the stored manifests are verified against trusted
+// operator keys, then re-signed with new generation numbers; same closures,
+// same sealed vars.
+int RolloutRetry(const Globals& g, const std::string& id, bool wait, int timeout);
 
 // cache.cc — the controller's binary cache. verb: status | gc.
 int CacheCommand(const Globals& g, const std::string& verb);
@@ -68,6 +73,18 @@ int CacheCommand(const Globals& g, const std::string& verb);
 int CachePush(const Globals& g, const std::vector<std::string>& paths, const std::string& key_file);
 // Creates a Nix cache signing key (default ~/.config/muster/cache.key).
 int CacheKeyGenerate(const Globals& g, const std::string& out, const std::string& name);
+
+// dashboard.cc — prints a new dashboard access token (once); base_url, when
+// given, makes it a link. revoke_all: removes every token instead.
+int DashboardToken(const Globals& g, const std::string& base_url, bool revoke_all);
+
+// webhook.cc — notification targets. add: secret_file "" makes a secret and
+// prints it once. test: waits for the first attempt's outcome.
+int WebhookAdd(const Globals& g, const std::string& url, const std::vector<std::string>& events,
+               const std::string& secret_file);
+int WebhookList(const Globals& g);
+int WebhookRemove(const Globals& g, const std::string& id);
+int WebhookTest(const Globals& g, const std::string& id, int timeout_s);
 
 // observe.cc
 int ShowStatus(const Globals& g, const std::string& machine);

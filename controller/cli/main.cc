@@ -181,6 +181,13 @@ int main(int argc, char** argv) {
     r_cmds.push_back(sc);
   }
 
+  bool retry_wait = false;
+  auto* r_retry = rollout->add_subcommand(
+      "retry", "publish the failed and rolled-back machines of a rollout again, as a new rollout");
+  r_retry->add_option("ID", r_id)->required();
+  r_retry->add_flag("--wait", retry_wait, "follow the new rollout live");
+  r_retry->add_option("--timeout", r_timeout, "seconds, with --wait")->capture_default_str();
+
   std::string e_name;
   std::vector<std::string> e_tags;
   std::int64_t e_ttl = 3600;
@@ -208,6 +215,39 @@ int main(int argc, char** argv) {
   logs->add_option("MACHINE", s_machine)->required();
   logs->add_option("--generation", l_gen, "generation (default: the newest)");
   logs->add_flag("-f,--follow", l_follow, "keep printing new lines");
+
+  auto* hook =
+      app.add_subcommand("webhook", "notifications on deploys, rollouts, offline machines");
+  hook->require_subcommand(1);
+  std::string w_url, w_id, w_secret_file;
+  std::vector<std::string> w_events;
+  int w_timeout = 30;
+  auto* w_add = hook->add_subcommand("add", "POST signed JSON notifications to a URL");
+  w_add->add_option("URL", w_url, "http:// or https:// address of the receiver")->required();
+  w_add
+      ->add_option("--event", w_events,
+                   "deploy, rollout, offline or test (repeatable; default all)")
+      ->allow_extra_args(false);
+  w_add->add_option("--secret-file", w_secret_file,
+                    "file holding the HMAC secret (default: make one and print it once)");
+  auto* w_list = hook->add_subcommand("list", "webhooks and the queued deliveries");
+  auto* w_remove = hook->add_subcommand("remove", "remove a webhook and its queued deliveries");
+  w_remove->add_option("ID", w_id)->required();
+  auto* w_test = hook->add_subcommand("test", "send a test notification and report the outcome");
+  w_test->add_option("ID", w_id)->required();
+  w_test->add_option("--timeout", w_timeout, "seconds to wait for the attempt")
+      ->capture_default_str();
+
+  auto* dash = app.add_subcommand("dashboard", "the controller's web dashboard (--http-listen)");
+  dash->require_subcommand(1);
+  std::string d_url;
+  bool d_revoke = false;
+  auto* dash_token = dash->add_subcommand(
+      "token",
+      "print a new access token for a dashboard that listens beyond loopback (shown once)");
+  dash_token->add_option("--url", d_url,
+                         "the dashboard's address, e.g. http://10.0.0.1:8080, to print a link");
+  dash_token->add_flag("--revoke-all", d_revoke, "revoke every dashboard token instead");
 
   try {
     app.parse(argc, argv);
@@ -258,6 +298,7 @@ int main(int argc, char** argv) {
   if (publish->parsed()) return Publish(g, pa);
   if (roster_sign->parsed()) return RosterSign(g, rs);
   if (r_list->parsed()) return Rollout(g, "list", "", 0);
+  if (r_retry->parsed()) return RolloutRetry(g, r_id, retry_wait, r_timeout);
   for (auto* sc : r_cmds) {
     if (sc->parsed()) return Rollout(g, sc->get_name(), r_id, r_timeout);
   }
@@ -265,6 +306,11 @@ int main(int argc, char** argv) {
     return MachineRevoke(g, m_name);
   }
   if (m_enroll->parsed()) return MachineEnroll(g, e_name, e_tags, e_ttl);
+  if (w_add->parsed()) return WebhookAdd(g, w_url, w_events, w_secret_file);
+  if (w_list->parsed()) return WebhookList(g);
+  if (w_remove->parsed()) return WebhookRemove(g, w_id);
+  if (w_test->parsed()) return WebhookTest(g, w_id, w_timeout);
+  if (dash_token->parsed()) return DashboardToken(g, d_url, d_revoke);
   if (status->parsed()) return ShowStatus(g, s_machine);
   if (history->parsed()) return History(g, s_machine, h_limit);
   if (logs->parsed()) return Logs(g, s_machine, l_gen, l_follow);
