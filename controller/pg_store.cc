@@ -879,6 +879,13 @@ class PgStore final : public Store {
     return out;
   }
 
+  Status Ping() override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT 1");
+    if (!r.ok()) return Err("PostgreSQL store unreachable: " + r.error());
+    return Status::Ok();
+  }
+
   std::optional<std::string> GetSetting(const std::string& key) override {
     std::lock_guard lock(mu_);
     auto r = Q("SELECT value FROM settings WHERE key = $1", key);

@@ -226,6 +226,10 @@ class Store {
   virtual std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
                                           std::int64_t after_id, int limit) = 0;
 
+  // Whether the store answers (for /healthz): OK, or what is wrong. The
+  // embedded store always does.
+  virtual Status Ping() { return Status::Ok(); }
+
   // Small key/value settings (schema version, etc.).
   virtual std::optional<std::string> GetSetting(const std::string& key) = 0;
   virtual Status SetSetting(const std::string& key, const std::string& value) = 0;
