@@ -39,11 +39,14 @@ class Api {
  public:
   explicit Api(Fleet& fleet, RolloutManager* rollouts = nullptr)
       : fleet_(fleet), rollouts_(rollouts) {}
+  // Answers one operator request; when the store stopped answering during it
+  // (reads then look empty), the answer is an error saying so instead.
   proto::Response Handle(const Identity& who, const proto::Request& req);
   // Serves cache.* requests from cache (unset: they are refused).
   void SetCache(CacheService* cache) { cache_ = cache; }
 
  private:
+  proto::Response HandleRequest(const Identity& who, const proto::Request& req);
   nlohmann::json MachineJson(const MachineRecord& m);
   Fleet& fleet_;
   RolloutManager* rollouts_;

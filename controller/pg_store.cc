@@ -8,6 +8,7 @@
 #include <libpq-fe.h>
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -879,6 +880,8 @@ class PgStore final : public Store {
     return out;
   }
 
+  std::uint64_t Failures() override { return failures_.load(std::memory_order_relaxed); }
+
   Status Ping() override {
     std::lock_guard lock(mu_);
     auto r = Q("SELECT 1");
@@ -1076,8 +1079,10 @@ class PgStore final : public Store {
     std::vector<const char*> ptrs;
     ptrs.reserve(params.size());
     for (const auto& p : params) ptrs.push_back(p.c_str());
-    return Res(PQexecParams(conn_, sql.c_str(), static_cast<int>(ptrs.size()), nullptr, ptrs.data(),
-                            nullptr, nullptr, 0));
+    Res r(PQexecParams(conn_, sql.c_str(), static_cast<int>(ptrs.size()), nullptr, ptrs.data(),
+                       nullptr, nullptr, 0));
+    if (!r.ok()) failures_.fetch_add(1, std::memory_order_relaxed);
+    return r;
   }
 
   // Transactions are tracked here: a connection lost inside one is not
@@ -1205,6 +1210,7 @@ class PgStore final : public Store {
   const std::string conninfo_;
   PGconn* conn_ = nullptr;
   bool in_tx_ = false;
+  std::atomic<std::uint64_t> failures_{0};
   std::chrono::steady_clock::time_point last_reset_{};
 };
 

@@ -230,6 +230,13 @@ class Store {
   // embedded store always does.
   virtual Status Ping() { return Status::Ok(); }
 
+  // How many statements have failed since the store was opened. Reads answer
+  // empty when the store does not answer; a caller that must not take that for
+  // "there is nothing" (a refresh that drops what is missing, a garbage
+  // collection) compares this before and after its reads. The embedded store
+  // reports 0.
+  virtual std::uint64_t Failures() { return 0; }
+
   // Small key/value settings (schema version, etc.).
   virtual std::optional<std::string> GetSetting(const std::string& key) = 0;
   virtual Status SetSetting(const std::string& key, const std::string& value) = 0;

@@ -669,6 +669,7 @@ TEST_F(PgStoreTest, ReconnectsAfterTheServerRestarts) {
   auto s = OpenOrDie();
   ASSERT_TRUE(s);
   ASSERT_TRUE(s->SetSetting("k", "before").ok());
+  const std::uint64_t failures = s->Failures();
   ASSERT_EQ(pg_->Restart(), "");
   // The first call may find the connection broken; within the reconnect
   // interval a later one succeeds, and nothing written before is lost.
@@ -679,6 +680,8 @@ TEST_F(PgStoreTest, ReconnectsAfterTheServerRestarts) {
   }
   ASSERT_TRUE(st.ok()) << st.message();
   EXPECT_EQ(s->GetSetting("k"), "after");
+  EXPECT_GT(s->Failures(), failures) << "the broken connection was counted";
+  EXPECT_TRUE(s->Ping().ok());
 }
 
 TEST_F(PgStoreTest, NulIsStoredAsReplacementCharacter) {

@@ -54,8 +54,13 @@ class PostgresTest(EnvTest):
         self.assertIn("PostgreSQL store unreachable", body)
         r = env.publish("web1", top_b, check=False)
         self.assertNotEqual(r.returncode, 0, "a publish fails while the database is down")
-        self.assertIn("store", r.stderr + r.stdout)
+        self.assertIn("PostgreSQL store unreachable", r.stderr + r.stdout)
+        st = env.cli("status", check=False)
+        self.assertNotEqual(st.returncode, 0, "no empty fleet shown while the database is down")
+        self.assertIn("PostgreSQL store unreachable", st.stderr + st.stdout)
         self.assertTrue(env.controller.alive())
+        self.assertNotIn("was removed from the store", env.controller.text(),
+                         "a database outage removes no operator")
 
         self.pg.start()
         wait_until(lambda: self.healthz(port)[0] == 200, 30, what="/healthz ok again")
