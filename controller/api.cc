@@ -109,6 +109,19 @@ proto::Response Api::PublishAnswer(const Identity& who, std::uint64_t id,
 }
 
 proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
+  // A store that did not answer during the request (a database down) made
+  // its reads look empty: report that instead of an answer built on them.
+  const std::uint64_t failures = fleet_.store().Failures();
+  proto::Response out = HandleRequest(who, req);
+  if (fleet_.store().Failures() != failures) {
+    if (auto st = fleet_.store().Ping(); !st) {
+      return Fail(req.id, req.method + ": " + st.message() + "; try again when it is back");
+    }
+  }
+  return out;
+}
+
+proto::Response Api::HandleRequest(const Identity& who, const proto::Request& req) {
   const json& p = req.params;
   try {
     if (req.method.rfind("cache.", 0) == 0) {

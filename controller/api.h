@@ -50,6 +50,8 @@ class Api {
  public:
   explicit Api(Fleet& fleet, RolloutManager* rollouts = nullptr)
       : fleet_(fleet), rollouts_(rollouts) {}
+  // Answers one operator request; when the store stopped answering during it
+  // (reads then look empty), the answer is an error saying so instead.
   proto::Response Handle(const Identity& who, const proto::Request& req);
   // A 'publish' request in two steps, so that the server can group-commit
   // pipelined publishes: the checks (signature, numbers, size), then the
@@ -63,6 +65,7 @@ class Api {
   void SetNotifier(Notifier* notifier) { notifier_ = notifier; }
 
  private:
+  proto::Response HandleRequest(const Identity& who, const proto::Request& req);
   nlohmann::json MachineJson(const MachineRecord& m);
   Fleet& fleet_;
   RolloutManager* rollouts_;

@@ -216,6 +216,7 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
 
 std::pair<std::uint64_t, std::uint64_t> CacheService::CollectGarbage(bool dry_run) {
   std::set<std::string> keep;
+  const std::uint64_t failures = store_.Failures();
   for (const auto& m : store_.ListMachines()) {
     auto a = Allowed(m.name);
     keep.insert(a->begin(), a->end());
@@ -224,6 +225,12 @@ std::pair<std::uint64_t, std::uint64_t> CacheService::CollectGarbage(bool dry_ru
       auto running = cache_->Closure({m.toplevel});
       keep.insert(running.begin(), running.end());
     }
+  }
+  // Reads that failed (a database down) would make every path look
+  // unreferenced: collect nothing this time.
+  if (store_.Failures() != failures) {
+    spdlog::warn("cache: garbage collection skipped: the store did not answer");
+    return {0, 0};
   }
   auto out = cache_->CollectGarbage(keep, grace_s_, dry_run);
   if (!dry_run && out.first) {

@@ -113,8 +113,12 @@ void Fleet::Refresh() {
     version = operators_changed_;
   }
   std::map<std::string, std::string> stored;
+  // A store that did not answer (a database down) lists nothing: that must not
+  // remove every operator, so such a refresh changes nothing.
+  const std::uint64_t failures = store_.Failures();
   for (const auto& o : store_.ListOperators()) stored[o.name] = o.key;
   int live = store_.LiveEnrollTokens(clock_());
+  if (store_.Failures() != failures) return;
   std::vector<std::string> gone;
   std::vector<std::shared_ptr<AgentChannel>> sessions;
   {
@@ -546,7 +550,10 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
                std::to_string(room / 1024) + " KiB of files fit) or raise both limits");
   }
   auto machine = store_.GetMachine(m->machine);
-  if (!machine) return Err("publish: no machine named '" + m->machine + "'; add it first");
+  if (!machine) {
+    if (auto st = store_.Ping(); !st) return Err("publish: " + st.message() + "; try again later");
+    return Err("publish: no machine named '" + m->machine + "'; add it first");
+  }
   if (machine->revoked) return Err("publish: machine '" + m->machine + "' is revoked");
   auto sealed = Base64Decode(d.vars);
   if (!sealed) return Err("publish: vars are not base64");

@@ -46,6 +46,9 @@ struct Paths {
   fs::path key() const { return key_file.empty() ? dir / "controller.key" : key_file; }
   fs::path cert() const { return dir / "controller.crt"; }
   fs::path db() const { return dir / "muster.db"; }
+  // --store: a postgresql:// URI or an SQLite path; "" = db().
+  std::string store_spec = {};
+  std::string store() const { return store_spec.empty() ? db().string() : store_spec; }
   // Rewritten by 'operator add' after it committed: a running controller
   // watches it and re-reads the operators at once.
   fs::path operators_marker() const { return dir / "operators.changed"; }
@@ -177,7 +180,7 @@ int Init(const Paths& p) {
     if (!pem) return Fail(pem.message());
     if (auto st = WriteFileAtomic(p.cert(), *pem, 0644); !st) return Fail(st.message());
   }
-  auto store = OpenSqliteStore(p.db().string());
+  auto store = OpenStore(p.store());
   if (!store) return Fail(store.message());
   std::cout << "state directory: " << p.dir.string() << "\n"
             << "controller key:  " << key->public_key().ToText() << "\n"
@@ -187,7 +190,7 @@ int Init(const Paths& p) {
 }
 
 int OperatorRemove(const Paths& p, const std::string& name) {
-  auto store = OpenSqliteStore(p.db().string());
+  auto store = OpenStore(p.store());
   if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
@@ -214,7 +217,7 @@ int Csr(const Paths& p, const std::string& common_name) {
 }
 
 int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_text) {
-  auto store = OpenSqliteStore(p.db().string());
+  auto store = OpenStore(p.store());
   if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
@@ -239,6 +242,23 @@ int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_
   return 0;
 }
 
+int Migrate(const std::string& spec, const std::string& from_sqlite) {
+  if (!from_sqlite.empty()) {
+    if (!IsPostgresStoreSpec(spec)) {
+      return Fail("--from-sqlite copies into a PostgreSQL store; --store must be postgresql://…");
+    }
+    auto copied = CopySqliteToPostgres(from_sqlite, spec);
+    if (!copied) return Fail(copied.message());
+    std::cout << "copied " << from_sqlite << " into the PostgreSQL store: " << *copied << "\n";
+    return 0;
+  }
+  auto store = OpenStore(spec);
+  if (!store) return Fail(store.message());
+  auto v = (*store)->GetSetting("schema_version");
+  std::cout << "store schema is at version " << v.value_or("?") << "\n";
+  return 0;
+}
+
 struct RunConfig {
   std::vector<std::string> listen;
   std::string metrics_listen;
@@ -257,6 +277,7 @@ struct RunConfig {
   std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
   std::string roster;    // declarative roster file ("" = none)
   std::string key_file;  // provided controller key ("" = STATE_DIR/controller.key)
+  std::string store_spec;  // --store ("" = STATE_DIR/muster.db)
   std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
   std::int64_t cache_gc_interval = 3600;        // seconds between collections
   std::int64_t cache_gc_grace = 86400;          // unreferenced paths survive this long
@@ -353,6 +374,8 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.agent.bytes_per_second = v.get<double>();
       } else if (k == "logQueueLines") {
         c.log_queue_lines = v.get<std::size_t>();
+      } else if (k == "store") {
+        c.store_spec = v.is_null() ? "" : v.get<std::string>();
       } else if (k == "keyFile") {
         c.key_file = v.is_null() ? "" : v.get<std::string>();
       } else if (k == "roster") {
@@ -391,7 +414,7 @@ int Run(const Paths& p, const RunConfig& c) {
                 "' first)");
   auto pem = ReadFile(p.cert(), 1 << 16);
   if (!pem) return Fail(pem.message());
-  auto store = OpenSqliteStore(p.db().string(), c.store);
+  auto store = OpenStore(p.store(), c.store);
   if (!store) return Fail(store.message());
   Fleet fleet(**store, NowMs);
   if (auto st = fleet.Load(); !st) return Fail(st.message());
@@ -513,6 +536,11 @@ int main(int argc, char** argv) {
   auto* init = app.add_subcommand("init", "create the controller key, certificate and store");
   init->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
   std::string key_file;
+  std::string store_spec;
+  const char* kStoreHelp =
+      "the store: postgresql://… (several controllers on one database; keep the password in "
+      "PGPASSFILE, not here) or an SQLite file (default STATE_DIR/muster.db)";
+  init->add_option("--store", store_spec, kStoreHelp);
   init->add_option("--key-file", key_file,
                    "use this controller key (e.g. from clan vars) instead of creating "
                    "STATE_DIR/controller.key");
@@ -596,6 +624,7 @@ int main(int argc, char** argv) {
                   "agent log lines waiting for the store; beyond it lines are dropped")
       ->capture_default_str();
   run->add_option("--key-file", key_file, "controller key file (default STATE_DIR/controller.key)");
+  run->add_option("--store", store_spec, kStoreHelp);
   run->add_option("--roster", rc.roster,
                   "declarative roster: signed entries from 'muster roster sign', applied at start "
                   "and whenever the file changes");
@@ -609,21 +638,34 @@ int main(int argc, char** argv) {
   op_add->add_option("--key", op_key, "public key 'ed25519:…' or a path to a .pub file")
       ->required();
   op_add->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  op_add->add_option("--store", store_spec, kStoreHelp);
   std::string op_rm_name;
   auto* op_remove =
       op->add_subcommand("remove", "remove an operator: its key is refused and its sessions close");
   op_remove->add_option("NAME", op_rm_name, "operator name")->required();
   op_remove->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  op_remove->add_option("--store", store_spec, kStoreHelp);
+
+  std::string from_sqlite;
+  auto* migrate = app.add_subcommand(
+      "migrate",
+      "bring a store's schema up to date (PostgreSQL: once, however many controllers share it), "
+      "optionally copying an SQLite store into an empty PostgreSQL one");
+  migrate->add_option("--store", store_spec, kStoreHelp)->required();
+  migrate->add_option("--from-sqlite", from_sqlite,
+                      "copy this SQLite store (a stopped controller's muster.db) into --store, "
+                      "which must be an empty PostgreSQL store");
 
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (init->parsed()) return Init({state_dir, key_file});
+  if (init->parsed()) return Init({state_dir, key_file, store_spec});
   if (csr->parsed()) return Csr({state_dir}, csr_cn);
-  if (op_add->parsed()) return OperatorAdd({state_dir}, op_name, op_key);
-  if (op_remove->parsed()) return OperatorRemove({state_dir}, op_rm_name);
+  if (op_add->parsed()) return OperatorAdd({state_dir, {}, store_spec}, op_name, op_key);
+  if (op_remove->parsed()) return OperatorRemove({state_dir, {}, store_spec}, op_rm_name);
+  if (migrate->parsed()) return Migrate(store_spec, from_sqlite);
   if (run->parsed()) {
     RunConfig merged;
     std::string dir = state_dir;
@@ -663,6 +705,7 @@ int main(int argc, char** argv) {
     if (flag("--log-queue-lines")) merged.log_queue_lines = rc.log_queue_lines;
     if (run->count("--roster")) merged.roster = rc.roster;
     if (run->count("--key-file")) merged.key_file = key_file;
+    if (run->count("--store")) merged.store_spec = store_spec;
     if (flag("--cache-max-bytes")) merged.cache_max_bytes = rc.cache_max_bytes;
     if (flag("--cache-gc-interval")) merged.cache_gc_interval = rc.cache_gc_interval;
     if (flag("--cache-gc-grace")) merged.cache_gc_grace = rc.cache_gc_grace;
@@ -675,7 +718,7 @@ int main(int argc, char** argv) {
       std::cout << "configuration is valid\n";
       return 0;
     }
-    return Run({dir, merged.key_file}, merged);
+    return Run({dir, merged.key_file, merged.store_spec}, merged);
   }
   return 0;
 }

@@ -120,7 +120,14 @@ MetricsServer::MetricsServer(asio::io_context& ioc, Fleet& fleet, ServerStats& s
               r.content_type = "text/plain; version=0.0.4";
               r.body = RenderMetrics(fleet, stats);
             } else if (path == "/healthz") {
-              r.body = "ok\n";
+              // Unhealthy while the store does not answer: publishes and
+              // reports would fail, so a load balancer should look elsewhere.
+              if (auto st = fleet.store().Ping(); !st) {
+                r.status = 503;
+                r.body = st.message() + "\n";
+              } else {
+                r.body = "ok\n";
+              }
             } else {
               r.status = 404;
               r.body = "not found; try /metrics or /healthz\n";

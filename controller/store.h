@@ -1,9 +1,11 @@
 // The controller's durable state behind one narrow interface.
 //
-// Implementations: SqliteStore (embedded default). Every mutating call returns
-// only after the change is durable (SQLite WAL with synchronous=FULL), so a
-// publish the CLI saw accepted survives a crash. Thread-safe: calls may come
-// from any I/O thread; implementations serialise internally.
+// Implementations: SqliteStore (embedded default) and PgStore (PostgreSQL,
+// for several controllers sharing one fleet). Every mutating call returns only
+// after the change is durable (SQLite WAL with synchronous=FULL; PostgreSQL
+// with synchronous_commit=on), so a publish the CLI saw accepted survives a
+// crash. Thread-safe: calls may come from any I/O thread; implementations
+// serialise internally.
 #pragma once
 
 #include <cstdint>
@@ -272,6 +274,17 @@ class Store {
   virtual std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
                                           std::int64_t after_id, int limit) = 0;
 
+  // Whether the store answers (for /healthz): OK, or what is wrong. The
+  // embedded store always does.
+  virtual Status Ping() { return Status::Ok(); }
+
+  // How many statements have failed since the store was opened. Reads answer
+  // empty when the store does not answer; a caller that must not take that for
+  // "there is nothing" (a refresh that drops what is missing, a garbage
+  // collection) compares this before and after its reads. The embedded store
+  // reports 0.
+  virtual std::uint64_t Failures() { return 0; }
+
   // Small key/value settings (schema version, etc.).
   virtual std::optional<std::string> GetSetting(const std::string& key) = 0;
   virtual Status SetSetting(const std::string& key, const std::string& value) = 0;
@@ -339,5 +352,27 @@ Status CheckStoreLimits(const StoreLimits& limits);
 // Opens (creating if needed) the SQLite store at path.
 Result<std::unique_ptr<Store>> OpenSqliteStore(const std::string& path,
                                                const StoreLimits& limits = {});
+
+// Opens the PostgreSQL store at conninfo (a postgresql:// URI or a libpq
+// "key=value" string), applying schema migrations that are missing (once,
+// under an advisory lock, however many controllers start together). Fails
+// with a message naming the (password-less) address when the server cannot be
+// reached or the schema is newer than this controller knows. Strings are
+// stored as given, except U+0000, which PostgreSQL text cannot hold: it is
+// stored as U+FFFD.
+Result<std::unique_ptr<Store>> OpenPostgresStore(const std::string& conninfo,
+                                                 const StoreLimits& limits = {});
+
+// Whether spec names a PostgreSQL store (postgresql:// or postgres://).
+bool IsPostgresStoreSpec(const std::string& spec);
+
+// Copies an SQLite store (of a stopped controller) into an empty PostgreSQL
+// store, in one transaction; returns a summary ("3 machines, 12 generations,
+// …") or a message saying what failed (nothing is then copied).
+Result<std::string> CopySqliteToPostgres(const std::string& sqlite_path,
+                                         const std::string& conninfo);
+
+// OpenPostgresStore for a PostgreSQL spec, else OpenSqliteStore(spec).
+Result<std::unique_ptr<Store>> OpenStore(const std::string& spec, const StoreLimits& limits = {});
 
 }  // namespace muster

@@ -10,5 +10,5 @@ muster_unit_test(controller_test
     nar_cache_test.cc
     rate_limit_test.cc
     roster_file_test.cc
-    sqlite_store_test.cc
+    store_test.cc
   LIBS muster_controller_lib)

@@ -10,6 +10,7 @@ let
   configFile = jsonFormat.generate "muster-controller.json" (render.controller cfg);
   exe = lib.getExe' cfg.package "muster-controller";
   defaultStateDir = "/var/lib/muster-controller";
+  storeArg = lib.optionalString (cfg.store != null) " --store ${lib.escapeShellArg cfg.store}";
 in
 {
   options.services.muster-controller = {
@@ -53,6 +54,17 @@ in
         Its pin is what agents check; a self-signed certificate is made for it.
       '';
       example = "/run/secrets/vars/muster-controller/key";
+    };
+
+    store = mkOption {
+      type = types.nullOr (types.strMatching "postgres(ql)?://.*");
+      default = null;
+      description = ''
+        A PostgreSQL store (libpq URI) instead of `stateDir/muster.db`, for controllers
+        sharing one fleet (see docs/POSTGRESQL.md). Keep the password out of it (it is
+        world-readable in the store): use peer authentication or a `PGPASSFILE`.
+      '';
+      example = "postgresql:///muster?host=/run/postgresql";
     };
 
     rosterFile = mkOption {
@@ -174,9 +186,10 @@ in
           "${exe} run --check-config --config ${configFile}"
           # Idempotent: creates whatever is missing (key, certificate, store) and logs the pin.
           ("${exe} init --state-dir ${cfg.stateDir}"
-            + lib.optionalString (cfg.keyFile != null) " --key-file ${cfg.keyFile}")
+            + lib.optionalString (cfg.keyFile != null) " --key-file ${cfg.keyFile}"
+            + storeArg)
         ] ++ lib.mapAttrsToList
-          (name: key: "${exe} operator add ${lib.escapeShellArg name} --key ${key} --state-dir ${cfg.stateDir}")
+          (name: key: "${exe} operator add ${lib.escapeShellArg name} --key ${key} --state-dir ${cfg.stateDir}${storeArg}")
           cfg.operators;
         ExecStart = "${exe} run --config ${configFile}";
         Restart = "on-failure";

@@ -50,6 +50,7 @@ in
         inherit (cfg) stateDir listen;
         metricsListen = cfg.metricsListen or null;
         keyFile = cfg.keyFile or null;
+        store = cfg.store or null;
         roster = if (cfg.rosterFile or null) == null then null else "/etc/muster/roster.json";
       }
       // cfg.settings

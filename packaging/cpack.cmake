@@ -56,7 +56,7 @@ else()
   # What the binaries link on Debian 12 (objdump -p | NEEDED, then dpkg -S);
   # tests/packaging/check-deb.sh fails when a linked library is missing here.
   set(CPACK_DEBIAN_PACKAGE_DEPENDS
-    "libc6 (>= 2.36), libstdc++6 (>= 12), libgcc-s1 (>= 3.0), libssl3 (>= 3.0.0), libsodium23 (>= 1.0.18), libsqlite3-0 (>= 3.40), libzstd1 (>= 1.5.4), libspdlog1.10 (>= 1:1.10.0), libfmt9 (>= 9.1.0), adduser")
+    "libc6 (>= 2.36), libstdc++6 (>= 12), libgcc-s1 (>= 3.0), libssl3 (>= 3.0.0), libsodium23 (>= 1.0.18), libsqlite3-0 (>= 3.40), libpq5 (>= 15), libzstd1 (>= 1.5.4), libspdlog1.10 (>= 1:1.10.0), libfmt9 (>= 9.1.0), adduser")
 endif()
 set(CPACK_DEBIAN_PACKAGE_RECOMMENDS "nix-bin | nix")
 set(CPACK_DEBIAN_PACKAGE_CONTROL_EXTRA

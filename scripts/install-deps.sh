@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libboost1.81-dev libboost-system1.81-dev libboost-program-options1.81-dev
   libssl-dev openssl libsodium-dev nlohmann-json3-dev libspdlog-dev libfmt-dev
-  libcli11-dev libsqlite3-dev sqlite3 libzstd-dev libgtest-dev libgmock-dev
+  libcli11-dev libsqlite3-dev sqlite3 libpq-dev postgresql libzstd-dev libgtest-dev libgmock-dev
   nix-bin clang libclang-rt-14-dev
   iproute2 iptables procps psmisc python3 curl ca-certificates systemd
   systemd-container mmdebstrap chromium

@@ -130,10 +130,15 @@ class Env:
         self.agents = {}
         self.cache = None
         self._built = {}
+        self.store = None  # --store for the controller (a postgresql:// URI), None = SQLite
 
     # ------------------------------------------------------------ controller
+    def store_args(self):
+        return ["--store", self.store] if self.store else []
+
     def init_controller(self):
-        out = subprocess.run([binary("muster-controller"), "init", "--state-dir", self.ctl_dir],
+        out = subprocess.run([binary("muster-controller"), "init", "--state-dir", self.ctl_dir,
+                              *self.store_args()],
                              capture_output=True, text=True, check=True).stdout
         self.pin = re.search(r"pin:\s+(sha256:[0-9a-f]{64})", out).group(1)
         self.op_key = os.path.join(self.cli_dir, "operator.key")
@@ -141,7 +146,8 @@ class Env:
                              capture_output=True, text=True, check=True).stdout.strip()
         self.op_pub = pub
         subprocess.run([binary("muster-controller"), "operator", "add", "alice", "--key", pub,
-                        "--state-dir", self.ctl_dir], check=True, capture_output=True)
+                        "--state-dir", self.ctl_dir, *self.store_args()], check=True,
+                       capture_output=True)
 
     def start_controller(self, extra=(), port=None):
         listen = f"127.0.0.1:{port if port is not None else (self.port or 0)}"
@@ -152,7 +158,7 @@ class Env:
             with open(log, errors="replace") as f:
                 before = len(rx.findall(f.read()))
         self.controller = Process([binary("muster-controller"), "run", "--state-dir", self.ctl_dir,
-                                   "--listen", listen, *extra], log)
+                                   "--listen", listen, *self.store_args(), *extra], log)
         # The log accumulates across restarts: wait for this run's line.
         ports = wait_until(lambda: (lambda p: p if len(p) > before else None)(
             rx.findall(self.controller.text())), 30, what="controller listening")

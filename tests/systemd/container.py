@@ -29,7 +29,7 @@ SUITE = "bookworm"
 # booting systemd and Debian's nix.
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "nix-bin", "nix-setup-systemd",
-    "libssl3", "libsodium23", "libsqlite3-0", "libspdlog1.10", "libfmt9", "adduser",
+    "libssl3", "libsodium23", "libsqlite3-0", "libpq5", "libspdlog1.10", "libfmt9", "adduser",
 ]
 # Test fixture, not muster: at boot, /run/booted-system and /run/current-system
 # point at the system profile, as NixOS stage 2 does (nothing when there is none).

@@ -1,29 +1,56 @@
+#include "controller/store.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/testutil.h"
-#include "controller/store.h"
+#include "controller/pg_test_server.h"
 
 namespace muster {
 namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using testing::PgTestServer;
 
-class SqliteStoreTest : public ::testing::Test {
+// Every test runs against each backend: SQLite in a temporary directory, and
+// PostgreSQL in a fresh database of a server started for the test process
+// (skipped only when the PostgreSQL binaries are not installed).
+class StoreTest : public ::testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override { Reopen(); }
+  void SetUp() override {
+    if (GetParam() == "postgresql") {
+      std::string why;
+      pg_ = testing::PgTestServer::Shared(&why);
+      if (pg_ == nullptr && PgTestServer::FindBinDir().empty()) GTEST_SKIP() << why;
+      ASSERT_NE(pg_, nullptr) << why;
+      spec_ = pg_->Uri(pg_->NewDatabase());
+    } else {
+      spec_ = (dir_ / "muster.db").string();
+    }
+    Reopen();
+  }
 
   void Reopen(const StoreLimits& limits = {}) {
     store_.reset();
-    auto s = OpenSqliteStore((dir_ / "muster.db").string(), limits);
+    auto s = Open(limits);
     ASSERT_TRUE(s.ok()) << s.message();
     store_ = std::move(*s);
+  }
+
+  // A further store on the same data (another controller, for PostgreSQL).
+  Result<std::unique_ptr<Store>> Open(const StoreLimits& limits = {}) {
+    return GetParam() == "postgresql" ? OpenPostgresStore(spec_, limits)
+                                      : OpenSqliteStore(spec_, limits);
   }
 
   static MachineRecord Machine(const std::string& name, const std::string& key,
@@ -62,10 +89,15 @@ class SqliteStoreTest : public ::testing::Test {
   }
 
   testing::TempDir dir_;
+  testing::PgTestServer* pg_ = nullptr;
+  std::string spec_;
   std::unique_ptr<Store> store_;
 };
 
-TEST_F(SqliteStoreTest, MachinesAddGetListRemove) {
+INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, ::testing::Values("sqlite", "postgresql"),
+                         [](const auto& p) { return p.param; });
+
+TEST_P(StoreTest, MachinesAddGetListRemove) {
   ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2", {"web"})).ok());
   ASSERT_TRUE(store_->AddMachine(Machine("db1", "ed25519:k1", {"db", "eu"})).ok());
   auto m = store_->GetMachine("db1");
@@ -92,7 +124,7 @@ TEST_F(SqliteStoreTest, MachinesAddGetListRemove) {
   EXPECT_EQ(store_->ListMachines().size(), 1u);
 }
 
-TEST_F(SqliteStoreTest, DuplicateNameOrKeyIsRefused) {
+TEST_P(StoreTest, DuplicateNameOrKeyIsRefused) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   struct Case {
     const char* name;
@@ -113,7 +145,7 @@ TEST_F(SqliteStoreTest, DuplicateNameOrKeyIsRefused) {
   EXPECT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
 }
 
-TEST_F(SqliteStoreTest, Tags) {
+TEST_P(StoreTest, Tags) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1", {"a"})).ok());
   ASSERT_TRUE(store_->SetMachineTags("web1", {"web", "canary", "eu-west"}).ok());
   EXPECT_THAT(store_->GetMachine("web1")->tags, ElementsAre("web", "canary", "eu-west"));
@@ -124,7 +156,7 @@ TEST_F(SqliteStoreTest, Tags) {
   EXPECT_THAT(st.message(), HasSubstr("no machine named 'ghost'"));
 }
 
-TEST_F(SqliteStoreTest, Operators) {
+TEST_P(StoreTest, Operators) {
   ASSERT_TRUE(store_->AddOperator({"bob", "ed25519:b", 5}).ok());
   ASSERT_TRUE(store_->AddOperator({"alice", "ed25519:a", 6}).ok());
   auto dup = store_->AddOperator({"carol", "ed25519:a", 7});
@@ -141,7 +173,7 @@ TEST_F(SqliteStoreTest, Operators) {
   EXPECT_THAT(gone.message(), HasSubstr("no operator named 'alice'"));
 }
 
-TEST_F(SqliteStoreTest, GenerationsMustIncrease) {
+TEST_P(StoreTest, GenerationsMustIncrease) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   ASSERT_TRUE(store_->AddGeneration(Gen("web1", 1)).ok());
   ASSERT_TRUE(store_->AddGeneration(Gen("web1", 5)).ok());
@@ -161,7 +193,7 @@ TEST_F(SqliteStoreTest, GenerationsMustIncrease) {
   EXPECT_TRUE(store_->SetSetting("k", "v").ok());
 }
 
-TEST_F(SqliteStoreTest, LatestGetAndListGenerations) {
+TEST_P(StoreTest, LatestGetAndListGenerations) {
   EXPECT_FALSE(store_->LatestGeneration("web1").has_value());
   for (std::int64_t g : {1, 2, 3, 7}) ASSERT_TRUE(store_->AddGeneration(Gen("web1", g)).ok());
   auto latest = store_->LatestGeneration("web1");
@@ -188,7 +220,7 @@ TEST_F(SqliteStoreTest, LatestGetAndListGenerations) {
   EXPECT_TRUE(store_->ListGenerations("nobody", 10).empty());
 }
 
-TEST_F(SqliteStoreTest, StatusUpdatesMachineAndAppendsEventsInOrder) {
+TEST_P(StoreTest, StatusUpdatesMachineAndAppendsEventsInOrder) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   const char* phases[] = {"received", "verified", "realising", "activating", "succeeded"};
   std::int64_t at = 100;
@@ -226,7 +258,7 @@ TEST_F(SqliteStoreTest, StatusUpdatesMachineAndAppendsEventsInOrder) {
                              [](const auto& a, const auto& b) { return a.id < b.id; }));
 }
 
-TEST_F(SqliteStoreTest, LastAppliedFollowsAcceptedPhasesOnly) {
+TEST_P(StoreTest, LastAppliedFollowsAcceptedPhasesOnly) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   struct Case {
     std::int64_t generation;
@@ -245,7 +277,7 @@ TEST_F(SqliteStoreTest, LastAppliedFollowsAcceptedPhasesOnly) {
   }
 }
 
-TEST_F(SqliteStoreTest, HelloAndSeen) {
+TEST_P(StoreTest, HelloAndSeen) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   nlohmann::json facts = {{"system", "x86_64-linux"}, {"os", "nixos"}};
   ASSERT_TRUE(store_->RecordHello("web1", 500, facts, 9).ok());
@@ -259,7 +291,7 @@ TEST_F(SqliteStoreTest, HelloAndSeen) {
   EXPECT_EQ(store_->GetMachine("web1")->last_seen, 700);
 }
 
-TEST_F(SqliteStoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
+TEST_P(StoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2")).ok());
   nlohmann::json facts = {{"os", "nixos"}};
@@ -272,8 +304,8 @@ TEST_F(SqliteStoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
   std::vector<StatusWrite> writes;
   std::int64_t at = 1000;
   for (const char* p : {"received", "verified", "succeeded"}) {
-    writes.push_back({"web1", Event(4, p, at++), std::string(p) == "succeeded" ? "/nix/store/4-system" : "",
-                      false, nullptr});
+    writes.push_back({"web1", Event(4, p, at++),
+                      std::string(p) == "succeeded" ? "/nix/store/4-system" : "", false, nullptr});
     writes.push_back({"web2", Event(7, p, at++), "", false, nullptr});
   }
   auto results = store_->RecordStatuses(writes);
@@ -291,7 +323,7 @@ TEST_F(SqliteStoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
   EXPECT_EQ(store_->ListEvents("web2", 7, 10).size(), 3u);
 }
 
-TEST_F(SqliteStoreTest, LogsReadByGenerationAfterIdWithLimit) {
+TEST_P(StoreTest, LogsReadByGenerationAfterIdWithLimit) {
   std::vector<LogRecord> batch;
   for (int i = 0; i < 10; ++i) {
     batch.push_back({0, "web1", 3, i % 2 ? "activate" : "realise", "line " + std::to_string(i), i});
@@ -316,7 +348,7 @@ TEST_F(SqliteStoreTest, LogsReadByGenerationAfterIdWithLimit) {
   EXPECT_EQ(other[0].line, "other generation");
 }
 
-TEST_F(SqliteStoreTest, LogsAreBoundedPerGeneration) {
+TEST_P(StoreTest, LogsAreBoundedPerGeneration) {
   const std::string kilobyte(1024, 'x');
   constexpr std::int64_t kBound = 4 << 20;
   int n = 0;
@@ -350,7 +382,7 @@ std::int64_t LogBytes(const std::vector<LogRecord>& lines) {
   return n;
 }
 
-TEST_F(SqliteStoreTest, LogsAreBoundedPerMachineOldestGenerationsFirst) {
+TEST_P(StoreTest, LogsAreBoundedPerMachineOldestGenerationsFirst) {
   StoreLimits limits;
   limits.log_bytes_per_generation = 64 << 10;
   limits.log_bytes_per_machine = 256 << 10;
@@ -383,7 +415,7 @@ TEST_F(SqliteStoreTest, LogsAreBoundedPerMachineOldestGenerationsFirst) {
   EXPECT_EQ(store_->ReadLogs("web2", 1, 0, 10).size(), 1u) << "other machines untouched";
 }
 
-TEST_F(SqliteStoreTest, EmptyLogLinesAreBoundedByTheirRowCost) {
+TEST_P(StoreTest, EmptyLogLinesAreBoundedByTheirRowCost) {
   StoreLimits limits;
   limits.log_bytes_per_generation = 64 << 10;
   limits.log_bytes_per_machine = 64 << 10;
@@ -396,7 +428,7 @@ TEST_F(SqliteStoreTest, EmptyLogLinesAreBoundedByTheirRowCost) {
   EXPECT_FALSE(kept.empty());
 }
 
-TEST_F(SqliteStoreTest, LogBoundHoldsAcrossReopen) {
+TEST_P(StoreTest, LogBoundHoldsAcrossReopen) {
   StoreLimits limits;
   limits.log_bytes_per_generation = 64 << 10;
   limits.log_bytes_per_machine = 128 << 10;
@@ -415,7 +447,7 @@ TEST_F(SqliteStoreTest, LogBoundHoldsAcrossReopen) {
   EXPECT_FALSE(store_->ReadLogs("web1", 6, 0, 1).empty());
 }
 
-TEST_F(SqliteStoreTest, EventsAreBoundedPerMachineKeepingTheNewestGenerationsWhole) {
+TEST_P(StoreTest, EventsAreBoundedPerMachineKeepingTheNewestGenerationsWhole) {
   StoreLimits limits;
   limits.events_per_machine = 40;
   limits.keep_event_generations = 2;
@@ -454,7 +486,7 @@ TEST_F(SqliteStoreTest, EventsAreBoundedPerMachineKeepingTheNewestGenerationsWho
   EXPECT_LE(store_->ListEvents("web1", 0, 100000).size(), 40u);
 }
 
-TEST_F(SqliteStoreTest, HasGeneration) {
+TEST_P(StoreTest, HasGeneration) {
   ASSERT_TRUE(store_->AddGeneration(Gen("web1", 3)).ok());
   auto held = Gen("web1", 4);
   held.released = false;
@@ -485,7 +517,7 @@ TEST(StoreLimitsCheck, NamesTheSettingThatIsWrong) {
   EXPECT_THAT(s.message(), HasSubstr("--keep-event-generations"));
 }
 
-TEST_F(SqliteStoreTest, SettingsAndSchemaVersion) {
+TEST_P(StoreTest, SettingsAndSchemaVersion) {
   EXPECT_EQ(store_->GetSetting("schema_version"), "1");
   EXPECT_FALSE(store_->GetSetting("missing").has_value());
   ASSERT_TRUE(store_->SetSetting("k", "v1").ok());
@@ -493,7 +525,7 @@ TEST_F(SqliteStoreTest, SettingsAndSchemaVersion) {
   EXPECT_EQ(store_->GetSetting("k"), "v2");
 }
 
-TEST_F(SqliteStoreTest, DataSurvivesReopen) {
+TEST_P(StoreTest, DataSurvivesReopen) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1", {"web"})).ok());
   ASSERT_TRUE(store_->AddOperator({"alice", "ed25519:a", 1}).ok());
   ASSERT_TRUE(store_->AddGeneration(Gen("web1", 8)).ok());
@@ -515,10 +547,10 @@ TEST_F(SqliteStoreTest, DataSurvivesReopen) {
   EXPECT_FALSE(store_->AddGeneration(Gen("web1", 8)).ok()) << "numbering survives too";
 }
 
-TEST_F(SqliteStoreTest, RefusesNewerSchema) {
+TEST_P(StoreTest, RefusesNewerSchema) {
   ASSERT_TRUE(store_->SetSetting("schema_version", "99").ok());
   store_.reset();
-  auto s = OpenSqliteStore((dir_ / "muster.db").string());
+  auto s = Open();
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("schema version 99 is newer than this controller supports"));
   EXPECT_THAT(s.message(), HasSubstr("upgrade muster-controller"));
@@ -529,6 +561,204 @@ TEST(SqliteStoreOpen, ReportsUnopenablePath) {
   auto s = OpenSqliteStore((dir / "missing-dir/muster.db").string());
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("cannot open store"));
+}
+
+// --- PostgreSQL only: several controllers on one database ---
+
+class PgStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    pg_ = PgTestServer::Shared(&why);
+    if (pg_ == nullptr && PgTestServer::FindBinDir().empty()) GTEST_SKIP() << why;
+    ASSERT_NE(pg_, nullptr) << why;
+    db_ = pg_->NewDatabase();
+    uri_ = pg_->Uri(db_);
+  }
+  std::unique_ptr<Store> OpenOrDie() {
+    auto s = OpenPostgresStore(uri_);
+    EXPECT_TRUE(s.ok()) << s.message();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+  PgTestServer* pg_ = nullptr;
+  std::string db_, uri_;
+};
+
+TEST_F(PgStoreTest, ControllersStartingTogetherMigrateOnce) {
+  constexpr int kControllers = 6;
+  std::vector<Result<std::unique_ptr<Store>>> opened;
+  std::vector<std::thread> threads;
+  std::mutex mu;
+  for (int i = 0; i < kControllers; ++i) {
+    threads.emplace_back([&] {
+      auto s = OpenPostgresStore(uri_);
+      std::lock_guard lock(mu);
+      opened.push_back(std::move(s));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& s : opened) ASSERT_TRUE(s.ok()) << s.message();
+  std::string rows, distinct;
+  ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM schema_migrations", &rows), "");
+  ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(DISTINCT version) FROM schema_migrations", &distinct), "");
+  EXPECT_EQ(rows, "1") << "each migration recorded once";
+  EXPECT_EQ(distinct, rows);
+  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "1");
+}
+
+TEST_F(PgStoreTest, TwoControllersShareOneFleet) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  MachineRecord m;
+  m.name = "web1";
+  m.key = "ed25519:k1";
+  m.created_at = 1;
+  ASSERT_TRUE(a->AddMachine(m).ok());
+  EXPECT_THAT(b->AddMachine(m).message(), HasSubstr("already registered"));
+  GenerationRecord g;
+  g.machine = "web1";
+  g.generation = 5;
+  g.manifest = {"{}", "ed25519:op", "sig"};
+  ASSERT_TRUE(a->AddGeneration(g).ok());
+  EXPECT_EQ(b->LatestGeneration("web1")->generation, 5) << "a publish via A is visible to B";
+  EXPECT_THAT(b->AddGeneration(g).message(), HasSubstr("not newer than the stored generation 5"));
+  g.generation = 4;
+  EXPECT_FALSE(b->AddGeneration(g).ok()) << "numbering is shared";
+}
+
+TEST_F(PgStoreTest, ConcurrentPublishesOfOneNumberAcceptExactlyOne) {
+  constexpr int kControllers = 4, kRounds = 20;
+  std::vector<std::unique_ptr<Store>> stores;
+  for (int i = 0; i < kControllers; ++i) stores.push_back(OpenOrDie());
+  for (int round = 1; round <= kRounds; ++round) {
+    std::atomic<int> accepted{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kControllers; ++i) {
+      threads.emplace_back([&, i] {
+        GenerationRecord g;
+        g.machine = "web1";
+        // Two controllers race for the same number, two for the one below it.
+        g.generation = round * 10 - (i % 2);
+        g.manifest = {"{}", "ed25519:op", "sig"};
+        if (stores[static_cast<std::size_t>(i)]->AddGeneration(g).ok()) ++accepted;
+      });
+    }
+    for (auto& t : threads) t.join();
+    EXPECT_GE(accepted.load(), 1) << "round " << round;
+    EXPECT_LE(accepted.load(), 2) << "round " << round;
+    auto gens = stores[0]->ListGenerations("web1", 1000);
+    for (std::size_t i = 1; i < gens.size(); ++i) {
+      EXPECT_GT(gens[i - 1].generation, gens[i].generation) << "no number stored twice";
+    }
+  }
+}
+
+TEST_F(PgStoreTest, ATokenIsSpentOnceAcrossControllers) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  Store::EnrollToken t{"h1", "web1", {"web"}, 1000, "alice", "grant"};
+  ASSERT_TRUE(a->AddEnrollToken(t).ok());
+  auto first = a->SpendEnrollToken("h1", "web1", "ed25519:k1", "binding", 10);
+  auto second = b->SpendEnrollToken("h1", "web1", "ed25519:k2", "binding", 11);
+  EXPECT_TRUE(first.ok()) << first.message();
+  EXPECT_THAT(second.message(), HasSubstr("already used"));
+  EXPECT_EQ(b->GetMachine("web1")->key, "ed25519:k1");
+}
+
+TEST_F(PgStoreTest, ReconnectsAfterTheServerRestarts) {
+  auto s = OpenOrDie();
+  ASSERT_TRUE(s);
+  ASSERT_TRUE(s->SetSetting("k", "before").ok());
+  const std::uint64_t failures = s->Failures();
+  ASSERT_EQ(pg_->Restart(), "");
+  // The first call may find the connection broken; within the reconnect
+  // interval a later one succeeds, and nothing written before is lost.
+  Status st = s->SetSetting("k", "after");
+  for (int i = 0; i < 30 && !st.ok(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    st = s->SetSetting("k", "after");
+  }
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(s->GetSetting("k"), "after");
+  EXPECT_GT(s->Failures(), failures) << "the broken connection was counted";
+  EXPECT_TRUE(s->Ping().ok());
+}
+
+TEST_F(PgStoreTest, NulIsStoredAsReplacementCharacter) {
+  auto s = OpenOrDie();
+  ASSERT_TRUE(s);
+  ASSERT_TRUE(s->AppendLogs({{0, "web1", 1, "realise", std::string("a\0b", 3), 0}}).ok());
+  auto lines = s->ReadLogs("web1", 1, 0, 10);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].line,
+            "a\xEF\xBF\xBD"
+            "b");
+}
+
+TEST_F(PgStoreTest, CopiesAnSqliteStoreIntoAnEmptyOne) {
+  testing::TempDir dir;
+  std::string path = (dir / "muster.db").string();
+  {
+    auto src = OpenSqliteStore(path);
+    ASSERT_TRUE(src.ok()) << src.message();
+    MachineRecord m;
+    m.name = "web1";
+    m.key = "ed25519:k1";
+    m.tags = {"web"};
+    m.created_at = 7;
+    ASSERT_TRUE((*src)->AddMachine(m).ok());
+    ASSERT_TRUE((*src)->AddOperator({"alice", "ed25519:a", 1}).ok());
+    GenerationRecord g;
+    g.machine = "web1";
+    g.generation = 3;
+    g.manifest = {"{\"generation\":3}", "ed25519:a", "sig"};
+    g.toplevel = "/nix/store/3-system";
+    ASSERT_TRUE((*src)->AddGeneration(g).ok());
+    EventRecord ev{0, "web1", 3, "succeeded", "ok", 9};
+    ASSERT_TRUE((*src)->RecordStatus("web1", ev, "/nix/store/3-system", false).ok());
+    ASSERT_TRUE((*src)->AppendLogs({{0, "web1", 3, "activate", "done", 10}}).ok());
+    ASSERT_TRUE((*src)->SetSetting("k", "v").ok());
+  }
+  auto copied = CopySqliteToPostgres(path, uri_);
+  ASSERT_TRUE(copied.ok()) << copied.message();
+  EXPECT_THAT(*copied, HasSubstr("1 machines"));
+  EXPECT_THAT(*copied, HasSubstr("1 generations"));
+  auto s = OpenOrDie();
+  ASSERT_TRUE(s);
+  auto m = s->GetMachine("web1");
+  ASSERT_TRUE(m.has_value());
+  EXPECT_THAT(m->tags, ElementsAre("web"));
+  EXPECT_EQ(m->phase, "succeeded");
+  EXPECT_EQ(m->last_applied, 3);
+  EXPECT_EQ(s->ListOperators().size(), 1u);
+  EXPECT_EQ(s->LatestGeneration("web1")->toplevel, "/nix/store/3-system");
+  EXPECT_EQ(s->ListEvents("web1", 3, 10).size(), 1u);
+  EXPECT_EQ(s->GetSetting("k"), "v");
+  EXPECT_EQ(s->GetSetting("schema_version"), "1");
+  // New rows continue the copied ids.
+  ASSERT_TRUE(s->AppendLogs({{0, "web1", 3, "activate", "again", 11}}).ok());
+  auto logs = s->ReadLogs("web1", 3, 0, 10);
+  ASSERT_EQ(logs.size(), 2u);
+  EXPECT_LT(logs[0].id, logs[1].id);
+  auto twice = CopySqliteToPostgres(path, uri_);
+  ASSERT_FALSE(twice.ok());
+  EXPECT_THAT(twice.message(), HasSubstr("empty database only"));
+}
+
+TEST(PgStoreOpen, ReportsUnreachableServerWithoutPassword) {
+  testing::TempDir dir;
+  auto s = OpenPostgresStore("postgresql://muster:s3cret@/db?host=" + dir.path().string() +
+                             "&connect_timeout=2");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("cannot connect to PostgreSQL"));
+  EXPECT_THAT(s.message(), ::testing::Not(HasSubstr("s3cret")));
+}
+
+TEST(StoreSpec, PostgresUrisAreRecognised) {
+  EXPECT_TRUE(IsPostgresStoreSpec("postgresql://db.example/muster"));
+  EXPECT_TRUE(IsPostgresStoreSpec("postgres:///muster?host=/run/postgresql"));
+  EXPECT_FALSE(IsPostgresStoreSpec("/var/lib/muster-controller/muster.db"));
+  EXPECT_FALSE(IsPostgresStoreSpec("muster.db"));
 }
 
 }  // namespace

@@ -1,0 +1,1257 @@
+// PostgreSQL implementation of Store (libpq): one connection per store, a
+// mutex around every call, synchronous_commit=on so that a call returns only
+// after its commit is flushed. Several controllers may share one database:
+// every check-then-write runs in one transaction under a row lock or a
+// transaction-scoped advisory lock, and per-machine counters live in tables
+// (never in this process's memory), so that bounds hold whichever controller
+// writes.
+#include <libpq-fe.h>
+#include <sqlite3.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/json_limits.h"
+#include "controller/store.h"
+
+namespace muster {
+
+namespace {
+
+using nlohmann::json;
+
+// Versioned migrations: entry i brings the schema to version i + 1. Applied in
+// order, once, under a session advisory lock (kMigrationLock), each in its own
+// transaction together with its row in schema_migrations. Never edit an entry
+// that has shipped: append a new one.
+constexpr const char* kMigrations[] = {
+    R"SQL(
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE machines (
+  name TEXT PRIMARY KEY,
+  key TEXT NOT NULL UNIQUE,
+  tags TEXT NOT NULL DEFAULT '[]',
+  created_at BIGINT NOT NULL,
+  last_seen BIGINT NOT NULL DEFAULT 0,
+  facts TEXT NOT NULL DEFAULT '{}',
+  generation BIGINT NOT NULL DEFAULT 0,
+  phase TEXT NOT NULL DEFAULT 'idle',
+  detail TEXT NOT NULL DEFAULT '',
+  toplevel TEXT NOT NULL DEFAULT '',
+  reboot_required BIGINT NOT NULL DEFAULT 0,
+  last_applied BIGINT NOT NULL DEFAULT 0,
+  revoked BIGINT NOT NULL DEFAULT 0,
+  roster TEXT NOT NULL DEFAULT '',
+  binding TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE operators (
+  name TEXT PRIMARY KEY,
+  key TEXT NOT NULL UNIQUE,
+  created_at BIGINT NOT NULL
+);
+CREATE TABLE generations (
+  machine TEXT NOT NULL,
+  generation BIGINT NOT NULL,
+  manifest TEXT NOT NULL,
+  signer TEXT NOT NULL,
+  signature TEXT NOT NULL,
+  vars TEXT NOT NULL,
+  toplevel TEXT NOT NULL,
+  action TEXT NOT NULL,
+  rollout TEXT NOT NULL DEFAULT '',
+  published_by TEXT NOT NULL DEFAULT '',
+  created_at BIGINT NOT NULL,
+  released BIGINT NOT NULL DEFAULT 1,
+  PRIMARY KEY (machine, generation)
+);
+CREATE TABLE events (
+  id BIGSERIAL PRIMARY KEY,
+  machine TEXT NOT NULL,
+  generation BIGINT NOT NULL,
+  phase TEXT NOT NULL,
+  detail TEXT NOT NULL,
+  at BIGINT NOT NULL
+);
+CREATE INDEX events_machine ON events (machine, generation, id);
+CREATE TABLE event_counts (machine TEXT PRIMARY KEY, rows BIGINT NOT NULL);
+CREATE TABLE logs (
+  id BIGSERIAL PRIMARY KEY,
+  machine TEXT NOT NULL,
+  generation BIGINT NOT NULL,
+  stream TEXT NOT NULL,
+  line TEXT NOT NULL,
+  at BIGINT NOT NULL
+);
+CREATE INDEX logs_machine ON logs (machine, generation, id);
+CREATE TABLE log_sizes (
+  machine TEXT NOT NULL,
+  generation BIGINT NOT NULL,
+  bytes BIGINT NOT NULL,
+  PRIMARY KEY (machine, generation)
+);
+CREATE TABLE rollouts (
+  id TEXT PRIMARY KEY,
+  created_at BIGINT NOT NULL,
+  created_by TEXT NOT NULL,
+  canary BIGINT NOT NULL,
+  max_parallel BIGINT NOT NULL,
+  max_failures BIGINT NOT NULL,
+  state TEXT NOT NULL,
+  detail TEXT NOT NULL DEFAULT '',
+  updated_at BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE rollout_items (
+  rollout TEXT NOT NULL,
+  position BIGINT NOT NULL,
+  machine TEXT NOT NULL,
+  generation BIGINT NOT NULL,
+  stage BIGINT NOT NULL,
+  state TEXT NOT NULL,
+  detail TEXT NOT NULL DEFAULT '',
+  updated_at BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (rollout, position)
+);
+CREATE TABLE enroll_tokens (
+  hash TEXT PRIMARY KEY,
+  machine TEXT NOT NULL,
+  tags TEXT NOT NULL,
+  expires_at BIGINT NOT NULL,
+  created_by TEXT NOT NULL,
+  spent_at BIGINT NOT NULL DEFAULT 0,
+  grant_entry TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE roster_removed (
+  name TEXT PRIMARY KEY,
+  roster TEXT NOT NULL,
+  signed_at BIGINT NOT NULL
+);
+)SQL",
+};
+constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
+
+// Session advisory lock keys (two int4 halves): 0x6d757374 is "must".
+constexpr const char* kMigrationLock = "SELECT pg_advisory_lock(1836413812, 1)";
+constexpr const char* kMigrationUnlock = "SELECT pg_advisory_unlock(1836413812, 1)";
+// Transaction advisory lock serialising generation numbering per machine.
+constexpr const char* kGenerationLock = "SELECT pg_advisory_xact_lock(1836413812, hashtext($1))";
+
+json ParseOr(const std::string& text, json fallback) {
+  json j = json::parse(text, nullptr, false);
+  return j.is_discarded() ? fallback : j;
+}
+
+// PostgreSQL text cannot hold U+0000 (valid UTF-8, so it passes the checks
+// upstream): it is stored as U+FFFD.
+std::string Param(const std::string& s) {
+  if (s.find('\0') == std::string::npos) return s;
+  std::string out;
+  out.reserve(s.size() + 8);
+  for (char c : s) {
+    if (c == '\0') {
+      out += "\xEF\xBF\xBD";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+std::string Param(std::int64_t v) { return std::to_string(v); }
+std::string Param(int v) { return std::to_string(v); }
+std::string Param(bool v) { return v ? "1" : "0"; }
+
+// One result, freed on destruction.
+class Res {
+ public:
+  explicit Res(PGresult* r) : r_(r) {}
+  ~Res() { PQclear(r_); }
+  Res(Res&& o) noexcept : r_(o.r_) { o.r_ = nullptr; }
+  Res(const Res&) = delete;
+  Res& operator=(const Res&) = delete;
+
+  bool ok() const {
+    auto s = PQresultStatus(r_);
+    return r_ != nullptr && (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK);
+  }
+  int rows() const { return ok() ? PQntuples(r_) : 0; }
+  std::string Text(int row, int col) const {
+    return std::string(PQgetvalue(r_, row, col),
+                       static_cast<std::size_t>(PQgetlength(r_, row, col)));
+  }
+  std::int64_t Int(int row, int col) const {
+    return std::strtoll(PQgetvalue(r_, row, col), nullptr, 10);
+  }
+  // Rows changed by an INSERT/UPDATE/DELETE.
+  std::int64_t changes() const {
+    const char* n = PQcmdTuples(r_);
+    return (n && *n) ? std::strtoll(n, nullptr, 10) : 0;
+  }
+  std::string sqlstate() const {
+    const char* s = r_ ? PQresultErrorField(r_, PG_DIAG_SQLSTATE) : nullptr;
+    return s ? s : "";
+  }
+  bool unique_violation() const { return sqlstate() == "23505"; }
+  std::string error() const {
+    std::string e = r_ ? PQresultErrorMessage(r_) : "no result (connection lost?)";
+    while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
+    return e.empty() ? "unknown error" : e;
+  }
+
+ private:
+  PGresult* r_;
+};
+
+class PgStore final : public Store {
+ public:
+  PgStore(std::string conninfo, const StoreLimits& limits)
+      : limits_(limits), conninfo_(std::move(conninfo)) {}
+  ~PgStore() override {
+    if (conn_) PQfinish(conn_);
+  }
+
+  Status Init() {
+    std::lock_guard lock(mu_);
+    if (auto st = ConnectLocked(); !st) return st;
+    if (auto r = Q(kMigrationLock); !r.ok()) return Err("store: cannot lock schema: " + r.error());
+    auto st = MigrateLocked();
+    (void)Q(kMigrationUnlock);
+    return st;
+  }
+
+  Status MigrateLocked() {
+    if (auto r = Q("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, "
+                   "applied_at BIGINT NOT NULL)");
+        !r.ok()) {
+      return Err("store: " + r.error());
+    }
+    auto v = Q("SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
+    if (!v.ok()) return Err("store: " + v.error());
+    std::int64_t have = v.Int(0, 0);
+    if (have > kSchemaVersion) {
+      return Err("store schema version " + std::to_string(have) +
+                 " is newer than this controller supports (" + std::to_string(kSchemaVersion) +
+                 "); upgrade muster-controller");
+    }
+    for (std::int64_t next = have + 1; next <= kSchemaVersion; ++next) {
+      if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
+      auto m = Res(PQexec(conn_, kMigrations[next - 1]));  // several statements: no parameters
+      if (!m.ok()) {
+        std::string e = m.error();
+        (void)End("ROLLBACK");
+        return Err("store: schema migration " + std::to_string(next) + " failed: " + e);
+      }
+      auto rec =
+          Q("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, "
+            "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT)",
+            next);
+      auto set =
+          Q("INSERT INTO settings (key, value) VALUES ('schema_version', $1) ON CONFLICT "
+            "(key) DO UPDATE SET value = excluded.value",
+            std::to_string(next));
+      if (!rec.ok() || !set.ok()) {
+        std::string e = rec.ok() ? set.error() : rec.error();
+        (void)End("ROLLBACK");
+        return Err("store: schema migration " + std::to_string(next) + ": " + e);
+      }
+      if (auto r = End("COMMIT"); !r.ok()) return Err("store: " + r.error());
+    }
+    // Someone may have written a newer version into settings (as the SQLite
+    // store checks it, so does this one).
+    auto s = Q("SELECT value FROM settings WHERE key = 'schema_version'");
+    if (s.rows() == 1 && std::strtoll(s.Text(0, 0).c_str(), nullptr, 10) > kSchemaVersion) {
+      return Err("store schema version " + s.Text(0, 0) +
+                 " is newer than this controller supports (" + std::to_string(kSchemaVersion) +
+                 "); upgrade muster-controller");
+    }
+    return Status::Ok();
+  }
+
+  Status AddMachine(const MachineRecord& m) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("INSERT INTO machines (name, key, tags, created_at, roster, binding) VALUES "
+          "($1, $2, $3, $4, $5, $6)",
+          m.name, m.key, DumpJson(json(m.tags)), m.created_at, m.roster, m.binding);
+    if (r.unique_violation()) {
+      return Err("machine '" + m.name +
+                 "' or its key is already registered; remove it first "
+                 "('muster machine remove " +
+                 m.name + "') to register it again");
+    }
+    if (!r.ok()) return Err("store: cannot add machine: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RemoveMachine(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("DELETE FROM machines WHERE name = $1", name);
+    if (!r.ok()) return Err("store: cannot remove machine: " + r.error());
+    if (r.changes() == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status SetMachineTags(const std::string& name, const std::vector<std::string>& tags) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("UPDATE machines SET tags = $1 WHERE name = $2", DumpJson(json(tags)), name);
+    if (!r.ok()) return Err("store: " + r.error());
+    if (r.changes() == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status SetMachineRoster(const std::string& name, const std::vector<std::string>& tags,
+                          const std::string& roster, const std::string& binding) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("UPDATE machines SET tags = $1, roster = $2, binding = $3 WHERE name = $4",
+               DumpJson(json(tags)), roster, binding, name);
+    if (!r.ok()) return Err("store: " + r.error());
+    if (r.changes() == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status RecordRemoval(const std::string& name, const std::string& roster,
+                       std::int64_t signed_at) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("INSERT INTO roster_removed (name, roster, signed_at) VALUES ($1, $2, $3) ON "
+          "CONFLICT (name) DO UPDATE SET roster = excluded.roster, signed_at = "
+          "excluded.signed_at",
+          name, roster, signed_at);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  std::vector<std::pair<std::string, std::string>> ListRemovals() override {
+    std::lock_guard lock(mu_);
+    std::vector<std::pair<std::string, std::string>> out;
+    auto r = Q("SELECT name, roster FROM roster_removed ORDER BY name");
+    for (int i = 0; i < r.rows(); ++i) out.emplace_back(r.Text(i, 0), r.Text(i, 1));
+    return out;
+  }
+
+  std::int64_t RemovalSignedAt(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT signed_at FROM roster_removed WHERE name = $1", name);
+    return r.rows() == 1 ? r.Int(0, 0) : 0;
+  }
+
+  static constexpr const char* kMachineCols =
+      "name, key, tags, created_at, last_seen, facts, generation, phase, detail, toplevel, "
+      "reboot_required, last_applied, revoked, roster, binding";
+
+  static MachineRecord ReadMachine(const Res& r, int i) {
+    MachineRecord m;
+    m.name = r.Text(i, 0);
+    m.key = r.Text(i, 1);
+    json tags = ParseOr(r.Text(i, 2), json::array());
+    if (tags.is_array()) {
+      for (const auto& t : tags) {
+        if (t.is_string()) m.tags.push_back(t.get<std::string>());
+      }
+    }
+    m.created_at = r.Int(i, 3);
+    m.last_seen = r.Int(i, 4);
+    m.facts = ParseOr(r.Text(i, 5), json::object());
+    m.generation = r.Int(i, 6);
+    m.phase = r.Text(i, 7);
+    m.detail = r.Text(i, 8);
+    m.toplevel = r.Text(i, 9);
+    m.reboot_required = r.Int(i, 10) != 0;
+    m.last_applied = r.Int(i, 11);
+    m.revoked = r.Int(i, 12) != 0;
+    m.roster = r.Text(i, 13);
+    m.binding = r.Text(i, 14);
+    return m;
+  }
+
+  std::vector<MachineRecord> ListMachines() override {
+    std::lock_guard lock(mu_);
+    std::vector<MachineRecord> out;
+    // COLLATE "C": the same byte order as SQLite's, whatever the database's locale.
+    auto r =
+        Q(std::string("SELECT ") + kMachineCols + " FROM machines ORDER BY name COLLATE \"C\"");
+    for (int i = 0; i < r.rows(); ++i) out.push_back(ReadMachine(r, i));
+    return out;
+  }
+
+  std::optional<MachineRecord> GetMachine(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    auto r = Q(std::string("SELECT ") + kMachineCols + " FROM machines WHERE name = $1", name);
+    if (r.rows() != 1) return std::nullopt;
+    return ReadMachine(r, 0);
+  }
+
+  Status RecordHello(const std::string& name, std::int64_t at, const json& facts,
+                     std::int64_t last_applied) override {
+    std::lock_guard lock(mu_);
+    return WriteHelloLocked(name, at, facts, last_applied);
+  }
+
+  // Group commit: one transaction (one flush) for all; on any failure each is
+  // recorded on its own so that each gets its own result.
+  std::vector<Status> RecordHellos(const std::vector<HelloWrite>& writes) override {
+    {
+      std::lock_guard lock(mu_);
+      if (Begin().ok()) {
+        bool ok = true;
+        for (const auto& w : writes) {
+          if (!WriteHelloLocked(w.name, w.at, w.facts, w.last_applied)) {
+            ok = false;
+            break;
+          }
+        }
+        if (ok && End("COMMIT").ok()) return std::vector<Status>(writes.size(), Status::Ok());
+        (void)End("ROLLBACK");
+      }
+    }
+    return Store::RecordHellos(writes);
+  }
+
+  Status WriteHelloLocked(const std::string& name, std::int64_t at, const json& facts,
+                          std::int64_t last_applied) {
+    auto r =
+        Q("UPDATE machines SET last_seen = $1, facts = $2, last_applied = GREATEST("
+          "last_applied, $3::BIGINT) WHERE name = $4",
+          at, DumpJson(facts), last_applied, name);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RecordSeen(const std::string& name, std::int64_t at) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("UPDATE machines SET last_seen = $1 WHERE name = $2", at, name);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RecordStatus(const std::string& name, const EventRecord& ev, const std::string& toplevel,
+                      bool reboot_required, const json& facts) override {
+    std::lock_guard lock(mu_);
+    if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
+    if (auto st = WriteStatusLocked(name, ev, toplevel, reboot_required, facts); !st) {
+      (void)End("ROLLBACK");
+      return st;
+    }
+    if (auto r = End("COMMIT"); !r.ok()) {
+      (void)End("ROLLBACK");
+      return Err("store: cannot record status: " + r.error());
+    }
+    return Status::Ok();
+  }
+
+  std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) override {
+    {
+      std::lock_guard lock(mu_);
+      if (Begin().ok()) {
+        bool ok = true;
+        for (const auto& w : writes) {
+          if (!WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts)) {
+            ok = false;
+            break;
+          }
+        }
+        if (ok && End("COMMIT").ok()) return std::vector<Status>(writes.size(), Status::Ok());
+        (void)End("ROLLBACK");
+      }
+    }
+    return Store::RecordStatuses(writes);
+  }
+
+  // The machine row and the event row of one report; the caller holds mu_ and
+  // a transaction.
+  Status WriteStatusLocked(const std::string& name, const EventRecord& ev,
+                           const std::string& toplevel, bool reboot_required, const json& facts) {
+    auto u =
+        Q("UPDATE machines SET generation = $1, phase = $2, detail = $3, "
+          "toplevel = CASE WHEN $4 = '' THEN toplevel ELSE $4 END, reboot_required = $5, "
+          "last_seen = $6, "
+          "last_applied = CASE WHEN $2 IN ('succeeded','unchanged','rolled-back','failed',"
+          "'verified','realising','vars-installed','profile-set','activating','confirming') "
+          "THEN GREATEST(last_applied, $1::BIGINT) ELSE last_applied END "
+          "WHERE name = $7",
+          ev.generation, ev.phase, ev.detail, toplevel, reboot_required, ev.at, name);
+    if (!u.ok()) return Err("store: cannot record status: " + u.error());
+    auto i =
+        Q("INSERT INTO events (machine, generation, phase, detail, at) VALUES "
+          "($1, $2, $3, $4, $5)",
+          name, ev.generation, ev.phase, ev.detail, ev.at);
+    if (!i.ok()) return Err("store: cannot record status: " + i.error());
+    if (auto st = BoundEventsLocked(name); !st) return st;
+    if (facts.is_object()) {
+      auto f = Q("UPDATE machines SET facts = $1 WHERE name = $2", DumpJson(facts), name);
+      if (!f.ok()) return Err("store: cannot record facts: " + f.error());
+    }
+    return Status::Ok();
+  }
+
+  Status AddOperator(const OperatorRecord& op) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("INSERT INTO operators (name, key, created_at) VALUES ($1, $2, $3)", op.name, op.key,
+               op.created_at);
+    if (r.unique_violation()) {
+      return Err("operator '" + op.name + "' or its key is already registered");
+    }
+    if (!r.ok()) return Err("store: cannot add operator: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RemoveOperator(const std::string& name) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("DELETE FROM operators WHERE name = $1", name);
+    if (!r.ok()) return Err("store: " + r.error());
+    if (r.changes() == 0) return Err("no operator named '" + name + "'");
+    return Status::Ok();
+  }
+
+  std::vector<OperatorRecord> ListOperators() override {
+    std::lock_guard lock(mu_);
+    std::vector<OperatorRecord> out;
+    auto r = Q("SELECT name, key, created_at FROM operators ORDER BY name COLLATE \"C\"");
+    for (int i = 0; i < r.rows(); ++i) out.push_back({r.Text(i, 0), r.Text(i, 1), r.Int(i, 2)});
+    return out;
+  }
+
+  Status AddGeneration(const GenerationRecord& g) override {
+    std::lock_guard lock(mu_);
+    if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
+    if (auto st = InsertGenerationLocked(g); !st) {
+      (void)End("ROLLBACK");
+      return st;
+    }
+    return CommitLocked("cannot add generation");
+  }
+
+  // Inside a transaction: refuses a number not above the stored ones. The
+  // advisory lock makes the check and the insert one step across controllers.
+  Status InsertGenerationLocked(const GenerationRecord& g) {
+    if (auto l = Q(kGenerationLock, g.machine); !l.ok()) return Err("store: " + l.error());
+    auto q =
+        Q("SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = $1", g.machine);
+    if (!q.ok()) return Err("store: " + q.error());
+    std::int64_t latest = q.Int(0, 0);
+    if (g.generation <= latest) {
+      return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
+                 " is not newer than the stored generation " + std::to_string(latest));
+    }
+    auto s =
+        Q("INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
+          "toplevel, action, rollout, published_by, created_at, released) "
+          "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+          g.machine, g.generation, g.manifest.manifest, g.manifest.signer, g.manifest.signature,
+          g.vars, g.toplevel, g.action, g.rollout, g.published_by, g.created_at, g.released);
+    if (!s.ok()) return Err("store: cannot add generation: " + s.error());
+    return Status::Ok();
+  }
+
+  std::int64_t MaxGeneration(const std::string& machine) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = $1", machine);
+    return r.rows() == 1 ? r.Int(0, 0) : 0;
+  }
+
+  Status ReleaseGeneration(const std::string& machine, std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("UPDATE generations SET released = 1 WHERE machine = $1 AND generation = $2",
+               machine, generation);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  Status CreateRollout(const RolloutRecord& r, const std::vector<GenerationRecord>& gens,
+                       const std::vector<RolloutItemRecord>& items) override {
+    std::lock_guard lock(mu_);
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto fail = [&](std::string e) {
+      (void)End("ROLLBACK");
+      return Status(Err(std::move(e)));
+    };
+    for (const auto& g : gens) {
+      if (auto st = InsertGenerationLocked(g); !st) return fail(st.message());
+    }
+    auto r1 =
+        Q("INSERT INTO rollouts (id, created_at, created_by, canary, max_parallel, "
+          "max_failures, state, detail, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+          r.id, r.created_at, r.created_by, r.canary, r.max_parallel, r.max_failures, r.state,
+          r.detail, r.updated_at);
+    if (!r1.ok()) return fail("store: cannot add rollout: " + r1.error());
+    for (const auto& it : items) {
+      auto i =
+          Q("INSERT INTO rollout_items (rollout, position, machine, generation, stage, "
+            "state, detail, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+            it.rollout, it.position, it.machine, it.generation, it.stage, it.state, it.detail,
+            it.updated_at);
+      if (!i.ok()) return fail("store: cannot add rollout item: " + i.error());
+    }
+    return CommitLocked("cannot add rollout");
+  }
+
+  Status UpdateRollout(const RolloutRecord& r) override {
+    std::lock_guard lock(mu_);
+    auto u = Q("UPDATE rollouts SET state = $1, detail = $2, updated_at = $3 WHERE id = $4",
+               r.state, r.detail, r.updated_at, r.id);
+    if (!u.ok()) return Err("store: " + u.error());
+    return Status::Ok();
+  }
+
+  Status UpdateRolloutItem(const RolloutItemRecord& it) override {
+    std::lock_guard lock(mu_);
+    auto u =
+        Q("UPDATE rollout_items SET state = $1, detail = $2, updated_at = $3 WHERE "
+          "rollout = $4 AND position = $5",
+          it.state, it.detail, it.updated_at, it.rollout, it.position);
+    if (!u.ok()) return Err("store: " + u.error());
+    return Status::Ok();
+  }
+
+  static constexpr const char* kRolloutCols =
+      "id, created_at, created_by, canary, max_parallel, max_failures, state, detail, updated_at";
+
+  static RolloutRecord ReadRollout(const Res& s, int i) {
+    RolloutRecord r;
+    r.id = s.Text(i, 0);
+    r.created_at = s.Int(i, 1);
+    r.created_by = s.Text(i, 2);
+    r.canary = static_cast<int>(s.Int(i, 3));
+    r.max_parallel = static_cast<int>(s.Int(i, 4));
+    r.max_failures = static_cast<int>(s.Int(i, 5));
+    r.state = s.Text(i, 6);
+    r.detail = s.Text(i, 7);
+    r.updated_at = s.Int(i, 8);
+    return r;
+  }
+
+  std::optional<RolloutRecord> GetRollout(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    auto r = Q(std::string("SELECT ") + kRolloutCols + " FROM rollouts WHERE id = $1", id);
+    if (r.rows() != 1) return std::nullopt;
+    return ReadRollout(r, 0);
+  }
+
+  std::vector<RolloutRecord> ListRollouts(int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<RolloutRecord> out;
+    auto r = Q(std::string("SELECT ") + kRolloutCols +
+                   " FROM rollouts ORDER BY created_at DESC, id COLLATE \"C\" DESC LIMIT $1",
+               limit);
+    for (int i = 0; i < r.rows(); ++i) out.push_back(ReadRollout(r, i));
+    return out;
+  }
+
+  std::vector<RolloutItemRecord> ListRolloutItems(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    std::vector<RolloutItemRecord> out;
+    auto r =
+        Q("SELECT rollout, position, machine, generation, stage, state, detail, updated_at "
+          "FROM rollout_items WHERE rollout = $1 ORDER BY position",
+          id);
+    for (int i = 0; i < r.rows(); ++i) {
+      RolloutItemRecord it;
+      it.rollout = r.Text(i, 0);
+      it.position = static_cast<int>(r.Int(i, 1));
+      it.machine = r.Text(i, 2);
+      it.generation = r.Int(i, 3);
+      it.stage = static_cast<int>(r.Int(i, 4));
+      it.state = r.Text(i, 5);
+      it.detail = r.Text(i, 6);
+      it.updated_at = r.Int(i, 7);
+      out.push_back(std::move(it));
+    }
+    return out;
+  }
+
+  Status SetMachineRevoked(const std::string& name, bool revoked) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("UPDATE machines SET revoked = $1 WHERE name = $2", revoked, name);
+    if (!r.ok()) return Err("store: " + r.error());
+    if (r.changes() == 0) return Err("no machine named '" + name + "'");
+    return Status::Ok();
+  }
+
+  Status AddEnrollToken(const EnrollToken& t) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("INSERT INTO enroll_tokens (hash, machine, tags, expires_at, created_by, "
+          "grant_entry) VALUES ($1,$2,$3,$4,$5,$6)",
+          t.hash, t.machine, DumpJson(json(t.tags)), t.expires_at, t.created_by, t.grant);
+    if (!r.ok()) return Err("store: cannot add enrolment token: " + r.error());
+    return Status::Ok();
+  }
+
+  Status SpendEnrollToken(const std::string& hash, const std::string& machine,
+                          const std::string& key, const std::string& binding,
+                          std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto fail = [&](std::string e) {
+      (void)End("ROLLBACK");
+      return Status(Err(std::move(e)));
+    };
+    // FOR UPDATE: two controllers spending one token wait for each other, and
+    // the second sees it spent.
+    auto q =
+        Q("SELECT machine, tags, expires_at, spent_at, grant_entry FROM enroll_tokens WHERE "
+          "hash = $1 FOR UPDATE",
+          hash);
+    if (!q.ok()) return fail("store: " + q.error());
+    if (q.rows() != 1) return fail("enrolment token is not valid");
+    if (q.Int(0, 3) != 0) return fail("enrolment token was already used");
+    if (q.Int(0, 2) < now) {
+      return fail("enrolment token has expired; ask for a new one ('muster machine enroll')");
+    }
+    if (q.Text(0, 0) != machine) {
+      return fail("enrolment token is for machine '" + q.Text(0, 0) + "', not '" + machine + "'");
+    }
+    auto spend = Q("UPDATE enroll_tokens SET spent_at = $1 WHERE hash = $2", now, hash);
+    if (!spend.ok()) return fail("store: " + spend.error());
+    auto add =
+        Q("INSERT INTO machines (name, key, tags, created_at, roster, binding) VALUES "
+          "($1, $2, $3, $4, $5, $6)",
+          machine, key, q.Text(0, 1), now, q.Text(0, 4), binding);
+    if (add.unique_violation()) {
+      return fail("machine '" + machine + "' or this key is already registered");
+    }
+    if (!add.ok()) return fail("store: " + add.error());
+    return CommitLocked("cannot enrol");
+  }
+
+  std::optional<EnrollToken> LiveEnrollToken(const std::string& machine,
+                                             std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("SELECT hash, tags, expires_at, created_by, grant_entry FROM enroll_tokens WHERE "
+          "machine = $1 AND spent_at = 0 AND expires_at >= $2 ORDER BY expires_at DESC "
+          "LIMIT 1",
+          machine, now);
+    if (r.rows() != 1) return std::nullopt;
+    EnrollToken t;
+    t.hash = r.Text(0, 0);
+    t.machine = machine;
+    json tags = ParseOr(r.Text(0, 1), json::array());
+    if (tags.is_array()) {
+      for (const auto& x : tags) {
+        if (x.is_string()) t.tags.push_back(x.get<std::string>());
+      }
+    }
+    t.expires_at = r.Int(0, 2);
+    t.created_by = r.Text(0, 3);
+    t.grant = r.Text(0, 4);
+    return t;
+  }
+
+  int LiveEnrollTokens(std::int64_t now) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT COUNT(*) FROM enroll_tokens WHERE spent_at = 0 AND expires_at >= $1", now);
+    return r.rows() == 1 ? static_cast<int>(r.Int(0, 0)) : 0;
+  }
+
+  static constexpr const char* kGenCols =
+      "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
+      "published_by, created_at, released";
+
+  static GenerationRecord ReadGen(const Res& r, int i) {
+    GenerationRecord g;
+    g.machine = r.Text(i, 0);
+    g.generation = r.Int(i, 1);
+    g.manifest = {r.Text(i, 2), r.Text(i, 3), r.Text(i, 4)};
+    g.vars = r.Text(i, 5);
+    g.toplevel = r.Text(i, 6);
+    g.action = r.Text(i, 7);
+    g.rollout = r.Text(i, 8);
+    g.published_by = r.Text(i, 9);
+    g.created_at = r.Int(i, 10);
+    g.released = r.Int(i, 11) != 0;
+    return g;
+  }
+
+  std::optional<GenerationRecord> LatestGeneration(const std::string& machine) override {
+    std::lock_guard lock(mu_);
+    auto r = Q(std::string("SELECT ") + kGenCols +
+                   " FROM generations WHERE machine = $1 AND released = 1 ORDER BY generation "
+                   "DESC LIMIT 1",
+               machine);
+    if (r.rows() != 1) return std::nullopt;
+    return ReadGen(r, 0);
+  }
+
+  std::optional<GenerationRecord> GetGeneration(const std::string& machine,
+                                                std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    auto r = Q(std::string("SELECT ") + kGenCols +
+                   " FROM generations WHERE machine = $1 AND generation = $2",
+               machine, generation);
+    if (r.rows() != 1) return std::nullopt;
+    return ReadGen(r, 0);
+  }
+
+  std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<GenerationRecord> out;
+    auto r = Q(std::string("SELECT ") + kGenCols +
+                   " FROM generations WHERE machine = $1 ORDER BY generation DESC LIMIT $2",
+               machine, limit);
+    for (int i = 0; i < r.rows(); ++i) out.push_back(ReadGen(r, i));
+    return out;
+  }
+
+  std::vector<EventRecord> ListEvents(const std::string& machine, std::int64_t generation,
+                                      int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<EventRecord> out;
+    auto r =
+        Q("SELECT id, machine, generation, phase, detail, at FROM events WHERE machine = $1 "
+          "AND ($2::BIGINT = 0 OR generation = $2::BIGINT) ORDER BY id DESC LIMIT $3",
+          machine, generation, limit);
+    for (int i = r.rows() - 1; i >= 0; --i) {
+      out.push_back(
+          {r.Int(i, 0), r.Text(i, 1), r.Int(i, 2), r.Text(i, 3), r.Text(i, 4), r.Int(i, 5)});
+    }
+    return out;
+  }
+
+  bool HasGeneration(const std::string& machine, std::int64_t generation) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("SELECT 1 FROM generations WHERE machine = $1 AND generation = $2", machine, generation);
+    return r.rows() == 1;
+  }
+
+  Status AppendLogs(const std::vector<LogRecord>& lines) override {
+    if (lines.empty()) return Status::Ok();
+    std::lock_guard lock(mu_);
+    if (auto b = Begin(); !b.ok()) return Err("store: cannot append logs: " + b.error());
+    auto fail = [&](const std::string& what, const Res& r) {
+      std::string e = what + ": " + r.error();
+      (void)End("ROLLBACK");
+      return Status(Err("store: cannot append logs: " + e));
+    };
+    std::map<std::pair<std::string, std::int64_t>, std::int64_t> added;  // (machine, gen) → bytes
+    for (const auto& l : lines) {
+      auto i =
+          Q("INSERT INTO logs (machine, generation, stream, line, at) VALUES "
+            "($1, $2, $3, $4, $5)",
+            l.machine, l.generation, l.stream, l.line, l.at);
+      if (!i.ok()) return fail("insert", i);
+      added[{l.machine, l.generation}] +=
+          static_cast<std::int64_t>(Param(l.line).size()) + StoreLimits::kLogRowOverhead;
+    }
+    std::set<std::string> machines;
+    for (const auto& [key, bytes] : added) {
+      machines.insert(key.first);
+      auto z =
+          Q("INSERT INTO log_sizes (machine, generation, bytes) VALUES ($1, $2, $3) "
+            "ON CONFLICT (machine, generation) DO UPDATE SET bytes = log_sizes.bytes + "
+            "excluded.bytes RETURNING bytes",
+            key.first, key.second, bytes);
+      if (z.rows() != 1) return fail("count", z);
+      std::int64_t total = z.Int(0, 0);
+      if (total > limits_.log_bytes_per_generation) {
+        std::int64_t target = limits_.log_bytes_per_generation * 3 / 4;
+        if (auto st = DropOldestLogLinesLocked(key.first, key.second, total - target); !st) {
+          (void)End("ROLLBACK");
+          return st;
+        }
+      }
+    }
+    for (const auto& machine : machines) {
+      if (auto st = PruneMachineLogsLocked(machine); !st) {
+        (void)End("ROLLBACK");
+        return st;
+      }
+    }
+    return CommitLocked("cannot append logs");
+  }
+
+  std::vector<LogRecord> ReadLogs(const std::string& machine, std::int64_t generation,
+                                  std::int64_t after_id, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<LogRecord> out;
+    auto r =
+        Q("SELECT id, machine, generation, stream, line, at FROM logs WHERE machine = $1 "
+          "AND generation = $2 AND id > $3 ORDER BY id LIMIT $4",
+          machine, generation, after_id, limit);
+    for (int i = 0; i < r.rows(); ++i) {
+      out.push_back(
+          {r.Int(i, 0), r.Text(i, 1), r.Int(i, 2), r.Text(i, 3), r.Text(i, 4), r.Int(i, 5)});
+    }
+    return out;
+  }
+
+  std::uint64_t Failures() override { return failures_.load(std::memory_order_relaxed); }
+
+  Status Ping() override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT 1");
+    if (!r.ok()) return Err("PostgreSQL store unreachable: " + r.error());
+    return Status::Ok();
+  }
+
+  std::optional<std::string> GetSetting(const std::string& key) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT value FROM settings WHERE key = $1", key);
+    if (r.rows() != 1) return std::nullopt;
+    return r.Text(0, 0);
+  }
+
+  Status SetSetting(const std::string& key, const std::string& value) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
+          "SET value = excluded.value",
+          key, value);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  // Copies every row of an SQLite store (opened read-only, schema current)
+  // into this one, which must hold no machines, operators or generations; one
+  // transaction, so a failure leaves it empty. Returns what was copied.
+  Result<std::string> CopyFrom(sqlite3* db) {
+    struct Table {
+      const char* name;
+      const char* cols;
+      int ncols;
+    };
+    static constexpr Table kTables[] = {
+        {"settings", "key, value", 2},
+        {"machines",
+         "name, key, tags, created_at, last_seen, facts, generation, phase, detail, toplevel, "
+         "reboot_required, last_applied, revoked, roster, binding",
+         15},
+        {"operators", "name, key, created_at", 3},
+        {"generations",
+         "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
+         "published_by, created_at, released",
+         12},
+        {"events", "id, machine, generation, phase, detail, at", 6},
+        {"logs", "id, machine, generation, stream, line, at", 6},
+        {"log_sizes", "machine, generation, bytes", 3},
+        {"rollouts",
+         "id, created_at, created_by, canary, max_parallel, max_failures, state, detail, "
+         "updated_at",
+         9},
+        {"rollout_items",
+         "rollout, position, machine, generation, stage, state, detail, updated_at", 8},
+        {"enroll_tokens", "hash, machine, tags, expires_at, created_by, spent_at, grant_entry", 7},
+        {"roster_removed", "name, roster, signed_at", 3},
+    };
+    std::lock_guard lock(mu_);
+    auto n =
+        Q("SELECT (SELECT COUNT(*) FROM machines) + (SELECT COUNT(*) FROM operators) + "
+          "(SELECT COUNT(*) FROM generations)");
+    if (n.rows() != 1) return Err("store: " + n.error());
+    if (n.Int(0, 0) != 0) {
+      return Err(
+          "the PostgreSQL store already holds machines, operators or generations; copy "
+          "into an empty database only");
+    }
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto fail = [&](const std::string& e) {
+      (void)End("ROLLBACK");
+      return Error{e};
+    };
+    std::string summary;
+    for (const auto& t : kTables) {
+      std::string sel = std::string("SELECT ") + t.cols + " FROM " + t.name;
+      if (std::string(t.name) == "settings") {
+        sel += " WHERE key NOT IN ('schema_version', 'log_accounting')";
+      }
+      sqlite3_stmt* st = nullptr;
+      if (sqlite3_prepare_v2(db, sel.c_str(), -1, &st, nullptr) != SQLITE_OK) {
+        std::string e = sqlite3_errmsg(db);
+        sqlite3_finalize(st);
+        return fail(std::string("reading ") + t.name + " from SQLite: " + e);
+      }
+      std::string ins = std::string("INSERT INTO ") + t.name + " (" + t.cols + ") VALUES (";
+      for (int i = 1; i <= t.ncols; ++i) ins += (i > 1 ? ",$" : "$") + std::to_string(i);
+      ins += ")";
+      if (std::string(t.name) == "settings") {
+        ins += " ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+      }
+      std::int64_t rows = 0;
+      int rc;
+      while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        std::vector<std::string> vals;
+        for (int i = 0; i < t.ncols; ++i) {
+          const auto* p = sqlite3_column_text(st, i);
+          vals.push_back(
+              Param(p ? std::string(reinterpret_cast<const char*>(p),
+                                    static_cast<std::size_t>(sqlite3_column_bytes(st, i)))
+                      : std::string()));
+        }
+        auto r = QV(ins, vals);
+        if (!r.ok()) {
+          sqlite3_finalize(st);
+          return fail(std::string("writing ") + t.name + " to PostgreSQL: " + r.error());
+        }
+        ++rows;
+      }
+      sqlite3_finalize(st);
+      if (rc != SQLITE_DONE) {
+        return fail(std::string("reading ") + t.name + " from SQLite: " + sqlite3_errmsg(db));
+      }
+      if (rows > 0 && std::string(t.name) != "settings" && std::string(t.name) != "log_sizes") {
+        summary += (summary.empty() ? "" : ", ") + std::to_string(rows) + " " + t.name;
+      }
+    }
+    for (const char* seq : {"events", "logs"}) {
+      auto r = Q(std::string("SELECT setval(pg_get_serial_sequence('") + seq +
+                 "', 'id'), COALESCE((SELECT MAX(id) FROM " + seq + "), 0) + 1, false)");
+      if (!r.ok()) return fail(std::string("setting the ") + seq + " sequence: " + r.error());
+    }
+    if (auto c = End("COMMIT"); !c.ok()) return Err("store: cannot commit the copy: " + c.error());
+    return summary.empty() ? std::string("nothing (the SQLite store was empty)") : summary;
+  }
+
+ private:
+  // Connects (or reconnects) with explicit timeouts; a URI's own settings win
+  // over these defaults. Every session commits synchronously, whatever the
+  // server's default, so that a call returns only once its change is flushed.
+  Status ConnectLocked() {
+    if (conn_) PQfinish(conn_);
+    const char* keys[] = {"connect_timeout",
+                          "application_name",
+                          "keepalives",
+                          "keepalives_idle",
+                          "keepalives_interval",
+                          "keepalives_count",
+                          "options",
+                          "dbname",
+                          nullptr};
+    const char* vals[] = {"10",
+                          "muster-controller",
+                          "1",
+                          "10",
+                          "5",
+                          "3",
+                          "-c synchronous_commit=on -c statement_timeout=30000 "
+                          "-c client_encoding=UTF8 -c client_min_messages=warning",
+                          conninfo_.c_str(),
+                          nullptr};
+    conn_ = PQconnectdbParams(keys, vals, 1);
+    if (conn_ == nullptr) return Err("store: cannot connect to PostgreSQL: out of memory");
+    if (PQstatus(conn_) != CONNECTION_OK) {
+      std::string e = PQerrorMessage(conn_);
+      while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
+      return Err("store: cannot connect to PostgreSQL (" + Redacted() + "): " + e);
+    }
+    return Status::Ok();
+  }
+
+  // The connection string without a password, for messages.
+  std::string Redacted() const {
+    std::string s = conninfo_;
+    auto scheme = s.find("://");
+    auto at = s.find('@');
+    if (scheme != std::string::npos && at != std::string::npos && at > scheme) {
+      auto colon = s.find(':', scheme + 3);
+      if (colon != std::string::npos && colon < at) s.replace(colon + 1, at - colon - 1, "***");
+    }
+    auto pw = s.find("password=");
+    if (pw != std::string::npos) {
+      auto end = s.find(' ', pw);
+      s.replace(pw + 9, (end == std::string::npos ? s.size() : end) - pw - 9, "***");
+    }
+    return s;
+  }
+
+  // Runs one statement with text parameters. A connection found broken is
+  // re-established first (outside a transaction only: a transaction that lost
+  // its connection is gone, and its caller sees the error).
+  // Reconnects are tried at most once a second, so that while the database is
+  // down calls fail at once instead of each waiting for connect_timeout.
+  template <typename... Args>
+  Res Q(const std::string& sql, const Args&... args) {
+    return QV(sql, {Param(args)...});
+  }
+
+  Res QV(const std::string& sql, const std::vector<std::string>& params) {
+    if (PQstatus(conn_) != CONNECTION_OK && !in_tx_) {
+      auto now = std::chrono::steady_clock::now();
+      if (now - last_reset_ >= std::chrono::seconds(1)) {
+        last_reset_ = now;
+        PQreset(conn_);
+      }
+    }
+    std::vector<const char*> ptrs;
+    ptrs.reserve(params.size());
+    for (const auto& p : params) ptrs.push_back(p.c_str());
+    Res r(PQexecParams(conn_, sql.c_str(), static_cast<int>(ptrs.size()), nullptr, ptrs.data(),
+                       nullptr, nullptr, 0));
+    if (!r.ok()) failures_.fetch_add(1, std::memory_order_relaxed);
+    return r;
+  }
+
+  // Transactions are tracked here: a connection lost inside one is not
+  // re-established until the caller ends it, so that no later statement of
+  // that transaction runs on its own on a fresh connection.
+  Res Begin() {
+    auto r = Q("BEGIN");
+    in_tx_ = r.ok();
+    return r;
+  }
+  Res End(const char* sql) {
+    auto r = Q(sql);
+    in_tx_ = false;
+    return r;
+  }
+
+  Status CommitLocked(const std::string& what) {
+    auto r = End("COMMIT");
+    if (!r.ok()) {
+      (void)End("ROLLBACK");
+      return Err("store: " + what + ": " + r.error());
+    }
+    return Status::Ok();
+  }
+
+  // Deletes the oldest lines of (machine, generation) worth at least `bytes`
+  // and updates the count; the caller holds mu_ and a transaction.
+  Status DropOldestLogLinesLocked(const std::string& machine, std::int64_t generation,
+                                  std::int64_t bytes) {
+    auto q =
+        Q("SELECT COALESCE(MAX(id), -1), COALESCE(SUM(cost), 0) FROM (SELECT id, cost, "
+          "SUM(cost) OVER (ORDER BY id) - cost AS before FROM (SELECT id, "
+          "OCTET_LENGTH(line) + $3::BIGINT AS cost FROM logs WHERE machine = $1 AND "
+          "generation = $2) c) t WHERE before < $4::BIGINT",
+          machine, generation, StoreLimits::kLogRowOverhead, bytes);
+    if (q.rows() != 1) return Err("store: cannot prune logs: " + q.error());
+    std::int64_t last_id = q.Int(0, 0), removed = q.Int(0, 1);
+    auto d = Q("DELETE FROM logs WHERE machine = $1 AND generation = $2 AND id <= $3", machine,
+               generation, last_id);
+    auto z = Q("UPDATE log_sizes SET bytes = bytes - $1 WHERE machine = $2 AND generation = $3",
+               removed, machine, generation);
+    auto e = Q("DELETE FROM log_sizes WHERE machine = $1 AND generation = $2 AND bytes <= 0",
+               machine, generation);
+    if (!d.ok() || !z.ok() || !e.ok()) {
+      return Err("store: cannot prune logs: " + (!d.ok()   ? d.error()
+                                                 : !z.ok() ? z.error()
+                                                           : e.error()));
+    }
+    return Status::Ok();
+  }
+
+  // Brings the machine's logs to 3/4 of its bound when they exceed it: whole
+  // generations go first, lowest number (oldest) first, then the oldest lines
+  // of the next. The caller holds mu_ and a transaction.
+  Status PruneMachineLogsLocked(const std::string& machine) {
+    auto t = Q("SELECT COALESCE(SUM(bytes), 0) FROM log_sizes WHERE machine = $1", machine);
+    if (t.rows() != 1) return Err("store: cannot prune logs: " + t.error());
+    std::int64_t total = t.Int(0, 0);
+    if (total <= limits_.log_bytes_per_machine) return Status::Ok();
+    const std::int64_t target = limits_.log_bytes_per_machine * 3 / 4;
+    while (total > target) {
+      auto q =
+          Q("SELECT generation, bytes FROM log_sizes WHERE machine = $1 ORDER BY generation "
+            "LIMIT 1",
+            machine);
+      if (!q.ok()) return Err("store: cannot prune logs: " + q.error());
+      if (q.rows() == 0) return Status::Ok();
+      std::int64_t generation = q.Int(0, 0), bytes = q.Int(0, 1);
+      if (bytes <= total - target) {
+        auto d = Q("DELETE FROM logs WHERE machine = $1 AND generation = $2", machine, generation);
+        auto z =
+            Q("DELETE FROM log_sizes WHERE machine = $1 AND generation = $2", machine, generation);
+        if (!d.ok() || !z.ok()) {
+          return Err("store: cannot prune logs: " + (d.ok() ? z.error() : d.error()));
+        }
+        total -= bytes;
+      } else {
+        if (auto st = DropOldestLogLinesLocked(machine, generation, total - target); !st) {
+          return st;
+        }
+        auto again = Q("SELECT COALESCE(SUM(bytes), 0) FROM log_sizes WHERE machine = $1", machine);
+        if (again.rows() != 1) return Err("store: cannot prune logs: " + again.error());
+        total = again.Int(0, 0);
+      }
+    }
+    return Status::Ok();
+  }
+
+  // Counts the event just inserted for machine (event_counts, shared by all
+  // controllers; first counted from the table); past the bound, deletes the
+  // oldest events down to 3/4 of it, sparing the newest generations' events
+  // unless they alone are too many. The caller holds mu_ and a transaction.
+  Status BoundEventsLocked(const std::string& machine) {
+    auto c =
+        Q("INSERT INTO event_counts (machine, rows) VALUES ($1, (SELECT COUNT(*) FROM events "
+          "WHERE machine = $1)) ON CONFLICT (machine) DO UPDATE SET rows = event_counts.rows "
+          "+ 1 RETURNING rows",
+          machine);
+    if (c.rows() != 1) return Err("store: cannot count events: " + c.error());
+    std::int64_t rows = c.Int(0, 0);
+    if (rows <= limits_.events_per_machine) return Status::Ok();
+    const std::int64_t target = limits_.events_per_machine - limits_.events_per_machine / 4;
+    auto d1 =
+        Q("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE machine = $1 AND "
+          "generation NOT IN (SELECT generation FROM generations WHERE machine = $1 ORDER "
+          "BY generation DESC LIMIT $2) ORDER BY id LIMIT $3)",
+          machine, limits_.keep_event_generations, rows - target);
+    if (!d1.ok()) return Err("store: cannot prune events: " + d1.error());
+    rows -= d1.changes();
+    if (rows > target) {
+      auto d2 =
+          Q("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE machine = $1 "
+            "ORDER BY id LIMIT $2)",
+            machine, rows - target);
+      if (!d2.ok()) return Err("store: cannot prune events: " + d2.error());
+      rows -= d2.changes();
+    }
+    auto u = Q("UPDATE event_counts SET rows = $1 WHERE machine = $2", rows, machine);
+    if (!u.ok()) return Err("store: cannot count events: " + u.error());
+    return Status::Ok();
+  }
+
+  std::mutex mu_;
+  const StoreLimits limits_;
+  const std::string conninfo_;
+  PGconn* conn_ = nullptr;
+  bool in_tx_ = false;
+  std::atomic<std::uint64_t> failures_{0};
+  std::chrono::steady_clock::time_point last_reset_{};
+};
+
+}  // namespace
+
+bool IsPostgresStoreSpec(const std::string& spec) {
+  return spec.rfind("postgresql://", 0) == 0 || spec.rfind("postgres://", 0) == 0;
+}
+
+Result<std::unique_ptr<Store>> OpenPostgresStore(const std::string& conninfo,
+                                                 const StoreLimits& limits) {
+  if (auto st = CheckStoreLimits(limits); !st) return st.error();
+  auto store = std::make_unique<PgStore>(conninfo, limits);
+  if (auto st = store->Init(); !st) return Err("cannot open store: " + st.message());
+  return std::unique_ptr<Store>(std::move(store));
+}
+
+Result<std::string> CopySqliteToPostgres(const std::string& sqlite_path,
+                                         const std::string& conninfo) {
+  {
+    // Brings the SQLite schema up to date (and fails clearly on a bad path).
+    auto src = OpenSqliteStore(sqlite_path);
+    if (!src) return src.error();
+  }
+  auto store = std::make_unique<PgStore>(conninfo, StoreLimits{});
+  if (auto st = store->Init(); !st) return Err("cannot open store: " + st.message());
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(sqlite_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
+    std::string e = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return Err("cannot open " + sqlite_path + ": " + e);
+  }
+  sqlite3_busy_timeout(db, 5000);
+  auto copied = store->CopyFrom(db);
+  sqlite3_close(db);
+  return copied;
+}
+
+Result<std::unique_ptr<Store>> OpenStore(const std::string& spec, const StoreLimits& limits) {
+  if (IsPostgresStoreSpec(spec)) return OpenPostgresStore(spec, limits);
+  return OpenSqliteStore(spec, limits);
+}
+
+}  // namespace muster
