@@ -128,7 +128,9 @@ int OpenConnection(const Globals& g, std::unique_ptr<Connection>* out, SecretKey
   ClientOptions o;
   o.url = *url;
   o.tls = *ctx;
-  o.max_message_bytes = 64u << 20;
+  // Answers about the whole fleet (the roster: ~550 bytes per machine) are
+  // large; the controller's own limit for operator requests is 64 MiB.
+  o.max_message_bytes = 256u << 20;
   o.user_agent = std::string("muster-cli/") + MUSTER_VERSION;
   auto conn = Connection::Open(o);
   if (!conn) return Die(conn.message(), kExitConnect);

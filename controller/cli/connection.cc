@@ -13,6 +13,7 @@ Result<std::unique_ptr<Connection>> Connection::Open(ClientOptions options) {
     self->close_reason_ = std::move(r);
   };
   auto timeout = options.connect_timeout + options.handshake_timeout + std::chrono::seconds(1);
+  c->limits_.max_bytes = options.max_message_bytes;
   c->client_ = WsClient::Create(c->ioc_.get_executor(), std::move(options), std::move(h));
   c->client_->Connect();
   auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -85,7 +86,7 @@ Result<nlohmann::json> Connection::Await(std::uint64_t id, std::chrono::millisec
     }
     std::string text = std::move(inbox_.front());
     inbox_.pop_front();
-    auto msg = proto::Decode(text);
+    auto msg = proto::Decode(text, limits_);
     if (!msg) return Err("controller sent an invalid message: " + msg.message());
     if (auto* e = std::get_if<proto::Event>(&*msg)) {
       events_.push_back(std::move(*e));
@@ -116,7 +117,7 @@ Result<std::optional<proto::Event>> Connection::NextEvent(std::chrono::milliseco
     }
     std::string text = std::move(inbox_.front());
     inbox_.pop_front();
-    auto msg = proto::Decode(text);
+    auto msg = proto::Decode(text, limits_);
     if (!msg) return Err("controller sent an invalid message: " + msg.message());
     if (auto* e = std::get_if<proto::Event>(&*msg)) events_.push_back(std::move(*e));
     if (auto* err = std::get_if<proto::ErrorMsg>(&*msg)) return Err(err->message);

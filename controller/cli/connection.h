@@ -51,6 +51,7 @@ class Connection {
   bool closed_ = false;
   std::string close_reason_;
   std::uint64_t next_id_ = 1;
+  proto::DecodeLimits limits_;  // the connection's message limit, not the agents' default
 };
 
 }  // namespace muster
