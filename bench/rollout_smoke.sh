@@ -18,7 +18,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port) mport=$(free_port)
 pin=$("$controller" init --state-dir "$dir/state" | sed -n 's/^pin: *//p')
 "$loadgen" register --state-dir "$dir/state" --count "$n" >/dev/null
 "$loadgen" operator-key --out "$dir/operator.key" >/dev/null
@@ -28,7 +29,7 @@ mkdir -p "$dir/vars/activation"
 head -c 3000 /dev/urandom | base64 >"$dir/vars/activation/secret"
 
 run_controller="exec '$controller' run --state-dir '$dir/state' --listen 127.0.0.1:$port \
-  --max-handshakes 4 --log-level warn >>'$dir/controller.log' 2>&1"
+  --max-handshakes 4 --metrics-listen 127.0.0.1:$mport --log-level warn >>'$dir/controller.log' 2>&1"
 sh -c "$run_controller" &
 echo $! >"$dir/controller.pid"
 for _ in $(seq 1 100); do
@@ -49,9 +50,21 @@ if ! timeout 110 "$loadgen" run --state-dir "$dir/state" --port "$port" --count 
   tail -n 30 "$dir/controller.log" >&2
   exit 1
 fi
-python3 - "$dir/result.json" "$n" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1])); n = int(sys.argv[2])
+# What the restarted controller refused while the fleet came back.
+metrics=$(python3 - "$mport" <<'PY'
+import sys, time, urllib.request
+for _ in range(50):
+    try:
+        print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())
+        break
+    except OSError:
+        time.sleep(0.1)
+PY
+)
+echo "$metrics" >"$dir/metrics.txt"
+python3 - "$dir/result.json" "$n" "$dir/metrics.txt" <<'PY'
+import json, re, sys
+r = json.load(open(sys.argv[1])); n = int(sys.argv[2]); metrics = open(sys.argv[3]).read()
 assert r["ok"], r.get("failures")
 st = r["stages"][0]["storm"]; ro = r["rollout"]; rc = r["reconnect"]; c = r["counters"]
 # Connecting all at once through 4 handshake slots: nobody was cut.
@@ -59,11 +72,16 @@ assert c["welcomes"] >= 2 * n and not r["errors"], (c, r["errors"])
 assert ro["notified"] == n and ro["acknowledged"] == n, ro
 assert c["verified"] == n and c["refused"] == 0, c
 assert rc["returned"] == n, rc
-cut = {k: v for k, v in rc["expectedFailures"].items()
-       if "timed out" in k or "evict" in k or "reset" in k}
-assert not cut, f"handshakes cut in the reconnect storm: {cut}"
+assert "muster_admission_waits_total" in metrics, metrics[:500]
+cut = {m.group(1): int(m.group(2)) for m in
+       re.finditer(r'muster_refusals_total\{reason="([^"]+)"\} (\d+)', metrics)
+       if m.group(1).startswith(("handshake", "admission"))}
+assert not cut, f"the restarted controller cut handshakes: {cut}"
+waits = int(re.search(r"muster_admission_waits_total (\d+)", metrics).group(1))
+assert waits > 0, "nobody waited for a slot: the admission queue was not exercised"
 print(f"bench.rollout_smoke: {n} agents through 4 handshake slots; 'muster publish --all' "
       f"returned in {ro['commandSeconds']:.2f} s, all acked {ro['ackMs']['max']:.0f} ms after it "
       f"started; after SIGKILL all back in {rc['secondsToAllBack']:.1f} s; "
+      f"{waits} waited for one of its 4 handshake slots, none cut; "
       f"expected failures while down: {rc['expectedFailures']}")
 PY

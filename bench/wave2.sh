@@ -45,7 +45,7 @@ trap cleanup EXIT
 
 state=$out/state
 fresh_state() {
-  rm -rf "$state" "$out/xdg"
+  rm -rf "$state" "$out/xdg" "$out/operator.key"
   pin=$("$ctl" init --state-dir "$state" | sed -n 's/^pin: *//p')
   "$lg" register --state-dir "$state" --count $((N + 1)) >"$out/register.json"
   "$lg" operator-key --out "$out/operator.key" >/dev/null

@@ -268,7 +268,7 @@ struct RunConfig {
   int ping_interval = 60;
   int idle_timeout = 150;
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
-  std::size_t max_handshakes = 256;
+  std::size_t max_handshakes = 1024;
   std::size_t max_waiting = 65536;
   int admission_timeout = 120;
   std::string log_level = "info";

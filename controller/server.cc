@@ -1,5 +1,8 @@
 #include "controller/server.h"
 
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -252,7 +255,6 @@ struct Shared {
   std::mutex admission_mu;
   std::list<std::weak_ptr<Session>> holders;  // in their handshake, oldest grant first
   std::deque<std::weak_ptr<Session>> waiting;
-  double handshake_ewma_ms = 50;  // recent successful handshakes, grant to ready
   StoreWriter store_writer;
   LogWriter log_writer;  // agents' log lines, off the I/O threads
   CacheWorker cache_worker;
@@ -329,10 +331,40 @@ class Session : public std::enable_shared_from_this<Session>,
     });
     raw_.async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
       if (ec || !self->raw_.is_open() || self->closed_) return self->End();
-      self->got_bytes_ = true;
-      self->timer_.cancel();
-      self->RequestSlot();
+      self->OnFirstBytes();
     });
+  }
+
+  // A slot (or a place in the queue) is taken only once the first TLS record
+  // (the ClientHello) has arrived whole: a peer that sends part of one and
+  // stalls is looked at again every 200 ms and cut at the handshake timeout,
+  // and never keeps a live agent out of a slot. Real clients send the
+  // ClientHello at once.
+  void OnFirstBytes() {
+    if (closed_ || !raw_.is_open()) return End();
+    if (FirstRecordComplete()) {
+      got_bytes_ = true;
+      timer_.cancel();
+      return RequestSlot();
+    }
+    pause_timer_.expires_after(std::chrono::milliseconds(200));
+    pause_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return self->End();
+      self->OnFirstBytes();
+    });
+  }
+
+  bool FirstRecordComplete() {
+    unsigned char h[5];
+    int fd = raw_.native_handle();
+    ssize_t n = ::recv(fd, h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+    if (n <= 0) return true;  // EOF or an error: the TLS handshake reports it
+    if (n < 5) return false;
+    if (h[0] != 0x16) return true;  // not a handshake record: TLS refuses it at once
+    std::size_t need = 5 + (static_cast<std::size_t>(h[3]) << 8 | h[4]);
+    int avail = 0;
+    if (::ioctl(fd, FIONREAD, &avail) != 0) return true;
+    return static_cast<std::size_t>(avail) >= need;
   }
 
   void RequestSlot() {
@@ -344,23 +376,41 @@ class Session : public std::enable_shared_from_this<Session>,
       if (a.holders.size() < opts().max_handshakes) {
         GrantLocked();
         granted = true;
-      } else if (a.waiting.size() >= opts().max_waiting) {
-        full = true;
       } else {
-        a.waiting.push_back(weak_from_this());
-        queued_ = queued = true;
-        ++a.stats->admission_waits;
-        // All slots busy: the longest holder is cut if it has taken far
-        // longer than handshakes do now (a stalled peer); its slot goes to
-        // the longest waiter. In a storm every holder is young, so nobody
-        // is cut and the queue drains at the handshake rate.
-        auto oldest = a.holders.front().lock();
-        auto min_age = std::chrono::duration_cast<Clock::duration>(std::clamp(
-            std::chrono::milliseconds(static_cast<std::int64_t>(4 * a.handshake_ewma_ms)),
-            std::chrono::milliseconds(500), opts().handshake_timeout));
-        if (oldest && Clock::now() - oldest->granted_at_ > min_age) {
-          evict = oldest;
-          oldest->ReleaseSlotLocked();
+        // All slots busy. A holder that has been waiting on its peer for a
+        // while (a stalled peer, not a slow CPU: time spent in our own work or
+        // the store does not count) gives its slot to this newcomer, so
+        // stalled connections cannot keep live ones out. Otherwise the
+        // newcomer waits its turn: in a storm live peers answer at once,
+        // nobody is cut and the queue drains at the handshake rate.
+        const std::int64_t now = TlsStream::NowNs();
+        const std::int64_t stall = std::min<std::int64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(opts().handshake_timeout).count() /
+                2,
+            2'000'000'000);
+        int looked = 0;  // the oldest grants are the likeliest stalled; bounded work
+        for (auto& w : a.holders) {
+          if (++looked > 64) break;
+          auto h = w.lock();
+          if (!h) continue;
+          std::int64_t since = h->peer_wait_since_.load(std::memory_order_relaxed);
+          if (since != 0 && now - since > stall) {
+            evict = std::move(h);
+            break;
+          }
+        }
+        if (evict) {
+          auto& holders = a.holders;
+          holders.erase(evict->hs_it_);
+          evict->in_handshake_ = false;
+          GrantLocked();
+          granted = true;
+        } else if (a.waiting.size() >= opts().max_waiting) {
+          full = true;
+        } else {
+          a.waiting.push_back(weak_from_this());
+          queued_ = queued = true;
+          ++a.stats->admission_waits;
         }
       }
     }
@@ -399,7 +449,6 @@ class Session : public std::enable_shared_from_this<Session>,
     hs_it_ = h.insert(h.end(), weak_from_this());
     in_handshake_ = true;
     queued_ = false;
-    granted_at_ = Clock::now();
   }
 
   // Under admission_mu: gives the slot back and hands free slots to the
@@ -428,18 +477,15 @@ class Session : public std::enable_shared_from_this<Session>,
     timer_.cancel();
     handshake_deadline_ = Clock::now() + opts().handshake_timeout;
     ws_.emplace(std::move(raw_), *shared_->tls);
+    ws_->next_layer().WatchInput(&peer_wait_since_);
     StartTls();
   }
 
-  // The handshake ended (ok: the peer is authenticated and ready); the slot
-  // is released. Successful durations feed the eviction threshold.
-  void LeaveHandshake(bool ok = false) {
+  // The handshake ended (the peer is authenticated and ready, or it failed):
+  // the slot is released.
+  void LeaveHandshake() {
     std::lock_guard lock(shared_->admission_mu);
     if (!in_handshake_) return;
-    if (ok) {
-      double ms = std::chrono::duration<double, std::milli>(Clock::now() - granted_at_).count();
-      shared_->handshake_ewma_ms = 0.95 * shared_->handshake_ewma_ms + 0.05 * ms;
-    }
     ReleaseSlotLocked();
   }
 
@@ -558,7 +604,7 @@ class Session : public std::enable_shared_from_this<Session>,
     if (who_.role == Role::kOperator) {
       authenticated_ = true;
       hs_timer_.cancel();
-      LeaveHandshake(true);
+      LeaveHandshake();
       ++shared_->stats->handshakes_ok;
       shared_->fleet.OperatorConnected(who_.name,
                                        std::static_pointer_cast<AgentChannel>(shared_from_this()));
@@ -775,7 +821,7 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!out) return Refuse("bad-hello", out.message());
     authenticated_ = true;
     registered_ = true;
-    LeaveHandshake(true);
+    LeaveHandshake();
     hs_timer_.cancel();
     ++shared_->stats->handshakes_ok;
     spdlog::info("{}: machine {} connected (key {}, generation {} {})", peer_, who_.name, key_id_,
@@ -1007,7 +1053,9 @@ class Session : public std::enable_shared_from_this<Session>,
   bool queued_ = false;
   bool got_bytes_ = false;  // strand-local
   std::list<std::weak_ptr<Session>>::iterator hs_it_;
-  Clock::time_point granted_at_;
+  // Since when the TLS stream waits for the peer's bytes (0: it does not);
+  // read by other sessions' admission under admission_mu.
+  std::atomic<std::int64_t> peer_wait_since_{0};
   beast::flat_buffer buffer_;
   http::request<http::string_body> upgrade_;
   std::deque<Out> outbox_;

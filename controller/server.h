@@ -43,7 +43,7 @@ struct ServerOptions {
   // (first come, first served) holding only a socket, at most max_waiting of
   // them for at most admission_timeout each (then they are refused and the
   // agent backs off). handshake_timeout runs from the start of a handshake.
-  std::size_t max_handshakes = 256;
+  std::size_t max_handshakes = 1024;
   std::size_t max_waiting = 65536;
   std::chrono::milliseconds admission_timeout{std::chrono::seconds(120)};
   // What one agent session may send; past it, its reads pause (rate_limit.h).

@@ -32,7 +32,9 @@
 #include <boost/beast/core/async_base.hpp>
 #include <boost/beast/core/buffers_range.hpp>
 #include <boost/beast/websocket/teardown.hpp>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <utility>
@@ -69,6 +71,15 @@ class TlsStream {
   const socket_type& next_layer() const noexcept { return socket_; }
   socket_type& lowest_layer() noexcept { return socket_; }
   SSL* native_handle() noexcept { return ssl_; }
+
+  // While an operation waits for the peer's bytes, *since holds when the wait
+  // began (NowNs), else 0: how the owner tells a stalled peer from a busy CPU.
+  void WatchInput(std::atomic<std::int64_t>* since) noexcept { input_wait_ = since; }
+  static std::int64_t NowNs() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
 
   // handler(error_code)
   template <class Token>
@@ -233,6 +244,7 @@ class TlsStream {
       Run(false);
     }
     void operator()(error_code ec) {
+      s_.InputWaitEnded();
       if (ec) return this->complete(true, ec, std::size_t{0});
       Run(true);
     }
@@ -245,6 +257,7 @@ class TlsStream {
       }
       Attempt a = step_(s_);
       if (a.done) return this->complete(continuation, a.ec, a.bytes);
+      if (!a.want_write) s_.InputWaitBegan();
       s_.socket_.async_wait(a.want_write ? socket_type::wait_write : socket_type::wait_read,
                             std::move(*this));
     }
@@ -260,6 +273,7 @@ class TlsStream {
       Run(false);
     }
     void operator()(error_code ec) {
+      s_.InputWaitEnded();
       if (ec) return this->complete(true, ec);
       Run(true);
     }
@@ -269,6 +283,7 @@ class TlsStream {
       if (!s_.ssl_) return this->complete(continuation, error_code(boost::asio::error::no_memory));
       Attempt a = Handshake{}(s_);
       if (a.done) return this->complete(continuation, a.ec);
+      if (!a.want_write) s_.InputWaitBegan();
       s_.socket_.async_wait(a.want_write ? socket_type::wait_write : socket_type::wait_read,
                             std::move(*this));
     }
@@ -280,8 +295,16 @@ class TlsStream {
     Op(std::forward<Handler>(h), *this, std::forward<Args>(args)...);
   }
 
+  void InputWaitBegan() noexcept {
+    if (input_wait_) input_wait_->store(NowNs(), std::memory_order_relaxed);
+  }
+  void InputWaitEnded() noexcept {
+    if (input_wait_) input_wait_->store(0, std::memory_order_relaxed);
+  }
+
   socket_type socket_;
   SSL* ssl_;
+  std::atomic<std::int64_t>* input_wait_ = nullptr;
 };
 
 // Websocket close: close_notify (if it fits now) and socket shutdown; found by

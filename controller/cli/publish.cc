@@ -317,9 +317,9 @@ int Publish(const Globals& g, PublishArgs a) {
 
   json numbers_src = *roster;
   for (int attempt = 0; attempt < 5; ++attempt) {
-    if (attempt > 0 || by_tag) {
-      // Numbers for exactly the targets (by tag, the first answer had them
-      // all; after a race, they changed).
+    if (attempt > 0) {
+      // After a race the numbers changed: ask again for exactly the targets
+      // (the first answer, for names or for the whole fleet, had them all).
       auto again = conn->Call("roster", {{"names", targets}});
       if (!again) return Die(again.message(), kExitFailed);
       numbers_src = *again;
