@@ -507,10 +507,15 @@ int CmdRun(const RunArgs& a) {
           execl("/bin/sh", "sh", "-c", a.restart_cmd.c_str(), static_cast<char*>(nullptr));
           _exit(127);
         }
-        // A controller that cannot bind yet exits at once: start it again.
-        SleepMs(200);
+        // A controller that cannot bind yet (the killed one's sockets are
+        // still closing) exits within moments: start it again.
         int status = 0;
-        if (waitpid(child, &status, WNOHANG) == 0) break;
+        bool exited = false;
+        for (int k = 0; k < 20 && !exited; ++k) {
+          SleepMs(100);
+          exited = waitpid(child, &status, WNOHANG) == child;
+        }
+        if (!exited) break;
         std::cerr << "loadgen: restarted controller exited (status " << status << "); retrying\n";
       }
       pid = child;
