@@ -503,8 +503,7 @@ class Worker {
     auto peek = ParseManifest(d.manifest.manifest);
     std::int64_t gen = peek ? peek->generation : 0;
     if (gen != 0 && gen == c.last_applied) return;  // delivered again; already in hand
-    if (sim_.Tracked(gen) &&
-        sim_.notify_ns_[i].load(std::memory_order_relaxed) == 0) {
+    if (sim_.Tracked(gen) && sim_.notify_ns_[i].load(std::memory_order_relaxed) == 0) {
       sim_.notify_ns_[i].store(NowNs(), std::memory_order_relaxed);
     }
     VerifyContext ctx;

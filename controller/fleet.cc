@@ -469,8 +469,8 @@ Status Fleet::RevokeMachine(const SignedRosterEntry& entry) {
     return Err("revocation of '" + e->machine +
                "' is not newer than its roster entry (check the operator's clock)");
   }
-  if (auto st = store_.SetMachineRoster(e->machine, e->tags, EncodeSignedRosterEntry(entry),
-                                        m->binding);
+  if (auto st =
+          store_.SetMachineRoster(e->machine, e->tags, EncodeSignedRosterEntry(entry), m->binding);
       !st) {
     return st;
   }
@@ -641,7 +641,7 @@ Status Fleet::AddEnrollGrant(const SignedRosterEntry& grant, const std::string& 
     return Err("enrolment grant for '" + e->machine +
                "' must expire between now and 30 days from now (check the operator's clock)");
   }
-  Store::EnrollToken t{Sha256Hex(e->enroll_key), e->machine, e->tags, e->expires_at, by,
+  Store::EnrollToken t{Sha256Hex(e->enroll_key),      e->machine, e->tags, e->expires_at, by,
                        EncodeSignedRosterEntry(grant)};
   if (auto st = store_.AddEnrollToken(t); !st) return st;
   std::lock_guard lock(mu_);
@@ -664,8 +664,8 @@ Status Fleet::Enroll(const PublicKey& key, const std::string& machine, const std
   if (!grant) return grant.error();
   EnrollBinding b{key.ToText(), proof};
   if (auto st = VerifyEnrollBinding(*grant, b); !st) return st;
-  if (auto st = store_.SpendEnrollToken(t->hash, machine, key.ToText(), EncodeEnrollBinding(b),
-                                        now);
+  if (auto st =
+          store_.SpendEnrollToken(t->hash, machine, key.ToText(), EncodeEnrollBinding(b), now);
       !st) {
     return st;
   }

@@ -275,8 +275,8 @@ struct RunConfig {
   StoreLimits store;    // per-machine bounds on logs and events
   SessionLimits agent;  // per-session message and byte rates
   std::size_t log_queue_lines = LogWriter::Options{}.max_queued_lines;
-  std::string roster;    // declarative roster file ("" = none)
-  std::string key_file;  // provided controller key ("" = STATE_DIR/controller.key)
+  std::string roster;      // declarative roster file ("" = none)
+  std::string key_file;    // provided controller key ("" = STATE_DIR/controller.key)
   std::string store_spec;  // --store ("" = STATE_DIR/muster.db)
   std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
   std::int64_t cache_gc_interval = 3600;        // seconds between collections

@@ -173,8 +173,7 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
       wave.push_back(std::move(it));
     }
     if (auto st = store_.ReleaseRolloutItems(wave); !st) {
-      spdlog::error("rollout {}: cannot release {} machine(s): {}", id, wave.size(),
-                    st.message());
+      spdlog::error("rollout {}: cannot release {} machine(s): {}", id, wave.size(), st.message());
       res.release.clear();
     } else {
       for (auto& it : wave) {

@@ -109,9 +109,8 @@ TEST_F(RolloutManagerTest, ReleasesInWavesToTheEndAndSurvivesARestart) {
   auto r = rollouts_->Create(spec);
   ASSERT_TRUE(r.ok()) << r.message();
   EXPECT_EQ(Deployed().size(), 2u);
-  ASSERT_TRUE(
-      fleet_->AgentStatuses({{"m0", Final(1, "succeeded")}, {"m1", Final(1, "succeeded")}}).size() ==
-      2);
+  ASSERT_TRUE(fleet_->AgentStatuses({{"m0", Final(1, "succeeded")}, {"m1", Final(1, "succeeded")}})
+                  .size() == 2);
   EXPECT_EQ(Deployed(), (std::vector<std::string>{"m2", "m3"}));
 
   // A new manager (a restarted controller) picks the rollout up from the store.

@@ -1,15 +1,8 @@
 #include "controller/server.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-
-#include <condition_variable>
-#include <deque>
-#include <functional>
-#include <list>
-#include <optional>
-#include <thread>
-#include <variant>
 
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -17,7 +10,13 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
-#include <spdlog/spdlog.h>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <list>
+#include <optional>
+#include <thread>
+#include <variant>
 
 #include "common/process.h"
 #include "common/protocol.h"
@@ -89,10 +88,10 @@ class StoreWriter {
 
  private:
   struct Item {
-    Fleet::HelloRequest hello;  // hello.machine names the machine for both kinds
+    Fleet::HelloRequest hello;  // hello.machine: the machine, or a publish's operator
     proto::StatusReport report;
-    HelloDone hello_done;       // set for a hello
-    StatusDone status_done;     // set for a status report
+    HelloDone hello_done;                        // set for a hello
+    StatusDone status_done;                      // set for a status report
     Result<GenerationRecord> publish = Err("");  // a publish: hello.machine is the operator
     PublishDone publish_done;                    // set for a publish
   };
@@ -299,11 +298,11 @@ class Session : public std::enable_shared_from_this<Session>,
     asio::dispatch(ex_, [self = shared_from_this()] { self->WaitForBytes(); });
   }
 
-
   // AgentChannel / EventSink: thread-safe, post onto the strand.
   void Send(std::string text) override {
-    asio::post(ex_,
-               [self = shared_from_this(), t = std::move(text)]() mutable { self->Queue(std::move(t)); });
+    asio::post(ex_, [self = shared_from_this(), t = std::move(text)]() mutable {
+      self->Queue(std::move(t));
+    });
   }
   void Deliver(std::string text) override { Send(std::move(text)); }
   void Close(std::string reason) override {
@@ -564,9 +563,9 @@ class Session : public std::enable_shared_from_this<Session>,
     }
     // Operators (authenticated, few) may send large requests: a rollout over
     // thousands of machines carries a signed manifest and sealed vars for each.
-    ws_->read_message_max(who_.role == Role::kOperator
-                              ? std::max(opts().max_message_bytes, opts().max_operator_message_bytes)
-                              : opts().max_message_bytes);
+    ws_->read_message_max(who_.role == Role::kOperator ? std::max(opts().max_message_bytes,
+                                                                  opts().max_operator_message_bytes)
+                                                       : opts().max_message_bytes);
     ws_->auto_fragment(false);
     websocket::stream_base::timeout t{};
     t.handshake_timeout = opts().handshake_timeout;
@@ -576,12 +575,10 @@ class Session : public std::enable_shared_from_this<Session>,
     ws_->set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
       res.set(http::field::server, "muster-controller/" MUSTER_VERSION);
     }));
-    ws_->control_callback([this](websocket::frame_type, beast::string_view) {
-      last_rx_ = Clock::now();
-    });
-    ws_->async_accept(upgrade_, [self = shared_from_this()](beast::error_code e) {
-      self->OnAccept(e);
-    });
+    ws_->control_callback(
+        [this](websocket::frame_type, beast::string_view) { last_rx_ = Clock::now(); });
+    ws_->async_accept(upgrade_,
+                      [self = shared_from_this()](beast::error_code e) { self->OnAccept(e); });
   }
 
   void OnAccept(beast::error_code ec) {
@@ -732,9 +729,10 @@ class Session : public std::enable_shared_from_this<Session>,
           {who_.name, *hello, std::static_pointer_cast<AgentChannel>(shared_from_this())},
           [self = shared_from_this(), gen = hello->generation,
            phase = hello->phase](Result<std::vector<std::string>> out) mutable {
-            asio::post(self->ex_, [self, gen, phase = std::move(phase), out = std::move(out)]() mutable {
-              self->OnHelloRecorded(gen, phase, std::move(out));
-            });
+            asio::post(self->ex_,
+                       [self, gen, phase = std::move(phase), out = std::move(out)]() mutable {
+                         self->OnHelloRecorded(gen, phase, std::move(out));
+                       });
           });
       return false;
     }
@@ -746,8 +744,7 @@ class Session : public std::enable_shared_from_this<Session>,
               if (self->closed_) return;
               if (!ack) return self->Refuse("bad-message", ack.message());
               spdlog::info("{} generation {}: {}{}{}", self->who_.name, st.generation,
-                           ForLog(st.phase, 32), st.detail.empty() ? "" : ": ",
-                           ForLog(st.detail));
+                           ForLog(st.phase, 32), st.detail.empty() ? "" : ": ", ForLog(st.detail));
               self->Queue(std::move(*ack));
               if (!self->closed_) self->ReadNext();
             });
@@ -797,16 +794,21 @@ class Session : public std::enable_shared_from_this<Session>,
     spdlog::info("{}: machine {} enrolled with key {}", peer_, e->machine, key->ShortId());
     Queue(proto::Encode(proto::Enrolled{e->machine}));
     closing_ = true;
-    outbox_.push_back(CloseFrame{websocket::close_reason(websocket::close_code::normal, "enrolled")});
+    outbox_.push_back(
+        CloseFrame{websocket::close_reason(websocket::close_code::normal, "enrolled")});
     Flush();
   }
 
   const char* RoleName() const {
     switch (who_.role) {
-      case Role::kMachine: return "machine";
-      case Role::kOperator: return "operator";
-      case Role::kEnrollee: return "enrollee";
-      default: return "unknown";
+      case Role::kMachine:
+        return "machine";
+      case Role::kOperator:
+        return "operator";
+      case Role::kEnrollee:
+        return "enrollee";
+      default:
+        return "unknown";
     }
   }
 
@@ -833,8 +835,8 @@ class Session : public std::enable_shared_from_this<Session>,
   bool HandleOperator(const proto::Message& msg) {
     const auto* req = std::get_if<proto::Request>(&msg);
     if (!req) {
-      Refuse("bad-message", "operators may only send 'request', got '" +
-                                std::string(proto::TypeName(msg)) + "'");
+      Refuse("bad-message",
+             "operators may only send 'request', got '" + std::string(proto::TypeName(msg)) + "'");
       return false;
     }
     if (!shared_->fleet.IsOperator(who_.name)) {
@@ -922,7 +924,8 @@ class Session : public std::enable_shared_from_this<Session>,
     Queue(proto::Encode(proto::ErrorMsg{std::move(code), message}));
     std::string reason = CutUtf8(message, 120);  // a close reason must be UTF-8, <= 123 bytes
     closing_ = true;
-    outbox_.push_back(CloseFrame{websocket::close_reason(websocket::close_code::policy_error, reason)});
+    outbox_.push_back(
+        CloseFrame{websocket::close_reason(websocket::close_code::policy_error, reason)});
     Flush();
     // Do not wait forever on a peer that does not read.
     timer_.expires_after(std::chrono::seconds(5));
@@ -971,9 +974,8 @@ class Session : public std::enable_shared_from_this<Session>,
     auto self = shared_from_this();
     if (auto* text = std::get_if<std::string>(&front)) {
       ws_->text(true);
-      ws_->async_write(asio::buffer(*text), [self](beast::error_code ec, std::size_t) {
-        self->OnWrite(ec);
-      });
+      ws_->async_write(asio::buffer(*text),
+                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (auto* bin = std::get_if<Binary>(&front)) {
       ws_->binary(true);
       ws_->async_write(asio::buffer(bin->bytes),
@@ -1160,7 +1162,7 @@ Server::~Server() {
   Stop();
   impl_->shared->store_writer.Stop();  // before the io_context its callbacks post to
   impl_->shared->cache_worker.Stop();
-  impl_->shared->log_writer.Stop();    // stores what is queued
+  impl_->shared->log_writer.Stop();  // stores what is queued
 }
 
 Result<std::vector<tcp::endpoint>> Server::Start() {

@@ -4,12 +4,15 @@
 // connection is one session on its own strand; handshakes (TCP accept to
 // websocket upgrade and, for agents, the hello) must finish within
 // handshake_timeout; after that the server pings a peer that has been quiet for
-// ping_interval and closes one from which nothing was received for idle_timeout. The websocket stream
-// type is instantiated only in server.cc. An agent session that sends more than its
+// ping_interval and closes one from which nothing was received for idle_timeout. The websocket
+// stream type is instantiated only in server.cc. An agent session that sends more than its
 // agent_limits is paced (its reads pause); its log lines go to a LogWriter.
 #pragma once
 
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <chrono>
 #include <cstddef>
 #include <map>
@@ -17,10 +20,6 @@
 #include <mutex>
 #include <string>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/ssl/context.hpp>
 
 #include "common/error.h"
 #include "common/url.h"
@@ -36,7 +35,7 @@ struct ServerOptions {
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(10)};
   std::chrono::milliseconds ping_interval{std::chrono::seconds(60)};
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
-  std::size_t max_message_bytes = 1 << 20;            // agents and enrolment
+  std::size_t max_message_bytes = 1 << 20;             // agents and enrolment
   std::size_t max_operator_message_bytes = 64u << 20;  // operators (rollouts over many machines)
   std::size_t max_outbox_bytes = 16 << 20;
   // TLS handshakes processed at once; further connections wait their turn
@@ -60,7 +59,7 @@ struct ServerStats {
   std::atomic<std::uint64_t> handshakes_ok{0};
   std::atomic<std::int64_t> sessions_open{0};
   std::atomic<std::uint64_t> admission_waits{0};  // connections that waited for a slot
-  std::atomic<std::uint64_t> read_pauses{0};  // agent sessions paced by their budget
+  std::atomic<std::uint64_t> read_pauses{0};      // agent sessions paced by their budget
   LogStats logs;
   std::mutex mu;
   std::map<std::string, std::uint64_t> refusals;  // reason → count

@@ -25,6 +25,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include <atomic>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
@@ -32,7 +33,6 @@
 #include <boost/beast/core/async_base.hpp>
 #include <boost/beast/core/buffers_range.hpp>
 #include <boost/beast/websocket/teardown.hpp>
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
@@ -159,8 +159,8 @@ class TlsStream {
           a.ec = e == 0 ? error_code(boost::asio::ssl::error::stream_truncated)
                         : error_code(e, boost::system::system_category());
         } else if (ERR_peek_error() != 0) {
-          a.ec = error_code(static_cast<int>(ERR_get_error()),
-                            boost::asio::error::get_ssl_category());
+          a.ec =
+              error_code(static_cast<int>(ERR_get_error()), boost::asio::error::get_ssl_category());
         } else {
           a.ec = error_code(e, boost::system::system_category());
         }
@@ -226,7 +226,8 @@ class TlsStream {
       int r = SSL_do_handshake(s.ssl_);
       if (r == 1) return {true, false, {}, 0};
       Attempt a = s.Fail(r);
-      if (a.done && a.ec == boost::asio::error::eof) a.ec = boost::asio::ssl::error::stream_truncated;
+      if (a.done && a.ec == boost::asio::error::eof)
+        a.ec = boost::asio::ssl::error::stream_truncated;
       return a;
     }
   };
