@@ -11,6 +11,7 @@ PACKAGES=(
   nix-bin clang libclang-rt-14-dev
   iproute2 iptables procps psmisc python3 curl ca-certificates systemd
   systemd-container mmdebstrap chromium
+  openssh-server  # bench/ssh_vs_muster.py and its smoke test bench.ssh_smoke: one sshd per machine
 )
 
 missing=()
