@@ -54,6 +54,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -99,6 +100,30 @@ def free_port():
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
+
+
+class StepCpu:
+    """CPU seconds per step of the SSH baseline, summed over machines (thread-safe)."""
+
+    def __init__(self):
+        self.totals = {}
+        self.lock = threading.Lock()
+
+    def add(self, step, seconds):
+        with self.lock:
+            self.totals[step] = self.totals.get(step, 0.0) + seconds
+
+
+def run_timed(argv, env):
+    """Runs argv; returns (exit code, stderr, user+sys seconds of it and its reaped children)."""
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                             env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode(errors="replace").strip()
+    return p.returncode, text, ru.ru_utime + ru.ru_stime
 
 
 def address(i):
@@ -229,24 +254,27 @@ class Bench:
         return self.env.build(f"{mode}{run}", delete=False)
 
     # ------------------------------------------------------------- the modes
-    def ssh_deploy(self, m, toplevel):
+    def ssh_deploy(self, m, toplevel, cpu):
         """What clan/colmena run per machine: copy the closure, then set the
-        profile and switch, over ssh with the pinned host key."""
-        r = subprocess.run(["nix", "copy", "--to", f"ssh-ng://root@{m.addr}", toplevel],
-                           env=self.ssh_env, capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"{m.name}: nix copy exited {r.returncode}: {r.stderr.strip()[-500:]}"
+        profile and switch, over ssh with the pinned host key. Adds each step's
+        CPU (the process and its reaped children) to cpu."""
+        rc, err, t = run_timed(["nix", "copy", "--to", f"ssh-ng://root@{m.addr}", toplevel],
+                               self.ssh_env)
+        cpu.add("copy", t)
+        if rc != 0:
+            return f"{m.name}: nix copy exited {rc}: {err[-500:]}"
         remote = (f"nix-env -p {m.agent.profile} --set {toplevel} && "
                   f"MUSTER_CURRENT_SYSTEM={m.agent.current} {toplevel}/bin/switch-to-configuration switch")
-        r = subprocess.run(["ssh", *self.ssh_opts, f"root@{m.addr}", remote],
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if r.returncode != 0:
-            return f"{m.name}: ssh switch exited {r.returncode}: {r.stderr.strip()[-500:]}"
+        rc, err, t = run_timed(["ssh", *self.ssh_opts, f"root@{m.addr}", remote], self.ssh_env)
+        cpu.add("switch", t)
+        if rc != 0:
+            return f"{m.name}: ssh switch exited {rc}: {err[-500:]}"
         return None
 
-    def run_ssh(self, toplevel, parallel):
+    def run_ssh(self, toplevel, parallel, cpu):
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-            return [e for e in pool.map(lambda m: self.ssh_deploy(m, toplevel), self.machines) if e]
+            return [e for e in pool.map(lambda m: self.ssh_deploy(m, toplevel, cpu), self.machines)
+                    if e]
 
     def run_muster(self, toplevel):
         c = self.env.cache
@@ -270,12 +298,14 @@ class Bench:
         t0 = time.monotonic()
         errors = []
         done = {}
+        steps = StepCpu()
 
         def work():
             if mode == "muster":
                 errors.extend(self.run_muster(toplevel))
             else:
-                errors.extend(self.run_ssh(toplevel, len(self.machines) if mode == "clan" else 10))
+                errors.extend(self.run_ssh(toplevel, len(self.machines) if mode == "clan" else 10,
+                                           steps))
             done["command"] = time.monotonic() - t0
 
         worker = threading.Thread(target=work)
@@ -331,6 +361,7 @@ class Bench:
             "cliCpuSeconds": kids,
             "controllerCpuSeconds": ctl_cpu,
             "machinesCpuSeconds": machines_cpu,
+            "stepCpuSeconds": steps.totals,
             "loadavgBefore": load0,
             "loadavgAfter": loadavg(),
             "errors": errors,
@@ -370,6 +401,8 @@ def summarize(results, modes):
         out[mode] = {k: spread([r[k] for r in rs]) for k in
                      ("activatedSeconds", "commandSeconds", "operatorCpuSeconds",
                       "cliCpuSeconds", "controllerCpuSeconds", "machinesCpuSeconds")}
+        for step in ("copy", "switch"):
+            out[mode][f"{step}CpuSeconds"] = spread([r["stepCpuSeconds"].get(step) for r in rs])
     if "muster" in out:
         m = out["muster"]
         for base in ("clan", "colmena"):
@@ -387,17 +420,23 @@ def markdown(summary, modes, n):
         if not s:
             return "–"
         return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
-    rows = [f"| N = {n} | activated, s | command returned, s | operator CPU, s | machines CPU, s |",
-            "|---|---:|---:|---:|---:|"]
+    def med(s):
+        return f"{s['median']:.2f}" if s else "–"
+    rows = [f"| N = {n} | activated, s | command returned, s | operator CPU, s | of which | "
+            "machines CPU, s |",
+            "|---|---:|---:|---:|---|---:|"]
     for mode in modes:
         s = summary[mode]
+        split = (f"CLI {med(s['cliCpuSeconds'])}, controller {med(s['controllerCpuSeconds'])}"
+                 if mode == "muster" else
+                 f"nix copy {med(s['copyCpuSeconds'])}, ssh switch {med(s['switchCpuSeconds'])}")
         rows.append(f"| {mode} | {fmt(s['activatedSeconds'])} | {fmt(s['commandSeconds'])} | "
-                    f"{fmt(s['operatorCpuSeconds'])} | {fmt(s['machinesCpuSeconds'])} |")
+                    f"{fmt(s['operatorCpuSeconds'])} | {split} | {fmt(s['machinesCpuSeconds'])} |")
     for base in ("clan", "colmena"):
         k = f"{base}/muster"
         if k in summary:
             rows.append(f"| {k} (ratio of medians) | {summary[k]['activated']:.2f}× | | "
-                        f"{summary[k]['operatorCpu']:.2f}× | |")
+                        f"{summary[k]['operatorCpu']:.2f}× | | |")
     return "\n".join(rows)
 
 
