@@ -16,6 +16,9 @@ machine's current-system link at itself) and deploys it to all N machines:
            `ssh root@ADDR 'nix-env -p PROFILE --set P && P/bin/switch-to-configuration switch'`,
            all machines at once (what `clan machines update` does for several machines)
   colmena  the same, 10 machines at a time (colmena's default --parallel 10)
+  mux      as clan, but both steps over one SSH connection per machine (a
+           ControlMaster, as nixos-rebuild --target-host keeps); not in the default
+           --modes
   muster   one `muster publish --all P` (a rollout: no canary, unlimited parallelism)
            to the connected agents
 
@@ -62,6 +65,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from harness import Env, Process, binary, nix_env, wait_until  # noqa: E402
 
 SSHD = "/usr/sbin/sshd"
+SSH_MODES = ("clan", "colmena", "mux")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -214,6 +218,8 @@ class Bench:
         self.authorized_keys = os.path.join(ssh, "authorized_keys")
         shutil.copy(self.ssh_key + ".pub", self.authorized_keys)
         self.known_hosts = os.path.join(ssh, "known_hosts")
+        # Control sockets need a short path (sun_path is 108 bytes).
+        self.mux_dir = tempfile.mkdtemp(prefix="sshmux-")
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
         self.machines = [Machine(self, i) for i in range(args.machines)]
         with open(self.known_hosts, "w") as f:
@@ -254,27 +260,53 @@ class Bench:
         return self.env.build(f"{mode}{run}", delete=False)
 
     # ------------------------------------------------------------- the modes
-    def ssh_deploy(self, m, toplevel, cpu):
+    def ssh_deploy(self, m, toplevel, cpu, mux=False):
         """What clan/colmena run per machine: copy the closure, then set the
         profile and switch, over ssh with the pinned host key. Adds each step's
-        CPU (the process and its reaped children) to cpu."""
-        rc, err, t = run_timed(["nix", "copy", "--to", f"ssh-ng://root@{m.addr}", toplevel],
-                               self.ssh_env)
-        cpu.add("copy", t)
-        if rc != 0:
-            return f"{m.name}: nix copy exited {rc}: {err[-500:]}"
-        remote = (f"nix-env -p {m.agent.profile} --set {toplevel} && "
-                  f"MUSTER_CURRENT_SYSTEM={m.agent.current} {toplevel}/bin/switch-to-configuration switch")
-        rc, err, t = run_timed(["ssh", *self.ssh_opts, f"root@{m.addr}", remote], self.ssh_env)
-        cpu.add("switch", t)
-        if rc != 0:
-            return f"{m.name}: ssh switch exited {rc}: {err[-500:]}"
-        return None
+        CPU (the process and its reaped children) to cpu. With mux, both steps
+        share one SSH connection (a ControlMaster, as nixos-rebuild --target-host
+        keeps), whose CPU is counted too."""
+        opts, env, master = self.ssh_opts, self.ssh_env, None
+        if mux:
+            path = os.path.join(self.mux_dir, m.name)
+            opts = [*self.ssh_opts, "-o", f"ControlPath={path}"]
+            env = dict(self.ssh_env, NIX_SSHOPTS=" ".join(opts))
+            master = subprocess.Popen(["ssh", *opts, "-M", "-N", "-o", "ControlPersist=no",
+                                       f"root@{m.addr}"], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path) and master.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not os.path.exists(path):
+                if master.poll() is None:
+                    master.kill()
+                    master.wait()
+                return f"{m.name}: the SSH control master did not come up"
+        try:
+            rc, err, t = run_timed(["nix", "copy", "--to", f"ssh-ng://root@{m.addr}", toplevel], env)
+            cpu.add("copy", t)
+            if rc != 0:
+                return f"{m.name}: nix copy exited {rc}: {err[-500:]}"
+            remote = (f"nix-env -p {m.agent.profile} --set {toplevel} && "
+                      f"MUSTER_CURRENT_SYSTEM={m.agent.current} {toplevel}/bin/switch-to-configuration switch")
+            rc, err, t = run_timed(["ssh", *opts, f"root@{m.addr}", remote], env)
+            cpu.add("switch", t)
+            if rc != 0:
+                return f"{m.name}: ssh switch exited {rc}: {err[-500:]}"
+            return None
+        finally:
+            if master is not None:
+                _, _, t = run_timed(["ssh", *opts, "-O", "exit", f"root@{m.addr}"], env)
+                if master.returncode is None:  # not reaped by poll() above
+                    _, status, ru = os.wait4(master.pid, 0)
+                    master.returncode = os.waitstatus_to_exitcode(status)
+                    t += ru.ru_utime + ru.ru_stime
+                cpu.add("connect", t)
 
-    def run_ssh(self, toplevel, parallel, cpu):
+    def run_ssh(self, toplevel, parallel, cpu, mux=False):
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-            return [e for e in pool.map(lambda m: self.ssh_deploy(m, toplevel, cpu), self.machines)
-                    if e]
+            return [e for e in pool.map(lambda m: self.ssh_deploy(m, toplevel, cpu, mux),
+                                        self.machines) if e]
 
     def run_muster(self, toplevel):
         c = self.env.cache
@@ -304,8 +336,8 @@ class Bench:
             if mode == "muster":
                 errors.extend(self.run_muster(toplevel))
             else:
-                errors.extend(self.run_ssh(toplevel, len(self.machines) if mode == "clan" else 10,
-                                           steps))
+                errors.extend(self.run_ssh(toplevel, 10 if mode == "colmena" else len(self.machines),
+                                           steps, mux=(mode == "mux")))
             done["command"] = time.monotonic() - t0
 
         worker = threading.Thread(target=work)
@@ -343,7 +375,8 @@ class Bench:
         machines_cpu = sum(m.machine_cpu() for m in self.machines) - machines0
         missing = [m.name for m in self.machines if m.name not in stamps]
         if missing:
-            errors.append(f"not activated within {timeout} s: {', '.join(missing[:10])}"
+            why = "after the errors above" if errors else f"within {timeout} s"
+            errors.append(f"not activated {why}: {', '.join(missing[:10])}"
                           f"{' …' if len(missing) > 10 else ''}")
         if worker.is_alive():
             errors.append("the command did not return")
@@ -385,6 +418,7 @@ class Bench:
             if m.sshd:
                 m.sshd.stop()
         self.env.close(keep=keep)
+        shutil.rmtree(self.mux_dir, ignore_errors=True)
 
 
 def spread(values):
@@ -401,11 +435,11 @@ def summarize(results, modes):
         out[mode] = {k: spread([r[k] for r in rs]) for k in
                      ("activatedSeconds", "commandSeconds", "operatorCpuSeconds",
                       "cliCpuSeconds", "controllerCpuSeconds", "machinesCpuSeconds")}
-        for step in ("copy", "switch"):
+        for step in ("copy", "switch", "connect"):
             out[mode][f"{step}CpuSeconds"] = spread([r["stepCpuSeconds"].get(step) for r in rs])
     if "muster" in out:
         m = out["muster"]
-        for base in ("clan", "colmena"):
+        for base in SSH_MODES:
             if base in out and out[base]["activatedSeconds"] and m["activatedSeconds"]:
                 out[f"{base}/muster"] = {
                     "activated": out[base]["activatedSeconds"]["median"] / m["activatedSeconds"]["median"],
@@ -429,10 +463,11 @@ def markdown(summary, modes, n):
         s = summary[mode]
         split = (f"CLI {med(s['cliCpuSeconds'])}, controller {med(s['controllerCpuSeconds'])}"
                  if mode == "muster" else
-                 f"nix copy {med(s['copyCpuSeconds'])}, ssh switch {med(s['switchCpuSeconds'])}")
+                 f"nix copy {med(s['copyCpuSeconds'])}, ssh switch {med(s['switchCpuSeconds'])}"
+                 + (f", control master {med(s['connectCpuSeconds'])}" if mode == "mux" else ""))
         rows.append(f"| {mode} | {fmt(s['activatedSeconds'])} | {fmt(s['commandSeconds'])} | "
                     f"{fmt(s['operatorCpuSeconds'])} | {split} | {fmt(s['machinesCpuSeconds'])} |")
-    for base in ("clan", "colmena"):
+    for base in SSH_MODES:
         k = f"{base}/muster"
         if k in summary:
             rows.append(f"| {k} (ratio of medians) | {summary[k]['activated']:.2f}× | | "
@@ -461,9 +496,10 @@ def main():
         print("ssh_vs_muster: --machines must be between 1 and 62500", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ("clan", "colmena", "muster")]
+    bad = [m for m in modes if m not in (*SSH_MODES, "muster")]
     if bad:
-        print(f"ssh_vs_muster: unknown mode(s) {bad}; use clan, colmena, muster", file=sys.stderr)
+        print(f"ssh_vs_muster: unknown mode(s) {bad}; use {', '.join(SSH_MODES)}, muster",
+              file=sys.stderr)
         return 2
     # The operator's ssh and nix processes are counted as they are reaped; a
     # killed run must not leave sshd/agents behind.
