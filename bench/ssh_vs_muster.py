@@ -208,6 +208,16 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.env = Env("sshbench")
+        self.machines = []
+        self.mux_dir = None
+        try:
+            self._setup(args)
+        except BaseException:
+            # Whatever was started (controller, agents, sshd) must not outlive a failed set-up.
+            self.close(keep=True)
+            raise
+
+    def _setup(self, args):
         self.env.start()
         self.ssh_port = args.ssh_port or free_port()
         ssh = os.path.join(self.env.root, "ssh")
@@ -221,7 +231,8 @@ class Bench:
         # Control sockets need a short path (sun_path is 108 bytes).
         self.mux_dir = tempfile.mkdtemp(prefix="sshmux-")
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
-        self.machines = [Machine(self, i) for i in range(args.machines)]
+        for i in range(args.machines):
+            self.machines.append(Machine(self, i))
         with open(self.known_hosts, "w") as f:
             for m in self.machines:
                 f.write(f"[{m.addr}]:{self.ssh_port} {m.host_pub}\n" if self.ssh_port != 22
@@ -418,7 +429,10 @@ class Bench:
             if m.sshd:
                 m.sshd.stop()
         self.env.close(keep=keep)
-        shutil.rmtree(self.mux_dir, ignore_errors=True)
+        if keep:
+            print(f"ssh_vs_muster: logs and state kept in {self.env.root}", file=sys.stderr)
+        if self.mux_dir:
+            shutil.rmtree(self.mux_dir, ignore_errors=True)
 
 
 def spread(values):
