@@ -113,7 +113,7 @@ step_system() {
 import json, sys
 checks = json.load(open(sys.argv[1]))
 bad = [k for k, v in checks.items() if v is not True]
-assert len(checks) >= 15 and not bad, bad
+assert len(checks) >= 16 and not bad, bad
 print("whole NixOS with clan-core, nixpkgs, sops-nix and disko:", ", ".join(sorted(checks)))
 PY
 }
@@ -135,7 +135,7 @@ step_eval() {
 import json, sys
 checks = json.load(open(sys.argv[1]))
 bad = [k for k, v in checks.items() if v is not True]
-assert len(checks) >= 9 and not bad, bad
+assert len(checks) >= 10 and not bad, bad
 print("clan service evaluated with clan-core and nixpkgs lib:", ", ".join(sorted(checks)))
 PY
 }

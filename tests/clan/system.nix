@@ -146,6 +146,17 @@ let
       let a = agentJson web1; in
       a.machine == "web1" && a.controllers == [ "wss://ctl.fleet:7443" ] && a.controllerPin == pin
       && lib.sort lib.lessThan a.trustedOperatorKeys == lib.sort lib.lessThan (builtins.attrValues operators);
+    # Before every start the controller makes the instance's operators its managed set
+    # (`operator sync`: one removed from the settings is removed from the controller).
+    controller_syncs_the_declared_operators =
+      let
+        words = directive (unit ctl "muster-controller") "ExecStartPre";
+        pkgs = (clanWith "sops").config.nixosConfigurations.ctl.pkgs;
+        declared = (pkgs.formats.json { }).generate "muster-operators.json" operators;
+      in
+      lib.hasInfix "muster-controller operator sync --file ${declared} " (unit ctl "muster-controller")
+      && builtins.elem "${declared}" words
+      && !(builtins.elem "add" words);
     controller_config_has_the_operators_and_the_roster =
       let c = controllerJson ctl; in
       c.roster == "/etc/muster/roster.json"
