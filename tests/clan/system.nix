@@ -153,9 +153,11 @@ let
         words = directive (unit ctl "muster-controller") "ExecStartPre";
         pkgs = (clanWith "sops").config.nixosConfigurations.ctl.pkgs;
         declared = (pkgs.formats.json { }).generate "muster-operators.json" operators;
+        # `… operator sync --file FILE …`: the words after "operator"
+        at = lib.lists.findFirstIndex (w: w == "operator") null words;
       in
-      lib.hasInfix "muster-controller operator sync --file ${declared} " (unit ctl "muster-controller")
-      && builtins.elem "${declared}" words
+      at != null
+      && lib.sublist (at + 1) 3 words == [ "sync" "--file" "${declared}" ]
       && !(builtins.elem "add" words);
     controller_config_has_the_operators_and_the_roster =
       let c = controllerJson ctl; in
