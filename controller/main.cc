@@ -1,4 +1,4 @@
-// muster-controller: init, run, operator add / remove.
+// muster-controller: init, run, operator add / remove / sync.
 #include <signal.h>
 
 #ifdef __linux__
@@ -29,6 +29,7 @@
 #include "controller/fleet.h"
 #include "controller/metrics.h"
 #include "controller/notifier.h"
+#include "controller/operator_set.h"
 #include "controller/rollout.h"
 #include "controller/roster_file.h"
 #include "controller/server.h"
@@ -239,6 +240,25 @@ int OperatorAdd(const Paths& p, const std::string& name, const std::string& key_
   // the operators every second, so a failure here only delays it.
   (void)WriteFileAtomic(p.operators_marker(), std::to_string(NowMs()) + "\n", 0600);
   std::cout << "operator " << name << " added\n";
+  return 0;
+}
+
+// The declared operator set (a module's `operators`): registered, re-keyed, and
+// those it declared before but no longer does removed. Run before every start.
+int OperatorSync(const Paths& p, const std::string& file) {
+  auto text = ReadFile(file, 1u << 20);
+  if (!text) return Fail("operator sync: " + text.message());
+  auto declared = ParseOperatorSet(*text);
+  if (!declared) return Fail(file + ": " + declared.message());
+  auto store = OpenStore(p.store());
+  if (!store) return Fail(store.message() + " (run 'muster-controller init' first)");
+  Fleet fleet(**store, NowMs);
+  if (auto st = fleet.Load(); !st) return Fail(st.message());
+  auto done = SyncOperators(fleet, **store, *declared);
+  // Whatever was done before a failure is in the store: tell a running controller.
+  (void)WriteFileAtomic(p.operators_marker(), std::to_string(NowMs()) + "\n", 0600);
+  if (!done) return Fail("operator sync (" + file + "): " + done.message());
+  std::cout << *done << "\n";
   return 0;
 }
 
@@ -646,6 +666,16 @@ int main(int argc, char** argv) {
   op_remove->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
   op_remove->add_option("--store", store_spec, kStoreHelp);
 
+  std::string op_sync_file;
+  auto* op_sync = op->add_subcommand(
+      "sync",
+      "make the declared operators (JSON {\"name\": \"ed25519:…\"}) the managed set: add them, "
+      "give them their declared keys, and remove those declared before but not any more "
+      "(operators added by hand stay)");
+  op_sync->add_option("--file", op_sync_file, "the declared operators (JSON object)")->required();
+  op_sync->add_option("--state-dir", state_dir, "state directory")->capture_default_str();
+  op_sync->add_option("--store", store_spec, kStoreHelp);
+
   std::string from_sqlite;
   auto* migrate = app.add_subcommand(
       "migrate",
@@ -665,6 +695,7 @@ int main(int argc, char** argv) {
   if (csr->parsed()) return Csr({state_dir}, csr_cn);
   if (op_add->parsed()) return OperatorAdd({state_dir, {}, store_spec}, op_name, op_key);
   if (op_remove->parsed()) return OperatorRemove({state_dir, {}, store_spec}, op_rm_name);
+  if (op_sync->parsed()) return OperatorSync({state_dir, {}, store_spec}, op_sync_file);
   if (migrate->parsed()) return Migrate(store_spec, from_sqlite);
   if (run->parsed()) {
     RunConfig merged;

@@ -10,5 +10,6 @@ muster_unit_test(controller_test
     nar_cache_test.cc
     rate_limit_test.cc
     roster_file_test.cc
+    operator_set_test.cc
     store_test.cc
   LIBS muster_controller_lib)

@@ -56,6 +56,34 @@ let
 
   trimmed = s: lib.removeSuffix "\n" s;
 
+  # The unit that installs the machine's clan secrets (its muster key among them) when
+  # systemd does it (systemd-sysusers or userborn), so that muster's units start after it.
+  # Without those, sops-nix, age and password-store install secrets from an activation
+  # script, which runs before any unit is started at boot and before units are restarted
+  # on a switch: nothing to order. The names are sops-nix's and clan-core's own.
+  secretsUnits = { config, options }:
+    let
+      vars = config.clan.core.vars;
+      store = vars.settings.secretStore;
+      systemdActivation =
+        (options.systemd ? sysusers && config.systemd.sysusers.enable)
+        || (options.services ? userborn && config.services.userborn.enable);
+    in
+    if store == "sops" then lib.optional (config.sops.useSystemdActivation or false) "sops-install-secrets.service"
+    else if store == "password-store" then lib.optional systemdActivation "pass-install-secrets.service"
+    else if store == "age" then lib.optional systemdActivation "age-decrypt-secrets.service"
+    else [ ];
+
+  # NixOS only (nix-darwin has no such units): order `service` after the secrets.
+  afterSecrets = service: { config, options, ... }:
+    let units = secretsUnits { inherit config options; }; in
+    {
+      systemd.services.${service} = {
+        after = units;
+        wants = units;
+      };
+    };
+
   agentModule = { settings, roles, machine }: { config, pkgs, ... }:
     let
       controllers = builtins.attrNames (roles.controller.machines or { });
@@ -156,7 +184,7 @@ in
     };
     perInstance = { settings, ... }: {
       nixosModule = { config, pkgs, ... }: {
-        imports = [ self.nixosModules.controller ];
+        imports = [ self.nixosModules.controller (afterSecrets "muster-controller") ];
         clan.core.vars.generators.muster-controller = keyGenerator {
           inherit pkgs;
           package = config.services.muster-controller.package;
@@ -200,7 +228,7 @@ in
       let args = { inherit settings roles machine; }; in
       {
         nixosModule = { ... }: {
-          imports = [ self.nixosModules.agent (agentModule args) ];
+          imports = [ self.nixosModules.agent (agentModule args) (afterSecrets "muster-agent") ];
         };
         darwinModule = { ... }: {
           imports = [ self.darwinModules.agent (agentModule args) ];

@@ -10,6 +10,7 @@ let
   configFile = jsonFormat.generate "muster-controller.json" (render.controller cfg);
   exe = lib.getExe' cfg.package "muster-controller";
   defaultStateDir = "/var/lib/muster-controller";
+  operatorsFile = jsonFormat.generate "muster-operators.json" cfg.operators;
   storeArg = lib.optionalString (cfg.store != null) " --store ${lib.escapeShellArg cfg.store}";
 in
 {
@@ -82,9 +83,11 @@ in
       type = types.attrsOf (types.strMatching "ed25519:[A-Za-z0-9+/]{43}=");
       default = { };
       description = ''
-        Operators registered before every start (`muster-controller operator add`,
-        idempotent). Operators added by hand stay; remove them with
-        `muster-controller operator remove`.
+        The declared operators, made the managed set before every start
+        (`muster-controller operator sync`): added, given the key declared here, and
+        an operator removed from this set is removed from the controller (its key is
+        refused and its sessions close). Operators added by hand and never declared
+        stay; remove them with `muster-controller operator remove`.
       '';
       example = { alice = "ed25519:8O59lk3d/tJL8ZliV76W15+ym20stQNRFDl23jppQRo="; };
     };
@@ -188,9 +191,9 @@ in
           ("${exe} init --state-dir ${cfg.stateDir}"
             + lib.optionalString (cfg.keyFile != null) " --key-file ${cfg.keyFile}"
             + storeArg)
-        ] ++ lib.mapAttrsToList
-          (name: key: "${exe} operator add ${lib.escapeShellArg name} --key ${key} --state-dir ${cfg.stateDir}${storeArg}")
-          cfg.operators;
+          # The declared set; an operator no longer in it stops being trusted.
+          "${exe} operator sync --file ${operatorsFile} --state-dir ${cfg.stateDir}${storeArg}"
+        ];
         ExecStart = "${exe} run --config ${configFile}";
         Restart = "on-failure";
         RestartSec = 5;

@@ -9,6 +9,7 @@
 , openssl
 , libsodium
 , zstd
+, libpq
 , nlohmann_json
 , spdlog
 , cli11
@@ -42,7 +43,7 @@ stdenv.mkDerivation (finalAttrs: {
   # python3: with doCheck the test tree is configured, and the integration and
   # systemd tests' CMake needs the interpreter (only the unit tests run here).
   nativeBuildInputs = [ cmake ninja pkg-config ] ++ lib.optional finalAttrs.doCheck python3;
-  buildInputs = [ boost openssl libsodium zstd nlohmann_json spdlog cli11 sqlite gtest ];
+  buildInputs = [ boost openssl libsodium zstd libpq nlohmann_json spdlog cli11 sqlite gtest ];
 
   cmakeFlags = [
     (lib.cmakeBool "MUSTER_WERROR" false)

@@ -73,7 +73,7 @@ let
       hostPlatform = { };
     };
     boost = { version = "1.83.0"; };
-  } // lib.genAttrs [ "cmake" "ninja" "pkg-config" "openssl" "libsodium" "nlohmann_json" "spdlog" "cli11" "sqlite" "gtest" "python3" ] (n: n));
+  } // lib.genAttrs [ "cmake" "ninja" "pkg-config" "openssl" "libsodium" "nlohmann_json" "spdlog" "cli11" "sqlite" "gtest" "python3" "zstd" "libpq" ] (n: n));
 
   failedAssertions = cfg: map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
 

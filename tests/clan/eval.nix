@@ -57,7 +57,8 @@ let
 
   operator = "ed25519:8O59lk3d/tJL8ZliV76W15+ym20stQNRFDl23jppQRo=";
 
-  clan = clanLib.clan {
+  # The same clan with another operator set (bob removed from the settings).
+  clanWith = operators: clanLib.clan {
     self = { inputs = { muster = musterFlake; }; outPath = fixture; };
     directory = fixture;
     meta.name = "fixture";
@@ -71,16 +72,19 @@ let
       };
       instances.muster = {
         module = { input = "muster"; name = "muster"; };
-        roles.controller.machines.ctl.settings.operators.alice = operator;
+        roles.controller.machines.ctl.settings.operators = operators;
         roles.agent.tags.all = { };
         roles.agent.machines.pw1.settings.confirmTimeout = 300;
       };
     };
   };
 
-  services = clan.config._services.allServices;
-  service = services."muster-muster" or (throw "no muster service among: ${toString (builtins.attrNames services)}");
-  final = service.result.final;
+  bob = "ed25519:6VgpIoJZopyCHpPrv2znKuil0Sa0+PneH/98voXnsWk=";
+  finalOf = operators:
+    let services = (clanWith operators).config._services.allServices; in
+    (services."muster-muster" or (throw "no muster service among: ${toString (builtins.attrNames services)}")).result.final;
+  final = finalOf { alice = operator; };
+  finalWithBob = finalOf { alice = operator; inherit bob; };
 
   # Everything NixOS / nix-darwin and clan-core's other modules would declare.
   stub = { lib, ... }: {
@@ -109,7 +113,8 @@ let
     };
   };
 
-  machine = name: class: secretStore:
+  machine = name: class: secretStore: machineWith final name class secretStore;
+  machineWith = final: name: class: secretStore:
     (lib.evalModules {
       specialArgs = { _class = class; };
       modules = [
@@ -168,6 +173,17 @@ let
     per_machine_settings_apply = (agentJson pw1).confirmTimeout == 300 && (agentJson web1).confirmTimeout == 120;
     darwin_machines_get_the_darwin_agent = mac1.services.muster-agent.enable && (agentJson mac1).machine == "mac1";
     controller_tagged_all_is_an_agent_too = ctl.services.muster-agent.enable && (agentJson ctl).machine == "ctl";
+    # Operators follow the instance settings on both sides: bob, once removed, is neither
+    # in the controller's declared set (`operator sync` removes him) nor trusted by agents.
+    removed_operator_is_dropped_on_both_sides =
+      let
+        ctlBob = machineWith finalWithBob "ctl" "nixos" "sops";
+        web1Bob = machineWith finalWithBob "web1" "nixos" "sops";
+      in
+      ctlBob.services.muster-controller.operators == { alice = operator; inherit bob; }
+      && builtins.elem bob (agentJson web1Bob).trustedOperatorKeys
+      && ctl.services.muster-controller.operators == { alice = operator; }
+      && !(builtins.elem bob (agentJson web1).trustedOperatorKeys);
     no_failed_assertions = failed ctl ++ failed web1 ++ failed pw1 ++ failed mac1 == [ ];
   };
 in

@@ -229,6 +229,10 @@ for k, v in {"User": "muster", "ProtectSystem": "strict", "NoNewPrivileges": Tru
     assert cs[k] == v, (k, cs.get(k))
 assert "@system-service" in cs["SystemCallFilter"], cs["SystemCallFilter"]
 assert any(" init --state-dir /var/lib/muster-controller" in x for x in cs["ExecStartPre"]), cs["ExecStartPre"]
+# The declared operators become the managed set before every start (removed ones are refused).
+assert any(" operator sync --file " in x and x.endswith(" --state-dir /var/lib/muster-controller")
+           for x in cs["ExecStartPre"]), cs["ExecStartPre"]
+assert not any(" operator add " in x for x in cs["ExecStartPre"]), cs["ExecStartPre"]
 assert c["firewall"] == {} and c["user"]["isSystemUser"] is True, c
 
 cc = load("controller-custom")
