@@ -57,10 +57,11 @@ void PrintMachine(const std::string& machine, const json& r) {
     std::cout << Printable(machine) << ": preview failed: " << Printable(err) << "\n";
     return;
   }
-  std::cout << Printable(machine) << ": download " << Size(r.value("downloadBytes", std::int64_t{0}))
-            << " (" << r.value("fetchPaths", 0) << " paths, "
-            << Size(r.value("unpackedBytes", std::int64_t{0})) << " unpacked); store paths +"
-            << r.value("addedCount", 0) << " -" << r.value("removedCount", 0)
+  std::cout << Printable(machine) << ": download "
+            << Size(r.value("downloadBytes", std::int64_t{0})) << " (" << r.value("fetchPaths", 0)
+            << " paths, " << Size(r.value("unpackedBytes", std::int64_t{0}))
+            << " unpacked); store paths +" << r.value("addedCount", 0) << " -"
+            << r.value("removedCount", 0)
             << (r.value("rebootRequired", false) ? "; reboot needed" : "") << "\n";
   for (const auto& v : r.value("versions", json::array())) {
     std::string name = Printable(v.value("name", "")), before = Printable(v.value("before", "")),
@@ -151,7 +152,8 @@ int RunPreview(Connection& c, const json& items, int timeout_s, bool json_out) {
                      .dump()
               << "\n";
   } else {
-    std::cout << "summary: " << Plural(reports.size() - static_cast<std::size_t>(failed), "machine", "machines")
+    std::cout << "summary: "
+              << Plural(reports.size() - static_cast<std::size_t>(failed), "machine", "machines")
               << " previewed, download " << Size(download) << " in all";
     if (failed) std::cout << ", " << failed << " failed";
     std::cout << "\n";
@@ -164,9 +166,12 @@ int RunPreview(Connection& c, const json& items, int timeout_s, bool json_out) {
                   << " will " << verb << " " << Printable(unit) << "\n";
       }
     }
-    if (reboots) std::cout << "  " << Plural(static_cast<std::size_t>(reboots), "machine", "machines") << " will need a reboot\n";
+    if (reboots)
+      std::cout << "  " << Plural(static_cast<std::size_t>(reboots), "machine", "machines")
+                << " will need a reboot\n";
     for (const auto& m : offline) std::cout << "  " << Printable(m) << ": offline, not previewed\n";
-    for (const auto& m : missing) std::cout << "  " << Printable(m) << ": no answer within " << timeout_s << " s\n";
+    for (const auto& m : missing)
+      std::cout << "  " << Printable(m) << ": no answer within " << timeout_s << " s\n";
   }
   return failed || !missing.empty() ? kExitFailed : 0;
 }

@@ -303,7 +303,8 @@ int Publish(const Globals& g, PublishArgs a) {
       randombytes_buf(nonce.data(), nonce.size());
       m.rollout = "preview-" + HexEncode(nonce);
       SignedManifest sm = SignPreview(m, key);
-      items.push_back({{"manifest", sm.manifest}, {"signer", sm.signer}, {"signature", sm.signature}});
+      items.push_back(
+          {{"manifest", sm.manifest}, {"signer", sm.signer}, {"signature", sm.signature}});
     }
     return RunPreview(*conn, items, a.timeout, g.json_out);
   }
