@@ -521,7 +521,8 @@ void Agent::SendPreviewReport(proto::PreviewReport r) {
   r.at = clock_();
   r.error = CutUtf8(r.error, kMaxDetailBytes);
   boost::asio::post(ioc_, [this, text = proto::Encode(r)] {
-    if (!link_->Send(text)) spdlog::warn("preview report not sent: the controller is not connected");
+    if (!link_->Send(text))
+      spdlog::warn("preview report not sent: the controller is not connected");
   });
 }
 
@@ -1032,9 +1033,8 @@ StepOutcome Agent::AwaitWindow(DeployRecord& r) {
     const std::int64_t wait_ms = std::clamp<std::int64_t>(
         w.next_open_s == 0 ? 60000 : w.next_open_s * 1000 - now_ms, 10, 60000);
     std::unique_lock lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(wait_ms), [&] {
-      return stopping_ || pending_.has_value() || queued_preview_.has_value();
-    });
+    cv_.wait_for(lock, std::chrono::milliseconds(wait_ms),
+                 [&] { return stopping_ || pending_.has_value() || queued_preview_.has_value(); });
     if (stopping_) {
       StepOutcome o{false, "agent stopping"};
       o.interrupted = true;  // staged stays persisted; the next agent waits on

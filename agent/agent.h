@@ -114,7 +114,7 @@ class Agent {
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
   AgentState state_;
-  std::optional<DeployRecord> pending_;            // accepted, waiting for the worker
+  std::optional<DeployRecord> pending_;  // accepted, waiting for the worker
   std::optional<std::pair<std::string, Manifest>> queued_preview_;  // id, verified request
   bool preview_running_ = false;
   PreviewReplayGuard preview_guard_;

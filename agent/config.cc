@@ -70,8 +70,9 @@ MaintenanceWindow Window(const json& w) {
     if (low == "daily" || low == "*") {
       mw.days = 0x7f;
     } else if (idx < 0) {
-      throw std::invalid_argument("window day '" + name +
-                                  "' is not a weekday (mon, tue, wed, thu, fri, sat, sun or daily)");
+      throw std::invalid_argument(
+          "window day '" + name +
+          "' is not a weekday (mon, tue, wed, thu, fri, sat, sun or daily)");
     } else {
       mw.days |= 1u << idx;
     }

@@ -45,7 +45,8 @@ Result<std::int64_t> FreeBytes(const std::string& path) {
   if (::statvfs(path.c_str(), &st) != 0) {
     return Err("cannot read the free space of " + path + ": " + std::strerror(errno));
   }
-  const long double b = static_cast<long double>(st.f_bavail) * static_cast<long double>(st.f_frsize);
+  const long double b =
+      static_cast<long double>(st.f_bavail) * static_cast<long double>(st.f_frsize);
   if (b > 9.0e18L) return std::int64_t{9000000000000000000};
   return static_cast<std::int64_t>(b);
 }

@@ -36,8 +36,7 @@ TEST(Preview, DiffsVersionsLikeNvd) {
   std::vector<std::string> before = {P("a", "openssh-9.7p1"), P("b", "bash-5.2p26"),
                                      P("c", "htop-3.2.0"), P("d", "etc")};
   std::vector<std::string> after = {P("e", "openssh-9.8p1"), P("b", "bash-5.2p26"),
-                                    P("f", "curl-8.9.1"), P("g", "etc"),
-                                    P("h", "curl-8.9.1-bin")};
+                                    P("f", "curl-8.9.1"), P("g", "etc"), P("h", "curl-8.9.1-bin")};
   auto d = DiffVersions(before, after);
   ASSERT_EQ(d.size(), 3u);
   EXPECT_EQ(d[0].name, "curl");
@@ -66,8 +65,8 @@ TEST(Preview, ParsesDryActivateOutput) {
   ParseDryActivate(out, &r);
   EXPECT_EQ(r.units_stop, (std::vector<std::string>{"old.service", "gone.socket"}));
   EXPECT_EQ(r.units_reload, (std::vector<std::string>{"dbus.service"}));
-  EXPECT_EQ(r.units_restart, (std::vector<std::string>{"systemd", "sshd.service",
-                                                       "nginx.service", "chronyd.service"}));
+  EXPECT_EQ(r.units_restart, (std::vector<std::string>{"systemd", "sshd.service", "nginx.service",
+                                                       "chronyd.service"}));
   EXPECT_EQ(r.units_start, (std::vector<std::string>{"new.service"}));
 }
 
@@ -90,9 +89,7 @@ class FakeOps : public SystemOps {
   Result<FetchEstimate> EstimateFetch(const Manifest&) override {
     return FetchEstimate{true, 2, 1000, 5000};
   }
-  Result<std::vector<std::string>> Closure(const std::string& p) override {
-    return closures[p];
-  }
+  Result<std::vector<std::string>> Closure(const std::string& p) override { return closures[p]; }
   Result<std::string> DryActivate(const std::string& t, const LineSink&) override {
     calls.push_back("dry-activate " + t);
     return dry_output;
@@ -119,7 +116,8 @@ class FakeOps : public SystemOps {
 
 TEST(Preview, RunPreviewReportsAndChangesNothing) {
   FakeOps ops;
-  const std::string cur = P("1", "nixos-system-web1-24.05"), next = P("2", "nixos-system-web1-24.11");
+  const std::string cur = P("1", "nixos-system-web1-24.05"),
+                    next = P("2", "nixos-system-web1-24.11");
   ops.active = cur;
   ops.closures[cur] = {cur, P("a", "openssh-9.7p1"), P("b", "bash-5.2p26")};
   ops.closures[next] = {next, P("c", "openssh-9.8p1"), P("b", "bash-5.2p26")};

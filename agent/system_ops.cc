@@ -116,8 +116,8 @@ class NixSystem final : public SystemOps {
 
   Result<FetchEstimate> EstimateFetch(const Manifest& m) override {
     if (nix_store_.empty()) return Err("nix-store not found; install Nix or set nixBinDir");
-    std::vector<std::string> argv = {nix_store_, "--realise", m.toplevel, "--max-jobs", "0",
-                                     "--dry-run"};
+    std::vector<std::string> argv = {nix_store_,   "--realise", m.toplevel,
+                                     "--max-jobs", "0",         "--dry-run"};
     if (!m.substituters.empty()) {
       argv.insert(argv.end(), {"--option", "substituters", Join(m.substituters)});
     }
@@ -137,8 +137,8 @@ class NixSystem final : public SystemOps {
 
   Result<std::vector<std::string>> Closure(const std::string& path) override {
     if (nix_store_.empty()) return Err("nix-store not found; install Nix or set nixBinDir");
-    auto r = Run({nix_store_, "--query", "--requisites", path}, std::chrono::minutes(5), "",
-                 nullptr);
+    auto r =
+        Run({nix_store_, "--query", "--requisites", path}, std::chrono::minutes(5), "", nullptr);
     if (!r.ok()) return Err("nix-store --query --requisites " + path + " " + r.Describe());
     std::vector<std::string> out;
     std::stringstream ss(r.out);
@@ -323,12 +323,11 @@ class NixSystem final : public SystemOps {
       return Status::Ok();
     }
     sink("realise", std::to_string(e.paths) + " store paths to fetch: " +
-                        HumanSize(e.download_bytes) + " download, " +
-                        HumanSize(e.unpacked_bytes) + " unpacked; " + HumanSize(*free) +
-                        " free in " + cfg_.store_dir);
+                        HumanSize(e.download_bytes) + " download, " + HumanSize(e.unpacked_bytes) +
+                        " unpacked; " + HumanSize(*free) + " free in " + cfg_.store_dir);
     return CheckRoom("generation " + std::to_string(m.generation) + " of " + m.machine + " (" +
-                         std::to_string(e.paths) + " store paths, " +
-                         HumanSize(e.download_bytes) + " download)",
+                         std::to_string(e.paths) + " store paths, " + HumanSize(e.download_bytes) +
+                         " download)",
                      cfg_.store_dir, *free, e.unpacked_bytes, cfg_.min_free_store_bytes,
                      "Free space (nix-collect-garbage --delete-older-than 30d) or lower "
                      "minFreeStoreMiB, then publish again.");
@@ -361,7 +360,8 @@ class NixSystem final : public SystemOps {
                          m.machine + " (new kernel and initrd)",
                      cfg_.boot_dir, *free, need, cfg_.min_free_boot_bytes,
                      "Remove old boot entries (nix-collect-garbage -d, then switch again) or "
-                     "grow " + cfg_.boot_dir + ", then publish again.");
+                     "grow " +
+                         cfg_.boot_dir + ", then publish again.");
   }
 
   static std::string Join(const std::vector<std::string>& v) {

@@ -41,12 +41,12 @@ TEST_F(Windows, OpenInsideClosedOutsideWithTheNextStart) {
     bool open;
     std::int64_t closes, next;
   } cases[] = {
-      {kSat0 + 3600, false, 0, kSat0 + 2 * 3600},            // Sat 01:00: opens at 02:00
-      {kSat0 + 2 * 3600, true, kSat0 + 4 * 3600, 0},         // start is inside
-      {kSat0 + 4 * 3600 - 1, true, kSat0 + 4 * 3600, 0},     // last second
-      {kSat0 + 4 * 3600, false, 0, kSat0 + 86400 + 7200},    // end is outside: Sunday next
+      {kSat0 + 3600, false, 0, kSat0 + 2 * 3600},          // Sat 01:00: opens at 02:00
+      {kSat0 + 2 * 3600, true, kSat0 + 4 * 3600, 0},       // start is inside
+      {kSat0 + 4 * 3600 - 1, true, kSat0 + 4 * 3600, 0},   // last second
+      {kSat0 + 4 * 3600, false, 0, kSat0 + 86400 + 7200},  // end is outside: Sunday next
       {kSat0 + 86400 + 5 * 3600, false, 0, kSat0 + 7 * 86400 + 7200},  // Sun 05:00: next Sat
-      {kSat0 - 3 * 86400, false, 0, kSat0 + 7200},           // Wednesday
+      {kSat0 - 3 * 86400, false, 0, kSat0 + 7200},                     // Wednesday
   };
   for (const auto& c : cases) {
     auto st = EvaluateWindows(ws, c.now);

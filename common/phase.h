@@ -20,7 +20,7 @@ enum class Phase {
   kSucceeded,
   kRolledBack,
   kFailed,
-  kUnchanged,      // closure already active and not forced
+  kUnchanged,  // closure already active and not forced
 };
 
 std::string_view ToString(Phase p);

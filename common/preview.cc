@@ -46,8 +46,8 @@ Result<Manifest> VerifyPreview(const SignedManifest& sm, const PreviewVerifyCont
   }
   if (m->created_at < ctx.now_s - ctx.max_age_s) {
     return Err("preview request signed at " + UnixSecondsText(m->created_at) + " is older than " +
-               std::to_string(ctx.max_age_s) + " s (this machine's clock: " +
-               UnixSecondsText(ctx.now_s) + "); ask again");
+               std::to_string(ctx.max_age_s) +
+               " s (this machine's clock: " + UnixSecondsText(ctx.now_s) + "); ask again");
   }
   if (m->created_at > ctx.now_s + ctx.max_future_skew_s) {
     return Err("preview request is signed at " + UnixSecondsText(m->created_at) +

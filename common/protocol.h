@@ -180,7 +180,7 @@ struct PreviewReport {
   std::int64_t unpacked_bytes = 0;
   std::int64_t added_count = 0;
   std::int64_t removed_count = 0;
-  std::vector<std::string> added;    // store path names without /nix/store/<hash>-
+  std::vector<std::string> added;  // store path names without /nix/store/<hash>-
   std::vector<std::string> removed;
   std::vector<VersionChange> versions;
   std::vector<std::string> units_stop, units_reload, units_restart, units_start;
@@ -189,9 +189,9 @@ struct PreviewReport {
 };
 constexpr std::size_t kMaxPreviewItems = 500;
 
-using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg, Request,
-                             Response, Event, Enroll, Enrolled, Fetch, Fetched, Preview,
-                             PreviewReport>;
+using Message =
+    std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg, Request, Response,
+                 Event, Enroll, Enrolled, Fetch, Fetched, Preview, PreviewReport>;
 
 std::string_view TypeName(const Message& m);
 std::string Encode(const Message& m);
@@ -215,7 +215,7 @@ struct DecodeLimits {
 Result<Message> Decode(std::string_view text, const DecodeLimits& limits = {});
 
 nlohmann::json ToJson(const HostFacts& f);
-nlohmann::json ToJson(const PreviewReport& r);  // the body of a preview-report
+nlohmann::json ToJson(const PreviewReport& r);         // the body of a preview-report
 HostFacts HostFactsFromJson(const nlohmann::json& j);  // lenient: missing fields are empty
 
 }  // namespace muster::proto

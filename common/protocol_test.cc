@@ -99,10 +99,9 @@ std::vector<Message> Samples() {
           GoldenPreviewReport()};
 }
 
-const std::vector<std::string> kTypes = {"hello",  "status",   "log",     "welcome",  "deploy",
-                                         "ack",    "error",    "request", "response", "event",
-                                         "enroll", "enrolled", "fetch",   "fetched",
-                                         "preview", "preview-report"};
+const std::vector<std::string> kTypes = {
+    "hello",    "status", "log",    "welcome",  "deploy", "ack",     "error",   "request",
+    "response", "event",  "enroll", "enrolled", "fetch",  "fetched", "preview", "preview-report"};
 
 Message DecodeOk(const std::string& text) {
   auto r = Decode(text);
