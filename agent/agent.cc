@@ -10,7 +10,9 @@
 
 #include "agent/floor.h"
 #include "agent/health.h"
+#include "agent/preview.h"
 #include "agent/vars.h"
+#include "agent/windows.h"
 #include "common/fsutil.h"
 #include "common/log.h"
 #include "common/roster.h"
@@ -378,6 +380,10 @@ void Agent::OnMessage(const std::string& text) {
     OnDeploy(*d);
     return;
   }
+  if (const auto* p = std::get_if<proto::Preview>(&*msg)) {
+    OnPreview(*p);
+    return;
+  }
   if (const auto* e = std::get_if<proto::ErrorMsg>(&*msg)) {
     spdlog::error("controller: {}: {}", e->code, e->message);
     return;
@@ -479,6 +485,108 @@ void Agent::OnDeploy(const proto::Deploy& d) {
   }
   spdlog::info("accepted generation {}: {} {}", m->generation, ToString(m->action), m->toplevel);
   cv_.notify_all();
+}
+
+void Agent::OnPreview(const proto::Preview& p) {
+  PreviewVerifyContext ctx;
+  ctx.machine = cfg_.machine;
+  ctx.trusted_operators = cfg_.trusted_operator_keys;
+  ctx.now_s = clock_() / 1000;
+  ctx.max_future_skew_s = cfg_.max_manifest_future_skew.count();
+  auto m = VerifyPreview(p.manifest, ctx);
+  proto::PreviewReport refusal;
+  refusal.id = CutUtf8(p.id, 64);
+  if (!m) {
+    refusal.error = "refused: " + m.message();
+  } else if (preview_guard_.Seen(p.manifest.signature)) {
+    refusal.error = "refused: this preview request was delivered before (a replay); ask again";
+  } else {
+    std::lock_guard lock(mu_);
+    if (queued_preview_ || preview_running_) {
+      refusal.error = "another preview is running on " + cfg_.machine + "; ask again when it ends";
+    } else {
+      queued_preview_.emplace(refusal.id, *m);
+    }
+  }
+  if (!refusal.error.empty()) {
+    spdlog::warn("preview {}: {}", refusal.id, refusal.error);
+    SendPreviewReport(std::move(refusal));
+    return;
+  }
+  spdlog::info("preview {} of {} queued", refusal.id, m->toplevel);
+  cv_.notify_all();
+}
+
+void Agent::SendPreviewReport(proto::PreviewReport r) {
+  r.at = clock_();
+  r.error = CutUtf8(r.error, kMaxDetailBytes);
+  boost::asio::post(ioc_, [this, text = proto::Encode(r)] {
+    if (!link_->Send(text))
+      spdlog::warn("preview report not sent: the controller is not connected");
+  });
+}
+
+void Agent::RunQueuedPreview() {
+  std::string id;
+  Manifest m;
+  {
+    std::lock_guard lock(mu_);
+    if (!queued_preview_) return;
+    id = queued_preview_->first;
+    m = queued_preview_->second;
+    queued_preview_.reset();
+    preview_running_ = true;
+  }
+  spdlog::info("preview {}: {}", id, m.toplevel);
+  LineSink sink = [](const std::string& stream, const std::string& line) {
+    spdlog::debug("[preview {}] {}", stream, line);
+  };
+  proto::PreviewReport r;
+  bool via_controller = UsesControllerCache(m) && substituter_;
+  std::string url;
+  if (via_controller) {
+    auto opened = substituter_->Open();
+    if (!opened) {
+      r.error = opened.message();
+      via_controller = false;
+    } else {
+      url = *opened;
+    }
+  }
+  if (r.error.empty()) {
+    Manifest run = via_controller ? WithControllerCache(m, url) : m;
+    try {
+      r = RunPreview(run, *ops_, sink);
+    } catch (const std::exception& e) {
+      r.error = std::string("preview failed with an internal error: ") + e.what();
+    }
+    if (via_controller) substituter_->Close();
+    for (auto at = r.error.find(url); via_controller && at != std::string::npos;
+         at = r.error.find(url)) {
+      r.error.replace(at, url.size(), "the controller's cache (muster:)");
+    }
+  }
+  r.id = id;
+  r.toplevel = m.toplevel;
+  auto clean = [](std::vector<std::string>& v) {
+    for (auto& s : v) s = CutUtf8(s, 512);
+  };
+  clean(r.added);
+  clean(r.removed);
+  clean(r.units_stop);
+  clean(r.units_reload);
+  clean(r.units_restart);
+  clean(r.units_start);
+  for (auto& v : r.versions) {
+    v.name = CutUtf8(v.name, 256);
+    v.before = CutUtf8(v.before, 512);
+    v.after = CutUtf8(v.after, 512);
+  }
+  r.current = SanitizeUtf8(r.current);
+  spdlog::info("preview {}: {}", id, r.error.empty() ? "done" : r.error);
+  SendPreviewReport(std::move(r));
+  std::lock_guard lock(mu_);
+  preview_running_ = false;
 }
 
 void Agent::QueueReportLocked(const proto::StatusReport& r) {
@@ -645,9 +753,16 @@ bool Agent::WorkOnce() {
   {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] {
-      return stopping_ || pending_ || (state_.current && !IsTerminal(state_.current->phase));
+      return stopping_ || pending_ || queued_preview_ ||
+             (state_.current && !IsTerminal(state_.current->phase));
     });
     if (stopping_) return false;
+    if (queued_preview_ && !(state_.current && !IsTerminal(state_.current->phase))) {
+      // Between deploys: a preview first (it changes nothing), then what is pending.
+      lock.unlock();
+      RunQueuedPreview();
+      return true;
+    }
     if (!(state_.current && !IsTerminal(state_.current->phase))) {
       state_.current = std::move(*pending_);
       pending_.reset();
@@ -842,6 +957,8 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
                  std::string(ToString(r.kind)) + ")";
       return o;
     }
+    case Step::kAwaitWindow:
+      return AwaitWindow(r);
     case Step::kInstallVars: {
       auto res = InstallVars(key_, r.vars, r.manifest.vars_hash, cfg_.vars_dir);
       if (!res) {
@@ -884,6 +1001,54 @@ StepOutcome Agent::Perform(DeployRecord& r, Step step) {
       return Rollback(r);
   }
   return o;
+}
+
+StepOutcome Agent::AwaitWindow(DeployRecord& r) {
+  const std::string zone = cfg_.maintenance_time_zone;
+  for (;;) {
+    const std::int64_t now_ms = clock_();
+    const WindowState w = EvaluateWindows(cfg_.maintenance_windows, now_ms / 1000);
+    if (w.open) {
+      StepOutcome o{true, cfg_.maintenance_windows.empty()
+                              ? std::string("no maintenance windows configured: activating now")
+                              : "maintenance window open until " + LocalTimeText(w.closes_at_s) +
+                                    ": activating"};
+      return o;
+    }
+    if (r.phase != Phase::kStaged || r.detail.find("staged:") != 0) {
+      {
+        std::lock_guard lock(mu_);
+        r.phase = Phase::kStaged;
+        r.detail = "staged: " + r.manifest.toplevel + " is realised; it activates in the next " +
+                   "maintenance window at " + LocalTimeText(w.next_open_s) + " (" +
+                   DescribeWindows(cfg_.maintenance_windows, zone) +
+                   "); publish with --now to activate at once";
+        Persist();
+      }
+      Report(r);
+    }
+    // Sleep until the window opens (at most a minute, so that a clock step
+    // or a daylight-saving change is noticed), a newer generation arrives or
+    // the agent stops.
+    const std::int64_t wait_ms = std::clamp<std::int64_t>(
+        w.next_open_s == 0 ? 60000 : w.next_open_s * 1000 - now_ms, 10, 60000);
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(wait_ms),
+                 [&] { return stopping_ || pending_.has_value() || queued_preview_.has_value(); });
+    if (stopping_) {
+      StepOutcome o{false, "agent stopping"};
+      o.interrupted = true;  // staged stays persisted; the next agent waits on
+      return o;
+    }
+    if (pending_) {
+      return {false, "superseded by generation " + std::to_string(pending_->generation()) +
+                         " while staged for a maintenance window; nothing was changed"};
+    }
+    if (queued_preview_) {
+      lock.unlock();
+      RunQueuedPreview();  // a staged machine can still preview the next generation
+    }
+  }
 }
 
 StepOutcome Agent::Confirm(DeployRecord& r) {

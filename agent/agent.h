@@ -28,6 +28,7 @@
 #include "agent/system_ops.h"
 #include "common/crypto.h"
 #include "common/http_server.h"
+#include "common/preview.h"
 #include "common/process.h"
 #include "common/protocol.h"
 
@@ -53,6 +54,10 @@ class Agent {
   void OnOpen();
   void OnMessage(const std::string& text);
   void OnDeploy(const proto::Deploy& d);
+  // A signed preview request: verified here, run by the worker between
+  // deploys (or while one is staged); the answer is a preview-report.
+  void OnPreview(const proto::Preview& p);
+  void SendPreviewReport(proto::PreviewReport r);
   void SendHello();
   void FlushReports();
   void QueueReportLocked(const proto::StatusReport& r);
@@ -73,6 +78,11 @@ class Agent {
   // Start-up: a generation that succeeded needing a reboot, now booted (a new
   // boot id, and no reboot required any more), says so.
   void NoteBootedInto(DeployRecord& r);
+  // Schedule "window": waits (phase staged) for a maintenance window; fails
+  // when a newer generation arrives first.
+  StepOutcome AwaitWindow(DeployRecord& r);
+  // Worker: runs the queued preview, if any (mu_ not held).
+  void RunQueuedPreview();
   StepOutcome Confirm(DeployRecord& r);
   StepOutcome Rollback(DeployRecord& r);
   // Saves state_; on failure logs it and remembers the error in persist_error_
@@ -104,7 +114,10 @@ class Agent {
   std::mutex mu_;  // guards everything below
   std::condition_variable cv_;
   AgentState state_;
-  std::optional<DeployRecord> pending_;            // accepted, waiting for the worker
+  std::optional<DeployRecord> pending_;  // accepted, waiting for the worker
+  std::optional<std::pair<std::string, Manifest>> queued_preview_;  // id, verified request
+  bool preview_running_ = false;
+  PreviewReplayGuard preview_guard_;
   std::deque<proto::StatusReport> outbox_status_;  // reports not yet sent (bounded)
   std::deque<proto::LogLines> outbox_logs_;
   std::size_t outbox_log_lines_ = 0;

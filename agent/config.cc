@@ -1,5 +1,9 @@
 #include "agent/config.h"
 
+#include <cctype>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "common/fsutil.h"
@@ -23,6 +27,77 @@ std::string Abs(const json& v, const std::string& field) {
   if (s.empty() || s[0] != '/')
     throw std::invalid_argument("'" + field + "' must be an absolute path");
   return s;
+}
+std::int64_t MiB(const json& v, const std::string& field) {
+  if (!v.is_number_integer() || v.get<std::int64_t>() < 0 ||
+      v.get<std::int64_t>() > (std::int64_t{1} << 40)) {
+    throw std::invalid_argument("'" + field + "' must be a whole number of MiB (0 or more)");
+  }
+  return v.get<std::int64_t>() << 20;
+}
+
+// "HH:MM" or "HH:MM:SS" → seconds since midnight; "24:00" ends a day.
+int TimeOfDay(const std::string& t, const std::string& field) {
+  int h = -1, m = -1, s = 0;
+  char extra = 0;
+  int n = std::sscanf(t.c_str(), "%2d:%2d:%2d%c", &h, &m, &s, &extra);
+  bool shape = (n == 2 && t.size() == 5) || (n == 3 && t.size() == 8);
+  if (!shape || h < 0 || m < 0 || m > 59 || s < 0 || s > 59 || h > 24 ||
+      (h == 24 && (m != 0 || s != 0))) {
+    throw std::invalid_argument("'" + field + "' must be a time of day HH:MM (or HH:MM:SS), not '" +
+                                t + "'");
+  }
+  return h * 3600 + m * 60 + s;
+}
+
+MaintenanceWindow Window(const json& w) {
+  static const char* kDays[] = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"};
+  if (!w.is_object()) throw std::invalid_argument("each window is an object {days, start, end}");
+  MaintenanceWindow mw;
+  std::string days_text;
+  for (const auto& [k, v] : w.items()) {
+    if (k != "days" && k != "start" && k != "end")
+      throw std::invalid_argument("unknown window field '" + k + "' (days, start, end)");
+  }
+  for (const auto& d : w.at("days")) {
+    std::string name = d.get<std::string>();
+    std::string low;
+    for (char c : name) low += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    int idx = -1;
+    for (int i = 0; i < 7; ++i) {
+      if (low.rfind(kDays[i], 0) == 0 && low.size() >= 3) idx = i;
+    }
+    if (low == "daily" || low == "*") {
+      mw.days = 0x7f;
+    } else if (idx < 0) {
+      throw std::invalid_argument(
+          "window day '" + name +
+          "' is not a weekday (mon, tue, wed, thu, fri, sat, sun or daily)");
+    } else {
+      mw.days |= 1u << idx;
+    }
+    days_text += (days_text.empty() ? "" : ",") + name;
+  }
+  if (mw.days == 0) throw std::invalid_argument("a window needs at least one day in 'days'");
+  std::string start = w.at("start").get<std::string>(), end = w.at("end").get<std::string>();
+  mw.start_s = TimeOfDay(start, "start");
+  mw.end_s = TimeOfDay(end, "end");
+  if (mw.start_s == mw.end_s) throw std::invalid_argument("a window's start and end are equal");
+  mw.text = days_text + " " + start + "-" + end;
+  return mw;
+}
+
+bool ZoneExists(const std::string& zone) {
+  if (zone == "UTC" || zone == "Etc/UTC") return true;
+  if (zone.empty() || zone[0] == '/' || zone.find("..") != std::string::npos) return false;
+  std::vector<std::string> dirs;
+  if (const char* d = std::getenv("TZDIR")) dirs.emplace_back(d);
+  dirs.insert(dirs.end(), {"/usr/share/zoneinfo", "/etc/zoneinfo", "/usr/lib/zoneinfo"});
+  std::error_code ec;
+  for (const auto& d : dirs) {
+    if (std::filesystem::is_regular_file(d + "/" + zone, ec)) return true;
+  }
+  return false;
 }
 }  // namespace
 
@@ -161,6 +236,24 @@ Result<AgentConfig> ParseAgentConfig(std::string_view text, const std::string& o
               "--max-message-bytes)");
         }
         c.max_message_bytes = v.get<std::size_t>();
+      } else if (k == "storeDir") {
+        c.store_dir = Abs(v, k);
+      } else if (k == "minFreeStoreMiB") {
+        c.min_free_store_bytes = MiB(v, k);
+      } else if (k == "bootDir") {
+        c.boot_dir = Abs(v, k);
+      } else if (k == "minFreeBootMiB") {
+        c.min_free_boot_bytes = MiB(v, k);
+      } else if (k == "maintenanceWindows") {
+        if (!v.is_array()) throw std::invalid_argument("must be a list of windows");
+        for (const auto& w : v) c.maintenance_windows.push_back(Window(w));
+      } else if (k == "maintenanceTimeZone") {
+        c.maintenance_time_zone = v.get<std::string>();
+        if (!ZoneExists(c.maintenance_time_zone)) {
+          throw std::invalid_argument("time zone '" + c.maintenance_time_zone +
+                                      "' is not in the zone database (an IANA name such as "
+                                      "\"Europe/Berlin\" or \"UTC\"; install tzdata)");
+        }
       } else {
         return Err(origin + ": unknown setting '" + k + "'");
       }

@@ -17,6 +17,16 @@
 
 namespace muster {
 
+// A maintenance window: on the given weekdays (bit 0 = Sunday … bit 6 =
+// Saturday), from start to end, seconds since local midnight in the agent's
+// maintenance time zone; end <= start crosses midnight into the next day.
+struct MaintenanceWindow {
+  unsigned days = 0;
+  int start_s = 0;
+  int end_s = 0;
+  std::string text;  // as configured, for messages: "mon,tue 02:00-04:00"
+};
+
 struct HealthCheck {
   std::string name;
   std::vector<std::string> command;  // argv, argv[0] absolute; or
@@ -62,6 +72,18 @@ struct AgentConfig {
   // Largest message accepted from the controller; must be at least the
   // controller's --max-message-bytes, which bounds the deploys it sends.
   std::size_t max_message_bytes = kDefaultMaxMessageBytes;
+  // Free-space checks before a realise (agent/disk_space.h): the store's file
+  // system keeps min_free_store_bytes free after the fetch; /boot keeps
+  // min_free_boot_bytes after new kernels and initrds.
+  std::string store_dir = "/nix/store";
+  std::int64_t min_free_store_bytes = std::int64_t{256} << 20;
+  std::string boot_dir = "/boot";
+  std::int64_t min_free_boot_bytes = 0;
+  // Generations published with schedule "window" activate only inside one of
+  // these (none: at once). The zone is an IANA name ("Europe/Berlin"); ""
+  // keeps the machine's own local time.
+  std::vector<MaintenanceWindow> maintenance_windows;
+  std::string maintenance_time_zone;
 
   std::string KeyPath() const {
     return machine_key_file.empty() ? state_dir + "/machine.key" : machine_key_file;

@@ -162,3 +162,58 @@ TEST(AgentConfig, RequiredFieldsSayWhatToDo) {
 
 }  // namespace
 }  // namespace muster
+
+namespace muster {
+namespace {
+
+TEST(AgentConfig, MaintenanceWindowsAndFreeSpace) {
+  auto c = ParseAgentConfig(
+      Minimal(R"(,"maintenanceWindows":[{"days":["sat","Sunday"],"start":"02:00","end":"04:30"},)"
+              R"({"days":["daily"],"start":"23:00:30","end":"01:00"}],)"
+              R"("maintenanceTimeZone":"UTC","minFreeStoreMiB":1024,"bootDir":"/efi",)"
+              R"("minFreeBootMiB":16)"),
+      "agent.json");
+  ASSERT_TRUE(c.ok()) << c.message();
+  ASSERT_EQ(c->maintenance_windows.size(), 2u);
+  EXPECT_EQ(c->maintenance_windows[0].days, (1u << 6) | 1u);
+  EXPECT_EQ(c->maintenance_windows[0].start_s, 7200);
+  EXPECT_EQ(c->maintenance_windows[0].end_s, 4 * 3600 + 1800);
+  EXPECT_EQ(c->maintenance_windows[0].text, "sat,Sunday 02:00-04:30");
+  EXPECT_EQ(c->maintenance_windows[1].days, 0x7fu);
+  EXPECT_EQ(c->maintenance_windows[1].start_s, 23 * 3600 + 30);
+  EXPECT_EQ(c->min_free_store_bytes, std::int64_t{1024} << 20);
+  EXPECT_EQ(c->min_free_boot_bytes, std::int64_t{16} << 20);
+  EXPECT_EQ(c->boot_dir, "/efi");
+  auto d = ParseAgentConfig(Minimal(), "agent.json");
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(d->maintenance_windows.empty());
+  EXPECT_EQ(d->min_free_store_bytes, std::int64_t{256} << 20);
+  EXPECT_EQ(d->store_dir, "/nix/store");
+
+  struct Bad {
+    const char* extra;
+    const char* says;
+  } bad[] = {
+      {R"(,"maintenanceWindows":[{"days":["someday"],"start":"02:00","end":"03:00"}])",
+       "is not a weekday"},
+      {R"(,"maintenanceWindows":[{"days":[],"start":"02:00","end":"03:00"}])", "at least one day"},
+      {R"(,"maintenanceWindows":[{"days":["mon"],"start":"2am","end":"03:00"}])",
+       "time of day HH:MM"},
+      {R"(,"maintenanceWindows":[{"days":["mon"],"start":"25:00","end":"03:00"}])",
+       "time of day HH:MM"},
+      {R"(,"maintenanceWindows":[{"days":["mon"],"start":"03:00","end":"03:00"}])", "are equal"},
+      {R"(,"maintenanceWindows":[{"days":["mon"],"start":"01:00","end":"03:00","tz":"x"}])",
+       "unknown window field 'tz'"},
+      {R"(,"maintenanceTimeZone":"Mars/Olympus_Mons")", "not in the zone database"},
+      {R"(,"maintenanceTimeZone":"../../etc/passwd")", "not in the zone database"},
+      {R"(,"minFreeStoreMiB":-1)", "whole number of MiB"},
+  };
+  for (const auto& b : bad) {
+    auto r = ParseAgentConfig(Minimal(b.extra), "agent.json");
+    ASSERT_FALSE(r.ok()) << b.extra;
+    EXPECT_THAT(r.message(), ::testing::HasSubstr(b.says)) << b.extra;
+  }
+}
+
+}  // namespace
+}  // namespace muster

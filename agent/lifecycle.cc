@@ -38,6 +38,8 @@ std::string_view ToString(Step s) {
       return "check-unchanged";
     case Step::kRealise:
       return "realise";
+    case Step::kAwaitWindow:
+      return "await-window";
     case Step::kInstallVars:
       return "install-vars";
     case Step::kSetProfile:
@@ -68,6 +70,8 @@ Step NextStep(const DeployRecord& r) {
       break;
   }
   if (!r.realised) return Step::kRealise;
+  if (r.manifest.in_window && !r.window_passed && r.manifest.action != Action::kDryActivate)
+    return Step::kAwaitWindow;
   if (InstallsVars(r) && !r.vars_done) return Step::kInstallVars;
   if (SetsProfile(r.manifest.action) && !r.profile_changed) return Step::kSetProfile;
   return Step::kActivate;
@@ -110,6 +114,11 @@ void Apply(DeployRecord& r, Step step, const StepOutcome& o, std::int64_t now,
       if (!o.ok) return Finish(r, Phase::kFailed, o.detail, now);
       r.realised = true;
       r.closure_bytes = o.closure_bytes;
+      r.detail = o.detail;
+      return;
+    case Step::kAwaitWindow:
+      if (!o.ok) return Finish(r, Phase::kFailed, o.detail, now);
+      r.window_passed = true;
       r.detail = o.detail;
       return;
     case Step::kInstallVars:

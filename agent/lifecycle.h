@@ -6,6 +6,9 @@
 // The runner (agent.cc) asks NextStep() what to do, performs it, and feeds the
 // outcome back with Apply(); it persists the record before every step. Which
 // steps apply depends on the manifest's action:
+// A manifest with schedule "window" waits after the realise (phase staged)
+// until one of the machine's maintenance windows is open; nothing has changed
+// yet, so a newer generation arriving meanwhile ends it as failed (superseded).
 //   switch       realise, vars, profile, activate, confirm
 //   boot         realise, vars, profile, activate            (nothing to confirm)
 //   test         realise, vars, activate, confirm            (profile untouched)
@@ -25,6 +28,7 @@ enum class Step {
   kNone,  // terminal: nothing to do
   kCheckUnchanged,
   kRealise,
+  kAwaitWindow,  // schedule "window": wait (phase staged) until a window opens
   kInstallVars,
   kSetProfile,
   kActivate,

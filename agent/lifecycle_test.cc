@@ -248,3 +248,39 @@ TEST(Lifecycle, ResumeWhileConfirmingExtendsTheWindow) {
 
 }  // namespace
 }  // namespace muster
+
+namespace muster {
+namespace {
+
+TEST(Lifecycle, WindowScheduleWaitsAfterTheRealiseAndBeforeAnyChange) {
+  DeployRecord r = Record(Action::kSwitch, true);
+  r.manifest.in_window = true;
+  EXPECT_EQ(RunAllOk(r), (std::vector<Step>{Step::kCheckUnchanged, Step::kRealise,
+                                            Step::kAwaitWindow, Step::kInstallVars,
+                                            Step::kSetProfile, Step::kActivate, Step::kConfirm}));
+  EXPECT_EQ(r.phase, Phase::kSucceeded);
+  EXPECT_TRUE(r.window_passed);
+  // dry-activate changes nothing: no window to wait for.
+  DeployRecord dry = Record(Action::kDryActivate);
+  dry.manifest.in_window = true;
+  EXPECT_EQ(RunAllOk(dry),
+            (std::vector<Step>{Step::kCheckUnchanged, Step::kRealise, Step::kActivate}));
+}
+
+TEST(Lifecycle, StagedAndSupersededFailsWithNothingToRollBack) {
+  DeployRecord r = Record(Action::kSwitch, true);
+  r.manifest.in_window = true;
+  r.realised = true;
+  r.phase = Phase::kStaged;  // as persisted while waiting; a restart resumes here
+  ASSERT_EQ(NextStep(r), Step::kAwaitWindow);
+  StepOutcome o;
+  o.detail = "superseded by generation 6 while staged; nothing was changed";
+  Apply(r, Step::kAwaitWindow, o, 50, {});
+  EXPECT_EQ(r.phase, Phase::kFailed);
+  EXPECT_TRUE(r.rollback_reason.empty());
+  EXPECT_EQ(r.detail, o.detail);
+  EXPECT_EQ(NextStep(r), Step::kNone);
+}
+
+}  // namespace
+}  // namespace muster

@@ -5,6 +5,8 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <chrono>
+#include <cstdlib>
+#include <ctime>
 #include <iostream>
 #include <thread>
 
@@ -58,6 +60,12 @@ int main(int argc, char** argv) {
   if (!cfg) {
     std::cerr << "muster-agent: " << cfg.message() << "\n";
     return 2;
+  }
+  if (!cfg->maintenance_time_zone.empty()) {
+    // Maintenance windows are wall-clock times in this zone (agent/windows.h);
+    // set before any thread starts, so localtime_r is safe everywhere after.
+    ::setenv("TZ", (":" + cfg->maintenance_time_zone).c_str(), 1);
+    ::tzset();
   }
   if (check_config) {
     std::cout << "configuration is valid\n";

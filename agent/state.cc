@@ -22,6 +22,7 @@ json RecordToJson(const DeployRecord& r) {
           {"kind", ToString(r.kind)},
           {"previousToplevel", r.previous_toplevel},
           {"realised", r.realised},
+          {"windowPassed", r.window_passed},
           {"varsDone", r.vars_done},
           {"varsStarted", r.vars_started},
           {"varsChanged", r.vars_changed},
@@ -53,6 +54,7 @@ Result<DeployRecord> RecordFromJson(const json& c) {
   r.kind = k ? *k : Kind::kProfile;
   r.previous_toplevel = c.value("previousToplevel", std::string());
   r.realised = c.value("realised", false);
+  r.window_passed = c.value("windowPassed", false);
   r.vars_done = c.value("varsDone", false);
   r.vars_started = c.value("varsStarted", false);
   r.vars_changed = c.value("varsChanged", false);

@@ -25,6 +25,7 @@ struct DeployRecord {
   Kind kind = Kind::kProfile;     // detected from the toplevel
   std::string previous_toplevel;  // active before this deploy; rollback target
   bool realised = false;          // the closure is in the local store
+  bool window_passed = false;     // schedule "window": a maintenance window was open
   bool vars_done = false;         // the vars step completed
   bool vars_started = false;      // the vars step began (the swap may have happened)
   bool vars_changed = false;      // vars were swapped in (a backup exists)

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "agent/disk_space.h"
 #include "common/fsutil.h"
 #include "common/json_limits.h"
 #include "common/utf8.h"
@@ -72,6 +73,7 @@ class NixSystem final : public SystemOps {
     if (!m.trusted_public_keys.empty()) {
       argv.insert(argv.end(), {"--option", "trusted-public-keys", Join(m.trusted_public_keys)});
     }
+    if (auto room = CheckStoreRoom(m, sink); !room) return Err(room.message());
     auto r = Run(argv, cfg_.realise_timeout, "realise", sink);
     if (!r.ok()) {
       const std::string& e = r.err_tail;
@@ -89,6 +91,7 @@ class NixSystem final : public SystemOps {
       }
       return Err("nix-store --realise " + m.toplevel + " " + r.Describe());
     }
+    if (auto room = CheckBootRoom(m, sink); !room) return Err(room.message());
     // Closure size: the sum of the NAR sizes of all requisites.
     auto req = Run({nix_store_, "--query", "--requisites", m.toplevel}, std::chrono::minutes(5), "",
                    nullptr);
@@ -109,6 +112,57 @@ class NixSystem final : public SystemOps {
       }
     }
     return total;
+  }
+
+  Result<FetchEstimate> EstimateFetch(const Manifest& m) override {
+    if (nix_store_.empty()) return Err("nix-store not found; install Nix or set nixBinDir");
+    std::vector<std::string> argv = {nix_store_,   "--realise", m.toplevel,
+                                     "--max-jobs", "0",         "--dry-run"};
+    if (!m.substituters.empty()) {
+      argv.insert(argv.end(), {"--option", "substituters", Join(m.substituters)});
+    }
+    if (!m.trusted_public_keys.empty()) {
+      argv.insert(argv.end(), {"--option", "trusted-public-keys", Join(m.trusted_public_keys)});
+    }
+    // The summary line comes before the list of paths, which may be far longer
+    // than the stderr tail a RunResult keeps.
+    std::string summary;
+    LineSink keep = [&summary](const std::string&, const std::string& line) {
+      if (summary.empty() && line.find("will be fetched") != std::string::npos) summary = line;
+    };
+    auto r = Run(argv, std::chrono::minutes(10), "dry-run", keep);
+    if (!r.ok()) return Err("nix-store --realise --dry-run " + m.toplevel + " " + r.Describe());
+    return ParseDryRunFetch(summary);
+  }
+
+  Result<std::vector<std::string>> Closure(const std::string& path) override {
+    if (nix_store_.empty()) return Err("nix-store not found; install Nix or set nixBinDir");
+    auto r =
+        Run({nix_store_, "--query", "--requisites", path}, std::chrono::minutes(5), "", nullptr);
+    if (!r.ok()) return Err("nix-store --query --requisites " + path + " " + r.Describe());
+    std::vector<std::string> out;
+    std::stringstream ss(r.out);
+    std::string line;
+    while (std::getline(ss, line)) {
+      if (!line.empty()) out.push_back(line);
+    }
+    return out;
+  }
+
+  Result<std::string> DryActivate(const std::string& toplevel, const LineSink& sink) override {
+    const std::string script = toplevel + "/bin/switch-to-configuration";
+    std::error_code ec;
+    if (!fs::exists(script, ec)) return Err(toplevel + " has no bin/switch-to-configuration");
+    std::string output;
+    LineSink keep = [&](const std::string& stream, const std::string& line) {
+      if (output.size() < (1u << 20)) output += line + "\n";
+      if (sink) sink(stream, line);
+    };
+    std::map<std::string, std::string> env = {{"MUSTER_CURRENT_SYSTEM", cfg_.current_system},
+                                              {"MUSTER_PROFILE", cfg_.profile}};
+    auto r = Run({script, "dry-activate"}, cfg_.activation_timeout, "preview", keep, env);
+    if (!r.ok()) return Err(script + " dry-activate " + r.Describe());
+    return output;
   }
 
   Status SetProfile(const std::string& toplevel, const LineSink& sink) override {
@@ -255,6 +309,61 @@ class NixSystem final : public SystemOps {
   }
 
  private:
+  // Before fetching: what nix says it will fetch for this very realise (same
+  // substituters and keys) against the free space of the store's file system.
+  // A dry run that fails says nothing here; the realise itself then reports
+  // what is wrong.
+  Status CheckStoreRoom(const Manifest& m, const LineSink& sink) {
+    auto est = EstimateFetch(m);
+    if (!est || !est->known) return Status::Ok();  // nothing to fetch, or the realise will say
+    const FetchEstimate& e = *est;
+    auto free = FreeBytes(cfg_.store_dir);
+    if (!free) {
+      spdlog::warn("free-space check skipped: {}", free.message());
+      return Status::Ok();
+    }
+    sink("realise", std::to_string(e.paths) + " store paths to fetch: " +
+                        HumanSize(e.download_bytes) + " download, " + HumanSize(e.unpacked_bytes) +
+                        " unpacked; " + HumanSize(*free) + " free in " + cfg_.store_dir);
+    return CheckRoom("generation " + std::to_string(m.generation) + " of " + m.machine + " (" +
+                         std::to_string(e.paths) + " store paths, " + HumanSize(e.download_bytes) +
+                         " download)",
+                     cfg_.store_dir, *free, e.unpacked_bytes, cfg_.min_free_store_bytes,
+                     "Free space (nix-collect-garbage --delete-older-than 30d) or lower "
+                     "minFreeStoreMiB, then publish again.");
+  }
+
+  // After fetching, before anything changes: a NixOS generation that installs
+  // boot entries (switch, boot) copies its kernel and initrd to /boot unless
+  // the running system has the same ones.
+  Status CheckBootRoom(const Manifest& m, const LineSink& sink) {
+    if (m.action != Action::kSwitch && m.action != Action::kBoot) return Status::Ok();
+    if (DetectKind(m.toplevel) != Kind::kNixos) return Status::Ok();
+    std::error_code ec;
+    if (!fs::is_directory(cfg_.boot_dir, ec)) return Status::Ok();
+    std::int64_t need = 0;
+    for (const char* part : {"kernel", "initrd"}) {
+      std::string next = Canonical(m.toplevel + "/" + part);
+      if (next.empty() || next == Canonical(cfg_.current_system + "/" + part)) continue;
+      auto size = fs::file_size(next, ec);
+      if (!ec) need += static_cast<std::int64_t>(size);
+    }
+    if (need == 0) return Status::Ok();
+    auto free = FreeBytes(cfg_.boot_dir);
+    if (!free) {
+      spdlog::warn("free-space check skipped: {}", free.message());
+      return Status::Ok();
+    }
+    sink("realise", "new kernel and initrd: " + HumanSize(need) + "; " + HumanSize(*free) +
+                        " free in " + cfg_.boot_dir);
+    return CheckRoom("the boot entry of generation " + std::to_string(m.generation) + " of " +
+                         m.machine + " (new kernel and initrd)",
+                     cfg_.boot_dir, *free, need, cfg_.min_free_boot_bytes,
+                     "Remove old boot entries (nix-collect-garbage -d, then switch again) or "
+                     "grow " +
+                         cfg_.boot_dir + ", then publish again.");
+  }
+
   static std::string Join(const std::vector<std::string>& v) {
     std::string s;
     for (const auto& x : v) s += (s.empty() ? "" : " ") + x;

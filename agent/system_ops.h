@@ -11,6 +11,7 @@
 #include <string>
 
 #include "agent/config.h"
+#include "agent/disk_space.h"
 #include "agent/lifecycle.h"
 #include "common/error.h"
 #include "common/manifest.h"
@@ -40,6 +41,14 @@ class SystemOps {
   // nix-store --realise with the manifest's substituters and keys, --max-jobs 0.
   // Returns the closure size in bytes.
   virtual Result<std::int64_t> Realise(const Manifest& m, const LineSink& sink) = 0;
+  // What a Realise of m would fetch (nix-store --realise --dry-run with the
+  // same substituters and keys); known is false when nothing is to be fetched.
+  virtual Result<FetchEstimate> EstimateFetch(const Manifest& m) = 0;
+  // The store paths of path's closure (nix-store --query --requisites).
+  virtual Result<std::vector<std::string>> Closure(const std::string& path) = 0;
+  // Runs `<toplevel>/bin/switch-to-configuration dry-activate` (it changes
+  // nothing) and returns its output (stdout and stderr lines).
+  virtual Result<std::string> DryActivate(const std::string& toplevel, const LineSink& sink) = 0;
   // nix-env -p PROFILE --set PATH.
   virtual Status SetProfile(const std::string& toplevel, const LineSink& sink) = 0;
   // Runs the activation for kind/action through the activation wrapper, which

@@ -15,6 +15,7 @@
 
 #include "common/crypto.h"
 #include "common/manifest.h"
+#include "common/preview.h"
 #include "common/protocol.h"
 #include "common/vars_bundle.h"
 
@@ -91,6 +92,12 @@ inline proto::Deploy GoldenDeploy() {
   d.manifest = SignManifest(GoldenManifest(), GoldenOperatorKey());
   d.vars = Base64Encode(GoldenSealedVars());
   return d;
+}
+
+inline proto::Preview GoldenPreview() {
+  Manifest m = GoldenManifest();
+  m.created_at = 1717200000;
+  return proto::Preview{"p1a2b3c4", SignPreview(m, GoldenOperatorKey())};
 }
 
 }  // namespace muster::testing

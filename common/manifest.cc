@@ -94,6 +94,7 @@ std::string ManifestToJson(const Manifest& m) {
       {"force", m.force},
       {"rollout", m.rollout},
   };
+  if (m.in_window) j["schedule"] = "window";
   return DumpJson(j);
 }
 
@@ -123,6 +124,13 @@ Result<Manifest> ParseManifest(std::string_view text) {
     m.created_at = JsonInt64Field(j, "createdAt");
     m.force = j.at("force").get<bool>();
     m.rollout = j.value("rollout", std::string());
+    if (j.contains("schedule")) {
+      const std::string schedule = j.at("schedule").get<std::string>();
+      if (schedule != "window" && schedule != "now") {
+        return Err("manifest schedule \"" + schedule + "\" is unknown (window or now)");
+      }
+      m.in_window = schedule == "window";
+    }
     if (m.machine.empty() || m.machine.size() > 253) return Err("manifest machine name is invalid");
     if (m.generation <= 0) return Err("manifest generation must be positive");
     if (auto st = ValidateStorePath(m.toplevel); !st) return Err("manifest: " + st.message());

@@ -36,6 +36,12 @@ struct Manifest {
   std::int64_t created_at = 0;  // unix seconds
   bool force = false;           // activate even when the closure is already active
   std::string rollout;          // rollout id, "" for a single publish
+  // true: realise at once, activate only inside one of the machine's
+  // maintenance windows (publish --stage, and rollouts unless --now). Signed
+  // like every field, so a controller cannot make a machine activate outside
+  // its windows, nor hold it back by claiming one. Encoded as "schedule":
+  // "window" and left out when false, so older manifests keep their bytes.
+  bool in_window = false;
 };
 
 struct SignedManifest {

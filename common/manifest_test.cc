@@ -517,3 +517,44 @@ TEST(VarsHash, EmptyMeansNoVars) {
 
 }  // namespace
 }  // namespace muster
+
+namespace muster {
+namespace {
+
+TEST(Manifest, WindowScheduleIsSignedAndOptional) {
+  Manifest m = Sample();
+  const std::string now_text = ManifestToJson(m);
+  EXPECT_EQ(now_text.find("schedule"), std::string::npos) << "left out when activating at once";
+  m.in_window = true;
+  const std::string text = ManifestToJson(m);
+  EXPECT_THAT(text, HasSubstr(R"("schedule":"window")"));
+  auto back = ParseManifest(text);
+  ASSERT_TRUE(back.ok()) << back.message();
+  EXPECT_TRUE(back->in_window);
+  EXPECT_FALSE(ParseManifest(now_text)->in_window);
+  json j = json::parse(now_text);
+  j["schedule"] = "now";
+  EXPECT_FALSE(ParseManifest(j.dump())->in_window);
+  j["schedule"] = "whenever";
+  auto bad = ParseManifest(j.dump());
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.message(), HasSubstr("schedule \"whenever\" is unknown"));
+
+  // The signature covers it: a controller that drops (or adds) the schedule
+  // breaks the signature.
+  InitCrypto();
+  SecretKey op = SecretKey::Generate();
+  SignedManifest sm = SignManifest(m, op);
+  VerifyContext ctx;
+  ctx.machine = "web1";
+  ctx.trusted_operators = {op.public_key()};
+  EXPECT_TRUE(VerifySignedManifest(sm, ctx, "").ok());
+  SignedManifest tampered = sm;
+  const std::string field = R"(,"schedule":"window")";
+  tampered.manifest.erase(tampered.manifest.find(field), field.size());
+  ASSERT_TRUE(ParseManifest(tampered.manifest).ok());
+  EXPECT_FALSE(VerifySignedManifest(tampered, ctx, "").ok());
+}
+
+}  // namespace
+}  // namespace muster

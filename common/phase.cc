@@ -6,12 +6,13 @@
 namespace muster {
 
 namespace {
-constexpr std::array<std::pair<Phase, std::string_view>, 13> kNames{{
+constexpr std::array<std::pair<Phase, std::string_view>, 14> kNames{{
     {Phase::kIdle, "idle"},
     {Phase::kReceived, "received"},
     {Phase::kVerified, "verified"},
     {Phase::kRefused, "refused"},
     {Phase::kRealising, "realising"},
+    {Phase::kStaged, "staged"},
     {Phase::kVarsInstalled, "vars-installed"},
     {Phase::kProfileSet, "profile-set"},
     {Phase::kActivating, "activating"},

@@ -12,6 +12,7 @@ enum class Phase {
   kVerified,       // signature, machine, number and vars hash are good
   kRefused,        // verification failed; nothing was changed
   kRealising,      // nix-store --realise running
+  kStaged,         // realised; waiting for the machine's next maintenance window
   kVarsInstalled,  // vars swapped into place
   kProfileSet,     // profile points at the new toplevel
   kActivating,     // activation running
@@ -19,7 +20,7 @@ enum class Phase {
   kSucceeded,
   kRolledBack,
   kFailed,
-  kUnchanged,      // closure already active and not forced
+  kUnchanged,  // closure already active and not forced
 };
 
 std::string_view ToString(Phase p);

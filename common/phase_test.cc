@@ -19,6 +19,7 @@ TEST(Phase, EveryNameRoundTrips) {
       {Phase::kVerified, "verified", false},
       {Phase::kRefused, "refused", true},
       {Phase::kRealising, "realising", false},
+      {Phase::kStaged, "staged", false},
       {Phase::kVarsInstalled, "vars-installed", false},
       {Phase::kProfileSet, "profile-set", false},
       {Phase::kActivating, "activating", false},
@@ -35,8 +36,8 @@ TEST(Phase, EveryNameRoundTrips) {
     EXPECT_EQ(IsTerminal(c.phase), c.terminal) << c.name;
     names.insert(c.name);
   }
-  EXPECT_EQ(names.size(), 13u) << "names are distinct";
-  EXPECT_EQ(static_cast<int>(Phase::kUnchanged) + 1, 13) << "a new phase needs a row here";
+  EXPECT_EQ(names.size(), 14u) << "names are distinct";
+  EXPECT_EQ(static_cast<int>(Phase::kUnchanged) + 1, 14) << "a new phase needs a row here";
 }
 
 TEST(Phase, UnknownNamesAreRejected) {

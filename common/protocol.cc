@@ -111,6 +111,22 @@ json Body(const Fetched& m) {
   return j;
 }
 
+json Body(const Preview& m) {
+  return {{"id", m.id},
+          {"manifest", m.manifest.manifest},
+          {"signer", m.manifest.signer},
+          {"signature", m.manifest.signature}};
+}
+json Body(const PreviewReport& m) { return ToJson(m); }
+
+std::vector<std::string> StrList(const json& b, const char* k) {
+  auto it = b.find(k);
+  if (it == b.end() || it->is_null()) return {};
+  auto v = it->get<std::vector<std::string>>();
+  if (v.size() > kMaxPreviewItems) throw std::invalid_argument(std::string(k) + " is too long");
+  return v;
+}
+
 Result<Message> DecodeBody(std::string_view type, const json& b) {
   if (type == "hello") {
     Hello m;
@@ -214,6 +230,46 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
     m.error = OptStr(b, "error");
     return Message{m};
   }
+  if (type == "preview") {
+    Preview m;
+    m.id = Str(b, "id");
+    m.manifest = {Str(b, "manifest"), Str(b, "signer"), Str(b, "signature")};
+    return Message{m};
+  }
+  if (type == "preview-report") {
+    PreviewReport m;
+    m.id = Str(b, "id");
+    m.error = OptStr(b, "error");
+    m.toplevel = OptStr(b, "toplevel");
+    m.current = OptStr(b, "current");
+    m.fetch_paths = OptInt(b, "fetchPaths");
+    m.download_bytes = OptInt(b, "downloadBytes");
+    m.unpacked_bytes = OptInt(b, "unpackedBytes");
+    m.added_count = OptInt(b, "addedCount");
+    m.removed_count = OptInt(b, "removedCount");
+    m.added = StrList(b, "added");
+    m.removed = StrList(b, "removed");
+    if (auto it = b.find("versions"); it != b.end() && !it->is_null()) {
+      if (!it->is_array() || it->size() > kMaxPreviewItems) {
+        return Err("preview-report: versions must be a list of at most " +
+                   std::to_string(kMaxPreviewItems));
+      }
+      for (const auto& v : *it) {
+        if (!v.is_object()) return Err("preview-report: each version change is an object");
+        m.versions.push_back({Str(v, "name"), OptStr(v, "before"), OptStr(v, "after")});
+      }
+    }
+    if (auto it = b.find("units"); it != b.end() && !it->is_null()) {
+      if (!it->is_object()) return Err("preview-report: units must be an object");
+      m.units_stop = StrList(*it, "stop");
+      m.units_reload = StrList(*it, "reload");
+      m.units_restart = StrList(*it, "restart");
+      m.units_start = StrList(*it, "start");
+    }
+    m.reboot_required = OptBool(b, "rebootRequired");
+    m.at = OptInt(b, "at");
+    return Message{m};
+  }
   return Err("unknown message type '" + CutUtf8(type, 40) + "'");
 }
 
@@ -225,6 +281,32 @@ json ToJson(const HostFacts& f) {
           {"osVersion", f.os_version},
           {"hostname", f.hostname},
           {"kernel", f.kernel}};
+}
+
+json ToJson(const PreviewReport& m) {
+  json versions = json::array();
+  for (const auto& v : m.versions) {
+    versions.push_back({{"name", v.name}, {"before", v.before}, {"after", v.after}});
+  }
+  return {{"id", m.id},
+          {"error", m.error},
+          {"toplevel", m.toplevel},
+          {"current", m.current},
+          {"fetchPaths", m.fetch_paths},
+          {"downloadBytes", m.download_bytes},
+          {"unpackedBytes", m.unpacked_bytes},
+          {"addedCount", m.added_count},
+          {"removedCount", m.removed_count},
+          {"added", m.added},
+          {"removed", m.removed},
+          {"versions", versions},
+          {"units",
+           {{"stop", m.units_stop},
+            {"reload", m.units_reload},
+            {"restart", m.units_restart},
+            {"start", m.units_start}}},
+          {"rebootRequired", m.reboot_required},
+          {"at", m.at}};
 }
 
 HostFacts HostFactsFromJson(const json& j) {
@@ -257,6 +339,8 @@ std::string_view TypeName(const Message& m) {
                         [](const Enrolled&) { return std::string_view("enrolled"); },
                         [](const Fetch&) { return std::string_view("fetch"); },
                         [](const Fetched&) { return std::string_view("fetched"); },
+                        [](const Preview&) { return std::string_view("preview"); },
+                        [](const PreviewReport&) { return std::string_view("preview-report"); },
                     },
                     m);
 }

@@ -10,6 +10,7 @@
 // Enrolment (/v1/enroll, unregistered key with a one-time token):
 //   agent → enroll                         controller → enrolled, error
 //   agent → fetch                          controller → fetched   (binary cache)
+//   agent → preview-report                 controller → preview   (preview before go)
 // Operator ↔ controller (/v1/operator):
 //   CLI → request                          controller → response, event, error
 //
@@ -152,8 +153,45 @@ struct Fetched {
   std::string error;
 };
 
-using Message = std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg, Request,
-                             Response, Event, Enroll, Enrolled, Fetch, Fetched>;
+// An operator's signed preview request (common/preview.h), forwarded to the
+// agent: realise (download only) and dry-activate, then answer with a
+// preview-report carrying the same id.
+struct Preview {
+  std::string id;
+  SignedManifest manifest;  // signed under the preview domain
+};
+
+struct VersionChange {
+  std::string name;
+  std::string before;  // "" : added
+  std::string after;   // "" : removed
+};
+
+// What a generation would change on a machine. error non-empty: the preview
+// failed (nothing else is meaningful). Lists are bounded by the agent
+// (kMaxPreviewItems each); the counts are the full numbers.
+struct PreviewReport {
+  std::string id;
+  std::string error;
+  std::string toplevel;  // previewed
+  std::string current;   // active now ("" : none)
+  std::int64_t fetch_paths = 0;
+  std::int64_t download_bytes = 0;
+  std::int64_t unpacked_bytes = 0;
+  std::int64_t added_count = 0;
+  std::int64_t removed_count = 0;
+  std::vector<std::string> added;  // store path names without /nix/store/<hash>-
+  std::vector<std::string> removed;
+  std::vector<VersionChange> versions;
+  std::vector<std::string> units_stop, units_reload, units_restart, units_start;
+  bool reboot_required = false;
+  std::int64_t at = 0;  // unix ms on the agent
+};
+constexpr std::size_t kMaxPreviewItems = 500;
+
+using Message =
+    std::variant<Hello, StatusReport, LogLines, Welcome, Deploy, Ack, ErrorMsg, Request, Response,
+                 Event, Enroll, Enrolled, Fetch, Fetched, Preview, PreviewReport>;
 
 std::string_view TypeName(const Message& m);
 std::string Encode(const Message& m);
@@ -177,6 +215,7 @@ struct DecodeLimits {
 Result<Message> Decode(std::string_view text, const DecodeLimits& limits = {});
 
 nlohmann::json ToJson(const HostFacts& f);
+nlohmann::json ToJson(const PreviewReport& r);         // the body of a preview-report
 HostFacts HostFactsFromJson(const nlohmann::json& j);  // lenient: missing fields are empty
 
 }  // namespace muster::proto

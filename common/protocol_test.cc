@@ -19,6 +19,28 @@ using ::testing::HasSubstr;
 [[maybe_unused]] const bool kCryptoReady = (InitCrypto(), true);
 
 // One sample of every message type, as it appears in tests/data/protocol/<type>.json.
+PreviewReport GoldenPreviewReport() {
+  PreviewReport r;
+  r.id = "p1a2b3c4";
+  r.toplevel = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web1-24.11";
+  r.current = "/nix/store/00000000000000000000000000000000-nixos-system-web1-24.05";
+  r.fetch_paths = 3;
+  r.download_bytes = 1048576;
+  r.unpacked_bytes = 4194304;
+  r.added_count = 3;
+  r.removed_count = 2;
+  r.added = {"openssh-9.8p1", "linux-6.6.30", "nixos-system-web1-24.11"};
+  r.removed = {"openssh-9.7p1", "linux-6.6.29"};
+  r.versions = {{"openssh", "9.7p1", "9.8p1"}, {"htop", "", "3.3.0"}};
+  r.units_restart = {"sshd.service"};
+  r.units_reload = {"dbus.service"};
+  r.units_start = {"htop-exporter.service"};
+  r.units_stop = {"old.service"};
+  r.reboot_required = true;
+  r.at = 1717200000000;
+  return r;
+}
+
 std::vector<Message> Samples() {
   Hello hello;
   hello.machine = "web1";
@@ -72,12 +94,14 @@ std::vector<Message> Samples() {
           Enroll{"web2", "c2lnbmF0dXJlLW9mLXRoZS1tYWNoaW5lLWtleQ=="},
           Enrolled{"web2"},
           Fetch{9, "nar/0a1b2c3d4e5f6g7h8i9jakalamanapaq-1b2c.nar.zst", 1048576, 524288},
-          Fetched{9, 200, 1048576, 3145728, std::string("\x28\xb5\x2f\xfd NAR bytes", 14), ""}};
+          Fetched{9, 200, 1048576, 3145728, std::string("\x28\xb5\x2f\xfd NAR bytes", 14), ""},
+          testing::GoldenPreview(),
+          GoldenPreviewReport()};
 }
 
-const std::vector<std::string> kTypes = {"hello",  "status",   "log",     "welcome",  "deploy",
-                                         "ack",    "error",    "request", "response", "event",
-                                         "enroll", "enrolled", "fetch",   "fetched"};
+const std::vector<std::string> kTypes = {
+    "hello",    "status", "log",    "welcome",  "deploy", "ack",     "error",   "request",
+    "response", "event",  "enroll", "enrolled", "fetch",  "fetched", "preview", "preview-report"};
 
 Message DecodeOk(const std::string& text) {
   auto r = Decode(text);

@@ -8,6 +8,7 @@ muster_unit_test(common_test
     manifest_test.cc
     narinfo_test.cc
     phase_test.cc
+    preview_test.cc
     process_test.cc
     protocol_test.cc
     roster_test.cc

@@ -1,9 +1,11 @@
 #include "controller/api.h"
 
+#include <sodium.h>
 #include <spdlog/spdlog.h>
 
 #include <set>
 
+#include "common/preview.h"
 #include "controller/dashboard.h"
 
 namespace muster {
@@ -204,6 +206,42 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         if (auto st = fleet_.CommitPublishes({{who.name, *g}}).front(); !st) g = st.error();
       }
       return PublishAnswer(who, req.id, g);
+    }
+    if (req.method == "preview") {
+      // Signed preview requests (common/preview.h), checked here for an early
+      // error; each agent verifies them again against its own trusted keys.
+      auto items = p.find("items");
+      if (items == p.end() || !items->is_array() || items->empty() || items->size() > 100000) {
+        return Fail(req.id, "preview: 'items' must list signed preview requests");
+      }
+      std::string raw(4, '\0');
+      randombytes_buf(raw.data(), raw.size());
+      const std::string id = "p" + HexEncode(raw);
+      json sent = json::array(), offline = json::array();
+      for (const auto& it : *items) {
+        if (!it.is_object()) return Fail(req.id, "preview: each item is an object");
+        SignedManifest sm{Need(it, "manifest"), Need(it, "signer"), Need(it, "signature")};
+        auto signer = ParsePublicKey(sm.signer);
+        if (!signer || fleet_.Lookup(*signer).role != Role::kOperator) {
+          return Fail(req.id, "preview: signed by a key that is not a registered operator");
+        }
+        auto peek = ParseManifest(sm.manifest);
+        if (!peek) return Fail(req.id, "preview: " + peek.message());
+        PreviewVerifyContext ctx{peek->machine, {*signer}, fleet_.Now() / 1000, 600, 300};
+        auto m = VerifyPreview(sm, ctx);
+        if (!m) return Fail(req.id, "preview for " + peek->machine + ": " + m.message());
+        if (!fleet_.store().GetMachine(m->machine)) {
+          return Fail(req.id, "no machine named '" + m->machine + "'");
+        }
+        if (cache_) cache_->AllowPreview(m->machine, m->toplevel);
+        if (fleet_.SendPreview(m->machine, proto::Preview{id, sm})) {
+          sent.push_back(m->machine);
+        } else {
+          offline.push_back(m->machine);
+        }
+      }
+      spdlog::info("operator {} asked {} machine(s) for preview {}", who.name, sent.size(), id);
+      return Ok(req.id, {{"id", id}, {"sent", sent}, {"offline", offline}});
     }
     if (req.method == "history") {
       std::string name = Need(p, "machine");

@@ -14,6 +14,9 @@
 //                                                    binding, maxGeneration}], removed: [Entry]}
 //   publish        {manifest, signer, signature, vars} → {machine, generation, online}
 //   status         {machine?}                     → {machines: [Machine]}
+//   preview        {items: [{manifest, signer, signature}]}  (signed previews,
+//                   common/preview.h) → {id, sent: [machine], offline: [machine]};
+//                   answers arrive as "preview" events {id, machine, …}
 //   history        {machine, limit?}              → {machine, generations: [{…, events}]}
 //   logs           {machine, generation?, after?, limit?} → {generation, lines, last}
 //   machine.enroll {grant: Entry}                 → {name, expiresAt}

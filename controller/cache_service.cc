@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 
 namespace muster {
@@ -40,6 +41,12 @@ std::vector<std::string> StrList(const json& p, const char* k) {
   return out;
 }
 
+std::int64_t NowS() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
 }  // namespace
 
 CacheService::CacheService(Store& store, std::unique_ptr<NarCache> cache, std::int64_t grace_s)
@@ -64,9 +71,27 @@ std::vector<std::string> CacheService::Roots(const std::string& machine) {
   }
   // Target and previous: the two newest generations (released or held by a rollout).
   for (const auto& g : store_.ListGenerations(machine, 2)) roots.push_back(g.toplevel);
+  // A recent preview an operator signed for it.
+  {
+    std::lock_guard lock(mu_);
+    auto it = previews_.find(machine);
+    if (it != previews_.end()) {
+      if (it->second.second > NowS()) {
+        roots.push_back(it->second.first);
+      } else {
+        previews_.erase(it);
+      }
+    }
+  }
   std::sort(roots.begin(), roots.end());
   roots.erase(std::unique(roots.begin(), roots.end()), roots.end());
   return roots;
+}
+
+void CacheService::AllowPreview(const std::string& machine, const std::string& toplevel) {
+  std::lock_guard lock(mu_);
+  if (previews_.size() > 100000) previews_.clear();
+  previews_[machine] = {toplevel, NowS() + 3600};
 }
 
 std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::string& machine) {

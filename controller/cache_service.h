@@ -54,6 +54,10 @@ class CacheService {
   // Runs CollectGarbage every interval_s on a thread of its own until destruction.
   void StartSchedule(std::int64_t interval_s);
 
+  // A signed preview of toplevel for machine: its closure may be fetched by
+  // that machine for the next hour (one preview per machine; in memory).
+  void AllowPreview(const std::string& machine, const std::string& toplevel);
+
   NarCache& cache() { return *cache_; }
 
  private:
@@ -66,6 +70,7 @@ class CacheService {
   std::map<std::string, std::pair<std::string, std::shared_ptr<const std::set<std::string>>>>
       allowed_;  // machine → (roots, set)
   std::map<std::string, std::weak_ptr<const std::set<std::string>>> by_roots_;  // roots → set
+  std::map<std::string, std::pair<std::string, std::int64_t>> previews_;  // machine → (top, until)
   std::mutex gc_mu_;
   std::condition_variable gc_cv_;
   bool stop_ = false;

@@ -33,6 +33,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .phase-succeeded, .state-succeeded, .online-yes { color: var(--ok); font-weight: 600; }
 .phase-failed, .phase-rolled-back, .state-failed, .state-halted, .state-aborted { color: var(--bad); font-weight: 600; }
 .phase-realising, .phase-activating, .phase-confirming, .state-released, .state-running { color: var(--run); font-weight: 600; }
+.phase-staged { color: #9a6700; font-weight: 600; }
 .reboot-yes { color: var(--bad); font-weight: 600; }
 pre.log { background: #0d1117; color: #e6edf3; padding: .6em; max-height: 28em; overflow: auto; white-space: pre-wrap; word-break: break-all; font-size: 12px; }
 section.gen { background: var(--card); border: 1px solid var(--line); padding: .4em .8em; margin-bottom: .8em; }

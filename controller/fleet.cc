@@ -700,6 +700,45 @@ void Fleet::Push(const std::string& machine, std::int64_t generation) {
   ch->Send(DeployText(*g));
 }
 
+bool Fleet::SendPreview(const std::string& machine, const proto::Preview& p) {
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(machine);
+    if (it != online_.end()) ch = it->second.lock();
+  }
+  if (!ch) return false;
+  ch->Send(proto::Encode(p));
+  return true;
+}
+
+void Fleet::AgentPreview(const std::string& machine, proto::PreviewReport r) {
+  auto clean = [](std::string& s, std::size_t n) { s = CutUtf8(SanitizeUtf8(s), n); };
+  auto clean_all = [&](std::vector<std::string>& v) {
+    if (v.size() > proto::kMaxPreviewItems) v.resize(proto::kMaxPreviewItems);
+    for (auto& s : v) clean(s, 512);
+  };
+  clean(r.id, 64);
+  clean(r.error, kMaxDetailBytes);
+  clean(r.toplevel, kMaxPathBytes);
+  clean(r.current, kMaxPathBytes);
+  clean_all(r.added);
+  clean_all(r.removed);
+  clean_all(r.units_stop);
+  clean_all(r.units_reload);
+  clean_all(r.units_restart);
+  clean_all(r.units_start);
+  if (r.versions.size() > proto::kMaxPreviewItems) r.versions.resize(proto::kMaxPreviewItems);
+  for (auto& v : r.versions) {
+    clean(v.name, 256);
+    clean(v.before, 512);
+    clean(v.after, 512);
+  }
+  json data = proto::ToJson(r);
+  data["machine"] = machine;
+  Broadcast("preview", data);
+}
+
 void Fleet::Subscribe(std::shared_ptr<EventSink> sink) {
   std::lock_guard lock(mu_);
   sinks_.push_back(sink);

@@ -210,6 +210,13 @@ class Fleet {
   std::vector<Status> CommitPublishes(
       const std::vector<std::pair<std::string, GenerationRecord>>& items);
 
+  // Preview before go: forwards an operator's signed preview request to the
+  // machine when it is connected to this controller (false: it is not).
+  bool SendPreview(const std::string& machine, const proto::Preview& p);
+  // A machine's preview report: every string made valid UTF-8 and bounded,
+  // then broadcast as a "preview" event {machine, …report}.
+  void AgentPreview(const std::string& machine, proto::PreviewReport r);
+
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
   void Broadcast(const std::string& topic, const nlohmann::json& data);

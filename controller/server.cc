@@ -761,6 +761,10 @@ class Session : public std::enable_shared_from_this<Session>,
       }
       return true;
     }
+    if (auto* pr = std::get_if<proto::PreviewReport>(&msg)) {
+      shared_->fleet.AgentPreview(who_.name, std::move(*pr));
+      return true;
+    }
     if (auto* logs = std::get_if<proto::LogLines>(&msg)) {
       // Never blocks: a full queue drops the lines (counted, warned once).
       (void)shared_->log_writer.Submit(log_source_, std::move(*logs));

@@ -152,6 +152,41 @@ in
     description = "Seconds a new generation has to confirm before it is rolled back.";
   };
 
+  maintenanceWindows = mkOption {
+    type = types.listOf (types.submodule {
+      options = {
+        days = mkOption {
+          type = types.nonEmptyListOf (types.enum [ "mon" "tue" "wed" "thu" "fri" "sat" "sun" "daily" ]);
+          description = "Weekdays the window opens on.";
+        };
+        start = mkOption {
+          type = types.strMatching "([01][0-9]|2[0-4]):[0-5][0-9](:[0-5][0-9])?";
+          description = "Local time (maintenanceTimeZone) the window opens, HH:MM.";
+        };
+        end = mkOption {
+          type = types.strMatching "([01][0-9]|2[0-4]):[0-5][0-9](:[0-5][0-9])?";
+          description = "Local time it closes, HH:MM; at or before start: the next day.";
+        };
+      };
+    });
+    default = [ ];
+    description = ''
+      When generations published with `muster publish --stage` (and rollouts without
+      `--now`) may activate: they are realised at once and wait in phase `staged` until a
+      window is open. Empty: at once. See docs/FLEET.md.
+    '';
+    example = literalExpression ''
+      [ { days = [ "sat" "sun" ]; start = "02:00"; end = "05:00"; } ]
+    '';
+  };
+
+  maintenanceTimeZone = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "Europe/Berlin";
+    description = "IANA time zone of maintenanceWindows; null: the machine's local time.";
+  };
+
   settings = mkOption {
     type = types.submodule {
       freeformType = jsonFormat.type;

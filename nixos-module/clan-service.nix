@@ -133,7 +133,7 @@ let
         machineKeyFile = gen.key.path;
         machineKeyCreatedAt = if createdAt == null then null else lib.toInt (trimmed createdAt);
         varsDir = lib.mkDefault (secretStoreDir config);
-        inherit (settings) healthChecks confirmTimeout;
+        inherit (settings) healthChecks confirmTimeout maintenanceWindows maintenanceTimeZone;
         settings = settings.settings;
       };
     };
@@ -217,6 +217,16 @@ in
           description = "services.muster-agent.healthChecks.";
         };
         confirmTimeout = mkOption { type = types.ints.positive; default = 120; description = "Seconds to confirm a generation."; };
+        maintenanceWindows = mkOption {
+          type = types.listOf types.attrs;
+          default = [ ];
+          description = "services.muster-agent.maintenanceWindows ({ days; start; end; }).";
+        };
+        maintenanceTimeZone = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "services.muster-agent.maintenanceTimeZone.";
+        };
         settings = mkOption {
           type = types.attrsOf types.anything;
           default = { };

@@ -45,6 +45,16 @@ in
       example = "[::1]:9100";
     };
 
+    httpListen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = ''
+        ADDR:PORT of the read-only web dashboard (docs/DASHBOARD.md); null: none. On
+        loopback it is open; any other address needs a token from `muster dashboard token`.
+      '';
+      example = "127.0.0.1:8080";
+    };
+
     keyFile = mkOption {
       # A string, not a path: the key must never be copied into the store.
       type = types.nullOr (types.strMatching "/.*");

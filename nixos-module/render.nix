@@ -23,7 +23,8 @@ in
   inherit dropNulls;
 
   # cfg: services.muster-agent (machine, controllers, controllerPin, trustedOperatorKeys,
-  # enrollTokenFile, varsDir, healthChecks, confirmTimeout, settings).
+  # enrollTokenFile, varsDir, healthChecks, confirmTimeout, maintenanceWindows,
+  # maintenanceTimeZone, settings).
   # settings carries stateDir, profile, currentSystem, bootedSystem, metricsListen,
   # rebootPolicy, logLevel, maxManifestFutureSkew and anything else the agent learns later.
   agent = cfg:
@@ -34,6 +35,9 @@ in
         enrollTokenFile = cfg.enrollTokenFile or null;
         machineKeyFile = cfg.machineKeyFile or null;
         machineKeyCreatedAt = cfg.machineKeyCreatedAt or null;
+        maintenanceWindows =
+          if (cfg.maintenanceWindows or [ ]) == [ ] then null else cfg.maintenanceWindows;
+        maintenanceTimeZone = cfg.maintenanceTimeZone or null;
       }
       // cfg.settings
     );
@@ -49,6 +53,7 @@ in
       {
         inherit (cfg) stateDir listen;
         metricsListen = cfg.metricsListen or null;
+        httpListen = cfg.httpListen or null;
         keyFile = cfg.keyFile or null;
         store = cfg.store or null;
         roster = if (cfg.rosterFile or null) == null then null else "/etc/muster/roster.json";

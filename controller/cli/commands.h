@@ -49,6 +49,13 @@ struct PublishArgs {
   std::string cache;
   std::string cache_key;
   bool force = false;
+  // Maintenance windows: --stage realises at once and activates in the
+  // machine's next window (the default for a rollout); --now ignores windows.
+  bool stage = false;
+  bool now = false;
+  // --preview (and 'rollout preview'): ask each online target what the
+  // generation would change; publish nothing.
+  bool preview = false;
   bool wait = false;
   int timeout = 600;
   std::string canary;
@@ -57,6 +64,11 @@ struct PublishArgs {
   bool clan = false;  // targets from the clan inventory, vars from 'clan vars upload' (clan.h)
 };
 int Publish(const Globals& g, PublishArgs a);
+// preview.cc — sends signed preview requests (items: [{manifest, signer,
+// signature}]), waits up to timeout_s for the online machines' answers and
+// prints them per machine and in sum. 0 when every online target answered
+// without error.
+int RunPreview(Connection& c, const nlohmann::json& items, int timeout_s, bool json_out);
 
 // rollout.cc
 int Watch(Connection& c, const std::string& id, int timeout_s, bool json_out);

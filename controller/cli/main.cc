@@ -104,50 +104,58 @@ int main(int argc, char** argv) {
       "publish",
       "sign and publish a generation: 'publish MACHINE… STOREPATH', 'publish --tag T STOREPATH', "
       "or 'publish --flake FLAKE#MACHINE' / '--flake FLAKE --tag T'");
-  publish->add_option("TARGETS", pa.positionals,
-                      "machine names, then the system toplevel /nix/store/…");
-  publish->add_option("--machine", pa.machines, "machine (repeatable)")->allow_extra_args(false);
-  publish->add_option("--tag", pa.tags, "every machine with this tag (repeatable)")
-      ->allow_extra_args(false);
-  publish->add_flag("--all", pa.all, "every registered machine");
-  publish->add_option("--flake", pa.flake,
-                      "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
-  publish->add_flag("--clan", pa.clan,
-                    "a clan flake (--flake, default .): machines and --tag (AND) from its "
-                    "inventory, honouring requireExplicitUpdate; vars from 'clan vars upload'; "
-                    "one rollout");
-  publish->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")
-      ->capture_default_str();
-  publish->add_option("--cache", pa.cache,
-                      "binary cache of your own to copy built closures to (nix copy --to); "
-                      "default: upload to the controller");
-  publish->add_option("--cache-key", pa.cache_key,
-                      "Nix secret key file to sign closures with (default "
-                      "~/.config/muster/cache.key from 'muster key generate --cache')");
-  publish->add_option("--action", pa.action, "switch | boot | test | dry-activate")
-      ->capture_default_str();
-  publish->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")
-      ->capture_default_str();
-  publish->add_option("--vars", pa.vars_dir, "directory of vars to seal to each machine");
-  publish->add_option("--vars-root", pa.vars_root,
-                      "directory with one vars directory per machine name");
-  publish
-      ->add_option("--substituter", pa.substituters,
+  // Shared by 'publish' and 'rollout preview' (which previews instead).
+  auto publish_options = [&pa](CLI::App* sc) {
+    sc->add_option("TARGETS", pa.positionals,
+                   "machine names, then the system toplevel /nix/store/…");
+    sc->add_option("--machine", pa.machines, "machine (repeatable)")->allow_extra_args(false);
+    sc->add_option("--tag", pa.tags, "every machine with this tag (repeatable)")
+        ->allow_extra_args(false);
+    sc->add_flag("--all", pa.all, "every registered machine");
+    sc->add_option("--flake", pa.flake,
+                   "build each machine's system from this flake (FLAKE or FLAKE#MACHINE)");
+    sc->add_flag("--clan", pa.clan,
+                 "a clan flake (--flake, default .): machines and --tag (AND) from its "
+                 "inventory, honouring requireExplicitUpdate; vars from 'clan vars upload'; "
+                 "one rollout");
+    sc->add_option("--build-jobs", pa.build_jobs, "concurrent builds with --flake")
+        ->capture_default_str();
+    sc->add_option("--cache", pa.cache,
+                   "binary cache of your own to copy built closures to (nix copy --to); "
+                   "default: upload to the controller");
+    sc->add_option("--cache-key", pa.cache_key,
+                   "Nix secret key file to sign closures with (default "
+                   "~/.config/muster/cache.key from 'muster key generate --cache')");
+    sc->add_option("--action", pa.action, "switch | boot | test | dry-activate")
+        ->capture_default_str();
+    sc->add_option("--kind", pa.kind, "auto | nixos | darwin | home-manager | profile")
+        ->capture_default_str();
+    sc->add_option("--vars", pa.vars_dir, "directory of vars to seal to each machine");
+    sc->add_option("--vars-root", pa.vars_root,
+                   "directory with one vars directory per machine name");
+    sc->add_option("--substituter", pa.substituters,
                    "binary cache URL agents fetch from (repeatable)")
-      ->allow_extra_args(false);
-  publish
-      ->add_option("--trusted-public-key", pa.trusted_keys,
+        ->allow_extra_args(false);
+    sc->add_option("--trusted-public-key", pa.trusted_keys,
                    "cache signing key name:base64 (repeatable)")
-      ->allow_extra_args(false);
-  publish->add_flag("--force", pa.force, "activate even if the closure is already active");
-  publish->add_option("--canary", pa.canary, "machines deployed first, as a count or a percentage");
-  publish->add_option("--max-parallel", pa.max_parallel,
-                      "machines in flight at once after the canaries (0: all)");
-  publish->add_option("--max-failures", pa.max_failures,
-                      "halt the rollout when more machines fail");
-  publish->add_flag("--wait", pa.wait,
-                    "follow the deploy or rollout live; exit code says whether it succeeded");
-  publish->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
+        ->allow_extra_args(false);
+    sc->add_flag("--force", pa.force, "activate even if the closure is already active");
+    sc->add_flag("--stage", pa.stage,
+                 "realise at once, activate in each machine's next maintenance window "
+                 "(the default for a rollout; machines without windows activate at once)");
+    sc->add_flag("--now", pa.now, "activate at once, outside maintenance windows too");
+    sc->add_option("--canary", pa.canary, "machines deployed first, as a count or a percentage");
+    sc->add_option("--max-parallel", pa.max_parallel,
+                   "machines in flight at once after the canaries (0: all)");
+    sc->add_option("--max-failures", pa.max_failures, "halt the rollout when more machines fail");
+    sc->add_flag("--wait", pa.wait,
+                 "follow the deploy or rollout live; exit code says whether it succeeded");
+    sc->add_option("--timeout", pa.timeout, "seconds to --wait")->capture_default_str();
+  };
+  publish_options(publish);
+  publish->add_flag("--preview", pa.preview,
+                    "ask each online target what this would change (download, store paths, "
+                    "package versions, units, reboot) and publish nothing");
 
   RosterSignArgs rs;
   auto* roster =
@@ -180,6 +188,12 @@ int main(int argc, char** argv) {
     if (std::string(verb) == "watch") sc->add_option("--timeout", r_timeout)->capture_default_str();
     r_cmds.push_back(sc);
   }
+
+  auto* r_preview = rollout->add_subcommand(
+      "preview",
+      "what publishing to these machines would change on each of them, and in sum (takes "
+      "the arguments of 'publish'; publishes nothing)");
+  publish_options(r_preview);
 
   bool retry_wait = false;
   auto* r_retry = rollout->add_subcommand(
@@ -296,6 +310,10 @@ int main(int argc, char** argv) {
   if (op_list->parsed()) return OperatorList(g);
   if (op_remove->parsed()) return OperatorRemove(g, op_name);
   if (publish->parsed()) return Publish(g, pa);
+  if (r_preview->parsed()) {
+    pa.preview = true;
+    return Publish(g, pa);
+  }
   if (roster_sign->parsed()) return RosterSign(g, rs);
   if (r_list->parsed()) return Rollout(g, "list", "", 0);
   if (r_retry->parsed()) return RolloutRetry(g, r_id, retry_wait, r_timeout);

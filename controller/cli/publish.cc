@@ -1,5 +1,6 @@
 // muster publish: resolve targets through the signed roster, sign manifests,
 // seal vars to verified keys, publish one generation or a rollout.
+#include <sodium.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "common/manifest.h"
 #include "common/phase.h"
+#include "common/preview.h"
 #include "common/vars_bundle.h"
 #include "controller/cli/cache.h"
 #include "controller/cli/clan.h"
@@ -30,8 +32,10 @@ namespace {
 constexpr std::size_t kTargetsShown = 100;
 
 // Waits for the machine's report on generation gen to reach a terminal phase.
+// With stop_at_staged, "staged" (waiting for a maintenance window) ends the
+// wait successfully too.
 int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int timeout_s,
-            bool json_out) {
+            bool json_out, bool stop_at_staged) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   for (;;) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -61,6 +65,7 @@ int WaitFor(Connection& c, const std::string& machine, std::int64_t gen, int tim
     }
     std::cout.flush();
     auto ph = ParsePhase(phase);
+    if (ph && *ph == Phase::kStaged && stop_at_staged) return 0;
     if (ph && IsTerminal(*ph)) {
       return (*ph == Phase::kSucceeded || *ph == Phase::kUnchanged) ? 0 : kExitFailed;
     }
@@ -112,6 +117,7 @@ int Publish(const Globals& g, PublishArgs a) {
   if (!action) return Die("--action must be switch, boot, test or dry-activate", kExitUsage);
   auto kind = ParseKind(a.kind);
   if (!kind) return Die("--kind must be auto, nixos, darwin, home-manager or profile", kExitUsage);
+  if (a.stage && a.now) return Die("--stage and --now exclude each other", kExitUsage);
   if (a.cache.empty()) a.cache = g.cache;
   if (a.cache_key.empty()) a.cache_key = g.cache_key;
   if (a.substituters.empty()) a.substituters = g.substituters;
@@ -235,7 +241,7 @@ int Publish(const Globals& g, PublishArgs a) {
       std::cerr << "  … and " << targets.size() - kTargetsShown << " more\n";
     }
   }
-  if (targets.size() > 1 && !g.yes && Interactive() &&
+  if (targets.size() > 1 && !g.yes && !a.preview && Interactive() &&
       !Confirm("Publish to these " + std::to_string(targets.size()) + " machines?")) {
     return Die("not published", kExitFailed);
   }
@@ -277,6 +283,30 @@ int Publish(const Globals& g, PublishArgs a) {
         },
         tops, *upload_key, uo);
     if (!st) return Die(st.message(), kExitFailed);
+  }
+
+  if (a.preview) {
+    // Signed like a publish, under the preview domain (common/preview.h):
+    // no vars, no generation number, nothing published.
+    const std::int64_t created_at = static_cast<std::int64_t>(std::time(nullptr));
+    json items = json::array();
+    for (const auto& machine : targets) {
+      Manifest m;
+      m.machine = machine;
+      m.toplevel = toplevels.at(machine);
+      m.kind = *kind;
+      m.substituters = a.substituters;
+      m.trusted_public_keys = a.trusted_keys;
+      m.created_at = created_at;
+      // A nonce, so that two previews in one second are not taken for a replay.
+      std::string nonce(8, '\0');
+      randombytes_buf(nonce.data(), nonce.size());
+      m.rollout = "preview-" + HexEncode(nonce);
+      SignedManifest sm = SignPreview(m, key);
+      items.push_back(
+          {{"manifest", sm.manifest}, {"signer", sm.signer}, {"signature", sm.signature}});
+    }
+    return RunPreview(*conn, items, a.timeout, g.json_out);
   }
 
   std::optional<VarsBundle> shared_vars;
@@ -346,6 +376,7 @@ int Publish(const Globals& g, PublishArgs a) {
       m.vars_hash = box == sealed.end() ? "" : VarsHash(box->second);
       m.created_at = created_at;
       m.force = a.force;
+      m.in_window = a.stage || (rollout && !a.now);
       SignedManifest sm = SignManifest(m, key);
       numbers[machine] = m.generation;
       items.push_back({{"manifest", sm.manifest},
@@ -370,11 +401,12 @@ int Publish(const Globals& g, PublishArgs a) {
                   << (var_counts.count(machine)
                           ? " with " + std::to_string(var_counts[machine]) + " vars files"
                           : "")
+                  << (a.stage ? " (staged: activates in its next maintenance window)" : "")
                   << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
       }
       std::cout.flush();
       if (!a.wait) return 0;
-      return WaitFor(*conn, machine, numbers[machine], a.timeout, g.json_out);
+      return WaitFor(*conn, machine, numbers[machine], a.timeout, g.json_out, a.stage);
     }
     auto res = conn->Call("rollout.create", {{"items", items},
                                              {"canary", *canary},

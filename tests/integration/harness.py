@@ -243,9 +243,10 @@ class Env:
         return self.cache
 
     def build(self, name, kind="nixos", behaviour="ok", kernel="6.1.0", push=True, delete=True,
-              log=None, sleep=0, payload=0):
+              log=None, sleep=0, payload=0, **argstr):
         """Builds a fake toplevel; pushes it to the signed cache and deletes it
-        locally so that the agent must substitute it."""
+        locally so that the agent must substitute it. Further keyword arguments
+        are toplevel.nix arguments (kernelSize, restartUnits, …)."""
         log = log or os.path.join(self.root, "activation.log")
         args = ["nix-build", "--no-out-link", os.path.join(HERE, "toplevel.nix"),
                 "--argstr", "name", name, "--argstr", "kind", kind, "--argstr", "behaviour", behaviour,
@@ -254,6 +255,8 @@ class Env:
                 "--argstr", "sleep", str(sleep)]
         if payload:
             args += ["--argstr", "payload", str(payload)]
+        for k, v in argstr.items():
+            args += ["--argstr", k, str(v)]
         r = subprocess.run(args, capture_output=True, text=True, env=nix_env())
         if r.returncode != 0:
             raise AssertionError(f"nix-build failed: {r.stderr}")

@@ -18,6 +18,12 @@
 #             reboot is needed
 #   payload   bytes of random data in a store path of its own that the toplevel
 #             refers to (closures of several paths and of any size); "0": none
+#   kernelSize bytes of padding in the kernel image ("0": a one-line file), for
+#             tests of the free space in /boot
+#   stopUnits, reloadUnits, restartUnits, startUnits
+#             comma-separated unit names that `switch-to-configuration
+#             dry-activate` reports, in the words NixOS uses ("would restart the
+#             following units: sshd.service, nginx.service")
 { name ? "system"
 , kind ? "nixos"
 , behaviour ? "ok"
@@ -27,6 +33,11 @@
 , salt ? ""
 , sleep ? "0"
 , payload ? "0"
+, kernelSize ? "0"
+, stopUnits ? ""
+, reloadUnits ? ""
+, restartUnits ? ""
+, startUnits ? ""
 , system ? builtins.currentSystem
 }:
 let
@@ -39,6 +50,14 @@ let
     echo "${name} ''${1:-activate} ${kind}" >> "${log}"
     # Where it ran: the cgroup names the systemd unit (a transient muster-activate-*).
     cat /proc/self/cgroup > "${log}.${name}.cgroup" 2>/dev/null || true
+    if [ "''${1:-}" = "dry-activate" ]; then
+      # What NixOS's switch-to-configuration prints for dry-activate; changes nothing.
+      ${if stopUnits != "" then ''echo "would stop the following units: ${stopUnits}"'' else ""}
+      echo "would activate the configuration..."
+      ${if reloadUnits != "" then ''echo "would reload the following units: ${reloadUnits}"'' else ""}
+      ${if restartUnits != "" then ''echo "would restart the following units: ${restartUnits}"'' else ""}
+      ${if startUnits != "" then ''echo "would start the following units: ${startUnits}"'' else ""}
+    fi
     echo "activating ${name} (${kind}) action ''${1:-activate}"
     if [ "${sleep}" != "0" ]; then sleep ${sleep}; fi
     ${if behaviour == "fail" then ''
@@ -80,7 +99,8 @@ let
     name = "muster-test-kernel-${kernel}";
     inherit system;
     builder = sh;
-    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt" ];
+    args = [ "-c" ("PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt"
+      + (if kernelSize != "0" then "; head -c ${kernelSize} /dev/zero >> $out/bzImage" else "")) ];
   };
   payloadPkg = derivation {
     name = "muster-test-payload-${name}";

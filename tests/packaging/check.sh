@@ -69,6 +69,8 @@ step_render() {
       enrollTokenFile = "/run/secrets/muster-token";
       varsDir = "/var/lib/sops-nix";
       confirmTimeout = 120;
+      maintenanceWindows = [ { days = [ "sat" "sun" ]; start = "02:00"; end = "05:00"; } ];
+      maintenanceTimeZone = "Europe/Berlin";
       healthChecks = [
         { name = "sshd"; command = [ "/run/current-system/sw/bin/systemctl" "is-active" "sshd" ]; http = null; timeout = 30; }
         { name = "web"; command = null; http = "http://127.0.0.1/"; timeout = 10; }
@@ -92,7 +94,8 @@ step_render() {
     })" "$tmp/agent-min.json"
   eval_json 'render.controller {
       stateDir = "/var/lib/muster-controller"; listen = [ "[::]:7443" ];
-      metricsListen = "127.0.0.1:9100"; settings = { logLevel = "info"; threads = null; };
+      metricsListen = "127.0.0.1:9100"; httpListen = "127.0.0.1:8080";
+      settings = { logLevel = "info"; threads = null; };
     }' "$tmp/controller.json"
   eval_json 'render.controller {
       stateDir = "/srv/muster"; listen = [ "[fd80::1]:7443" "0.0.0.0:8443" ];
@@ -131,6 +134,8 @@ expected = {
     "rebootPolicy": "never",
     "logLevel": "info",
     "maxManifestFutureSkew": 300,
+    "maintenanceWindows": [{"days": ["sat", "sun"], "start": "02:00", "end": "05:00"}],
+    "maintenanceTimeZone": "Europe/Berlin",
 }
 assert agent == expected, f"agent config differs:\n got      {agent}\n expected {expected}"
 
@@ -141,7 +146,8 @@ assert set(m) == set(expected) - {"enrollTokenFile", "metricsListen"}, sorted(m)
 
 c = load("controller.json")
 assert c == {"stateDir": "/var/lib/muster-controller", "listen": ["[::]:7443"],
-             "metricsListen": "127.0.0.1:9100", "logLevel": "info"}, c
+             "metricsListen": "127.0.0.1:9100", "httpListen": "127.0.0.1:8080",
+             "logLevel": "info"}, c
 cc = load("controller-custom.json")
 assert cc == {"stateDir": "/srv/muster", "listen": ["[fd80::1]:7443", "0.0.0.0:8443"],
               "logLevel": "debug", "threads": 4, "idleTimeout": 120}, cc
