@@ -12,6 +12,7 @@
 #include <future>
 #include <map>
 #include <optional>
+#include <set>
 
 #include "common/crypto.h"
 #include "common/process.h"
@@ -90,16 +91,16 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
         [self = shared_from_this()](beast::error_code ec, std::size_t) { self->OnRequest(ec); });
   }
 
-  // Called when admitted under kMaxRequests.
+  // Called when admitted under kMaxRequests. The first chunk tells the
+  // object's size; the next ones are asked for a window at a time.
   void Begin() {
     began_ = true;
     ++owner_->active;
-    in_flight_ = true;
-    if (!owner_->Fetch(shared_from_this(), name_, 0)) owner_->stalled.push_back(shared_from_this());
+    Request(0);
   }
 
   void OnChunk(proto::Fetched f) {
-    in_flight_ = false;
+    if (in_flight_ > 0) --in_flight_;
     if (closed_) return;
     Arm();
     if (!header_sent_ && f.status != 200) {
@@ -107,8 +108,10 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
       Reply(status, f.error.empty() ? "not found" : f.error);
       return;
     }
-    if (f.status != 200 || f.offset != next_offset_ || (header_sent_ && f.total != total_) ||
-        (f.data.empty() && f.offset < f.total)) {
+    if (f.status != 200 || f.offset < next_offset_ || f.offset % Substituter::kChunkBytes != 0 ||
+        (header_sent_ && f.total != total_) || (f.data.empty() && f.offset < f.total) ||
+        (f.data.size() < Substituter::kChunkBytes && f.offset + f.data.size() < f.total) ||
+        ready_.count(f.offset)) {
       return Cut("controller answer does not continue the object (offset " +
                  std::to_string(f.offset) + ")");
     }
@@ -123,8 +126,14 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
                          "\r\nConnection: close\r\n\r\n";
       out_.push_back(std::move(head));
     }
-    next_offset_ += f.data.size();
-    if (!head_only_ && !f.data.empty()) out_.push_back(std::move(f.data));
+    // Answers may come in any order; they are written in order.
+    ready_[f.offset] = std::move(f.data);
+    for (auto it = ready_.begin(); it != ready_.end() && it->first == next_offset_;
+         it = ready_.erase(it)) {
+      std::size_t n = it->second.size();
+      next_offset_ += n;
+      if (!head_only_ && n > 0) out_.push_back(std::move(it->second));
+    }
     Pump();
   }
 
@@ -134,14 +143,21 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
     Close();
   }
 
-  bool waiting() const { return in_flight_; }
   bool closed() const { return closed_; }
 
-  // The connection is back: ask again for what was lost.
+  // The connection is back: ask again for what was lost (chunks that
+  // arrived out of order are asked for again too: objects never change).
   void Resend() {
     if (closed_) return;
-    if (!owner_->Fetch(shared_from_this(), name_, next_offset_))
-      owner_->stalled.push_back(shared_from_this());
+    in_flight_ = 0;
+    ready_.clear();
+    req_offset_ = next_offset_;
+    stalled_ = false;
+    if (!header_sent_) {
+      Request(0);
+      return;
+    }
+    Pump();
   }
 
  private:
@@ -184,15 +200,32 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
     Pump();
   }
 
-  // Writes what is queued; asks for the next chunk while at most one is
-  // queued (one being written, one on its way).
+  // Asks for the chunk at offset; false (and parked until the connection is
+  // back) when it cannot be sent.
+  bool Request(std::uint64_t offset) {
+    if (stalled_) return false;
+    if (!owner_->Fetch(shared_from_this(), name_, offset)) {
+      stalled_ = true;
+      owner_->stalled.push_back(shared_from_this());
+      return false;
+    }
+    ++in_flight_;
+    req_offset_ = offset + Substituter::kChunkBytes;
+    return true;
+  }
+
+  // Writes what is queued, and keeps up to kWindow chunks on their way or
+  // waiting to be written: the controller's latency is hidden behind the
+  // chunks already here. Beyond the first chunk of each request, the chunks
+  // in flight over all requests are bounded (kMaxInFlight).
   void Pump() {
     if (closed_) return;
     bool complete = finishing_ || (header_sent_ && next_offset_ >= total_);
-    if (!complete && !in_flight_ && out_.size() <= 1) {
-      in_flight_ = true;
-      if (!owner_->Fetch(shared_from_this(), name_, next_offset_)) {
-        owner_->stalled.push_back(shared_from_this());
+    if (!complete && header_sent_) {
+      while (req_offset_ < total_ &&
+             in_flight_ + ready_.size() + out_.size() < Substituter::kWindow &&
+             (in_flight_ == 0 || owner_->waiting.size() < Substituter::kMaxInFlight)) {
+        if (!Request(req_offset_)) break;
       }
     }
     if (writing_) return;
@@ -246,11 +279,14 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   std::string name_;
   std::deque<std::string> out_;
   std::uint64_t total_ = 0;
-  std::uint64_t next_offset_ = 0;
+  std::uint64_t next_offset_ = 0;  // next byte to write to nix
+  std::uint64_t req_offset_ = 0;   // next byte to ask the controller for
+  std::size_t in_flight_ = 0;      // fetches asked and not answered
+  std::map<std::uint64_t, std::string> ready_;  // answers ahead of next_offset_
+  bool stalled_ = false;                        // parked until the connection is back
   bool head_only_ = false;
   bool header_sent_ = false;
   bool finishing_ = false;
-  bool in_flight_ = false;
   bool writing_ = false;
   bool began_ = false;
   bool closed_ = false;
@@ -341,9 +377,12 @@ void Substituter::OnFetched(proto::Fetched f) {
 
 void Substituter::OnLinkDown() {
   // Requests in flight will never be answered on the new connection: they
-  // wait for it and ask again from where they were.
+  // wait for it and ask again from where they were (each once, however many
+  // chunks it had on their way).
+  std::set<HttpConn*> seen;
+  for (auto& s : impl_->stalled) seen.insert(s.get());
   for (auto& [id, c] : impl_->waiting) {
-    if (!c->closed()) impl_->stalled.push_back(c);
+    if (!c->closed() && seen.insert(c.get()).second) impl_->stalled.push_back(c);
   }
   impl_->waiting.clear();
   if (!impl_->stalled.empty()) {
@@ -356,7 +395,10 @@ void Substituter::OnLinkDown() {
 void Substituter::OnLinkUp() {
   auto stalled = std::move(impl_->stalled);
   impl_->stalled.clear();
-  for (auto& c : stalled) c->Resend();
+  std::set<HttpConn*> done;
+  for (auto& c : stalled) {
+    if (done.insert(c.get()).second) c->Resend();
+  }
 }
 
 }  // namespace muster

@@ -2,8 +2,9 @@
 // one realise: http://127.0.0.1:<ephemeral>/<random token>/ forwards GETs of
 // nix-cache-info, <hash>.narinfo and nar/… to the controller as fetch
 // messages over the agent's one authenticated connection, and streams the
-// answers back chunk by chunk (at most two chunks per request in memory, a
-// bounded number of requests at once). The token keeps other local users
+// answers back chunk by chunk (a window of kWindow chunks per request asked
+// for ahead, so the controller's latency hides behind the chunks already
+// here; at most kMaxRequests requests at once). The token keeps other local users
 // from reading through it. A loss of the connection holds the requests in
 // flight until it is back, then continues each from its offset; nothing is
 // cached.
@@ -38,6 +39,9 @@ class Substituter {
   using SendFn = std::function<bool(std::string text)>;
   static constexpr std::size_t kChunkBytes = proto::kMaxFetchChunk;  // one binary frame
   static constexpr std::size_t kMaxRequests = 16;                    // HTTP requests served at once
+  static constexpr std::size_t kWindow = 4;  // chunks per request asked for or not yet written
+  static constexpr std::size_t kMaxInFlight = 8;  // chunks asked for, over all requests, beyond
+                                                  // the first of each
 
   Substituter(boost::asio::io_context& ioc, SendFn send);
   ~Substituter();

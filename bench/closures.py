@@ -16,6 +16,7 @@ is bounded by chunk sizes and windows, never by the closure's size (run it with
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -30,6 +31,18 @@ def hwm_kib(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid):
+    """utime+stime of pid and of its waited-for children, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def cpu_model():
@@ -66,35 +79,48 @@ def main():
             ["nix", "path-info", "--json", p], capture_output=True, text=True, env=nix_env(),
             check=True).stdout)[0]["narSize"]) for p in closure)
 
+        cpid, apid = env.controller.proc.pid, agent.proc.proc.pid
+        c0, k0 = cpu_s(cpid), children_cpu_s()
         t = time.monotonic()
         env.cli("cache", "push", top, "--cache-key", key, timeout=7200)
         up = time.monotonic() - t
+        up_cpu = {"controller": cpu_s(cpid) - c0, "cli": children_cpu_s() - k0}
 
         fcache = os.path.join(env.root, "filecache")
         url = f"file://{fcache}?compression=zstd"
+        k0 = children_cpu_s()
         up_nix = timed(["nix", "copy", "--to", url, top])
+        up_nix_cpu = children_cpu_s() - k0
 
         # The baseline first: once the agent set its profile, the closure is a GC root.
         env.delete_local(top)
         assert not os.path.exists(top)
+        k0 = children_cpu_s()
         down_nix = timed(["nix-store", "--realise", top, "--option", "substituters", f"file://{fcache}",
                           "--option", "require-sigs", "false", "--max-jobs", "0"])
+        down_nix_cpu = children_cpu_s() - k0
 
         env.delete_local(top)
         assert not os.path.exists(top)
+        c0, a0 = cpu_s(cpid), cpu_s(apid)
         t = time.monotonic()
         gen = int(env.cli("publish", "m1", top, "--cache-key", key).stdout.split("generation ")[1].split(":")[0])
         env.wait_phase("m1", gen, "succeeded", timeout=7200)
         down = time.monotonic() - t
+        down_cpu = {"controller": cpu_s(cpid) - c0, "agent+nix": cpu_s(apid) - a0}
         out = {
             "narBytes": nar_bytes,
             "paths": len(closure),
             "upload": {"muster_s": round(up, 2), "nixCopy_s": round(up_nix, 2),
                        "muster_MiBps": round(nar_bytes / up / 2**20, 1),
-                       "nixCopy_MiBps": round(nar_bytes / up_nix / 2**20, 1)},
+                       "nixCopy_MiBps": round(nar_bytes / up_nix / 2**20, 1),
+                       "muster_cpu_s": {k: round(v, 2) for k, v in up_cpu.items()},
+                       "nixCopy_cpu_s": round(up_nix_cpu, 2)},
             "fetch": {"muster_s": round(down, 2), "nixRealiseFromFile_s": round(down_nix, 2),
                       "muster_MiBps": round(nar_bytes / down / 2**20, 1),
-                      "nixRealiseFromFile_MiBps": round(nar_bytes / down_nix / 2**20, 1)},
+                      "nixRealiseFromFile_MiBps": round(nar_bytes / down_nix / 2**20, 1),
+                      "muster_cpu_s": {k: round(v, 2) for k, v in down_cpu.items()},
+                      "nixRealiseFromFile_cpu_s": round(down_nix_cpu, 2)},
             "peakRssMiB": {"controller": round(hwm_kib(env.controller.proc.pid) / 1024, 1),
                            "agent": round(hwm_kib(agent.proc.proc.pid) / 1024, 1)},
         }

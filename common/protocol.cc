@@ -350,22 +350,18 @@ std::string Encode(const Message& m) {
   return DumpJson(json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}});
 }
 
-std::string EncodeBinary(const Message& m) {
+std::string EncodeBinary(Message m) {
+  // The bulk bytes are moved out of the message, never copied, and appended
+  // once after the header: one copy of the payload per frame.
   std::string payload;
-  std::string header;
-  if (const auto* f = std::get_if<Fetched>(&m)) {
-    Fetched h = *f;
-    payload = std::move(h.data);
-    h.data.clear();
-    header = Encode(h);
-  } else if (const auto* r = std::get_if<Request>(&m)) {
-    Request h = *r;
-    payload = std::move(h.payload);
-    h.payload.clear();
-    header = Encode(h);
-  } else {
-    header = Encode(m);
+  if (auto* f = std::get_if<Fetched>(&m)) {
+    payload = std::move(f->data);
+    f->data.clear();
+  } else if (auto* r = std::get_if<Request>(&m)) {
+    payload = std::move(r->payload);
+    r->payload.clear();
   }
+  std::string header = Encode(m);
   std::string out;
   out.reserve(4 + header.size() + payload.size());
   auto n = static_cast<std::uint32_t>(header.size());

@@ -198,7 +198,7 @@ std::string Encode(const Message& m);
 // A binary frame (see the top of this file) for a Fetched (payload: data) or
 // a Request (payload: payload); other messages carry no payload and are
 // encoded with an empty one.
-std::string EncodeBinary(const Message& m);
+std::string EncodeBinary(Message m);  // pass an rvalue to move the payload in
 // Largest header a binary frame may carry (the payload is bounded by the
 // websocket's message limit).
 constexpr std::size_t kMaxBinaryHeaderBytes = 64 * 1024;

@@ -692,18 +692,22 @@ class Session : public std::enable_shared_from_this<Session>,
       buffer_.consume(buffer_.size());
       return Refuse("bad-message", "a binary frame must start with its header length");
     }
-    std::string text = beast::buffers_to_string(buffer_.data());
-    buffer_.consume(buffer_.size());
+    // Decoded in place (a flat_buffer is one contiguous block): a binary
+    // frame's payload is copied once, into the message.
+    std::string_view text(static_cast<const char*>(buffer_.data().data()), buffer_.size());
     // Cache fetches are paced by the agent's own window, not the message budget.
-    if (limiter_ && text.find("\"type\":\"fetch\"") == std::string::npos) {
+    if (limiter_ && (!ws_->got_text() || text.find("\"type\":\"fetch\"") == std::string::npos)) {
       limiter_->Charge(text.size(), Clock::now());
     }
-    if (buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
     proto::DecodeLimits limits;
     limits.max_bytes = who_.role == Role::kOperator
                            ? std::max(opts().max_message_bytes, opts().max_operator_message_bytes)
                            : opts().max_message_bytes;
     auto msg = proto::Decode(text, limits);
+    buffer_.consume(buffer_.size());
+    // Idle sessions give large buffers back; a run of binary frames (an
+    // upload) keeps its buffer rather than reallocating it per chunk.
+    if (ws_->got_text() && buffer_.capacity() > 64 * 1024) buffer_.shrink_to_fit();
     if (!msg) return Refuse("bad-message", msg.message());
     if (who_.role == Role::kMachine) {
       if (!HandleAgent(*msg)) return;
@@ -882,7 +886,7 @@ class Session : public std::enable_shared_from_this<Session>,
     }
     if (req->method.rfind("cache.", 0) == 0) {
       // Off the I/O thread; reading resumes once it is answered.
-      shared_->cache_worker.Submit([self = shared_from_this(), req = *req]() mutable {
+      shared_->cache_worker.Submit([self = shared_from_this(), req = std::move(*req)]() mutable {
         auto res = self->shared_->api.Handle(self->who_, req);
         asio::post(self->ex_, [self, res = std::move(res)]() mutable {
           if (self->closed_) return;

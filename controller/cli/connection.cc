@@ -62,8 +62,9 @@ std::uint64_t Connection::Send(const std::string& method, nlohmann::json params,
   req.method = method;
   req.params = std::move(params);
   req.payload = std::move(payload);
-  client_->SendBinary(proto::EncodeBinary(req));
-  return req.id;
+  std::uint64_t id = req.id;
+  client_->SendBinary(proto::EncodeBinary(std::move(req)));
+  return id;
 }
 
 Result<nlohmann::json> Connection::Await(std::uint64_t id, std::chrono::milliseconds timeout) {
