@@ -107,8 +107,7 @@ std::string NewClusterId() {
 }
 
 struct Cluster::Impl {
-  Impl(Fleet& f, RolloutManager& r, ClusterOptions o)
-      : fleet(f), rollouts(r), opt(std::move(o)) {}
+  Impl(Fleet& f, RolloutManager& r, ClusterOptions o) : fleet(f), rollouts(r), opt(std::move(o)) {}
 
   Fleet& fleet;
   RolloutManager& rollouts;
@@ -122,10 +121,10 @@ struct Cluster::Impl {
   std::int64_t gap_xmax = 0;    // while waiting for a gap after `last`: snapshot xmax then
   Clock::time_point gap_since;  // and when it was first seen
   bool driving = false;
-  Clock::time_point lease_ok{};        // last successful renewal of the driver lease
-  Clock::time_point next_connect{};    // reconnect attempts, at most once a second
-  Clock::time_point next_presence{};   // full presence refresh
-  Clock::time_point next_reassert{};   // re-writing our own presence rows
+  Clock::time_point lease_ok{};       // last successful renewal of the driver lease
+  Clock::time_point next_connect{};   // reconnect attempts, at most once a second
+  Clock::time_point next_presence{};  // full presence refresh
+  Clock::time_point next_reassert{};  // re-writing our own presence rows
   Clock::time_point next_prune{};
   bool down_logged = false;
 
@@ -155,10 +154,24 @@ struct Cluster::Impl {
   Status Connect() {
     const std::string options =
         "-c statement_timeout=10000 -c client_min_messages=warning -c muster.controller=" + opt.id;
-    const char* keys[] = {"connect_timeout", "application_name", "keepalives", "keepalives_idle",
-                          "keepalives_interval", "keepalives_count", "options", "dbname", nullptr};
-    const char* vals[] = {"5",  "muster-controller-cluster", "1", "10", "5", "3", options.c_str(),
-                          opt.conninfo.c_str(), nullptr};
+    const char* keys[] = {"connect_timeout",
+                          "application_name",
+                          "keepalives",
+                          "keepalives_idle",
+                          "keepalives_interval",
+                          "keepalives_count",
+                          "options",
+                          "dbname",
+                          nullptr};
+    const char* vals[] = {"5",
+                          "muster-controller-cluster",
+                          "1",
+                          "10",
+                          "5",
+                          "3",
+                          options.c_str(),
+                          opt.conninfo.c_str(),
+                          nullptr};
     if (conn) PQfinish(conn);
     conn = PQconnectdbParams(keys, vals, 1);
     if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
@@ -291,10 +304,10 @@ struct Cluster::Impl {
     if (kind == "deploy") {
       fleet.RemoteDeploy(subject, generation);
     } else if (kind == "log") {
-      Res l = Q("SELECT line FROM logs WHERE id BETWEEN $1 AND $2 AND machine = $3 AND "
-                "generation = $4 AND stream = $5 ORDER BY id",
-                std::to_string(ref), std::to_string(ref2), subject, std::to_string(generation),
-                extra);
+      Res l =
+          Q("SELECT line FROM logs WHERE id BETWEEN $1 AND $2 AND machine = $3 AND "
+            "generation = $4 AND stream = $5 ORDER BY id",
+            std::to_string(ref), std::to_string(ref2), subject, std::to_string(generation), extra);
       std::vector<std::string> lines;
       for (int k = 0; k < l.rows(); ++k) lines.push_back(l.Text(k, 0));
       if (!lines.empty()) fleet.RemoteLogs(subject, generation, extra, lines);
@@ -323,17 +336,19 @@ struct Cluster::Impl {
     auto now = Clock::now();
     const std::string lease_ms = std::to_string(opt.lease.count());
     // This controller's own lease: its presence rows count while it holds.
-    auto u = Q("UPDATE controllers SET expires_at = muster_now() + $2 WHERE id = $1 AND "
-               "expires_at > muster_now()",
-               opt.id, lease_ms);
+    auto u =
+        Q("UPDATE controllers SET expires_at = muster_now() + $2 WHERE id = $1 AND "
+          "expires_at > muster_now()",
+          opt.id, lease_ms);
     if (!u.ok()) return Drop(u.error());
     if (u.changes() == 0) {
       // New, or lapsed (the database was away): another controller may have
       // deleted our presence rows as a dead controller's; write them again.
-      auto i = Q("INSERT INTO controllers (id, started_at, expires_at) VALUES ($1, muster_now(), "
-                 "muster_now() + $2) ON CONFLICT (id) DO UPDATE SET expires_at = "
-                 "excluded.expires_at",
-                 opt.id, lease_ms);
+      auto i =
+          Q("INSERT INTO controllers (id, started_at, expires_at) VALUES ($1, muster_now(), "
+            "muster_now() + $2) ON CONFLICT (id) DO UPDATE SET expires_at = "
+            "excluded.expires_at",
+            opt.id, lease_ms);
       if (!i.ok()) return Drop(i.error());
       next_reassert = {};
     }
@@ -342,18 +357,20 @@ struct Cluster::Impl {
       next_reassert = now + std::chrono::seconds(10);
     }
     // The rollout driver's lease: renewed by its holder, taken once expired.
-    auto l = Q("INSERT INTO leases (name, holder, expires_at) VALUES ('rollouts', $1, "
-               "muster_now() + $2) ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-               "expires_at = excluded.expires_at WHERE leases.holder = excluded.holder OR "
-               "leases.expires_at < muster_now() RETURNING holder",
-               opt.id, lease_ms);
+    auto l =
+        Q("INSERT INTO leases (name, holder, expires_at) VALUES ('rollouts', $1, "
+          "muster_now() + $2) ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+          "expires_at = excluded.expires_at WHERE leases.holder = excluded.holder OR "
+          "leases.expires_at < muster_now() RETURNING holder",
+          opt.id, lease_ms);
     if (!l.ok()) return Drop(l.error());
     if (l.rows() == 1) lease_ok = now;
     SetDriving(l.rows() == 1);
     if (driving) {
       // Presence of controllers that died without cleaning up.
-      (void)Q("DELETE FROM presence WHERE controller NOT IN (SELECT id FROM controllers WHERE "
-              "expires_at > muster_now())");
+      (void)Q(
+          "DELETE FROM presence WHERE controller NOT IN (SELECT id FROM controllers WHERE "
+          "expires_at > muster_now())");
       if (now >= next_prune) {
         Prune();
         next_prune = now + std::chrono::seconds(60);
@@ -380,19 +397,21 @@ struct Cluster::Impl {
   void ReassertPresence() {
     auto mine = fleet.LocalMachines();
     auto a = TextArray(mine);
-    (void)Q("INSERT INTO presence (machine, controller, since) SELECT m, $1, muster_now() FROM "
-            "unnest($2::TEXT[]) AS m WHERE m IN (SELECT name FROM machines) ON CONFLICT "
-            "(machine) DO UPDATE SET controller = excluded.controller WHERE presence.controller "
-            "<> excluded.controller",
-            opt.id, a);
+    (void)Q(
+        "INSERT INTO presence (machine, controller, since) SELECT m, $1, muster_now() FROM "
+        "unnest($2::TEXT[]) AS m WHERE m IN (SELECT name FROM machines) ON CONFLICT "
+        "(machine) DO UPDATE SET controller = excluded.controller WHERE presence.controller "
+        "<> excluded.controller",
+        opt.id, a);
     (void)Q("DELETE FROM presence WHERE controller = $1 AND NOT (machine = ANY($2::TEXT[]))",
             opt.id, a);
   }
 
   void RefreshPresence() {
-    auto r = Q("SELECT p.machine, p.controller FROM presence p JOIN controllers c ON c.id = "
-               "p.controller WHERE c.expires_at > muster_now() AND p.controller <> $1",
-               opt.id);
+    auto r =
+        Q("SELECT p.machine, p.controller FROM presence p JOIN controllers c ON c.id = "
+          "p.controller WHERE c.expires_at > muster_now() AND p.controller <> $1",
+          opt.id);
     if (!r.ok()) return Drop(r.error());
     std::map<std::string, std::string> remote;
     for (int i = 0; i < r.rows(); ++i) remote[r.Text(i, 0)] = r.Text(i, 1);
@@ -400,14 +419,16 @@ struct Cluster::Impl {
   }
 
   void Prune() {
-    auto d = Q("WITH d AS (DELETE FROM changes WHERE at < muster_now() - $1 RETURNING id) "
-               "SELECT COALESCE(MAX(id), 0) FROM d",
-               std::to_string(opt.retention.count()));
+    auto d =
+        Q("WITH d AS (DELETE FROM changes WHERE at < muster_now() - $1 RETURNING id) "
+          "SELECT COALESCE(MAX(id), 0) FROM d",
+          std::to_string(opt.retention.count()));
     if (d.rows() == 1 && d.Int(0, 0) > 0) {
-      (void)Q("INSERT INTO settings (key, value) VALUES ('changes_pruned_below', $1) ON "
-              "CONFLICT (key) DO UPDATE SET value = GREATEST(settings.value::BIGINT, "
-              "excluded.value::BIGINT)::TEXT",
-              std::to_string(d.Int(0, 0) + 1));
+      (void)Q(
+          "INSERT INTO settings (key, value) VALUES ('changes_pruned_below', $1) ON "
+          "CONFLICT (key) DO UPDATE SET value = GREATEST(settings.value::BIGINT, "
+          "excluded.value::BIGINT)::TEXT",
+          std::to_string(d.Int(0, 0) + 1));
     }
     (void)Q("DELETE FROM controllers WHERE expires_at < muster_now() - 3600000");
   }

@@ -137,8 +137,7 @@ void Fleet::SetRemotePresence(std::map<std::string, std::string> remote) {
   }
 }
 
-void Fleet::RemotePresence(const std::string& machine, const std::string& controller,
-                           bool online) {
+void Fleet::RemotePresence(const std::string& machine, const std::string& controller, bool online) {
   bool came = false, went = false;
   {
     std::lock_guard lock(mu_);
@@ -202,9 +201,10 @@ void Fleet::RemoteStatuses(const std::vector<EventRecord>& events,
 
 void Fleet::RemoteLogs(const std::string& machine, std::int64_t generation,
                        const std::string& stream, const std::vector<std::string>& lines) {
-  Broadcast("log",
-            {{"machine", machine}, {"generation", generation}, {"stream", stream}, {"lines", lines}},
-            true);
+  Broadcast(
+      "log",
+      {{"machine", machine}, {"generation", generation}, {"stream", stream}, {"lines", lines}},
+      true);
 }
 
 std::vector<std::shared_ptr<AgentChannel>> Fleet::DropOperatorLocked(const std::string& name) {
@@ -286,8 +286,8 @@ void Fleet::RetryUnstored() {
     again.insert(again.end(), std::make_move_iterator(unstored_.begin()),
                  std::make_move_iterator(unstored_.end()));
     if (again.size() > kMaxUnstored) {
-      again.erase(again.begin(), again.begin() + static_cast<std::ptrdiff_t>(again.size() -
-                                                                             kMaxUnstored));
+      again.erase(again.begin(),
+                  again.begin() + static_cast<std::ptrdiff_t>(again.size() - kMaxUnstored));
     }
     unstored_.swap(again);
   }
@@ -468,7 +468,7 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
   std::vector<Status> stored =
       writes.empty() ? std::vector<Status>()
       : behind       ? std::vector<Status>(writes.size(),
-                                           Err("queued behind reports the store failed to write"))
+                                     Err("queued behind reports the store failed to write"))
                      : store_.RecordStatuses(writes);
   {
     std::lock_guard lock(mu_);
@@ -476,9 +476,8 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
       if (!stored[i]) unstored_.push_back(writes[i]);
     }
     if (unstored_.size() > kMaxUnstored) {
-      unstored_.erase(unstored_.begin(),
-                      unstored_.begin() +
-                          static_cast<std::ptrdiff_t>(unstored_.size() - kMaxUnstored));
+      unstored_.erase(unstored_.begin(), unstored_.begin() + static_cast<std::ptrdiff_t>(
+                                                                 unstored_.size() - kMaxUnstored));
     }
   }
   std::vector<Result<std::string>> out;

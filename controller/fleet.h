@@ -303,7 +303,7 @@ class Fleet {
   std::uint64_t operators_changed_ = 0;   // bumped by AddOperator (see Refresh)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
   std::map<std::string, std::string> remote_online_;  // machine → other controller
-  std::map<std::string, std::string> operators_;  // name → key text
+  std::map<std::string, std::string> operators_;      // name → key text
   std::multimap<std::string, std::weak_ptr<AgentChannel>> operator_sessions_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;

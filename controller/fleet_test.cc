@@ -305,7 +305,8 @@ TEST_F(FleetTest, StatusIsRecordedAckedAndBroadcast) {
 
 TEST_F(FleetTest, BatchedHellosAndStatusesAnswerEachInOrder) {
   auto ch = std::make_shared<FakeChannel>();
-  auto hellos = fleet_->AgentHellos({{"web1", MakeHello(), ch}, {"web1", MakeHello(0, 0, "idle", "web9"), ch}});
+  auto hellos = fleet_->AgentHellos(
+      {{"web1", MakeHello(), ch}, {"web1", MakeHello(0, 0, "idle", "web9"), ch}});
   ASSERT_EQ(hellos.size(), 2u);
   ASSERT_TRUE(hellos[0].ok()) << hellos[0].message();
   EXPECT_EQ(std::get<proto::Welcome>(Decoded((*hellos[0])[0])).machine, "web1");

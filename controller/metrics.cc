@@ -60,8 +60,7 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
       o << "muster_notification_lag_seconds_bucket{le=\"" << LagHistogram::kBounds[i] << "\"} "
         << c.notification_lag.buckets[i] << "\n";
     }
-    o << "muster_notification_lag_seconds_bucket{le=\"+Inf\"} " << c.notification_lag.count
-      << "\n"
+    o << "muster_notification_lag_seconds_bucket{le=\"+Inf\"} " << c.notification_lag.count << "\n"
       << "muster_notification_lag_seconds_sum " << c.notification_lag.sum << "\n"
       << "muster_notification_lag_seconds_count " << c.notification_lag.count << "\n";
   }

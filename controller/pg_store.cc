@@ -579,8 +579,8 @@ class PgStore final : public Store {
   Status RecordGone(const std::string& machine) override {
     std::lock_guard lock(mu_);
     if (controller_id_.empty()) return Status::Ok();
-    auto r = Q("DELETE FROM presence WHERE machine = $1 AND controller = $2", machine,
-               controller_id_);
+    auto r =
+        Q("DELETE FROM presence WHERE machine = $1 AND controller = $2", machine, controller_id_);
     if (!r.ok()) return Err("store: cannot record presence: " + r.error());
     return Status::Ok();
   }
@@ -604,8 +604,9 @@ class PgStore final : public Store {
             controller_id_);
       if (!l.ok()) return fail("store: " + l.error());
       if (l.rows() != 1) {
-        return fail("this controller does not hold the rollout driver's lease (another "
-                    "controller drives rollouts now)");
+        return fail(
+            "this controller does not hold the rollout driver's lease (another "
+            "controller drives rollouts now)");
       }
     }
     for (const auto& it : items) {
@@ -1228,15 +1229,9 @@ class PgStore final : public Store {
                           "options",
                           "dbname",
                           nullptr};
-    const char* vals[] = {"10",
-                          "muster-controller",
-                          "1",
-                          "10",
-                          "5",
-                          "3",
-                          options.c_str(),
-                          conninfo_.c_str(),
-                          nullptr};
+    const char* vals[] = {
+        "10",   "muster-controller", "1", "10", "5", "3", options.c_str(), conninfo_.c_str(),
+        nullptr};
     conn_ = PQconnectdbParams(keys, vals, 1);
     if (conn_ == nullptr) return Err("store: cannot connect to PostgreSQL: out of memory");
     if (PQstatus(conn_) != CONNECTION_OK) {

@@ -122,8 +122,7 @@ void RolloutManager::Resume() {
   }
   if (!settled.empty()) {
     if (auto st = store_.UpdateRolloutItems(settled); !st) {
-      spdlog::error("rollouts: cannot record {} final report(s): {}", settled.size(),
-                    st.message());
+      spdlog::error("rollouts: cannot record {} final report(s): {}", settled.size(), st.message());
       ReindexLocked();
       touched.clear();
     }

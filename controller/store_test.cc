@@ -806,16 +806,17 @@ TEST_F(PgStoreTest, ChangesAreRecordedWithTheirOriginAndAnnounced) {
                       "' ' ORDER BY id) FROM changes",
                       &out),
             "");
-  EXPECT_EQ(out, "machine:web1:ctl-a: deploy:web1:ctl-b: online:web1:ctl-b:ctl-b "
-                 "status:web1:ctl-a:");
+  EXPECT_EQ(out,
+            "machine:web1:ctl-a: deploy:web1:ctl-b: online:web1:ctl-b:ctl-b "
+            "status:web1:ctl-a:");
   ASSERT_EQ(pg_->Exec(db_, "SELECT controller FROM presence WHERE machine = 'web1'", &out), "");
   EXPECT_EQ(out, "ctl-b");
   ASSERT_TRUE(b->RecordGone("web1").ok());
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM presence", &out), "");
   EXPECT_EQ(out, "0");
-  ASSERT_EQ(pg_->Exec(db_, "SELECT kind || ':' || extra FROM changes ORDER BY id DESC LIMIT 1",
-                      &out),
-            "");
+  ASSERT_EQ(
+      pg_->Exec(db_, "SELECT kind || ':' || extra FROM changes ORDER BY id DESC LIMIT 1", &out),
+      "");
   EXPECT_EQ(out, "offline:ctl-b");
 }
 
