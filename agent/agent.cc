@@ -359,6 +359,7 @@ void Agent::OnMessage(const std::string& text) {
       welcomed_ = true;
       ++connections_;
     }
+    cv_.notify_all();  // a confirmation waiting for contact has it
     FlushReports();
     FlushLogs();
     substituter_->OnLinkUp();
@@ -886,7 +887,10 @@ void Agent::RunStep(DeployRecord& r, Step step) {
     std::lock_guard lock(mu_);
     // Only an ack for a message sent from now on proves the controller is
     // reachable after this activation.
-    if (step == Step::kActivate) confirm_floor_ = next_seq_ - 1;
+    if (step == Step::kActivate) {
+      confirm_floor_ = next_seq_ - 1;
+      confirm_connections_ = connections_;
+    }
     Apply(r, step, o, clock_(), policy_);
     if (step == Step::kActivate && o.ok) r.activated_boot_id = BootId();
     if (IsTerminal(r.phase)) ++outcomes_[std::string(ToString(r.phase))];
@@ -1054,17 +1058,18 @@ StepOutcome Agent::AwaitWindow(DeployRecord& r) {
 StepOutcome Agent::Confirm(DeployRecord& r) {
   // A fresh exchange with the controller: an ack for a report sent after
   // activation (the confirming report queued by RunStep, or any later one).
-  std::uint64_t floor;
+  std::uint64_t floor, sessions;
   {
     std::lock_guard lock(mu_);
     floor = confirm_floor_;
+    sessions = confirm_connections_;
   }
   HealthReport health{false, "health checks not run yet"};
   for (;;) {
     bool controller_ok;
     {
       std::unique_lock lock(mu_);
-      controller_ok = acked_seq_ > floor;
+      controller_ok = acked_seq_ > floor || connections_ > sessions;
       if (stopping_) {
         StepOutcome o{false, "agent stopping"};
         o.interrupted = true;  // the next agent confirms (its window restarts)
@@ -1087,7 +1092,7 @@ StepOutcome Agent::Confirm(DeployRecord& r) {
     }
     std::unique_lock lock(mu_);
     cv_.wait_for(lock, std::chrono::milliseconds(500),
-                 [&] { return stopping_ || acked_seq_ > floor; });
+                 [&] { return stopping_ || acked_seq_ > floor || connections_ > sessions; });
   }
 }
 

@@ -125,6 +125,9 @@ class Agent {
   std::uint64_t next_seq_ = 1;
   std::uint64_t acked_seq_ = 0;
   std::uint64_t confirm_floor_ = 0;  // acks above this prove post-activation contact
+  // So does a welcome on a session made after activation (the report sent
+  // just before a controller died is never acked; its successor welcomes).
+  std::uint64_t confirm_connections_ = 0;
   bool welcomed_ = false;
   std::uint64_t connections_ = 0;  // sessions that reached "welcome"
   std::uint64_t disconnects_ = 0;

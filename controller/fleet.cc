@@ -32,24 +32,179 @@ void DurationHistogram::Observe(double seconds) {
   sum += seconds;
 }
 
+void LagHistogram::Observe(double seconds) {
+  for (std::size_t i = 0; i < std::size(kBounds); ++i) {
+    if (seconds <= kBounds[i]) ++buckets[i];
+  }
+  ++count;
+  sum += seconds;
+}
+
+std::vector<std::shared_ptr<AgentChannel>> Fleet::ApplyMachinesLocked(
+    const std::vector<MachineRecord>& machines) {
+  std::set<std::string> allowed;
+  for (auto it = keys_.begin(); it != keys_.end();) {
+    it = it->second.role == Role::kMachine ? keys_.erase(it) : std::next(it);
+  }
+  revoked_.clear();
+  revoked_keys_.clear();
+  for (const auto& m : machines) {
+    if (m.revoked) {
+      revoked_.insert(m.name);
+      revoked_keys_.insert(m.key);
+    } else {
+      keys_[m.key] = {Role::kMachine, m.name};
+      allowed.insert(m.name);
+    }
+  }
+  std::vector<std::shared_ptr<AgentChannel>> close;
+  for (auto it = online_.begin(); it != online_.end();) {
+    if (allowed.count(it->first)) {
+      ++it;
+      continue;
+    }
+    if (auto ch = it->second.lock()) close.push_back(std::move(ch));
+    it = online_.erase(it);
+  }
+  return close;
+}
+
 Status Fleet::Load() {
   auto machines = store_.ListMachines();
   {
     std::lock_guard lock(mu_);
     keys_.clear();
-    revoked_.clear();
-    revoked_keys_.clear();
-    for (const auto& m : machines) {
-      if (m.revoked) {
-        revoked_.insert(m.name);
-        revoked_keys_.insert(m.key);
-      } else {
-        keys_[m.key] = {Role::kMachine, m.name};
-      }
-    }
+    (void)ApplyMachinesLocked(machines);
   }
   Refresh();
   return Status::Ok();
+}
+
+void Fleet::ReloadRegistry() {
+  const std::uint64_t failures = store_.Failures();
+  auto machines = store_.ListMachines();
+  if (store_.Failures() != failures) return;  // not answered: keep what is known
+  std::vector<std::shared_ptr<AgentChannel>> close;
+  {
+    std::lock_guard lock(mu_);
+    close = ApplyMachinesLocked(machines);
+  }
+  for (auto& ch : close) ch->Close("machine was removed or revoked (at another controller)");
+}
+
+std::vector<std::string> Fleet::LocalMachines() const {
+  std::lock_guard lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& [name, ch] : online_) {
+    if (!ch.expired()) out.push_back(name);
+  }
+  return out;
+}
+
+void Fleet::SetClustered(bool on) {
+  std::lock_guard lock(mu_);
+  counters_.clustered = on;
+}
+
+void Fleet::ObserveNotificationLag(double seconds) {
+  std::lock_guard lock(mu_);
+  counters_.notification_lag.Observe(seconds);
+}
+
+void Fleet::SetRemotePresence(std::map<std::string, std::string> remote) {
+  std::vector<std::string> came, went;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = remote.begin(); it != remote.end();) {
+      // A machine connected here is here, whatever an older row says.
+      auto local = online_.find(it->first);
+      if (local != online_.end() && !local->second.expired()) {
+        it = remote.erase(it);
+        continue;
+      }
+      if (!remote_online_.count(it->first)) came.push_back(it->first);
+      ++it;
+    }
+    for (const auto& [m, c] : remote_online_) {
+      if (!remote.count(m)) went.push_back(m);
+    }
+    remote_online_ = std::move(remote);
+  }
+  for (const auto& m : went) Broadcast("machine", {{"machine", m}, {"online", false}}, true);
+  for (const auto& m : came) {
+    Broadcast("machine", {{"machine", m}, {"online", true}}, true);
+    if (observer_) observer_->OnOnline(m);
+  }
+}
+
+void Fleet::RemotePresence(const std::string& machine, const std::string& controller, bool online) {
+  bool came = false, went = false;
+  {
+    std::lock_guard lock(mu_);
+    auto local = online_.find(machine);
+    bool here = local != online_.end() && !local->second.expired();
+    auto it = remote_online_.find(machine);
+    if (online) {
+      if (here) return;  // an older row: the agent is connected here now
+      came = it == remote_online_.end();
+      remote_online_[machine] = controller;
+    } else if (it != remote_online_.end() && it->second == controller) {
+      remote_online_.erase(it);
+      went = !here;
+    }
+  }
+  if (came || went) Broadcast("machine", {{"machine", machine}, {"online", came}}, true);
+  if (came && observer_) observer_->OnOnline(machine);
+}
+
+void Fleet::RemoteDeploy(const std::string& machine, std::int64_t generation) {
+  auto g = store_.GetGeneration(machine, generation);
+  if (!g || !g->released) return;
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(machine);
+    if (it != online_.end()) ch = it->second.lock();
+    if (ch) ++counters_.deploys_sent;
+  }
+  if (ch) ch->Send(DeployText(*g));
+  if (g->rollout.empty()) {
+    if (observer_) observer_->OnDirectPublish(machine, generation);
+    Broadcast("publish",
+              {{"machine", g->machine},
+               {"generation", g->generation},
+               {"toplevel", g->toplevel},
+               {"by", g->published_by},
+               {"online", IsOnline(machine)}},
+              true);
+  }
+}
+
+void Fleet::RemoteStatuses(const std::vector<EventRecord>& events,
+                           const std::vector<bool>& reboot_required) {
+  std::vector<StatusNote> notes;
+  notes.reserve(events.size());
+  for (std::size_t i = 0; i < events.size(); ++i) {
+    const auto& ev = events[i];
+    Broadcast("status",
+              {{"machine", ev.machine},
+               {"generation", ev.generation},
+               {"phase", ev.phase},
+               {"detail", ev.detail},
+               {"rebootRequired", i < reboot_required.size() && reboot_required[i]},
+               {"at", ev.at}},
+              true);
+    notes.push_back({ev.machine, ev.generation, ev.phase, ev.detail});
+  }
+  if (observer_ && !notes.empty()) observer_->OnStatuses(notes);
+}
+
+void Fleet::RemoteLogs(const std::string& machine, std::int64_t generation,
+                       const std::string& stream, const std::vector<std::string>& lines) {
+  Broadcast(
+      "log",
+      {{"machine", machine}, {"generation", generation}, {"stream", stream}, {"lines", lines}},
+      true);
 }
 
 std::vector<std::shared_ptr<AgentChannel>> Fleet::DropOperatorLocked(const std::string& name) {
@@ -106,7 +261,49 @@ bool Fleet::IsOperator(const std::string& name) const {
   return operators_.count(name) != 0;
 }
 
+void Fleet::RetryUnstored() {
+  std::lock_guard retry(retry_mu_);
+  std::vector<StatusWrite> batch;
+  {
+    std::lock_guard lock(mu_);
+    if (unstored_.empty()) return;
+    batch.swap(unstored_);
+  }
+  std::vector<Status> stored = store_.RecordStatuses(batch);
+  std::vector<StatusWrite> again;
+  std::vector<StatusNote> notes;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    if (i < stored.size() && stored[i]) {
+      const auto& ev = batch[i].ev;
+      notes.push_back({ev.machine, ev.generation, ev.phase, ev.detail});
+    } else {
+      again.push_back(std::move(batch[i]));
+    }
+  }
+  if (!again.empty()) {
+    std::lock_guard lock(mu_);
+    // Older ones first, then any that failed meanwhile.
+    again.insert(again.end(), std::make_move_iterator(unstored_.begin()),
+                 std::make_move_iterator(unstored_.end()));
+    if (again.size() > kMaxUnstored) {
+      again.erase(again.begin(),
+                  again.begin() + static_cast<std::ptrdiff_t>(again.size() - kMaxUnstored));
+    }
+    unstored_.swap(again);
+  }
+  if (!notes.empty()) {
+    spdlog::info("{} status report(s) stored after the store failed them earlier", notes.size());
+    if (observer_) observer_->OnStatuses(notes);
+  }
+}
+
+std::size_t Fleet::UnstoredCount() const {
+  std::lock_guard lock(mu_);
+  return unstored_.size();
+}
+
 void Fleet::Refresh() {
+  RetryUnstored();
   std::uint64_t version;
   {
     std::lock_guard lock(mu_);
@@ -186,6 +383,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
       auto& slot = online_[machine];
       previous = slot.lock();
       slot = channel;
+      remote_online_.erase(machine);  // it moved here
     }
     if (previous && previous != channel) previous->Close("replaced by a newer connection");
     bool revoked;
@@ -256,8 +454,32 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     w.facts = r.facts ? CleanFacts(*r.facts) : json(nullptr);
     writes.push_back(std::move(w));
   }
+  bool behind;
+  {
+    std::lock_guard lock(mu_);
+    behind = !unstored_.empty();
+  }
+  if (behind) RetryUnstored();  // older reports first: a later one must not be overwritten
+  {
+    std::lock_guard lock(mu_);
+    behind = !unstored_.empty();
+  }
+  // Still behind: these wait in line too, rather than be overwritten later.
   std::vector<Status> stored =
-      writes.empty() ? std::vector<Status>() : store_.RecordStatuses(writes);
+      writes.empty() ? std::vector<Status>()
+      : behind       ? std::vector<Status>(writes.size(),
+                                     Err("queued behind reports the store failed to write"))
+                     : store_.RecordStatuses(writes);
+  {
+    std::lock_guard lock(mu_);
+    for (std::size_t i = 0; i < stored.size(); ++i) {
+      if (!stored[i]) unstored_.push_back(writes[i]);
+    }
+    if (unstored_.size() > kMaxUnstored) {
+      unstored_.erase(unstored_.begin(), unstored_.begin() + static_cast<std::ptrdiff_t>(
+                                                                 unstored_.size() - kMaxUnstored));
+    }
+  }
   std::vector<Result<std::string>> out;
   out.reserve(reports.size());
   std::vector<StatusNote> notes;
@@ -360,6 +582,7 @@ void Fleet::AgentGone(const std::string& machine, const AgentChannel* channel) {
   }
   if (removed) {
     (void)store_.RecordSeen(machine, clock_());
+    (void)store_.RecordGone(machine);
     Broadcast("machine", {{"machine", machine}, {"online", false}});
   }
 }
@@ -367,7 +590,7 @@ void Fleet::AgentGone(const std::string& machine, const AgentChannel* channel) {
 bool Fleet::IsOnline(const std::string& machine) const {
   std::lock_guard lock(mu_);
   auto it = online_.find(machine);
-  return it != online_.end() && !it->second.expired();
+  return (it != online_.end() && !it->second.expired()) || remote_online_.count(machine) != 0;
 }
 
 std::size_t Fleet::OnlineCount() const {
@@ -604,7 +827,7 @@ std::vector<Status> Fleet::CommitPublishes(
                           {"generation", g.generation},
                           {"toplevel", g.toplevel},
                           {"by", operator_name},
-                          {"online", ch != nullptr}});
+                          {"online", ch != nullptr || IsOnline(g.machine)}});
   }
   return stored;
 }
@@ -752,13 +975,14 @@ void Fleet::Unsubscribe(const EventSink* sink) {
   });
 }
 
-void Fleet::Broadcast(const std::string& topic, const json& data) {
+void Fleet::Broadcast(const std::string& topic, const json& data, bool remote) {
   std::vector<std::shared_ptr<EventSink>> targets;
   {
     std::lock_guard lock(mu_);
     if (sinks_.empty()) return;
     for (auto& w : sinks_) {
-      if (auto s = w.lock()) targets.push_back(std::move(s));
+      auto s = w.lock();
+      if (s && (!remote || s->WantsRemoteEvents())) targets.push_back(std::move(s));
     }
   }
   std::string text = proto::Encode(proto::Event{topic, data});

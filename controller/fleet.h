@@ -38,6 +38,10 @@ class EventSink {
  public:
   virtual ~EventSink() = default;
   virtual void Deliver(std::string text) = 0;  // thread-safe, non-blocking
+  // Whether it also wants events that happened at another controller sharing
+  // the database (agents connected there). The webhook notifier does not:
+  // that controller notifies for its own agents.
+  virtual bool WantsRemoteEvents() const { return true; }
 };
 
 // kEnrollee: an unregistered key admitted while enrolment tokens are
@@ -74,6 +78,17 @@ struct DurationHistogram {
   void Observe(double seconds);
 };
 
+// Notification lag between controllers (commit of a change at one, its
+// reading at another, both on the database's clock), Prometheus-style buckets.
+struct LagHistogram {
+  static constexpr double kBounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                       0.1,   0.25,   0.5,   1,    2.5,   5};
+  std::uint64_t buckets[std::size(kBounds)] = {};  // cumulative counts per bound
+  std::uint64_t count = 0;
+  double sum = 0;
+  void Observe(double seconds);
+};
+
 struct Identity {
   Role role = Role::kNone;
   std::string name;
@@ -86,6 +101,8 @@ struct FleetCounters {
   std::uint64_t enrolments = 0;
   std::uint64_t revocations = 0;
   DurationHistogram deploy_seconds;
+  LagHistogram notification_lag;  // only while clustered
+  bool clustered = false;         // one of several controllers on one database
 };
 
 class Fleet {
@@ -112,7 +129,16 @@ class Fleet {
   // Re-reads what another process may change in the store: the operators
   // ('muster-controller operator add') and the number of live enrolment
   // tokens. The controller calls it every second, off the handshake path.
+  // Also retries status reports whose write failed (RetryUnstored).
   void Refresh();
+  // Status reports are acked to agents, which do not send them again, even
+  // when the store failed to write them (a database away): those are kept
+  // (at most kMaxUnstored, the oldest dropped first) and written again, in
+  // order, before the next report and on every Refresh; once stored, the
+  // observer is told of them again (the rollouts record their outcome).
+  static constexpr std::size_t kMaxUnstored = 10000;
+  void RetryUnstored();
+  std::size_t UnstoredCount() const;
 
   // Registry lookups, used during the TLS handshake. In memory only: a
   // registered key's identity; kNone for a revoked key; kEnrollee for any other
@@ -152,9 +178,37 @@ class Fleet {
   // false at its index. Fails (nothing stored) when the store does.
   Result<std::vector<bool>> AgentLogBatch(const std::vector<LogWrite>& writes);
   void AgentSeen(const std::string& machine);
+  // The machines whose agents are connected to this controller.
+  std::vector<std::string> LocalMachines() const;
   void AgentGone(const std::string& machine, const AgentChannel* channel);
+  // Connected to this controller or, when several share the database, to
+  // another live one (see SetRemotePresence).
   bool IsOnline(const std::string& machine) const;
-  std::size_t OnlineCount() const;
+  std::size_t OnlineCount() const;  // connected to this controller
+
+  // --- other controllers on the same database (cluster.h calls these) ---
+  // Replaces the set of machines connected to other live controllers
+  // (machine → controller id); machines that came or went are broadcast and
+  // the observer told of the ones that came.
+  void SetRemotePresence(std::map<std::string, std::string> remote);
+  // One presence change at another controller.
+  void RemotePresence(const std::string& machine, const std::string& controller, bool online);
+  // A generation was released at another controller: pushed to the agent if
+  // it is connected here; a direct publish (no rollout) is told to the
+  // observer (the rollout driver supersedes rollout items).
+  void RemoteDeploy(const std::string& machine, std::int64_t generation);
+  // Status reports stored by other controllers: broadcast and told to the
+  // observer, in order.
+  void RemoteStatuses(const std::vector<EventRecord>& events,
+                      const std::vector<bool>& reboot_required);
+  void RemoteLogs(const std::string& machine, std::int64_t generation, const std::string& stream,
+                  const std::vector<std::string>& lines);
+  // Re-reads the machine registry (keys, revocations) after another
+  // controller changed it; connections of machines removed or revoked there
+  // are closed here.
+  void ReloadRegistry();
+  void SetClustered(bool on);
+  void ObserveNotificationLag(double seconds);
 
   // --- operators ---
   // Registers a machine without a signed roster entry: what a store from
@@ -219,7 +273,9 @@ class Fleet {
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
-  void Broadcast(const std::string& topic, const nlohmann::json& data);
+  // remote: the event happened at another controller (sinks that do not
+  // WantsRemoteEvents skip it).
+  void Broadcast(const std::string& topic, const nlohmann::json& data, bool remote = false);
 
   Store& store() { return store_; }
   FleetCounters counters() const;
@@ -227,6 +283,10 @@ class Fleet {
 
  private:
   static std::string DeployText(const GenerationRecord& g);
+  // Applies a machine list to keys_/revoked_ (under mu_); returns the local
+  // channels of machines no longer allowed.
+  std::vector<std::shared_ptr<AgentChannel>> ApplyMachinesLocked(
+      const std::vector<MachineRecord>& machines);
   // Drops operators (under mu_) and returns their sessions to close.
   std::vector<std::shared_ptr<AgentChannel>> DropOperatorLocked(const std::string& name);
   Status Register(const std::string& name, const std::string& key,
@@ -249,10 +309,13 @@ class Fleet {
   std::set<std::string> revoked_keys_;    // their keys (refused, never enrollees)
   std::uint64_t operators_changed_ = 0;   // bumped by AddOperator (see Refresh)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
-  std::map<std::string, std::string> operators_;  // name → key text
+  std::map<std::string, std::string> remote_online_;  // machine → other controller
+  std::map<std::string, std::string> operators_;      // name → key text
   std::multimap<std::string, std::weak_ptr<AgentChannel>> operator_sessions_;
   std::vector<std::weak_ptr<EventSink>> sinks_;
   FleetCounters counters_;
+  std::mutex retry_mu_;                // one retry at a time, in order
+  std::vector<StatusWrite> unstored_;  // under mu_
   FleetObserver* observer_ = nullptr;
   int live_tokens_ = 0;  // as of the last Refresh, AddEnrollGrant or Enroll
   std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;

@@ -305,7 +305,8 @@ TEST_F(FleetTest, StatusIsRecordedAckedAndBroadcast) {
 
 TEST_F(FleetTest, BatchedHellosAndStatusesAnswerEachInOrder) {
   auto ch = std::make_shared<FakeChannel>();
-  auto hellos = fleet_->AgentHellos({{"web1", MakeHello(), ch}, {"web1", MakeHello(0, 0, "idle", "web9"), ch}});
+  auto hellos = fleet_->AgentHellos(
+      {{"web1", MakeHello(), ch}, {"web1", MakeHello(0, 0, "idle", "web9"), ch}});
   ASSERT_EQ(hellos.size(), 2u);
   ASSERT_TRUE(hellos[0].ok()) << hellos[0].message();
   EXPECT_EQ(std::get<proto::Welcome>(Decoded((*hellos[0])[0])).machine, "web1");
@@ -537,6 +538,80 @@ TEST_F(FleetTest, PublishRefusesADeployLargerThanAgentsAccept) {
   EXPECT_FALSE(store_->LatestGeneration("web1").has_value()) << "nothing was stored";
   fleet_->SetMaxDeployBytes(size);
   EXPECT_TRUE(fleet_->Publish("alice", d).ok()) << "exactly the limit is accepted";
+}
+
+}  // namespace
+}  // namespace muster
+
+namespace muster {
+namespace {
+
+// A sink like the webhook notifier: only this controller's own events.
+class LocalOnlySink : public FakeSink {
+ public:
+  bool WantsRemoteEvents() const override { return false; }
+};
+
+TEST_F(FleetTest, RemotePresenceCountsAsOnlineAndIsBroadcast) {
+  auto sink = std::make_shared<FakeSink>();
+  auto local = std::make_shared<LocalOnlySink>();
+  fleet_->Subscribe(sink);
+  fleet_->Subscribe(local);
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
+  fleet_->SetRemotePresence({{"web1", "ctl-b"}});
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  EXPECT_EQ(fleet_->OnlineCount(), 0u) << "connected elsewhere, not here";
+  EXPECT_TRUE(fleet_->LocalMachines().empty());
+  fleet_->SetRemotePresence({{"web1", "ctl-b"}});  // unchanged: no event
+  // The controller it was on says it left; another one's word does not count.
+  fleet_->RemotePresence("web1", "ctl-c", false);
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  fleet_->RemotePresence("web1", "ctl-b", false);
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
+  fleet_->RemotePresence("web1", "ctl-c", true);
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  ASSERT_EQ(sink->Topics(), (std::vector<std::string>{"machine", "machine", "machine"}));
+  EXPECT_EQ(sink->events[0].data["online"], true);
+  EXPECT_EQ(sink->events[1].data["online"], false);
+  EXPECT_EQ(sink->events[2].data["online"], true);
+  EXPECT_TRUE(local->events.empty()) << "remote events skip local-only sinks";
+  // Connecting here wins over a row naming another controller.
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  fleet_->RemotePresence("web1", "ctl-c", false);
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+  EXPECT_THAT(fleet_->LocalMachines(), ElementsAre("web1"));
+  fleet_->SetRemotePresence({});
+  EXPECT_TRUE(fleet_->IsOnline("web1"));
+}
+
+TEST_F(FleetTest, RemoteDeployIsPushedToTheLocalAgent) {
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  auto g = fleet_->ValidateDeploy("alice", MakeDeploy(1));
+  ASSERT_TRUE(g.ok()) << g.message();
+  // Stored by another controller: only the store has it.
+  ASSERT_TRUE(store_->AddGeneration(*g).ok());
+  std::size_t before = ch->sent.size();
+  fleet_->RemoteDeploy("web1", 1);
+  ASSERT_EQ(ch->sent.size(), before + 1);
+  EXPECT_EQ(std::get<proto::Deploy>(Decoded(ch->sent.back())).manifest.signature,
+            g->manifest.signature);
+  fleet_->RemoteDeploy("web1", 7);  // unknown: nothing
+  EXPECT_EQ(ch->sent.size(), before + 1);
+}
+
+TEST_F(FleetTest, ReloadRegistryClosesMachinesRemovedOrRevokedElsewhere) {
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  ASSERT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kMachine);
+  ASSERT_TRUE(store_->SetMachineRevoked("web1", true).ok());  // as another controller would
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kMachine) << "not yet re-read";
+  fleet_->ReloadRegistry();
+  EXPECT_EQ(fleet_->Lookup(web1_.public_key()).role, Role::kNone);
+  EXPECT_EQ(fleet_->Lookup(alice_.public_key()).role, Role::kOperator) << "operators stay";
+  ASSERT_EQ(ch->closed.size(), 1u);
+  EXPECT_FALSE(fleet_->IsOnline("web1"));
 }
 
 }  // namespace

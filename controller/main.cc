@@ -25,6 +25,7 @@
 #include "common/log.h"
 #include "common/tls.h"
 #include "controller/api.h"
+#include "controller/cluster.h"
 #include "controller/dashboard.h"
 #include "controller/fleet.h"
 #include "controller/metrics.h"
@@ -437,10 +438,22 @@ int Run(const Paths& p, const RunConfig& c) {
   auto store = OpenStore(p.store(), c.store);
   if (!store) return Fail(store.message());
   Fleet fleet(**store, NowMs);
-  if (auto st = fleet.Load(); !st) return Fail(st.message());
-  fleet.SetMaxDeployBytes(c.max_message_bytes);
   RolloutManager rollouts(fleet, **store);
   fleet.SetObserver(&rollouts);
+  // Several controllers on one PostgreSQL database: presence, fan-out and the
+  // rollout driver's lease (cluster.h). Joined before the registry is loaded,
+  // so that no change committed in between is missed.
+  std::unique_ptr<Cluster> cluster;
+  if (IsPostgresStoreSpec(p.store())) {
+    ClusterOptions co;
+    co.conninfo = p.store();
+    co.id = NewClusterId();
+    if (auto st = (*store)->SetControllerId(co.id); !st) return Fail(st.message());
+    cluster = std::make_unique<Cluster>(fleet, rollouts, co);
+    if (auto st = cluster->Open(); !st) return Fail(st.message());
+  }
+  if (auto st = fleet.Load(); !st) return Fail(st.message());
+  fleet.SetMaxDeployBytes(c.max_message_bytes);
   Api api(fleet, &rollouts);
   auto bytes = OpenFileByteStorage((p.dir / "cache").string());
   if (!bytes) return Fail(bytes.message());
@@ -517,7 +530,8 @@ int Run(const Paths& p, const RunConfig& c) {
     roster_watch->Report(applied);
     roster_watch->Start();
   }
-  rollouts.Resume();  // active rollouts continue where they were
+  rollouts.Resume();  // active rollouts continue where they were (if this one drives)
+  if (cluster) cluster->Start();
   notifier->Start();  // and queued notifications are sent
   // Operators added by another process and expired enrolment tokens: the
   // handshake consults memory only (Fleet::Lookup), so refresh it in the
@@ -539,6 +553,7 @@ int Run(const Paths& p, const RunConfig& c) {
   for (int i = 1; i < n; ++i) threads.emplace_back([&] { RunIoContextGuarded(ioc, "I/O thread"); });
   RunIoContextGuarded(ioc, "I/O thread");
   for (auto& t : threads) t.join();
+  if (cluster) cluster->Stop();
   notifier->Stop();
   return 0;
 }

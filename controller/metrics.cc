@@ -52,6 +52,18 @@ std::string RenderMetrics(Fleet& fleet, ServerStats& stats) {
       o << "muster_refusals_total{reason=\"" << reason << "\"} " << n << "\n";
     }
   }
+  if (c.clustered) {
+    o << "# HELP muster_notification_lag_seconds Changes committed by another controller: time "
+         "from the commit to their reading here (database clock).\n"
+      << "# TYPE muster_notification_lag_seconds histogram\n";
+    for (std::size_t i = 0; i < std::size(LagHistogram::kBounds); ++i) {
+      o << "muster_notification_lag_seconds_bucket{le=\"" << LagHistogram::kBounds[i] << "\"} "
+        << c.notification_lag.buckets[i] << "\n";
+    }
+    o << "muster_notification_lag_seconds_bucket{le=\"+Inf\"} " << c.notification_lag.count << "\n"
+      << "muster_notification_lag_seconds_sum " << c.notification_lag.sum << "\n"
+      << "muster_notification_lag_seconds_count " << c.notification_lag.count << "\n";
+  }
   o << "# HELP muster_log_lines_stored_total Agent log lines stored.\n"
     << "# TYPE muster_log_lines_stored_total counter\n"
     << "muster_log_lines_stored_total " << stats.logs.stored_lines.load() << "\n"

@@ -84,6 +84,8 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
 
   // EventSink: turns fleet events into queued notifications.
   void Deliver(std::string text) override;
+  // Another controller notifies for the agents connected to it.
+  bool WantsRemoteEvents() const override { return false; }
 
   // Operator requests (webhook.*).
   Result<WebhookRecord> Add(const std::string& url, const std::string& secret,

@@ -9,6 +9,7 @@
 #include <sqlite3.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -131,6 +132,141 @@ CREATE TABLE roster_removed (
   roster TEXT NOT NULL,
   signed_at BIGINT NOT NULL
 );
+)SQL",
+    // 2: several controllers at the same time. Every change another controller
+    // must act on is a row in `changes`, written by a trigger in the same
+    // transaction as the change itself, and announced on commit with
+    // NOTIFY muster_changes (payload: the newest change id; readers read the
+    // rows, so a missed notification costs only latency). Presence rows name
+    // the controller that holds the agent's connection; a controller's rows
+    // count only while its row in `controllers` is unexpired. `leases` holds
+    // the rollout driver's lease. Times are the database's clock (unix ms).
+    R"SQL(
+CREATE TABLE changes (
+  id BIGSERIAL PRIMARY KEY,
+  kind TEXT NOT NULL,
+  subject TEXT NOT NULL DEFAULT '',
+  generation BIGINT NOT NULL DEFAULT 0,
+  ref BIGINT NOT NULL DEFAULT 0,
+  ref2 BIGINT NOT NULL DEFAULT 0,
+  extra TEXT NOT NULL DEFAULT '',
+  origin TEXT NOT NULL DEFAULT '',
+  at BIGINT NOT NULL
+);
+CREATE INDEX changes_at ON changes (at);
+CREATE TABLE controllers (
+  id TEXT PRIMARY KEY,
+  started_at BIGINT NOT NULL,
+  expires_at BIGINT NOT NULL
+);
+CREATE TABLE presence (
+  machine TEXT PRIMARY KEY,
+  controller TEXT NOT NULL,
+  since BIGINT NOT NULL
+);
+CREATE INDEX presence_controller ON presence (controller);
+CREATE TABLE leases (
+  name TEXT PRIMARY KEY,
+  holder TEXT NOT NULL,
+  expires_at BIGINT NOT NULL
+);
+CREATE FUNCTION muster_now() RETURNS BIGINT LANGUAGE sql VOLATILE AS
+  $$ SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT $$;
+CREATE FUNCTION muster_origin() RETURNS TEXT LANGUAGE sql STABLE AS
+  $$ SELECT COALESCE(current_setting('muster.controller', true), '') $$;
+CREATE FUNCTION muster_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_TABLE_NAME = 'generations' AND TG_OP = 'INSERT' THEN
+    INSERT INTO changes (kind, subject, generation, origin, at)
+      SELECT 'deploy', n.machine, n.generation, muster_origin(), muster_now()
+      FROM new_rows n WHERE n.released = 1;
+  ELSIF TG_TABLE_NAME = 'generations' THEN
+    INSERT INTO changes (kind, subject, generation, origin, at)
+      SELECT 'deploy', n.machine, n.generation, muster_origin(), muster_now()
+      FROM new_rows n JOIN old_rows o USING (machine, generation)
+      WHERE n.released = 1 AND o.released = 0;
+  ELSIF TG_TABLE_NAME = 'events' THEN
+    INSERT INTO changes (kind, subject, generation, ref, origin, at)
+      SELECT 'status', n.machine, n.generation, n.id, muster_origin(), muster_now()
+      FROM new_rows n ORDER BY n.id;
+  ELSIF TG_TABLE_NAME = 'logs' THEN
+    INSERT INTO changes (kind, subject, generation, ref, ref2, extra, origin, at)
+      SELECT 'log', n.machine, n.generation, MIN(n.id), MAX(n.id), n.stream, muster_origin(),
+             muster_now()
+      FROM new_rows n GROUP BY n.machine, n.generation, n.stream ORDER BY MIN(n.id);
+  ELSIF TG_TABLE_NAME = 'machines' AND TG_OP = 'UPDATE' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'machine', n.name, muster_origin(), muster_now()
+      FROM new_rows n JOIN old_rows o USING (name)
+      WHERE n.key <> o.key OR n.revoked <> o.revoked OR n.roster <> o.roster
+         OR n.tags <> o.tags OR n.binding <> o.binding;
+  ELSIF TG_TABLE_NAME = 'machines' AND TG_OP = 'INSERT' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'machine', n.name, muster_origin(), muster_now() FROM new_rows n;
+  ELSIF TG_TABLE_NAME = 'machines' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'machine', o.name, muster_origin(), muster_now() FROM old_rows o;
+  ELSIF TG_TABLE_NAME = 'operators' AND TG_OP = 'DELETE' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'operator', o.name, muster_origin(), muster_now() FROM old_rows o;
+  ELSIF TG_TABLE_NAME = 'operators' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'operator', n.name, muster_origin(), muster_now() FROM new_rows n;
+  ELSIF TG_TABLE_NAME = 'rollouts' THEN
+    INSERT INTO changes (kind, subject, origin, at)
+      SELECT 'rollout', n.id, muster_origin(), muster_now() FROM new_rows n;
+  ELSIF TG_TABLE_NAME = 'rollout_items' THEN
+    INSERT INTO changes (kind, subject, ref, origin, at)
+      SELECT 'rollout_item', n.rollout, n.position, muster_origin(), muster_now()
+      FROM new_rows n JOIN old_rows o USING (rollout, position)
+      WHERE n.state <> o.state OR n.detail <> o.detail;
+  ELSIF TG_TABLE_NAME = 'presence' AND TG_OP = 'DELETE' THEN
+    INSERT INTO changes (kind, subject, extra, origin, at)
+      SELECT 'offline', o.machine, o.controller, muster_origin(), muster_now() FROM old_rows o;
+  ELSIF TG_TABLE_NAME = 'presence' THEN
+    INSERT INTO changes (kind, subject, extra, origin, at)
+      SELECT 'online', n.machine, n.controller, muster_origin(), muster_now() FROM new_rows n;
+  END IF;
+  IF FOUND THEN
+    PERFORM pg_notify('muster_changes', currval(pg_get_serial_sequence('changes', 'id'))::TEXT);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER generations_ins AFTER INSERT ON generations REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER generations_upd AFTER UPDATE ON generations
+  REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER events_ins AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER logs_ins AFTER INSERT ON logs REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER machines_ins AFTER INSERT ON machines REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER machines_upd AFTER UPDATE ON machines
+  REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER machines_del AFTER DELETE ON machines REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER operators_ins AFTER INSERT ON operators REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER operators_upd AFTER UPDATE ON operators REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER operators_del AFTER DELETE ON operators REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER rollouts_ins AFTER INSERT ON rollouts REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER rollouts_upd AFTER UPDATE ON rollouts REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER rollout_items_upd AFTER UPDATE ON rollout_items
+  REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER presence_ins AFTER INSERT ON presence REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER presence_upd AFTER UPDATE ON presence REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
+CREATE TRIGGER presence_del AFTER DELETE ON presence REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
 )SQL",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
@@ -418,7 +554,75 @@ class PgStore final : public Store {
           "last_applied, $3::BIGINT) WHERE name = $4",
           at, DumpJson(facts), last_applied, name);
     if (!r.ok()) return Err("store: " + r.error());
+    if (!controller_id_.empty()) {
+      auto p =
+          Q("INSERT INTO presence (machine, controller, since) VALUES ($1, $2, muster_now()) "
+            "ON CONFLICT (machine) DO UPDATE SET controller = excluded.controller, since = "
+            "excluded.since",
+            name, controller_id_);
+      if (!p.ok()) return Err("store: cannot record presence: " + p.error());
+    }
     return Status::Ok();
+  }
+
+  Status SetControllerId(const std::string& id) override {
+    for (char c : id) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
+        return Err("controller id '" + id + "' may hold only letters, digits, '-', '_' and '.'");
+      }
+    }
+    std::lock_guard lock(mu_);
+    controller_id_ = id;
+    return ConnectLocked();
+  }
+
+  Status RecordGone(const std::string& machine) override {
+    std::lock_guard lock(mu_);
+    if (controller_id_.empty()) return Status::Ok();
+    auto r =
+        Q("DELETE FROM presence WHERE machine = $1 AND controller = $2", machine, controller_id_);
+    if (!r.ok()) return Err("store: cannot record presence: " + r.error());
+    return Status::Ok();
+  }
+
+  // One transaction; an item is released only from "pending" (so that no
+  // machine is released twice, whichever controller drives), and, once this
+  // store names its controller, only while that controller holds the rollout
+  // driver's lease (a driver that lost it, e.g. paused past its expiry, writes
+  // nothing).
+  Status ReleaseRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    std::lock_guard lock(mu_);
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto fail = [&](std::string e) {
+      (void)End("ROLLBACK");
+      return Status(Err(std::move(e)));
+    };
+    if (!controller_id_.empty()) {
+      auto l =
+          Q("SELECT 1 FROM leases WHERE name = 'rollouts' AND holder = $1 AND expires_at > "
+            "muster_now() FOR SHARE",
+            controller_id_);
+      if (!l.ok()) return fail("store: " + l.error());
+      if (l.rows() != 1) {
+        return fail(
+            "this controller does not hold the rollout driver's lease (another "
+            "controller drives rollouts now)");
+      }
+    }
+    for (const auto& it : items) {
+      auto u =
+          Q("UPDATE rollout_items SET state = $1, detail = $2, updated_at = $3 WHERE rollout = $4 "
+            "AND position = $5 AND state = 'pending'",
+            it.state, it.detail, it.updated_at, it.rollout, it.position);
+      if (!u.ok()) return fail("store: cannot release rollout item: " + u.error());
+      if (u.changes() == 0) continue;  // released (or ended) already: not again
+      auto g =
+          Q("UPDATE generations SET released = 1 WHERE machine = $1 AND generation = $2 AND "
+            "released = 0",
+            it.machine, it.generation);
+      if (!g.ok()) return fail("store: cannot release generation: " + g.error());
+    }
+    return CommitLocked("cannot release rollout items");
   }
 
   Status RecordSeen(const std::string& name, std::int64_t at) override {
@@ -1012,6 +1216,10 @@ class PgStore final : public Store {
   // server's default, so that a call returns only once its change is flushed.
   Status ConnectLocked() {
     if (conn_) PQfinish(conn_);
+    std::string options =
+        "-c synchronous_commit=on -c statement_timeout=30000 "
+        "-c client_encoding=UTF8 -c client_min_messages=warning";
+    if (!controller_id_.empty()) options += " -c muster.controller=" + controller_id_;
     const char* keys[] = {"connect_timeout",
                           "application_name",
                           "keepalives",
@@ -1021,16 +1229,9 @@ class PgStore final : public Store {
                           "options",
                           "dbname",
                           nullptr};
-    const char* vals[] = {"10",
-                          "muster-controller",
-                          "1",
-                          "10",
-                          "5",
-                          "3",
-                          "-c synchronous_commit=on -c statement_timeout=30000 "
-                          "-c client_encoding=UTF8 -c client_min_messages=warning",
-                          conninfo_.c_str(),
-                          nullptr};
+    const char* vals[] = {
+        "10",   "muster-controller", "1", "10", "5", "3", options.c_str(), conninfo_.c_str(),
+        nullptr};
     conn_ = PQconnectdbParams(keys, vals, 1);
     if (conn_ == nullptr) return Err("store: cannot connect to PostgreSQL: out of memory");
     if (PQstatus(conn_) != CONNECTION_OK) {
@@ -1210,6 +1411,7 @@ class PgStore final : public Store {
   const std::string conninfo_;
   PGconn* conn_ = nullptr;
   bool in_tx_ = false;
+  std::string controller_id_;  // SetControllerId; "" = not one of several controllers
   std::atomic<std::uint64_t> failures_{0};
   std::chrono::steady_clock::time_point last_reset_{};
 };

@@ -97,8 +97,67 @@ void RolloutManager::ReindexLocked() {
 
 void RolloutManager::Resume() {
   std::lock_guard lock(mu_);
+  if (!driving_) return;
   ReindexLocked();
-  for (const auto& id : ActiveIds()) EvaluateLocked(id);
+  // Final reports that reached no driver (stored while none held the lease,
+  // or while this one was down): the machine's row has its last phase.
+  std::vector<RolloutItemRecord> settled;
+  std::map<std::string, std::vector<int>> touched;
+  std::int64_t now = fleet_.Now();
+  for (auto& [id, a] : active_) {
+    for (auto& it : a.items) {
+      if (it.state != "released") continue;
+      auto m = store_.GetMachine(it.machine);
+      if (!m || m->generation != it.generation) continue;
+      std::string outcome = ItemOutcome(m->phase);
+      if (outcome.empty()) continue;
+      RolloutItemRecord u = it;
+      u.state = outcome;
+      u.detail = m->phase + (m->detail.empty() ? "" : ": " + m->detail);
+      u.updated_at = now;
+      settled.push_back(u);
+      touched[id].push_back(it.position);
+      it = std::move(u);
+    }
+  }
+  if (!settled.empty()) {
+    if (auto st = store_.UpdateRolloutItems(settled); !st) {
+      spdlog::error("rollouts: cannot record {} final report(s): {}", settled.size(), st.message());
+      ReindexLocked();
+      touched.clear();
+    }
+  }
+  for (const auto& id : ActiveIds()) {
+    auto t = touched.find(id);
+    EvaluateLocked(id, t == touched.end() ? std::vector<int>{} : t->second);
+  }
+}
+
+void RolloutManager::SetDriving(bool driving) {
+  {
+    std::lock_guard lock(mu_);
+    if (driving_ == driving) return;
+    driving_ = driving;
+  }
+  spdlog::info("rollouts: this controller {} the driver", driving ? "is now" : "is no longer");
+  if (driving) Resume();
+}
+
+bool RolloutManager::Driving() {
+  std::lock_guard lock(mu_);
+  return driving_;
+}
+
+void RolloutManager::OnRemoteChange(const std::string& id, const std::vector<int>& positions) {
+  std::lock_guard lock(mu_);
+  if (driving_) {
+    ReindexLocked();
+    EvaluateLocked(id, positions);  // broadcasts
+    return;
+  }
+  auto r = store_.GetRollout(id);
+  if (!r) return;
+  fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id), &positions), true);
 }
 
 Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
@@ -144,6 +203,13 @@ Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
 }
 
 void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> changed) {
+  if (!driving_) {
+    // Not the driver: nothing is released here; watchers of this controller
+    // still see what it changed (a new rollout, a pause).
+    auto rr = store_.GetRollout(id);
+    if (rr) fleet_.Broadcast("rollout", DescribeLocked(*rr, store_.ListRolloutItems(id), &changed));
+    return;
+  }
   RolloutRecord r;
   std::vector<RolloutItemRecord> loaded;
   std::vector<RolloutItemRecord>* items = nullptr;
@@ -210,8 +276,9 @@ void RolloutManager::OnStatuses(const std::vector<StatusNote>& notes) {
   // Only a final report changes a rollout; intermediate phases reach watchers
   // as status events and need no write or re-evaluation here. A batch (one
   // group commit of reports) is stored in one transaction and each rollout it
-  // touches is evaluated once.
+  // touches is evaluated once. Only the driver records them.
   std::lock_guard lock(mu_);
+  if (!driving_) return;
   std::vector<RolloutItemRecord> updates;
   std::map<std::string, std::vector<int>> touched;  // rollout → positions
   std::int64_t now = fleet_.Now();
@@ -249,6 +316,7 @@ void RolloutManager::OnStatuses(const std::vector<StatusNote>& notes) {
 
 void RolloutManager::OnOnline(const std::string& machine) {
   std::lock_guard lock(mu_);
+  if (!driving_) return;
   auto idx = by_machine_.find(machine);
   if (idx == by_machine_.end()) return;
   auto refs = idx->second;
@@ -261,6 +329,7 @@ void RolloutManager::OnOnline(const std::string& machine) {
 
 void RolloutManager::OnDirectPublish(const std::string& machine, std::int64_t generation) {
   std::lock_guard lock(mu_);
+  if (!driving_) return;
   auto idx = by_machine_.find(machine);
   if (idx == by_machine_.end()) return;
   auto refs = idx->second;

@@ -52,8 +52,22 @@ class RolloutManager : public FleetObserver {
  public:
   RolloutManager(Fleet& fleet, Store& store);
 
-  // Re-evaluates every active rollout (at start-up).
+  // Re-evaluates every active rollout (at start-up, and when this controller
+  // becomes the driver): items released whose machine has meanwhile reported
+  // its final phase for that generation are settled from the store first (a
+  // report that reached no driver is not lost).
   void Resume();
+
+  // Several controllers on one database: only the one holding the driver's
+  // lease releases machines and records final reports (cluster.h). The others
+  // store new rollouts and state changes (the driver reads them) and broadcast
+  // what they change. Default (one controller): driving.
+  void SetDriving(bool driving);
+  bool Driving();
+  // A rollout (created, its state or an item changed) by another controller:
+  // the driver re-reads and re-evaluates it; every controller broadcasts the
+  // items that changed to its watchers.
+  void OnRemoteChange(const std::string& id, const std::vector<int>& positions);
 
   Result<RolloutRecord> Create(RolloutSpec spec);
   Status Pause(const std::string& id);
@@ -98,6 +112,7 @@ class RolloutManager : public FleetObserver {
   Store& store_;
   std::mutex mu_;
   std::uint64_t seq_ = 0;
+  bool driving_ = true;
 };
 
 }  // namespace muster

@@ -330,6 +330,22 @@ class Store {
     return Err("this store backend does not keep a notification queue");
   }
   virtual std::int64_t QueuedDeliveries() { return 0; }
+
+  // --- several controllers on one database (PostgreSQL; see cluster.h) ---
+  // SQLite serves one controller: these do nothing there.
+  //
+  // Names this controller in what it writes from now on: the origin of change
+  // rows, and presence rows (RecordHello(s) then also records that this
+  // controller holds the machine's connection). Reconnects with the name set.
+  virtual Status SetControllerId(const std::string& id) {
+    (void)id;
+    return Status::Ok();
+  }
+  // This controller no longer holds the machine's connection.
+  virtual Status RecordGone(const std::string& machine) {
+    (void)machine;
+    return Status::Ok();
+  }
 };
 
 // What one machine may occupy in the store; enforced on every write, the

@@ -518,7 +518,7 @@ TEST(StoreLimitsCheck, NamesTheSettingThatIsWrong) {
 }
 
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
-  EXPECT_EQ(store_->GetSetting("schema_version"), "1");
+  EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "2" : "1");
   EXPECT_FALSE(store_->GetSetting("missing").has_value());
   ASSERT_TRUE(store_->SetSetting("k", "v1").ok());
   ASSERT_TRUE(store_->SetSetting("k", "v2").ok());
@@ -601,9 +601,9 @@ TEST_F(PgStoreTest, ControllersStartingTogetherMigrateOnce) {
   std::string rows, distinct;
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM schema_migrations", &rows), "");
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(DISTINCT version) FROM schema_migrations", &distinct), "");
-  EXPECT_EQ(rows, "1") << "each migration recorded once";
+  EXPECT_EQ(rows, "2") << "each migration recorded once";
   EXPECT_EQ(distinct, rows);
-  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "1");
+  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "2");
 }
 
 TEST_F(PgStoreTest, TwoControllersShareOneFleet) {
@@ -734,7 +734,7 @@ TEST_F(PgStoreTest, CopiesAnSqliteStoreIntoAnEmptyOne) {
   EXPECT_EQ(s->LatestGeneration("web1")->toplevel, "/nix/store/3-system");
   EXPECT_EQ(s->ListEvents("web1", 3, 10).size(), 1u);
   EXPECT_EQ(s->GetSetting("k"), "v");
-  EXPECT_EQ(s->GetSetting("schema_version"), "1");
+  EXPECT_EQ(s->GetSetting("schema_version"), "2");
   // New rows continue the copied ids.
   ASSERT_TRUE(s->AppendLogs({{0, "web1", 3, "activate", "again", 11}}).ok());
   auto logs = s->ReadLogs("web1", 3, 0, 10);
@@ -759,6 +759,105 @@ TEST(StoreSpec, PostgresUrisAreRecognised) {
   EXPECT_TRUE(IsPostgresStoreSpec("postgres:///muster?host=/run/postgresql"));
   EXPECT_FALSE(IsPostgresStoreSpec("/var/lib/muster-controller/muster.db"));
   EXPECT_FALSE(IsPostgresStoreSpec("muster.db"));
+}
+
+}  // namespace
+}  // namespace muster
+
+namespace muster {
+namespace {
+
+// --- PostgreSQL only: what several controllers running at once rely on ---
+
+GenerationRecord HeldBack(const std::string& machine, std::int64_t n) {
+  GenerationRecord g;
+  g.machine = machine;
+  g.generation = n;
+  g.manifest.manifest = "{}";
+  g.toplevel = "/nix/store/" + std::to_string(n) + "-system";
+  g.action = "switch";
+  g.rollout = "r1";
+  g.released = false;
+  return g;
+}
+
+TEST_F(PgStoreTest, ChangesAreRecordedWithTheirOriginAndAnnounced) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->SetControllerId("ctl-a").ok());
+  ASSERT_TRUE(b->SetControllerId("ctl-b").ok());
+  EXPECT_FALSE(a->SetControllerId("bad id;").ok());
+  MachineRecord m;
+  m.name = "web1";
+  m.key = "ed25519:k1";
+  m.created_at = 1;
+  ASSERT_TRUE(a->AddMachine(m).ok());
+  GenerationRecord g = HeldBack("web1", 1);
+  g.released = true;
+  g.rollout = "";
+  ASSERT_TRUE(b->AddGeneration(g).ok());
+  ASSERT_TRUE(b->RecordHello("web1", 5, nlohmann::json::object(), 0).ok());
+  EventRecord ev{0, "web1", 1, "succeeded", "", 6};
+  ASSERT_TRUE(a->RecordStatus("web1", ev, "/nix/store/1-system", false).ok());
+  ASSERT_TRUE(a->RecordGone("web1").ok());  // not a's: b's row stays
+  std::string out;
+  ASSERT_EQ(pg_->Exec(db_,
+                      "SELECT string_agg(kind || ':' || subject || ':' || origin || ':' || extra, "
+                      "' ' ORDER BY id) FROM changes",
+                      &out),
+            "");
+  EXPECT_EQ(out,
+            "machine:web1:ctl-a: deploy:web1:ctl-b: online:web1:ctl-b:ctl-b "
+            "status:web1:ctl-a:");
+  ASSERT_EQ(pg_->Exec(db_, "SELECT controller FROM presence WHERE machine = 'web1'", &out), "");
+  EXPECT_EQ(out, "ctl-b");
+  ASSERT_TRUE(b->RecordGone("web1").ok());
+  ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM presence", &out), "");
+  EXPECT_EQ(out, "0");
+  ASSERT_EQ(
+      pg_->Exec(db_, "SELECT kind || ':' || extra FROM changes ORDER BY id DESC LIMIT 1", &out),
+      "");
+  EXPECT_EQ(out, "offline:ctl-b");
+}
+
+TEST_F(PgStoreTest, AnItemIsReleasedOnceAndOnlyByTheLeaseHolder) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  MachineRecord m;
+  m.name = "web1";
+  m.key = "ed25519:k1";
+  m.created_at = 1;
+  ASSERT_TRUE(a->AddMachine(m).ok());
+  RolloutRecord r;
+  r.id = "r1";
+  r.created_by = "alice";
+  RolloutItemRecord it;
+  it.rollout = "r1";
+  it.machine = "web1";
+  it.generation = 1;
+  ASSERT_TRUE(a->CreateRollout(r, {HeldBack("web1", 1)}, {it}).ok());
+  ASSERT_TRUE(a->SetControllerId("ctl-a").ok());
+  ASSERT_TRUE(b->SetControllerId("ctl-b").ok());
+  it.state = "released";
+  auto refused = a->ReleaseRolloutItems({it});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.message(), HasSubstr("does not hold the rollout driver's lease"));
+  EXPECT_FALSE(a->LatestGeneration("web1").has_value()) << "nothing released without the lease";
+  ASSERT_EQ(pg_->Exec(db_,
+                      "INSERT INTO leases (name, holder, expires_at) VALUES ('rollouts', 'ctl-a', "
+                      "muster_now() + 60000)",
+                      nullptr),
+            "");
+  EXPECT_FALSE(b->ReleaseRolloutItems({it}).ok()) << "b does not hold it";
+  ASSERT_TRUE(a->ReleaseRolloutItems({it}).ok());
+  ASSERT_TRUE(a->ReleaseRolloutItems({it}).ok()) << "again: nothing to do, no error";
+  ASSERT_TRUE(a->LatestGeneration("web1").has_value());
+  std::string out;
+  ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM changes WHERE kind = 'deploy'", &out), "");
+  EXPECT_EQ(out, "1") << "released once";
+  // An expired lease is no lease.
+  ASSERT_EQ(pg_->Exec(db_, "UPDATE leases SET expires_at = 0", nullptr), "");
+  EXPECT_FALSE(a->ReleaseRolloutItems({it}).ok());
 }
 
 }  // namespace
