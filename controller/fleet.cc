@@ -400,6 +400,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
   std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordHellos(writes);
   std::vector<Result<std::vector<std::string>>> out;
   out.reserve(hellos.size());
+  std::vector<std::pair<std::string, proto::StatusReport>> missed;
   for (std::size_t k = 0, w = 0; k < hellos.size(); ++k) {
     if (refused[k]) {
       out.emplace_back(Err(refused[k]->message));
@@ -407,9 +408,32 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
     }
     if (!stored[w]) spdlog::error("{}: {}", hellos[k].machine, stored[w].message());
     ++w;
+    if (auto r = MissedFinalReport(hellos[k].machine, hellos[k].hello))
+      missed.emplace_back(hellos[k].machine, std::move(*r));
     out.push_back(AfterHello(hellos[k].machine, hellos[k].hello));
   }
+  // Final phases the store never heard of (the report was lost with a
+  // controller that died before storing it): recorded now, as reports, so
+  // that rollouts waiting for them go on. Nothing is acked: seq 0.
+  if (!missed.empty()) (void)AgentStatuses(missed);
   return out;
+}
+
+std::optional<proto::StatusReport> Fleet::MissedFinalReport(const std::string& machine,
+                                                            const proto::Hello& hello) {
+  auto ph = ParsePhase(hello.phase);
+  if (hello.generation <= 0 || !ph || !IsTerminal(*ph)) return std::nullopt;
+  auto m = store_.GetMachine(machine);
+  if (!m || hello.generation < m->generation) return std::nullopt;
+  if (hello.generation == m->generation && m->phase == hello.phase) return std::nullopt;
+  if (!store_.GetGeneration(machine, hello.generation)) return std::nullopt;
+  proto::StatusReport r;
+  r.generation = hello.generation;
+  r.phase = hello.phase;
+  r.toplevel = hello.toplevel;
+  r.detail = "reported when the agent reconnected (its earlier report was not stored)";
+  spdlog::info("{} generation {}: {} (from its hello)", machine, r.generation, ForLog(r.phase, 32));
+  return r;
 }
 
 std::vector<std::string> Fleet::AfterHello(const std::string& machine, const proto::Hello& hello) {

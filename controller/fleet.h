@@ -296,6 +296,10 @@ class Fleet {
   // signedAt of the entry the controller holds for a machine (0: unsigned).
   static std::int64_t HeldSignedAt(const MachineRecord& m);
   // What follows a durable hello: welcome, pending deploy, events, observer.
+  // A report for the final phase a hello carries when the store has a
+  // different phase for that generation (its report was lost), else nullopt.
+  std::optional<proto::StatusReport> MissedFinalReport(const std::string& machine,
+                                                       const proto::Hello& hello);
   std::vector<std::string> AfterHello(const std::string& machine, const proto::Hello& hello);
   // What follows a durable status report: counters, events, observer; the ack.
   Result<std::string> AfterStatus(const std::string& machine, const proto::StatusReport& r,

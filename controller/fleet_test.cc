@@ -127,6 +127,42 @@ TEST_F(FleetTest, HelloGetsWelcomeThenDeployOnlyWhenNeeded) {
   }
 }
 
+TEST_F(FleetTest, HelloWithAFinalPhaseTheStoreLacksIsRecordedOnce) {
+  // The agent's report of "succeeded" died with another controller before it
+  // was stored; its next hello carries the phase.
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(5)).ok());
+  ASSERT_EQ(store_->GetMachine("web1")->phase, "idle");
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 5, "succeeded"), std::make_shared<FakeChannel>())
+          .ok());
+  auto m = store_->GetMachine("web1");
+  EXPECT_EQ(m->generation, 5);
+  EXPECT_EQ(m->phase, "succeeded");
+  auto count = [&] {
+    int n = 0;
+    for (const auto& e : store_->ListEvents("web1", 5, 100)) n += e.phase == "succeeded";
+    return n;
+  };
+  EXPECT_EQ(count(), 1);
+  // Known already: nothing more is recorded.
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 5, "succeeded"), std::make_shared<FakeChannel>())
+          .ok());
+  EXPECT_EQ(count(), 1);
+  // Phases in progress, older generations and unknown ones are not reports.
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(6)).ok());
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 6, "realising"), std::make_shared<FakeChannel>())
+          .ok());
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 4, "failed"), std::make_shared<FakeChannel>()).ok());
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 9, "failed"), std::make_shared<FakeChannel>()).ok());
+  m = store_->GetMachine("web1");
+  EXPECT_EQ(m->generation, 5);
+  EXPECT_EQ(m->phase, "succeeded");
+}
+
 TEST_F(FleetTest, HelloDeploysNewestGeneration) {
   ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
   ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(2)).ok());
