@@ -61,19 +61,4 @@ Status CheckRoom(const std::string& what, const std::string& dir, std::int64_t f
   return Err(msg);
 }
 
-std::string HumanSize(std::int64_t b) {
-  char buf[48];
-  const double d = static_cast<double>(b);
-  if (b >= (std::int64_t{1} << 30)) {
-    std::snprintf(buf, sizeof buf, "%.1f GiB", d / (1 << 30));
-  } else if (b >= (1 << 20)) {
-    std::snprintf(buf, sizeof buf, "%.1f MiB", d / (1 << 20));
-  } else if (b >= 1024) {
-    std::snprintf(buf, sizeof buf, "%.1f KiB", d / 1024);
-  } else {
-    std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(b));
-  }
-  return buf;
-}
-
 }  // namespace muster

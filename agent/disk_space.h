@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "common/error.h"
+#include "common/fsutil.h"  // HumanSize
 
 namespace muster {
 
@@ -42,8 +43,5 @@ Result<std::int64_t> FreeBytes(const std::string& path);
 // needed, free and reserved, and what to do.
 Status CheckRoom(const std::string& what, const std::string& dir, std::int64_t free_bytes,
                  std::int64_t need_bytes, std::int64_t reserve_bytes, const std::string& advice);
-
-// "12.3 MiB" and the like.
-std::string HumanSize(std::int64_t bytes);
 
 }  // namespace muster

@@ -8,6 +8,7 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <string_view>
@@ -36,6 +37,9 @@ Status MakeDirs(const std::filesystem::path& path, mode_t mode = 0755);
 
 // fsyncs a file or directory by path.
 Status FsyncPath(const std::filesystem::path& path);
+
+// A byte count for people: "12.3 MiB", "512 B" and the like.
+std::string HumanSize(std::int64_t bytes);
 
 // Swaps a fully written and fsynced directory `staged` into `target`
 // (renameat2 RENAME_EXCHANGE where the target exists, so readers never see it

@@ -221,5 +221,13 @@ TEST(ReadLink, SymlinkAndNot) {
   EXPECT_FALSE(ReadLink(dir / "missing").ok());
 }
 
+TEST(HumanSize, PicksTheUnit) {
+  EXPECT_EQ(HumanSize(0), "0 B");
+  EXPECT_EQ(HumanSize(1023), "1023 B");
+  EXPECT_EQ(HumanSize(1024), "1.0 KiB");
+  EXPECT_EQ(HumanSize(3 << 19), "1.5 MiB");
+  EXPECT_EQ(HumanSize(std::int64_t{5} << 30), "5.0 GiB");
+}
+
 }  // namespace
 }  // namespace muster

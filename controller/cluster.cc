@@ -15,45 +15,15 @@
 #include <thread>
 #include <vector>
 
+#include "controller/pg_result.h"
+
 namespace muster {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// One result, freed on destruction.
-class Res {
- public:
-  explicit Res(PGresult* r) : r_(r) {}
-  ~Res() { PQclear(r_); }
-  Res(const Res&) = delete;
-  Res& operator=(const Res&) = delete;
-  bool ok() const {
-    auto s = PQresultStatus(r_);
-    return r_ != nullptr && (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK);
-  }
-  int rows() const { return ok() ? PQntuples(r_) : 0; }
-  bool Null(int row, int col) const { return PQgetisnull(r_, row, col) != 0; }
-  std::string Text(int row, int col) const {
-    return std::string(PQgetvalue(r_, row, col),
-                       static_cast<std::size_t>(PQgetlength(r_, row, col)));
-  }
-  std::int64_t Int(int row, int col) const {
-    return std::strtoll(PQgetvalue(r_, row, col), nullptr, 10);
-  }
-  std::int64_t changes() const {
-    const char* n = PQcmdTuples(r_);
-    return (n && *n) ? std::strtoll(n, nullptr, 10) : 0;
-  }
-  std::string error() const {
-    std::string e = r_ ? PQresultErrorMessage(r_) : "no result (connection lost?)";
-    while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
-    return e.empty() ? "unknown error" : e;
-  }
-
- private:
-  PGresult* r_;
-};
+using pg::Res;
 
 // A PostgreSQL array literal of text values ({"a","b"}).
 std::string TextArray(const std::vector<std::string>& items) {

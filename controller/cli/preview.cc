@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "common/fsutil.h"
 #include "controller/cli/commands.h"
 
 using nlohmann::json;
@@ -13,21 +14,6 @@ using nlohmann::json;
 namespace muster::cli {
 
 namespace {
-
-std::string Size(std::int64_t b) {
-  char buf[48];
-  const double d = static_cast<double>(b);
-  if (b >= (std::int64_t{1} << 30)) {
-    std::snprintf(buf, sizeof buf, "%.1f GiB", d / (1 << 30));
-  } else if (b >= (1 << 20)) {
-    std::snprintf(buf, sizeof buf, "%.1f MiB", d / (1 << 20));
-  } else if (b >= 1024) {
-    std::snprintf(buf, sizeof buf, "%.1f KiB", d / 1024);
-  } else {
-    std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(b));
-  }
-  return buf;
-}
 
 std::string Plural(std::size_t n, const char* one, const char* many) {
   return std::to_string(n) + " " + (n == 1 ? one : many);
@@ -58,10 +44,10 @@ void PrintMachine(const std::string& machine, const json& r) {
     return;
   }
   std::cout << Printable(machine) << ": download "
-            << Size(r.value("downloadBytes", std::int64_t{0})) << " (" << r.value("fetchPaths", 0)
-            << " paths, " << Size(r.value("unpackedBytes", std::int64_t{0}))
-            << " unpacked); store paths +" << r.value("addedCount", 0) << " -"
-            << r.value("removedCount", 0)
+            << HumanSize(r.value("downloadBytes", std::int64_t{0})) << " ("
+            << r.value("fetchPaths", 0) << " paths, "
+            << HumanSize(r.value("unpackedBytes", std::int64_t{0})) << " unpacked); store paths +"
+            << r.value("addedCount", 0) << " -" << r.value("removedCount", 0)
             << (r.value("rebootRequired", false) ? "; reboot needed" : "") << "\n";
   for (const auto& v : r.value("versions", json::array())) {
     std::string name = Printable(v.value("name", "")), before = Printable(v.value("before", "")),
@@ -154,7 +140,7 @@ int RunPreview(Connection& c, const json& items, int timeout_s, bool json_out) {
   } else {
     std::cout << "summary: "
               << Plural(reports.size() - static_cast<std::size_t>(failed), "machine", "machines")
-              << " previewed, download " << Size(download) << " in all";
+              << " previewed, download " << HumanSize(download) << " in all";
     if (failed) std::cout << ", " << failed << " failed";
     std::cout << "\n";
     for (const auto& [verb, counts] : by_verb) {
