@@ -279,9 +279,9 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   std::string name_;
   std::deque<std::string> out_;
   std::uint64_t total_ = 0;
-  std::uint64_t next_offset_ = 0;  // next byte to write to nix
-  std::uint64_t req_offset_ = 0;   // next byte to ask the controller for
-  std::size_t in_flight_ = 0;      // fetches asked and not answered
+  std::uint64_t next_offset_ = 0;               // next byte to write to nix
+  std::uint64_t req_offset_ = 0;                // next byte to ask the controller for
+  std::size_t in_flight_ = 0;                   // fetches asked and not answered
   std::map<std::uint64_t, std::string> ready_;  // answers ahead of next_offset_
   bool stalled_ = false;                        // parked until the connection is back
   bool head_only_ = false;

@@ -39,7 +39,7 @@ class Substituter {
   using SendFn = std::function<bool(std::string text)>;
   static constexpr std::size_t kChunkBytes = proto::kMaxFetchChunk;  // one binary frame
   static constexpr std::size_t kMaxRequests = 16;                    // HTTP requests served at once
-  static constexpr std::size_t kWindow = 4;  // chunks per request asked for or not yet written
+  static constexpr std::size_t kWindow = 4;       // chunks per request asked for or not yet written
   static constexpr std::size_t kMaxInFlight = 8;  // chunks asked for, over all requests, beyond
                                                   // the first of each
 
