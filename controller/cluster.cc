@@ -124,29 +124,10 @@ struct Cluster::Impl {
   Status Connect() {
     const std::string options =
         "-c statement_timeout=10000 -c client_min_messages=warning -c muster.controller=" + opt.id;
-    const char* keys[] = {"connect_timeout",
-                          "application_name",
-                          "keepalives",
-                          "keepalives_idle",
-                          "keepalives_interval",
-                          "keepalives_count",
-                          "options",
-                          "dbname",
-                          nullptr};
-    const char* vals[] = {"5",
-                          "muster-controller-cluster",
-                          "1",
-                          "10",
-                          "5",
-                          "3",
-                          options.c_str(),
-                          opt.conninfo.c_str(),
-                          nullptr};
     if (conn) PQfinish(conn);
-    conn = PQconnectdbParams(keys, vals, 1);
+    conn = pg::Connect(opt.conninfo, "muster-controller-cluster", "5", options);
     if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
-      std::string e = conn ? PQerrorMessage(conn) : "out of memory";
-      while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
+      std::string e = pg::ConnectionError(conn);
       if (conn) PQfinish(conn);
       conn = nullptr;
       return Err("cluster: cannot connect to PostgreSQL: " + e);

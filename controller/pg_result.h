@@ -1,5 +1,5 @@
 // One libpq result, freed on destruction, with the typed accessors the
-// PostgreSQL store and the cluster thread read rows with.
+// PostgreSQL store and the cluster thread read rows with; and how both connect.
 #pragma once
 
 #include <libpq-fe.h>
@@ -51,5 +51,31 @@ class Res {
  private:
   PGresult* r_;
 };
+
+// Opens a connection with TCP keepalives (a dead server is noticed in about
+// 25 s), the given application name, connect timeout (seconds, as text) and
+// server options. Never null unless out of memory; check PQstatus.
+inline PGconn* Connect(const std::string& conninfo, const char* application,
+                       const char* connect_timeout, const std::string& options) {
+  const char* keys[] = {"connect_timeout",
+                        "application_name",
+                        "keepalives",
+                        "keepalives_idle",
+                        "keepalives_interval",
+                        "keepalives_count",
+                        "options",
+                        "dbname",
+                        nullptr};
+  const char* vals[] = {connect_timeout, application,      "1",    "10", "5", "3",
+                        options.c_str(), conninfo.c_str(), nullptr};
+  return PQconnectdbParams(keys, vals, 1);
+}
+
+// libpq's last error on conn, without its trailing newline.
+inline std::string ConnectionError(PGconn* conn) {
+  std::string e = conn ? PQerrorMessage(conn) : "out of memory";
+  while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
+  return e.empty() ? "unknown error" : e;
+}
 
 }  // namespace muster::pg

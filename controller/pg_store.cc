@@ -1182,24 +1182,11 @@ class PgStore final : public Store {
         "-c synchronous_commit=on -c statement_timeout=30000 "
         "-c client_encoding=UTF8 -c client_min_messages=warning";
     if (!controller_id_.empty()) options += " -c muster.controller=" + controller_id_;
-    const char* keys[] = {"connect_timeout",
-                          "application_name",
-                          "keepalives",
-                          "keepalives_idle",
-                          "keepalives_interval",
-                          "keepalives_count",
-                          "options",
-                          "dbname",
-                          nullptr};
-    const char* vals[] = {
-        "10",   "muster-controller", "1", "10", "5", "3", options.c_str(), conninfo_.c_str(),
-        nullptr};
-    conn_ = PQconnectdbParams(keys, vals, 1);
+    conn_ = pg::Connect(conninfo_, "muster-controller", "10", options);
     if (conn_ == nullptr) return Err("store: cannot connect to PostgreSQL: out of memory");
     if (PQstatus(conn_) != CONNECTION_OK) {
-      std::string e = PQerrorMessage(conn_);
-      while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
-      return Err("store: cannot connect to PostgreSQL (" + Redacted() + "): " + e);
+      return Err("store: cannot connect to PostgreSQL (" + Redacted() +
+                 "): " + pg::ConnectionError(conn_));
     }
     return Status::Ok();
   }
