@@ -15,6 +15,10 @@
 #   agent      the real muster-agent idle for AGENT_IDLE seconds
 # Knobs: N=10000 STAGES=1000,10000 IDLE=120 WAVE=1000 RUNS=5 AGENT_IDLE=60
 #        PORT=17643 PING=50 (the agents' ping interval; 25 for agents before wave 2)
+#        NO_RESUME=1 makes agents reconnect with full handshakes (they resume
+#        with their last session ticket by default, as the agent does)
+#        RESTART_WRAP='perf record -g -o F --' runs the restarted controller of
+#        the storm under a profiler (or any other command prefix)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=$(cd "$1" && pwd)
@@ -52,8 +56,8 @@ fresh_state() {
   printf '{"controller": "wss://127.0.0.1:%s", "pin": "%s", "key": "%s"}\n' \
     "$PORT" "$pin" "$out/operator.key" >"$out/cli.json"
 }
-run_cmd() {  # the controller command line (also the restart command)
-  echo "exec '$ctl' run --state-dir '$state' --listen 127.0.0.1:$PORT --log-level warn >>'$out/controller.log' 2>&1"
+run_cmd() {  # the controller command line (also the restart command, with $1 as prefix)
+  echo "exec ${1:-} '$ctl' run --state-dir '$state' --listen 127.0.0.1:$PORT ${CTL_ARGS:-} --log-level warn >>'$out/controller.log' 2>&1"
 }
 start_controller() {
   sh -c "$(run_cmd)" &
@@ -73,7 +77,9 @@ stop_controller() {
     rm -f "$out/restarted.pid"
   fi
 }
-loadgen() { "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" "$@"; }
+loadgen() {
+  "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" ${NO_RESUME:+--no-resume} "$@"
+}
 mkdir -p "$out/vars/activation"
 head -c 2048 /dev/urandom | base64 -w 76 >"$out/vars/activation/secret"  # ~2.7 KiB per machine
 top=/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench
@@ -87,7 +93,8 @@ for s in $scenarios; do
       log "baseline"
       "$lg" baseline --threads 1 --seconds 5 >"$out/baseline-1.json"
       "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-n.json"
-      cat "$out/baseline-1.json" "$out/baseline-n.json" >&2 ;;
+      "$lg" baseline --threads "$(nproc)" --seconds 5 --resume >"$out/baseline-n-resumed.json"
+      cat "$out/baseline-1.json" "$out/baseline-n.json" "$out/baseline-n-resumed.json" >&2 ;;
     idle)
       log "idle at $STAGES"
       fresh_state; start_controller
@@ -113,13 +120,15 @@ for s in $scenarios; do
       for r in $(seq 1 "$RUNS"); do
         log "storm $r/$RUNS: SIGKILL and restart under $N agents"
         start_controller
-        loadgen --count "$N" --threads 2 --controller-pid "$ctl_pid" --restart-cmd "$(run_cmd)" \
+        loadgen --count "$N" --threads 2 --controller-pid "$ctl_pid" --restart-cmd "$(run_cmd "${RESTART_WRAP:-}")" \
           --pid-file "$out/restarted.pid" --reconnect-timeout 300 \
           --json "$out/storm-$r.json" >/dev/null || log "storm $r: failures"
         wait "$ctl_pid" 2>/dev/null || true; ctl_pid=
         stop_controller
       done
-      "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-after-storm.json" ;;
+      "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-after-storm.json"
+      "$lg" baseline --threads "$(nproc)" --seconds 5 --resume \
+        >"$out/baseline-after-storm-resumed.json" ;;
     agent)
       log "the real agent idle for ${AGENT_IDLE}s"
       fresh_state; start_controller

@@ -304,6 +304,7 @@ std::size_t Fleet::UnstoredCount() const {
 
 void Fleet::Refresh() {
   RetryUnstored();
+  RecordOverdueHelloFinals();
   std::uint64_t version;
   {
     std::lock_guard lock(mu_);
@@ -400,7 +401,7 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
   std::vector<Status> stored = writes.empty() ? std::vector<Status>() : store_.RecordHellos(writes);
   std::vector<Result<std::vector<std::string>>> out;
   out.reserve(hellos.size());
-  std::vector<std::pair<std::string, proto::StatusReport>> missed;
+  std::vector<PendingFinal> finals;
   for (std::size_t k = 0, w = 0; k < hellos.size(); ++k) {
     if (refused[k]) {
       out.emplace_back(Err(refused[k]->message));
@@ -408,15 +409,46 @@ std::vector<Result<std::vector<std::string>>> Fleet::AgentHellos(
     }
     if (!stored[w]) spdlog::error("{}: {}", hellos[k].machine, stored[w].message());
     ++w;
-    if (auto r = MissedFinalReport(hellos[k].machine, hellos[k].hello))
-      missed.emplace_back(hellos[k].machine, std::move(*r));
+    if (MissedFinalReport(hellos[k].machine, hellos[k].hello)) {
+      finals.push_back({hellos[k].machine, hellos[k].hello, clock_() + kHelloFinalGraceMs});
+    }
     out.push_back(AfterHello(hellos[k].machine, hellos[k].hello));
   }
-  // Final phases the store never heard of (the report was lost with a
-  // controller that died before storing it): recorded now, as reports, so
-  // that rollouts waiting for them go on. Nothing is acked: seq 0.
-  if (!missed.empty()) (void)AgentStatuses(missed);
+  if (!finals.empty()) {
+    std::lock_guard lock(mu_);
+    for (auto& f : finals) {
+      if (pending_finals_.size() >= kMaxUnstored) pending_finals_.erase(pending_finals_.begin());
+      pending_finals_.push_back(std::move(f));
+    }
+  }
   return out;
+}
+
+void Fleet::RecordOverdueHelloFinals() {
+  std::vector<PendingFinal> due;
+  {
+    std::lock_guard lock(mu_);
+    const std::int64_t now = clock_();
+    auto first_later =
+        std::stable_partition(pending_finals_.begin(), pending_finals_.end(),
+                              [&](const PendingFinal& f) { return f.due_ms <= now; });
+    due.assign(std::make_move_iterator(pending_finals_.begin()),
+               std::make_move_iterator(first_later));
+    pending_finals_.erase(pending_finals_.begin(), first_later);
+  }
+  // Final phases the store still has not heard of (the agent's report was
+  // lost with a controller that died before storing it): recorded now, as
+  // reports, so that rollouts waiting for them go on. Nothing is acked: seq 0.
+  std::vector<std::pair<std::string, proto::StatusReport>> missed;
+  for (const auto& f : due) {
+    if (auto r = MissedFinalReport(f.machine, f.hello))
+      missed.emplace_back(f.machine, std::move(*r));
+  }
+  for (const auto& [machine, r] : missed) {
+    spdlog::info("{} generation {}: {} (from its hello)", machine, r.generation,
+                 ForLog(r.phase, 32));
+  }
+  if (!missed.empty()) (void)AgentStatuses(missed);
 }
 
 std::optional<proto::StatusReport> Fleet::MissedFinalReport(const std::string& machine,
@@ -432,7 +464,6 @@ std::optional<proto::StatusReport> Fleet::MissedFinalReport(const std::string& m
   r.phase = hello.phase;
   r.toplevel = hello.toplevel;
   r.detail = "reported when the agent reconnected (its earlier report was not stored)";
-  spdlog::info("{} generation {}: {} (from its hello)", machine, r.generation, ForLog(r.phase, 32));
   return r;
 }
 

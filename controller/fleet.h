@@ -129,7 +129,8 @@ class Fleet {
   // Re-reads what another process may change in the store: the operators
   // ('muster-controller operator add') and the number of live enrolment
   // tokens. The controller calls it every second, off the handshake path.
-  // Also retries status reports whose write failed (RetryUnstored).
+  // Also retries status reports whose write failed (RetryUnstored) and records
+  // overdue final phases from hellos (RecordOverdueHelloFinals).
   void Refresh();
   // Status reports are acked to agents, which do not send them again, even
   // when the store failed to write them (a database away): those are kept
@@ -138,6 +139,12 @@ class Fleet {
   // observer is told of them again (the rollouts record their outcome).
   static constexpr std::size_t kMaxUnstored = 10000;
   void RetryUnstored();
+  // A final phase carried by a hello that the store lacks is recorded as a
+  // report only if the agent's own report has not arrived within this grace
+  // (it normally follows the hello at once, with the real detail); checked on
+  // Refresh. Its report was lost with a controller that died before storing it.
+  static constexpr std::int64_t kHelloFinalGraceMs = 3000;
+  void RecordOverdueHelloFinals();
   std::size_t UnstoredCount() const;
 
   // Registry lookups, used during the TLS handshake. In memory only: a
@@ -320,6 +327,12 @@ class Fleet {
   FleetCounters counters_;
   std::mutex retry_mu_;                // one retry at a time, in order
   std::vector<StatusWrite> unstored_;  // under mu_
+  struct PendingFinal {
+    std::string machine;
+    proto::Hello hello;
+    std::int64_t due_ms;
+  };
+  std::vector<PendingFinal> pending_finals_;  // under mu_, at most kMaxUnstored
   FleetObserver* observer_ = nullptr;
   int live_tokens_ = 0;  // as of the last Refresh, AddEnrollGrant or Enroll
   std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;

@@ -135,6 +135,11 @@ TEST_F(FleetTest, HelloWithAFinalPhaseTheStoreLacksIsRecordedOnce) {
   ASSERT_TRUE(
       fleet_->AgentHello("web1", MakeHello(5, 5, "succeeded"), std::make_shared<FakeChannel>())
           .ok());
+  // Not at once: the agent's own report (with its detail) may follow the hello.
+  fleet_->Refresh();
+  EXPECT_EQ(store_->GetMachine("web1")->phase, "idle");
+  now_ += Fleet::kHelloFinalGraceMs;
+  fleet_->Refresh();
   auto m = store_->GetMachine("web1");
   EXPECT_EQ(m->generation, 5);
   EXPECT_EQ(m->phase, "succeeded");
@@ -148,6 +153,8 @@ TEST_F(FleetTest, HelloWithAFinalPhaseTheStoreLacksIsRecordedOnce) {
   ASSERT_TRUE(
       fleet_->AgentHello("web1", MakeHello(5, 5, "succeeded"), std::make_shared<FakeChannel>())
           .ok());
+  now_ += Fleet::kHelloFinalGraceMs;
+  fleet_->Refresh();
   EXPECT_EQ(count(), 1);
   // Phases in progress, older generations and unknown ones are not reports.
   ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(6)).ok());
@@ -158,9 +165,30 @@ TEST_F(FleetTest, HelloWithAFinalPhaseTheStoreLacksIsRecordedOnce) {
       fleet_->AgentHello("web1", MakeHello(5, 4, "failed"), std::make_shared<FakeChannel>()).ok());
   ASSERT_TRUE(
       fleet_->AgentHello("web1", MakeHello(5, 9, "failed"), std::make_shared<FakeChannel>()).ok());
+  now_ += Fleet::kHelloFinalGraceMs;
+  fleet_->Refresh();
   m = store_->GetMachine("web1");
   EXPECT_EQ(m->generation, 5);
   EXPECT_EQ(m->phase, "succeeded");
+}
+
+TEST_F(FleetTest, AReportFollowingTheHelloWinsOverTheHellosFinalPhase) {
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(5)).ok());
+  ASSERT_TRUE(
+      fleet_->AgentHello("web1", MakeHello(5, 5, "rolled-back"), std::make_shared<FakeChannel>())
+          .ok());
+  proto::StatusReport r;
+  r.seq = 1;
+  r.generation = 5;
+  r.phase = "rolled-back";
+  r.detail = "the controller could not be reached";
+  ASSERT_TRUE(fleet_->AgentStatus("web1", r).ok());
+  now_ += Fleet::kHelloFinalGraceMs;
+  fleet_->Refresh();
+  EXPECT_EQ(store_->GetMachine("web1")->detail, "the controller could not be reached");
+  int n = 0;
+  for (const auto& e : store_->ListEvents("web1", 5, 100)) n += e.phase == "rolled-back";
+  EXPECT_EQ(n, 1);
 }
 
 TEST_F(FleetTest, HelloDeploysNewestGeneration) {
