@@ -180,6 +180,85 @@ TEST_F(NarCacheTest, BadUploadsAreRefusedAndLeaveNothing) {
   EXPECT_TRUE(Files("staging").empty());
 }
 
+TEST_F(NarCacheTest, UncompressedUploadIsServedAsCompressionNone) {
+  Nar n = MakeNar('w', {}, 200000);
+  // Two chunks: verified as they arrive, with no decompression.
+  std::size_t half = n.bytes.size() / 2;
+  ASSERT_TRUE(cache_
+                  ->Append(n.path, n.hash, n.bytes.size(), 0, n.bytes.substr(0, half),
+                           NarCompression::kNone)
+                  .ok());
+  EXPECT_EQ(cache_->StagedOffset(n.path, n.hash, NarCompression::kNone), half);
+  EXPECT_EQ(cache_->StagedOffset(n.path, n.hash, NarCompression::kZstd), 0u);
+  ASSERT_TRUE(cache_
+                  ->Append(n.path, n.hash, n.bytes.size(), half, n.bytes.substr(half),
+                           NarCompression::kNone)
+                  .ok());
+  auto info = Info(n);
+  info.compression = "none";
+  auto done = cache_->Commit(info);
+  ASSERT_TRUE(done.ok()) << done.message();
+  std::uint64_t total = 0;
+  auto text = cache_->Read(std::string(32, 'w') + ".narinfo", 0, 1 << 20, &total);
+  ASSERT_TRUE(text.ok()) << text.message();
+  auto stored = nar::ParseNarInfo(*text);
+  ASSERT_TRUE(stored.ok()) << stored.message();
+  EXPECT_EQ(stored->compression, "none");
+  EXPECT_EQ(stored->file_hash, n.hash);  // the file is the NAR
+  EXPECT_EQ(stored->file_size, n.bytes.size());
+  EXPECT_THAT(stored->url, ::testing::EndsWith(".nar"));
+  auto nar = cache_->Read(stored->url, 0, 1 << 20, &total);
+  ASSERT_TRUE(nar.ok()) << nar.message();
+  EXPECT_EQ(*nar, n.bytes);
+  EXPECT_EQ(total, n.bytes.size());
+  EXPECT_TRUE(Files("staging").empty());
+}
+
+TEST_F(NarCacheTest, BadUncompressedUploadsAreRefusedAndLeaveNothing) {
+  Nar n = MakeNar('v');
+  std::string flipped = n.bytes;
+  flipped[100] ^= 1;
+  struct Case {
+    std::string name, bytes;
+    std::uint64_t nar_size;
+    std::string why;
+  } cases[] = {
+      {"hash differs", flipped, n.bytes.size(), "NAR hash"},
+      {"smaller than narSize", n.bytes.substr(0, 2000), n.bytes.size(), "narSize says"},
+  };
+  for (const auto& c : cases) {
+    ASSERT_TRUE(cache_->Append(n.path, n.hash, c.nar_size, 0, c.bytes, NarCompression::kNone).ok())
+        << c.name;
+    auto info = Info(n);
+    info.nar_size = c.nar_size;
+    info.compression = "none";
+    auto r = cache_->Commit(info);
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_THAT(r.message(), HasSubstr(c.why)) << c.name;
+    EXPECT_THAT(r.message(), HasSubstr("nothing was added")) << c.name;
+    EXPECT_FALSE(cache_->Has(n.path)) << c.name;
+    EXPECT_TRUE(Files("staging").empty()) << c.name;
+    EXPECT_TRUE(Files("nar").empty()) << c.name;
+  }
+  // One byte more than narSize: refused at once, nothing staged.
+  auto big =
+      cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.bytes + "x", NarCompression::kNone);
+  ASSERT_FALSE(big.ok());
+  EXPECT_THAT(big.message(), HasSubstr("larger than an uncompressed NAR"));
+  EXPECT_TRUE(Files("staging").empty());
+  // A zstd upload is not committed as an uncompressed one (nor the reverse).
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst).ok());
+  auto info = Info(n);
+  info.compression = "none";
+  auto wrong = cache_->Commit(info);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.message(), HasSubstr("nothing was uploaded"));
+  info.compression = "xz";
+  EXPECT_THAT(cache_->Commit(info).message(), HasSubstr("use zstd or none"));
+  info.compression = "zstd";
+  EXPECT_TRUE(cache_->Commit(info).ok());
+}
+
 TEST_F(NarCacheTest, FullCacheRefusesUploads) {
   Reopen(4096);
   Nar n = MakeNar('d', {}, 100000);

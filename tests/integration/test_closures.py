@@ -37,6 +37,11 @@ class ClosuresBase(EnvTest):
         return subprocess.run(["nix-store", "-q", "--requisites", path], capture_output=True,
                               text=True, env=nix_env(), check=True).stdout.split()
 
+    def compression(self, path):
+        with open(self.narinfo(path)) as f:
+            return [l.split(": ", 1)[1] for l in f.read().splitlines()
+                    if l.startswith("Compression: ")][0]
+
     def cache_file(self, pattern):
         files = glob.glob(os.path.join(self.env.ctl_dir, "cache", pattern))
         self.assertEqual(len(files), 1, pattern)
@@ -58,6 +63,10 @@ class ClosuresTest(ClosuresBase):
         env.delete_local(top)
         for p in paths:
             self.assertFalse(os.path.exists(p), p)
+        # Random data does not compress: sent and stored as it is; the rest is zstd.
+        for p in paths:
+            want = "none" if "payload" in p else "zstd"
+            self.assertEqual(self.compression(p), want, p)
         # No substituter named: the manifest names the controller ("muster:")
         # and the cache key, and the agent has no other cache.
         gen = self.publish("m1", top)
@@ -108,7 +117,8 @@ class ClosuresTest(ClosuresBase):
     def test_altered_nar_is_refused_by_nix(self):
         env = self.env
         env.add_agent("m1").start()
-        top = env.build("altered-nar", push=False, delete=False, payload=1 << 20)
+        top = env.build("altered-nar", push=False, delete=False, payload=1 << 20,
+                        payloadKind="text")
         self.push(top)
         env.delete_local(top)
         # Serve the kernel's NAR under the payload's name: valid zstd, wrong content.
@@ -123,6 +133,43 @@ class ClosuresTest(ClosuresBase):
         self.assertEqual(s["phase"], "failed", s["detail"])
         self.assertIn("hash mismatch importing path", s["detail"])
         self.assertEqual(env.activation_log(), [])
+
+    def test_altered_uncompressed_nar_is_refused_by_nix(self):
+        env = self.env
+        env.add_agent("m1").start()
+        top = env.build("altered-raw", push=False, delete=False, payload=1 << 20)
+        self.push(top)
+        env.delete_local(top)
+        payload = [p for p in self.closure_of_cache(top) if "payload" in p][0]
+        self.assertEqual(self.compression(payload), "none")
+        # One bit of the random data flipped: still a well-formed NAR of the right size.
+        victim = self.cache_file("nar/" + os.path.basename(payload)[:32] + "-*.nar")
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 1]))
+        gen = self.publish("m1", top)
+        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
+        self.assertEqual(s["phase"], "failed", s["detail"])
+        self.assertIn("hash mismatch importing path", s["detail"])
+        self.assertEqual(env.activation_log(), [])
+
+    def test_compressible_closure_is_stored_zstd_and_realised(self):
+        env = self.env
+        a = env.add_agent("m1").start()
+        top = env.build("text-payload", push=False, delete=False, payload=2 << 20,
+                        payloadKind="text")
+        self.push(top)
+        payload = [p for p in self.closure(top) if "payload" in p][0]
+        self.assertEqual(self.compression(payload), "zstd")
+        nar = self.cache_file("nar/" + os.path.basename(payload)[:32] + "-*.nar.zst")
+        self.assertLess(os.path.getsize(nar), (3 << 20) // 2)  # hex digits: zstd halves them
+        env.delete_local(top)
+        gen = self.publish("m1", top)
+        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=120)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(a.current_system(), top)
 
     def closure_of_cache(self, top):
         """Store paths the cache holds for top's closure (from its narinfos)."""
