@@ -2,6 +2,7 @@
 binary cache. The operator's CLI uploads, agents fetch over their one
 authenticated connection, nix verifies everything against the operator's
 cache key."""
+import base64
 import glob
 import json
 import os
@@ -271,12 +272,30 @@ class ClosuresTest(ClosuresBase):
             ("cache.commit", dict(req, references=info["references"], sigs=["x:eA=="])),
             ("cache.upload", dict(req, offset=0, data="AAAA" * 3000, narSize=1)),  # oversized
             ("cache.missing", {"paths": [{"path": top, "narHash": info["narHash"]}]}),
+            # Uncompressed: the right size, other bytes (NarHash differs) …
+            ("cache.upload", dict(req, offset=0, compression="none",
+                                  data=base64.b64encode(b"x" * info["narSize"]).decode())),
+            ("cache.commit", dict(req, references=info["references"], sigs=["x:eA=="],
+                                  compression="none")),
+            # … one byte more than narSize, an encoding the controller does not store.
+            ("cache.upload", dict(req, offset=0, compression="none",
+                                  data=base64.b64encode(b"x" * (info["narSize"] + 1)).decode())),
+            ("cache.upload", dict(req, offset=0, compression="xz", data="AAAA")),
         ])
         self.assertFalse(out[1]["ok"])
         self.assertIn("nothing was added", out[1]["error"])
         self.assertFalse(out[2]["ok"])
         self.assertIn("larger than a compressed NAR", out[2]["error"])
-        self.assertEqual(out[3]["result"]["missing"], [{"path": top, "offset": 0}])
+        self.assertEqual(out[3]["result"]["missing"],
+                         [{"path": top, "offset": 0, "compression": "zstd"}])
+        self.assertTrue(out[4]["ok"], out[4])
+        self.assertFalse(out[5]["ok"])
+        self.assertIn("has NAR hash", out[5]["error"])
+        self.assertIn("nothing was added", out[5]["error"])
+        self.assertFalse(out[6]["ok"])
+        self.assertIn("larger than an uncompressed NAR", out[6]["error"])
+        self.assertFalse(out[7]["ok"])
+        self.assertIn("use zstd or none", out[7]["error"])
         self.assertEqual(glob.glob(os.path.join(env.ctl_dir, "cache", "*.narinfo")), [])
         self.assertEqual(glob.glob(os.path.join(env.ctl_dir, "cache", "staging", "*")), [])
 
