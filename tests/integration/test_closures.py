@@ -96,12 +96,24 @@ class ClosuresTest(ClosuresBase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertNotIn("resuming", r.stderr)
 
-    def test_altered_narinfo_is_refused_by_nix(self):
-        env = self.env
-        env.add_agent("m1").start()
-        top = env.build("altered-info", push=False, delete=False, payload=1 << 20)
+    def only_in_the_controller(self, name, **argstr):
+        """Starts agent m1; builds a toplevel with 1 MiB of payload, uploads it, deletes it here."""
+        self.env.add_agent("m1").start()
+        top = self.env.build(name, push=False, delete=False, payload=1 << 20, **argstr)
         self.push(top)
-        env.delete_local(top)
+        self.env.delete_local(top)
+        return top
+
+    def assert_refused_by_nix(self, top, reason):
+        """Publishing top to m1 fails with reason in the detail; nothing activates."""
+        gen = self.publish("m1", top)
+        s = self.env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
+        self.assertEqual(s["phase"], "failed", s["detail"])
+        self.assertIn(reason, s["detail"])
+        self.assertEqual(self.env.activation_log(), [])
+
+    def test_altered_narinfo_is_refused_by_nix(self):
+        top = self.only_in_the_controller("altered-info")
         # A compromised controller claims another size: the signature no longer matches.
         info = self.narinfo(top)
         with open(info) as f:
@@ -109,19 +121,10 @@ class ClosuresTest(ClosuresBase):
         size = [l for l in text.splitlines() if l.startswith("NarSize: ")][0]
         with open(info, "w") as f:
             f.write(text.replace(size, "NarSize: " + str(int(size.split()[1]) + 1)))
-        gen = self.publish("m1", top)
-        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=120)
-        self.assertEqual(s["phase"], "failed", s["detail"])
-        self.assertIn("not signed by any of the manifest's trusted public keys", s["detail"])
-        self.assertEqual(env.activation_log(), [])
+        self.assert_refused_by_nix(top, "not signed by any of the manifest's trusted public keys")
 
     def test_altered_nar_is_refused_by_nix(self):
-        env = self.env
-        env.add_agent("m1").start()
-        top = env.build("altered-nar", push=False, delete=False, payload=1 << 20,
-                        payloadKind="text")
-        self.push(top)
-        env.delete_local(top)
+        top = self.only_in_the_controller("altered-nar", payloadKind="text")
         # Serve the kernel's NAR under the payload's name: valid zstd, wrong content.
         payload = [p for p in self.closure_of_cache(top) if "payload" in p][0]
         kernel = [p for p in self.closure_of_cache(top) if "kernel" in p][0]
@@ -129,18 +132,10 @@ class ClosuresTest(ClosuresBase):
         donor = self.cache_file("nar/" + os.path.basename(kernel)[:32] + "-*.nar.zst")
         with open(donor, "rb") as f, open(victim, "wb") as g:
             g.write(f.read())
-        gen = self.publish("m1", top)
-        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
-        self.assertEqual(s["phase"], "failed", s["detail"])
-        self.assertIn("hash mismatch importing path", s["detail"])
-        self.assertEqual(env.activation_log(), [])
+        self.assert_refused_by_nix(top, "hash mismatch importing path")
 
     def test_altered_uncompressed_nar_is_refused_by_nix(self):
-        env = self.env
-        env.add_agent("m1").start()
-        top = env.build("altered-raw", push=False, delete=False, payload=1 << 20)
-        self.push(top)
-        env.delete_local(top)
+        top = self.only_in_the_controller("altered-raw")
         payload = [p for p in self.closure_of_cache(top) if "payload" in p][0]
         self.assertEqual(self.compression(payload), "none")
         # One bit of the random data flipped: still a well-formed NAR of the right size.
@@ -150,11 +145,7 @@ class ClosuresTest(ClosuresBase):
             b = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([b[0] ^ 1]))
-        gen = self.publish("m1", top)
-        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
-        self.assertEqual(s["phase"], "failed", s["detail"])
-        self.assertIn("hash mismatch importing path", s["detail"])
-        self.assertEqual(env.activation_log(), [])
+        self.assert_refused_by_nix(top, "hash mismatch importing path")
 
     def test_compressible_closure_is_stored_zstd_and_realised(self):
         env = self.env
