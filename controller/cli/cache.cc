@@ -278,7 +278,8 @@ class ChunkMaker {
       return true;
     };
     auto decide = [&]() -> bool {
-      raw = !WorthCompressing(probe);
+      // Exactly the first kProbeBytes, however the pipe cut them.
+      raw = !WorthCompressing(std::string_view(probe).substr(0, kProbeBytes));
       std::string p = std::move(probe);
       probe.clear();
       return feed(p);
