@@ -62,6 +62,9 @@ def timed(argv, **kw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--payload", choices=["random", "text"], default="random",
+                    help="random: incompressible (sent uncompressed); text: hex digits, "
+                         "which zstd halves")
     ap.add_argument("--max-rss-mib", type=float, default=0,
                     help="fail when the controller's or the agent's peak RSS exceeds this")
     args = ap.parse_args()
@@ -72,7 +75,8 @@ def main():
         agent = env.add_agent("m1", realiseTimeout=7200).start()
         key = os.path.join(env.cli_dir, "cache.key")
         env.cli("key", "generate", "--cache", "--out", key)
-        top = env.build("bench", push=False, delete=False, payload=size)
+        extra = {"payloadKind": "text"} if args.payload == "text" else {}
+        top = env.build("bench", push=False, delete=False, payload=size, **extra)
         closure = subprocess.run(["nix-store", "-q", "--requisites", top], capture_output=True,
                                  text=True, env=nix_env(), check=True).stdout.split()
         nar_bytes = sum(int(json.loads(subprocess.run(
@@ -85,6 +89,17 @@ def main():
         env.cli("cache", "push", top, "--cache-key", key, timeout=7200)
         up = time.monotonic() - t
         up_cpu = {"controller": cpu_s(cpid) - c0, "cli": children_cpu_s() - k0}
+        stored = {"narinfo": {}, "fileBytes": 0}
+        cdir = os.path.join(env.ctl_dir, "cache")
+        for name in os.listdir(cdir):
+            if name.endswith(".narinfo"):
+                with open(os.path.join(cdir, name)) as f:
+                    for line in f:
+                        if line.startswith("Compression: "):
+                            c = line.split(": ", 1)[1].strip()
+                            stored["narinfo"][c] = stored["narinfo"].get(c, 0) + 1
+        for name in os.listdir(os.path.join(cdir, "nar")):
+            stored["fileBytes"] += os.path.getsize(os.path.join(cdir, "nar", name))
 
         fcache = os.path.join(env.root, "filecache")
         url = f"file://{fcache}?compression=zstd"
@@ -111,6 +126,8 @@ def main():
         out = {
             "narBytes": nar_bytes,
             "paths": len(closure),
+            "payload": args.payload,
+            "stored": stored,
             "upload": {"muster_s": round(up, 2), "nixCopy_s": round(up_nix, 2),
                        "muster_MiBps": round(nar_bytes / up / 2**20, 1),
                        "nixCopy_MiBps": round(nar_bytes / up_nix / 2**20, 1),

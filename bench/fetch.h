@@ -3,8 +3,8 @@
 // websocket (the machine's bench key), hello, then `fetch` requests for every
 // object of the closure (narinfo, then its NAR in chunks, a window of them in
 // flight), as the agent's loopback substituter forwards nix's GETs. Machine 0
-// also hashes every NAR it receives and checks it against the narinfo's
-// FileHash, so that the figures are about correct bytes.
+// also hashes every NAR it receives (decompressed when it is zstd) and checks
+// it against the narinfo's NarHash, so that the figures are about correct bytes.
 //
 // Blocking: FetchAll returns when every machine fetched everything, one
 // failed, or the timeout passed.
@@ -34,7 +34,7 @@ struct FetchResult {
   std::int64_t end_ns = 0;     // the last machine finished
   std::uint64_t bytes = 0;     // payload bytes received (narinfos and NARs)
   std::uint32_t done = 0;      // machines that fetched every object
-  std::uint32_t verified = 0;  // NARs whose FileHash machine 0 checked
+  std::uint32_t verified = 0;  // NARs whose NarHash machine 0 checked
   std::string error;           // the first failure
 };
 

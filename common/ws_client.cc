@@ -24,6 +24,8 @@ using SteadyClock = std::chrono::steady_clock;
 
 namespace {
 
+constexpr std::size_t kWriteBufferBytes = 256 * 1024;
+
 class Client final : public WsClient, public std::enable_shared_from_this<Client> {
  public:
   Client(asio::any_io_executor ex, ClientOptions o, Handlers h)
@@ -145,6 +147,9 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
     // read_message_max Beast would refuse at the frame header and then report
     // the TLS teardown's error instead ("application data after close notify").
     ws_.read_message_max(0);
+    // A client masks what it sends in a buffer of this size, one TLS write per
+    // buffer: Beast's 4 KiB default made a 2 MiB upload chunk 512 writes.
+    ws_.write_buffer_bytes(kWriteBufferBytes);
     ws_.set_option(
         websocket::stream_base::decorator([ua = opts_.user_agent](websocket::request_type& req) {
           req.set(beast::http::field::user_agent, ua);

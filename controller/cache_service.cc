@@ -41,6 +41,16 @@ std::vector<std::string> StrList(const json& p, const char* k) {
   return out;
 }
 
+// The optional "compression" of an upload request; zstd when absent.
+NarCompression CompressionOf(const json& p) {
+  auto it = p.find("compression");
+  if (it == p.end()) return NarCompression::kZstd;
+  if (!it->is_string()) throw std::invalid_argument("parameter 'compression' must be a string");
+  auto c = ParseNarCompression(it->get<std::string>());
+  if (!c) throw std::invalid_argument(c.message());
+  return *c;
+}
+
 std::int64_t NowS() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -165,8 +175,19 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
         return Err("'" + path.substr(0, 120) + "' is not a store path");
       }
       if (cache_->Has(path)) continue;
+      // Without a compression named: whichever staged upload got further.
+      std::string nar_hash = e.value("narHash", "");
+      NarCompression c = CompressionOf(e);
+      std::uint64_t offset = cache_->StagedOffset(path, nar_hash, c);
+      if (!e.contains("compression")) {
+        std::uint64_t raw = cache_->StagedOffset(path, nar_hash, NarCompression::kNone);
+        if (raw > offset) {
+          c = NarCompression::kNone;
+          offset = raw;
+        }
+      }
       missing.push_back(
-          {{"path", path}, {"offset", cache_->StagedOffset(path, e.value("narHash", ""))}});
+          {{"path", path}, {"offset", offset}, {"compression", NarCompressionName(c)}});
     }
     return json{{"missing", missing}};
   }
@@ -182,7 +203,7 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
       payload = decoded;
     }
     auto off = cache_->Append(path, NeedStr(p, "narHash"), NeedU64(p, "narSize"),
-                              NeedU64(p, "offset"), payload);
+                              NeedU64(p, "offset"), payload, CompressionOf(p));
     if (!off) return off.error();
     return json{{"offset", *off}};
   }
@@ -191,6 +212,7 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
     info.store_path = NeedStr(p, "path");
     info.nar_hash = NeedStr(p, "narHash");
     info.nar_size = NeedU64(p, "narSize");
+    info.compression = NarCompressionName(CompressionOf(p));
     for (const auto& r : StrList(p, "references")) {
       std::string b = r.rfind("/nix/store/", 0) == 0 ? r.substr(11) : r;
       if (nar::StorePathHash(b).empty())

@@ -7,10 +7,16 @@
 // as for a path the cache lacks, so a machine learns nothing about others).
 //
 // Operator methods (params → result):
-//   cache.missing {paths: [{path, narHash, narSize}]}  → {missing: [{path, offset}]}
-//   cache.upload  {path, narHash, narSize, offset} + the zstd bytes as the
+//   cache.missing {paths: [{path, narHash, narSize, compression?}]}
+//                 → {missing: [{path, offset, compression}]} (without a compression
+//                   asked for: the staged upload that got furthest)
+//   cache.upload  {path, narHash, narSize, offset, compression?} + the bytes
+//                 (zstd, or the NAR itself for compression "none") as the
 //                 payload of a binary frame (or `data`, base64)  → {offset}
-//   cache.commit  {path, narHash, narSize, references, deriver?, sigs} → {path, fileSize}
+//   cache.commit  {path, narHash, narSize, references, deriver?, sigs, compression?}
+//                                                      → {path, fileSize}
+// compression is "zstd" (the default when absent) or "none"; an upload is
+// staged, resumed and committed under the compression it names.
 //   cache.status  {}                                   → {paths, bytes, narBytes, staged…,
 //                                                         maxBytes, gcPaths, gcBytes}
 //   cache.gc      {}                                   → {paths, bytes}

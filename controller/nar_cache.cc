@@ -20,15 +20,31 @@ std::string Nix32Of(const std::string& nar_hash) {
 
 }  // namespace
 
-struct NarCache::Verifier {
-  explicit Verifier(std::uint64_t size)
-      : nar_size(size), dctx(ZSTD_createDCtx(), ZSTD_freeDCtx), out(ZSTD_DStreamOutSize(), '\0') {}
+const char* NarCompressionName(NarCompression c) {
+  return c == NarCompression::kNone ? "none" : "zstd";
+}
 
-  // Feeds the next compressed bytes; the first problem found is kept in error.
+Result<NarCompression> ParseNarCompression(std::string_view name) {
+  if (name == "zstd") return NarCompression::kZstd;
+  if (name == "none") return NarCompression::kNone;
+  return Err("compression '" + std::string(name.substr(0, 40)) +
+             "' is not one the controller stores; use zstd or none");
+}
+
+struct NarCache::Verifier {
+  Verifier(std::uint64_t size, NarCompression c)
+      : nar_size(size), compression(c), dctx(nullptr, ZSTD_freeDCtx) {
+    if (c == NarCompression::kZstd) {
+      dctx.reset(ZSTD_createDCtx());
+      out.assign(ZSTD_DStreamOutSize(), '\0');
+    }
+  }
+
+  // Feeds the next bytes as uploaded; the first problem found is kept in error.
   void Feed(std::string_view chunk) {
     offset += chunk.size();
     if (!error.empty()) return;
-    file_sha.Update(chunk);
+    if (compression == NarCompression::kNone) return Hash(chunk);
     ZSTD_inBuffer in{chunk.data(), chunk.size(), 0};
     while (in.pos < in.size) {
       ZSTD_outBuffer o{out.data(), out.size(), 0};
@@ -37,19 +53,26 @@ struct NarCache::Verifier {
         error = std::string("is not valid zstd (") + ZSTD_getErrorName(last) + ")";
         return;
       }
-      nar_bytes += o.pos;
-      if (nar_bytes > nar_size) {
-        error = "is larger than its narSize " + std::to_string(nar_size);
-        return;
-      }
-      nar_sha.Update(std::string_view(out.data(), o.pos));
+      Hash(std::string_view(out.data(), o.pos));
+      if (!error.empty()) return;
     }
   }
 
+  // NAR bytes: counted against narSize and hashed.
+  void Hash(std::string_view nar) {
+    nar_bytes += nar.size();
+    if (nar_bytes > nar_size) {
+      error = "is larger than its narSize " + std::to_string(nar_size);
+      return;
+    }
+    nar_sha.Update(nar);
+  }
+
   std::uint64_t nar_size;
+  NarCompression compression;
   std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> dctx;
   std::string out;
-  nar::Sha256 nar_sha, file_sha;
+  nar::Sha256 nar_sha;
   std::uint64_t offset = 0;  // compressed bytes fed
   std::uint64_t nar_bytes = 0;
   std::size_t last = 0;  // ZSTD_decompressStream's last answer: 0 at the end of a frame
@@ -77,13 +100,16 @@ void NarCache::DropStaged(const std::string& key, std::uint64_t size) {
   verifiers_.erase(key);
 }
 
-std::uint64_t MaxCompressedSize(std::uint64_t nar_size) {
+std::uint64_t MaxCompressedSize(std::uint64_t nar_size, NarCompression c) {
+  if (c == NarCompression::kNone) return nar_size;
   // Each chunk the CLI compresses may start a frame; allow one header per KiB.
   return ZSTD_compressBound(static_cast<std::size_t>(nar_size)) + nar_size / 1024 + 4096;
 }
 
-std::string NarCache::StagingKey(const std::string& hash, const std::string& nar_hash_nix32) {
-  return "staging/" + hash + "-" + nar_hash_nix32 + ".nar.zst";
+std::string NarCache::StagingKey(const std::string& hash, const std::string& nar_hash_nix32,
+                                 NarCompression c) {
+  return "staging/" + hash + "-" + nar_hash_nix32 +
+         (c == NarCompression::kNone ? ".nar" : ".nar.zst");
 }
 
 Result<std::unique_ptr<NarCache>> NarCache::Open(std::unique_ptr<ByteStorage> storage,
@@ -122,28 +148,30 @@ bool NarCache::Has(const std::string& path_or_hash) {
   return index_.count(h) > 0;
 }
 
-std::uint64_t NarCache::StagedOffset(const std::string& path, const std::string& nar_hash) {
+std::uint64_t NarCache::StagedOffset(const std::string& path, const std::string& nar_hash,
+                                     NarCompression c) {
   std::string h = nar::StorePathHash(path);
   std::string n = Nix32Of(nar_hash);
   if (h.empty() || n.empty()) return 0;
-  return storage_->Size(StagingKey(h, n)).value_or(0);
+  return storage_->Size(StagingKey(h, n, c)).value_or(0);
 }
 
 Result<std::uint64_t> NarCache::Append(const std::string& path, const std::string& nar_hash,
                                        std::uint64_t nar_size, std::uint64_t offset,
-                                       std::string_view bytes) {
+                                       std::string_view bytes, NarCompression c) {
   std::string h = nar::StorePathHash(path);
   if (h.empty()) return Err("'" + path.substr(0, 120) + "' is not a store path");
   std::string n = Nix32Of(nar_hash);
   if (n.empty()) return Err("narHash '" + nar_hash.substr(0, 80) + "' is not a SHA-256");
   if (nar_size == 0) return Err("narSize must be positive");
   if (bytes.size() > kMaxChunk) return Err("upload chunk larger than 4 MiB");
-  std::string key = StagingKey(h, n);
-  if (offset + bytes.size() > MaxCompressedSize(nar_size)) {
+  std::string key = StagingKey(h, n, c);
+  if (offset + bytes.size() > MaxCompressedSize(nar_size, c)) {
     auto had = storage_->Size(key);
     storage_->Remove(key).ok();
     DropStaged(key, had.value_or(0));
-    return Err("upload of " + path + " is larger than a compressed NAR of " +
+    return Err("upload of " + path + " is larger than " +
+               (c == NarCompression::kNone ? "an uncompressed" : "a compressed") + " NAR of " +
                std::to_string(nar_size) +
                " bytes can be; refused and discarded (is narSize right?)");
   }
@@ -175,7 +203,7 @@ Result<std::uint64_t> NarCache::Append(const std::string& path, const std::strin
   }
   // Verify as it arrives: Commit then needs no second pass over the bytes.
   std::unique_ptr<Verifier> v = TakeVerifier(key, offset);
-  if (!v && offset == 0) v = std::make_unique<Verifier>(nar_size);
+  if (!v && offset == 0) v = std::make_unique<Verifier>(nar_size, c);
   if (v && v->nar_size == nar_size) {
     v->Feed(bytes);
     std::lock_guard lock(mu_);
@@ -191,7 +219,9 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
   auto want = nar::ParseSha256(info.nar_hash);
   if (!want) return Err("narHash: " + want.message());
   info.nar_hash = nar::FormatSha256(*want);
-  std::string staging = StagingKey(h, nar::Nix32Encode(*want));
+  auto compression = ParseNarCompression(info.compression);
+  if (!compression) return compression.error();
+  std::string staging = StagingKey(h, nar::Nix32Encode(*want), *compression);
   auto staged_size = storage_->Size(staging);
   if (!staged_size) return Err("nothing was uploaded for " + info.store_path + "; upload it first");
   {
@@ -207,7 +237,7 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
   // after a restart (or its verifier was evicted): then read them back once.
   std::unique_ptr<Verifier> v = TakeVerifier(staging, *staged_size);
   if (!v || v->nar_size != info.nar_size) {
-    v = std::make_unique<Verifier>(info.nar_size);
+    v = std::make_unique<Verifier>(info.nar_size, *compression);
     for (std::uint64_t off = 0; off < *staged_size && v->error.empty();) {
       auto chunk = storage_->Read(staging, off, kVerifyChunk);
       if (!chunk) return Err("reading the upload of " + info.store_path + ": " + chunk.message());
@@ -227,12 +257,13 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
     return discard("the upload of " + info.store_path + " has NAR hash " + nar::FormatSha256(got) +
                    ", not " + info.nar_hash);
   }
-  nar::Sha256& file_sha = v->file_sha;
-  std::string fh = nar::Nix32Encode(file_sha.Final());
-  info.compression = "zstd";
-  info.file_hash = "sha256:" + fh;
+  // Named by the NAR hash: the file hash would cost a second pass over the
+  // bytes, and nix checks neither it nor the URL (both are unsigned).
+  std::string nh = nar::Nix32Encode(*want);
+  info.compression = NarCompressionName(*compression);
+  info.file_hash = *compression == NarCompression::kNone ? info.nar_hash : "";
   info.file_size = *staged_size;
-  info.url = "nar/" + h + "-" + fh + ".nar.zst";
+  info.url = "nar/" + h + "-" + nh + (*compression == NarCompression::kNone ? ".nar" : ".nar.zst");
   std::string text = nar::FormatNarInfo(info);
   if (auto st = storage_->Promote(staging, info.url); !st) return st.error();
   if (auto st = storage_->Put(h + ".narinfo", text); !st) {

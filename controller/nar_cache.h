@@ -3,15 +3,19 @@
 // it reads any HTTP cache:
 //   nix-cache-info
 //   <hash>.narinfo                       (signed by the operator's cache key)
-//   nar/<hash>-<filehash>.nar.zst        (the store hash leads, so that a NAR
-//                                         request names the path it belongs to)
-//   staging/<hash>-<narhash>.nar.zst     (uploads in progress, resumable)
-// NARs arrive compressed (zstd, by the CLI); each chunk is decompressed and
-// hashed as it is appended (a resumed or interleaved upload is instead read
-// back once at commit), and Commit checks NarHash and NarSize and only then
-// writes the narinfo, which is what makes a path visible. Nothing here trusts the uploader's word
-// beyond the narinfo's signature, which nix checks on the agent. Thread-safe (one mutex around the
-// index; I/O outside it where possible).
+//   nar/<hash>-<narhash>.nar.zst         (the store hash leads, so that a NAR
+//   nar/<hash>-<narhash>.nar              request names the path it belongs to)
+//   staging/<hash>-<narhash>.nar[.zst]   (uploads in progress, resumable)
+// NARs arrive zstd-compressed, or as they are when the CLI found that they do
+// not compress (Compression: none, which nix reads as well); each chunk is
+// decompressed if need be and hashed as it is appended (a resumed or
+// interleaved upload is instead read back once at commit), and Commit checks
+// NarHash and NarSize and only then writes the narinfo, which is what makes a
+// path visible. The compressed file itself is not hashed: FileHash is not
+// signed and nix does not check it, so a zstd narinfo carries none (an
+// uncompressed one names its NarHash). Nothing here trusts the uploader's word
+// beyond the narinfo's signature, which nix checks on the agent. Thread-safe
+// (one mutex around the index; I/O outside it where possible).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +41,12 @@ struct CacheStats {
   std::uint64_t max_bytes = 0;
 };
 
+// How an uploaded NAR is encoded (narinfo "Compression:").
+enum class NarCompression { kZstd, kNone };
+// "zstd" / "none"; ParseNarCompression fails on anything else.
+const char* NarCompressionName(NarCompression c);
+Result<NarCompression> ParseNarCompression(std::string_view name);
+
 class NarCache {
  public:
   // Largest chunk Append accepts and Read returns.
@@ -50,18 +60,21 @@ class NarCache {
 
   // Whether the store path (full path or hash) has a committed narinfo.
   bool Has(const std::string& path_or_hash);
-  // Bytes of the staged upload for (path, narHash) received so far (0: none).
-  std::uint64_t StagedOffset(const std::string& path, const std::string& nar_hash);
-  // Appends compressed bytes of path's NAR at offset; returns the new offset.
-  // Refused: a bad path or hash, an offset other than StagedOffset, more bytes
-  // than a zstd stream of nar_size can take, a full cache or disk.
+  // Bytes of the staged upload for (path, narHash, compression) received so
+  // far (0: none).
+  std::uint64_t StagedOffset(const std::string& path, const std::string& nar_hash,
+                             NarCompression c = NarCompression::kZstd);
+  // Appends bytes of path's NAR, encoded as c, at offset; returns the new
+  // offset. Refused: a bad path or hash, an offset other than StagedOffset,
+  // more bytes than a NAR of nar_size encoded as c can take, a full cache or disk.
   Result<std::uint64_t> Append(const std::string& path, const std::string& nar_hash,
-                               std::uint64_t nar_size, std::uint64_t offset,
-                               std::string_view bytes);
+                               std::uint64_t nar_size, std::uint64_t offset, std::string_view bytes,
+                               NarCompression c = NarCompression::kZstd);
   // Verifies the staged upload against info (StorePath, NarHash, NarSize,
-  // References, Deriver, Sig; URL and file fields are set here), moves it into
-  // nar/ and writes the narinfo. A mismatch removes the staged bytes and says
-  // what differed. Returns the narinfo as stored.
+  // References, Deriver, Sig, and Compression "zstd" or "none", which names
+  // the staged upload; URL and file fields are set here), moves it into nar/
+  // and writes the narinfo. A mismatch removes the staged bytes and says what
+  // differed. Returns the narinfo as stored.
   Result<nar::NarInfo> Commit(nar::NarInfo info);
 
   // An object by its name in the cache layout ("nix-cache-info",
@@ -97,7 +110,8 @@ class NarCache {
   static constexpr std::size_t kMaxVerifiers = 8;  // uploads verified as they arrive, at once
 
   NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max);
-  static std::string StagingKey(const std::string& hash, const std::string& nar_hash_nix32);
+  static std::string StagingKey(const std::string& hash, const std::string& nar_hash_nix32,
+                                NarCompression c);
   // The verifier of key if it has seen exactly `offset` bytes (removed from
   // the map: the caller owns it until it puts it back); nullptr otherwise.
   std::unique_ptr<Verifier> TakeVerifier(const std::string& key, std::uint64_t offset);
@@ -113,8 +127,8 @@ class NarCache {
   std::map<std::string, std::unique_ptr<Verifier>> verifiers_;  // staging key → verifier
 };
 
-// The compressed-size bound for a NAR of nar_size bytes (zstd's worst case
-// plus per-frame slack).
-std::uint64_t MaxCompressedSize(std::uint64_t nar_size);
+// The upload-size bound for a NAR of nar_size bytes encoded as c (zstd's
+// worst case plus per-frame slack; nar_size itself when uncompressed).
+std::uint64_t MaxCompressedSize(std::uint64_t nar_size, NarCompression c = NarCompression::kZstd);
 
 }  // namespace muster

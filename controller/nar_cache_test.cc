@@ -63,6 +63,13 @@ class NarCacheTest : public ::testing::Test {
     ASSERT_TRUE(c.ok()) << c.message();
     cache_ = std::move(*c);
   }
+  // The narinfo the cache serves for the path named by c.
+  Result<nar::NarInfo> StoredInfo(char c) {
+    std::uint64_t total = 0;
+    auto text = cache_->Read(std::string(32, c) + ".narinfo", 0, 1 << 20, &total);
+    if (!text) return text.error();
+    return nar::ParseNarInfo(*text);
+  }
   Status Upload(const Nar& n) {
     auto off = cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst);
     if (!off) return off.error();
@@ -113,9 +120,7 @@ TEST_F(NarCacheTest, CommittedPathIsServedInNixLayout) {
   ASSERT_TRUE(Upload(n).ok());
   EXPECT_TRUE(cache_->Has(n.path));
   std::uint64_t total = 0;
-  auto text = cache_->Read(std::string(32, 'a') + ".narinfo", 0, 1 << 20, &total);
-  ASSERT_TRUE(text.ok()) << text.message();
-  auto info = nar::ParseNarInfo(*text);
+  auto info = StoredInfo('a');
   ASSERT_TRUE(info.ok()) << info.message();
   EXPECT_EQ(info->compression, "zstd");
   EXPECT_EQ(info->nar_hash, n.hash);
@@ -149,22 +154,32 @@ TEST_F(NarCacheTest, ResumedUploadContinuesAtTheStagedOffset) {
 
 TEST_F(NarCacheTest, BadUploadsAreRefusedAndLeaveNothing) {
   Nar n = MakeNar('c');
+  std::string flipped = n.bytes;
+  flipped[100] ^= 1;
+  constexpr auto kNone = NarCompression::kNone;
+  constexpr auto kZstd = NarCompression::kZstd;
   struct Case {
     std::string name, bytes;
     std::uint64_t nar_size;
     std::string hash, why;
+    NarCompression compression;
   } cases[] = {
-      {"truncated", n.zst.substr(0, n.zst.size() - 5), n.bytes.size(), n.hash, "truncated"},
-      {"hash differs", n.zst, n.bytes.size(), MakeNar('z').hash, "NAR hash"},
-      {"larger than narSize", n.zst, n.bytes.size() - 1, n.hash, "larger than its narSize"},
-      {"smaller than narSize", n.zst, n.bytes.size() + 1, n.hash, "narSize says"},
-      {"not zstd", std::string(100, 'x'), n.bytes.size(), n.hash, "not valid zstd"},
+      {"truncated", n.zst.substr(0, n.zst.size() - 5), n.bytes.size(), n.hash, "truncated", kZstd},
+      {"hash differs", n.zst, n.bytes.size(), MakeNar('z').hash, "NAR hash", kZstd},
+      {"larger than narSize", n.zst, n.bytes.size() - 1, n.hash, "larger than its narSize", kZstd},
+      {"smaller than narSize", n.zst, n.bytes.size() + 1, n.hash, "narSize says", kZstd},
+      {"not zstd", std::string(100, 'x'), n.bytes.size(), n.hash, "not valid zstd", kZstd},
+      {"uncompressed, a bit flipped", flipped, n.bytes.size(), n.hash, "NAR hash", kNone},
+      {"uncompressed, short", n.bytes.substr(0, 2000), n.bytes.size(), n.hash, "narSize says",
+       kNone},
   };
   for (const auto& c : cases) {
-    ASSERT_TRUE(cache_->Append(n.path, c.hash, c.nar_size, 0, c.bytes).ok()) << c.name;
+    ASSERT_TRUE(cache_->Append(n.path, c.hash, c.nar_size, 0, c.bytes, c.compression).ok())
+        << c.name;
     auto info = Info(n);
     info.nar_hash = c.hash;
     info.nar_size = c.nar_size;
+    info.compression = NarCompressionName(c.compression);
     auto r = cache_->Commit(info);
     ASSERT_FALSE(r.ok()) << c.name;
     EXPECT_THAT(r.message(), HasSubstr(c.why)) << c.name;
@@ -178,6 +193,59 @@ TEST_F(NarCacheTest, BadUploadsAreRefusedAndLeaveNothing) {
   ASSERT_FALSE(big.ok());
   EXPECT_THAT(big.message(), HasSubstr("larger than a compressed NAR"));
   EXPECT_TRUE(Files("staging").empty());
+}
+
+TEST_F(NarCacheTest, UncompressedUploadIsServedAsCompressionNone) {
+  Nar n = MakeNar('w', {}, 200000);
+  // Two chunks: verified as they arrive, with no decompression.
+  std::size_t half = n.bytes.size() / 2;
+  ASSERT_TRUE(cache_
+                  ->Append(n.path, n.hash, n.bytes.size(), 0, n.bytes.substr(0, half),
+                           NarCompression::kNone)
+                  .ok());
+  EXPECT_EQ(cache_->StagedOffset(n.path, n.hash, NarCompression::kNone), half);
+  EXPECT_EQ(cache_->StagedOffset(n.path, n.hash, NarCompression::kZstd), 0u);
+  ASSERT_TRUE(cache_
+                  ->Append(n.path, n.hash, n.bytes.size(), half, n.bytes.substr(half),
+                           NarCompression::kNone)
+                  .ok());
+  auto info = Info(n);
+  info.compression = "none";
+  auto done = cache_->Commit(info);
+  ASSERT_TRUE(done.ok()) << done.message();
+  auto stored = StoredInfo('w');
+  ASSERT_TRUE(stored.ok()) << stored.message();
+  EXPECT_EQ(stored->compression, "none");
+  EXPECT_EQ(stored->file_hash, n.hash);  // the file is the NAR
+  EXPECT_EQ(stored->file_size, n.bytes.size());
+  EXPECT_THAT(stored->url, ::testing::EndsWith(".nar"));
+  std::uint64_t total = 0;
+  auto nar = cache_->Read(stored->url, 0, 1 << 20, &total);
+  ASSERT_TRUE(nar.ok()) << nar.message();
+  EXPECT_EQ(*nar, n.bytes);
+  EXPECT_EQ(total, n.bytes.size());
+  EXPECT_TRUE(Files("staging").empty());
+}
+
+TEST_F(NarCacheTest, UncompressedUploadsAreBoundedByNarSizeAndKeyedByEncoding) {
+  Nar n = MakeNar('v');
+  // One byte more than narSize: refused at once, nothing staged.
+  auto big =
+      cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.bytes + "x", NarCompression::kNone);
+  ASSERT_FALSE(big.ok());
+  EXPECT_THAT(big.message(), HasSubstr("larger than an uncompressed NAR"));
+  EXPECT_TRUE(Files("staging").empty());
+  // A zstd upload is not committed as an uncompressed one (nor the reverse).
+  ASSERT_TRUE(cache_->Append(n.path, n.hash, n.bytes.size(), 0, n.zst).ok());
+  auto info = Info(n);
+  info.compression = "none";
+  auto wrong = cache_->Commit(info);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.message(), HasSubstr("nothing was uploaded"));
+  info.compression = "xz";
+  EXPECT_THAT(cache_->Commit(info).message(), HasSubstr("use zstd or none"));
+  info.compression = "zstd";
+  EXPECT_TRUE(cache_->Commit(info).ok());
 }
 
 TEST_F(NarCacheTest, FullCacheRefusesUploads) {

@@ -28,6 +28,19 @@ namespace {
 
 constexpr std::size_t kInputBlock = 128 * 1024;  // fixed blocks: the same NAR compresses the same
 constexpr std::size_t kPathInfoBatch = 256;
+// The start of a NAR that decides, under "auto", whether it is worth
+// compressing: zstd -1 must save at least kMinSaving of it.
+constexpr std::size_t kProbeBytes = 1 << 20;
+constexpr double kMinSaving = 0.03;
+
+// Whether sample (the start of a NAR) compresses well enough to send it zstd.
+bool WorthCompressing(std::string_view sample) {
+  if (sample.empty()) return true;
+  std::string out(ZSTD_compressBound(sample.size()), '\0');
+  std::size_t n = ZSTD_compress(out.data(), out.size(), sample.data(), sample.size(), 1);
+  if (ZSTD_isError(n)) return true;
+  return double(n) <= double(sample.size()) * (1.0 - kMinSaving);
+}
 
 struct PathInfo {
   std::string path;
@@ -146,15 +159,18 @@ class Progress {
   std::chrono::steady_clock::time_point last_{};
 };
 
-// Compressed chunks of one NAR, made by a thread of their own (nix-store
-// --dump piped through zstd) while the caller sends the previous ones: a
-// bounded queue between the two.
+// Chunks of one NAR as uploaded, made by a thread of their own (nix-store
+// --dump piped through zstd, or not when the NAR's start shows that it does
+// not compress) while the caller sends the previous ones: a bounded queue
+// between the two. The choice is a function of the NAR's bytes, so a resumed
+// upload makes the same one.
 class ChunkMaker {
  public:
   struct Chunk {
-    std::uint64_t start = 0;  // offset of bytes in the compressed stream
+    std::uint64_t start = 0;  // offset of bytes in the uploaded stream
     std::string bytes;
-    std::uint64_t nar_seen = 0;  // NAR bytes read when this chunk was cut
+    std::uint64_t nar_seen = 0;        // NAR bytes read when this chunk was cut
+    const char* compression = "zstd";  // of the whole stream: "zstd" | "none"
   };
 
   ChunkMaker(const PathInfo& pi, const UploadOptions& o) : pi_(pi), o_(o) {
@@ -206,15 +222,19 @@ class ChunkMaker {
     std::unique_ptr<ZSTD_CCtx, decltype(&ZSTD_freeCCtx)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
     ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, o_.zstd_level);
     ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, 1);
-    std::string in_block, out_buf;
+    std::string in_block, out_buf, probe;
     std::string zbuf(ZSTD_CStreamOutSize(), '\0');
-    std::uint64_t produced = 0;  // compressed bytes cut into chunks so far
+    std::uint64_t produced = 0;  // uploaded bytes cut into chunks so far
     std::uint64_t nar_seen = 0;
     std::optional<Error> failure;
+    // Decided on the first kProbeBytes (or the whole NAR if smaller).
+    std::optional<bool> raw;
+    if (o_.compression == "zstd") raw = false;
+    if (o_.compression == "none") raw = true;
     auto cut = [&](bool final) -> bool {
       while (out_buf.size() >= o_.chunk_bytes || (final && !out_buf.empty())) {
         std::size_t n = std::min(out_buf.size(), o_.chunk_bytes);
-        Chunk c{produced, out_buf.substr(0, n), nar_seen};
+        Chunk c{produced, out_buf.substr(0, n), nar_seen, *raw ? "none" : "zstd"};
         produced += n;
         out_buf.erase(0, n);
         if (!Push(std::move(c))) return false;
@@ -240,8 +260,12 @@ class ChunkMaker {
     ro.argv = {FindProgram("nix-store"), "--dump", pi_.path};
     ro.env = NixEnv();
     ro.timeout = std::chrono::hours(24);
-    ro.on_stdout = [&](std::string_view bytes) {
-      nar_seen += bytes.size();
+    // NAR bytes in order, once the encoding is decided.
+    auto feed = [&](std::string_view bytes) -> bool {
+      if (*raw) {
+        out_buf.append(bytes);
+        return cut(false);
+      }
       while (!bytes.empty()) {
         std::size_t take = std::min(bytes.size(), kInputBlock - in_block.size());
         in_block.append(bytes.substr(0, take));
@@ -252,6 +276,19 @@ class ChunkMaker {
         }
       }
       return true;
+    };
+    auto decide = [&]() -> bool {
+      // Exactly the first kProbeBytes, however the pipe cut them.
+      raw = !WorthCompressing(std::string_view(probe).substr(0, kProbeBytes));
+      std::string p = std::move(probe);
+      probe.clear();
+      return feed(p);
+    };
+    ro.on_stdout = [&](std::string_view bytes) {
+      nar_seen += bytes.size();
+      if (raw) return feed(bytes);
+      probe.append(bytes);
+      return probe.size() < kProbeBytes || decide();
     };
     SystemProcessRunner runner;
     auto r = runner.Run(ro);
@@ -266,7 +303,10 @@ class ChunkMaker {
                         " bytes, nix path-info says " + std::to_string(pi_.nar_size) +
                         " (run nix-store --verify)"));
     }
-    if (!compress(in_block, ZSTD_e_end) || !cut(true)) {
+    if (!raw && !decide()) {
+      return Finish(failure ? std::move(failure) : std::optional<Error>(Err("stopped")));
+    }
+    if ((!*raw && !compress(in_block, ZSTD_e_end)) || !cut(true)) {
       return Finish(failure ? std::move(failure) : std::optional<Error>(Err("stopped")));
     }
     Finish(std::nullopt);
@@ -283,11 +323,14 @@ class ChunkMaker {
   std::thread thread_;
 };
 
-// One attempt at streaming a path's compressed NAR from offset: binary
+// One attempt at streaming a path's NAR, compressed or not, from offset of
+// the upload the controller staged as *compression ("" when unknown): binary
 // cache.upload frames, up to o.window of them in flight while the next ones
-// are compressed. Sets *cut when the connection broke (worth a reconnect).
+// are made. A staged upload in another encoding than this NAR's is started
+// over. Sets *compression to the encoding sent, and *cut when the connection
+// broke (worth a reconnect).
 Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const UploadOptions& o,
-                  Progress& progress, bool* cut) {
+                  Progress& progress, std::string* compression, bool* cut) {
   ChunkMaker maker(pi, o);
   std::deque<std::uint64_t> in_flight;  // request ids, oldest first
   std::uint64_t reported = 0;           // NAR bytes shown on the progress line
@@ -305,6 +348,14 @@ Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const
     return Status::Ok();
   };
   while (auto chunk = maker.Next()) {
+    if (*compression != chunk->compression) {
+      if (!compression->empty() && offset > 0 && !o.progress) {
+        std::cerr << "the controller holds part of a " << *compression << " upload of " << pi.path
+                  << "; sending it " << chunk->compression << " from the start\n";
+      }
+      *compression = chunk->compression;
+      offset = 0;
+    }
     progress.Bytes(chunk->nar_seen - reported);
     reported = chunk->nar_seen;
     std::uint64_t end = chunk->start + chunk->bytes.size();
@@ -315,7 +366,8 @@ Status StreamPath(Connection& c, const PathInfo& pi, std::uint64_t offset, const
                                {{"path", pi.path},
                                 {"narHash", pi.nar_hash},
                                 {"narSize", pi.nar_size},
-                                {"offset", chunk->start + skip}},
+                                {"offset", chunk->start + skip},
+                                {"compression", chunk->compression}},
                                std::move(chunk->bytes)));
     if (in_flight.size() >= std::max<std::size_t>(o.window, 1)) {
       if (auto st = await_one(); !st) return st;
@@ -380,24 +432,29 @@ Status UploadClosures(std::unique_ptr<Connection>& conn,
   }
   auto missing = conn->Call("cache.missing", {{"paths", ask}}, std::chrono::minutes(5));
   if (!missing) return Err("asking the controller which paths it lacks: " + missing.message());
-  std::vector<std::pair<const PathInfo*, std::uint64_t>> todo;
+  struct Todo {
+    const PathInfo* pi;
+    std::uint64_t offset;     // staged bytes of the upload in compression
+    std::string compression;  // "" until known
+  };
+  std::vector<Todo> todo;
   std::uint64_t bytes = 0;
   for (const auto& m : (*missing)["missing"]) {
     auto it = by_path.find(m.value("path", ""));
     if (it == by_path.end()) return Err("the controller asked for a path outside the closure");
-    todo.emplace_back(it->second, m.value("offset", std::uint64_t{0}));
+    todo.push_back({it->second, m.value("offset", std::uint64_t{0}), m.value("compression", "")});
     bytes += it->second->nar_size;
   }
   Progress progress(o.progress, todo.size(), bytes);
-  for (auto& [pi, offset] : todo) {
+  for (auto& [pi, offset, compression] : todo) {
     bool restarted = false;
     if (offset > 0 && !o.progress) {
       std::cerr << "resuming the upload of " << pi->path << " at " << offset << " bytes\n";
     }
     for (int attempt = 1;; ++attempt) {
       bool cut = false;
-      Status st =
-          conn ? StreamPath(*conn, *pi, offset, o, progress, &cut) : Status(Err("not connected"));
+      Status st = conn ? StreamPath(*conn, *pi, offset, o, progress, &compression, &cut)
+                       : Status(Err("not connected"));
       if (st.ok()) {
         nar::NarInfo info;
         info.store_path = pi->path;
@@ -412,7 +469,8 @@ Status UploadClosures(std::unique_ptr<Connection>& conn,
                                 {"narSize", pi->nar_size},
                                 {"references", pi->references},
                                 {"deriver", pi->deriver},
-                                {"sigs", {sig}}},
+                                {"sigs", {sig}},
+                                {"compression", compression}},
                                std::chrono::minutes(30));
         if (done) break;
         // Bytes staged by another build of zstd, or a torn earlier upload:
@@ -433,10 +491,9 @@ Status UploadClosures(std::unique_ptr<Connection>& conn,
                 << "); reconnecting and resuming\n";
       conn = reconnect();
       if (!conn) continue;
-      auto again = conn->Call(
-          "cache.missing",
-          {{"paths",
-            {{{"path", pi->path}, {"narHash", pi->nar_hash}, {"narSize", pi->nar_size}}}}});
+      json ask_one = {{"path", pi->path}, {"narHash", pi->nar_hash}, {"narSize", pi->nar_size}};
+      if (!compression.empty()) ask_one["compression"] = compression;
+      auto again = conn->Call("cache.missing", {{"paths", {ask_one}}});
       if (!again) continue;
       if ((*again)["missing"].empty()) break;  // it made it after all
       offset = (*again)["missing"][0].value("offset", std::uint64_t{0});

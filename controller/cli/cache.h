@@ -22,6 +22,10 @@ struct UploadOptions {
   std::size_t window = 4;             // cache.upload requests in flight (and as many compressed
                                       // ahead): memory ≈ 2 × window × chunk_bytes
   int zstd_level = 3;
+  // "auto": zstd unless the NAR's first MiB shrinks by less than 3 % at zstd
+  // level 1 (random or already compressed data), then sent as it is
+  // (Compression: none); "zstd" or "none" force one.
+  std::string compression = "auto";
   bool progress = false;  // a progress line on stderr
   int max_attempts = 5;   // per path, across reconnects
 };

@@ -2,6 +2,7 @@
 binary cache. The operator's CLI uploads, agents fetch over their one
 authenticated connection, nix verifies everything against the operator's
 cache key."""
+import base64
 import glob
 import json
 import os
@@ -37,6 +38,11 @@ class ClosuresBase(EnvTest):
         return subprocess.run(["nix-store", "-q", "--requisites", path], capture_output=True,
                               text=True, env=nix_env(), check=True).stdout.split()
 
+    def compression(self, path):
+        with open(self.narinfo(path)) as f:
+            return [l.split(": ", 1)[1] for l in f.read().splitlines()
+                    if l.startswith("Compression: ")][0]
+
     def cache_file(self, pattern):
         files = glob.glob(os.path.join(self.env.ctl_dir, "cache", pattern))
         self.assertEqual(len(files), 1, pattern)
@@ -58,6 +64,10 @@ class ClosuresTest(ClosuresBase):
         env.delete_local(top)
         for p in paths:
             self.assertFalse(os.path.exists(p), p)
+        # Random data does not compress: sent and stored as it is; the rest is zstd.
+        for p in paths:
+            want = "none" if "payload" in p else "zstd"
+            self.assertEqual(self.compression(p), want, p)
         # No substituter named: the manifest names the controller ("muster:")
         # and the cache key, and the agent has no other cache.
         gen = self.publish("m1", top)
@@ -86,12 +96,24 @@ class ClosuresTest(ClosuresBase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertNotIn("resuming", r.stderr)
 
-    def test_altered_narinfo_is_refused_by_nix(self):
-        env = self.env
-        env.add_agent("m1").start()
-        top = env.build("altered-info", push=False, delete=False, payload=1 << 20)
+    def only_in_the_controller(self, name, **argstr):
+        """Starts agent m1; builds a toplevel with 1 MiB of payload, uploads it, deletes it here."""
+        self.env.add_agent("m1").start()
+        top = self.env.build(name, push=False, delete=False, payload=1 << 20, **argstr)
         self.push(top)
-        env.delete_local(top)
+        self.env.delete_local(top)
+        return top
+
+    def assert_refused_by_nix(self, top, reason):
+        """Publishing top to m1 fails with reason in the detail; nothing activates."""
+        gen = self.publish("m1", top)
+        s = self.env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
+        self.assertEqual(s["phase"], "failed", s["detail"])
+        self.assertIn(reason, s["detail"])
+        self.assertEqual(self.env.activation_log(), [])
+
+    def test_altered_narinfo_is_refused_by_nix(self):
+        top = self.only_in_the_controller("altered-info")
         # A compromised controller claims another size: the signature no longer matches.
         info = self.narinfo(top)
         with open(info) as f:
@@ -99,18 +121,10 @@ class ClosuresTest(ClosuresBase):
         size = [l for l in text.splitlines() if l.startswith("NarSize: ")][0]
         with open(info, "w") as f:
             f.write(text.replace(size, "NarSize: " + str(int(size.split()[1]) + 1)))
-        gen = self.publish("m1", top)
-        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=120)
-        self.assertEqual(s["phase"], "failed", s["detail"])
-        self.assertIn("not signed by any of the manifest's trusted public keys", s["detail"])
-        self.assertEqual(env.activation_log(), [])
+        self.assert_refused_by_nix(top, "not signed by any of the manifest's trusted public keys")
 
     def test_altered_nar_is_refused_by_nix(self):
-        env = self.env
-        env.add_agent("m1").start()
-        top = env.build("altered-nar", push=False, delete=False, payload=1 << 20)
-        self.push(top)
-        env.delete_local(top)
+        top = self.only_in_the_controller("altered-nar", payloadKind="text")
         # Serve the kernel's NAR under the payload's name: valid zstd, wrong content.
         payload = [p for p in self.closure_of_cache(top) if "payload" in p][0]
         kernel = [p for p in self.closure_of_cache(top) if "kernel" in p][0]
@@ -118,11 +132,36 @@ class ClosuresTest(ClosuresBase):
         donor = self.cache_file("nar/" + os.path.basename(kernel)[:32] + "-*.nar.zst")
         with open(donor, "rb") as f, open(victim, "wb") as g:
             g.write(f.read())
+        self.assert_refused_by_nix(top, "hash mismatch importing path")
+
+    def test_altered_uncompressed_nar_is_refused_by_nix(self):
+        top = self.only_in_the_controller("altered-raw")
+        payload = [p for p in self.closure_of_cache(top) if "payload" in p][0]
+        self.assertEqual(self.compression(payload), "none")
+        # One bit of the random data flipped: still a well-formed NAR of the right size.
+        victim = self.cache_file("nar/" + os.path.basename(payload)[:32] + "-*.nar")
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 1]))
+        self.assert_refused_by_nix(top, "hash mismatch importing path")
+
+    def test_compressible_closure_is_stored_zstd_and_realised(self):
+        env = self.env
+        a = env.add_agent("m1").start()
+        top = env.build("text-payload", push=False, delete=False, payload=2 << 20,
+                        payloadKind="text")
+        self.push(top)
+        payload = [p for p in self.closure(top) if "payload" in p][0]
+        self.assertEqual(self.compression(payload), "zstd")
+        nar = self.cache_file("nar/" + os.path.basename(payload)[:32] + "-*.nar.zst")
+        self.assertLess(os.path.getsize(nar), (3 << 20) // 2)  # hex digits: zstd halves them
+        env.delete_local(top)
         gen = self.publish("m1", top)
-        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=180)
-        self.assertEqual(s["phase"], "failed", s["detail"])
-        self.assertIn("hash mismatch importing path", s["detail"])
-        self.assertEqual(env.activation_log(), [])
+        s = env.wait_phase("m1", gen, ["succeeded", "failed"], timeout=120)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(a.current_system(), top)
 
     def closure_of_cache(self, top):
         """Store paths the cache holds for top's closure (from its narinfos)."""
@@ -224,12 +263,30 @@ class ClosuresTest(ClosuresBase):
             ("cache.commit", dict(req, references=info["references"], sigs=["x:eA=="])),
             ("cache.upload", dict(req, offset=0, data="AAAA" * 3000, narSize=1)),  # oversized
             ("cache.missing", {"paths": [{"path": top, "narHash": info["narHash"]}]}),
+            # Uncompressed: the right size, other bytes (NarHash differs) …
+            ("cache.upload", dict(req, offset=0, compression="none",
+                                  data=base64.b64encode(b"x" * info["narSize"]).decode())),
+            ("cache.commit", dict(req, references=info["references"], sigs=["x:eA=="],
+                                  compression="none")),
+            # … one byte more than narSize, an encoding the controller does not store.
+            ("cache.upload", dict(req, offset=0, compression="none",
+                                  data=base64.b64encode(b"x" * (info["narSize"] + 1)).decode())),
+            ("cache.upload", dict(req, offset=0, compression="xz", data="AAAA")),
         ])
         self.assertFalse(out[1]["ok"])
         self.assertIn("nothing was added", out[1]["error"])
         self.assertFalse(out[2]["ok"])
         self.assertIn("larger than a compressed NAR", out[2]["error"])
-        self.assertEqual(out[3]["result"]["missing"], [{"path": top, "offset": 0}])
+        self.assertEqual(out[3]["result"]["missing"],
+                         [{"path": top, "offset": 0, "compression": "zstd"}])
+        self.assertTrue(out[4]["ok"], out[4])
+        self.assertFalse(out[5]["ok"])
+        self.assertIn("has NAR hash", out[5]["error"])
+        self.assertIn("nothing was added", out[5]["error"])
+        self.assertFalse(out[6]["ok"])
+        self.assertIn("larger than an uncompressed NAR", out[6]["error"])
+        self.assertFalse(out[7]["ok"])
+        self.assertIn("use zstd or none", out[7]["error"])
         self.assertEqual(glob.glob(os.path.join(env.ctl_dir, "cache", "*.narinfo")), [])
         self.assertEqual(glob.glob(os.path.join(env.ctl_dir, "cache", "staging", "*")), [])
 

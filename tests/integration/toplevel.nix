@@ -18,6 +18,8 @@
 #             reboot is needed
 #   payload   bytes of random data in a store path of its own that the toplevel
 #             refers to (closures of several paths and of any size); "0": none
+#   payloadKind random (incompressible) | text (hex digits of random bytes,
+#             which zstd halves)
 #   kernelSize bytes of padding in the kernel image ("0": a one-line file), for
 #             tests of the free space in /boot
 #   stopUnits, reloadUnits, restartUnits, startUnits
@@ -33,6 +35,7 @@
 , salt ? ""
 , sleep ? "0"
 , payload ? "0"
+, payloadKind ? "random"
 , kernelSize ? "0"
 , stopUnits ? ""
 , reloadUnits ? ""
@@ -106,7 +109,11 @@ let
     name = "muster-test-payload-${name}";
     inherit system;
     builder = sh;
-    args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out; head -c ${payload} /dev/urandom > $out/data; echo ${salt} > $out/salt" ];
+    args = [ "-c" ("PATH=/usr/bin:/bin; mkdir -p $out; "
+      + (if payloadKind == "text"
+         then "od -v -An -tx1 /dev/urandom | head -c ${payload} > $out/data; "
+         else "head -c ${payload} /dev/urandom > $out/data; ")
+      + "echo ${salt} > $out/salt") ];
   };
 in
 derivation {
