@@ -6,6 +6,7 @@
 #include <set>
 
 #include "common/preview.h"
+#include "common/rollout_items.h"
 #include "controller/dashboard.h"
 
 namespace muster {
@@ -108,6 +109,33 @@ proto::Response Api::PublishAnswer(const Identity& who, std::uint64_t id,
   return Ok(id, {{"machine", g->machine},
                  {"generation", g->generation},
                  {"online", fleet_.IsOnline(g->machine)}});
+}
+
+proto::Response Api::CreateRollout(const Identity& who, const proto::Request& req) {
+  // The binary form (common/rollout_items.h): settings, count and signer in
+  // the header, the items sliced from the payload without a copy or base64.
+  const json& p = req.params;
+  const std::int64_t count = IntParam(p, "count", 0);
+  if (count < 1 || static_cast<std::uint64_t>(count) > kMaxRolloutItems) {
+    return Fail(req.id, "rollout.create: 'count' must be 1 to " + std::to_string(kMaxRolloutItems) +
+                            " items");
+  }
+  auto signer = ParsePublicKey(Need(p, "signer"));
+  if (!signer) return Fail(req.id, "rollout.create: signer: " + signer.message());
+  auto items =
+      DecodeRolloutItems(req.payload, static_cast<std::size_t>(count), fleet_.max_deploy_bytes());
+  if (!items) return Fail(req.id, "rollout.create: " + items.message());
+  auto gens = fleet_.ValidateDeploys(who.name, *signer, *items);
+  if (!gens) return Fail(req.id, "rollout.create: " + gens.message());
+  RolloutSpec spec;
+  spec.created_by = who.name;
+  spec.canary = static_cast<int>(IntParam(p, "canary", 0));
+  spec.max_parallel = static_cast<int>(IntParam(p, "maxParallel", 0));
+  spec.max_failures = static_cast<int>(IntParam(p, "maxFailures", 0));
+  spec.generations = std::move(*gens);
+  auto r = rollouts_->Create(std::move(spec));
+  if (!r) return Fail(req.id, r.message());
+  return Ok(req.id, rollouts_->Summary(r->id));
 }
 
 proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
@@ -367,6 +395,7 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
     }
     if (req.method.rfind("rollout.", 0) == 0) {
       if (!rollouts_) return Fail(req.id, "rollouts are not available");
+      if (req.method == "rollout.create" && !req.payload.empty()) return CreateRollout(who, req);
       if (req.method == "rollout.create") {
         auto items = p.find("items");
         if (items == p.end() || !items->is_array() || items->empty()) {
@@ -394,7 +423,7 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         }
         auto r = rollouts_->Create(std::move(spec));
         if (!r) return Fail(req.id, r.message());
-        return Ok(req.id, rollouts_->Describe(r->id));
+        return Ok(req.id, rollouts_->Summary(r->id));
       }
       if (req.method == "rollout.list") {
         int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 20), 1, 1000));
