@@ -522,7 +522,7 @@ TEST_F(BinaryRolloutTest, BadInputIsRefusedAndStoresNothing) {
   };
   expect_refused(Create(good.substr(0, good.size() - 1), 3), "item 3 of 3 is truncated");
   expect_refused(Create(good, 2), "bytes after its 2 items");
-  expect_refused(Create(good, 4), "too short for 4 items");
+  expect_refused(Create(good, 4), "item 4 of 4 is truncated");
   expect_refused(Create(good, 0), "'count' must be 1 to");
   expect_refused(Create(good + good, 6), "machine 'web1' appears twice");
   expect_refused(Create(good, 3, &mallory_), "not a registered operator key");

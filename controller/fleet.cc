@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "common/json_limits.h"
 #include "common/parallel.h"
 #include "common/phase.h"
@@ -358,7 +360,14 @@ Identity Fleet::Lookup(const PublicKey& key) const {
 std::string Fleet::DeployText(const GenerationRecord& g) {
   // proto::Encode's bytes (sorted keys, no whitespace), each string escaped
   // on its own: no document of the whole message is built.
-  auto quoted = [](const std::string& s) { return DumpJson(json(s)); };
+  auto quoted = [](const std::string& s) {
+    // Base64 (vars, signature, key) needs no escaping: copied as it is.
+    bool plain = std::all_of(s.begin(), s.end(), [](char c) {
+      auto u = static_cast<unsigned char>(c);
+      return u >= 0x20 && u < 0x80 && c != '"' && c != '\\';
+    });
+    return plain ? '"' + s + '"' : DumpJson(json(s));
+  };
   std::string out;
   out.reserve(96 + g.manifest.manifest.size() * 5 / 4 + g.manifest.signer.size() +
               g.manifest.signature.size() + g.vars.size());

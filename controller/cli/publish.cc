@@ -11,6 +11,7 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <set>
 
 #include "common/manifest.h"
 #include "common/parallel.h"
@@ -209,15 +210,14 @@ int Publish(const Globals& g, PublishArgs a) {
   RosterView view((*roster)["machines"], (*roster)["removed"], trusted, seen);
   (void)seen.Save();
   std::vector<std::string> targets;
+  std::set<std::string> taken;  // in order, each once (a fleet is thousands)
   for (const auto& name : a.machines) {
     if (auto m = view.Get(name); !m) return Die(m.message(), kExitFailed);
-    if (std::find(targets.begin(), targets.end(), name) == targets.end()) targets.push_back(name);
+    if (taken.insert(name).second) targets.push_back(name);
   }
   if (by_tag) {
     for (const auto& name : view.Select(a.tags, a.all)) {
-      if (std::find(targets.begin(), targets.end(), name) == targets.end()) {
-        targets.push_back(name);
-      }
+      if (taken.insert(name).second) targets.push_back(name);
     }
     std::size_t skipped = 0;
     for (const auto& [name, why] : view.untrusted()) {
@@ -445,7 +445,7 @@ int Publish(const Globals& g, PublishArgs a) {
     }
     // The items in one binary frame (common/rollout_items.h): no base64 of
     // the sealed vars and no JSON document of the whole fleet.
-    json params = {{"count", n},
+    json create = {{"count", n},
                    {"signer", key.public_key().ToText()},
                    {"canary", *canary},
                    {"maxParallel", a.max_parallel},
@@ -462,15 +462,15 @@ int Publish(const Globals& g, PublishArgs a) {
     }
     const auto create_timeout = std::chrono::seconds(300);
     auto res =
-        conn->Await(conn->Send("rollout.create", params, std::move(payload)), create_timeout);
+        conn->Await(conn->Send("rollout.create", create, std::move(payload)), create_timeout);
     if (!res && res.message().find("'items' must be") != std::string::npos) {
       // A controller from before the binary form: the same items as JSON.
       json items = json::array();
       for (std::size_t i = 0; i < n; ++i) items.push_back(item_json(i));
-      params.erase("count");
-      params.erase("signer");
-      params["items"] = std::move(items);
-      res = conn->Call("rollout.create", std::move(params), create_timeout);
+      create.erase("count");
+      create.erase("signer");
+      create["items"] = std::move(items);
+      res = conn->Call("rollout.create", std::move(create), create_timeout);
     }
     if (!res) {
       if (res.message().find("not newer") != std::string::npos) continue;
