@@ -206,7 +206,10 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         if (!only.empty() && !only.count(name)) continue;
         removed.push_back(EntryJson(entry));
       }
-      return Ok(req.id, {{"machines", machines}, {"removed", removed}});
+      json out = json::object();  // moved in: an initializer list would copy 10,000 rows
+      out["machines"] = std::move(machines);
+      out["removed"] = std::move(removed);
+      return Ok(req.id, std::move(out));
     }
     if (req.method == "machine.list" || req.method == "status") {
       json machines = json::array();
@@ -216,7 +219,9 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         machines.push_back(MachineJson(m));
       }
       if (!only.empty() && machines.empty()) return Fail(req.id, "no machine named '" + only + "'");
-      return Ok(req.id, {{"machines", machines}});
+      json out = json::object();
+      out["machines"] = std::move(machines);
+      return Ok(req.id, std::move(out));
     }
     if (req.method == "machine.get") {
       std::string name = Need(p, "name");

@@ -376,16 +376,19 @@ int Publish(const Globals& g, PublishArgs a) {
     if (!sub) return Die(sub.message(), kExitFailed);
   }
 
-  json numbers_src = *roster;
+  // The numbers come from the first answer (no copy of it), or from a newer one.
+  const json* numbers_src = &*roster;
+  json again_answer;
   for (int attempt = 0; attempt < 5; ++attempt) {
     if (attempt > 0) {
       // After a race the numbers changed: ask again for exactly the targets
       // (the first answer, for names or for the whole fleet, had them all).
       auto again = conn->Call("roster", {{"names", targets}});
       if (!again) return Die(again.message(), kExitFailed);
-      numbers_src = *again;
+      again_answer = std::move(*again);
+      numbers_src = &again_answer;
     }
-    auto max_gen = MaxGenerations(numbers_src);
+    auto max_gen = MaxGenerations(*numbers_src);
     if (!max_gen) return Die(max_gen.message(), kExitFailed);
     const std::int64_t created_at = static_cast<std::int64_t>(std::time(nullptr));
     std::vector<std::int64_t> numbers(n);
