@@ -127,7 +127,10 @@ std::vector<std::string> StrList(const json& b, const char* k) {
   return v;
 }
 
-Result<Message> DecodeBody(std::string_view type, const json& b) {
+// b is the decoded document's body, taken apart: the JSON payloads of
+// requests, responses and events are moved out, never copied (a roster or a
+// rollout is megabytes).
+Result<Message> DecodeBody(std::string_view type, json& b) {
   if (type == "hello") {
     Hello m;
     m.machine = Str(b, "machine");
@@ -187,26 +190,26 @@ Result<Message> DecodeBody(std::string_view type, const json& b) {
     m.method = Str(b, "method");
     if (b.contains("params")) {
       if (!b.at("params").is_object()) return Err("request: params must be an object");
-      m.params = b.at("params");
+      m.params = std::move(b.at("params"));
     }
-    return Message{m};
+    return Message{std::move(m)};
   }
   if (type == "response") {
     Response m;
     m.id = UInt(b, "id");
     m.ok = b.at("ok").get<bool>();
     if (m.ok) {
-      if (b.contains("result")) m.result = b.at("result");
+      if (b.contains("result")) m.result = std::move(b.at("result"));
     } else {
       m.error = Str(b, "error");
     }
-    return Message{m};
+    return Message{std::move(m)};
   }
   if (type == "event") {
     Event m;
     m.topic = Str(b, "topic");
-    if (b.contains("data")) m.data = b.at("data");
-    return Message{m};
+    if (b.contains("data")) m.data = std::move(b.at("data"));
+    return Message{std::move(m)};
   }
   if (type == "enroll") return Message{Enroll{Str(b, "machine"), Str(b, "proof")}};
   if (type == "enrolled") return Message{Enrolled{Str(b, "machine")}};
@@ -411,7 +414,7 @@ Result<Message> Decode(std::string_view text, const DecodeLimits& limits) {
   auto parsed = ParseJsonBounded(text, limits.max_bytes, limits.max_depth);
   if (!parsed) return parsed.error();
   try {
-    const json& j = *parsed;
+    json& j = *parsed;
     if (!j.is_object()) return Err("message is not a JSON object");
     auto v = j.find("v");
     if (v == j.end() || !v->is_number_integer()) return Err("message has no protocol version 'v'");
@@ -423,7 +426,8 @@ Result<Message> Decode(std::string_view text, const DecodeLimits& limits) {
     if (t == j.end() || !t->is_string()) return Err("message has no 'type'");
     auto b = j.find("body");
     if (b == j.end() || !b->is_object()) return Err("message has no object 'body'");
-    return DecodeBody(t->get<std::string>(), *b);
+    const std::string type = t->get<std::string>();
+    return DecodeBody(type, *b);
   } catch (const std::exception& e) {
     return Err(std::string("malformed message: ") + e.what());
   }

@@ -12,6 +12,7 @@ muster_unit_test(common_test
     process_test.cc
     protocol_test.cc
     roster_test.cc
+    rollout_items_test.cc
     tls_test.cc
     url_test.cc
     utf8_test.cc

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "common/preview.h"
+#include "common/rollout_items.h"
 #include "controller/dashboard.h"
 
 namespace muster {
@@ -110,6 +111,33 @@ proto::Response Api::PublishAnswer(const Identity& who, std::uint64_t id,
                  {"online", fleet_.IsOnline(g->machine)}});
 }
 
+proto::Response Api::CreateRollout(const Identity& who, const proto::Request& req) {
+  // The binary form (common/rollout_items.h): settings, count and signer in
+  // the header, the items sliced from the payload without a copy or base64.
+  const json& p = req.params;
+  const std::int64_t count = IntParam(p, "count", 0);
+  if (count < 1 || static_cast<std::uint64_t>(count) > kMaxRolloutItems) {
+    return Fail(req.id, "rollout.create: 'count' must be 1 to " + std::to_string(kMaxRolloutItems) +
+                            " items");
+  }
+  auto signer = ParsePublicKey(Need(p, "signer"));
+  if (!signer) return Fail(req.id, "rollout.create: signer: " + signer.message());
+  auto items =
+      DecodeRolloutItems(req.payload, static_cast<std::size_t>(count), fleet_.max_deploy_bytes());
+  if (!items) return Fail(req.id, "rollout.create: " + items.message());
+  auto gens = fleet_.ValidateDeploys(who.name, *signer, *items);
+  if (!gens) return Fail(req.id, "rollout.create: " + gens.message());
+  RolloutSpec spec;
+  spec.created_by = who.name;
+  spec.canary = static_cast<int>(IntParam(p, "canary", 0));
+  spec.max_parallel = static_cast<int>(IntParam(p, "maxParallel", 0));
+  spec.max_failures = static_cast<int>(IntParam(p, "maxFailures", 0));
+  spec.generations = std::move(*gens);
+  auto r = rollouts_->Create(std::move(spec));
+  if (!r) return Fail(req.id, r.message());
+  return Ok(req.id, rollouts_->Summary(r->id));
+}
+
 proto::Response Api::Handle(const Identity& who, const proto::Request& req) {
   // A store that did not answer during the request (a database down) made
   // its reads look empty: report that instead of an answer built on them.
@@ -178,7 +206,10 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         if (!only.empty() && !only.count(name)) continue;
         removed.push_back(EntryJson(entry));
       }
-      return Ok(req.id, {{"machines", machines}, {"removed", removed}});
+      json out = json::object();  // moved in: an initializer list would copy 10,000 rows
+      out["machines"] = std::move(machines);
+      out["removed"] = std::move(removed);
+      return Ok(req.id, std::move(out));
     }
     if (req.method == "machine.list" || req.method == "status") {
       json machines = json::array();
@@ -188,7 +219,9 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         machines.push_back(MachineJson(m));
       }
       if (!only.empty() && machines.empty()) return Fail(req.id, "no machine named '" + only + "'");
-      return Ok(req.id, {{"machines", machines}});
+      json out = json::object();
+      out["machines"] = std::move(machines);
+      return Ok(req.id, std::move(out));
     }
     if (req.method == "machine.get") {
       std::string name = Need(p, "name");
@@ -367,6 +400,7 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
     }
     if (req.method.rfind("rollout.", 0) == 0) {
       if (!rollouts_) return Fail(req.id, "rollouts are not available");
+      if (req.method == "rollout.create" && !req.payload.empty()) return CreateRollout(who, req);
       if (req.method == "rollout.create") {
         auto items = p.find("items");
         if (items == p.end() || !items->is_array() || items->empty()) {
@@ -394,7 +428,7 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         }
         auto r = rollouts_->Create(std::move(spec));
         if (!r) return Fail(req.id, r.message());
-        return Ok(req.id, rollouts_->Describe(r->id));
+        return Ok(req.id, rollouts_->Summary(r->id));
       }
       if (req.method == "rollout.list") {
         int limit = static_cast<int>(std::clamp<std::int64_t>(IntParam(p, "limit", 20), 1, 1000));

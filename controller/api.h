@@ -21,7 +21,10 @@
 //   logs           {machine, generation?, after?, limit?} → {generation, lines, last}
 //   machine.enroll {grant: Entry}                 → {name, expiresAt}
 //   rollout.create {items: [{manifest, signer, signature, vars}], canary, maxParallel,
-//                   maxFailures}                 → Rollout
+//                   maxFailures}                 → Rollout without its items
+//                   (state, detail, counts, total: the answer does not grow with the fleet)
+//   rollout.create as a binary frame (proto::EncodeBinary): {count, signer, canary,
+//                   maxParallel, maxFailures} + the items (common/rollout_items.h) → the same
 //   rollout.list   {limit?}                       → {rollouts: [Rollout]}
 //   rollout.status|pause|resume|abort {id}        → Rollout
 //   rollout.retry-plan {id}  → {rollout, state, canary, maxParallel, maxFailures,
@@ -69,6 +72,8 @@ class Api {
 
  private:
   proto::Response HandleRequest(const Identity& who, const proto::Request& req);
+  // rollout.create in its binary form.
+  proto::Response CreateRollout(const Identity& who, const proto::Request& req);
   nlohmann::json MachineJson(const MachineRecord& m);
   Fleet& fleet_;
   RolloutManager* rollouts_;

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "common/rollout_items.h"
 #include "common/utf8.h"
 #include "controller/test_fakes.h"
 
@@ -423,6 +424,129 @@ TEST_F(ApiTest, IllFormedStringsAlreadyInTheStoreAreAnsweredNotThrown) {
   EXPECT_EQ(history.result["generations"][0]["events"].size(), 1u);
   auto logs = MustCall("logs", {{"machine", "web1"}});
   EXPECT_EQ(logs.result["lines"].size(), 1u);
+}
+
+}  // namespace
+}  // namespace muster
+
+namespace muster {
+namespace {
+
+// rollout.create in its binary form (common/rollout_items.h), end to end
+// through the Api, the Fleet's checks, the RolloutManager and the store.
+class BinaryRolloutTest : public testing::FleetTest {
+ protected:
+  void SetUp() override {
+    FleetTest::SetUp();
+    for (const char* name : {"web2", "web3"}) {
+      keys_.push_back(SecretKey::Generate());
+      ASSERT_TRUE(fleet_->AddMachine(name, keys_.back().public_key().ToText(), {"web"}).ok());
+    }
+    rollouts_ = std::make_unique<RolloutManager>(*fleet_, *store_);
+    fleet_->SetObserver(rollouts_.get());
+    api_ = std::make_unique<Api>(*fleet_, rollouts_.get());
+    for (const char* name : {"web1", "web2", "web3"}) deploys_.push_back(MakeDeploy(1, name));
+  }
+
+  static std::string Payload(const std::vector<proto::Deploy>& deploys) {
+    std::string out;
+    for (const auto& d : deploys) {
+      AppendRolloutItem(out, d.manifest.manifest, Base64Decode(d.manifest.signature).value(),
+                        Base64Decode(d.vars).value());
+    }
+    return out;
+  }
+  proto::Response Create(std::string payload, std::size_t count,
+                         const SecretKey* signer = nullptr) {
+    proto::Request req;
+    req.id = 7;
+    req.method = "rollout.create";
+    req.params = {{"count", count},
+                  {"signer", (signer ? *signer : alice_).public_key().ToText()},
+                  {"canary", 0},
+                  {"maxParallel", 0},
+                  {"maxFailures", 0}};
+    req.payload = std::move(payload);
+    // It travels as one binary frame and decodes to the same request.
+    auto back = proto::Decode(proto::EncodeBinary(req));
+    EXPECT_TRUE(back.ok()) << back.message();
+    return api_->Handle(who_, std::get<proto::Request>(*back));
+  }
+  void ExpectNothingStored() {
+    EXPECT_TRUE(store_->ListRollouts(10).empty());
+    for (const char* name : {"web1", "web2", "web3"}) {
+      EXPECT_FALSE(store_->GetGeneration(name, 1)) << name;
+    }
+  }
+
+  std::vector<SecretKey> keys_;
+  std::vector<proto::Deploy> deploys_;
+  std::unique_ptr<RolloutManager> rollouts_;
+  std::unique_ptr<Api> api_;
+  Identity who_{Role::kOperator, "alice"};
+};
+
+TEST_F(BinaryRolloutTest, StoresEveryItemPushesTheSameDeployAndAnswersCounts) {
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  ch->sent.clear();
+  auto r = Create(Payload(deploys_), 3);
+  ASSERT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.result["total"], 3);
+  EXPECT_TRUE(r.result["items"].empty()) << "the answer does not describe every item";
+  EXPECT_EQ(r.result["counts"]["released"], 1);  // web1, the one online
+  EXPECT_EQ(r.result["counts"]["pending"], 2);
+  const std::string id = r.result["rollout"].get<std::string>();
+  EXPECT_EQ(store_->ListRolloutItems(id).size(), 3u);
+  auto g = store_->GetGeneration("web2", 1);
+  ASSERT_TRUE(g);
+  EXPECT_EQ(g->vars, deploys_[1].vars);  // stored as the JSON path stores it
+  EXPECT_EQ(g->manifest.signature, deploys_[1].manifest.signature);
+  EXPECT_EQ(g->rollout, id);
+  // The deploy pushed from the records in hand has proto::Encode's bytes.
+  ASSERT_EQ(ch->sent.size(), 1u);
+  EXPECT_EQ(ch->sent[0], proto::Encode(deploys_[0]));
+  // A later connect gets it from the store, the same bytes again.
+  auto ch3 = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web3", MakeHello(0, 0, "idle", "web3"), ch3).ok());
+  ASSERT_EQ(ch3->sent.size(), 1u);
+  EXPECT_EQ(ch3->sent[0], proto::Encode(deploys_[2]));
+}
+
+TEST_F(BinaryRolloutTest, BadInputIsRefusedAndStoresNothing) {
+  const std::string good = Payload(deploys_);
+  auto expect_refused = [&](proto::Response r, const std::string& want) {
+    EXPECT_FALSE(r.ok);
+    EXPECT_THAT(r.error, HasSubstr(want));
+    ExpectNothingStored();
+  };
+  expect_refused(Create(good.substr(0, good.size() - 1), 3), "item 3 of 3 is truncated");
+  expect_refused(Create(good, 2), "bytes after its 2 items");
+  expect_refused(Create(good, 4), "item 4 of 4 is truncated");
+  expect_refused(Create(good, 0), "'count' must be 1 to");
+  expect_refused(Create(good + good, 6), "machine 'web1' appears twice");
+  expect_refused(Create(good, 3, &mallory_), "not a registered operator key");
+
+  // One altered signature (the last item) refuses the whole rollout.
+  auto bad_sig = deploys_;
+  auto sig = Base64Decode(bad_sig[2].manifest.signature).value();
+  sig[5] = static_cast<char>(sig[5] ^ 1);
+  bad_sig[2].manifest.signature = Base64Encode(sig);
+  expect_refused(Create(Payload(bad_sig), 3), "item 3 of 3: publish: manifest for web3");
+
+  // Vars that do not match the signed hash.
+  auto bad_vars = deploys_;
+  bad_vars[1].vars = deploys_[0].vars;
+  expect_refused(Create(Payload(bad_vars), 3), "item 2 of 3");
+
+  // A machine the controller does not know.
+  auto unknown = deploys_;
+  unknown[1] = MakeDeploy(1, "db9");
+  expect_refused(Create(Payload(unknown), 3), "no machine named 'db9'");
+
+  // A deploy message larger than agents accept.
+  fleet_->SetMaxDeployBytes(512);
+  expect_refused(Create(good, 3), "bytes agents accept");
 }
 
 }  // namespace

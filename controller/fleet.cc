@@ -2,6 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
+#include "common/json_limits.h"
+#include "common/parallel.h"
 #include "common/phase.h"
 #include "common/utf8.h"
 
@@ -165,7 +169,7 @@ void Fleet::RemoteDeploy(const std::string& machine, std::int64_t generation) {
     std::lock_guard lock(mu_);
     auto it = online_.find(machine);
     if (it != online_.end()) ch = it->second.lock();
-    if (ch) ++counters_.deploys_sent;
+    if (ch) NoteSentLocked(*g);
   }
   if (ch) ch->Send(DeployText(*g));
   if (g->rollout.empty()) {
@@ -355,10 +359,31 @@ Identity Fleet::Lookup(const PublicKey& key) const {
 }
 
 std::string Fleet::DeployText(const GenerationRecord& g) {
-  proto::Deploy d;
-  d.manifest = g.manifest;
-  d.vars = g.vars;
-  return proto::Encode(d);
+  // proto::Encode's bytes (sorted keys, no whitespace), each string escaped
+  // on its own: no document of the whole message is built.
+  auto quoted = [](const std::string& s) {
+    // Base64 (vars, signature, key) needs no escaping: copied as it is.
+    bool plain = std::all_of(s.begin(), s.end(), [](char c) {
+      auto u = static_cast<unsigned char>(c);
+      return u >= 0x20 && u < 0x80 && c != '"' && c != '\\';
+    });
+    return plain ? '"' + s + '"' : DumpJson(json(s));
+  };
+  std::string out;
+  out.reserve(96 + g.manifest.manifest.size() * 5 / 4 + g.manifest.signer.size() +
+              g.manifest.signature.size() + g.vars.size());
+  out += R"({"body":{"manifest":)";
+  out += quoted(g.manifest.manifest);
+  out += R"(,"signature":)";
+  out += quoted(g.manifest.signature);
+  out += R"(,"signer":)";
+  out += quoted(g.manifest.signer);
+  out += R"(,"vars":)";
+  out += quoted(g.vars);
+  out += R"(},"type":"deploy","v":)";
+  out += std::to_string(proto::kVersion);
+  out += '}';
+  return out;
 }
 
 Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
@@ -479,7 +504,7 @@ std::vector<std::string> Fleet::AfterHello(const std::string& machine, const pro
     if (!finished_here && !in_progress) {
       out.push_back(DeployText(*latest));
       std::lock_guard lock(mu_);
-      ++counters_.deploys_sent;
+      NoteSentLocked(*latest);
     }
   }
   Broadcast("machine", {{"machine", machine}, {"online", true}});
@@ -564,9 +589,20 @@ Result<std::string> Fleet::AfterStatus(const std::string& machine, const proto::
     ++counters_.status_reports;
   }
   if (IsTerminal(phase)) {
-    if (auto g = store_.GetGeneration(machine, r.generation)) {
+    // The time since publishing, from what this controller sent (a map
+    // lookup per final report), else from the store.
+    std::optional<std::int64_t> created_at;
+    {
       std::lock_guard lock(mu_);
-      counters_.deploy_seconds.Observe(static_cast<double>(ev.at - g->created_at) / 1000.0);
+      auto it = sent_.find(machine);
+      if (it != sent_.end() && it->second.first == r.generation) created_at = it->second.second;
+    }
+    if (!created_at) {
+      if (auto g = store_.GetGeneration(machine, r.generation)) created_at = g->created_at;
+    }
+    if (created_at) {
+      std::lock_guard lock(mu_);
+      counters_.deploy_seconds.Observe(static_cast<double>(ev.at - *created_at) / 1000.0);
     }
   }
   Broadcast("status", {{"machine", machine},
@@ -812,12 +848,31 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
     return Err("publish: manifest is signed by " + signer->ShortId() +
                ", which is not a registered operator key");
   }
-  auto m = ParseManifest(d.manifest.manifest);
+  auto sealed = Base64Decode(d.vars);
+  if (!sealed) return Err("publish: vars are not base64");
+  auto g = CheckSigned(operator_name, *signer, d.manifest, *sealed, d.vars);
+  if (!g) return g;
+  auto machine = store_.GetMachine(g->machine);
+  if (!machine) {
+    if (auto st = store_.Ping(); !st) return Err("publish: " + st.message() + "; try again later");
+    return Err("publish: no machine named '" + g->machine + "'; add it first");
+  }
+  if (machine->revoked) return Err("publish: machine '" + g->machine + "' is revoked");
+  return g;
+}
+
+Result<GenerationRecord> Fleet::CheckSigned(const std::string& operator_name,
+                                            const PublicKey& signer, SignedManifest sm,
+                                            std::string_view sealed, std::string vars_b64) const {
+  auto m = ParseManifest(sm.manifest);
   if (!m) return Err("publish: " + m.message());
+  GenerationRecord g;
+  g.manifest = std::move(sm);
+  g.vars = std::move(vars_b64);
   // The agent closes a connection on a larger message and would receive the
   // same one on every reconnect: refuse it here, where an operator sees why.
-  if (std::size_t size = proto::Encode(d).size(); size > max_deploy_bytes_) {
-    std::size_t rest = size - d.vars.size();  // manifest and framing
+  if (std::size_t size = DeployText(g).size(); size > max_deploy_bytes_) {
+    std::size_t rest = size - g.vars.size();  // manifest and framing
     // Sealed vars are base64 of a box holding base64 contents: ~16/9 of the files.
     std::size_t room = max_deploy_bytes_ > rest ? (max_deploy_bytes_ - rest) * 9 / 16 : 0;
     return Err("publish: the deploy message for " + m->machine + " generation " +
@@ -827,29 +882,71 @@ Result<GenerationRecord> Fleet::ValidateDeploy(const std::string& operator_name,
                "make the vars smaller (about " +
                std::to_string(room / 1024) + " KiB of files fit) or raise both limits");
   }
-  auto machine = store_.GetMachine(m->machine);
-  if (!machine) {
-    if (auto st = store_.Ping(); !st) return Err("publish: " + st.message() + "; try again later");
-    return Err("publish: no machine named '" + m->machine + "'; add it first");
-  }
-  if (machine->revoked) return Err("publish: machine '" + m->machine + "' is revoked");
-  auto sealed = Base64Decode(d.vars);
-  if (!sealed) return Err("publish: vars are not base64");
-  VerifyContext ctx{m->machine, {*signer}, 0};
-  auto verified = VerifySignedManifest(d.manifest, ctx, *sealed);
+  VerifyContext ctx{m->machine, {signer}, 0};
+  auto verified = VerifySignedManifest(g.manifest, ctx, sealed);
   if (!verified) return Err("publish: " + verified.message());
-
-  GenerationRecord g;
   g.machine = m->machine;
   g.generation = m->generation;
-  g.manifest = d.manifest;
-  g.vars = d.vars;
   g.toplevel = m->toplevel;
   g.action = std::string(ToString(m->action));
   g.rollout = m->rollout;
   g.published_by = operator_name;
   g.created_at = clock_();
   return g;
+}
+
+Result<std::vector<GenerationRecord>> Fleet::ValidateDeploys(
+    const std::string& operator_name, const PublicKey& signer,
+    const std::vector<RolloutItemView>& items) {
+  if (Lookup(signer).role != Role::kOperator) {
+    return Err("publish: the rollout is signed by " + signer.ShortId() +
+               ", which is not a registered operator key");
+  }
+  const std::size_t n = items.size();
+  const std::string signer_text = signer.ToText();
+  std::vector<GenerationRecord> out(n);
+  std::vector<std::optional<Error>> errors(n);
+  // Pure checks on every core: signatures dominate (one Ed25519 verify and
+  // one manifest parse per item).
+  ParallelFor(n, [&](std::size_t i) {
+    try {
+      const RolloutItemView& it = items[i];
+      SignedManifest sm{std::string(it.manifest), signer_text, Base64Encode(it.signature)};
+      auto g = CheckSigned(operator_name, signer, std::move(sm), it.vars,
+                           it.vars.empty() ? std::string() : Base64Encode(it.vars));
+      if (g) {
+        out[i] = std::move(*g);
+      } else {
+        errors[i] = g.error();
+      }
+    } catch (const std::exception& e) {
+      errors[i] = Err(std::string("publish: ") + e.what());
+    }
+  });
+  auto where = [&](std::size_t i) {
+    return "item " + std::to_string(i + 1) + " of " + std::to_string(n) + ": ";
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (errors[i]) return Err(where(i) + errors[i]->message);
+  }
+  // One read for every machine instead of one per item.
+  std::map<std::string, bool> revoked;
+  for (const auto& m : store_.ListMachines()) revoked.emplace(m.name, m.revoked);
+  std::set<std::string> seen;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string& name = out[i].machine;
+    auto it = revoked.find(name);
+    if (it == revoked.end()) {
+      if (auto st = store_.Ping(); !st)
+        return Err("publish: " + st.message() + "; try again later");
+      return Err(where(i) + "publish: no machine named '" + name + "'; add it first");
+    }
+    if (it->second) return Err(where(i) + "publish: machine '" + name + "' is revoked");
+    if (!seen.insert(name).second) {
+      return Err(where(i) + "machine '" + name + "' appears twice");
+    }
+  }
+  return out;
 }
 
 Result<GenerationRecord> Fleet::Publish(const std::string& operator_name, const proto::Deploy& d) {
@@ -874,7 +971,7 @@ std::vector<Status> Fleet::CommitPublishes(
       ++counters_.publishes;
       auto it = online_.find(g.machine);
       if (it != online_.end()) ch = it->second.lock();
-      if (ch) ++counters_.deploys_sent;
+      if (ch) NoteSentLocked(g);
     }
     if (ch) ch->Send(DeployText(g));
     if (observer_) observer_->OnDirectPublish(g.machine, g.generation);
@@ -961,6 +1058,17 @@ Status Fleet::Release(const std::string& machine, std::int64_t generation) {
   return Status::Ok();
 }
 
+void Fleet::Push(const GenerationRecord& g) {
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(g.machine);
+    if (it != online_.end()) ch = it->second.lock();
+    if (ch) NoteSentLocked(g);
+  }
+  if (ch) ch->Send(DeployText(g));
+}
+
 void Fleet::Push(const std::string& machine, std::int64_t generation) {
   std::shared_ptr<AgentChannel> ch;
   {
@@ -973,7 +1081,7 @@ void Fleet::Push(const std::string& machine, std::int64_t generation) {
   if (!g) return;
   {
     std::lock_guard lock(mu_);
-    ++counters_.deploys_sent;
+    NoteSentLocked(*g);
   }
   ch->Send(DeployText(*g));
 }
@@ -1042,6 +1150,19 @@ void Fleet::Broadcast(const std::string& topic, const json& data, bool remote) {
   }
   std::string text = proto::Encode(proto::Event{topic, data});
   for (auto& s : targets) s->Deliver(text);
+}
+
+void Fleet::NoteSentLocked(const GenerationRecord& g) {
+  ++counters_.deploys_sent;
+  sent_[g.machine] = {g.generation, g.created_at};
+}
+
+bool Fleet::Watched() const {
+  std::lock_guard lock(mu_);
+  for (const auto& w : sinks_) {
+    if (!w.expired()) return true;
+  }
+  return false;
 }
 
 FleetCounters Fleet::counters() const {

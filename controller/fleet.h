@@ -19,6 +19,7 @@
 #include "common/crypto.h"
 #include "common/phase.h"
 #include "common/protocol.h"
+#include "common/rollout_items.h"
 #include "common/roster.h"
 #include "controller/store.h"
 
@@ -123,6 +124,7 @@ class Fleet {
   // --max-message-bytes, which agents' maxMessageBytes must match): Publish and
   // ValidateDeploy refuse a generation whose deploy message is larger.
   void SetMaxDeployBytes(std::size_t n) { max_deploy_bytes_ = n; }
+  std::size_t max_deploy_bytes() const { return max_deploy_bytes_; }
 
   // Loads the key registry from the store. Call once before serving.
   Status Load();
@@ -259,6 +261,8 @@ class Fleet {
   Status Release(const std::string& machine, std::int64_t generation);
   // Pushes an already released generation to the agent if it is online.
   void Push(const std::string& machine, std::int64_t generation);
+  // The same for a record the caller holds (just stored): no store read.
+  void Push(const GenerationRecord& g);
   void SetObserver(FleetObserver* o) { observer_ = o; }
 
   // Validates and stores a signed generation, then pushes it to the machine if
@@ -266,6 +270,14 @@ class Fleet {
   Result<GenerationRecord> Publish(const std::string& operator_name, const proto::Deploy& d);
   // Publish's checks without storing anything.
   Result<GenerationRecord> ValidateDeploy(const std::string& operator_name, const proto::Deploy& d);
+  // The same checks for the items of a binary rollout.create, all signed by
+  // `signer`: signatures and manifests are checked on every core, the
+  // machines looked up in one store read, duplicates refused. All or nothing:
+  // one record per item in order, or the first bad item's error naming its
+  // position ("item 7 of 10000: …").
+  Result<std::vector<GenerationRecord>> ValidateDeploys(const std::string& operator_name,
+                                                        const PublicKey& signer,
+                                                        const std::vector<RolloutItemView>& items);
   // Stores validated generations (operator name, record) in one group commit,
   // then pushes each to its machine if connected; one result per item.
   std::vector<Status> CommitPublishes(
@@ -283,13 +295,23 @@ class Fleet {
   // remote: the event happened at another controller (sinks that do not
   // WantsRemoteEvents skip it).
   void Broadcast(const std::string& topic, const nlohmann::json& data, bool remote = false);
+  // Whether anyone is subscribed (an event nobody reads need not be built).
+  bool Watched() const;
 
   Store& store() { return store_; }
   FleetCounters counters() const;
   std::int64_t Now() const { return clock_(); }
 
  private:
+  // The deploy message for a record: the bytes proto::Encode(Deploy) gives,
+  // written without building a JSON document.
   static std::string DeployText(const GenerationRecord& g);
+  // ValidateDeploy's checks that need no store or lock: signature, manifest,
+  // vars hash and the deploy message's size. sealed: the raw box; the record
+  // keeps vars_b64. Thread-safe.
+  Result<GenerationRecord> CheckSigned(const std::string& operator_name, const PublicKey& signer,
+                                       SignedManifest sm, std::string_view sealed,
+                                       std::string vars_b64) const;
   // Applies a machine list to keys_/revoked_ (under mu_); returns the local
   // channels of machines no longer allowed.
   std::vector<std::shared_ptr<AgentChannel>> ApplyMachinesLocked(
@@ -312,6 +334,10 @@ class Fleet {
   Result<std::string> AfterStatus(const std::string& machine, const proto::StatusReport& r,
                                   Phase phase, const EventRecord& ev);
 
+  // Counts a deploy sent and remembers its generation and publish time for
+  // the machine (under mu_).
+  void NoteSentLocked(const GenerationRecord& g);
+
   Store& store_;
   Clock clock_;
   mutable std::mutex mu_;
@@ -320,6 +346,8 @@ class Fleet {
   std::set<std::string> revoked_keys_;    // their keys (refused, never enrollees)
   std::uint64_t operators_changed_ = 0;   // bumped by AddOperator (see Refresh)
   std::map<std::string, std::weak_ptr<AgentChannel>> online_;
+  // machine → (generation, created_at) of the last deploy sent from here.
+  std::map<std::string, std::pair<std::int64_t, std::int64_t>> sent_;
   std::map<std::string, std::string> remote_online_;  // machine → other controller
   std::map<std::string, std::string> operators_;      // name → key text
   std::multimap<std::string, std::weak_ptr<AgentChannel>> operator_sessions_;

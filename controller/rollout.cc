@@ -80,7 +80,18 @@ std::vector<std::string> RolloutManager::ActiveIds() {
   return ids;
 }
 
+std::size_t RolloutManager::HeldBytes(const GenerationRecord& g) {
+  return sizeof g + g.machine.size() + g.manifest.manifest.size() + g.manifest.signer.size() +
+         g.manifest.signature.size() + g.vars.size() + g.toplevel.size() + g.action.size() +
+         g.rollout.size() + g.published_by.size();
+}
+
 void RolloutManager::ReindexLocked() {
+  // Records held for rollouts that stay active are kept; the others' go.
+  std::map<std::string, std::vector<GenerationRecord>> held;
+  for (auto& [id, a] : active_) {
+    if (!a.held.empty()) held[id] = std::move(a.held);
+  }
   active_.clear();
   by_machine_.clear();
   for (const auto& id : ActiveIds()) {
@@ -89,9 +100,16 @@ void RolloutManager::ReindexLocked() {
     ActiveRollout& a = active_[id];
     a.record = *r;
     a.items = store_.ListRolloutItems(id);
+    if (auto h = held.find(id); h != held.end()) {
+      a.held = std::move(h->second);
+      held.erase(h);
+    }
     for (const auto& it : a.items) {
       if (!Final(it.state)) by_machine_[it.machine].emplace_back(id, it.position);
     }
+  }
+  for (const auto& [id, records] : held) {
+    for (const auto& g : records) held_bytes_ -= std::min(held_bytes_, HeldBytes(g));
   }
 }
 
@@ -195,10 +213,24 @@ Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
     ++pos;
   }
   if (auto st = store_.CreateRollout(r, spec.generations, items); !st) return st.error();
-  ReindexLocked();
+  // Indexed from what was just stored rather than re-read from the store.
+  ActiveRollout& a = active_[r.id];
+  a.record = r;
+  a.items = std::move(items);
+  for (const auto& it : a.items) by_machine_[it.machine].emplace_back(r.id, it.position);
   spdlog::info("rollout {} created by {}: {} machines, canary {}, max parallel {}, max failures {}",
-               r.id, r.created_by, items.size(), r.canary, r.max_parallel, r.max_failures);
+               r.id, r.created_by, a.items.size(), r.canary, r.max_parallel, r.max_failures);
+  // Waves are pushed from the records in hand (no store read per item) while
+  // they fit the budget; a restart or a larger backlog reads them back.
+  std::size_t bytes = 0;
+  for (const auto& g : spec.generations) bytes += HeldBytes(g);
+  if (held_bytes_ + bytes <= kMaxHeldBytes) {
+    a.held = std::move(spec.generations);
+    held_bytes_ += bytes;
+  }
   EvaluateLocked(r.id);
+  auto found = active_.find(r.id);
+  if (found != active_.end()) return found->second.record;
   return *store_.GetRollout(r.id);
 }
 
@@ -243,7 +275,17 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
       res.release.clear();
     } else {
       for (auto& it : wave) {
-        fleet_.Push(it.machine, it.generation);
+        const auto pos = static_cast<std::size_t>(it.position);
+        std::vector<GenerationRecord>* held =
+            found != active_.end() ? &found->second.held : nullptr;
+        if (held && pos < held->size() && (*held)[pos].machine == it.machine &&
+            (*held)[pos].generation == it.generation) {
+          fleet_.Push((*held)[pos]);
+          held_bytes_ -= std::min(held_bytes_, HeldBytes((*held)[pos]));
+          (*held)[pos] = GenerationRecord();  // pushed once: its bytes go
+        } else {
+          fleet_.Push(it.machine, it.generation);
+        }
         changed.push_back(it.position);
         (*items)[static_cast<std::size_t>(it.position)] = std::move(it);
       }
@@ -261,10 +303,11 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
     reindex = was_active != Active(r.state);
   }
   // Watchers get the counts and only the items that changed: a rollout over
-  // thousands of machines must not resend every item on every report.
-  json event = DescribeLocked(r, *items, &changed);
+  // thousands of machines must not resend every item on every report. With
+  // nobody watching, the event is not built at all.
+  json event = fleet_.Watched() ? DescribeLocked(r, *items, &changed) : json();
   if (reindex) ReindexLocked();  // invalidates `items`
-  fleet_.Broadcast("rollout", event);
+  if (!event.is_null()) fleet_.Broadcast("rollout", event);
 }
 
 void RolloutManager::OnStatus(const std::string& machine, std::int64_t generation,
@@ -434,6 +477,17 @@ json RolloutManager::Describe(const std::string& id) {
   auto r = store_.GetRollout(id);
   if (!r) return nullptr;
   return DescribeLocked(*r, store_.ListRolloutItems(id), nullptr);
+}
+
+json RolloutManager::Summary(const std::string& id) {
+  std::lock_guard lock(mu_);
+  static const std::vector<int> kNone;
+  if (auto a = active_.find(id); a != active_.end()) {
+    return DescribeLocked(a->second.record, a->second.items, &kNone);
+  }
+  auto r = store_.GetRollout(id);
+  if (!r) return nullptr;
+  return DescribeLocked(*r, store_.ListRolloutItems(id), &kNone);
 }
 
 json RolloutManager::List(int limit) {

@@ -74,6 +74,9 @@ class RolloutManager : public FleetObserver {
   Status Continue(const std::string& id);  // resume a paused rollout
   Status Abort(const std::string& id);
   nlohmann::json Describe(const std::string& id);  // null when unknown
+  // Describe without the items (state, counts, total): what rollout.create
+  // answers, so that the answer does not grow with the fleet.
+  nlohmann::json Summary(const std::string& id);
   nlohmann::json List(int limit);
 
   // FleetObserver
@@ -95,10 +98,19 @@ class RolloutManager : public FleetObserver {
   // an index machine → (rollout, item position), so that a report costs a map
   // lookup, and one from a machine outside any rollout costs nothing. Rebuilt
   // from the store when rollouts are created or change state.
+  //
+  // A rollout created here also holds its generation records (by position)
+  // until each is released, so that a wave is pushed without reading every
+  // record back; at most kMaxHeldBytes over all rollouts (beyond that, and
+  // after a restart, released records are read from the store).
   struct ActiveRollout {
     RolloutRecord record;
     std::vector<RolloutItemRecord> items;
+    std::vector<GenerationRecord> held;  // empty, or one per position ("" once pushed)
   };
+  static constexpr std::size_t kMaxHeldBytes = 256u << 20;
+  static std::size_t HeldBytes(const GenerationRecord& g);
+  std::size_t held_bytes_ = 0;
   void ReindexLocked();
   std::map<std::string, ActiveRollout> active_;
   std::map<std::string, std::vector<std::pair<std::string, int>>> by_machine_;

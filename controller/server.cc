@@ -257,6 +257,7 @@ struct Shared {
   StoreWriter store_writer;
   LogWriter log_writer;  // agents' log lines, off the I/O threads
   CacheWorker cache_worker;
+  CacheWorker rollout_worker;  // rollout.create, one at a time, off the I/O threads
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -843,8 +844,8 @@ class Session : public std::enable_shared_from_this<Session>,
     if (!closed_) ReadNext();
   }
 
-  bool HandleOperator(const proto::Message& msg) {
-    const auto* req = std::get_if<proto::Request>(&msg);
+  bool HandleOperator(proto::Message& msg) {
+    auto* req = std::get_if<proto::Request>(&msg);
     if (!req) {
       Refuse("bad-message",
              "operators may only send 'request', got '" + std::string(proto::TypeName(msg)) + "'");
@@ -887,9 +888,13 @@ class Session : public std::enable_shared_from_this<Session>,
       }
       return true;
     }
-    if (req->method.rfind("cache.", 0) == 0) {
-      // Off the I/O thread; reading resumes once it is answered.
-      shared_->cache_worker.Submit([self = shared_from_this(), req = std::move(*req)]() mutable {
+    if (req->method.rfind("cache.", 0) == 0 || req->method == "rollout.create") {
+      // Off the I/O thread (a rollout over the fleet verifies and stores
+      // thousands of items; a cache commit touches the disk for seconds);
+      // reading resumes once it is answered.
+      CacheWorker& worker =
+          req->method == "rollout.create" ? shared_->rollout_worker : shared_->cache_worker;
+      worker.Submit([self = shared_from_this(), req = std::move(*req)]() mutable {
         auto res = self->shared_->api.Handle(self->who_, req);
         asio::post(self->ex_, [self, res = std::move(res)]() mutable {
           if (self->closed_) return;

@@ -74,7 +74,7 @@ Result<nlohmann::json> Connection::Await(std::uint64_t id, std::chrono::millisec
       proto::Response r = std::move(it->second);
       responses_.erase(it);
       if (!r.ok) return Err(r.error);
-      return r.result;
+      return std::move(r.result);
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());

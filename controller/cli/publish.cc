@@ -11,10 +11,13 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <set>
 
 #include "common/manifest.h"
+#include "common/parallel.h"
 #include "common/phase.h"
 #include "common/preview.h"
+#include "common/rollout_items.h"
 #include "common/vars_bundle.h"
 #include "controller/cli/cache.h"
 #include "controller/cli/clan.h"
@@ -207,15 +210,14 @@ int Publish(const Globals& g, PublishArgs a) {
   RosterView view((*roster)["machines"], (*roster)["removed"], trusted, seen);
   (void)seen.Save();
   std::vector<std::string> targets;
+  std::set<std::string> taken;  // in order, each once (a fleet is thousands)
   for (const auto& name : a.machines) {
     if (auto m = view.Get(name); !m) return Die(m.message(), kExitFailed);
-    if (std::find(targets.begin(), targets.end(), name) == targets.end()) targets.push_back(name);
+    if (taken.insert(name).second) targets.push_back(name);
   }
   if (by_tag) {
     for (const auto& name : view.Select(a.tags, a.all)) {
-      if (std::find(targets.begin(), targets.end(), name) == targets.end()) {
-        targets.push_back(name);
-      }
+      if (taken.insert(name).second) targets.push_back(name);
     }
     std::size_t skipped = 0;
     for (const auto& [name, why] : view.untrusted()) {
@@ -309,17 +311,29 @@ int Publish(const Globals& g, PublishArgs a) {
     return RunPreview(*conn, items, a.timeout, g.json_out);
   }
 
-  std::optional<VarsBundle> shared_vars;
+  // Vars are sealed once per machine, to the key its verified entry names:
+  // the bundles are read in order (files, clan), then sealed on every core.
+  const std::size_t n = targets.size();
+  std::optional<std::string> shared_plain;
+  std::size_t shared_count = 0;
   if (!a.vars_dir.empty()) {
     auto b = ReadVarsDirectory(a.vars_dir);
     if (!b) return Die(b.message(), kExitUsage);
-    shared_vars = std::move(*b);
+    shared_plain = EncodeVarsBundle(*b);  // one encoding for every machine
+    shared_count = b->files.size();
   }
-  // Vars are sealed once per machine, to the key its verified entry names.
-  std::map<std::string, std::string> sealed;
-  std::map<std::string, std::size_t> var_counts;
-  for (const auto& machine : targets) {
-    std::optional<VarsBundle> bundle = shared_vars;
+  std::vector<std::string> own_plain(n);
+  std::vector<const std::string*> plain(n, nullptr);
+  std::vector<std::size_t> var_counts(n, 0);
+  std::vector<PublicKey> keys(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string& machine = targets[i];
+    keys[i] = view.Get(machine)->key;
+    if (shared_plain) {
+      plain[i] = &*shared_plain;
+      var_counts[i] = shared_count;
+    }
+    std::optional<VarsBundle> bundle;
     if (!a.vars_root.empty()) {
       std::error_code ec;
       fs::path dir = fs::path(a.vars_root) / machine;
@@ -334,58 +348,83 @@ int Publish(const Globals& g, PublishArgs a) {
       if (!b) return Die(b.message(), kExitFailed);
       bundle = std::move(*b);
     }
-    if (!bundle) continue;
-    auto box = SealTo(view.Get(machine)->key, EncodeVarsBundle(*bundle));
-    if (!box) return Die(box.message(), kExitFailed);
-    sealed[machine] = *box;
-    var_counts[machine] = bundle->files.size();
+    if (bundle) {
+      own_plain[i] = EncodeVarsBundle(*bundle);
+      plain[i] = &own_plain[i];
+      var_counts[i] = bundle->files.size();
+    }
+  }
+  std::vector<std::string> boxes(n), vars_hashes(n);
+  std::vector<std::optional<Error>> seal_errors(n);
+  ParallelFor(n, [&](std::size_t i) {
+    if (!plain[i]) return;
+    auto box = SealTo(keys[i], *plain[i]);
+    if (!box) {
+      seal_errors[i] = box.error();
+      return;
+    }
+    vars_hashes[i] = VarsHash(*box);
+    boxes[i] = std::move(*box);
+  });
+  for (auto& p : own_plain) sodium_memzero(p.data(), p.size());
+  own_plain.clear();
+  for (const auto& e : seal_errors) {
+    if (e) return Die(e->message, kExitFailed);
   }
   if (a.wait) {
     auto sub = conn->Call("subscribe", json::object());
     if (!sub) return Die(sub.message(), kExitFailed);
   }
 
-  json numbers_src = *roster;
+  // The numbers come from the first answer (no copy of it), or from a newer one.
+  const json* numbers_src = &*roster;
+  json again_answer;
   for (int attempt = 0; attempt < 5; ++attempt) {
     if (attempt > 0) {
       // After a race the numbers changed: ask again for exactly the targets
       // (the first answer, for names or for the whole fleet, had them all).
       auto again = conn->Call("roster", {{"names", targets}});
       if (!again) return Die(again.message(), kExitFailed);
-      numbers_src = *again;
+      again_answer = std::move(*again);
+      numbers_src = &again_answer;
     }
-    auto max_gen = MaxGenerations(numbers_src);
+    auto max_gen = MaxGenerations(*numbers_src);
     if (!max_gen) return Die(max_gen.message(), kExitFailed);
     const std::int64_t created_at = static_cast<std::int64_t>(std::time(nullptr));
-    json items = json::array();
-    std::map<std::string, std::int64_t> numbers;
-    for (const auto& machine : targets) {
-      Manifest m;
-      m.machine = machine;
-      m.generation = (*max_gen)[machine] + 1;
-      if (auto st = CheckGenerationNumber(m.generation, created_at); !st) {
-        return Die("machine '" + machine + "': " + st.message() + "; refusing to sign",
+    std::vector<std::int64_t> numbers(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      numbers[i] = (*max_gen)[targets[i]] + 1;
+      if (auto st = CheckGenerationNumber(numbers[i], created_at); !st) {
+        return Die("machine '" + targets[i] + "': " + st.message() + "; refusing to sign",
                    kExitFailed);
       }
-      m.toplevel = toplevels.at(machine);
+    }
+    // One signature per machine, on every core.
+    std::vector<SignedManifest> signed_manifests(n);
+    ParallelFor(n, [&](std::size_t i) {
+      Manifest m;
+      m.machine = targets[i];
+      m.generation = numbers[i];
+      m.toplevel = toplevels.at(targets[i]);
       m.kind = *kind;
       m.action = *action;
       m.substituters = a.substituters;
       m.trusted_public_keys = a.trusted_keys;
-      auto box = sealed.find(machine);
-      m.vars_hash = box == sealed.end() ? "" : VarsHash(box->second);
+      m.vars_hash = vars_hashes[i];
       m.created_at = created_at;
       m.force = a.force;
       m.in_window = a.stage || (rollout && !a.now);
-      SignedManifest sm = SignManifest(m, key);
-      numbers[machine] = m.generation;
-      items.push_back({{"manifest", sm.manifest},
-                       {"signer", sm.signer},
-                       {"signature", sm.signature},
-                       {"vars", box == sealed.end() ? "" : Base64Encode(box->second)}});
-    }
+      signed_manifests[i] = SignManifest(m, key);
+    });
+    auto item_json = [&](std::size_t i) {
+      const SignedManifest& sm = signed_manifests[i];
+      return json{{"manifest", sm.manifest},
+                  {"signer", sm.signer},
+                  {"signature", sm.signature},
+                  {"vars", boxes[i].empty() ? "" : Base64Encode(boxes[i])}};
+    };
     if (!rollout) {
-      auto res = conn->Call("publish", items[0]);
+      auto res = conn->Call("publish", item_json(0));
       if (!res) {
         if (res.message().find("not newer") != std::string::npos)
           continue;  // raced another publish
@@ -396,22 +435,46 @@ int Publish(const Globals& g, PublishArgs a) {
       if (g.json_out) {
         std::cout << res->dump() << "\n";
       } else {
-        std::cout << "published " << machine << " generation " << numbers[machine] << ": "
-                  << a.action << " " << toplevels[machine]
-                  << (var_counts.count(machine)
-                          ? " with " + std::to_string(var_counts[machine]) + " vars files"
-                          : "")
+        std::cout << "published " << machine << " generation " << numbers[0] << ": " << a.action
+                  << " " << toplevels[machine]
+                  << (!boxes[0].empty() ? " with " + std::to_string(var_counts[0]) + " vars files"
+                                        : "")
                   << (a.stage ? " (staged: activates in its next maintenance window)" : "")
                   << (online ? "" : " (machine offline: it gets it when it connects)") << "\n";
       }
       std::cout.flush();
       if (!a.wait) return 0;
-      return WaitFor(*conn, machine, numbers[machine], a.timeout, g.json_out, a.stage);
+      return WaitFor(*conn, machine, numbers[0], a.timeout, g.json_out, a.stage);
     }
-    auto res = conn->Call("rollout.create", {{"items", items},
-                                             {"canary", *canary},
-                                             {"maxParallel", a.max_parallel},
-                                             {"maxFailures", a.max_failures}});
+    // The items in one binary frame (common/rollout_items.h): no base64 of
+    // the sealed vars and no JSON document of the whole fleet.
+    json create = {{"count", n},
+                   {"signer", key.public_key().ToText()},
+                   {"canary", *canary},
+                   {"maxParallel", a.max_parallel},
+                   {"maxFailures", a.max_failures}};
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      bytes += 8 + kRolloutSignatureBytes + signed_manifests[i].manifest.size() + boxes[i].size();
+    }
+    std::string payload;
+    payload.reserve(bytes);
+    for (std::size_t i = 0; i < n; ++i) {
+      auto sig = Base64Decode(signed_manifests[i].signature);
+      AppendRolloutItem(payload, signed_manifests[i].manifest, *sig, boxes[i]);
+    }
+    const auto create_timeout = std::chrono::seconds(300);
+    auto res =
+        conn->Await(conn->Send("rollout.create", create, std::move(payload)), create_timeout);
+    if (!res && res.message().find("'items' must be") != std::string::npos) {
+      // A controller from before the binary form: the same items as JSON.
+      json items = json::array();
+      for (std::size_t i = 0; i < n; ++i) items.push_back(item_json(i));
+      create.erase("count");
+      create.erase("signer");
+      create["items"] = std::move(items);
+      res = conn->Call("rollout.create", std::move(create), create_timeout);
+    }
     if (!res) {
       if (res.message().find("not newer") != std::string::npos) continue;
       return Die(res.message(), kExitFailed);

@@ -5,6 +5,7 @@
 
 #include "common/fsutil.h"
 #include "common/json_limits.h"
+#include "common/parallel.h"
 
 using nlohmann::json;
 
@@ -93,7 +94,23 @@ RosterView::RosterView(const json& machines, const json& removed,
     }
   }
   if (!machines.is_array()) return;
-  for (const auto& m : machines) {
+  // The signatures first, on every core (a fleet of 10,000 is 10,000
+  // Ed25519 verifications); the rules below run in order on their results.
+  const std::size_t n = machines.size();
+  std::vector<std::optional<SignedRosterEntry>> entries(n);
+  std::vector<std::optional<Result<RosterEntry>>> verified(n);
+  ParallelFor(n, [&](std::size_t i) {
+    const json& m = machines[i];
+    if (!m.is_object()) return;
+    auto it = m.find("roster");
+    if (it == m.end()) return;
+    auto s = EntryFromJson(*it);
+    if (!s) return;
+    verified[i] = VerifyRosterEntry(*s, trusted);
+    entries[i] = std::move(*s);
+  });
+  for (std::size_t i = 0; i < n; ++i) {
+    const json& m = machines[i];
     if (!m.is_object() || !m.contains("name") || !m["name"].is_string()) continue;
     std::string name = m["name"].get<std::string>();
     listed_[name] = true;
@@ -102,15 +119,15 @@ RosterView::RosterView(const json& machines, const json& removed,
       fail("revoked");
       continue;
     }
-    auto s = EntryFromJson(m.value("roster", json(nullptr)));
-    if (!s) {
+    if (!entries[i]) {
       fail(
           "unsigned: registered before signed rosters; check its key fingerprint and run "
           "'muster machine sign " +
           name + "'");
       continue;
     }
-    auto e = VerifyRosterEntry(*s, trusted);
+    const SignedRosterEntry* s = &*entries[i];
+    const Result<RosterEntry>& e = *verified[i];
     if (!e) {
       fail(e.message());
       continue;
