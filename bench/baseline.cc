@@ -28,23 +28,14 @@ struct ClientId {
   std::string seed;
 };
 
-// With resume, each client identity offers the ticket of its previous
-// handshake, as a reconnecting agent does (tls::OfferSession).
 std::uint64_t Loop(SSL_CTX* server, SSL_CTX* client, const std::vector<ClientId>& ids,
-                   std::int64_t until_ns, bool resume, std::uint64_t* resumed) {
+                   std::int64_t until_ns) {
   std::uint64_t n = 0;
   char buf[256];
-  std::vector<SSL_SESSION*> tickets(ids.size(), nullptr);
   while (NowNs() < until_ns) {
-    const std::size_t slot = n % ids.size();
-    const ClientId& id = ids[slot];
+    const ClientId& id = ids[n % ids.size()];
     SSL* s = SSL_new(server);
     SSL* c = SSL_new(client);
-    if (resume && tickets[slot] != nullptr) {
-      SSL_SESSION* copy = SSL_SESSION_dup(tickets[slot]);
-      SSL_set_session(c, copy);
-      SSL_SESSION_free(copy);
-    }
     BIO *bs = nullptr, *bc = nullptr;
     BIO_new_bio_pair(&bs, 0, &bc, 0);
     SSL_set_bio(s, bs, bs);
@@ -66,25 +57,16 @@ std::uint64_t Loop(SSL_CTX* server, SSL_CTX* client, const std::vector<ClientId>
     }
     if (!(cdone && sdone)) throw std::runtime_error("baseline handshake failed");
     (void)SSL_read(c, buf, sizeof buf);  // consume what the server sent after its Finished
-    if (resume) {
-      if (SSL_session_reused(c) == 1) ++*resumed;
-      if (tickets[slot] != nullptr) SSL_SESSION_free(tickets[slot]);
-      tickets[slot] = SSL_SESSION_dup(SSL_get0_session(c));  // holds the new ticket
-    }
     SSL_free(s);
     SSL_free(c);
     ++n;
-  }
-  for (SSL_SESSION* t : tickets) {
-    if (t != nullptr) SSL_SESSION_free(t);
   }
   return n;
 }
 
 }  // namespace
 
-BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry, int tickets,
-                                 bool resume) {
+BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry, int tickets) {
   // Server: the controller's context, with the controller's kind of key check.
   SecretKey server_key = OperatorKey();  // any Ed25519 key will do
   auto pem = tls::MakeSelfSignedCertPem(server_key, "muster-controller");
@@ -101,7 +83,7 @@ BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t regi
   SSL_CTX* cctx = SSL_CTX_new(TLS_client_method());
   SSL_CTX_set_min_proto_version(cctx, TLS1_3_VERSION);
   SSL_CTX_set_max_proto_version(cctx, TLS1_3_VERSION);
-  SSL_CTX_set_options(cctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  SSL_CTX_set_options(cctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
   SSL_CTX_set_session_cache_mode(cctx, SSL_SESS_CACHE_OFF);
   SSL_CTX_set_mode(cctx, SSL_MODE_RELEASE_BUFFERS);
   SSL_CTX_set_verify(cctx, SSL_VERIFY_PEER, nullptr);
@@ -121,20 +103,15 @@ BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t regi
   }
   std::int64_t start = NowNs();
   std::int64_t until = start + static_cast<std::int64_t>(seconds * 1e9);
-  std::atomic<std::uint64_t> total{0}, resumed{0};
+  std::atomic<std::uint64_t> total{0};
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&] {
-      std::uint64_t r = 0;
-      total += Loop((*sctx)->native_handle(), cctx, ids, until, resume, &r);
-      resumed += r;
-    });
+    ts.emplace_back([&] { total += Loop((*sctx)->native_handle(), cctx, ids, until); });
   }
   for (auto& t : ts) t.join();
   double elapsed = static_cast<double>(NowNs() - start) / 1e9;
   SSL_CTX_free(cctx);
-  return {threads, elapsed, total.load(), static_cast<double>(total.load()) / elapsed,
-          resumed.load()};
+  return {threads, elapsed, total.load(), static_cast<double>(total.load()) / elapsed};
 }
 
 }  // namespace muster::bench

@@ -15,12 +15,10 @@ struct BaselineResult {
   double seconds = 0;
   std::uint64_t handshakes = 0;
   double per_second = 0;
-  std::uint64_t resumed = 0;  // handshakes that resumed a session (with resume)
 };
 
-// tickets >= 0 overrides the number of TLS 1.3 session tickets the server sends;
-// resume makes each client identity resume with its previous ticket.
+// tickets >= 0 overrides the number of TLS 1.3 session tickets the server sends.
 BaselineResult MeasureHandshakes(int threads, double seconds, std::uint32_t registry,
-                                 int tickets = -1, bool resume = false);
+                                 int tickets = -1);
 
 }  // namespace muster::bench

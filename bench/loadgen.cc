@@ -223,7 +223,6 @@ struct RunArgs {
   double idle = 0;
   double settle = 5;
   int ping_interval = 50;
-  bool no_resume = false;
   int controller_pid = 0;
   bool publish = false;
   int publish_timeout = 120;
@@ -257,7 +256,6 @@ int CmdRun(const RunArgs& a) {
   so.threads = a.threads;
   so.max_inflight = a.inflight;
   so.ping_interval = std::chrono::seconds(a.ping_interval);
-  so.resume = !a.no_resume;
   so.idle_timeout = std::chrono::seconds(a.ping_interval * 3);
 
   std::vector<std::uint32_t> stages;
@@ -588,7 +586,6 @@ int CmdRun(const RunArgs& a) {
   out["counters"] = {{"connects", c.connects.load()},
                      {"tcpOk", c.tcp_ok.load()},
                      {"tlsOk", c.tls_ok.load()},
-                     {"tlsResumed", c.tls_resumed.load()},
                      {"welcomes", c.welcomes.load()},
                      {"disconnects", c.disconnects.load()},
                      {"deploys", c.deploys.load()},
@@ -735,10 +732,6 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   int btickets = -1;
   base->add_option("--tickets", btickets, "override the TLS 1.3 session tickets the server sends");
-  bool bresume = false;
-  base->add_flag("--resume", bresume,
-                 "each client resumes with the ticket of its previous handshake (the rate of "
-                 "a fleet reconnecting with tickets)");
 
   RunArgs ra;
   auto* run = app.add_subcommand("run", "connect simulated agents and measure");
@@ -755,8 +748,6 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   run->add_option("--settle", ra.settle, "seconds to wait before an idle measurement")
       ->capture_default_str();
-  run->add_flag("--no-resume", ra.no_resume,
-                "reconnect with full handshakes (agents resume with their last ticket)");
   run->add_option("--ping-interval", ra.ping_interval, "agent ping interval, seconds")
       ->capture_default_str();
   run->add_option("--controller-pid", ra.controller_pid, "sample this process's RSS and CPU");
@@ -803,12 +794,11 @@ int main(int argc, char** argv) {
   if (base->parsed()) {
     int t = bthreads > 0 ? bthreads
                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    auto r = MeasureHandshakes(t, bseconds, bregistry, btickets, bresume);
+    auto r = MeasureHandshakes(t, bseconds, bregistry, btickets);
     std::cout << json{{"threads", r.threads},
                       {"seconds", r.seconds},
                       {"handshakes", r.handshakes},
-                      {"perSecond", r.per_second},
-                      {"resumed", r.resumed}}
+                      {"perSecond", r.per_second}}
                      .dump()
               << "\n";
     return 0;

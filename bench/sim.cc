@@ -61,10 +61,9 @@ enum TimerKind : std::uint8_t { kReconnect, kHandshakeTimeout, kPing };
 struct Conn {
   int fd = -1;
   SSL* ssl = nullptr;
-  SSL_SESSION* ticket = nullptr;  // the last session ticket (kept across connections)
-  std::string in;                 // bytes received and not yet parsed (released when empty)
-  std::string out;                // bytes waiting for the socket (released when empty)
-  std::uint32_t epoch = 0;        // bumped on every (re)connection; stale timers compare it
+  std::string in;           // bytes received and not yet parsed (released when empty)
+  std::string out;          // bytes waiting for the socket (released when empty)
+  std::uint32_t epoch = 0;  // bumped on every (re)connection; stale timers compare it
   std::uint32_t last_rx_s = 0;
   State state = kIdle;
   std::uint8_t attempt = 0;
@@ -110,17 +109,6 @@ int ClientVerify(X509_STORE_CTX* ctx, void* arg) {
 
 }  // namespace
 
-// Keeps each simulated agent's newest ticket (a copy; see tls::OfferSession).
-static int KeepTicket(SSL* ssl, SSL_SESSION* session) {
-  auto* c = static_cast<Conn*>(SSL_get_app_data(ssl));
-  if (c == nullptr || !SSL_SESSION_is_resumable(session)) return 0;
-  SSL_SESSION* copy = SSL_SESSION_dup(session);
-  if (copy == nullptr) return 0;
-  if (c->ticket != nullptr) SSL_SESSION_free(c->ticket);
-  c->ticket = copy;
-  return 0;
-}
-
 class Worker {
  public:
   Worker(Simulator& sim, int id) : sim_(sim), id_(id), rng_(0x5eed + static_cast<unsigned>(id)) {
@@ -136,14 +124,8 @@ class Worker {
     ctx_ = SSL_CTX_new(TLS_client_method());
     SSL_CTX_set_min_proto_version(ctx_, TLS1_3_VERSION);
     SSL_CTX_set_max_proto_version(ctx_, TLS1_3_VERSION);
-    SSL_CTX_set_options(ctx_, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
-    if (o.resume) {
-      SSL_CTX_set_session_cache_mode(ctx_,
-                                     SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
-      SSL_CTX_sess_set_new_cb(ctx_, KeepTicket);
-    } else {
-      SSL_CTX_set_session_cache_mode(ctx_, SSL_SESS_CACHE_OFF);
-    }
+    SSL_CTX_set_options(ctx_, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
+    SSL_CTX_set_session_cache_mode(ctx_, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_mode(ctx_, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
                                SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
@@ -158,10 +140,7 @@ class Worker {
   }
 
   ~Worker() {
-    for (auto& c : conns_) {
-      Release(c);
-      if (c.ticket != nullptr) SSL_SESSION_free(c.ticket);
-    }
+    for (auto& c : conns_) Release(c);
     if (ep_ >= 0) ::close(ep_);
     SSL_CTX_free(ctx_);
   }
@@ -310,12 +289,6 @@ class Worker {
       c.ssl = SSL_new(ctx_);
       SSL_set_fd(c.ssl, c.fd);
       SSL_set_connect_state(c.ssl);
-      SSL_set_app_data(c.ssl, &c);
-      if (c.ticket != nullptr) {  // a copy: a failed connection marks its own not resumable
-        SSL_SESSION* copy = SSL_SESSION_dup(c.ticket);
-        SSL_set_session(c.ssl, copy);
-        SSL_SESSION_free(copy);
-      }
       X509* cert = CertFor(j);
       std::string seed = AgentSeed(Global(j));
       EVP_PKEY* pk = EVP_PKEY_new_raw_private_key(
@@ -337,7 +310,6 @@ class Worker {
         return Fail(j, "TLS handshake failed" + (why.empty() ? "" : ": " + why));
       }
       sim_.counters_.tls_ok++;
-      if (SSL_session_reused(c.ssl) == 1) sim_.counters_.tls_resumed++;
       SSL_certs_clear(c.ssl);  // TLS 1.3 without post-handshake auth needs them no more
       c.out = "GET /v1/agent HTTP/1.1\r\nHost: " + host_header_ +
               "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

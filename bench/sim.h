@@ -48,7 +48,6 @@ struct SimOptions {
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(70)};
   std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};
   std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
-  bool resume = true;  // reconnect with the last session ticket, as the agent does
 };
 
 // Monotonic nanoseconds (CLOCK_MONOTONIC), the clock of every recorded time.
@@ -58,7 +57,6 @@ struct SimCounters {
   std::atomic<std::uint64_t> connects{0};     // TCP connection attempts
   std::atomic<std::uint64_t> tcp_ok{0};       // TCP connections established
   std::atomic<std::uint64_t> tls_ok{0};       // TLS handshakes completed
-  std::atomic<std::uint64_t> tls_resumed{0};  // of which resumed a session by its ticket
   std::atomic<std::uint64_t> welcomes{0};     // hello answered by welcome
   std::atomic<std::int64_t> open{0};          // currently welcomed connections
   std::atomic<std::uint64_t> disconnects{0};  // welcomed connections lost

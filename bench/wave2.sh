@@ -15,10 +15,9 @@
 #   agent      the real muster-agent idle for AGENT_IDLE seconds
 # Knobs: N=10000 STAGES=1000,10000 IDLE=120 WAVE=1000 RUNS=5 AGENT_IDLE=60
 #        PORT=17643 PING=50 (the agents' ping interval; 25 for agents before wave 2)
-#        NO_RESUME=1 makes agents reconnect with full handshakes (they resume
-#        with their last session ticket by default, as the agent does)
 #        RESTART_WRAP='perf record -g -o F --' runs the restarted controller of
 #        the storm under a profiler (or any other command prefix)
+#        CTL_ARGS='--metrics-listen 127.0.0.1:P' more controller options
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=$(cd "$1" && pwd)
@@ -77,9 +76,7 @@ stop_controller() {
     rm -f "$out/restarted.pid"
   fi
 }
-loadgen() {
-  "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" ${NO_RESUME:+--no-resume} "$@"
-}
+loadgen() { "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" "$@"; }
 mkdir -p "$out/vars/activation"
 head -c 2048 /dev/urandom | base64 -w 76 >"$out/vars/activation/secret"  # ~2.7 KiB per machine
 top=/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench
@@ -93,8 +90,7 @@ for s in $scenarios; do
       log "baseline"
       "$lg" baseline --threads 1 --seconds 5 >"$out/baseline-1.json"
       "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-n.json"
-      "$lg" baseline --threads "$(nproc)" --seconds 5 --resume >"$out/baseline-n-resumed.json"
-      cat "$out/baseline-1.json" "$out/baseline-n.json" "$out/baseline-n-resumed.json" >&2 ;;
+      cat "$out/baseline-1.json" "$out/baseline-n.json" >&2 ;;
     idle)
       log "idle at $STAGES"
       fresh_state; start_controller
@@ -126,9 +122,7 @@ for s in $scenarios; do
         wait "$ctl_pid" 2>/dev/null || true; ctl_pid=
         stop_controller
       done
-      "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-after-storm.json"
-      "$lg" baseline --threads "$(nproc)" --seconds 5 --resume \
-        >"$out/baseline-after-storm-resumed.json" ;;
+      "$lg" baseline --threads "$(nproc)" --seconds 5 >"$out/baseline-after-storm.json" ;;
     agent)
       log "the real agent idle for ${AGENT_IDLE}s"
       fresh_state; start_controller

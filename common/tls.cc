@@ -1,18 +1,9 @@
 #include "common/tls.h"
 
-#include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
-#include <sodium.h>
-
-#include <algorithm>
-#include <array>
-#include <cstring>
-#include <ctime>
-#include <map>
-#include <mutex>
 
 namespace muster::tls {
 
@@ -150,157 +141,6 @@ Status UseKeyAndCert(SSL_CTX* ctx, const SecretKey& key, const std::string& cert
   return Status::Ok();
 }
 
-// Session tickets (TLS 1.3 resumption), so that a fleet reconnecting after a
-// controller restart re-authenticates without a full handshake.
-//
-// The ticket keys are derived from the controller's own secret key and a
-// 12-hour epoch, never stored: a restarted controller (or another controller
-// sharing its key) accepts the tickets it issued, and rotating the controller
-// key voids every ticket. A ticket is honoured for at most kTicketSeconds, and
-// only with a fresh (EC)DHE exchange (OpenSSL refuses psk_ke unless told
-// otherwise), so resumed sessions keep forward secrecy. The server's identity
-// check does not rest on the ticket alone: the controller looks the peer key
-// up after every handshake, resumed or not (a revoked machine is refused).
-constexpr long kTicketSeconds = 12 * 3600;
-
-struct TicketKeys {
-  unsigned char name[16];
-  unsigned char aes[32];
-  unsigned char hmac[32];
-};
-
-struct TicketSecret {
-  std::array<unsigned char, 32> seed{};
-};
-
-TicketKeys DeriveTicketKeys(const TicketSecret& secret, std::uint64_t epoch) {
-  TicketKeys k{};
-  auto derive = [&](const char* what, unsigned char* out, std::size_t n) {
-    std::string msg = std::string("muster-ticket-v1 ") + what + " " + std::to_string(epoch);
-    crypto_generichash(out, n, reinterpret_cast<const unsigned char*>(msg.data()), msg.size(),
-                       secret.seed.data(), secret.seed.size());
-  };
-  derive("name", k.name, sizeof k.name);
-  derive("aes", k.aes, sizeof k.aes);
-  derive("hmac", k.hmac, sizeof k.hmac);
-  return k;
-}
-
-int TicketSecretIndex() {
-  static int idx = SSL_CTX_get_ex_new_index(
-      0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
-        if (ptr != nullptr) {
-          sodium_memzero(ptr, sizeof(TicketSecret));
-          delete static_cast<TicketSecret*>(ptr);
-        }
-      });
-  return idx;
-}
-
-int TicketKeyCallback(SSL* ssl, unsigned char key_name[16], unsigned char* iv,
-                      EVP_CIPHER_CTX* cipher, EVP_MAC_CTX* mac, int enc) {
-  const auto* secret = static_cast<const TicketSecret*>(
-      SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), TicketSecretIndex()));
-  if (secret == nullptr) return 0;
-  const std::uint64_t epoch = static_cast<std::uint64_t>(std::time(nullptr)) / kTicketSeconds;
-  auto use = [&](const TicketKeys& k, int ok) {
-    char digest[] = "SHA256";
-    OSSL_PARAM params[] = {
-        OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, const_cast<unsigned char*>(k.hmac),
-                                          sizeof k.hmac),
-        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_END};
-    if (EVP_MAC_CTX_set_params(mac, params) != 1) return -1;
-    if (enc) {
-      if (EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, k.aes, iv) != 1) return -1;
-    } else if (EVP_DecryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, k.aes, iv) != 1) {
-      return -1;
-    }
-    return ok;
-  };
-  if (enc) {
-    TicketKeys k = DeriveTicketKeys(*secret, epoch);
-    std::memcpy(key_name, k.name, sizeof k.name);
-    randombytes_buf(iv, 16);  // AES-256-CBC's IV length
-    int r = use(k, 1);
-    sodium_memzero(&k, sizeof k);
-    return r;
-  }
-  for (std::uint64_t e : {epoch, epoch - 1}) {
-    TicketKeys k = DeriveTicketKeys(*secret, e);
-    bool match = std::memcmp(key_name, k.name, sizeof k.name) == 0;
-    // A ticket of the previous epoch is honoured once more and replaced (2).
-    int r = match ? use(k, e == epoch ? 1 : 2) : 0;
-    sodium_memzero(&k, sizeof k);
-    if (match) return r;
-  }
-  return 0;  // unknown key (another controller key, an old epoch): full handshake
-}
-
-// A ticket is used only while the key it was issued to is still admitted;
-// otherwise the ticket is ignored and the full handshake's key check refuses
-// the key as it would without a ticket (same alert, same log line).
-SSL_TICKET_RETURN TicketDecrypted(SSL* ssl, SSL_SESSION* session, const unsigned char*, size_t,
-                                  SSL_TICKET_STATUS status, void* arg) {
-  switch (status) {
-    case SSL_TICKET_SUCCESS:
-    case SSL_TICKET_SUCCESS_RENEW: {
-      const auto* check = static_cast<const KeyCheck*>(arg);
-      auto key = KeyOfCert(SSL_SESSION_get0_peer(session));
-      std::string reason;
-      if (!key || check == nullptr || !(*check)(*key, &reason))
-        return SSL_TICKET_RETURN_IGNORE_RENEW;
-      (void)ssl;
-      return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE : SSL_TICKET_RETURN_USE_RENEW;
-    }
-    case SSL_TICKET_FATAL_ERR_MALLOC:
-    case SSL_TICKET_FATAL_ERR_OTHER:
-      return SSL_TICKET_RETURN_ABORT;
-    default:  // none, empty, not ours: a full handshake
-      return SSL_TICKET_RETURN_IGNORE_RENEW;
-  }
-}
-
-// A client context's tickets, one per controller URL, kept in memory only.
-struct TicketJar {
-  std::mutex mu;
-  std::map<std::string, SSL_SESSION*> sessions;
-  ~TicketJar() {
-    for (auto& [peer, s] : sessions) SSL_SESSION_free(s);
-  }
-};
-
-int JarIndex() {
-  static int idx = SSL_CTX_get_ex_new_index(
-      0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
-        delete static_cast<TicketJar*>(ptr);
-      });
-  return idx;
-}
-
-int PeerNameIndex() {
-  static int idx = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr,
-                                        [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
-                                          delete static_cast<std::string*>(ptr);
-                                        });
-  return idx;
-}
-
-int NewSessionCallback(SSL* ssl, SSL_SESSION* session) {
-  auto* jar = static_cast<TicketJar*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), JarIndex()));
-  auto* peer = static_cast<std::string*>(SSL_get_ex_data(ssl, PeerNameIndex()));
-  if (jar == nullptr || peer == nullptr || !SSL_SESSION_is_resumable(session)) return 0;
-  // A copy: the connection's own session is marked not resumable when the
-  // connection ends without a close_notify (a controller that died), which is
-  // exactly when the ticket is wanted.
-  SSL_SESSION* copy = SSL_SESSION_dup(session);
-  if (copy == nullptr) return 0;
-  std::lock_guard lock(jar->mu);
-  SSL_SESSION*& slot = jar->sessions[*peer];
-  if (slot != nullptr) SSL_SESSION_free(slot);
-  slot = copy;
-  return 0;  // the connection keeps its own
-}
-
 void CommonSettings(SSL_CTX* ctx) {
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
   SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
@@ -376,19 +216,6 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeServerContext(const Secre
   if (auto st = UseKeyAndCert(c, key, cert_pem); !st) return st.error();
   SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
   SSL_CTX_set_cert_verify_callback(c, ServerVerify, const_cast<KeyCheck*>(check));
-  // Stateless tickets: one per full handshake and per resumption.
-  auto* secret = new TicketSecret;
-  std::memcpy(secret->seed.data(), key.seed().data(), secret->seed.size());
-  SSL_CTX_set_ex_data(c, TicketSecretIndex(), secret);
-  SSL_CTX_clear_options(c, SSL_OP_NO_TICKET);
-  SSL_CTX_set_num_tickets(c, 1);
-  SSL_CTX_set_timeout(c, kTicketSeconds);
-  SSL_CTX_set_tlsext_ticket_key_evp_cb(c, TicketKeyCallback);
-  SSL_CTX_set_session_ticket_cb(c, nullptr, TicketDecrypted, const_cast<KeyCheck*>(check));
-  // The session id context a resumed session must match: this controller's key.
-  auto id = key.public_key().ShortId();
-  SSL_CTX_set_session_id_context(c, reinterpret_cast<const unsigned char*>(id.data()),
-                                 static_cast<unsigned int>(std::min<std::size_t>(id.size(), 32)));
   return ctx;
 }
 
@@ -417,32 +244,8 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeClientContext(const Secre
       });
   SSL_CTX_set_verify(c, SSL_VERIFY_PEER, nullptr);
   SSL_CTX_set_cert_verify_callback(c, ClientVerify, check);
-  // Keep the tickets the controller sends (OfferSession uses them).
-  SSL_CTX_set_ex_data(c, JarIndex(), new TicketJar);
-  SSL_CTX_clear_options(c, SSL_OP_NO_TICKET);
-  SSL_CTX_set_session_cache_mode(c, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
-  SSL_CTX_sess_set_new_cb(c, NewSessionCallback);
   return holder;
 }
-
-void OfferSession(SSL* ssl, const std::string& peer) {
-  SSL_set_ex_data(ssl, PeerNameIndex(), new std::string(peer));
-  auto* jar = static_cast<TicketJar*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), JarIndex()));
-  if (jar == nullptr) return;
-  std::lock_guard lock(jar->mu);
-  auto it = jar->sessions.find(peer);
-  if (it == jar->sessions.end()) return;
-  // Kept until a newer one arrives: a connection that fails before its
-  // handshake ends can offer it again (no early data is ever sent, so a
-  // ticket used twice replays nothing). The connection gets a copy, which
-  // its failure may mark not resumable; the jar's stays good.
-  SSL_SESSION* copy = SSL_SESSION_dup(it->second);
-  if (copy == nullptr) return;
-  SSL_set_session(ssl, copy);
-  SSL_SESSION_free(copy);
-}
-
-bool Resumed(SSL* ssl) { return SSL_session_reused(ssl) == 1; }
 
 std::optional<PublicKey> PeerKey(SSL* ssl) { return KeyOfCert(SSL_get0_peer_certificate(ssl)); }
 

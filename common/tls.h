@@ -47,19 +47,7 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeServerContext(const Secre
 Result<std::shared_ptr<boost::asio::ssl::context>> MakeClientContext(
     const SecretKey& key, const std::string& pin, const std::string& ca_file = "");
 
-// Client side: names the controller this connection goes to (its URL) and,
-// when an earlier connection to it left a session ticket, offers it so the
-// handshake resumes (no certificates, a fresh key exchange). Call before the
-// handshake. Tickets live in the client context's memory only, one per peer,
-// each offered once. The server context issues tickets under keys derived
-// from its own key; a ticket it cannot read means a full handshake.
-void OfferSession(SSL* ssl, const std::string& peer);
-
-// Whether a completed handshake resumed a session.
-bool Resumed(SSL* ssl);
-
-// The peer's Ed25519 key after a completed handshake (also after a resumed one:
-// the session keeps the certificate of the handshake that made it).
+// The peer's Ed25519 key after a completed handshake.
 std::optional<PublicKey> PeerKey(SSL* ssl);
 
 // A short description of the last refusal recorded on this connection (or "").

@@ -88,17 +88,10 @@ PkeyPtr KeyOfRequest(const std::string& pem) {
 
 // Runs a TLS handshake between the two contexts over an in-memory pipe.
 // Returns whether both sides completed; *client_reason is the client's refusal.
-struct HandshakeSeen {
-  bool resumed = false;                  // the client's view
-  std::optional<PublicKey> server_peer;  // the client key the server saw
-};
-
 bool Handshake(boost::asio::ssl::context& server, boost::asio::ssl::context& client,
-               std::string* client_reason, const std::string& peer = "",
-               HandshakeSeen* seen = nullptr) {
+               std::string* client_reason) {
   SSL* s = SSL_new(server.native_handle());
   SSL* c = SSL_new(client.native_handle());
-  if (!peer.empty()) tls::OfferSession(c, peer);
   BIO* bs = nullptr;
   BIO* bc = nullptr;
   BIO_new_bio_pair(&bs, 0, &bc, 0);
@@ -125,11 +118,6 @@ bool Handshake(boost::asio::ssl::context& server, boost::asio::ssl::context& cli
     if (e != SSL_ERROR_WANT_READ) done = false;
   }
   *client_reason = tls::RefusalReason(c);
-  if (seen != nullptr && done) {
-    seen->resumed = tls::Resumed(c);
-    EXPECT_EQ(tls::Resumed(s), seen->resumed);
-    seen->server_peer = tls::PeerKey(s);
-  }
   SSL_free(c);
   SSL_free(s);
   ERR_clear_error();
@@ -222,77 +210,6 @@ TEST_F(TlsTest, AnUnreadableCaFileIsAClearError) {
                                      (dir_ / "junk.pem").string());
   ASSERT_FALSE(junk.ok());
   EXPECT_THAT(junk.message(), HasSubstr("it must hold PEM certificates"));
-}
-
-TEST_F(TlsTest, AReconnectResumesWithTheTicketOfTheLastConnection) {
-  auto self_signed = tls::MakeSelfSignedCertPem(controller_, "muster-controller");
-  ASSERT_TRUE(self_signed.ok());
-  auto server = Server(*self_signed);
-  auto client = Client("");
-  std::string why;
-  HandshakeSeen first, second;
-  ASSERT_TRUE(Handshake(*server, *client, &why, "wss://ctl:7643", &first)) << why;
-  EXPECT_FALSE(first.resumed);
-  ASSERT_TRUE(Handshake(*server, *client, &why, "wss://ctl:7643", &second)) << why;
-  EXPECT_TRUE(second.resumed);
-  // The server still knows who it talks to: the controller's lookup after
-  // every handshake (revocation) rests on this, not on the ticket.
-  ASSERT_TRUE(second.server_peer.has_value());
-  EXPECT_EQ(second.server_peer->bytes, agent_.public_key().bytes);
-  // A ticket belongs to the peer it came from.
-  HandshakeSeen other;
-  ASSERT_TRUE(Handshake(*server, *client, &why, "wss://other:7643", &other)) << why;
-  EXPECT_FALSE(other.resumed);
-}
-
-TEST_F(TlsTest, ARestartedControllerWithItsKeyAcceptsItsTickets) {
-  auto self_signed = tls::MakeSelfSignedCertPem(controller_, "muster-controller");
-  ASSERT_TRUE(self_signed.ok());
-  auto client = Client("");
-  std::string why;
-  HandshakeSeen seen;
-  ASSERT_TRUE(Handshake(*Server(*self_signed), *client, &why, "wss://ctl", &seen)) << why;
-  ASSERT_TRUE(Handshake(*Server(*self_signed), *client, &why, "wss://ctl", &seen)) << why;
-  EXPECT_TRUE(seen.resumed) << "a new context from the same key reads the old tickets";
-}
-
-TEST_F(TlsTest, ATicketOfAKeyNoLongerAdmittedIsIgnoredAndTheKeyRefused) {
-  auto self_signed = tls::MakeSelfSignedCertPem(controller_, "muster-controller");
-  ASSERT_TRUE(self_signed.ok());
-  bool admitted = true;
-  int checks = 0;
-  tls::KeyCheck check = [&](const PublicKey&, std::string* why) {
-    ++checks;
-    if (!admitted) *why = "machine key was revoked";
-    return admitted;
-  };
-  auto ctx = tls::MakeServerContext(controller_, *self_signed, &check);
-  ASSERT_TRUE(ctx.ok());
-  auto client = Client("");
-  std::string why;
-  HandshakeSeen seen;
-  ASSERT_TRUE(Handshake(**ctx, *client, &why, "wss://ctl", &seen)) << why;
-  ASSERT_TRUE(Handshake(**ctx, *client, &why, "wss://ctl", &seen)) << why;
-  ASSERT_TRUE(seen.resumed);
-  EXPECT_EQ(checks, 2) << "a resumption checks the key too";
-  admitted = false;  // revoked while holding a ticket
-  EXPECT_FALSE(Handshake(**ctx, *client, &why, "wss://ctl", &seen));
-}
-
-TEST_F(TlsTest, ATicketDoesNotLetAnImpostorPastThePin) {
-  auto self_signed = tls::MakeSelfSignedCertPem(controller_, "muster-controller");
-  ASSERT_TRUE(self_signed.ok());
-  auto client = Client("");
-  std::string why;
-  ASSERT_TRUE(Handshake(*Server(*self_signed), *client, &why, "wss://ctl")) << why;
-  // Another key cannot read the ticket: a full handshake, and the pin refuses it.
-  SecretKey impostor = SecretKey::FromSeed(std::string(32, 'x')).value();
-  auto cert = tls::MakeSelfSignedCertPem(impostor, "muster-controller");
-  ASSERT_TRUE(cert.ok());
-  auto ctx = tls::MakeServerContext(impostor, *cert, &accept_all_);
-  ASSERT_TRUE(ctx.ok());
-  EXPECT_FALSE(Handshake(**ctx, *client, &why, "wss://ctl"));
-  EXPECT_NE(why.find("pin"), std::string::npos) << why;
 }
 
 }  // namespace

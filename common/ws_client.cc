@@ -118,7 +118,6 @@ class Client final : public WsClient, public std::enable_shared_from_this<Client
   void DoTls() {
     SSL* ssl = ws_.next_layer().native_handle();
     SSL_set_tlsext_host_name(ssl, opts_.url.host.c_str());
-    tls::OfferSession(ssl, opts_.url.ToString());  // resumes after a controller restart
     ws_.next_layer().async_handshake(asio::ssl::stream_base::client, [self = shared_from_this()](
                                                                          beast::error_code ec) {
       if (ec) {

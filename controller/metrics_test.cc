@@ -31,7 +31,6 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
   ServerStats stats;
   stats.connections = 7;
   stats.handshakes_ok = 5;
-  stats.tls_resumed = 3;
   stats.sessions_open = 2;
   stats.admission_waits = 4;
   stats.Refuse("unknown-key");
@@ -59,7 +58,6 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
       {"muster_machines_reboot_required", "gauge", {"muster_machines_reboot_required 1"}},
       {"muster_connections_total", "counter", {"muster_connections_total 7"}},
       {"muster_handshakes_total", "counter", {"muster_handshakes_total 5"}},
-      {"muster_tls_resumed_total", "counter", {"muster_tls_resumed_total 3"}},
       {"muster_sessions_open", "gauge", {"muster_sessions_open 2"}},
       {"muster_admission_waits_total", "counter", {"muster_admission_waits_total 4"}},
       {"muster_refusals_total",
@@ -103,10 +101,10 @@ TEST_F(MetricsTest, RendersEveryMetricWithHelpAndType) {
     ASSERT_NE(space, std::string::npos) << line;
     EXPECT_NO_THROW((void)std::stod(line.substr(space + 1))) << line;
   }
-  // 15 fleet and server samples, 6 log and pacing samples, 1 webhook queue
+  // 14 fleet and server samples, 6 log and pacing samples, 1 webhook queue
   // gauge, 2 enrolment/revocation counters, 13 histogram lines (10 buckets,
   // +Inf, sum, count); no rollouts yet.
-  EXPECT_EQ(samples, 37);
+  EXPECT_EQ(samples, 36);
   EXPECT_EQ(text.back(), '\n');
 }
 

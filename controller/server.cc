@@ -524,11 +524,8 @@ class Session : public std::enable_shared_from_this<Session>,
       shared_->stats->Refuse("unregistered-key");
       return;
     }
-    // Resumed or not, the key is looked up again here: a ticket proves an
-    // earlier handshake, never that the key is still registered.
     who_ = shared_->fleet.Lookup(*key);
     key_id_ = key->ShortId();
-    if (tls::Resumed(ws_->next_layer().native_handle())) ++shared_->stats->tls_resumed;
     if (who_.role == Role::kNone) {
       shared_->stats->Refuse("unregistered-key");
       spdlog::warn("{}: key {} is not registered (removed during handshake)", peer_, key_id_);

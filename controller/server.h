@@ -57,7 +57,6 @@ struct ServerOptions {
 struct ServerStats {
   std::atomic<std::uint64_t> connections{0};
   std::atomic<std::uint64_t> handshakes_ok{0};
-  std::atomic<std::uint64_t> tls_resumed{0};  // TLS handshakes that resumed by a ticket
   std::atomic<std::int64_t> sessions_open{0};
   std::atomic<std::uint64_t> admission_waits{0};  // connections that waited for a slot
   std::atomic<std::uint64_t> read_pauses{0};      // agent sessions paced by their budget
