@@ -1096,6 +1096,8 @@ class Session : public std::enable_shared_from_this<Session>,
 
 class Listener : public std::enable_shared_from_this<Listener> {
  public:
+  static constexpr std::chrono::seconds kBindRetry{10};
+
   Listener(asio::io_context& ioc, std::shared_ptr<Shared> shared)
       : ioc_(ioc), acceptor_(asio::make_strand(ioc)), shared_(std::move(shared)) {}
 
@@ -1110,6 +1112,22 @@ class Listener : public std::enable_shared_from_this<Listener> {
       acceptor_.set_option(asio::ip::v6_only(false), ec);  // [::] serves IPv4 too
     }
     if (!ec) acceptor_.bind(ep, ec);
+    // A controller restarted right after a crash finds its port still taken
+    // for a moment while the kernel tears down the old process's thousands of
+    // connections: wait for it (bounded) rather than exit and leave the fleet
+    // waiting on a supervisor's restart delay.
+    const auto give_up = std::chrono::steady_clock::now() + kBindRetry;
+    for (bool warned = false;
+         ec == asio::error::address_in_use && std::chrono::steady_clock::now() < give_up;) {
+      if (!warned) {
+        spdlog::warn("{} port {} is in use; retrying for up to {} s", ep.address().to_string(),
+                     hp.port, std::chrono::duration_cast<std::chrono::seconds>(kBindRetry).count());
+        warned = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      ec = {};
+      acceptor_.bind(ep, ec);
+    }
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (!ec) SetCloseOnExec(acceptor_.native_handle());
     if (ec) {
