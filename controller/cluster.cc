@@ -60,6 +60,7 @@ constexpr const char* kLateChangesQuery = MUSTER_CHANGES_QUERY(
     "SELECT * FROM changes WHERE id <= $1 AND xact = ANY($2::xid8[]) ORDER BY id");
 #undef MUSTER_CHANGES_QUERY
 constexpr int kBatch = 500;
+constexpr std::chrono::milliseconds kGapPoll{5};
 
 // "{1,2}" → {"1","2"}: the text of a PostgreSQL array of numbers.
 std::set<std::string> NumberArray(const std::string& text) {
@@ -472,7 +473,13 @@ struct Cluster::Impl {
       }
       if (!conn) continue;
       auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_tick - Clock::now());
+      // Waiting at a gap: the transactions it waits for may end without a
+      // notification (one that wrote no change row), so look again soon
+      // rather than at the next tick; under load a gap lasts milliseconds.
+      const bool at_gap = gap_xmax != 0;
+      if (at_gap) wait = std::min(wait, kGapPoll);
       Wait(PQsocket(conn), std::max(wait, std::chrono::milliseconds(0)));
+      if (at_gap) pending = true;
       if (stop || !conn) continue;
       if (PQconsumeInput(conn) == 0) {
         Drop(PQerrorMessage(conn));

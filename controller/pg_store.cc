@@ -313,6 +313,17 @@ json ParseOr(const std::string& text, json fallback) {
   return j.is_discarded() ? fallback : j;
 }
 
+// The strings of a JSON array column (tags, webhook events); others skipped.
+std::vector<std::string> StringList(const std::string& text) {
+  std::vector<std::string> out;
+  json a = ParseOr(text, json::array());
+  if (!a.is_array()) return out;
+  for (const auto& e : a) {
+    if (e.is_string()) out.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
 // PostgreSQL text cannot hold U+0000 (valid UTF-8, so it passes the checks
 // upstream): it is stored as U+FFFD.
 std::string Param(const std::string& s) {
@@ -475,12 +486,7 @@ class PgStore final : public Store {
     MachineRecord m;
     m.name = r.Text(i, 0);
     m.key = r.Text(i, 1);
-    json tags = ParseOr(r.Text(i, 2), json::array());
-    if (tags.is_array()) {
-      for (const auto& t : tags) {
-        if (t.is_string()) m.tags.push_back(t.get<std::string>());
-      }
-    }
+    m.tags = StringList(r.Text(i, 2));
     m.created_at = r.Int(i, 3);
     m.last_seen = r.Int(i, 4);
     m.facts = ParseOr(r.Text(i, 5), json::object());
@@ -926,12 +932,7 @@ class PgStore final : public Store {
     EnrollToken t;
     t.hash = r.Text(0, 0);
     t.machine = machine;
-    json tags = ParseOr(r.Text(0, 1), json::array());
-    if (tags.is_array()) {
-      for (const auto& x : tags) {
-        if (x.is_string()) t.tags.push_back(x.get<std::string>());
-      }
-    }
+    t.tags = StringList(r.Text(0, 1));
     t.expires_at = r.Int(0, 2);
     t.created_by = r.Text(0, 3);
     t.grant = r.Text(0, 4);
@@ -1243,12 +1244,7 @@ class PgStore final : public Store {
       w.id = r.Text(i, 0);
       w.url = r.Text(i, 1);
       w.secret = r.Text(i, 2);
-      json ev = ParseOr(r.Text(i, 3), json::array());
-      if (ev.is_array()) {
-        for (const auto& e : ev) {
-          if (e.is_string()) w.events.push_back(e.get<std::string>());
-        }
-      }
+      w.events = StringList(r.Text(i, 3));
       w.created_by = r.Text(i, 4);
       w.created_at = r.Int(i, 5);
       out.push_back(std::move(w));
