@@ -118,8 +118,8 @@ start_controller() {  # DIR PORT MPORT LOG; sets last_pid
   done
   echo "controller on $2 did not start" >&2; exit 1
 }
-stop_all() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+stop_all() {  # SIGKILL: a graceful stop records N disconnects first, and nothing here is kept
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   pids=()
 }
 mkdir -p "$out/vars/activation"

@@ -49,9 +49,12 @@ std::string TextArray(const std::vector<std::string>& items) {
   "pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT AS xmax, muster_now() AS now) "   \
   "SELECT s.xmin, s.xmax, c.id, c.kind, c.subject, c.generation, c.ref, c.ref2, c.extra, " \
   "c.origin, s.now - c.at, e.phase, e.detail, e.at, COALESCE(m.reboot_required, 0), "      \
-  "c.xact::TEXT FROM s LEFT JOIN LATERAL (" ROWS                                           \
-  ") c ON TRUE LEFT JOIN events e ON c.kind = 'status' AND e.id = c.ref "                  \
-  "LEFT JOIN machines m ON c.kind = 'status' AND m.name = c.subject ORDER BY c.id"
+  "c.xact::TEXT, " MUSTER_PG_GENERATION_COLUMNS(                                           \
+      "g.") " FROM s LEFT JOIN LATERAL (" ROWS                                             \
+            ") c ON TRUE LEFT JOIN events e ON c.kind = 'status' AND e.id = c.ref "        \
+            "LEFT JOIN generations g ON c.kind = 'deploy' AND g.machine = c.subject AND "  \
+            "g.generation = c.generation "                                                 \
+            "LEFT JOIN machines m ON c.kind = 'status' AND m.name = c.subject ORDER BY c.id"
 constexpr const char* kChangesQuery =
     MUSTER_CHANGES_QUERY("SELECT * FROM changes WHERE id > $1 ORDER BY id LIMIT $2");
 // The same, for the changes at or below $1 written by the transactions $2
@@ -320,7 +323,9 @@ struct Cluster::Impl {
     }
     FlushStatuses(b);  // keep the order of reports and what follows them
     if (kind == "deploy") {
-      fleet.RemoteDeploy(subject, generation);
+      // The row was read with the change (columns 16 on): no query on the
+      // store's own connection per machine, which its agents' reports keep busy.
+      if (!r.Null(i, 16)) fleet.RemoteDeploy(pg::ReadGeneration(r, i, 16));
     } else if (kind == "log") {
       Res l =
           Q("SELECT line FROM logs WHERE id BETWEEN $1 AND $2 AND machine = $3 AND "

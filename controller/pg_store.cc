@@ -945,24 +945,7 @@ class PgStore final : public Store {
     return r.rows() == 1 ? static_cast<int>(r.Int(0, 0)) : 0;
   }
 
-  static constexpr const char* kGenCols =
-      "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
-      "published_by, created_at, released";
-
-  static GenerationRecord ReadGen(const Res& r, int i) {
-    GenerationRecord g;
-    g.machine = r.Text(i, 0);
-    g.generation = r.Int(i, 1);
-    g.manifest = {r.Text(i, 2), r.Text(i, 3), r.Text(i, 4)};
-    g.vars = r.Text(i, 5);
-    g.toplevel = r.Text(i, 6);
-    g.action = r.Text(i, 7);
-    g.rollout = r.Text(i, 8);
-    g.published_by = r.Text(i, 9);
-    g.created_at = r.Int(i, 10);
-    g.released = r.Int(i, 11) != 0;
-    return g;
-  }
+  static constexpr const char* kGenCols = MUSTER_PG_GENERATION_COLUMNS("");
 
   std::optional<GenerationRecord> LatestGeneration(const std::string& machine) override {
     std::lock_guard lock(mu_);
@@ -971,7 +954,7 @@ class PgStore final : public Store {
                    "DESC LIMIT 1",
                machine);
     if (r.rows() != 1) return std::nullopt;
-    return ReadGen(r, 0);
+    return pg::ReadGeneration(r, 0);
   }
 
   std::optional<GenerationRecord> GetGeneration(const std::string& machine,
@@ -981,7 +964,7 @@ class PgStore final : public Store {
                    " FROM generations WHERE machine = $1 AND generation = $2",
                machine, generation);
     if (r.rows() != 1) return std::nullopt;
-    return ReadGen(r, 0);
+    return pg::ReadGeneration(r, 0);
   }
 
   std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) override {
@@ -990,7 +973,7 @@ class PgStore final : public Store {
     auto r = Q(std::string("SELECT ") + kGenCols +
                    " FROM generations WHERE machine = $1 ORDER BY generation DESC LIMIT $2",
                machine, limit);
-    for (int i = 0; i < r.rows(); ++i) out.push_back(ReadGen(r, i));
+    for (int i = 0; i < r.rows(); ++i) out.push_back(pg::ReadGeneration(r, i));
     return out;
   }
 
