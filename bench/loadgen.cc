@@ -216,6 +216,8 @@ struct RunArgs {
   std::string pin;
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
+  std::uint16_t port2 = 0;
+  int controller_pid2 = 0;
   std::uint32_t count = 0;
   int threads = 1;
   std::uint32_t inflight = 1000;
@@ -250,6 +252,7 @@ int CmdRun(const RunArgs& a) {
   SimOptions so;
   so.host = a.host;
   so.port = a.port;
+  so.port2 = a.port2;
   so.pin = pin;
   so.operator_key = OperatorKey().public_key();
   so.count = a.count;
@@ -411,7 +414,7 @@ int CmdRun(const RunArgs& a) {
     // accepted" subtracts the moment the command returned (the controller had
     // stored the rollout and released its first wave by then).
     sim.TrackGeneration(1);
-    ProcSample p0 = Sample(pid);
+    ProcSample p0 = Sample(pid), q0 = Sample(a.controller_pid2);
     std::int64_t t0 = NowNs();
     pid_t child = fork();
     if (child == 0) {
@@ -432,13 +435,19 @@ int CmdRun(const RunArgs& a) {
       return k;
     };
     while (acked() < n && NowNs() < deadline) SleepMs(5);
-    ProcSample p1 = Sample(pid);
+    ProcSample p1 = Sample(pid), q1 = Sample(a.controller_pid2);
     std::vector<double> notify, ack, notify_after, ack_after;
+    // With --port2: agent i's thread is i % threads; odd threads on port2.
+    std::vector<double> after_on[2];
+    auto on_second = [&](std::uint32_t i) {
+      return a.port2 != 0 && (i % static_cast<std::uint32_t>(a.threads)) % 2 == 1;
+    };
     std::vector<std::int64_t> notify_ns, ack_ns;
     for (std::uint32_t i = 0; i < n; ++i) {
       if (std::int64_t t = sim.NotifyNs(i)) {
         notify.push_back(Sec(t - t0) * 1000);
         notify_after.push_back(Sec(t - t_done) * 1000);
+        after_on[on_second(i) ? 1 : 0].push_back(Sec(t - t_done) * 1000);
         notify_ns.push_back(t);
       }
       if (std::int64_t t = sim.AckNs(i)) {
@@ -460,6 +469,12 @@ int CmdRun(const RunArgs& a) {
               {"ackAfterCommandMs", Percentiles(ack_after)},
               {"controllerCpuSeconds", p1.cpu_s - p0.cpu_s},
               {"controllerRssKiB", p1.rss_kib}};
+    if (a.port2 != 0) {
+      f["notifyAfterCommandMsByController"] = {{std::to_string(a.port), Percentiles(after_on[0])},
+                                               {std::to_string(a.port2), Percentiles(after_on[1])}};
+      f["controller2CpuSeconds"] = q1.cpu_s - q0.cpu_s;
+      f["controller2RssKiB"] = q1.rss_kib;
+    }
     if (a.waves > 0 && notify_ns.size() == n && ack_ns.size() == n) {
       // A rollout with --max-parallel W keeps W machines in flight: the
       // (W+k)-th release is enabled by the k-th final report. The gap between
@@ -751,6 +766,9 @@ int main(int argc, char** argv) {
   run->add_option("--ping-interval", ra.ping_interval, "agent ping interval, seconds")
       ->capture_default_str();
   run->add_option("--controller-pid", ra.controller_pid, "sample this process's RSS and CPU");
+  run->add_option("--port2", ra.port2,
+                  "a second controller of the fleet: the agents of odd threads connect here");
+  run->add_option("--controller-pid2", ra.controller_pid2, "the second controller, sampled too");
   run->add_flag("--publish", ra.publish, "publish one generation to every agent of the last stage");
   run->add_option("--publish-timeout", ra.publish_timeout)->capture_default_str();
   run->add_option("--restart-cmd", ra.restart_cmd,

@@ -133,9 +133,10 @@ class Worker {
     ep_ = epoll_create1(EPOLL_CLOEXEC);
     std::memset(&dst_, 0, sizeof dst_);
     dst_.sin_family = AF_INET;
-    dst_.sin_port = htons(o.port);
+    std::uint16_t port = (o.port2 != 0 && id % 2 == 1) ? o.port2 : o.port;
+    dst_.sin_port = htons(port);
     inet_pton(AF_INET, o.host.c_str(), &dst_.sin_addr);
-    host_header_ = o.host + ":" + std::to_string(o.port);
+    host_header_ = o.host + ":" + std::to_string(port);
     start_ns_ = NowNs();
   }
 

@@ -35,6 +35,10 @@ namespace muster::bench {
 struct SimOptions {
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
+  // A second controller of the same fleet (PostgreSQL): when set, the agents
+  // of odd-numbered threads connect here instead (with 2 threads, the odd
+  // agents); PortOf tells which.
+  std::uint16_t port2 = 0;
   std::string pin;          // controller fingerprint, "sha256:…"
   PublicKey operator_key;   // trusted operator (the bench operator)
   std::uint32_t count = 0;  // agents 0 … count-1

@@ -44,19 +44,48 @@ std::string TextArray(const std::vector<std::string>& items) {
 // tell a gap that may still fill from one that cannot) and, for a status
 // change, its event row and the machine's reboot flag. One row with a null id
 // when there is nothing new.
-constexpr const char* kChangesQuery = R"SQL(
-WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT AS xmin,
-                  pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT AS xmax,
-                  muster_now() AS now)
-SELECT s.xmin, s.xmax, c.id, c.kind, c.subject, c.generation, c.ref, c.ref2, c.extra, c.origin,
-       s.now - c.at, e.phase, e.detail, e.at, COALESCE(m.reboot_required, 0)
-FROM s
-LEFT JOIN LATERAL (SELECT * FROM changes WHERE id > $1 ORDER BY id LIMIT $2) c ON TRUE
-LEFT JOIN events e ON c.kind = 'status' AND e.id = c.ref
-LEFT JOIN machines m ON c.kind = 'status' AND m.name = c.subject
-ORDER BY c.id
-)SQL";
+#define MUSTER_CHANGES_QUERY(ROWS)                                                         \
+  "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT AS xmin, "      \
+  "pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT AS xmax, muster_now() AS now) "   \
+  "SELECT s.xmin, s.xmax, c.id, c.kind, c.subject, c.generation, c.ref, c.ref2, c.extra, " \
+  "c.origin, s.now - c.at, e.phase, e.detail, e.at, COALESCE(m.reboot_required, 0), "      \
+  "c.xact::TEXT, " MUSTER_PG_GENERATION_COLUMNS(                                           \
+      "g.") " FROM s LEFT JOIN LATERAL (" ROWS                                             \
+            ") c ON TRUE LEFT JOIN events e ON c.kind = 'status' AND e.id = c.ref "        \
+            "LEFT JOIN generations g ON c.kind = 'deploy' AND g.machine = c.subject AND "  \
+            "g.generation = c.generation "                                                 \
+            "LEFT JOIN machines m ON c.kind = 'status' AND m.name = c.subject ORDER BY c.id"
+constexpr const char* kChangesQuery =
+    MUSTER_CHANGES_QUERY("SELECT * FROM changes WHERE id > $1 ORDER BY id LIMIT $2");
+// The same, for the changes at or below $1 written by the transactions $2
+// (an xid8 array): see Cluster::Impl::ReadLateChanges.
+constexpr const char* kLateChangesQuery = MUSTER_CHANGES_QUERY(
+    "SELECT * FROM changes WHERE id <= $1 AND xact = ANY($2::xid8[]) ORDER BY id");
+#undef MUSTER_CHANGES_QUERY
 constexpr int kBatch = 500;
+constexpr std::chrono::milliseconds kGapPoll{5};
+
+// "{1,2}" → {"1","2"}: the text of a PostgreSQL array of numbers.
+std::set<std::string> NumberArray(const std::string& text) {
+  std::set<std::string> out;
+  std::string cur;
+  for (char c : text) {
+    if (std::isdigit(static_cast<unsigned char>(c))) {
+      cur += c;
+    } else if (!cur.empty()) {
+      out.insert(cur);
+      cur.clear();
+    }
+  }
+  if (!cur.empty()) out.insert(cur);
+  return out;
+}
+
+std::string JoinArray(const std::set<std::string>& items) {
+  std::string out = "{";
+  for (const auto& i : items) out += (out.size() > 1 ? "," : "") + i;
+  return out + "}";
+}
 
 }  // namespace
 
@@ -87,7 +116,20 @@ struct Cluster::Impl {
   std::atomic<bool> stop{false};
   std::thread thread;
 
-  std::int64_t last = 0;        // the last change id applied (or skipped as a gap)
+  std::int64_t last = 0;  // the last change id applied (or skipped as a gap)
+  // The start-up window. Change ids are taken when a row is written, not at
+  // commit, so a transaction open when this controller started may commit
+  // a change numbered below `last` after it was read: the normal reading
+  // (ids above `last`) would never see it. Open notes the transactions then
+  // in progress (the snapshot's xip list, bounded by max_connections) and
+  // `late_below` = `last`; every read then also looks for change rows at or
+  // below it written by those transactions (the `xact` column, migration 3).
+  // A transaction's rows become visible together, so one that showed rows,
+  // or is no longer in progress, is done with; the window closes when none
+  // is left. Exact, not a time guess: a transaction held open for minutes is
+  // still caught (while its rows are within the change retention).
+  std::int64_t late_below = 0;
+  std::set<std::string> late_xacts;
   std::int64_t gap_xmax = 0;    // while waiting for a gap after `last`: snapshot xmax then
   Clock::time_point gap_since;  // and when it was first seen
   bool driving = false;
@@ -182,8 +224,36 @@ struct Cluster::Impl {
     return true;
   }
 
+  // The start-up window (see late_xacts): changes at or below late_below of
+  // transactions that were open when this controller started.
+  void ReadLateChanges() {
+    if (late_xacts.empty()) return;
+    // First which of them have ended, then their rows: a transaction that
+    // ended before the second statement has its rows in that one's snapshot.
+    Res st =
+        Q("SELECT x::TEXT FROM unnest($1::xid8[]) AS x WHERE pg_xact_status(x) IS DISTINCT "
+          "FROM 'in progress'",
+          JoinArray(late_xacts));
+    if (!st.ok()) return Drop(st.error());
+    std::set<std::string> ended;
+    for (int i = 0; i < st.rows(); ++i) ended.insert(st.Text(i, 0));
+    Res r = Q(kLateChangesQuery, std::to_string(late_below), JoinArray(late_xacts));
+    if (!r.ok()) return Drop(r.error());
+    Batch b;
+    for (int i = 0; i < r.rows(); ++i) {
+      if (r.Null(i, 2)) break;
+      ended.insert(r.Text(i, 15));
+      Collect(r, i, b);
+    }
+    Apply(b);
+    for (const auto& x : ended) late_xacts.erase(x);
+    if (late_xacts.empty()) spdlog::debug("cluster: start-up window closed");
+  }
+
   // Reads and applies changes after `last` until none are left.
   void ReadChanges() {
+    ReadLateChanges();
+    if (!conn) return;
     for (int round = 0; round < 1000 && !stop; ++round) {
       Res r = Q(kChangesQuery, std::to_string(last), std::to_string(kBatch));
       if (!r.ok()) return Drop(r.error());
@@ -253,7 +323,9 @@ struct Cluster::Impl {
     }
     FlushStatuses(b);  // keep the order of reports and what follows them
     if (kind == "deploy") {
-      fleet.RemoteDeploy(subject, generation);
+      // The row was read with the change (columns 16 on): no query on the
+      // store's own connection per machine, which its agents' reports keep busy.
+      if (!r.Null(i, 16)) fleet.RemoteDeploy(pg::ReadGeneration(r, i, 16));
     } else if (kind == "log") {
       Res l =
           Q("SELECT line FROM logs WHERE id BETWEEN $1 AND $2 AND machine = $3 AND "
@@ -406,7 +478,13 @@ struct Cluster::Impl {
       }
       if (!conn) continue;
       auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(next_tick - Clock::now());
+      // Waiting at a gap: the transactions it waits for may end without a
+      // notification (one that wrote no change row), so look again soon
+      // rather than at the next tick; under load a gap lasts milliseconds.
+      const bool at_gap = gap_xmax != 0;
+      if (at_gap) wait = std::min(wait, kGapPoll);
       Wait(PQsocket(conn), std::max(wait, std::chrono::milliseconds(0)));
+      if (at_gap) pending = true;
       if (stop || !conn) continue;
       if (PQconsumeInput(conn) == 0) {
         Drop(PQerrorMessage(conn));
@@ -448,9 +526,15 @@ Status Cluster::Open() {
   m.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (m.wake_fd < 0) return Err("cluster: eventfd failed");
   if (auto st = m.Connect(); !st) return st;
-  auto r = m.Q("SELECT COALESCE(MAX(id), 0) FROM changes");
+  // One statement, one snapshot: the newest id and the transactions still
+  // open, whose changes may yet appear below it (late_xacts).
+  auto r =
+      m.Q("SELECT COALESCE(MAX(id), 0), ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()))::TEXT "
+          "FROM changes");
   if (r.rows() != 1) return Err("cluster: cannot read the change sequence: " + r.error());
   m.last = r.Int(0, 0);
+  m.late_below = m.last;
+  m.late_xacts = NumberArray(r.Text(0, 1));
   m.fleet.SetClustered(true);
   m.rollouts.SetDriving(false);  // until the lease says otherwise
   m.Tick();

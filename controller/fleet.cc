@@ -162,8 +162,14 @@ void Fleet::RemotePresence(const std::string& machine, const std::string& contro
 }
 
 void Fleet::RemoteDeploy(const std::string& machine, std::int64_t generation) {
-  auto g = store_.GetGeneration(machine, generation);
-  if (!g || !g->released) return;
+  if (auto g = store_.GetGeneration(machine, generation)) RemoteDeploy(*g);
+}
+
+void Fleet::RemoteDeploy(const GenerationRecord& rec) {
+  if (!rec.released) return;
+  const GenerationRecord* g = &rec;
+  const std::string& machine = rec.machine;
+  const std::int64_t generation = rec.generation;
   std::shared_ptr<AgentChannel> ch;
   {
     std::lock_guard lock(mu_);

@@ -206,6 +206,7 @@ class Fleet {
   // it is connected here; a direct publish (no rollout) is told to the
   // observer (the rollout driver supersedes rollout items).
   void RemoteDeploy(const std::string& machine, std::int64_t generation);
+  void RemoteDeploy(const GenerationRecord& g);  // the same, with the row already read
   // Status reports stored by other controllers: broadcast and told to the
   // observer, in order.
   void RemoteStatuses(const std::vector<EventRecord>& events,

@@ -470,6 +470,7 @@ int Run(const Paths& p, const RunConfig& c) {
   no.max_queued = c.webhook_queue_max;
   no.retry_base_ms = c.webhook_retry_base_ms;
   no.max_attempts = c.webhook_max_attempts;
+  if (cluster) no.shared_poll_ms = 1000;  // the queue is the database's, shared
   auto notifier = std::make_shared<Notifier>(fleet, no);
   api.SetNotifier(notifier.get());
   tls::KeyCheck check = [&fleet](const PublicKey& k, std::string* reason) {

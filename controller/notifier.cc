@@ -204,7 +204,7 @@ Notifier::Notifier(Fleet& fleet, NotifierOptions options, Poster poster)
 Notifier::~Notifier() { Stop(); }
 
 void Notifier::Start() {
-  if (!store_.ListWebhooks().empty()) Subscribe();
+  if (options_.shared_poll_ms > 0 || !store_.ListWebhooks().empty()) Subscribe();
   sender_ = std::thread([this] { SenderLoop(); });
 }
 
@@ -301,6 +301,7 @@ void Notifier::Deliver(std::string text) {
 
 void Notifier::Enqueue(const std::string& event, json data, const std::string& only_webhook,
                        std::string* id_out) {
+  if (options_.shared_poll_ms > 0 && only_webhook.empty() && !any_webhook_) return;
   std::vector<DeliveryRecord> rows;
   std::int64_t now = fleet_.Now();
   std::string id = RandomHex(16);
@@ -357,6 +358,7 @@ Result<WebhookRecord> Notifier::Add(const std::string& url, const std::string& s
   w.created_by = by;
   w.created_at = fleet_.Now();
   if (auto st = store_.AddWebhook(w); !st) return st.error();
+  any_webhook_ = true;
   Subscribe();  // events cost nothing until the first webhook exists
   return w;
 }
@@ -457,6 +459,7 @@ void Notifier::Attempt(const DeliveryRecord& d, const std::map<std::string, Webh
 
 void Notifier::SenderLoop() {
   for (;;) {
+    if (options_.shared_poll_ms > 0) any_webhook_ = !store_.ListWebhooks().empty();
     std::int64_t now = fleet_.Now();
     auto offline_next = CheckOffline(now);
     auto due = store_.DueDeliveries(now, 16);
@@ -478,8 +481,9 @@ void Notifier::SenderLoop() {
     if (stop_) return;
     // The fleet clock is wall time in unix ms; a minute at most, so that a
     // clock step cannot park the sender.
+    std::int64_t most = options_.shared_poll_ms > 0 ? options_.shared_poll_ms : 60000;
     std::int64_t wait_ms =
-        wake_at ? std::clamp<std::int64_t>(*wake_at - fleet_.Now(), 0, 60000) : 60000;
+        wake_at ? std::clamp<std::int64_t>(*wake_at - fleet_.Now(), 0, most) : most;
     cv_.wait_for(lock, std::chrono::milliseconds(wait_ms), [this] { return stop_ || wake_; });
     if (stop_) return;
     wake_ = false;

@@ -12,6 +12,7 @@
 // Stop.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -37,6 +38,12 @@ struct NotifierOptions {
   std::int64_t retry_base_ms = 1000;               // first retry; doubles, with jitter
   std::int64_t retry_max_ms = 3600 * 1000;
   std::chrono::seconds timeout{10};  // per attempt: connect, send, answer
+  // 0: this controller's queue alone (SQLite). Else the queue is shared by
+  // several controllers (PostgreSQL; the store claims each delivery for one):
+  // the sender looks at it at least this often, for deliveries queued or
+  // left by the others, and events are watched from the start, since a
+  // webhook may be added through another controller.
+  std::int64_t shared_poll_ms = 0;
 };
 
 // An http:// or https:// webhook address.
@@ -118,6 +125,9 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   bool stop_ = false;
   bool wake_ = false;
   bool subscribed_ = false;
+  // Shared queue only: whether any webhook exists, re-read by the sender at
+  // each poll, so that events cost no query while there is none.
+  std::atomic<bool> any_webhook_{false};
   std::thread sender_;
   std::map<std::string, std::string> rollout_state_;   // rollout id → last state seen
   std::map<std::string, std::int64_t> offline_since_;  // machine → unix ms

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "controller/store.h"
+
 namespace muster::pg {
 
 class Res {
@@ -76,6 +78,28 @@ inline std::string ConnectionError(PGconn* conn) {
   std::string e = conn ? PQerrorMessage(conn) : "out of memory";
   while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
   return e.empty() ? "unknown error" : e;
+}
+
+// The columns of a generations row, in the order ReadGeneration reads them
+// (prefix them with a table alias as needed: GENERATION_COLUMNS("g.")).
+#define MUSTER_PG_GENERATION_COLUMNS(P)                                                   \
+  P "machine, " P "generation, " P "manifest, " P "signer, " P "signature, " P "vars, " P \
+    "toplevel, " P "action, " P "rollout, " P "published_by, " P "created_at, " P "released"
+
+// A generations row read from `col`, columns as MUSTER_PG_GENERATION_COLUMNS.
+inline GenerationRecord ReadGeneration(const Res& r, int row, int col = 0) {
+  GenerationRecord g;
+  g.machine = r.Text(row, col);
+  g.generation = r.Int(row, col + 1);
+  g.manifest = {r.Text(row, col + 2), r.Text(row, col + 3), r.Text(row, col + 4)};
+  g.vars = r.Text(row, col + 5);
+  g.toplevel = r.Text(row, col + 6);
+  g.action = r.Text(row, col + 7);
+  g.rollout = r.Text(row, col + 8);
+  g.published_by = r.Text(row, col + 9);
+  g.created_at = r.Int(row, col + 10);
+  g.released = r.Int(row, col + 11) != 0;
+  return g;
 }
 
 }  // namespace muster::pg

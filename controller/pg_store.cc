@@ -8,6 +8,7 @@
 #include <libpq-fe.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <chrono>
@@ -269,6 +270,35 @@ CREATE TRIGGER presence_upd AFTER UPDATE ON presence REFERENCING NEW TABLE AS ne
 CREATE TRIGGER presence_del AFTER DELETE ON presence REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION muster_changed();
 )SQL",
+    // 3: the transaction that wrote each change row (cluster.cc: a controller
+    // starting re-reads the changes of transactions still open at its start),
+    // and the webhook queue. A delivery is claimed by the controller sending
+    // it (`claimed_by`); a claim counts only while that controller's lease in
+    // `controllers` is unexpired, so the queue of a controller that died is
+    // sent by another within the lease.
+    R"SQL(
+ALTER TABLE changes ADD COLUMN xact xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE TABLE webhooks (
+  id TEXT PRIMARY KEY,
+  url TEXT NOT NULL,
+  secret TEXT NOT NULL,
+  events TEXT NOT NULL DEFAULT '[]',
+  created_by TEXT NOT NULL DEFAULT '',
+  created_at BIGINT NOT NULL
+);
+CREATE TABLE deliveries (
+  id BIGSERIAL PRIMARY KEY,
+  webhook TEXT NOT NULL,
+  event TEXT NOT NULL,
+  body TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  created_at BIGINT NOT NULL,
+  next_at BIGINT NOT NULL,
+  last_error TEXT NOT NULL DEFAULT '',
+  claimed_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX deliveries_due ON deliveries (next_at, id);
+)SQL",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
 
@@ -281,6 +311,17 @@ constexpr const char* kGenerationLock = "SELECT pg_advisory_xact_lock(1836413812
 json ParseOr(const std::string& text, json fallback) {
   json j = json::parse(text, nullptr, false);
   return j.is_discarded() ? fallback : j;
+}
+
+// The strings of a JSON array column (tags, webhook events); others skipped.
+std::vector<std::string> StringList(const std::string& text) {
+  std::vector<std::string> out;
+  json a = ParseOr(text, json::array());
+  if (!a.is_array()) return out;
+  for (const auto& e : a) {
+    if (e.is_string()) out.push_back(e.get<std::string>());
+  }
+  return out;
 }
 
 // PostgreSQL text cannot hold U+0000 (valid UTF-8, so it passes the checks
@@ -445,12 +486,7 @@ class PgStore final : public Store {
     MachineRecord m;
     m.name = r.Text(i, 0);
     m.key = r.Text(i, 1);
-    json tags = ParseOr(r.Text(i, 2), json::array());
-    if (tags.is_array()) {
-      for (const auto& t : tags) {
-        if (t.is_string()) m.tags.push_back(t.get<std::string>());
-      }
-    }
+    m.tags = StringList(r.Text(i, 2));
     m.created_at = r.Int(i, 3);
     m.last_seen = r.Int(i, 4);
     m.facts = ParseOr(r.Text(i, 5), json::object());
@@ -896,12 +932,7 @@ class PgStore final : public Store {
     EnrollToken t;
     t.hash = r.Text(0, 0);
     t.machine = machine;
-    json tags = ParseOr(r.Text(0, 1), json::array());
-    if (tags.is_array()) {
-      for (const auto& x : tags) {
-        if (x.is_string()) t.tags.push_back(x.get<std::string>());
-      }
-    }
+    t.tags = StringList(r.Text(0, 1));
     t.expires_at = r.Int(0, 2);
     t.created_by = r.Text(0, 3);
     t.grant = r.Text(0, 4);
@@ -914,24 +945,7 @@ class PgStore final : public Store {
     return r.rows() == 1 ? static_cast<int>(r.Int(0, 0)) : 0;
   }
 
-  static constexpr const char* kGenCols =
-      "machine, generation, manifest, signer, signature, vars, toplevel, action, rollout, "
-      "published_by, created_at, released";
-
-  static GenerationRecord ReadGen(const Res& r, int i) {
-    GenerationRecord g;
-    g.machine = r.Text(i, 0);
-    g.generation = r.Int(i, 1);
-    g.manifest = {r.Text(i, 2), r.Text(i, 3), r.Text(i, 4)};
-    g.vars = r.Text(i, 5);
-    g.toplevel = r.Text(i, 6);
-    g.action = r.Text(i, 7);
-    g.rollout = r.Text(i, 8);
-    g.published_by = r.Text(i, 9);
-    g.created_at = r.Int(i, 10);
-    g.released = r.Int(i, 11) != 0;
-    return g;
-  }
+  static constexpr const char* kGenCols = MUSTER_PG_GENERATION_COLUMNS("");
 
   std::optional<GenerationRecord> LatestGeneration(const std::string& machine) override {
     std::lock_guard lock(mu_);
@@ -940,7 +954,7 @@ class PgStore final : public Store {
                    "DESC LIMIT 1",
                machine);
     if (r.rows() != 1) return std::nullopt;
-    return ReadGen(r, 0);
+    return pg::ReadGeneration(r, 0);
   }
 
   std::optional<GenerationRecord> GetGeneration(const std::string& machine,
@@ -950,7 +964,7 @@ class PgStore final : public Store {
                    " FROM generations WHERE machine = $1 AND generation = $2",
                machine, generation);
     if (r.rows() != 1) return std::nullopt;
-    return ReadGen(r, 0);
+    return pg::ReadGeneration(r, 0);
   }
 
   std::vector<GenerationRecord> ListGenerations(const std::string& machine, int limit) override {
@@ -959,7 +973,7 @@ class PgStore final : public Store {
     auto r = Q(std::string("SELECT ") + kGenCols +
                    " FROM generations WHERE machine = $1 ORDER BY generation DESC LIMIT $2",
                machine, limit);
-    for (int i = 0; i < r.rows(); ++i) out.push_back(ReadGen(r, i));
+    for (int i = 0; i < r.rows(); ++i) out.push_back(pg::ReadGeneration(r, i));
     return out;
   }
 
@@ -1103,6 +1117,8 @@ class PgStore final : public Store {
          "rollout, position, machine, generation, stage, state, detail, updated_at", 8},
         {"enroll_tokens", "hash, machine, tags, expires_at, created_by, spent_at, grant_entry", 7},
         {"roster_removed", "name, roster, signed_at", 3},
+        {"webhooks", "id, url, secret, events, created_by, created_at", 6},
+        {"deliveries", "webhook, event, body, attempts, created_at, next_at, last_error", 7},
     };
     std::lock_guard lock(mu_);
     auto n =
@@ -1163,7 +1179,7 @@ class PgStore final : public Store {
         summary += (summary.empty() ? "" : ", ") + std::to_string(rows) + " " + t.name;
       }
     }
-    for (const char* seq : {"events", "logs"}) {
+    for (const char* seq : {"events", "logs", "deliveries"}) {
       auto r = Q(std::string("SELECT setval(pg_get_serial_sequence('") + seq +
                  "', 'id'), COALESCE((SELECT MAX(id) FROM " + seq + "), 0) + 1, false)");
       if (!r.ok()) return fail(std::string("setting the ") + seq + " sequence: " + r.error());
@@ -1172,7 +1188,144 @@ class PgStore final : public Store {
     return summary.empty() ? std::string("nothing (the SQLite store was empty)") : summary;
   }
 
+  // --- Notifications ---
+  Status AddWebhook(const WebhookRecord& w) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("INSERT INTO webhooks (id, url, secret, events, created_by, created_at) VALUES ($1, "
+          "$2, $3, $4, $5, $6)",
+          w.id, w.url, w.secret, DumpJson(json(w.events)), w.created_by, w.created_at);
+    if (r.unique_violation()) return Err("webhook '" + w.id + "' exists already");
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RemoveWebhook(const std::string& id) override {
+    std::lock_guard lock(mu_);
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto d = Q("DELETE FROM webhooks WHERE id = $1", id);
+    if (!d.ok() || d.changes() == 0) {
+      (void)End("ROLLBACK");
+      if (!d.ok()) return Err("store: " + d.error());
+      return Err("no webhook '" + id + "'; see 'muster webhook list'");
+    }
+    if (auto q = Q("DELETE FROM deliveries WHERE webhook = $1", id); !q.ok()) {
+      (void)End("ROLLBACK");
+      return Err("store: " + q.error());
+    }
+    return CommitLocked("cannot remove webhook");
+  }
+
+  std::vector<WebhookRecord> ListWebhooks() override {
+    std::lock_guard lock(mu_);
+    std::vector<WebhookRecord> out;
+    auto r =
+        Q("SELECT id, url, secret, events, created_by, created_at FROM webhooks ORDER BY "
+          "created_at, id");
+    for (int i = 0; i < r.rows(); ++i) {
+      WebhookRecord w;
+      w.id = r.Text(i, 0);
+      w.url = r.Text(i, 1);
+      w.secret = r.Text(i, 2);
+      w.events = StringList(r.Text(i, 3));
+      w.created_by = r.Text(i, 4);
+      w.created_at = r.Int(i, 5);
+      out.push_back(std::move(w));
+    }
+    return out;
+  }
+
+  Result<std::int64_t> EnqueueDeliveries(const std::vector<DeliveryRecord>& deliveries,
+                                         std::int64_t max_queued) override {
+    std::lock_guard lock(mu_);
+    if (deliveries.empty()) return std::int64_t{0};
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto fail = [&](const std::string& e) {
+      (void)End("ROLLBACK");
+      return Error{"store: " + e};
+    };
+    for (const auto& d : deliveries) {
+      auto r =
+          Q("INSERT INTO deliveries (webhook, event, body, attempts, created_at, next_at, "
+            "last_error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            d.webhook, d.event, d.body, d.attempts, d.created_at, d.next_at, d.last_error);
+      if (!r.ok()) return fail(r.error());
+    }
+    // The bound holds across controllers: the oldest rows go, whoever queued
+    // them (the same as one controller's queue on SQLite).
+    auto c =
+        Q("WITH n AS (SELECT COUNT(*) - $1 AS over FROM deliveries), d AS (DELETE FROM "
+          "deliveries WHERE id IN (SELECT id FROM deliveries ORDER BY id LIMIT (SELECT "
+          "GREATEST(over, 0) FROM n)) RETURNING 1) SELECT COUNT(*) FROM d",
+          max_queued);
+    if (c.rows() != 1) return fail(c.error());
+    std::int64_t dropped = c.Int(0, 0);
+    if (auto st = CommitLocked("cannot queue notifications"); !st) return st.error();
+    return dropped;
+  }
+
+  // Claims what it returns for this controller: a delivery claimed by a live
+  // controller is not due for the others, so each is sent by one at a time.
+  // Rows being claimed by another controller's concurrent call are skipped.
+  std::vector<DeliveryRecord> DueDeliveries(std::int64_t now, int limit) override {
+    std::lock_guard lock(mu_);
+    std::vector<DeliveryRecord> out;
+    auto r =
+        Q("UPDATE deliveries SET claimed_by = $3 WHERE id IN (SELECT id FROM deliveries "
+          "WHERE next_at <= $1 AND " +
+              std::string(kUnclaimed) +
+              " ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, "
+              "webhook, event, body, attempts, created_at, next_at, last_error",
+          now, limit, controller_id_);
+    for (int i = 0; i < r.rows(); ++i) {
+      out.push_back({r.Int(i, 0), r.Text(i, 1), r.Text(i, 2), r.Text(i, 3),
+                     static_cast<int>(r.Int(i, 4)), r.Int(i, 5), r.Int(i, 6), r.Text(i, 7)});
+    }
+    std::sort(out.begin(), out.end(), [](const DeliveryRecord& a, const DeliveryRecord& b) {
+      return a.next_at != b.next_at ? a.next_at < b.next_at : a.id < b.id;
+    });
+    return out;
+  }
+
+  std::optional<std::int64_t> NextDeliveryAt() override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT MIN(next_at) FROM deliveries WHERE " + std::string(kUnclaimed));
+    if (r.rows() != 1 || r.Null(0, 0)) return std::nullopt;
+    return r.Int(0, 0);
+  }
+
+  Status RescheduleDelivery(const DeliveryRecord& d) override {
+    std::lock_guard lock(mu_);
+    auto r =
+        Q("UPDATE deliveries SET attempts = $1, next_at = $2, last_error = $3, claimed_by = '' "
+          "WHERE id = $4",
+          d.attempts, d.next_at, d.last_error, d.id);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  Status RemoveDelivery(std::int64_t id) override {
+    std::lock_guard lock(mu_);
+    auto r = Q("DELETE FROM deliveries WHERE id = $1", id);
+    if (!r.ok()) return Err("store: " + r.error());
+    return Status::Ok();
+  }
+
+  std::int64_t QueuedDeliveries() override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT COUNT(*) FROM deliveries");
+    return r.rows() == 1 ? r.Int(0, 0) : 0;
+  }
+
  private:
+  // A delivery free to claim: never claimed, released after an attempt, or
+  // claimed by a controller whose lease ran out (it died while sending; the
+  // receiver may have had it, hence at-least-once). A store without a
+  // controller id (one controller, tests) claims as ''.
+  static constexpr const char* kUnclaimed =
+      "(claimed_by = '' OR NOT EXISTS (SELECT 1 FROM controllers c WHERE c.id = "
+      "deliveries.claimed_by AND c.expires_at > muster_now()))";
+
   // Connects (or reconnects) with explicit timeouts; a URI's own settings win
   // over these defaults. Every session commits synchronously, whatever the
   // server's default, so that a call returns only once its change is flushed.

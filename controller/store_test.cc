@@ -518,7 +518,7 @@ TEST(StoreLimitsCheck, NamesTheSettingThatIsWrong) {
 }
 
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
-  EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "2" : "1");
+  EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "3" : "1");
   EXPECT_FALSE(store_->GetSetting("missing").has_value());
   ASSERT_TRUE(store_->SetSetting("k", "v1").ok());
   ASSERT_TRUE(store_->SetSetting("k", "v2").ok());
@@ -545,6 +545,53 @@ TEST_P(StoreTest, DataSurvivesReopen) {
   EXPECT_EQ(store_->ReadLogs("web1", 8, 0, 10).size(), 1u);
   EXPECT_EQ(store_->GetSetting("k"), "v");
   EXPECT_FALSE(store_->AddGeneration(Gen("web1", 8)).ok()) << "numbering survives too";
+}
+
+TEST_P(StoreTest, WebhooksAndABoundedDeliveryQueue) {
+  WebhookRecord w;
+  w.id = "w1";
+  w.url = "http://127.0.0.1:9/hook";
+  w.secret = std::string(32, 's');
+  w.events = {"deploy"};
+  w.created_at = 5;
+  ASSERT_TRUE(store_->AddWebhook(w).ok());
+  EXPECT_FALSE(store_->AddWebhook(w).ok()) << "the id exists";
+  auto hooks = store_->ListWebhooks();
+  ASSERT_EQ(hooks.size(), 1u);
+  EXPECT_EQ(hooks[0].url, w.url);
+  EXPECT_EQ(hooks[0].events, std::vector<std::string>{"deploy"});
+  std::vector<DeliveryRecord> rows;
+  for (int i = 0; i < 3; ++i) {
+    DeliveryRecord d;
+    d.webhook = "w1";
+    d.event = "deploy";
+    d.body = "{\"n\":" + std::to_string(i) + "}";
+    d.created_at = 10;
+    d.next_at = 10 + i;
+    rows.push_back(d);
+  }
+  auto dropped = store_->EnqueueDeliveries(rows, 2);
+  ASSERT_TRUE(dropped.ok()) << dropped.message();
+  EXPECT_EQ(*dropped, 1) << "the bound drops the oldest";
+  EXPECT_EQ(store_->QueuedDeliveries(), 2);
+  EXPECT_EQ(store_->NextDeliveryAt(), std::optional<std::int64_t>(11));
+  auto due = store_->DueDeliveries(11, 10);
+  ASSERT_EQ(due.size(), 1u);
+  EXPECT_EQ(due[0].body, "{\"n\":1}");
+  due[0].attempts = 1;
+  due[0].next_at = 100;
+  due[0].last_error = "HTTP 500";
+  ASSERT_TRUE(store_->RescheduleDelivery(due[0]).ok());
+  due = store_->DueDeliveries(100, 10);
+  ASSERT_EQ(due.size(), 2u);
+  EXPECT_EQ(due[0].body, "{\"n\":2}");
+  EXPECT_EQ(due[1].attempts, 1);
+  EXPECT_EQ(due[1].last_error, "HTTP 500");
+  ASSERT_TRUE(store_->RemoveDelivery(due[0].id).ok());
+  EXPECT_EQ(store_->QueuedDeliveries(), 1);
+  ASSERT_TRUE(store_->RemoveWebhook("w1").ok());
+  EXPECT_EQ(store_->QueuedDeliveries(), 0) << "its deliveries go with it";
+  EXPECT_FALSE(store_->RemoveWebhook("w1").ok());
 }
 
 TEST_P(StoreTest, RefusesNewerSchema) {
@@ -601,9 +648,9 @@ TEST_F(PgStoreTest, ControllersStartingTogetherMigrateOnce) {
   std::string rows, distinct;
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM schema_migrations", &rows), "");
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(DISTINCT version) FROM schema_migrations", &distinct), "");
-  EXPECT_EQ(rows, "2") << "each migration recorded once";
+  EXPECT_EQ(rows, "3") << "each migration recorded once";
   EXPECT_EQ(distinct, rows);
-  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "2");
+  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "3");
 }
 
 TEST_F(PgStoreTest, TwoControllersShareOneFleet) {
@@ -734,7 +781,7 @@ TEST_F(PgStoreTest, CopiesAnSqliteStoreIntoAnEmptyOne) {
   EXPECT_EQ(s->LatestGeneration("web1")->toplevel, "/nix/store/3-system");
   EXPECT_EQ(s->ListEvents("web1", 3, 10).size(), 1u);
   EXPECT_EQ(s->GetSetting("k"), "v");
-  EXPECT_EQ(s->GetSetting("schema_version"), "2");
+  EXPECT_EQ(s->GetSetting("schema_version"), "3");
   // New rows continue the copied ids.
   ASSERT_TRUE(s->AppendLogs({{0, "web1", 3, "activate", "again", 11}}).ok());
   auto logs = s->ReadLogs("web1", 3, 0, 10);
@@ -858,6 +905,45 @@ TEST_F(PgStoreTest, AnItemIsReleasedOnceAndOnlyByTheLeaseHolder) {
   // An expired lease is no lease.
   ASSERT_EQ(pg_->Exec(db_, "UPDATE leases SET expires_at = 0", nullptr), "");
   EXPECT_FALSE(a->ReleaseRolloutItems({it}).ok());
+}
+
+// Each delivery is claimed by one controller while that controller's lease
+// lives; a claim of a controller that died (lease expired) is free again.
+TEST_F(PgStoreTest, ADeliveryIsClaimedByOneLiveControllerAtATime) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->SetControllerId("ctl-a").ok());
+  ASSERT_TRUE(b->SetControllerId("ctl-b").ok());
+  ASSERT_EQ(pg_->Exec(db_,
+                      "INSERT INTO controllers (id, started_at, expires_at) VALUES ('ctl-a', 0, "
+                      "muster_now() + 60000), ('ctl-b', 0, muster_now() + 60000)",
+                      nullptr),
+            "");
+  WebhookRecord w;
+  w.id = "w1";
+  w.url = "http://127.0.0.1:9/hook";
+  w.secret = std::string(32, 's');
+  ASSERT_TRUE(a->AddWebhook(w).ok());
+  ASSERT_EQ(b->ListWebhooks().size(), 1u) << "one set of webhooks for every controller";
+  std::vector<DeliveryRecord> rows(3);
+  for (auto& d : rows) {
+    d.webhook = "w1";
+    d.event = "deploy";
+    d.body = "{}";
+  }
+  ASSERT_TRUE(a->EnqueueDeliveries(rows, 100).ok());
+  EXPECT_EQ(a->DueDeliveries(0, 2).size(), 2u);
+  auto rest = b->DueDeliveries(0, 10);
+  ASSERT_EQ(rest.size(), 1u) << "a's two are claimed";
+  EXPECT_TRUE(a->DueDeliveries(0, 10).empty()) << "and b's one";
+  EXPECT_FALSE(b->NextDeliveryAt().has_value());
+  rest[0].attempts = 1;
+  rest[0].next_at = 0;
+  ASSERT_TRUE(b->RescheduleDelivery(rest[0]).ok());
+  EXPECT_EQ(a->DueDeliveries(0, 10).size(), 1u) << "a failed attempt frees its claim";
+  ASSERT_EQ(pg_->Exec(db_, "UPDATE controllers SET expires_at = 0 WHERE id = 'ctl-a'", nullptr),
+            "");
+  EXPECT_EQ(b->DueDeliveries(0, 10).size(), 3u) << "a died: b sends what a had claimed";
 }
 
 }  // namespace

@@ -12,4 +12,5 @@ muster_unit_test(controller_test
     roster_file_test.cc
     operator_set_test.cc
     store_test.cc
+    cluster_test.cc
   LIBS muster_controller_lib)

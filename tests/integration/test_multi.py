@@ -8,12 +8,14 @@ import random
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import unittest
 import urllib.request
 
 import pg
 from harness import EnvTest, Process, binary, wait_until
+from test_webhooks import Receiver
 
 
 def port_free(port):
@@ -290,6 +292,101 @@ class MultiTest(EnvTest):
         released = self.pg.psql(self.db, "SELECT COUNT(*) FROM changes WHERE kind = 'deploy'")
         self.assertEqual(int(released), rounds * len(names))
         self.assertEqual(sum(c.runs for c in ctls), rounds + 2, "a kill every round")
+
+    def test_webhooks_are_sent_once_and_by_another_controller_after_a_sigkill(self):
+        """One queue in the database: each notification is sent by one
+        controller; one whose sender was SIGKILLed mid-POST is sent by the
+        other once the dead one's lease expires (at-least-once: the receiver
+        may have had the first attempt)."""
+        a, b = self.controllers(2)
+        rx = Receiver()
+        self.addCleanup(rx.close)
+        # Added through b; a's sender sees it at its next poll (1 s), long
+        # before the agents below are up.
+        hook = json.loads(self.cli(b, "webhook", "add", rx.url, "--event", "deploy",
+                                   "--json").stdout)["id"]
+        self.assertIn(hook, self.cli(a, "webhook", "list").stdout, "one set of webhooks")
+        web1, web2 = self.agents(["web1", "web2"])
+        for ag in (web1, web2):
+            wait_until(lambda ag=ag: self.env.status(ag.name)["online"], 30,
+                       what=f"{ag.name} online")
+        env = self.env
+        first = {}
+        for ag in (web1, web2):
+            first[ag.name] = env.publish(ag.name, env.build(f"hook-{ag.name}"))
+        for name, gen in first.items():
+            env.wait_phase(name, gen, "succeeded")
+
+        def deliveries(name, gen):
+            return rx.delivered("deploy", lambda d: d["data"]["machine"] == name and
+                                d["data"]["generation"] == gen)
+        for name, gen in first.items():
+            wait_until(lambda n=name, g=gen: deliveries(n, g), 30, what=f"{name} notified")
+
+        # The receiver now holds the next POST unanswered; kill the controller
+        # sending it (its id, "<host>-<pid>-<random>", names the process).
+        held = threading.Event()
+        release = threading.Event()
+        held_body = []
+        orig = rx.server.RequestHandlerClass.do_POST
+
+        def holding(handler):
+            if held.is_set():
+                return orig(handler)
+            # Read, never answered (nor recorded): its sender dies meanwhile.
+            held_body.append(json.loads(handler.rfile.read(
+                int(handler.headers.get("Content-Length", "0")))))
+            held.set()
+            release.wait(60)
+            handler.close_connection = True
+        rx.server.RequestHandlerClass.do_POST = holding
+        second = {}
+        for ag in (web1, web2):
+            second[ag.name] = env.publish(ag.name, env.build(f"hook2-{ag.name}"))
+        wait_until(held.is_set, 60, what="a POST held at the receiver")
+        for name, gen in second.items():
+            env.wait_phase(name, gen, "succeeded")  # and so queued where it was reported
+        claimed = self.pg.psql(self.db, "SELECT DISTINCT claimed_by FROM deliveries WHERE "
+                                        "claimed_by <> ''").split()
+        self.assertTrue(claimed, "the held delivery is claimed")
+        pid = int(claimed[0].rsplit("-", 2)[1])
+        victim = next(c for c in (a, b) if c.proc.proc.pid == pid)
+        survivor = b if victim is a else a
+        victim.kill()
+        release.set()
+        for name, gen in second.items():
+            wait_until(lambda n=name, g=gen: deliveries(n, g), 60,
+                       what=f"{name} generation {gen} notified")
+        self.assertIn(held_body[0]["id"], [d["id"] for d in rx.delivered("deploy")],
+                      "the notification whose sender died was sent by the other")
+        wait_until(lambda: "0 deliveries queued" in self.cli(survivor, "webhook", "list").stdout,
+                   30, what="queue drained")
+        for name, gen in first.items():
+            self.assertEqual(len(deliveries(name, gen)), 1, f"{name} {gen}: sent once")
+        for name, gen in second.items():
+            ids = {d["id"] for d in deliveries(name, gen)}
+            self.assertEqual(len(ids), 1, f"{name} {gen}: one notification (maybe sent twice)")
+
+    def test_logs_follow_on_one_controller_shows_an_agent_on_another(self):
+        a, b = self.controllers(2)
+        (web1,) = self.agents(["web1"])
+        wait_until(lambda: self.env.status("web1")["online"], 30, what="web1 online")
+        self.assertEqual(self.connected_to("web1"),
+                         self.pg.psql(self.db, "SELECT id FROM controllers ORDER BY started_at "
+                                               "LIMIT 1").strip(), "web1 is on a")
+        follow = subprocess.Popen([binary("muster"), "--config", b.config(), "logs", "web1", "-f"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=self.env.cli_env())
+        self.addCleanup(lambda: (follow.kill(), follow.wait(), follow.stdout.close()))
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(follow.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        env = self.env
+        gen = env.publish("web1", env.build("follow-across"))
+        env.wait_phase("web1", gen, "succeeded")
+        wait_until(lambda: any("activating follow-across" in l for l in list(lines)), 30,
+                   what="the activation's log line followed through b")
 
     def test_database_restart_under_load(self):
         a, b = self.controllers(2)

@@ -1,0 +1,130 @@
+// Cluster over a real PostgreSQL server (pg_test_server.h): what a controller
+// that has just started reads from the change log.
+#include "controller/cluster.h"
+
+#include <gtest/gtest.h>
+#include <libpq-fe.h>
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/crypto.h"
+#include "controller/pg_test_server.h"
+#include "controller/store.h"
+
+namespace muster {
+namespace {
+
+using testing::PgTestServer;
+
+// Records the log lines of "log" events; Deliver runs on the cluster thread.
+class LogSink : public EventSink {
+ public:
+  void Deliver(std::string text) override {
+    std::lock_guard lock(mu_);
+    texts_.push_back(std::move(text));
+  }
+  bool Saw(const std::string& needle) {
+    std::lock_guard lock(mu_);
+    for (const auto& t : texts_) {
+      if (t.find(needle) != std::string::npos) return true;
+    }
+    return false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::string> texts_;
+};
+
+// One libpq session of the test's own, for a transaction held open.
+class Session {
+ public:
+  explicit Session(const std::string& conninfo) : conn_(PQconnectdb(conninfo.c_str())) {}
+  ~Session() { PQfinish(conn_); }
+  std::string Exec(const std::string& sql) {
+    PGresult* r = PQexec(conn_, sql.c_str());
+    std::string err;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK) {
+      err = PQresultErrorMessage(r);
+    }
+    PQclear(r);
+    return err;
+  }
+
+ private:
+  PGconn* conn_;
+};
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    InitCrypto();
+    std::string why;
+    pg_ = PgTestServer::Shared(&why);
+    if (pg_ == nullptr && PgTestServer::FindBinDir().empty()) GTEST_SKIP() << why;
+    ASSERT_NE(pg_, nullptr) << why;
+    uri_ = pg_->Uri(pg_->NewDatabase());
+    auto s = OpenPostgresStore(uri_);
+    ASSERT_TRUE(s.ok()) << s.message();
+    store_ = std::move(*s);
+  }
+
+  static std::string LogInsert(const std::string& line) {
+    return "INSERT INTO logs (machine, generation, stream, line, at) VALUES ('web1', 1, "
+           "'stdout', '" +
+           line + "', 0)";
+  }
+
+  PgTestServer* pg_ = nullptr;
+  std::string uri_;
+  std::unique_ptr<Store> store_;
+};
+
+// A change whose transaction was open when the controller started, and whose
+// id is below one already committed then, still reaches this controller once
+// it commits; what was committed before the start is not replayed.
+TEST_F(ClusterTest, AChangeCommittedAfterTheStartBelowTheNewestIdArrives) {
+  Session held(uri_);
+  ASSERT_EQ(held.Exec("BEGIN"), "");
+  ASSERT_EQ(held.Exec(LogInsert("late line")), "");  // takes the lower change id
+  Session other(uri_);
+  ASSERT_EQ(other.Exec(LogInsert("early line")), "");  // commits the higher one
+
+  Fleet fleet(*store_, [] { return std::int64_t{1717200000000}; });
+  RolloutManager rollouts(fleet, *store_);
+  ClusterOptions o;
+  o.conninfo = uri_;
+  o.id = "test-controller";
+  o.tick = std::chrono::milliseconds(20);
+  ASSERT_TRUE(store_->SetControllerId(o.id).ok());
+  Cluster cluster(fleet, rollouts, o);
+  ASSERT_TRUE(cluster.Open().ok());
+  ASSERT_TRUE(fleet.Load().ok());
+  auto sink = std::make_shared<LogSink>();
+  fleet.Subscribe(sink);
+  cluster.Start();
+
+  ASSERT_EQ(held.Exec("COMMIT"), "");
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!sink->Saw("late line") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(sink->Saw("late line"));
+  // Changes of transactions begun after the start are the normal path.
+  ASSERT_EQ(other.Exec(LogInsert("after line")), "");
+  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!sink->Saw("after line") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(sink->Saw("after line"));
+  EXPECT_FALSE(sink->Saw("early line"));
+  cluster.Stop();
+}
+
+}  // namespace
+}  // namespace muster
