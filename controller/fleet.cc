@@ -665,6 +665,10 @@ Result<std::vector<bool>> Fleet::AgentLogBatch(const std::vector<LogWrite>& writ
 void Fleet::AgentSeen(const std::string& machine) { (void)store_.RecordSeen(machine, clock_()); }
 
 void Fleet::AgentGone(const std::string& machine, const AgentChannel* channel) {
+  if (ForgetAgent(machine, channel)) RecordDepartures({{machine, clock_()}});
+}
+
+bool Fleet::ForgetAgent(const std::string& machine, const AgentChannel* channel) {
   bool removed = false;
   {
     std::lock_guard lock(mu_);
@@ -677,10 +681,14 @@ void Fleet::AgentGone(const std::string& machine, const AgentChannel* channel) {
       }
     }
   }
-  if (removed) {
-    (void)store_.RecordSeen(machine, clock_());
-    (void)store_.RecordGone(machine);
-    Broadcast("machine", {{"machine", machine}, {"online", false}});
+  if (removed) Broadcast("machine", {{"machine", machine}, {"online", false}});
+  return removed;
+}
+
+void Fleet::RecordDepartures(const std::vector<Store::Departure>& gone) {
+  if (gone.empty()) return;
+  if (auto st = store_.RecordDepartures(gone); !st) {
+    spdlog::warn("recording {} disconnection(s): {}", gone.size(), st.message());
   }
 }
 

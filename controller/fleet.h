@@ -190,6 +190,12 @@ class Fleet {
   // The machines whose agents are connected to this controller.
   std::vector<std::string> LocalMachines() const;
   void AgentGone(const std::string& machine, const AgentChannel* channel);
+  // AgentGone in two steps, for the server: ForgetAgent drops the connection
+  // from memory at once (true when it was the machine's current one: then a
+  // departure is due) and RecordDepartures writes a batch of them to the
+  // store, off the I/O threads (one commit for a fleet dropping at once).
+  bool ForgetAgent(const std::string& machine, const AgentChannel* channel);
+  void RecordDepartures(const std::vector<Store::Departure>& gone);
   // Connected to this controller or, when several share the database, to
   // another live one (see SetRemotePresence).
   bool IsOnline(const std::string& machine) const;

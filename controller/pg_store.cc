@@ -630,6 +630,32 @@ class PgStore final : public Store {
     return Status::Ok();
   }
 
+  Status RecordDepartures(const std::vector<Departure>& gone) override {
+    if (gone.empty()) return Status::Ok();
+    std::lock_guard lock(mu_);
+    if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
+    for (const auto& d : gone) {
+      std::string why;
+      auto seen = Q("UPDATE machines SET last_seen = $1 WHERE name = $2", d.at, d.name);
+      if (!seen.ok()) {
+        why = seen.error();
+      } else if (!controller_id_.empty()) {
+        auto left = Q("DELETE FROM presence WHERE machine = $1 AND controller = $2", d.name,
+                      controller_id_);
+        if (!left.ok()) why = left.error();
+      }
+      if (!why.empty()) {
+        (void)End("ROLLBACK");
+        return Err("store: cannot record departures: " + why);
+      }
+    }
+    if (auto r = End("COMMIT"); !r.ok()) {
+      (void)End("ROLLBACK");
+      return Err("store: cannot record departures: " + r.error());
+    }
+    return Status::Ok();
+  }
+
   Status RecordStatus(const std::string& name, const EventRecord& ev, const std::string& toplevel,
                       bool reboot_required, const json& facts) override {
     std::lock_guard lock(mu_);

@@ -76,7 +76,19 @@ class StoreWriter {
     Push(std::move(it));
   }
 
-  // Joins the thread; what is still queued is dropped (never answered).
+  // A connection that ended (Fleet::ForgetAgent said a departure is due):
+  // last seen at `at`, no longer held here. Written in order with the hellos
+  // (a departure queued before a reconnect's hello is written before it).
+  void SubmitGone(std::string machine, std::int64_t at) {
+    Item it;
+    it.hello.machine = std::move(machine);
+    it.gone_at = at;
+    Push(std::move(it));
+  }
+
+  // Joins the thread; what is still queued is dropped (never answered), except
+  // departures, which are written (nothing waits for them, and last-seen
+  // times should not be lost with a stopping controller).
   void Stop() {
     {
       std::lock_guard lock(mu_);
@@ -84,10 +96,20 @@ class StoreWriter {
     }
     cv_.notify_all();
     if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+    std::vector<Store::Departure> gone;
+    {
+      std::lock_guard lock(mu_);
+      for (auto& it : queue_) {
+        if (it.gone_at) gone.push_back({std::move(it.hello.machine), it.gone_at});
+      }
+      queue_.clear();
+    }
+    fleet_.RecordDepartures(gone);
   }
 
  private:
   struct Item {
+    std::int64_t gone_at = 0;   // set for a departure
     Fleet::HelloRequest hello;  // hello.machine: the machine, or a publish's operator
     proto::StatusReport report;
     HelloDone hello_done;                        // set for a hello
@@ -120,8 +142,11 @@ class StoreWriter {
       std::vector<Fleet::HelloRequest> hellos;
       std::vector<std::pair<std::string, proto::StatusReport>> reports;
       std::vector<std::pair<std::string, GenerationRecord>> publishes;
+      std::vector<Store::Departure> gone;
       for (auto& it : batch) {
-        if (it.hello_done) {
+        if (it.gone_at) {
+          gone.push_back({std::move(it.hello.machine), it.gone_at});
+        } else if (it.hello_done) {
           hellos.push_back(std::move(it.hello));
         } else if (it.publish_done) {
           if (it.publish) publishes.emplace_back(it.hello.machine, *it.publish);
@@ -133,6 +158,11 @@ class StoreWriter {
       decltype(fleet_.AgentStatuses(reports)) acked;
       std::vector<Status> published;
       try {
+        // Departures first: one queued before a hello of the same machine
+        // (it reconnected) must not undo that hello's presence; one queued
+        // after it can only be of an older connection, already replaced in
+        // memory, so none is queued (Fleet::ForgetAgent).
+        fleet_.RecordDepartures(gone);
         if (!hellos.empty()) welcomed = fleet_.AgentHellos(hellos);
         if (!reports.empty()) acked = fleet_.AgentStatuses(reports);
         if (!publishes.empty()) published = fleet_.CommitPublishes(publishes);
@@ -150,6 +180,7 @@ class StoreWriter {
       }
       std::size_t h = 0, r = 0, q = 0;
       for (auto& it : batch) {
+        if (it.gone_at) continue;
         try {
           if (it.hello_done) {
             it.hello_done(std::move(welcomed[h++]));
@@ -1045,7 +1076,9 @@ class Session : public std::enable_shared_from_this<Session>,
       outbox_.clear();
     }
     if (registered_) {
-      shared_->fleet.AgentGone(who_.name, this);
+      if (shared_->fleet.ForgetAgent(who_.name, this)) {
+        shared_->store_writer.SubmitGone(who_.name, shared_->fleet.Now());
+      }
       spdlog::info("{}: machine {} disconnected", peer_, who_.name);
     }
     if (subscribed_) shared_->fleet.Unsubscribe(this);

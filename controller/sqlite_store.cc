@@ -423,6 +423,26 @@ class SqliteStore final : public Store {
     return Status::Ok();
   }
 
+  Status RecordDepartures(const std::vector<Departure>& gone) override {
+    if (gone.empty()) return Status::Ok();
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    for (const auto& d : gone) {
+      Stmt s(db_, "UPDATE machines SET last_seen = ? WHERE name = ?");
+      s.Bind(1, d.at).Bind(2, d.name);
+      if (s.Step() != SQLITE_DONE) {
+        std::string why = s.ErrorText();
+        RollbackLocked();
+        return Err("store: " + why);
+      }
+    }
+    if (auto st = Exec("COMMIT"); !st) {
+      RollbackLocked();
+      return st;
+    }
+    return Status::Ok();
+  }
+
   Status RecordStatus(const std::string& name, const EventRecord& ev, const std::string& toplevel,
                       bool reboot_required, const json& facts) override {
     std::lock_guard lock(mu_);

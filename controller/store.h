@@ -346,6 +346,25 @@ class Store {
     (void)machine;
     return Status::Ok();
   }
+  // Machines whose connections ended (name, when): last seen then, and no
+  // longer held here (RecordSeen + RecordGone for each). The stores write a
+  // batch in one transaction, so that a fleet dropping at once (a network
+  // partition, a load balancer restart) costs one commit, not two per machine;
+  // this default does not.
+  struct Departure {
+    std::string name;
+    std::int64_t at = 0;
+  };
+  virtual Status RecordDepartures(const std::vector<Departure>& gone) {
+    Status first = Status::Ok();
+    for (const auto& d : gone) {
+      Status seen = RecordSeen(d.name, d.at);
+      Status left = RecordGone(d.name);
+      if (first && !seen) first = seen;
+      if (first && !left) first = left;
+    }
+    return first;
+  }
 };
 
 // What one machine may occupy in the store; enforced on every write, the

@@ -291,6 +291,20 @@ TEST_P(StoreTest, HelloAndSeen) {
   EXPECT_EQ(store_->GetMachine("web1")->last_seen, 700);
 }
 
+TEST_P(StoreTest, DeparturesRecordWhenEachMachineWasLastSeen) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
+  ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2")).ok());
+  ASSERT_TRUE(store_->RecordHello("web1", 500, nullptr, 0).ok());
+  ASSERT_TRUE(store_->RecordHello("web2", 500, nullptr, 0).ok());
+  ASSERT_TRUE(store_->RecordDepartures({{"web1", 800}, {"web2", 900}}).ok());
+  EXPECT_EQ(store_->GetMachine("web1")->last_seen, 800);
+  EXPECT_EQ(store_->GetMachine("web2")->last_seen, 900);
+  // A machine removed meanwhile is no error; an empty batch writes nothing.
+  ASSERT_TRUE(store_->RecordDepartures({{"gone", 950}}).ok());
+  ASSERT_TRUE(store_->RecordDepartures({}).ok());
+  EXPECT_EQ(store_->GetMachine("web1")->last_seen, 800);
+}
+
 TEST_P(StoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
   ASSERT_TRUE(store_->AddMachine(Machine("web1", "ed25519:k1")).ok());
   ASSERT_TRUE(store_->AddMachine(Machine("web2", "ed25519:k2")).ok());
