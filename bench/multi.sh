@@ -13,6 +13,10 @@
 #   pg1     one controller, PostgreSQL store
 #   pg2     two controllers, one PostgreSQL database, N/2 agents on each; the
 #           CLI talks to the first (which drives the rollout)
+#   depart  one controller on PostgreSQL; N agents connect, then all drop at
+#           once (the load generator exits): how long until the controller has
+#           recorded them (agents connected = 0), how slow /metrics answers
+#           meanwhile, and how long a SIGTERM stop takes afterwards
 # Knobs: N=10000 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
 # PostgreSQL is Debian's (or MUSTER_PG_BIN), started by initdb/pg_ctl in
 # OUT_DIR as nobody when run as root, on a Unix socket, fsync on (as SQLite).
@@ -127,7 +131,41 @@ head -c 2048 /dev/urandom | base64 -w 76 >"$out/vars/activation/secret"  # ~2.7 
 top=/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench
 publish_cmd="XDG_STATE_HOME='$out/xdg' '$cli' --config '$out/cli.json' publish --all --yes --vars '$out/vars' $top >>'$out/publish.log' 2>&1"
 
+depart() {
+  log "depart: $N agents connect to a PostgreSQL controller, then drop at once"
+  fresh_state pg
+  start_controller "$state" "$PORT" "$MPORT" "$out/controller-depart.log"; a_pid=$last_pid
+  "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" --count "$N" --threads 2 \
+    --stages "$N" --idle 5 --controller-pid "$a_pid" --json "$out/depart-connect.json" >/dev/null ||
+    log "depart: connect failures"
+  python3 - "$MPORT" "$a_pid" >"$out/depart.json" <<'PY'
+import json, os, signal, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+t0, worst, drained = time.monotonic(), 0.0, None
+while time.monotonic() - t0 < 600:
+    s = time.monotonic()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=600).read().decode()
+    worst = max(worst, time.monotonic() - s)
+    line = next(l for l in text.splitlines() if l.startswith("muster_agents_connected "))
+    if float(line.split()[1]) == 0:
+        drained = time.monotonic() - t0
+        break
+    time.sleep(0.05)
+s = time.monotonic()
+os.kill(pid, signal.SIGTERM)
+while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z":
+    time.sleep(0.02)
+print(json.dumps({"secondsUntilNoneConnected": drained, "worstMetricsSeconds": worst,
+                  "stopSeconds": time.monotonic() - s}))
+PY
+  wait "$a_pid" 2>/dev/null || true
+  pids=()
+  cat "$out/depart.json" >&2
+  pg_stop
+}
+
 for s in $scenarios; do
+  if [[ $s == depart ]]; then depart; continue; fi
   log "$s: muster publish --all over $N agents"
   case $s in
     sqlite) fresh_state ;;
