@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import unittest
 import urllib.request
 
@@ -301,10 +302,12 @@ class MultiTest(EnvTest):
         a, b = self.controllers(2)
         rx = Receiver()
         self.addCleanup(rx.close)
-        # Added through b; a's sender sees it at its next poll (1 s), long
-        # before the agents below are up.
+        # Added through b; a's sender sees it at its next poll (every second):
+        # wait out two polls, or a deploy that ends on a's agent before that
+        # is not notified to it (docs/POSTGRESQL.md).
         hook = json.loads(self.cli(b, "webhook", "add", rx.url, "--event", "deploy",
                                    "--json").stdout)["id"]
+        time.sleep(2.0)
         self.assertIn(hook, self.cli(a, "webhook", "list").stdout, "one set of webhooks")
         web1, web2 = self.agents(["web1", "web2"])
         for ag in (web1, web2):
