@@ -153,7 +153,12 @@ while time.monotonic() - t0 < 600:
     time.sleep(0.05)
 s = time.monotonic()
 os.kill(pid, signal.SIGTERM)
-while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z":
+def running():
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False  # reaped already
+while running():
     time.sleep(0.02)
 print(json.dumps({"secondsUntilNoneConnected": drained, "worstMetricsSeconds": worst,
                   "stopSeconds": time.monotonic() - s}))

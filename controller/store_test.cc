@@ -881,6 +881,36 @@ TEST_F(PgStoreTest, ChangesAreRecordedWithTheirOriginAndAnnounced) {
   EXPECT_EQ(out, "offline:ctl-b");
 }
 
+TEST_F(PgStoreTest, DeparturesRemoveOnlyThisControllersPresenceInOneBatch) {
+  auto a = OpenOrDie(), b = OpenOrDie();
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->SetControllerId("ctl-a").ok());
+  ASSERT_TRUE(b->SetControllerId("ctl-b").ok());
+  for (const char* name : {"web1", "web2"}) {
+    MachineRecord m;
+    m.name = name;
+    m.key = std::string("ed25519:") + name;
+    m.created_at = 1;
+    ASSERT_TRUE(a->AddMachine(m).ok());
+  }
+  ASSERT_TRUE(a->RecordHello("web1", 5, nlohmann::json::object(), 0).ok());
+  ASSERT_TRUE(b->RecordHello("web2", 5, nlohmann::json::object(), 0).ok());
+  // a's departures: web1 is a's and goes; web2 is held by b and stays.
+  ASSERT_TRUE(a->RecordDepartures({{"web1", 70}, {"web2", 80}}).ok());
+  std::string out;
+  ASSERT_EQ(
+      pg_->Exec(db_, "SELECT string_agg(machine || ':' || controller, ' ') FROM presence", &out),
+      "");
+  EXPECT_EQ(out, "web2:ctl-b");
+  EXPECT_EQ(a->GetMachine("web1")->last_seen, 70);
+  ASSERT_EQ(pg_->Exec(db_,
+                      "SELECT kind || ':' || subject || ':' || extra FROM changes ORDER BY id DESC "
+                      "LIMIT 1",
+                      &out),
+            "");
+  EXPECT_EQ(out, "offline:web1:ctl-a");
+}
+
 TEST_F(PgStoreTest, AnItemIsReleasedOnceAndOnlyByTheLeaseHolder) {
   auto a = OpenOrDie(), b = OpenOrDie();
   ASSERT_TRUE(a && b);
