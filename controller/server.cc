@@ -1164,8 +1164,15 @@ class Listener : public std::enable_shared_from_this<Listener> {
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (!ec) SetCloseOnExec(acceptor_.native_handle());
     if (ec) {
-      return Err("cannot listen on " + ep.address().to_string() + " port " +
-                 std::to_string(hp.port) + ": " + ec.message());
+      return Err(
+          "cannot listen on " + ep.address().to_string() + " port " + std::to_string(hp.port) +
+          ": " + ec.message() +
+          (ec == asio::error::address_in_use
+               ? " (still, after " +
+                     std::to_string(
+                         std::chrono::duration_cast<std::chrono::seconds>(kBindRetry).count()) +
+                     " s: another process holds it; stop it or choose another --listen)"
+               : ""));
     }
     return acceptor_.local_endpoint();
   }
