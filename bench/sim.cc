@@ -15,6 +15,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <queue>
 #include <random>
@@ -73,6 +74,7 @@ struct Conn {
   std::uint64_t final_seq = 0;
   std::int64_t final_generation = 0;
   std::int64_t last_applied = 0;
+  std::int64_t queued_generation = 0;  // a deploy waiting in the deferred queue
 };
 
 struct Timer {
@@ -155,10 +157,14 @@ class Worker {
         std::int64_t ms = (timers_.top().when - NowNs()) / 1000000;
         timeout = static_cast<int>(std::clamp<std::int64_t>(ms, 0, 50));
       }
+      if (!deferred_.empty()) timeout = 0;
       int n = epoll_wait(ep_, evs.data(), static_cast<int>(evs.size()), timeout);
       for (int k = 0; k < n; ++k)
         Drive(static_cast<std::uint32_t>(evs[static_cast<size_t>(k)].data.u64));
       RunTimers();
+      // What arrived is read first; then a few deferred deploys (more when
+      // nothing arrived) before looking again.
+      RunDeferred(n == 0 ? 64 : 8);
     }
     for (auto& c : conns_) Release(c);
   }
@@ -477,7 +483,7 @@ class Worker {
       AddTimer(NowNs() + sim_.opts_.ping_interval.count() * 1000000, j, kPing);
       return;
     }
-    if (const auto* d = std::get_if<proto::Deploy>(&*msg)) return OnDeploy(j, *d);
+    if (auto* d = std::get_if<proto::Deploy>(&*msg)) return OnDeploy(j, std::move(*d));
     if (const auto* a = std::get_if<proto::Ack>(&*msg)) {
       sim_.counters_.acks++;
       bool tracked = sim_.Tracked(c.final_generation);
@@ -497,16 +503,47 @@ class Worker {
     Fail(j, "unexpected '" + std::string(proto::TypeName(*msg)) + "' from the controller");
   }
 
-  void OnDeploy(std::uint32_t j, const proto::Deploy& d) {
+  struct Deferred {
+    std::uint32_t conn;
+    std::uint32_t epoch;
+    std::int64_t generation;
+    proto::Deploy deploy;
+  };
+
+  void RunDeferred(std::size_t most) {
+    for (std::size_t k = 0; k < most && !deferred_.empty(); ++k) {
+      Deferred d = std::move(deferred_.front());
+      deferred_.pop_front();
+      Conn& c = conns_[d.conn];
+      if (c.queued_generation == d.generation) c.queued_generation = 0;
+      if (c.epoch != d.epoch || c.state != kOpen) continue;  // connection lost meanwhile
+      Apply(d.conn, d.deploy, d.generation);
+      Flush(d.conn);
+    }
+  }
+
+  void OnDeploy(std::uint32_t j, proto::Deploy d) {
     Conn& c = conns_[j];
     std::uint32_t i = Global(j);
     sim_.counters_.deploys++;
     auto peek = ParseManifest(d.manifest.manifest);
     std::int64_t gen = peek ? peek->generation : 0;
-    if (gen != 0 && gen == c.last_applied) return;  // delivered again; already in hand
+    if (gen != 0 && (gen == c.last_applied || gen == c.queued_generation)) return;  // in hand
     if (sim_.Tracked(gen) && sim_.notify_ns_[i].load(std::memory_order_relaxed) == 0) {
       sim_.notify_ns_[i].store(NowNs(), std::memory_order_relaxed);
     }
+    if (sim_.opts_.defer_agent_work) {
+      c.queued_generation = gen;
+      deferred_.push_back(Deferred{j, c.epoch, gen, std::move(d)});
+      return;
+    }
+    Apply(j, d, gen);
+  }
+
+  // What the agent does with a deploy: verify it, open its vars, report.
+  void Apply(std::uint32_t j, const proto::Deploy& d, std::int64_t gen) {
+    Conn& c = conns_[j];
+    std::uint32_t i = Global(j);
     VerifyContext ctx;
     ctx.machine = AgentName(i);
     ctx.trusted_operators = {sim_.opts_.operator_key};
@@ -548,6 +585,7 @@ class Worker {
       bool last = std::string_view(phase) == "succeeded";
       c.final_seq = send(phase, "", last ? m->toplevel : "", last);
     }
+    if (sim_.Tracked(gen)) sim_.final_sent_ns_[i].store(NowNs(), std::memory_order_relaxed);
   }
 
   void Fail(std::uint32_t j, const std::string& reason) {
@@ -581,6 +619,7 @@ class Worker {
   std::vector<Conn> conns_;
   std::vector<std::string> der_;
   std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
+  std::deque<Deferred> deferred_;
   std::uint32_t started_ = 0;
   std::uint32_t inflight_ = 0;
   std::uint32_t max_inflight_ = 1;
@@ -599,6 +638,7 @@ Simulator::Simulator(SimOptions options)
       notify_ns_(opts_.count),
       ack_ns_(opts_.count),
       received_ack_ns_(opts_.count),
+      final_sent_ns_(opts_.count),
       applied_(opts_.count) {
   if (opts_.threads < 1) opts_.threads = 1;
 }

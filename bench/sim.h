@@ -52,6 +52,11 @@ struct SimOptions {
   std::chrono::milliseconds handshake_timeout{std::chrono::seconds(70)};
   std::chrono::milliseconds backoff_base{std::chrono::seconds(1)};
   std::chrono::milliseconds backoff_cap{std::chrono::seconds(60)};
+  // A deploy's verification (signature, sealed vars) and its reports wait
+  // until the thread has read everything that arrived: agents on separate
+  // machines do not delay each other's receipt of a deploy, so notification
+  // times then measure the controller's push, not this simulator's crypto.
+  bool defer_agent_work = false;
 };
 
 // Monotonic nanoseconds (CLOCK_MONOTONIC), the clock of every recorded time.
@@ -108,6 +113,10 @@ class Simulator {
   std::int64_t ReceivedAckNs(std::uint32_t i) const {
     return received_ack_ns_[i].load(std::memory_order_relaxed);
   }
+  // When the 'succeeded' report of a tracked deploy was queued to be sent.
+  std::int64_t FinalSentNs(std::uint32_t i) const {
+    return final_sent_ns_[i].load(std::memory_order_relaxed);
+  }
   std::int64_t AppliedGeneration(std::uint32_t i) const {
     return applied_[i].load(std::memory_order_relaxed);
   }
@@ -131,7 +140,7 @@ class Simulator {
   std::atomic<bool> expect_disconnects_{false};
   std::atomic<std::int64_t> tracked_generation_{0};
   std::vector<std::atomic<std::int64_t>> welcome_ns_, tcp_ns_, notify_ns_, ack_ns_,
-      received_ack_ns_, applied_;
+      received_ack_ns_, final_sent_ns_, applied_;
   mutable std::mutex err_mu_;
   std::map<std::string, std::uint64_t> errors_, expected_;
   std::uint64_t error_count_ = 0;

@@ -18,6 +18,7 @@
 #        RESTART_WRAP='perf record -g -o F --' runs the restarted controller of
 #        the storm under a profiler (or any other command prefix)
 #        CTL_ARGS='--metrics-listen 127.0.0.1:P' more controller options
+#        LG_ARGS='--defer-agent-work' more load generator options
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=$(cd "$1" && pwd)
@@ -76,7 +77,7 @@ stop_controller() {
     rm -f "$out/restarted.pid"
   fi
 }
-loadgen() { "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" "$@"; }
+loadgen() { "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" ${LG_ARGS:-} "$@"; }
 mkdir -p "$out/vars/activation"
 head -c 2048 /dev/urandom | base64 -w 76 >"$out/vars/activation/secret"  # ~2.7 KiB per machine
 top=/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench

@@ -191,15 +191,17 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
         }
       }
       json machines = json::array();
+      const auto max_generations = fleet_.store().MaxGenerations();
       for (const auto& m : fleet_.store().ListMachines()) {
         if (!only.empty() && !only.count(m.name)) continue;
+        auto max = max_generations.find(m.name);
         machines.push_back({{"name", m.name},
                             {"key", m.key},
                             {"tags", m.tags},
                             {"revoked", m.revoked},
                             {"roster", EntryJson(m.roster)},
                             {"binding", EntryJson(m.binding)},
-                            {"maxGeneration", fleet_.store().MaxGeneration(m.name)}});
+                            {"maxGeneration", max == max_generations.end() ? 0 : max->second}});
       }
       json removed = json::array();
       for (const auto& [name, entry] : fleet_.store().ListRemovals()) {

@@ -589,13 +589,28 @@ class PgStore final : public Store {
   // driver's lease (a driver that lost it, e.g. paused past its expiry, writes
   // nothing).
   Status ReleaseRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    return AdvanceRollout({}, items, nullptr);
+  }
+
+  // The finals, the release and the rollout's state in one transaction, under
+  // the same lease check as a release.
+  Status AdvanceRollout(const std::vector<RolloutItemRecord>& finals,
+                        const std::vector<RolloutItemRecord>& items,
+                        const RolloutRecord* state) override {
     std::lock_guard lock(mu_);
     if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
     auto fail = [&](std::string e) {
       (void)End("ROLLBACK");
       return Status(Err(std::move(e)));
     };
-    if (!controller_id_.empty()) {
+    for (const auto& it : finals) {
+      auto u =
+          Q("UPDATE rollout_items SET state = $1, detail = $2, updated_at = $3 WHERE "
+            "rollout = $4 AND position = $5",
+            it.state, it.detail, it.updated_at, it.rollout, it.position);
+      if (!u.ok()) return fail("store: cannot record rollout item: " + u.error());
+    }
+    if (!controller_id_.empty() && !items.empty()) {
       auto l =
           Q("SELECT 1 FROM leases WHERE name = 'rollouts' AND holder = $1 AND expires_at > "
             "muster_now() FOR SHARE",
@@ -620,7 +635,16 @@ class PgStore final : public Store {
             it.machine, it.generation);
       if (!g.ok()) return fail("store: cannot release generation: " + g.error());
     }
+    if (state) {
+      auto u = Q("UPDATE rollouts SET state = $1, detail = $2, updated_at = $3 WHERE id = $4",
+                 state->state, state->detail, state->updated_at, state->id);
+      if (!u.ok()) return fail("store: cannot record rollout: " + u.error());
+    }
     return CommitLocked("cannot release rollout items");
+  }
+
+  Status UpdateRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    return AdvanceRollout(items, {}, nullptr);
   }
 
   Status RecordSeen(const std::string& name, std::int64_t at) override {
@@ -779,6 +803,14 @@ class PgStore final : public Store {
     std::lock_guard lock(mu_);
     auto r = Q("SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = $1", machine);
     return r.rows() == 1 ? r.Int(0, 0) : 0;
+  }
+
+  std::map<std::string, std::int64_t> MaxGenerations() override {
+    std::lock_guard lock(mu_);
+    auto r = Q("SELECT machine, MAX(generation) FROM generations GROUP BY machine");
+    std::map<std::string, std::int64_t> out;
+    for (int i = 0; i < r.rows(); ++i) out.emplace(r.Text(i, 0), r.Int(i, 1));
+    return out;
   }
 
   Status ReleaseGeneration(const std::string& machine, std::int64_t generation) override {

@@ -87,10 +87,13 @@ std::size_t RolloutManager::HeldBytes(const GenerationRecord& g) {
 }
 
 void RolloutManager::ReindexLocked() {
-  // Records held for rollouts that stay active are kept; the others' go.
+  // Records held for rollouts that stay active are kept; the others' go. So
+  // are final phases not yet stored: applied again over what is read.
   std::map<std::string, std::vector<GenerationRecord>> held;
+  std::map<std::string, std::vector<RolloutItemRecord>> unstored;
   for (auto& [id, a] : active_) {
     if (!a.held.empty()) held[id] = std::move(a.held);
+    if (!a.unstored.empty()) unstored[id] = std::move(a.unstored);
   }
   active_.clear();
   by_machine_.clear();
@@ -103,6 +106,14 @@ void RolloutManager::ReindexLocked() {
     if (auto h = held.find(id); h != held.end()) {
       a.held = std::move(h->second);
       held.erase(h);
+    }
+    if (auto u = unstored.find(id); u != unstored.end()) {
+      for (const auto& f : u->second) {
+        if (static_cast<std::size_t>(f.position) < a.items.size()) {
+          a.items[static_cast<std::size_t>(f.position)] = f;
+        }
+      }
+      a.unstored = std::move(u->second);
     }
     for (const auto& it : a.items) {
       if (!Final(it.state)) by_machine_[it.machine].emplace_back(id, it.position);
@@ -234,7 +245,8 @@ Result<RolloutRecord> RolloutManager::Create(RolloutSpec spec) {
   return *store_.GetRollout(r.id);
 }
 
-void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> changed) {
+void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> changed,
+                                    std::vector<RolloutItemRecord> finals) {
   if (!driving_) {
     // Not the driver: nothing is released here; watchers of this controller
     // still see what it changed (a new rollout, a pause).
@@ -249,6 +261,13 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
   if (found != active_.end()) {
     r = found->second.record;
     items = &found->second.items;
+    // Final phases applied in memory at once, so that the schedule counts
+    // them; written below with what they enable (and any a failed write left).
+    auto& unstored = found->second.unstored;
+    finals.insert(finals.begin(), std::make_move_iterator(unstored.begin()),
+                  std::make_move_iterator(unstored.end()));
+    unstored.clear();
+    for (const auto& f : finals) (*items)[static_cast<std::size_t>(f.position)] = f;
   } else {
     auto rr = store_.GetRollout(id);
     if (!rr) return;
@@ -258,47 +277,54 @@ void RolloutManager::EvaluateLocked(const std::string& id, std::vector<int> chan
   }
   auto res = Schedule(r, *items, [&](const std::string& m) { return fleet_.IsOnline(m); });
   std::int64_t now = fleet_.Now();
-  if (!res.release.empty()) {
-    // The whole wave in one durable transaction, then pushed: memory changes
-    // only once the store has it.
-    std::vector<RolloutItemRecord> wave;
-    wave.reserve(res.release.size());
-    for (int pos : res.release) {
-      RolloutItemRecord it = (*items)[static_cast<std::size_t>(pos)];
-      it.state = "released";
-      it.detail = it.stage == 0 ? "released (canary)" : "released";
-      it.updated_at = now;
-      wave.push_back(std::move(it));
-    }
-    if (auto st = store_.ReleaseRolloutItems(wave); !st) {
-      spdlog::error("rollout {}: cannot release {} machine(s): {}", id, wave.size(), st.message());
-      res.release.clear();
-    } else {
-      for (auto& it : wave) {
-        const auto pos = static_cast<std::size_t>(it.position);
-        std::vector<GenerationRecord>* held =
-            found != active_.end() ? &found->second.held : nullptr;
-        if (held && pos < held->size() && (*held)[pos].machine == it.machine &&
-            (*held)[pos].generation == it.generation) {
-          fleet_.Push((*held)[pos]);
-          held_bytes_ -= std::min(held_bytes_, HeldBytes((*held)[pos]));
-          (*held)[pos] = GenerationRecord();  // pushed once: its bytes go
-        } else {
-          fleet_.Push(it.machine, it.generation);
-        }
-        changed.push_back(it.position);
-        (*items)[static_cast<std::size_t>(it.position)] = std::move(it);
-      }
+  // The finals, the whole wave and the new state in one durable transaction,
+  // then pushed: releases and state change in memory only once the store has
+  // them.
+  std::vector<RolloutItemRecord> wave;
+  wave.reserve(res.release.size());
+  for (int pos : res.release) {
+    RolloutItemRecord it = (*items)[static_cast<std::size_t>(pos)];
+    it.state = "released";
+    it.detail = it.stage == 0 ? "released (canary)" : "released";
+    it.updated_at = now;
+    wave.push_back(std::move(it));
+  }
+  const bool state_changed = res.state != r.state || res.detail != r.detail;
+  RolloutRecord next = r;
+  if (state_changed) {
+    next.state = res.state;
+    next.detail = res.detail;
+    next.updated_at = now;
+  }
+  if (!finals.empty() || !wave.empty() || state_changed) {
+    if (auto st = store_.AdvanceRollout(finals, wave, state_changed ? &next : nullptr); !st) {
+      spdlog::error("rollout {}: cannot record {} final report(s) and release {} machine(s): {}",
+                    id, finals.size(), wave.size(), st.message());
+      // The finals stay applied here and are written with the next step;
+      // nothing is released and the state is unchanged until then.
+      if (found != active_.end()) found->second.unstored = std::move(finals);
+      return;
     }
   }
+  for (auto& it : wave) {
+    const auto pos = static_cast<std::size_t>(it.position);
+    std::vector<GenerationRecord>* held = found != active_.end() ? &found->second.held : nullptr;
+    if (held && pos < held->size() && (*held)[pos].machine == it.machine &&
+        (*held)[pos].generation == it.generation) {
+      fleet_.Push((*held)[pos]);
+      held_bytes_ -= std::min(held_bytes_, HeldBytes((*held)[pos]));
+      (*held)[pos] = GenerationRecord();  // pushed once: its bytes go
+    } else {
+      fleet_.Push(it.machine, it.generation);
+    }
+    changed.push_back(it.position);
+    (*items)[pos] = std::move(it);
+  }
   bool reindex = false;
-  if (res.state != r.state || res.detail != r.detail) {
+  if (state_changed) {
     if (res.state != r.state) spdlog::info("rollout {}: {} ({})", id, res.state, res.detail);
     bool was_active = Active(r.state);
-    r.state = res.state;
-    r.detail = res.detail;
-    r.updated_at = now;
-    (void)store_.UpdateRollout(r);
+    r = next;
     if (found != active_.end()) found->second.record = r;
     reindex = was_active != Active(r.state);
   }
@@ -344,17 +370,13 @@ void RolloutManager::OnStatuses(const std::vector<StatusNote>& notes) {
     }
   }
   if (updates.empty()) return;
-  if (auto st = store_.UpdateRolloutItems(updates); !st) {
-    // Kept in memory only after the store has it; the next report or a
-    // restart re-evaluates from what is stored.
-    spdlog::error("rollouts: cannot record {} final report(s): {}", updates.size(), st.message());
-    return;
+  // Each rollout's finals are stored with the release they enable, in one
+  // transaction (EvaluateLocked).
+  std::map<std::string, std::vector<RolloutItemRecord>> finals;
+  for (auto& u : updates) finals[u.rollout].push_back(std::move(u));
+  for (auto& [id, positions] : touched) {
+    EvaluateLocked(id, std::move(positions), std::move(finals[id]));
   }
-  for (auto& u : updates) {
-    auto a = active_.find(u.rollout);
-    if (a != active_.end()) a->second.items[static_cast<std::size_t>(u.position)] = std::move(u);
-  }
-  for (auto& [id, positions] : touched) EvaluateLocked(id, std::move(positions));
 }
 
 void RolloutManager::OnOnline(const std::string& machine) {

@@ -89,7 +89,10 @@ class RolloutManager : public FleetObserver {
  private:
   // Applies Schedule() to a rollout; `changed` are item positions already
   // updated by the caller (they go into the broadcast event).
-  void EvaluateLocked(const std::string& id, std::vector<int> changed = {});
+  // `finals` (items of an active rollout that reached a final phase, not yet
+  // stored) are written in the same transaction as the release they enable.
+  void EvaluateLocked(const std::string& id, std::vector<int> changed = {},
+                      std::vector<RolloutItemRecord> finals = {});
   // Moves a rollout from state `from` to `to`, then re-evaluates it.
   Status Transition(const std::string& id, const std::string& from, const std::string& to,
                     const std::string& detail);
@@ -107,6 +110,8 @@ class RolloutManager : public FleetObserver {
     RolloutRecord record;
     std::vector<RolloutItemRecord> items;
     std::vector<GenerationRecord> held;  // empty, or one per position ("" once pushed)
+    // Final phases applied here whose write failed: written with the next step.
+    std::vector<RolloutItemRecord> unstored;
   };
   static constexpr std::size_t kMaxHeldBytes = 256u << 20;
   static std::size_t HeldBytes(const GenerationRecord& g);

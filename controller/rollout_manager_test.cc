@@ -2,6 +2,7 @@
 // batch of final reports arrives, stored before anything is pushed, and what
 // was released survives a restart.
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <map>
 
@@ -143,6 +144,50 @@ TEST_F(RolloutManagerTest, IntermediatePhasesChangeNothing) {
   fleet_->AgentStatuses({{"m0", Final(1, "received")}, {"m0", Final(2, "activating")}});
   EXPECT_TRUE(Deployed().empty());
   EXPECT_EQ(StoredStates(r->id)["m0"], "released");
+}
+
+// A wave's final reports and the release they enable are one transaction:
+// when it fails (here a trigger stands in for a full disk), neither is stored
+// and nothing is pushed; the finals are kept and written with the next step.
+TEST_F(RolloutManagerTest, FinalsAndTheReleaseTheyEnableAreStoredTogetherOrNotAtAll) {
+  auto r = rollouts_->Create(Spec(2));
+  ASSERT_TRUE(r.ok()) << r.message();
+  EXPECT_EQ(Deployed(), (std::vector<std::string>{"m0", "m1"}));
+
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ / "muster.db").string().c_str(), &db), SQLITE_OK);
+  auto exec = [&](const char* sql) {
+    char* err = nullptr;
+    int rc = sqlite3_exec(db, sql, nullptr, nullptr, &err);
+    std::string e = err ? err : "";
+    sqlite3_free(err);
+    return rc == SQLITE_OK ? std::string() : e;
+  };
+  ASSERT_EQ(exec("CREATE TRIGGER full_disk BEFORE UPDATE OF released ON generations "
+                 "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"),
+            "");
+
+  auto acks = fleet_->AgentStatuses({{"m0", Final(1, "succeeded")}, {"m1", Final(1, "succeeded")}});
+  ASSERT_EQ(acks.size(), 2u);
+  EXPECT_TRUE(acks[0].ok() && acks[1].ok()) << "the reports themselves are stored";
+  EXPECT_TRUE(Deployed().empty()) << "nothing is pushed that the store does not have";
+  auto states = StoredStates(r->id);
+  EXPECT_EQ(states["m0"], "released") << "the finals were rolled back with the release";
+  EXPECT_EQ(states["m2"], "pending");
+  EXPECT_FALSE(store_->LatestGeneration("m2").has_value());
+
+  ASSERT_EQ(exec("DROP TRIGGER full_disk"), "");
+  sqlite3_close(db);
+  // The next step (here m2 connecting again) writes the kept finals with the
+  // release they enable.
+  ASSERT_TRUE(fleet_->AgentHello("m2", MakeHello(0, 0, "idle", "m2"), channels_["m2"]).ok());
+  EXPECT_EQ(Deployed(), (std::vector<std::string>{"m2", "m3"}));
+  states = StoredStates(r->id);
+  EXPECT_EQ(states["m0"], "succeeded");
+  EXPECT_EQ(states["m1"], "succeeded");
+  EXPECT_EQ(states["m2"], "released");
+  EXPECT_EQ(states["m3"], "released");
+  ASSERT_TRUE(store_->LatestGeneration("m3").has_value());
 }
 
 }  // namespace

@@ -616,6 +616,14 @@ class SqliteStore final : public Store {
     return q.Step() == SQLITE_ROW ? q.Int(0) : 0;
   }
 
+  std::map<std::string, std::int64_t> MaxGenerations() override {
+    std::lock_guard lock(mu_);
+    Stmt q(db_, "SELECT machine, MAX(generation) FROM generations GROUP BY machine");
+    std::map<std::string, std::int64_t> out;
+    while (q.Step() == SQLITE_ROW) out.emplace_hint(out.end(), q.Text(0), q.Int(1));
+    return out;
+  }
+
   Status ReleaseGeneration(const std::string& machine, std::int64_t generation) override {
     std::lock_guard lock(mu_);
     Stmt s(db_, "UPDATE generations SET released = 1 WHERE machine = ? AND generation = ?");
@@ -688,15 +696,34 @@ class SqliteStore final : public Store {
   }
 
   Status ReleaseRolloutItems(const std::vector<RolloutItemRecord>& items) override {
+    return InTransaction([&] { return ReleaseItemsLocked(items); });
+  }
+
+  Status AdvanceRollout(const std::vector<RolloutItemRecord>& finals,
+                        const std::vector<RolloutItemRecord>& releases,
+                        const RolloutRecord* state) override {
     return InTransaction([&] {
-      for (const auto& it : items) {
-        Stmt g(db_, "UPDATE generations SET released = 1 WHERE machine = ? AND generation = ?");
-        g.Bind(1, it.machine).Bind(2, it.generation);
-        if (g.Step() != SQLITE_DONE) return Status(Err("store: " + g.ErrorText()));
+      for (const auto& it : finals) {
         if (auto st = UpdateItemLocked(it); !st) return st;
       }
+      if (auto st = ReleaseItemsLocked(releases); !st) return st;
+      if (!state) return Status::Ok();
+      Stmt s(db_, "UPDATE rollouts SET state = ?, detail = ?, updated_at = ? WHERE id = ?");
+      s.Bind(1, state->state).Bind(2, state->detail).Bind(3, state->updated_at).Bind(4, state->id);
+      if (s.Step() != SQLITE_DONE) return Status(Err("store: " + s.ErrorText()));
       return Status::Ok();
     });
+  }
+
+  // The caller holds mu_ and a transaction.
+  Status ReleaseItemsLocked(const std::vector<RolloutItemRecord>& items) {
+    for (const auto& it : items) {
+      Stmt g(db_, "UPDATE generations SET released = 1 WHERE machine = ? AND generation = ?");
+      g.Bind(1, it.machine).Bind(2, it.generation);
+      if (g.Step() != SQLITE_DONE) return Status(Err("store: " + g.ErrorText()));
+      if (auto st = UpdateItemLocked(it); !st) return st;
+    }
+    return Status::Ok();
   }
 
   // Runs body inside BEGIN IMMEDIATE … COMMIT, rolled back when it fails.

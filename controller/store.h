@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -209,6 +210,15 @@ class Store {
   virtual std::optional<GenerationRecord> LatestGeneration(const std::string& machine) = 0;
   // The highest generation number stored, released or not (0 if none).
   virtual std::int64_t MaxGeneration(const std::string& machine) = 0;
+  // MaxGeneration of every machine that has a generation, in one read (the
+  // roster answer for a fleet; one query per machine cost a round trip each).
+  virtual std::map<std::string, std::int64_t> MaxGenerations() {
+    std::map<std::string, std::int64_t> out;
+    for (const auto& m : ListMachines()) {
+      if (std::int64_t n = MaxGeneration(m.name)) out[m.name] = n;
+    }
+    return out;
+  }
   virtual Status ReleaseGeneration(const std::string& machine, std::int64_t generation) = 0;
 
   // Rollouts: created with their (unreleased) generations in one transaction.
@@ -232,6 +242,23 @@ class Store {
       if (auto st = UpdateRolloutItem(it); !st) return st;
     }
     return Status::Ok();
+  }
+  // One step of a rollout's driver in one durable transaction: the items that
+  // reached a final phase, the wave that this enables (released as by
+  // ReleaseRolloutItems) and, when given, the rollout's new state. A wave's
+  // final reports and the next wave's release then cost one commit, not three.
+  // Backends override it to store all of it or nothing; this version (for
+  // test fakes) runs the three writes in turn.
+  virtual Status AdvanceRollout(const std::vector<RolloutItemRecord>& finals,
+                                const std::vector<RolloutItemRecord>& releases,
+                                const RolloutRecord* state) {
+    if (!finals.empty()) {
+      if (auto st = UpdateRolloutItems(finals); !st) return st;
+    }
+    if (!releases.empty()) {
+      if (auto st = ReleaseRolloutItems(releases); !st) return st;
+    }
+    return state ? UpdateRollout(*state) : Status::Ok();
   }
   virtual std::optional<RolloutRecord> GetRollout(const std::string& id) = 0;
   virtual std::vector<RolloutRecord> ListRollouts(int limit) = 0;  // newest first

@@ -191,6 +191,13 @@ TEST_P(StoreTest, GenerationsMustIncrease) {
   EXPECT_TRUE(store_->AddGeneration(Gen("web1", 6)).ok());
   // A refused insert leaves no transaction open: later writes still work.
   EXPECT_TRUE(store_->SetSetting("k", "v").ok());
+  // Every machine's highest number in one read, held-back ones included.
+  GenerationRecord held = Gen("db1", 9);
+  held.released = false;
+  ASSERT_TRUE(store_->AddGeneration(held).ok());
+  EXPECT_EQ(store_->MaxGenerations(),
+            (std::map<std::string, std::int64_t>{{"db1", 9}, {"web1", 6}}));
+  EXPECT_EQ(store_->MaxGeneration("db1"), 9);
 }
 
 TEST_P(StoreTest, LatestGetAndListGenerations) {
@@ -529,6 +536,61 @@ TEST(StoreLimitsCheck, NamesTheSettingThatIsWrong) {
   auto s = OpenSqliteStore((dir / "muster.db").string(), l);
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("--keep-event-generations"));
+}
+
+// A rollout step: a final report on one item, the release of the next and
+// the rollout's new state, in one call.
+TEST_P(StoreTest, ARolloutStepStoresFinalsReleasesAndStateTogether) {
+  for (const char* name : {"web1", "web2"}) {
+    MachineRecord m;
+    m.name = name;
+    m.key = std::string("ed25519:") + name;
+    m.created_at = 1;
+    ASSERT_TRUE(store_->AddMachine(m).ok());
+  }
+  RolloutRecord r;
+  r.id = "r1";
+  r.created_by = "alice";
+  r.state = "running";
+  std::vector<GenerationRecord> gens;
+  std::vector<RolloutItemRecord> items;
+  for (int i = 0; i < 2; ++i) {
+    GenerationRecord g;
+    g.machine = i == 0 ? "web1" : "web2";
+    g.generation = 1;
+    g.manifest.manifest = "{}";
+    g.toplevel = "/nix/store/1-system";
+    g.action = "switch";
+    g.rollout = "r1";
+    g.released = i == 0;
+    gens.push_back(g);
+    RolloutItemRecord it;
+    it.rollout = "r1";
+    it.position = i;
+    it.machine = g.machine;
+    it.generation = 1;
+    it.state = i == 0 ? "released" : "pending";
+    items.push_back(it);
+  }
+  ASSERT_TRUE(store_->CreateRollout(r, gens, items).ok());
+  EXPECT_FALSE(store_->LatestGeneration("web2").has_value());
+
+  RolloutItemRecord done = items[0], next = items[1];
+  done.state = "succeeded";
+  done.detail = "succeeded";
+  next.state = "released";
+  RolloutRecord state = r;
+  state.detail = "1 of 2 done";
+  state.updated_at = 9;
+  ASSERT_TRUE(store_->AdvanceRollout({done}, {next}, &state).ok());
+  auto stored = store_->ListRolloutItems("r1");
+  ASSERT_EQ(stored.size(), 2u);
+  EXPECT_EQ(stored[0].state, "succeeded");
+  EXPECT_EQ(stored[0].detail, "succeeded");
+  EXPECT_EQ(stored[1].state, "released");
+  ASSERT_TRUE(store_->LatestGeneration("web2").has_value()) << "its generation is released";
+  EXPECT_EQ(store_->GetRollout("r1")->detail, "1 of 2 done");
+  EXPECT_EQ(store_->GetRollout("r1")->updated_at, 9);
 }
 
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
@@ -949,6 +1011,60 @@ TEST_F(PgStoreTest, AnItemIsReleasedOnceAndOnlyByTheLeaseHolder) {
   // An expired lease is no lease.
   ASSERT_EQ(pg_->Exec(db_, "UPDATE leases SET expires_at = 0", nullptr), "");
   EXPECT_FALSE(a->ReleaseRolloutItems({it}).ok());
+}
+
+// A driver that lost its lease writes nothing of a rollout step: neither the
+// release nor the final reports that came with it.
+TEST_F(PgStoreTest, ARolloutStepWithoutTheLeaseStoresNothing) {
+  auto a = OpenOrDie();
+  ASSERT_TRUE(a);
+  for (const char* name : {"web1", "web2"}) {
+    MachineRecord m;
+    m.name = name;
+    m.key = std::string("ed25519:") + name;
+    m.created_at = 1;
+    ASSERT_TRUE(a->AddMachine(m).ok());
+  }
+  RolloutRecord r;
+  r.id = "r1";
+  r.created_by = "alice";
+  r.state = "running";
+  std::vector<RolloutItemRecord> items(2);
+  for (int i = 0; i < 2; ++i) {
+    items[i].rollout = "r1";
+    items[i].position = i;
+    items[i].machine = i == 0 ? "web1" : "web2";
+    items[i].generation = 1;
+    items[i].state = i == 0 ? "released" : "pending";
+  }
+  ASSERT_TRUE(a->CreateRollout(r, {HeldBack("web1", 1), HeldBack("web2", 1)}, items).ok());
+  ASSERT_TRUE(a->SetControllerId("ctl-a").ok());
+  RolloutItemRecord done = items[0], next = items[1];
+  done.state = "succeeded";
+  next.state = "released";
+  RolloutRecord state = r;
+  state.detail = "moved on";
+  auto refused = a->AdvanceRollout({done}, {next}, &state);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.message(), HasSubstr("does not hold the rollout driver's lease"));
+  auto stored = a->ListRolloutItems("r1");
+  ASSERT_EQ(stored.size(), 2u);
+  EXPECT_EQ(stored[0].state, "released") << "the final report was rolled back with the release";
+  EXPECT_EQ(stored[1].state, "pending");
+  EXPECT_EQ(a->GetRollout("r1")->detail, "");
+  EXPECT_FALSE(a->LatestGeneration("web2").has_value());
+
+  ASSERT_EQ(pg_->Exec(db_,
+                      "INSERT INTO leases (name, holder, expires_at) VALUES ('rollouts', 'ctl-a', "
+                      "muster_now() + 60000)",
+                      nullptr),
+            "");
+  ASSERT_TRUE(a->AdvanceRollout({done}, {next}, &state).ok());
+  stored = a->ListRolloutItems("r1");
+  EXPECT_EQ(stored[0].state, "succeeded");
+  EXPECT_EQ(stored[1].state, "released");
+  EXPECT_EQ(a->GetRollout("r1")->detail, "moved on");
+  EXPECT_TRUE(a->LatestGeneration("web2").has_value());
 }
 
 // Each delivery is claimed by one controller while that controller's lease
