@@ -24,21 +24,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 using pg::Res;
-
-// A PostgreSQL array literal of text values ({"a","b"}).
-std::string TextArray(const std::vector<std::string>& items) {
-  std::string out = "{";
-  for (std::size_t i = 0; i < items.size(); ++i) {
-    if (i) out += ',';
-    out += '"';
-    for (char c : items[i]) {
-      if (c == '"' || c == '\\') out += '\\';
-      out += c;
-    }
-    out += '"';
-  }
-  return out + "}";
-}
+using pg::TextArray;
 
 // The changes after $1, at most $2, with the reading snapshot's xmin/xmax (to
 // tell a gap that may still fill from one that cannot) and, for a status

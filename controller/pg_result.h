@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "controller/store.h"
 
@@ -71,6 +72,37 @@ inline PGconn* Connect(const std::string& conninfo, const char* application,
   const char* vals[] = {connect_timeout, application,      "1",    "10", "5", "3",
                         options.c_str(), conninfo.c_str(), nullptr};
   return PQconnectdbParams(keys, vals, 1);
+}
+
+// A PostgreSQL array literal of text values ({"a","b"}), for one parameter
+// that a statement unnests: a batch in one statement instead of one per row.
+// A NUL (which no text value may hold) becomes U+FFFD, as in single values.
+inline std::string TextArray(const std::vector<std::string>& items) {
+  std::string out = "{";
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (i) out += ',';
+    out += '"';
+    for (char c : items[i]) {
+      if (c == '\0') {
+        out += "\xEF\xBF\xBD";
+        continue;
+      }
+      if (c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    out += '"';
+  }
+  return out + "}";
+}
+
+// The same for numbers ({1,2}).
+inline std::string IntArray(const std::vector<std::int64_t>& items) {
+  std::string out = "{";
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (i) out += ',';
+    out += std::to_string(items[i]);
+  }
+  return out + "}";
 }
 
 // libpq's last error on conn, without its trailing newline.

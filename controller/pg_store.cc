@@ -17,6 +17,9 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "common/json_limits.h"
@@ -345,6 +348,47 @@ std::string Param(bool v) { return v ? "1" : "0"; }
 
 using pg::Res;
 
+// Rollout items as array parameters ($1..$7) for one statement over all of
+// them, each (rollout, position) once: an UPDATE ... FROM with two source
+// rows for one target row would apply either.
+struct ItemColumns {
+  static constexpr const char* kUnnest =
+      "unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], "
+      "$7::BIGINT[]) AS u(rollout, position, machine, generation, state, detail, updated_at)";
+  ItemColumns(const std::vector<RolloutItemRecord>& items, bool last_wins) {
+    std::map<std::pair<std::string_view, std::int64_t>, const RolloutItemRecord*> pick;
+    std::vector<const RolloutItemRecord*> order;
+    for (const auto& it : items) {
+      auto [slot, fresh] = pick.try_emplace({it.rollout, it.position}, &it);
+      if (fresh) {
+        order.push_back(&it);
+      } else if (last_wins) {
+        slot->second = &it;
+      }
+    }
+    std::vector<std::string> r, m, st, d;
+    std::vector<std::int64_t> p, g, at;
+    for (const RolloutItemRecord* first : order) {
+      const RolloutItemRecord& it = *pick.at({first->rollout, first->position});
+      r.push_back(it.rollout);
+      p.push_back(it.position);
+      m.push_back(it.machine);
+      g.push_back(it.generation);
+      st.push_back(it.state);
+      d.push_back(it.detail);
+      at.push_back(it.updated_at);
+    }
+    rollout = pg::TextArray(r);
+    position = pg::IntArray(p);
+    machine = pg::TextArray(m);
+    generation = pg::IntArray(g);
+    state = pg::TextArray(st);
+    detail = pg::TextArray(d);
+    updated_at = pg::IntArray(at);
+  }
+  std::string rollout, position, machine, generation, state, detail, updated_at;
+};
+
 class PgStore final : public Store {
  public:
   PgStore(std::string conninfo, const StoreLimits& limits)
@@ -603,11 +647,13 @@ class PgStore final : public Store {
       (void)End("ROLLBACK");
       return Status(Err(std::move(e)));
     };
-    for (const auto& it : finals) {
-      auto u =
-          Q("UPDATE rollout_items SET state = $1, detail = $2, updated_at = $3 WHERE "
-            "rollout = $4 AND position = $5",
-            it.state, it.detail, it.updated_at, it.rollout, it.position);
+    if (!finals.empty()) {
+      // Later entries for the same item win, as if written in turn.
+      ItemColumns c(finals, /*last_wins=*/true);
+      auto u = Q(std::string("UPDATE rollout_items AS r SET state = u.state, detail = u.detail, "
+                             "updated_at = u.updated_at FROM ") +
+                     ItemColumns::kUnnest + " WHERE r.rollout = u.rollout AND r.position = u.position",
+                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at);
       if (!u.ok()) return fail("store: cannot record rollout item: " + u.error());
     }
     if (!controller_id_.empty() && !items.empty()) {
@@ -622,18 +668,19 @@ class PgStore final : public Store {
             "controller drives rollouts now)");
       }
     }
-    for (const auto& it : items) {
-      auto u =
-          Q("UPDATE rollout_items SET state = $1, detail = $2, updated_at = $3 WHERE rollout = $4 "
-            "AND position = $5 AND state = 'pending'",
-            it.state, it.detail, it.updated_at, it.rollout, it.position);
-      if (!u.ok()) return fail("store: cannot release rollout item: " + u.error());
-      if (u.changes() == 0) continue;  // released (or ended) already: not again
-      auto g =
-          Q("UPDATE generations SET released = 1 WHERE machine = $1 AND generation = $2 AND "
-            "released = 0",
-            it.machine, it.generation);
-      if (!g.ok()) return fail("store: cannot release generation: " + g.error());
+    if (!items.empty()) {
+      // Only items still pending are released (the first entry for an item
+      // wins: a second would find it released), and only their generations.
+      ItemColumns c(items, /*last_wins=*/false);
+      auto u = Q(std::string("WITH released AS (UPDATE rollout_items AS r SET state = u.state, "
+                             "detail = u.detail, updated_at = u.updated_at FROM ") +
+                     ItemColumns::kUnnest +
+                     " WHERE r.rollout = u.rollout AND r.position = u.position AND r.state = "
+                     "'pending' RETURNING u.machine, u.generation) "
+                     "UPDATE generations AS g SET released = 1 FROM released AS x WHERE "
+                     "g.machine = x.machine AND g.generation = x.generation AND g.released = 0",
+                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at);
+      if (!u.ok()) return fail("store: cannot release rollout items: " + u.error());
     }
     if (state) {
       auto u = Q("UPDATE rollouts SET state = $1, detail = $2, updated_at = $3 WHERE id = $4",
@@ -684,7 +731,8 @@ class PgStore final : public Store {
                       bool reboot_required, const json& facts) override {
     std::lock_guard lock(mu_);
     if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
-    if (auto st = WriteStatusLocked(name, ev, toplevel, reboot_required, facts); !st) {
+    const StatusWrite w{name, ev, toplevel, reboot_required, facts};
+    if (auto st = WriteStatusesLocked({&w}); !st) {
       (void)End("ROLLBACK");
       return st;
     }
@@ -695,13 +743,26 @@ class PgStore final : public Store {
     return Status::Ok();
   }
 
+  // One transaction for the batch, and a few statements per round rather
+  // than four per report (each of which also ran the change triggers): a
+  // round holds each machine at most once, so that a machine's reports apply
+  // in order. If the batch fails, each report is tried on its own, so that
+  // one bad report costs only itself.
   std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) override {
+    if (writes.empty()) return {};
     {
       std::lock_guard lock(mu_);
       if (Begin().ok()) {
-        bool ok = true;
+        std::vector<std::vector<const StatusWrite*>> rounds;
+        std::unordered_map<std::string_view, std::size_t> seen;
         for (const auto& w : writes) {
-          if (!WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts)) {
+          std::size_t k = seen[w.name]++;
+          if (rounds.size() <= k) rounds.emplace_back();
+          rounds[k].push_back(&w);
+        }
+        bool ok = true;
+        for (const auto& round : rounds) {
+          if (!WriteStatusesLocked(round)) {
             ok = false;
             break;
           }
@@ -713,31 +774,49 @@ class PgStore final : public Store {
     return Store::RecordStatuses(writes);
   }
 
-  // The machine row and the event row of one report; the caller holds mu_ and
-  // a transaction.
-  Status WriteStatusLocked(const std::string& name, const EventRecord& ev,
-                           const std::string& toplevel, bool reboot_required, const json& facts) {
+  // The machine rows and event rows of reports of distinct machines, three
+  // statements for all of them (four when some machine reached its event
+  // bound); the caller holds mu_ and a transaction.
+  Status WriteStatusesLocked(const std::vector<const StatusWrite*>& round) {
+    std::vector<std::string> names, phases, details, toplevels, facts;
+    std::vector<std::int64_t> generations, reboots, ats;
+    for (const StatusWrite* w : round) {
+      names.push_back(w->name);
+      generations.push_back(w->ev.generation);
+      phases.push_back(w->ev.phase);
+      details.push_back(w->ev.detail);
+      toplevels.push_back(w->toplevel);
+      reboots.push_back(w->reboot_required ? 1 : 0);
+      ats.push_back(w->ev.at);
+      facts.push_back(w->facts.is_object() ? DumpJson(w->facts) : "");
+    }
+    const std::string n = pg::TextArray(names), g = pg::IntArray(generations),
+                      p = pg::TextArray(phases), d = pg::TextArray(details),
+                      at = pg::IntArray(ats);
     auto u =
-        Q("UPDATE machines SET generation = $1, phase = $2, detail = $3, "
-          "toplevel = CASE WHEN $4 = '' THEN toplevel ELSE $4 END, reboot_required = $5, "
-          "last_seen = $6, "
-          "last_applied = CASE WHEN $2 IN ('succeeded','unchanged','rolled-back','failed',"
+        Q("UPDATE machines AS m SET generation = u.generation, phase = u.phase, "
+          "detail = u.detail, "
+          "toplevel = CASE WHEN u.toplevel = '' THEN m.toplevel ELSE u.toplevel END, "
+          "reboot_required = u.reboot, last_seen = u.at, "
+          "last_applied = CASE WHEN u.phase IN ('succeeded','unchanged','rolled-back','failed',"
           "'verified','realising','vars-installed','profile-set','activating','confirming') "
-          "THEN GREATEST(last_applied, $1::BIGINT) ELSE last_applied END "
-          "WHERE name = $7",
-          ev.generation, ev.phase, ev.detail, toplevel, reboot_required, ev.at, name);
+          "THEN GREATEST(m.last_applied, u.generation) ELSE m.last_applied END, "
+          "facts = CASE WHEN u.facts = '' THEN m.facts ELSE u.facts END "
+          "FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], "
+          "$6::BIGINT[], $7::BIGINT[], $8::TEXT[]) "
+          "AS u(name, generation, phase, detail, toplevel, reboot, at, facts) "
+          "WHERE m.name = u.name",
+          n, g, p, d, pg::TextArray(toplevels), pg::IntArray(reboots), at,
+          pg::TextArray(facts));
     if (!u.ok()) return Err("store: cannot record status: " + u.error());
     auto i =
-        Q("INSERT INTO events (machine, generation, phase, detail, at) VALUES "
-          "($1, $2, $3, $4, $5)",
-          name, ev.generation, ev.phase, ev.detail, ev.at);
+        Q("INSERT INTO events (machine, generation, phase, detail, at) "
+          "SELECT u.name, u.generation, u.phase, u.detail, u.at FROM unnest($1::TEXT[], "
+          "$2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[]) WITH ORDINALITY "
+          "AS u(name, generation, phase, detail, at, ord) ORDER BY u.ord",
+          n, g, p, d, at);
     if (!i.ok()) return Err("store: cannot record status: " + i.error());
-    if (auto st = BoundEventsLocked(name); !st) return st;
-    if (facts.is_object()) {
-      auto f = Q("UPDATE machines SET facts = $1 WHERE name = $2", DumpJson(facts), name);
-      if (!f.ok()) return Err("store: cannot record facts: " + f.error());
-    }
-    return Status::Ok();
+    return BoundEventsLocked(names);
   }
 
   Status AddOperator(const OperatorRecord& op) override {
@@ -1536,15 +1615,44 @@ class PgStore final : public Store {
   // controllers; first counted from the table); past the bound, deletes the
   // oldest events down to 3/4 of it, sparing the newest generations' events
   // unless they alone are too many. The caller holds mu_ and a transaction.
-  Status BoundEventsLocked(const std::string& machine) {
-    auto c =
-        Q("INSERT INTO event_counts (machine, rows) VALUES ($1, (SELECT COUNT(*) FROM events "
-          "WHERE machine = $1)) ON CONFLICT (machine) DO UPDATE SET rows = event_counts.rows "
-          "+ 1 RETURNING rows",
-          machine);
-    if (c.rows() != 1) return Err("store: cannot count events: " + c.error());
-    std::int64_t rows = c.Int(0, 0);
-    if (rows <= limits_.events_per_machine) return Status::Ok();
+  // Counts one new event for each of `machines` (distinct) and trims those
+  // past their bound. A count row is created from the events when missing;
+  // one that another controller creates meanwhile is added to.
+  Status BoundEventsLocked(const std::vector<std::string>& machines) {
+    const std::string all = pg::TextArray(machines);
+    auto c = Q("UPDATE event_counts SET rows = rows + 1 WHERE machine = ANY($1::TEXT[]) "
+               "RETURNING machine, rows",
+               all);
+    if (!c.ok()) return Err("store: cannot count events: " + c.error());
+    std::vector<std::pair<std::string, std::int64_t>> counts;
+    std::unordered_set<std::string> counted;
+    for (int r = 0; r < c.rows(); ++r) {
+      counts.emplace_back(c.Text(r, 0), c.Int(r, 1));
+      counted.insert(counts.back().first);
+    }
+    std::vector<std::string> missing;
+    for (const auto& m : machines) {
+      if (!counted.count(m)) missing.push_back(m);
+    }
+    if (!missing.empty()) {
+      auto f = Q("INSERT INTO event_counts (machine, rows) SELECT u.name, (SELECT COUNT(*) FROM "
+                 "events e WHERE e.machine = u.name) FROM unnest($1::TEXT[]) AS u(name) "
+                 "ON CONFLICT (machine) DO UPDATE SET rows = event_counts.rows + 1 "
+                 "RETURNING machine, rows",
+                 pg::TextArray(missing));
+      if (!f.ok()) return Err("store: cannot count events: " + f.error());
+      for (int r = 0; r < f.rows(); ++r) counts.emplace_back(f.Text(r, 0), f.Int(r, 1));
+    }
+    for (const auto& [machine, rows] : counts) {
+      if (rows <= limits_.events_per_machine) continue;
+      if (auto st = TrimEventsLocked(machine, rows); !st) return st;
+    }
+    return Status::Ok();
+  }
+
+  // Brings a machine's events (`rows` of them) to 3/4 of the bound, keeping
+  // the newest generations whole; the caller holds mu_ and a transaction.
+  Status TrimEventsLocked(const std::string& machine, std::int64_t rows) {
     const std::int64_t target = limits_.events_per_machine - limits_.events_per_machine / 4;
     auto d1 =
         Q("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE machine = $1 AND "

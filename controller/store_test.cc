@@ -591,6 +591,21 @@ TEST_P(StoreTest, ARolloutStepStoresFinalsReleasesAndStateTogether) {
   ASSERT_TRUE(store_->LatestGeneration("web2").has_value()) << "its generation is released";
   EXPECT_EQ(store_->GetRollout("r1")->detail, "1 of 2 done");
   EXPECT_EQ(store_->GetRollout("r1")->updated_at, 9);
+
+  // An item named twice: the later final wins, as written in turn; and on
+  // PostgreSQL, where several controllers may try, an item released already
+  // is not released again.
+  RolloutItemRecord first = done, last = done, again = next;
+  first.detail = "first";
+  last.detail = "last";
+  again.detail = "released again";
+  ASSERT_TRUE(store_->AdvanceRollout({first, last}, {again, again}, nullptr).ok());
+  stored = store_->ListRolloutItems("r1");
+  ASSERT_EQ(stored.size(), 2u);
+  EXPECT_EQ(stored[0].detail, "last");
+  if (GetParam() == "postgresql") {
+    EXPECT_EQ(stored[1].detail, "") << "a released item is not released twice";
+  }
 }
 
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
@@ -805,6 +820,47 @@ TEST_F(PgStoreTest, ReconnectsAfterTheServerRestarts) {
   EXPECT_EQ(s->GetSetting("k"), "after");
   EXPECT_GT(s->Failures(), failures) << "the broken connection was counted";
   EXPECT_TRUE(s->Ping().ok());
+}
+
+TEST_F(PgStoreTest, ABatchOfReportsIsWrittenAsOneWithAwkwardTextIntact) {
+  auto s = OpenOrDie();
+  ASSERT_TRUE(s);
+  for (const char* name : {"web1", "web2"}) {
+    MachineRecord m;
+    m.name = name;
+    m.key = std::string("ed25519:") + name;
+    ASSERT_TRUE(s->AddMachine(m).ok());
+  }
+  const std::string awkward = "a\"b\\c{d},e 'f' NULL";
+  const nlohmann::json facts = {{"os", "nix\"os"}, {"tags", {"x,y", "{z}"}}};
+  std::vector<StatusWrite> writes;
+  writes.push_back({"web1", {0, "web1", 3, "received", awkward, 10}, "", false, nullptr});
+  writes.push_back({"web2", {0, "web2", 4, "realising", std::string("n\0l", 3), 11}, "", false,
+                    nullptr});
+  writes.push_back({"web1", {0, "web1", 3, "succeeded", "", 12}, "/nix/store/3-x", true, facts});
+  writes.push_back({"web2", {0, "web2", 4, "failed", "boom", 13}, "", false, nullptr});
+  const std::uint64_t failures = s->Failures();
+  for (const auto& st : s->RecordStatuses(writes)) ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(s->Failures(), failures) << "the batch went in whole, not report by report";
+
+  auto e1 = s->ListEvents("web1", 3, 10);
+  ASSERT_EQ(e1.size(), 2u);
+  EXPECT_EQ(e1[0].phase, "received");
+  EXPECT_EQ(e1[0].detail, awkward);
+  EXPECT_EQ(e1[1].phase, "succeeded");
+  auto e2 = s->ListEvents("web2", 4, 10);
+  ASSERT_EQ(e2.size(), 2u);
+  EXPECT_EQ(e2[0].detail, "n\xEF\xBF\xBDl");
+  auto m1 = s->GetMachine("web1");
+  EXPECT_EQ(m1->phase, "succeeded");
+  EXPECT_EQ(m1->toplevel, "/nix/store/3-x");
+  EXPECT_TRUE(m1->reboot_required);
+  EXPECT_EQ(m1->facts, facts);
+  EXPECT_EQ(m1->last_applied, 3);
+  auto m2 = s->GetMachine("web2");
+  EXPECT_EQ(m2->phase, "failed");
+  EXPECT_EQ(m2->detail, "boom");
+  EXPECT_EQ(m2->facts, nlohmann::json::object()) << "no facts sent: the stored ones stay";
 }
 
 TEST_F(PgStoreTest, NulIsStoredAsReplacementCharacter) {
