@@ -18,6 +18,8 @@
 #           recorded them (agents connected = 0), how slow /metrics answers
 #           meanwhile, and how long a SIGTERM stop takes afterwards
 # Knobs: N=10000 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
+# PG_STATS=1 loads pg_stat_statements and writes, per scenario, the statements
+# that took the most server time (OUT_DIR/statements-SCENARIO.txt).
 # PostgreSQL is Debian's (or MUSTER_PG_BIN), started by initdb/pg_ctl in
 # OUT_DIR as nobody when run as root, on a Unix socket, fsync on (as SQLite).
 set -euo pipefail
@@ -59,8 +61,9 @@ pg_start() {  # a fresh server and database "muster"; sets uri
   as_pg "$pgbin/initdb" -D "$pgdir/data" -U muster --auth=trust -E UTF8 --locale=C \
     --no-instructions >/dev/null
   as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -w -s -l "$pgdir/server.log" \
-    -o "-k $pgdir -c listen_addresses= -c max_connections=100" start
+    -o "-k $pgdir -c listen_addresses= -c max_connections=100 ${PG_STATS:+-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all}" start
   as_pg "$pgbin/createdb" -h "$pgdir" -U muster muster
+  if [[ -n ${PG_STATS:-} ]]; then as_pg "$pgbin/psql" -q -h "$pgdir" -U muster muster -c 'CREATE EXTENSION pg_stat_statements'; fi
   uri="postgresql://muster@/muster?host=$pgdir"
 }
 # CPU seconds (utime+stime) of the PostgreSQL server: live processes plus the
@@ -185,12 +188,16 @@ for s in $scenarios; do
     two=(--port2 "$PORT2" --controller-pid2 "$b_pid")
     lag_buckets "$MPORT2" >"$out/lag-before-$s.txt"
   fi
-  [[ $s != sqlite ]] && pg0=$(pg_cpu)
+  if [[ $s != sqlite ]]; then
+    pg0=$(pg_cpu)
+    if [[ -n ${PG_STATS:-} ]]; then as_pg "$pgbin/psql" -q -h "$pgdir" -U muster muster -c 'SELECT pg_stat_statements_reset()' >/dev/null; fi
+  fi
   "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" --count "$N" --threads 2 \
     "${two[@]}" --publish-cmd "$publish_cmd" --publish-timeout 600 --controller-pid "$a_pid" \
     --json "$out/$s.json" >/dev/null || log "$s: failures (see $s.json)"
   if [[ $s != sqlite ]]; then
     echo "{\"postgresqlCpuSeconds\": $(python3 -c "print($(pg_cpu) - $pg0)")}" >"$out/pgcpu-$s.json"
+    if [[ -n ${PG_STATS:-} ]]; then as_pg "$pgbin/psql" -h "$pgdir" -U muster muster -c "SELECT round(total_exec_time) AS ms, calls, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 150) AS query FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" >"$out/statements-$s.txt"; fi
   fi
   if [[ $s == pg2 ]]; then
     lag_buckets "$MPORT2" >"$out/lag-after-$s.txt"

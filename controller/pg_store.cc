@@ -302,6 +302,30 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries (next_at, id);
 )SQL",
+    // 4: change triggers that cost nothing where nothing changes. A machine
+    // row is updated by every hello and status report, and a change row is
+    // due only when its identity or roster entry changed: a row trigger with
+    // that WHEN test is decided without running any function, where the
+    // statement trigger joined the old and new rows of every such update.
+    // And the statement triggers plan each query for the rows at hand: with
+    // plans cached over calls, one planned for a one-row update (a hello)
+    // was reused for a batch of thousands, joining them as a nested loop
+    // (seconds per batch of status reports, measured).
+    R"SQL(
+DROP TRIGGER machines_upd ON machines;
+CREATE FUNCTION muster_machine_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO changes (kind, subject, origin, at)
+    VALUES ('machine', NEW.name, muster_origin(), muster_now());
+  PERFORM pg_notify('muster_changes', currval(pg_get_serial_sequence('changes', 'id'))::TEXT);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER machines_upd AFTER UPDATE ON machines FOR EACH ROW
+  WHEN (NEW.key <> OLD.key OR NEW.revoked <> OLD.revoked OR NEW.roster <> OLD.roster
+        OR NEW.tags <> OLD.tags OR NEW.binding <> OLD.binding)
+  EXECUTE FUNCTION muster_machine_changed();
+ALTER FUNCTION muster_changed() SET plan_cache_mode = force_custom_plan;
+)SQL",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
 
