@@ -30,9 +30,10 @@ using pg::TextArray;
 // tell a gap that may still fill from one that cannot) and, for a status
 // change, its event row and the machine's reboot flag. One row with a null id
 // when there is nothing new. Changes this controller made ($3 is its id) are
-// read for their ids only: it acted on them already, and joining them with
-// their rows (a deploy's is its whole manifest and sealed vars) was most of
-// the reading's cost.
+// read for their ids only: it acted on them already. Each joined row is
+// looked up by its key, once per change (LATERAL ... OFFSET 0 keeps the
+// planner from hashing the whole events table for 500 changes: 20-30 ms a
+// read, against about 1 ms, measured on 80,000 events).
 #define MUSTER_CHANGES_QUERY(ROWS)                                                         \
   "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT AS xmin, "      \
   "pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT AS xmax, muster_now() AS now) "   \
@@ -40,11 +41,13 @@ using pg::TextArray;
   "c.origin, s.now - c.at, e.phase, e.detail, e.at, COALESCE(m.reboot_required, 0), "      \
   "c.xact::TEXT, " MUSTER_PG_GENERATION_COLUMNS(                                           \
       "g.") " FROM s LEFT JOIN LATERAL (" ROWS                                             \
-            ") c ON TRUE LEFT JOIN events e ON c.kind = 'status' AND c.origin <> $3 AND "  \
-            "e.id = c.ref LEFT JOIN generations g ON c.kind = 'deploy' AND c.origin <> $3 " \
-            "AND g.machine = c.subject AND g.generation = c.generation "                   \
-            "LEFT JOIN machines m ON c.kind = 'status' AND c.origin <> $3 AND "            \
-            "m.name = c.subject ORDER BY c.id"
+            ") c ON TRUE LEFT JOIN LATERAL (SELECT * FROM events WHERE c.kind = 'status' " \
+            "AND c.origin <> $3 AND id = c.ref OFFSET 0) e ON TRUE "                       \
+            "LEFT JOIN LATERAL (SELECT * FROM generations WHERE c.kind = 'deploy' AND "    \
+            "c.origin <> $3 AND machine = c.subject AND generation = c.generation "        \
+            "OFFSET 0) g ON TRUE LEFT JOIN LATERAL (SELECT reboot_required FROM machines " \
+            "WHERE c.kind = 'status' AND c.origin <> $3 AND name = c.subject OFFSET 0) m " \
+            "ON TRUE ORDER BY c.id"
 constexpr const char* kChangesQuery =
     MUSTER_CHANGES_QUERY("SELECT * FROM changes WHERE id > $1 ORDER BY id LIMIT $2");
 // The same, for the changes at or below $1 written by the transactions $2
