@@ -228,6 +228,7 @@ struct RunArgs {
   int controller_pid = 0;
   bool publish = false;
   int publish_timeout = 120;
+  double publish_rate = 0;
   std::string restart_cmd;
   std::string publish_cmd;
   int waves = 0;
@@ -366,6 +367,7 @@ int CmdRun(const RunArgs& a) {
     po.generation = gen;
     po.toplevel = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench";
     po.timeout = std::chrono::seconds(a.publish_timeout);
+    po.rate = a.publish_rate;
     ProcSample p0 = Sample(pid);
     PublishResult pr = PublishAll(po);
     if (!pr.error.empty()) fail("publish: " + pr.error);
@@ -378,9 +380,17 @@ int CmdRun(const RunArgs& a) {
     while (acked() < n && NowNs() < deadline) SleepMs(10);
     ProcSample p1 = Sample(pid);
     std::vector<double> notify, ack, resp, rack;
+    // Each agent's deploy after the controller answered its publish (the
+    // publish was stored and announced): with --port2, by the controller the
+    // agent is on (agent i's thread is i % threads; odd threads on port2).
+    std::vector<double> after_accept[2];
     std::int64_t last_notify = 0, last_ack = 0, last_resp = 0;
     std::uint32_t wrong = 0;
     for (std::uint32_t i = 0; i < n; ++i) {
+      if (sim.NotifyNs(i) && pr.response_ns[i]) {
+        bool second = a.port2 != 0 && (i % static_cast<std::uint32_t>(a.threads)) % 2 == 1;
+        after_accept[second ? 1 : 0].push_back(Sec(sim.NotifyNs(i) - pr.response_ns[i]) * 1000);
+      }
       if (sim.NotifyNs(i)) notify.push_back(Sec(sim.NotifyNs(i) - pr.start_ns) * 1000);
       if (sim.AckNs(i)) ack.push_back(Sec(sim.AckNs(i) - pr.start_ns) * 1000);
       if (sim.ReceivedAckNs(i)) rack.push_back(Sec(sim.ReceivedAckNs(i) - pr.start_ns) * 1000);
@@ -403,6 +413,13 @@ int CmdRun(const RunArgs& a) {
                      {"publishesPerSecond", last_resp ? pr.ok / Sec(last_resp - pr.start_ns) : 0},
                      {"controllerCpuSeconds", p1.cpu_s - p0.cpu_s},
                      {"controllerRssKiB", p1.rss_kib}};
+    if (a.port2 != 0) {
+      out["fanout"]["notifyAfterAcceptMsByController"] = {
+          {std::to_string(a.port), Percentiles(after_accept[0])},
+          {std::to_string(a.port2), Percentiles(after_accept[1])}};
+    } else {
+      out["fanout"]["notifyAfterAcceptMs"] = Percentiles(after_accept[0]);
+    }
     if (notify.size() != n || ack.size() != n || wrong != 0 || pr.ok != n) {
       fail("fan-out: " + std::to_string(notify.size()) + " notified, " +
            std::to_string(ack.size()) + " acknowledged, " + std::to_string(wrong) +
@@ -787,6 +804,8 @@ int main(int argc, char** argv) {
   run->add_option("--controller-pid2", ra.controller_pid2, "the second controller, sampled too");
   run->add_flag("--publish", ra.publish, "publish one generation to every agent of the last stage");
   run->add_option("--publish-timeout", ra.publish_timeout)->capture_default_str();
+  run->add_option("--publish-rate", ra.publish_rate,
+                  "with --publish: publishes per second, paced (default: all at once)");
   run->add_option("--restart-cmd", ra.restart_cmd,
                   "SIGKILL the controller, run this (sh -c) and time the reconnect storm");
   run->add_option("--publish-cmd", ra.publish_cmd,

@@ -13,11 +13,14 @@
 #   pg1     one controller, PostgreSQL store
 #   pg2     two controllers, one PostgreSQL database, N/2 agents on each; the
 #           CLI talks to the first (which drives the rollout)
+#   pg2pub  two controllers as pg2, but N single-machine publishes through
+#           the first at RATE per second (default 200): how long after its
+#           publish was accepted each agent had its deploy, by controller
 #   depart  one controller on PostgreSQL; N agents connect, then all drop at
 #           once (the load generator exits): how long until the controller has
 #           recorded them (agents connected = 0), how slow /metrics answers
 #           meanwhile, and how long a SIGTERM stop takes afterwards
-# Knobs: N=10000 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
+# Knobs: N=10000 RATE=200 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
 # PG_STATS=1 loads pg_stat_statements and writes, per scenario, the statements
 # that took the most server time (OUT_DIR/statements-SCENARIO.txt).
 # PostgreSQL is Debian's (or MUSTER_PG_BIN), started by initdb/pg_ctl in
@@ -177,12 +180,12 @@ for s in $scenarios; do
   log "$s: muster publish --all over $N agents"
   case $s in
     sqlite) fresh_state ;;
-    pg1 | pg2) fresh_state pg ;;
+    pg1 | pg2 | pg2pub) fresh_state pg ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
   start_controller "$state" "$PORT" "$MPORT" "$out/controller-$s.log"; a_pid=$last_pid
   two=()
-  if [[ $s == pg2 ]]; then
+  if [[ $s == pg2 || $s == pg2pub ]]; then
     sleep 1  # the first controller takes the rollout driver's lease
     start_controller "$out/state2" "$PORT2" "$MPORT2" "$out/controller2-$s.log"; b_pid=$last_pid
     two=(--port2 "$PORT2" --controller-pid2 "$b_pid")
@@ -192,14 +195,19 @@ for s in $scenarios; do
     pg0=$(pg_cpu)
     if [[ -n ${PG_STATS:-} ]]; then as_pg "$pgbin/psql" -q -h "$pgdir" -U muster muster -c 'SELECT pg_stat_statements_reset()' >/dev/null; fi
   fi
+  if [[ $s == pg2pub ]]; then
+    what=(--publish --publish-rate "${RATE:-200}")
+  else
+    what=(--publish-cmd "$publish_cmd")
+  fi
   "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" --count "$N" --threads 2 \
-    "${two[@]}" --publish-cmd "$publish_cmd" --publish-timeout 600 --controller-pid "$a_pid" \
+    "${two[@]}" "${what[@]}" --publish-timeout 600 --controller-pid "$a_pid" \
     --json "$out/$s.json" >/dev/null || log "$s: failures (see $s.json)"
   if [[ $s != sqlite ]]; then
     echo "{\"postgresqlCpuSeconds\": $(python3 -c "print($(pg_cpu) - $pg0)")}" >"$out/pgcpu-$s.json"
     if [[ -n ${PG_STATS:-} ]]; then as_pg "$pgbin/psql" -h "$pgdir" -U muster muster -c "SELECT round(total_exec_time) AS ms, calls, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 150) AS query FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" >"$out/statements-$s.txt"; fi
   fi
-  if [[ $s == pg2 ]]; then
+  if [[ $s == pg2 || $s == pg2pub ]]; then
     lag_buckets "$MPORT2" >"$out/lag-after-$s.txt"
     python3 - "$out/lag-before-$s.txt" "$out/lag-after-$s.txt" >"$out/lag-$s.json" <<'PY'
 import json, sys

@@ -1,8 +1,10 @@
 #include "bench/publisher.h"
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <condition_variable>
 #include <ctime>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -56,9 +58,32 @@ PublishResult PublishAll(const PublishOptions& o) {
   std::uint32_t answered = 0;
   std::shared_ptr<WsClient> client;
   WsClient::Handlers h;
+  boost::asio::steady_timer pace(ioc);
+  std::uint32_t next = 0;
+  std::function<void()> send_next = [&] {
+    const std::int64_t now = NowNs();
+    // Each request at start + i / rate; a late tick sends what is due.
+    while (next < o.count &&
+           now >= res.start_ns + static_cast<std::int64_t>(next * 1e9 / o.rate)) {
+      res.sent_ns[next] = NowNs();
+      client->Send(std::move(requests[next++]));
+    }
+    if (next == o.count) return;
+    pace.expires_at(std::chrono::steady_clock::now() +
+                    std::chrono::nanoseconds(res.start_ns +
+                                             static_cast<std::int64_t>(next * 1e9 / o.rate) - now));
+    pace.async_wait([&](boost::system::error_code ec) {
+      if (!ec) send_next();
+    });
+  };
   h.on_open = [&] {
     res.start_ns = NowNs();
-    for (auto& r : requests) client->Send(std::move(r));
+    if (o.rate <= 0) {
+      for (auto& r : requests) client->Send(std::move(r));
+      return;
+    }
+    res.sent_ns.assign(o.count, 0);
+    send_next();
   };
   h.on_message = [&](std::string text) {
     auto msg = proto::Decode(text, {16 << 20, 32});

@@ -1179,6 +1179,15 @@ bool Fleet::Watched() const {
   return false;
 }
 
+bool Fleet::WatchedForRemote() const {
+  std::lock_guard lock(mu_);
+  for (const auto& w : sinks_) {
+    auto s = w.lock();
+    if (s && s->WantsRemoteEvents()) return true;
+  }
+  return false;
+}
+
 FleetCounters Fleet::counters() const {
   std::lock_guard lock(mu_);
   return counters_;

@@ -304,6 +304,8 @@ class Fleet {
   void Broadcast(const std::string& topic, const nlohmann::json& data, bool remote = false);
   // Whether anyone is subscribed (an event nobody reads need not be built).
   bool Watched() const;
+  // Whether any sink takes events made from another controller's changes.
+  bool WatchedForRemote() const;
 
   Store& store() { return store_; }
   FleetCounters counters() const;

@@ -616,6 +616,20 @@ class LocalOnlySink : public FakeSink {
   bool WantsRemoteEvents() const override { return false; }
 };
 
+TEST_F(FleetTest, OnlySinksTakingRemoteEventsCountAsWatchingThem) {
+  EXPECT_FALSE(fleet_->Watched());
+  EXPECT_FALSE(fleet_->WatchedForRemote());
+  auto local = std::make_shared<LocalOnlySink>();
+  fleet_->Subscribe(local);
+  EXPECT_TRUE(fleet_->Watched());
+  EXPECT_FALSE(fleet_->WatchedForRemote()) << "a webhook notifier does not need them built";
+  auto sink = std::make_shared<FakeSink>();
+  fleet_->Subscribe(sink);
+  EXPECT_TRUE(fleet_->WatchedForRemote());
+  fleet_->Unsubscribe(sink.get());
+  EXPECT_FALSE(fleet_->WatchedForRemote());
+}
+
 TEST_F(FleetTest, RemotePresenceCountsAsOnlineAndIsBroadcast) {
   auto sink = std::make_shared<FakeSink>();
   auto local = std::make_shared<LocalOnlySink>();

@@ -184,6 +184,9 @@ void RolloutManager::OnRemoteChange(const std::string& id, const std::vector<int
     EvaluateLocked(id, positions);  // broadcasts
     return;
   }
+  // Read only for someone watching: a rollout of 10,000 machines changes
+  // thousands of times, and each read is all of its items.
+  if (!fleet_.WatchedForRemote()) return;
   auto r = store_.GetRollout(id);
   if (!r) return;
   fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id), &positions), true);
