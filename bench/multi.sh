@@ -20,7 +20,7 @@
 #           once (the load generator exits): how long until the controller has
 #           recorded them (agents connected = 0), how slow /metrics answers
 #           meanwhile, and how long a SIGTERM stop takes afterwards
-# Knobs: N=10000 RATE=200 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
+# Knobs: N=10000 RATE=200 PUBLISH_TIMEOUT=600 PORT=17643 PORT2=17644 MPORT=17653 MPORT2=17654 PING=50
 # PG_STATS=1 loads pg_stat_statements and writes, per scenario, the statements
 # that took the most server time (OUT_DIR/statements-SCENARIO.txt).
 # PostgreSQL is Debian's (or MUSTER_PG_BIN), started by initdb/pg_ctl in
@@ -201,7 +201,7 @@ for s in $scenarios; do
     what=(--publish-cmd "$publish_cmd")
   fi
   "$lg" run --state-dir "$state" --port "$PORT" --ping-interval "$PING" --count "$N" --threads 2 \
-    "${two[@]}" "${what[@]}" --publish-timeout 600 --controller-pid "$a_pid" \
+    "${two[@]}" "${what[@]}" --publish-timeout "${PUBLISH_TIMEOUT:-600}" --controller-pid "$a_pid" \
     --json "$out/$s.json" >/dev/null || log "$s: failures (see $s.json)"
   if [[ $s != sqlite ]]; then
     echo "{\"postgresqlCpuSeconds\": $(python3 -c "print($(pg_cpu) - $pg0)")}" >"$out/pgcpu-$s.json"

@@ -5,7 +5,6 @@
 
 #include <set>
 
-#include "common/preview.h"
 #include "common/rollout_items.h"
 #include "controller/dashboard.h"
 
@@ -256,18 +255,8 @@ proto::Response Api::HandleRequest(const Identity& who, const proto::Request& re
       for (const auto& it : *items) {
         if (!it.is_object()) return Fail(req.id, "preview: each item is an object");
         SignedManifest sm{Need(it, "manifest"), Need(it, "signer"), Need(it, "signature")};
-        auto signer = ParsePublicKey(sm.signer);
-        if (!signer || fleet_.Lookup(*signer).role != Role::kOperator) {
-          return Fail(req.id, "preview: signed by a key that is not a registered operator");
-        }
-        auto peek = ParseManifest(sm.manifest);
-        if (!peek) return Fail(req.id, "preview: " + peek.message());
-        PreviewVerifyContext ctx{peek->machine, {*signer}, fleet_.Now() / 1000, 600, 300};
-        auto m = VerifyPreview(sm, ctx);
-        if (!m) return Fail(req.id, "preview for " + peek->machine + ": " + m.message());
-        if (!fleet_.store().GetMachine(m->machine)) {
-          return Fail(req.id, "no machine named '" + m->machine + "'");
-        }
+        auto m = fleet_.CheckPreview(sm);
+        if (!m) return Fail(req.id, m.message());
         if (cache_) cache_->AllowPreview(m->machine, m->toplevel);
         if (fleet_.SendPreview(m->machine, proto::Preview{id, sm})) {
           sent.push_back(m->machine);

@@ -126,5 +126,48 @@ TEST_F(ClusterTest, AChangeCommittedAfterTheStartBelowTheNewestIdArrives) {
   cluster.Stop();
 }
 
+// A change whose id is below one already committed, held by a transaction
+// newer than every completed one (so in no list of the reader's snapshot),
+// is waited for while other transactions come and go, and arrives when it
+// commits: before, the reader took the gap for a rollback and skipped it.
+TEST_F(ClusterTest, AGapHeldByATransactionNewerThanTheSnapshotIsWaitedFor) {
+  Fleet fleet(*store_, [] { return std::int64_t{1717200000000}; });
+  RolloutManager rollouts(fleet, *store_);
+  ClusterOptions o;
+  o.conninfo = uri_;
+  o.id = "test-controller";
+  o.tick = std::chrono::milliseconds(20);
+  ASSERT_TRUE(store_->SetControllerId(o.id).ok());
+  Cluster cluster(fleet, rollouts, o);
+  ASSERT_TRUE(cluster.Open().ok());
+  ASSERT_TRUE(fleet.Load().ok());
+  auto sink = std::make_shared<LogSink>();
+  fleet.Subscribe(sink);
+  cluster.Start();
+
+  Session older(uri_), held(uri_), others(uri_);
+  ASSERT_EQ(older.Exec("BEGIN"), "");
+  ASSERT_EQ(older.Exec("SELECT pg_current_xact_id()"), "");  // the older xid, no row yet
+  ASSERT_EQ(held.Exec("BEGIN"), "");
+  ASSERT_EQ(held.Exec(LogInsert("held line")), "");   // newer xid, lower change id
+  ASSERT_EQ(older.Exec(LogInsert("older line")), "");  // higher change id
+  ASSERT_EQ(older.Exec("COMMIT"), "");                 // the held one is newest now, and open
+  // Transactions that complete meanwhile move the snapshots' xmax past it.
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_EQ(others.Exec("SELECT pg_current_xact_id()"), "");
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  }
+  EXPECT_FALSE(sink->Saw("older line")) << "applied in id order: it waits behind the gap";
+  ASSERT_EQ(held.Exec("COMMIT"), "");
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!(sink->Saw("held line") && sink->Saw("older line")) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(sink->Saw("held line")) << "the held change was skipped as rolled back";
+  EXPECT_TRUE(sink->Saw("older line"));
+  cluster.Stop();
+}
+
 }  // namespace
 }  // namespace muster

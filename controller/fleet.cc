@@ -7,6 +7,7 @@
 #include "common/json_limits.h"
 #include "common/parallel.h"
 #include "common/phase.h"
+#include "common/preview.h"
 #include "common/utf8.h"
 
 namespace muster {
@@ -1100,6 +1101,20 @@ void Fleet::Push(const std::string& machine, std::int64_t generation) {
   ch->Send(DeployText(*g));
 }
 
+Result<Manifest> Fleet::CheckPreview(const SignedManifest& sm) const {
+  auto signer = ParsePublicKey(sm.signer);
+  if (!signer || Lookup(*signer).role != Role::kOperator) {
+    return Err("preview: signed by a key that is not a registered operator");
+  }
+  auto peek = ParseManifest(sm.manifest);
+  if (!peek) return Err("preview: " + peek.message());
+  PreviewVerifyContext ctx{peek->machine, {*signer}, Now() / 1000, 600, 300};
+  auto m = VerifyPreview(sm, ctx);
+  if (!m) return Err("preview for " + peek->machine + ": " + m.message());
+  if (!store_.GetMachine(m->machine)) return Err("no machine named '" + m->machine + "'");
+  return m;
+}
+
 bool Fleet::SendPreview(const std::string& machine, const proto::Preview& p) {
   std::shared_ptr<AgentChannel> ch;
   {
@@ -1107,9 +1122,55 @@ bool Fleet::SendPreview(const std::string& machine, const proto::Preview& p) {
     auto it = online_.find(machine);
     if (it != online_.end()) ch = it->second.lock();
   }
-  if (!ch) return false;
-  ch->Send(proto::Encode(p));
+  if (ch) {
+    ch->Send(proto::Encode(p));
+    return true;
+  }
+  if (!IsOnline(machine)) return false;  // nor connected to another controller
+  json request = {{"id", p.id},
+                  {"manifest", p.manifest.manifest},
+                  {"signer", p.manifest.signer},
+                  {"signature", p.manifest.signature}};
+  if (auto st = store_.AnnouncePreview(machine, {{"request", request}}); !st) {
+    spdlog::warn("{}: {}", machine, st.message());
+    return false;
+  }
   return true;
+}
+
+void Fleet::RemotePreview(const std::string& machine, const json& message) {
+  if (!message.is_object()) return;
+  if (auto report = message.find("report"); report != message.end() && report->is_object()) {
+    Broadcast("preview", *report, /*remote=*/true);
+    return;
+  }
+  auto request = message.find("request");
+  if (request == message.end() || !request->is_object()) return;
+  std::shared_ptr<AgentChannel> ch;
+  {
+    std::lock_guard lock(mu_);
+    auto it = online_.find(machine);
+    if (it != online_.end()) ch = it->second.lock();
+  }
+  if (!ch) return;  // not connected here (or no longer): its controller answers
+  auto text = [&](const char* key) {
+    auto v = request->find(key);
+    return v != request->end() && v->is_string() ? v->get<std::string>() : std::string();
+  };
+  proto::Preview p{text("id"), {text("manifest"), text("signer"), text("signature")}};
+  // Checked again here: this controller vouches for what it sends its agents.
+  auto m = CheckPreview(p.manifest);
+  if (!m || m->machine != machine) {
+    spdlog::warn("{}: preview passed on by another controller refused: {}", machine,
+                 m ? "it names another machine" : m.message());
+    return;
+  }
+  if (preview_hook_) preview_hook_(m->machine, m->toplevel);
+  ch->Send(proto::Encode(p));
+}
+
+void Fleet::SetPreviewHook(std::function<void(const std::string&, const std::string&)> hook) {
+  preview_hook_ = std::move(hook);
 }
 
 void Fleet::AgentPreview(const std::string& machine, proto::PreviewReport r) {
@@ -1137,6 +1198,10 @@ void Fleet::AgentPreview(const std::string& machine, proto::PreviewReport r) {
   json data = proto::ToJson(r);
   data["machine"] = machine;
   Broadcast("preview", data);
+  // The operator who asked may be connected to another controller.
+  if (auto st = store_.AnnouncePreview(machine, {{"report", data}}); !st) {
+    spdlog::warn("{}: {}", machine, st.message());
+  }
 }
 
 void Fleet::Subscribe(std::shared_ptr<EventSink> sink) {

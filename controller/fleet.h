@@ -290,12 +290,25 @@ class Fleet {
   std::vector<Status> CommitPublishes(
       const std::vector<std::pair<std::string, GenerationRecord>>& items);
 
-  // Preview before go: forwards an operator's signed preview request to the
-  // machine when it is connected to this controller (false: it is not).
+  // Preview before go. A signed preview request is checked here for an early
+  // error (each agent checks it again against its own trusted keys): signed
+  // by a registered operator, fresh, for a registered machine.
+  Result<Manifest> CheckPreview(const SignedManifest& sm) const;
+  // Forwards a checked request to the machine: to its connection here, or,
+  // when another controller holds it, through the store to that one
+  // (false: the machine is offline).
   bool SendPreview(const std::string& machine, const proto::Preview& p);
   // A machine's preview report: every string made valid UTF-8 and bounded,
-  // then broadcast as a "preview" event {machine, …report}.
+  // then broadcast as a "preview" event {machine, …report}, here and (through
+  // the store) at the other controllers, whose operator may have asked.
   void AgentPreview(const std::string& machine, proto::PreviewReport r);
+  // A preview message another controller passed on (Store::AnnouncePreview):
+  // a request for an agent connected here is checked and sent to it (after
+  // the preview hook, which lets it fetch the closure from this controller's
+  // cache); a report is broadcast as a remote event.
+  void RemotePreview(const std::string& machine, const nlohmann::json& message);
+  void SetPreviewHook(std::function<void(const std::string& machine, const std::string& toplevel)>
+                          hook);
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
@@ -371,6 +384,7 @@ class Fleet {
   };
   std::vector<PendingFinal> pending_finals_;  // under mu_, at most kMaxUnstored
   FleetObserver* observer_ = nullptr;
+  std::function<void(const std::string&, const std::string&)> preview_hook_;
   int live_tokens_ = 0;  // as of the last Refresh, AddEnrollGrant or Enroll
   std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;
 };

@@ -465,6 +465,10 @@ int Run(const Paths& p, const RunConfig& c) {
   CacheService cache(**store, std::move(*nars), c.cache_gc_grace);
   cache.StartSchedule(c.cache_gc_interval);
   api.SetCache(&cache);
+  // A preview passed on by another controller may fetch from this one's cache.
+  fleet.SetPreviewHook([&cache](const std::string& machine, const std::string& toplevel) {
+    cache.AllowPreview(machine, toplevel);
+  });
   NotifierOptions no;
   no.offline_after_ms = c.webhook_offline_after * 1000;
   no.max_queued = c.webhook_queue_max;

@@ -642,6 +642,26 @@ class PgStore final : public Store {
     return ConnectLocked();
   }
 
+  Status AnnouncePreview(const std::string& machine, const json& message) override {
+    std::lock_guard lock(mu_);
+    if (controller_id_.empty()) return Status::Ok();
+    // The transaction id first, then the change id, as for every change row
+    // (a trigger's data change comes first): a reader waiting at a gap in the
+    // ids waits for the transactions begun before it saw the gap.
+    if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
+    auto x = Q("SELECT pg_current_xact_id()");
+    auto r = x.ok() ? Q("WITH c AS (INSERT INTO changes (kind, subject, extra, origin, at) VALUES "
+                        "('preview', $1, $2, muster_origin(), muster_now()) RETURNING id) "
+                        "SELECT pg_notify('muster_changes', id::TEXT) FROM c",
+                        machine, DumpJson(message))
+                    : std::move(x);
+    if (!r.ok()) {
+      (void)End("ROLLBACK");
+      return Err("store: cannot pass the preview on: " + r.error());
+    }
+    return CommitLocked("cannot pass the preview on");
+  }
+
   Status RecordGone(const std::string& machine) override {
     std::lock_guard lock(mu_);
     if (controller_id_.empty()) return Status::Ok();

@@ -368,6 +368,15 @@ class Store {
     (void)id;
     return Status::Ok();
   }
+  // A message for the other controllers about `machine`, not kept as state:
+  // a preview request for an agent connected elsewhere ({"request": ...}), or
+  // a preview report for an operator connected elsewhere ({"report": ...}).
+  // It travels as a change row (kind "preview"), so it is pruned with them.
+  virtual Status AnnouncePreview(const std::string& machine, const nlohmann::json& message) {
+    (void)machine;
+    (void)message;
+    return Status::Ok();
+  }
   // This controller no longer holds the machine's connection.
   virtual Status RecordGone(const std::string& machine) {
     (void)machine;

@@ -193,6 +193,42 @@ class MultiTest(EnvTest):
             self.assertIsNotNone(m, "lag histogram exported")
             self.assertGreater(int(m.group(1)), 0)
 
+    def test_a_preview_through_one_controller_reaches_an_agent_on_another(self):
+        a, b = self.controllers(2)
+        web1, web2 = self.agents(["web1", "web2"])
+        wait_until(lambda: self.connected_to("web1") != "" and self.connected_to("web2") != "",
+                   30, what="both agents connected")
+        self.assertNotEqual(self.connected_to("web1"), self.connected_to("web2"))
+        env = self.env
+        cache = ["--substituter", env.cache.url, "--trusted-public-key", env.cache.public]
+        base = env.build("preview-base")
+        self.cli(a, "publish", "web1", "web2", base, *cache, "--wait", "--timeout", "90")
+        nxt = env.build("preview-next", restartUnits="sshd.service")
+        # web2 is held by b: a passes the signed request on, b's agent answers,
+        # and its report comes back to the CLI on a.
+        r = self.cli(a, "--json", "publish", "web2", nxt, "--preview", *cache,
+                     "--timeout", "90")
+        out = json.loads(r.stdout)
+        self.assertEqual(out["offline"], [], out)
+        self.assertEqual(out["noAnswer"], [], out)
+        [one] = out["machines"]
+        self.assertEqual(one["machine"], "web2")
+        self.assertEqual(one["error"], "", one)
+        self.assertEqual(one["toplevel"], nxt)
+        self.assertEqual(one["current"], base)
+        self.assertEqual(one["units"]["restart"], ["sshd.service"], one)
+        # The whole fleet through b: one agent here, one on a.
+        r = self.cli(b, "--json", "publish", "--tag", "fleet", nxt, "--preview", *cache,
+                     "--timeout", "90")
+        out = json.loads(r.stdout)
+        self.assertEqual(out["noAnswer"], [], out)
+        self.assertEqual(sorted(m["machine"] for m in out["machines"]), ["web1", "web2"])
+        for m in out["machines"]:
+            self.assertEqual(m["error"], "", m)
+        # A preview changes nothing.
+        for ag in (web1, web2):
+            self.assertEqual(ag.current_system(), base, ag.name)
+
     def test_three_controllers_registry_presence_and_events_everywhere(self):
         a, b, c = self.controllers(3)
         agents = self.agents(["n0", "n1", "n2"])
