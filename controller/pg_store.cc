@@ -922,6 +922,67 @@ class PgStore final : public Store {
     return Status::Ok();
   }
 
+  // InsertGenerationLocked for many machines (each at most once) in three
+  // statements: the machines' numbering locks (in one order, so that two
+  // such batches cannot deadlock), then, in a snapshot taken after them,
+  // their newest numbers, then the rows. The caller holds mu_ and a
+  // transaction.
+  Status InsertGenerationsLocked(const std::vector<GenerationRecord>& gens) {
+    if (gens.empty()) return Status::Ok();
+    std::set<std::string> distinct;
+    for (const auto& g : gens) distinct.insert(g.machine);
+    if (distinct.size() != gens.size()) {
+      for (const auto& g : gens) {
+        if (auto st = InsertGenerationLocked(g); !st) return st;
+      }
+      return Status::Ok();
+    }
+    const std::string names = pg::TextArray({distinct.begin(), distinct.end()});
+    auto l = Q("SELECT pg_advisory_xact_lock(1836413812, hashtext(m)) FROM "
+               "(SELECT m FROM unnest($1::TEXT[]) AS m ORDER BY hashtext(m), m) AS o",
+               names);
+    if (!l.ok()) return Err("store: " + l.error());
+    auto q = Q("SELECT u.m, COALESCE(MAX(g.generation), 0) FROM unnest($1::TEXT[]) AS u(m) "
+               "LEFT JOIN generations g ON g.machine = u.m GROUP BY u.m",
+               names);
+    if (!q.ok()) return Err("store: " + q.error());
+    std::map<std::string, std::int64_t> latest;
+    for (int i = 0; i < q.rows(); ++i) latest[q.Text(i, 0)] = q.Int(i, 1);
+    std::vector<std::string> machine, manifest, signer, signature, vars, toplevel, action,
+        rollout, by;
+    std::vector<std::int64_t> generation, created, released;
+    for (const auto& g : gens) {
+      if (g.generation <= latest[g.machine]) {
+        return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
+                   " is not newer than the stored generation " +
+                   std::to_string(latest[g.machine]));
+      }
+      machine.push_back(g.machine);
+      generation.push_back(g.generation);
+      manifest.push_back(g.manifest.manifest);
+      signer.push_back(g.manifest.signer);
+      signature.push_back(g.manifest.signature);
+      vars.push_back(g.vars);
+      toplevel.push_back(g.toplevel);
+      action.push_back(g.action);
+      rollout.push_back(g.rollout);
+      by.push_back(g.published_by);
+      created.push_back(g.created_at);
+      released.push_back(g.released ? 1 : 0);
+    }
+    auto s = QV("INSERT INTO generations (machine, generation, manifest, signer, signature, "
+                "vars, toplevel, action, rollout, published_by, created_at, released) "
+                "SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], "
+                "$5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], "
+                "$11::BIGINT[], $12::BIGINT[])",
+                {pg::TextArray(machine), pg::IntArray(generation), pg::TextArray(manifest),
+                 pg::TextArray(signer), pg::TextArray(signature), pg::TextArray(vars),
+                 pg::TextArray(toplevel), pg::TextArray(action), pg::TextArray(rollout),
+                 pg::TextArray(by), pg::IntArray(created), pg::IntArray(released)});
+    if (!s.ok()) return Err("store: cannot add generation: " + s.error());
+    return Status::Ok();
+  }
+
   std::int64_t MaxGeneration(const std::string& machine) override {
     std::lock_guard lock(mu_);
     auto r = Q("SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = $1", machine);
@@ -952,21 +1013,35 @@ class PgStore final : public Store {
       (void)End("ROLLBACK");
       return Status(Err(std::move(e)));
     };
-    for (const auto& g : gens) {
-      if (auto st = InsertGenerationLocked(g); !st) return fail(st.message());
-    }
+    // A few statements for the whole fleet, not three per machine: a rollout
+    // of 10,000 machines was 40,000 round trips and 10,000 trigger runs.
+    if (auto st = InsertGenerationsLocked(gens); !st) return fail(st.message());
     auto r1 =
         Q("INSERT INTO rollouts (id, created_at, created_by, canary, max_parallel, "
           "max_failures, state, detail, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
           r.id, r.created_at, r.created_by, r.canary, r.max_parallel, r.max_failures, r.state,
           r.detail, r.updated_at);
     if (!r1.ok()) return fail("store: cannot add rollout: " + r1.error());
-    for (const auto& it : items) {
+    if (!items.empty()) {
+      std::vector<std::string> rollout, machine, state, detail;
+      std::vector<std::int64_t> position, generation, stage, updated;
+      for (const auto& it : items) {
+        rollout.push_back(it.rollout);
+        position.push_back(it.position);
+        machine.push_back(it.machine);
+        generation.push_back(it.generation);
+        stage.push_back(it.stage);
+        state.push_back(it.state);
+        detail.push_back(it.detail);
+        updated.push_back(it.updated_at);
+      }
       auto i =
           Q("INSERT INTO rollout_items (rollout, position, machine, generation, stage, "
-            "state, detail, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-            it.rollout, it.position, it.machine, it.generation, it.stage, it.state, it.detail,
-            it.updated_at);
+            "state, detail, updated_at) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], "
+            "$3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[])",
+            pg::TextArray(rollout), pg::IntArray(position), pg::TextArray(machine),
+            pg::IntArray(generation), pg::IntArray(stage), pg::TextArray(state),
+            pg::TextArray(detail), pg::IntArray(updated));
       if (!i.ok()) return fail("store: cannot add rollout item: " + i.error());
     }
     return CommitLocked("cannot add rollout");

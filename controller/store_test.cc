@@ -608,6 +608,46 @@ TEST_P(StoreTest, ARolloutStepStoresFinalsReleasesAndStateTogether) {
   }
 }
 
+TEST_P(StoreTest, ARolloutWithAGenerationNotNewerStoresNothing) {
+  for (const char* name : {"web1", "web2", "web3"}) {
+    ASSERT_TRUE(store_->AddMachine(Machine(name, std::string("ed25519:") + name)).ok());
+  }
+  ASSERT_TRUE(store_->AddGeneration(Gen("web2", 5)).ok());
+  RolloutRecord r;
+  r.id = "r1";
+  r.state = "running";
+  std::vector<GenerationRecord> gens;
+  std::vector<RolloutItemRecord> items;
+  for (const char* name : {"web1", "web2", "web3"}) {
+    GenerationRecord g = Gen(name, 5);
+    g.manifest.manifest = "{\"quoted\": \"a\\\\b\", \"m\": \"" + std::string(name) + "\"}";
+    g.released = false;
+    gens.push_back(g);
+    RolloutItemRecord it;
+    it.rollout = "r1";
+    it.position = static_cast<int>(items.size());
+    it.machine = name;
+    it.generation = 5;
+    items.push_back(it);
+  }
+  auto refused = store_->CreateRollout(r, gens, items);
+  EXPECT_THAT(refused.message(), HasSubstr("generation 5 for web2 is not newer than the stored "
+                                           "generation 5"));
+  EXPECT_FALSE(store_->GetRollout("r1").has_value());
+  EXPECT_EQ(store_->MaxGeneration("web1"), 0) << "nothing of the refused rollout was stored";
+
+  for (auto& g : gens) g.generation = 6;
+  for (auto& it : items) it.generation = 6;
+  ASSERT_TRUE(store_->CreateRollout(r, gens, items).ok());
+  auto g1 = store_->GetGeneration("web1", 6);
+  ASSERT_TRUE(g1.has_value());
+  EXPECT_EQ(g1->manifest.manifest, gens[0].manifest.manifest) << "text intact";
+  EXPECT_FALSE(g1->released);
+  EXPECT_EQ(g1->vars, gens[0].vars);
+  EXPECT_EQ(store_->ListRolloutItems("r1").size(), 3u);
+  EXPECT_EQ(store_->ListRolloutItems("r1")[2].machine, "web3");
+}
+
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
   EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "4" : "1");
   EXPECT_FALSE(store_->GetSetting("missing").has_value());

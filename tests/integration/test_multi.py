@@ -200,8 +200,8 @@ class MultiTest(EnvTest):
                    30, what="both agents connected")
         self.assertNotEqual(self.connected_to("web1"), self.connected_to("web2"))
         env = self.env
-        cache = ["--substituter", env.cache.url, "--trusted-public-key", env.cache.public]
         base = env.build("preview-base")
+        cache = ["--substituter", env.cache.url, "--trusted-public-key", env.cache.public]
         self.cli(a, "publish", "web1", "web2", base, *cache, "--wait", "--timeout", "90")
         nxt = env.build("preview-next", restartUnits="sshd.service")
         # web2 is held by b: a passes the signed request on, b's agent answers,
