@@ -167,9 +167,13 @@ class Env:
         return self.controller
 
     def write_cli_config(self, name="config.json", **extra):
+        # Written aside and renamed: tests rewrite a config while another
+        # thread's CLI reads it, which must never see half a file.
         path = os.path.join(self.cli_dir, name)
-        with open(path, "w") as f:
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"controller": self.url(), "pin": self.pin, "key": self.op_key, **extra}, f)
+        os.replace(tmp, path)
         return path
 
     def url(self, port=None):
