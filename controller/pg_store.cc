@@ -372,13 +372,14 @@ std::string Param(bool v) { return v ? "1" : "0"; }
 
 using pg::Res;
 
-// Rollout items as array parameters ($1..$7) for one statement over all of
+// Rollout items as array parameters ($1..$8) for one statement over all of
 // them, each (rollout, position) once: an UPDATE ... FROM with two source
 // rows for one target row would apply either.
 struct ItemColumns {
   static constexpr const char* kUnnest =
       "unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], "
-      "$7::BIGINT[]) AS u(rollout, position, machine, generation, state, detail, updated_at)";
+      "$7::BIGINT[], $8::BIGINT[]) AS u(rollout, position, machine, generation, state, detail, "
+      "updated_at, stage)";
   ItemColumns(const std::vector<RolloutItemRecord>& items, bool last_wins) {
     std::map<std::pair<std::string_view, std::int64_t>, const RolloutItemRecord*> pick;
     std::vector<const RolloutItemRecord*> order;
@@ -391,7 +392,7 @@ struct ItemColumns {
       }
     }
     std::vector<std::string> r, m, st, d;
-    std::vector<std::int64_t> p, g, at;
+    std::vector<std::int64_t> p, g, at, sg;
     for (const RolloutItemRecord* first : order) {
       const RolloutItemRecord& it = *pick.at({first->rollout, first->position});
       r.push_back(it.rollout);
@@ -401,7 +402,9 @@ struct ItemColumns {
       st.push_back(it.state);
       d.push_back(it.detail);
       at.push_back(it.updated_at);
+      sg.push_back(it.stage);
     }
+    stage = pg::IntArray(sg);
     rollout = pg::TextArray(r);
     position = pg::IntArray(p);
     machine = pg::TextArray(m);
@@ -410,7 +413,7 @@ struct ItemColumns {
     detail = pg::TextArray(d);
     updated_at = pg::IntArray(at);
   }
-  std::string rollout, position, machine, generation, state, detail, updated_at;
+  std::string rollout, position, machine, generation, state, detail, updated_at, stage;
 };
 
 class PgStore final : public Store {
@@ -697,7 +700,8 @@ class PgStore final : public Store {
       auto u = Q(std::string("UPDATE rollout_items AS r SET state = u.state, detail = u.detail, "
                              "updated_at = u.updated_at FROM ") +
                      ItemColumns::kUnnest + " WHERE r.rollout = u.rollout AND r.position = u.position",
-                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at);
+                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at,
+                 c.stage);
       if (!u.ok()) return fail("store: cannot record rollout item: " + u.error());
     }
     if (!controller_id_.empty() && !items.empty()) {
@@ -723,7 +727,8 @@ class PgStore final : public Store {
                      "'pending' RETURNING u.machine, u.generation) "
                      "UPDATE generations AS g SET released = 1 FROM released AS x WHERE "
                      "g.machine = x.machine AND g.generation = x.generation AND g.released = 0",
-                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at);
+                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at,
+                 c.stage);
       if (!u.ok()) return fail("store: cannot release rollout items: " + u.error());
     }
     if (state) {
@@ -1023,25 +1028,12 @@ class PgStore final : public Store {
           r.detail, r.updated_at);
     if (!r1.ok()) return fail("store: cannot add rollout: " + r1.error());
     if (!items.empty()) {
-      std::vector<std::string> rollout, machine, state, detail;
-      std::vector<std::int64_t> position, generation, stage, updated;
-      for (const auto& it : items) {
-        rollout.push_back(it.rollout);
-        position.push_back(it.position);
-        machine.push_back(it.machine);
-        generation.push_back(it.generation);
-        stage.push_back(it.stage);
-        state.push_back(it.state);
-        detail.push_back(it.detail);
-        updated.push_back(it.updated_at);
-      }
-      auto i =
-          Q("INSERT INTO rollout_items (rollout, position, machine, generation, stage, "
-            "state, detail, updated_at) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], "
-            "$3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[])",
-            pg::TextArray(rollout), pg::IntArray(position), pg::TextArray(machine),
-            pg::IntArray(generation), pg::IntArray(stage), pg::TextArray(state),
-            pg::TextArray(detail), pg::IntArray(updated));
+      ItemColumns c(items, /*last_wins=*/true);
+      auto i = Q(std::string("INSERT INTO rollout_items (rollout, position, machine, generation, "
+                             "state, detail, updated_at, stage) SELECT * FROM ") +
+                     ItemColumns::kUnnest,
+                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at,
+                 c.stage);
       if (!i.ok()) return fail("store: cannot add rollout item: " + i.error());
     }
     return CommitLocked("cannot add rollout");

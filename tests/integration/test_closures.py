@@ -76,9 +76,12 @@ class ClosuresTest(ClosuresBase):
         self.assertEqual(a.current_system(), top)
         for p in paths:
             self.assertTrue(os.path.exists(p), p)
-        out = env.cli("logs", "m1", "--generation", str(gen), "--json").stdout
-        text = "\n".join(json.loads(l)["line"] for l in out.splitlines() if l.strip())
-        self.assertIn("copying path", text)
+        def logged():
+            out = env.cli("logs", "m1", "--generation", str(gen), "--json").stdout
+            text = "\n".join(json.loads(l)["line"] for l in out.splitlines() if l.strip())
+            return text if "copying path" in text else None
+        # Log lines are stored in batches, and may land just after the final report.
+        text = wait_until(logged, 10, interval=0.2, what="the realise's log lines")
         self.assertIn("http://127.0.0.1:", text)  # the loopback substituter, nothing else
         st = json.loads(env.cli("cache", "status", "--json").stdout)
         self.assertEqual(st["paths"], 3)
