@@ -515,8 +515,8 @@ int CmdRun(const RunArgs& a) {
         std::sort(sent_ns.begin(), sent_ns.end());
         std::vector<double> sent_gaps;
         for (std::size_t k = 0; k + static_cast<std::size_t>(a.waves) < n; ++k) {
-          sent_gaps.push_back(
-              Sec(notify_ns[k + static_cast<std::size_t>(a.waves)] - sent_ns[k]) * 1000);
+          sent_gaps.push_back(Sec(notify_ns[k + static_cast<std::size_t>(a.waves)] - sent_ns[k]) *
+                              1000);
         }
         f["finalReportSentToNextReleaseMs"] = Percentiles(sent_gaps);
       }

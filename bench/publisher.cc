@@ -63,8 +63,7 @@ PublishResult PublishAll(const PublishOptions& o) {
   std::function<void()> send_next = [&] {
     const std::int64_t now = NowNs();
     // Each request at start + i / rate; a late tick sends what is due.
-    while (next < o.count &&
-           now >= res.start_ns + static_cast<std::int64_t>(next * 1e9 / o.rate)) {
+    while (next < o.count && now >= res.start_ns + static_cast<std::int64_t>(next * 1e9 / o.rate)) {
       res.sent_ns[next] = NowNs();
       client->Send(std::move(requests[next++]));
     }

@@ -541,16 +541,17 @@ Status Cluster::Open() {
   // lists only running transactions older than its xmax (one past the newest
   // completed one); those newer are running too, or were begun since: every
   // id from xmax up to one assigned after the snapshot is added.
-  auto r =
-      m.Q("SELECT COALESCE(MAX(id), 0), ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()))::TEXT, "
-          "pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT FROM changes");
+  auto r = m.Q(
+      "SELECT COALESCE(MAX(id), 0), ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()))::TEXT, "
+      "pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT FROM changes");
   if (r.rows() != 1) return Err("cluster: cannot read the change sequence: " + r.error());
   auto after = m.Q("SELECT pg_current_xact_id()::TEXT::BIGINT");
   if (after.rows() != 1) return Err("cluster: cannot read the change sequence: " + after.error());
   m.last = r.Int(0, 0);
   m.late_below = m.last;
   m.late_xacts = NumberArray(r.Text(0, 1));
-  for (std::int64_t x = r.Int(0, 2); x < after.Int(0, 0); ++x) m.late_xacts.insert(std::to_string(x));
+  for (std::int64_t x = r.Int(0, 2); x < after.Int(0, 0); ++x)
+    m.late_xacts.insert(std::to_string(x));
   m.fleet.SetClustered(true);
   m.rollouts.SetDriving(false);  // until the lease says otherwise
   m.Tick();

@@ -80,9 +80,47 @@ class ClusterTest : public ::testing::Test {
            line + "', 0)";
   }
 
+  // A controller's fleet and its Cluster, opened, loaded and started, with a
+  // sink recording what it broadcasts.
+  void StartCluster() {
+    fleet_ = std::make_unique<Fleet>(*store_, [] { return std::int64_t{1717200000000}; });
+    rollouts_ = std::make_unique<RolloutManager>(*fleet_, *store_);
+    ClusterOptions o;
+    o.conninfo = uri_;
+    o.id = "test-controller";
+    o.tick = std::chrono::milliseconds(20);
+    ASSERT_TRUE(store_->SetControllerId(o.id).ok());
+    cluster_ = std::make_unique<Cluster>(*fleet_, *rollouts_, o);
+    ASSERT_TRUE(cluster_->Open().ok());
+    ASSERT_TRUE(fleet_->Load().ok());
+    sink_ = std::make_shared<LogSink>();
+    fleet_->Subscribe(sink_);
+    cluster_->Start();
+  }
+
+  // Waits (at most 10 s) until the sink saw every one of `lines`.
+  bool SawAll(const std::vector<std::string>& lines) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    for (;;) {
+      bool all = true;
+      for (const auto& l : lines) all = all && sink_->Saw(l);
+      if (all) return true;
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+  void TearDown() override {
+    if (cluster_) cluster_->Stop();
+  }
+
   PgTestServer* pg_ = nullptr;
   std::string uri_;
   std::unique_ptr<Store> store_;
+  std::unique_ptr<Fleet> fleet_;
+  std::unique_ptr<RolloutManager> rollouts_;
+  std::unique_ptr<Cluster> cluster_;
+  std::shared_ptr<LogSink> sink_;
 };
 
 // A change whose transaction was open when the controller started, and whose
@@ -95,35 +133,14 @@ TEST_F(ClusterTest, AChangeCommittedAfterTheStartBelowTheNewestIdArrives) {
   Session other(uri_);
   ASSERT_EQ(other.Exec(LogInsert("early line")), "");  // commits the higher one
 
-  Fleet fleet(*store_, [] { return std::int64_t{1717200000000}; });
-  RolloutManager rollouts(fleet, *store_);
-  ClusterOptions o;
-  o.conninfo = uri_;
-  o.id = "test-controller";
-  o.tick = std::chrono::milliseconds(20);
-  ASSERT_TRUE(store_->SetControllerId(o.id).ok());
-  Cluster cluster(fleet, rollouts, o);
-  ASSERT_TRUE(cluster.Open().ok());
-  ASSERT_TRUE(fleet.Load().ok());
-  auto sink = std::make_shared<LogSink>();
-  fleet.Subscribe(sink);
-  cluster.Start();
+  StartCluster();
 
   ASSERT_EQ(held.Exec("COMMIT"), "");
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!sink->Saw("late line") && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_TRUE(sink->Saw("late line"));
+  EXPECT_TRUE(SawAll({"late line"}));
   // Changes of transactions begun after the start are the normal path.
   ASSERT_EQ(other.Exec(LogInsert("after line")), "");
-  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!sink->Saw("after line") && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_TRUE(sink->Saw("after line"));
-  EXPECT_FALSE(sink->Saw("early line"));
-  cluster.Stop();
+  EXPECT_TRUE(SawAll({"after line"}));
+  EXPECT_FALSE(sink_->Saw("early line"));
 }
 
 // A change whose id is below one already committed, held by a transaction
@@ -131,25 +148,13 @@ TEST_F(ClusterTest, AChangeCommittedAfterTheStartBelowTheNewestIdArrives) {
 // is waited for while other transactions come and go, and arrives when it
 // commits: before, the reader took the gap for a rollback and skipped it.
 TEST_F(ClusterTest, AGapHeldByATransactionNewerThanTheSnapshotIsWaitedFor) {
-  Fleet fleet(*store_, [] { return std::int64_t{1717200000000}; });
-  RolloutManager rollouts(fleet, *store_);
-  ClusterOptions o;
-  o.conninfo = uri_;
-  o.id = "test-controller";
-  o.tick = std::chrono::milliseconds(20);
-  ASSERT_TRUE(store_->SetControllerId(o.id).ok());
-  Cluster cluster(fleet, rollouts, o);
-  ASSERT_TRUE(cluster.Open().ok());
-  ASSERT_TRUE(fleet.Load().ok());
-  auto sink = std::make_shared<LogSink>();
-  fleet.Subscribe(sink);
-  cluster.Start();
+  StartCluster();
 
   Session older(uri_), held(uri_), others(uri_);
   ASSERT_EQ(older.Exec("BEGIN"), "");
   ASSERT_EQ(older.Exec("SELECT pg_current_xact_id()"), "");  // the older xid, no row yet
   ASSERT_EQ(held.Exec("BEGIN"), "");
-  ASSERT_EQ(held.Exec(LogInsert("held line")), "");   // newer xid, lower change id
+  ASSERT_EQ(held.Exec(LogInsert("held line")), "");    // newer xid, lower change id
   ASSERT_EQ(older.Exec(LogInsert("older line")), "");  // higher change id
   ASSERT_EQ(older.Exec("COMMIT"), "");                 // the held one is newest now, and open
   // Transactions that complete meanwhile move the snapshots' xmax past it.
@@ -157,16 +162,11 @@ TEST_F(ClusterTest, AGapHeldByATransactionNewerThanTheSnapshotIsWaitedFor) {
     ASSERT_EQ(others.Exec("SELECT pg_current_xact_id()"), "");
     std::this_thread::sleep_for(std::chrono::milliseconds(30));
   }
-  EXPECT_FALSE(sink->Saw("older line")) << "applied in id order: it waits behind the gap";
+  EXPECT_FALSE(sink_->Saw("older line")) << "applied in id order: it waits behind the gap";
   ASSERT_EQ(held.Exec("COMMIT"), "");
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!(sink->Saw("held line") && sink->Saw("older line")) &&
-         std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_TRUE(sink->Saw("held line")) << "the held change was skipped as rolled back";
-  EXPECT_TRUE(sink->Saw("older line"));
-  cluster.Stop();
+  SawAll({"held line", "older line"});
+  EXPECT_TRUE(sink_->Saw("held line")) << "the held change was skipped as rolled back";
+  EXPECT_TRUE(sink_->Saw("older line"));
 }
 
 }  // namespace

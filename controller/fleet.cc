@@ -1085,12 +1085,7 @@ void Fleet::Push(const GenerationRecord& g) {
 }
 
 void Fleet::Push(const std::string& machine, std::int64_t generation) {
-  std::shared_ptr<AgentChannel> ch;
-  {
-    std::lock_guard lock(mu_);
-    auto it = online_.find(machine);
-    if (it != online_.end()) ch = it->second.lock();
-  }
+  auto ch = LocalChannel(machine);
   if (!ch) return;  // offline: the welcome carries it when it connects
   auto g = store_.GetGeneration(machine, generation);
   if (!g) return;
@@ -1116,13 +1111,7 @@ Result<Manifest> Fleet::CheckPreview(const SignedManifest& sm) const {
 }
 
 bool Fleet::SendPreview(const std::string& machine, const proto::Preview& p) {
-  std::shared_ptr<AgentChannel> ch;
-  {
-    std::lock_guard lock(mu_);
-    auto it = online_.find(machine);
-    if (it != online_.end()) ch = it->second.lock();
-  }
-  if (ch) {
+  if (auto ch = LocalChannel(machine)) {
     ch->Send(proto::Encode(p));
     return true;
   }
@@ -1146,12 +1135,7 @@ void Fleet::RemotePreview(const std::string& machine, const json& message) {
   }
   auto request = message.find("request");
   if (request == message.end() || !request->is_object()) return;
-  std::shared_ptr<AgentChannel> ch;
-  {
-    std::lock_guard lock(mu_);
-    auto it = online_.find(machine);
-    if (it != online_.end()) ch = it->second.lock();
-  }
+  auto ch = LocalChannel(machine);
   if (!ch) return;  // not connected here (or no longer): its controller answers
   auto text = [&](const char* key) {
     auto v = request->find(key);
@@ -1166,6 +1150,11 @@ void Fleet::RemotePreview(const std::string& machine, const json& message) {
     return;
   }
   if (preview_hook_) preview_hook_(m->machine, m->toplevel);
+  if (p.id.size() <= 64) {  // as a report's id is cut (AgentPreview)
+    std::lock_guard lock(mu_);
+    remote_previews_.push_back(p.id);
+    if (remote_previews_.size() > 1000) remote_previews_.pop_front();
+  }
   ch->Send(proto::Encode(p));
 }
 
@@ -1198,7 +1187,14 @@ void Fleet::AgentPreview(const std::string& machine, proto::PreviewReport r) {
   json data = proto::ToJson(r);
   data["machine"] = machine;
   Broadcast("preview", data);
-  // The operator who asked may be connected to another controller.
+  // Asked through another controller: the report goes back that way.
+  bool remote;
+  {
+    std::lock_guard lock(mu_);
+    remote =
+        std::find(remote_previews_.begin(), remote_previews_.end(), r.id) != remote_previews_.end();
+  }
+  if (!remote) return;
   if (auto st = store_.AnnouncePreview(machine, {{"report", data}}); !st) {
     spdlog::warn("{}: {}", machine, st.message());
   }
@@ -1236,21 +1232,19 @@ void Fleet::NoteSentLocked(const GenerationRecord& g) {
   sent_[g.machine] = {g.generation, g.created_at};
 }
 
-bool Fleet::Watched() const {
+bool Fleet::Watched(bool remote) const {
   std::lock_guard lock(mu_);
   for (const auto& w : sinks_) {
-    if (!w.expired()) return true;
+    auto s = w.lock();
+    if (s && (!remote || s->WantsRemoteEvents())) return true;
   }
   return false;
 }
 
-bool Fleet::WatchedForRemote() const {
+std::shared_ptr<AgentChannel> Fleet::LocalChannel(const std::string& machine) const {
   std::lock_guard lock(mu_);
-  for (const auto& w : sinks_) {
-    auto s = w.lock();
-    if (s && s->WantsRemoteEvents()) return true;
-  }
-  return false;
+  auto it = online_.find(machine);
+  return it != online_.end() ? it->second.lock() : nullptr;
 }
 
 FleetCounters Fleet::counters() const {

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -299,32 +300,33 @@ class Fleet {
   // (false: the machine is offline).
   bool SendPreview(const std::string& machine, const proto::Preview& p);
   // A machine's preview report: every string made valid UTF-8 and bounded,
-  // then broadcast as a "preview" event {machine, …report}, here and (through
-  // the store) at the other controllers, whose operator may have asked.
+  // then broadcast as a "preview" event {machine, …report}, here and, for a
+  // preview another controller passed on, through the store to the others.
   void AgentPreview(const std::string& machine, proto::PreviewReport r);
   // A preview message another controller passed on (Store::AnnouncePreview):
   // a request for an agent connected here is checked and sent to it (after
   // the preview hook, which lets it fetch the closure from this controller's
   // cache); a report is broadcast as a remote event.
   void RemotePreview(const std::string& machine, const nlohmann::json& message);
-  void SetPreviewHook(std::function<void(const std::string& machine, const std::string& toplevel)>
-                          hook);
+  void SetPreviewHook(
+      std::function<void(const std::string& machine, const std::string& toplevel)> hook);
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
   // remote: the event happened at another controller (sinks that do not
   // WantsRemoteEvents skip it).
   void Broadcast(const std::string& topic, const nlohmann::json& data, bool remote = false);
-  // Whether anyone is subscribed (an event nobody reads need not be built).
-  bool Watched() const;
-  // Whether any sink takes events made from another controller's changes.
-  bool WatchedForRemote() const;
+  // Whether anyone is subscribed (an event nobody reads need not be built);
+  // remote: anyone taking events made from another controller's changes.
+  bool Watched(bool remote = false) const;
 
   Store& store() { return store_; }
   FleetCounters counters() const;
   std::int64_t Now() const { return clock_(); }
 
  private:
+  // The machine's connection to this controller, if any.
+  std::shared_ptr<AgentChannel> LocalChannel(const std::string& machine) const;
   // The deploy message for a record: the bytes proto::Encode(Deploy) gives,
   // written without building a JSON document.
   static std::string DeployText(const GenerationRecord& g);
@@ -385,6 +387,9 @@ class Fleet {
   std::vector<PendingFinal> pending_finals_;  // under mu_, at most kMaxUnstored
   FleetObserver* observer_ = nullptr;
   std::function<void(const std::string&, const std::string&)> preview_hook_;
+  // Ids of previews another controller passed on (RemotePreview), whose
+  // reports go back through the store; oldest first, bounded.
+  std::deque<std::string> remote_previews_;
   int live_tokens_ = 0;  // as of the last Refresh, AddEnrollGrant or Enroll
   std::size_t max_deploy_bytes_ = kDefaultMaxMessageBytes;
 };

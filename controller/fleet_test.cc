@@ -618,16 +618,16 @@ class LocalOnlySink : public FakeSink {
 
 TEST_F(FleetTest, OnlySinksTakingRemoteEventsCountAsWatchingThem) {
   EXPECT_FALSE(fleet_->Watched());
-  EXPECT_FALSE(fleet_->WatchedForRemote());
+  EXPECT_FALSE(fleet_->Watched(/*remote=*/true));
   auto local = std::make_shared<LocalOnlySink>();
   fleet_->Subscribe(local);
   EXPECT_TRUE(fleet_->Watched());
-  EXPECT_FALSE(fleet_->WatchedForRemote()) << "a webhook notifier does not need them built";
+  EXPECT_FALSE(fleet_->Watched(/*remote=*/true)) << "a webhook notifier does not need them built";
   auto sink = std::make_shared<FakeSink>();
   fleet_->Subscribe(sink);
-  EXPECT_TRUE(fleet_->WatchedForRemote());
+  EXPECT_TRUE(fleet_->Watched(/*remote=*/true));
   fleet_->Unsubscribe(sink.get());
-  EXPECT_FALSE(fleet_->WatchedForRemote());
+  EXPECT_FALSE(fleet_->Watched(/*remote=*/true));
 }
 
 TEST_F(FleetTest, RemotePresenceCountsAsOnlineAndIsBroadcast) {

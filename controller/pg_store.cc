@@ -333,7 +333,10 @@ constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
 constexpr const char* kMigrationLock = "SELECT pg_advisory_lock(1836413812, 1)";
 constexpr const char* kMigrationUnlock = "SELECT pg_advisory_unlock(1836413812, 1)";
 // Transaction advisory lock serialising generation numbering per machine.
-constexpr const char* kGenerationLock = "SELECT pg_advisory_xact_lock(1836413812, hashtext($1))";
+// $1: a text array of machines, locked in one order.
+constexpr const char* kGenerationLocks =
+    "SELECT pg_advisory_xact_lock(1836413812, hashtext(m)) FROM "
+    "(SELECT m FROM unnest($1::TEXT[]) AS m ORDER BY hashtext(m), m) AS o";
 
 json ParseOr(const std::string& text, json fallback) {
   json j = json::parse(text, nullptr, false);
@@ -652,15 +655,19 @@ class PgStore final : public Store {
     // (a trigger's data change comes first): a reader waiting at a gap in the
     // ids waits for the transactions begun before it saw the gap.
     if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
-    auto x = Q("SELECT pg_current_xact_id()");
-    auto r = x.ok() ? Q("WITH c AS (INSERT INTO changes (kind, subject, extra, origin, at) VALUES "
-                        "('preview', $1, $2, muster_origin(), muster_now()) RETURNING id) "
-                        "SELECT pg_notify('muster_changes', id::TEXT) FROM c",
-                        machine, DumpJson(message))
-                    : std::move(x);
-    if (!r.ok()) {
+    std::string why;
+    if (auto x = Q("SELECT pg_current_xact_id()"); !x.ok()) {
+      why = x.error();
+    } else if (auto r = Q("WITH c AS (INSERT INTO changes (kind, subject, extra, origin, at) "
+                          "VALUES ('preview', $1, $2, muster_origin(), muster_now()) RETURNING "
+                          "id) SELECT pg_notify('muster_changes', id::TEXT) FROM c",
+                          machine, DumpJson(message));
+               !r.ok()) {
+      why = r.error();
+    }
+    if (!why.empty()) {
       (void)End("ROLLBACK");
-      return Err("store: cannot pass the preview on: " + r.error());
+      return Err("store: cannot pass the preview on: " + why);
     }
     return CommitLocked("cannot pass the preview on");
   }
@@ -697,11 +704,11 @@ class PgStore final : public Store {
     if (!finals.empty()) {
       // Later entries for the same item win, as if written in turn.
       ItemColumns c(finals, /*last_wins=*/true);
-      auto u = Q(std::string("UPDATE rollout_items AS r SET state = u.state, detail = u.detail, "
-                             "updated_at = u.updated_at FROM ") +
-                     ItemColumns::kUnnest + " WHERE r.rollout = u.rollout AND r.position = u.position",
-                 c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at,
-                 c.stage);
+      auto u = Q(
+          std::string("UPDATE rollout_items AS r SET state = u.state, detail = u.detail, "
+                      "updated_at = u.updated_at FROM ") +
+              ItemColumns::kUnnest + " WHERE r.rollout = u.rollout AND r.position = u.position",
+          c.rollout, c.position, c.machine, c.generation, c.state, c.detail, c.updated_at, c.stage);
       if (!u.ok()) return fail("store: cannot record rollout item: " + u.error());
     }
     if (!controller_id_.empty() && !items.empty()) {
@@ -840,8 +847,7 @@ class PgStore final : public Store {
       facts.push_back(w->facts.is_object() ? DumpJson(w->facts) : "");
     }
     const std::string n = pg::TextArray(names), g = pg::IntArray(generations),
-                      p = pg::TextArray(phases), d = pg::TextArray(details),
-                      at = pg::IntArray(ats);
+                      p = pg::TextArray(phases), d = pg::TextArray(details), at = pg::IntArray(ats);
     auto u =
         Q("UPDATE machines AS m SET generation = u.generation, phase = u.phase, "
           "detail = u.detail, "
@@ -855,8 +861,7 @@ class PgStore final : public Store {
           "$6::BIGINT[], $7::BIGINT[], $8::TEXT[]) "
           "AS u(name, generation, phase, detail, toplevel, reboot, at, facts) "
           "WHERE m.name = u.name",
-          n, g, p, d, pg::TextArray(toplevels), pg::IntArray(reboots), at,
-          pg::TextArray(facts));
+          n, g, p, d, pg::TextArray(toplevels), pg::IntArray(reboots), at, pg::TextArray(facts));
     if (!u.ok()) return Err("store: cannot record status: " + u.error());
     auto i =
         Q("INSERT INTO events (machine, generation, phase, detail, at) "
@@ -898,69 +903,46 @@ class PgStore final : public Store {
   Status AddGeneration(const GenerationRecord& g) override {
     std::lock_guard lock(mu_);
     if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
-    if (auto st = InsertGenerationLocked(g); !st) {
+    if (auto st = InsertGenerationsLocked({g}); !st) {
       (void)End("ROLLBACK");
       return st;
     }
     return CommitLocked("cannot add generation");
   }
 
-  // Inside a transaction: refuses a number not above the stored ones. The
-  // advisory lock makes the check and the insert one step across controllers.
-  Status InsertGenerationLocked(const GenerationRecord& g) {
-    if (auto l = Q(kGenerationLock, g.machine); !l.ok()) return Err("store: " + l.error());
-    auto q =
-        Q("SELECT COALESCE(MAX(generation), 0) FROM generations WHERE machine = $1", g.machine);
-    if (!q.ok()) return Err("store: " + q.error());
-    std::int64_t latest = q.Int(0, 0);
-    if (g.generation <= latest) {
-      return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
-                 " is not newer than the stored generation " + std::to_string(latest));
-    }
-    auto s =
-        Q("INSERT INTO generations (machine, generation, manifest, signer, signature, vars, "
-          "toplevel, action, rollout, published_by, created_at, released) "
-          "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
-          g.machine, g.generation, g.manifest.manifest, g.manifest.signer, g.manifest.signature,
-          g.vars, g.toplevel, g.action, g.rollout, g.published_by, g.created_at, g.released);
-    if (!s.ok()) return Err("store: cannot add generation: " + s.error());
-    return Status::Ok();
-  }
-
-  // InsertGenerationLocked for many machines (each at most once) in three
-  // statements: the machines' numbering locks (in one order, so that two
-  // such batches cannot deadlock), then, in a snapshot taken after them,
-  // their newest numbers, then the rows. The caller holds mu_ and a
-  // transaction.
+  // Inside a transaction: refuses a number not above a machine's stored ones.
+  // Each machine's numbering lock (an advisory lock) makes the check and the
+  // insert one step across controllers. Three statements for any number of
+  // distinct machines: the locks (in one order, so that two such batches
+  // cannot deadlock), then, in a snapshot taken after them, the newest
+  // numbers, then the rows. The caller holds mu_ and a transaction.
   Status InsertGenerationsLocked(const std::vector<GenerationRecord>& gens) {
     if (gens.empty()) return Status::Ok();
     std::set<std::string> distinct;
     for (const auto& g : gens) distinct.insert(g.machine);
-    if (distinct.size() != gens.size()) {
+    if (distinct.size() != gens.size()) {  // one machine twice: in turn
       for (const auto& g : gens) {
-        if (auto st = InsertGenerationLocked(g); !st) return st;
+        if (auto st = InsertGenerationsLocked({g}); !st) return st;
       }
       return Status::Ok();
     }
     const std::string names = pg::TextArray({distinct.begin(), distinct.end()});
-    auto l = Q("SELECT pg_advisory_xact_lock(1836413812, hashtext(m)) FROM "
-               "(SELECT m FROM unnest($1::TEXT[]) AS m ORDER BY hashtext(m), m) AS o",
-               names);
+    auto l = Q(kGenerationLocks, names);
     if (!l.ok()) return Err("store: " + l.error());
-    auto q = Q("SELECT u.m, COALESCE(MAX(g.generation), 0) FROM unnest($1::TEXT[]) AS u(m) "
-               "LEFT JOIN generations g ON g.machine = u.m GROUP BY u.m",
-               names);
+    auto q =
+        Q("SELECT u.m, COALESCE(MAX(g.generation), 0) FROM unnest($1::TEXT[]) AS u(m) "
+          "LEFT JOIN generations g ON g.machine = u.m GROUP BY u.m",
+          names);
     if (!q.ok()) return Err("store: " + q.error());
     std::map<std::string, std::int64_t> latest;
     for (int i = 0; i < q.rows(); ++i) latest[q.Text(i, 0)] = q.Int(i, 1);
-    std::vector<std::string> machine, manifest, signer, signature, vars, toplevel, action,
-        rollout, by;
+    std::vector<std::string> machine, manifest, signer, signature, vars, toplevel, action, rollout,
+        by;
     std::vector<std::int64_t> generation, created, released;
     for (const auto& g : gens) {
       if (g.generation <= latest[g.machine]) {
         return Err("generation " + std::to_string(g.generation) + " for " + g.machine +
-                   " is not newer than the stored generation " +
-                   std::to_string(latest[g.machine]));
+                   " is not newer than the stored generation " + std::to_string(latest[g.machine]));
       }
       machine.push_back(g.machine);
       generation.push_back(g.generation);
@@ -975,15 +957,16 @@ class PgStore final : public Store {
       created.push_back(g.created_at);
       released.push_back(g.released ? 1 : 0);
     }
-    auto s = QV("INSERT INTO generations (machine, generation, manifest, signer, signature, "
-                "vars, toplevel, action, rollout, published_by, created_at, released) "
-                "SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], "
-                "$5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], "
-                "$11::BIGINT[], $12::BIGINT[])",
-                {pg::TextArray(machine), pg::IntArray(generation), pg::TextArray(manifest),
-                 pg::TextArray(signer), pg::TextArray(signature), pg::TextArray(vars),
-                 pg::TextArray(toplevel), pg::TextArray(action), pg::TextArray(rollout),
-                 pg::TextArray(by), pg::IntArray(created), pg::IntArray(released)});
+    auto s =
+        QV("INSERT INTO generations (machine, generation, manifest, signer, signature, "
+           "vars, toplevel, action, rollout, published_by, created_at, released) "
+           "SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], "
+           "$5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], "
+           "$11::BIGINT[], $12::BIGINT[])",
+           {pg::TextArray(machine), pg::IntArray(generation), pg::TextArray(manifest),
+            pg::TextArray(signer), pg::TextArray(signature), pg::TextArray(vars),
+            pg::TextArray(toplevel), pg::TextArray(action), pg::TextArray(rollout),
+            pg::TextArray(by), pg::IntArray(created), pg::IntArray(released)});
     if (!s.ok()) return Err("store: cannot add generation: " + s.error());
     return Status::Ok();
   }
@@ -1722,18 +1705,16 @@ class PgStore final : public Store {
     return Status::Ok();
   }
 
-  // Counts the event just inserted for machine (event_counts, shared by all
-  // controllers; first counted from the table); past the bound, deletes the
-  // oldest events down to 3/4 of it, sparing the newest generations' events
-  // unless they alone are too many. The caller holds mu_ and a transaction.
-  // Counts one new event for each of `machines` (distinct) and trims those
-  // past their bound. A count row is created from the events when missing;
-  // one that another controller creates meanwhile is added to.
+  // Counts the event just inserted for each of `machines` (distinct) in
+  // event_counts, shared by all controllers: a missing count row is created
+  // from the table, one another controller creates meanwhile is added to.
+  // Past the bound, TrimEventsLocked. The caller holds mu_ and a transaction.
   Status BoundEventsLocked(const std::vector<std::string>& machines) {
     const std::string all = pg::TextArray(machines);
-    auto c = Q("UPDATE event_counts SET rows = rows + 1 WHERE machine = ANY($1::TEXT[]) "
-               "RETURNING machine, rows",
-               all);
+    auto c =
+        Q("UPDATE event_counts SET rows = rows + 1 WHERE machine = ANY($1::TEXT[]) "
+          "RETURNING machine, rows",
+          all);
     if (!c.ok()) return Err("store: cannot count events: " + c.error());
     std::vector<std::pair<std::string, std::int64_t>> counts;
     std::unordered_set<std::string> counted;
@@ -1746,11 +1727,12 @@ class PgStore final : public Store {
       if (!counted.count(m)) missing.push_back(m);
     }
     if (!missing.empty()) {
-      auto f = Q("INSERT INTO event_counts (machine, rows) SELECT u.name, (SELECT COUNT(*) FROM "
-                 "events e WHERE e.machine = u.name) FROM unnest($1::TEXT[]) AS u(name) "
-                 "ON CONFLICT (machine) DO UPDATE SET rows = event_counts.rows + 1 "
-                 "RETURNING machine, rows",
-                 pg::TextArray(missing));
+      auto f =
+          Q("INSERT INTO event_counts (machine, rows) SELECT u.name, (SELECT COUNT(*) FROM "
+            "events e WHERE e.machine = u.name) FROM unnest($1::TEXT[]) AS u(name) "
+            "ON CONFLICT (machine) DO UPDATE SET rows = event_counts.rows + 1 "
+            "RETURNING machine, rows",
+            pg::TextArray(missing));
       if (!f.ok()) return Err("store: cannot count events: " + f.error());
       for (int r = 0; r < f.rows(); ++r) counts.emplace_back(f.Text(r, 0), f.Int(r, 1));
     }
@@ -1761,8 +1743,9 @@ class PgStore final : public Store {
     return Status::Ok();
   }
 
-  // Brings a machine's events (`rows` of them) to 3/4 of the bound, keeping
-  // the newest generations whole; the caller holds mu_ and a transaction.
+  // Deletes a machine's oldest events (`rows` of them) down to 3/4 of the
+  // bound, sparing the newest generations' events unless they alone are too
+  // many. The caller holds mu_ and a transaction.
   Status TrimEventsLocked(const std::string& machine, std::int64_t rows) {
     const std::int64_t target = limits_.events_per_machine - limits_.events_per_machine / 4;
     auto d1 =

@@ -186,7 +186,7 @@ void RolloutManager::OnRemoteChange(const std::string& id, const std::vector<int
   }
   // Read only for someone watching: a rollout of 10,000 machines changes
   // thousands of times, and each read is all of its items.
-  if (!fleet_.WatchedForRemote()) return;
+  if (!fleet_.Watched(/*remote=*/true)) return;
   auto r = store_.GetRollout(id);
   if (!r) return;
   fleet_.Broadcast("rollout", DescribeLocked(*r, store_.ListRolloutItems(id), &positions), true);

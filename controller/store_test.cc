@@ -758,6 +758,16 @@ class PgStoreTest : public ::testing::Test {
     EXPECT_TRUE(s.ok()) << s.message();
     return s.ok() ? std::move(*s) : nullptr;
   }
+  // Registers machines, each with the key "ed25519:<name>".
+  static void AddMachines(Store& s, std::initializer_list<const char*> names) {
+    for (const char* name : names) {
+      MachineRecord m;
+      m.name = name;
+      m.key = std::string("ed25519:") + name;
+      m.created_at = 1;
+      ASSERT_TRUE(s.AddMachine(m).ok()) << name;
+    }
+  }
   PgTestServer* pg_ = nullptr;
   std::string db_, uri_;
 };
@@ -865,18 +875,13 @@ TEST_F(PgStoreTest, ReconnectsAfterTheServerRestarts) {
 TEST_F(PgStoreTest, ABatchOfReportsIsWrittenAsOneWithAwkwardTextIntact) {
   auto s = OpenOrDie();
   ASSERT_TRUE(s);
-  for (const char* name : {"web1", "web2"}) {
-    MachineRecord m;
-    m.name = name;
-    m.key = std::string("ed25519:") + name;
-    ASSERT_TRUE(s->AddMachine(m).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(AddMachines(*s, {"web1", "web2"}));
   const std::string awkward = "a\"b\\c{d},e 'f' NULL";
   const nlohmann::json facts = {{"os", "nix\"os"}, {"tags", {"x,y", "{z}"}}};
   std::vector<StatusWrite> writes;
   writes.push_back({"web1", {0, "web1", 3, "received", awkward, 10}, "", false, nullptr});
-  writes.push_back({"web2", {0, "web2", 4, "realising", std::string("n\0l", 3), 11}, "", false,
-                    nullptr});
+  writes.push_back(
+      {"web2", {0, "web2", 4, "realising", std::string("n\0l", 3), 11}, "", false, nullptr});
   writes.push_back({"web1", {0, "web1", 3, "succeeded", "", 12}, "/nix/store/3-x", true, facts});
   writes.push_back({"web2", {0, "web2", 4, "failed", "boom", 13}, "", false, nullptr});
   const std::uint64_t failures = s->Failures();
@@ -1114,13 +1119,7 @@ TEST_F(PgStoreTest, AnItemIsReleasedOnceAndOnlyByTheLeaseHolder) {
 TEST_F(PgStoreTest, ARolloutStepWithoutTheLeaseStoresNothing) {
   auto a = OpenOrDie();
   ASSERT_TRUE(a);
-  for (const char* name : {"web1", "web2"}) {
-    MachineRecord m;
-    m.name = name;
-    m.key = std::string("ed25519:") + name;
-    m.created_at = 1;
-    ASSERT_TRUE(a->AddMachine(m).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(AddMachines(*a, {"web1", "web2"}));
   RolloutRecord r;
   r.id = "r1";
   r.created_by = "alice";
