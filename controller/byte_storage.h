@@ -52,6 +52,11 @@ class ByteStorage {
 // with fsync and rename. Creates root (0750) if needed.
 Result<std::unique_ptr<ByteStorage>> OpenFileByteStorage(const std::string& root);
 
+// Tables in the fleet's PostgreSQL database (created by the store's
+// migrations), shared by every controller using it; `connections` of its own.
+Result<std::unique_ptr<ByteStorage>> OpenPostgresByteStorage(const std::string& conninfo,
+                                                             std::size_t connections = 4);
+
 // Part of every error message that means the disk (or quota) is full.
 constexpr const char* kDiskFullNote = "the disk is full";
 

@@ -106,7 +106,9 @@ void CacheService::AllowPreview(const std::string& machine, const std::string& t
 
 std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::string& machine) {
   auto roots = Roots(machine);
-  std::string key;
+  // The cache's revision is part of the key: a set is recomputed once the
+  // index changed (a commit, or a path another controller committed).
+  std::string key = std::to_string(cache_->Revision()) + "\n";
   for (const auto& r : roots) key += r + "\n";
   {
     std::lock_guard lock(mu_);
@@ -119,6 +121,8 @@ std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::st
     }
   }
   auto set = std::make_shared<const std::set<std::string>>(cache_->Closure(roots));
+  // The walk may itself have found paths: key the set by the revision after it.
+  key = std::to_string(cache_->Revision()) + key.substr(key.find('\n'));
   std::lock_guard lock(mu_);
   if (allowed_.size() > 100000) allowed_.clear();
   if (by_roots_.size() > 100000) by_roots_.clear();
@@ -135,7 +139,10 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
     std::string h = NarCache::HashOfObject(f.name);
     if (f.name != "nix-cache-info") {
       // Paths outside this machine's closures look exactly like absent ones.
-      if (h.empty() || !Allowed(machine)->count(h)) {
+      // A path this controller has not seen may have been committed through
+      // another one sharing the storage: Has finds it, and the set is redone.
+      if (h.empty() ||
+          (!Allowed(machine)->count(h) && (!cache_->Has(h) || !Allowed(machine)->count(h)))) {
         r.status = 404;
         r.error = "not in a closure published for " + machine;
         return r;
@@ -231,11 +238,6 @@ Result<json> CacheService::Handle(const std::string& method, const json& p,
                  " carries no signature; sign it with a cache key");
     auto done = cache_->Commit(info);
     if (!done) return done.error();
-    {
-      std::lock_guard lock(mu_);
-      allowed_.clear();  // closures may have grown
-      by_roots_.clear();
-    }
     return json{{"path", done->store_path}, {"fileSize", done->file_size}};
   }
   if (method == "cache.status") {

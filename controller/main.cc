@@ -303,9 +303,13 @@ struct RunConfig {
   std::string key_file;    // provided controller key ("" = STATE_DIR/controller.key)
   std::string store_spec;  // --store ("" = STATE_DIR/muster.db)
   std::uint64_t cache_max_bytes = 64ull << 30;  // the binary cache under <state>/cache
-  std::int64_t cache_gc_interval = 3600;        // seconds between collections
-  std::int64_t cache_gc_grace = 86400;          // unreferenced paths survive this long
-  std::int64_t webhook_offline_after = 600;     // seconds away before an "offline" notification
+  // Where the cache's bytes live: "files" (<state>/cache), "database" (the
+  // PostgreSQL store's, shared by its controllers), "auto" (database when
+  // the store is PostgreSQL).
+  std::string cache_storage = "auto";
+  std::int64_t cache_gc_interval = 3600;     // seconds between collections
+  std::int64_t cache_gc_grace = 86400;       // unreferenced paths survive this long
+  std::int64_t webhook_offline_after = 600;  // seconds away before an "offline" notification
   std::int64_t webhook_queue_max = NotifierOptions{}.max_queued;
   std::int64_t webhook_retry_base_ms = NotifierOptions{}.retry_base_ms;
   int webhook_max_attempts = NotifierOptions{}.max_attempts;
@@ -339,6 +343,10 @@ Status CheckRunConfig(const RunConfig& c) {
   }
   if (c.agent.bytes_per_second < 1024) return Err("--agent-bytes-per-second must be at least 1024");
   if (c.log_queue_lines < 1000) return Err("--log-queue-lines must be at least 1000");
+  if (c.cache_storage != "auto" && c.cache_storage != "files" && c.cache_storage != "database") {
+    return Err("--cache-storage must be auto, files or database, not '" +
+               c.cache_storage.substr(0, 40) + "'");
+  }
   if (c.cache_gc_interval < 1) return Err("--cache-gc-interval must be at least 1 second");
   if (c.cache_gc_grace < 0) return Err("--cache-gc-grace must not be negative");
   if (c.webhook_offline_after < 1) return Err("--webhook-offline-after must be at least 1 second");
@@ -406,6 +414,8 @@ Status LoadConfigFile(const std::string& path, RunConfig& c, std::string& state_
         c.roster = v.is_null() ? "" : v.get<std::string>();
       } else if (k == "cacheMaxBytes") {
         c.cache_max_bytes = v.get<std::uint64_t>();
+      } else if (k == "cacheStorage") {
+        c.cache_storage = v.get<std::string>();
       } else if (k == "cacheGcInterval") {
         c.cache_gc_interval = v.get<std::int64_t>();
       } else if (k == "cacheGcGrace") {
@@ -458,10 +468,18 @@ int Run(const Paths& p, const RunConfig& c) {
   if (auto st = fleet.Load(); !st) return Fail(st.message());
   fleet.SetMaxDeployBytes(c.max_message_bytes);
   Api api(fleet, &rollouts);
-  auto bytes = OpenFileByteStorage((p.dir / "cache").string());
-  if (!bytes) return Fail(bytes.message());
+  bool cache_in_db = c.cache_storage == "database" ||
+                     (c.cache_storage == "auto" && IsPostgresStoreSpec(p.store()));
+  if (cache_in_db && !IsPostgresStoreSpec(p.store())) {
+    return Fail("--cache-storage database needs a PostgreSQL store (--store postgresql://…)", 2);
+  }
+  std::string cache_where = cache_in_db ? "the PostgreSQL store" : (p.dir / "cache").string();
+  auto bytes = cache_in_db ? OpenPostgresByteStorage(p.store())
+                           : OpenFileByteStorage((p.dir / "cache").string());
+  if (!bytes) return Fail("binary cache in " + cache_where + ": " + bytes.message());
   auto nars = NarCache::Open(std::move(*bytes), c.cache_max_bytes);
-  if (!nars) return Fail("binary cache in " + (p.dir / "cache").string() + ": " + nars.message());
+  if (!nars) return Fail("binary cache in " + cache_where + ": " + nars.message());
+  spdlog::info("binary cache in {}", cache_where);
   CacheService cache(**store, std::move(*nars), c.cache_gc_grace);
   cache.StartSchedule(c.cache_gc_interval);
   api.SetCache(&cache);
@@ -654,6 +672,11 @@ int main(int argc, char** argv) {
   run->add_option("--cache-max-bytes", rc.cache_max_bytes,
                   "bound on the binary cache (<state-dir>/cache), bytes")
       ->capture_default_str();
+  run->add_option("--cache-storage", rc.cache_storage,
+                  "where the binary cache keeps its bytes: files (<state-dir>/cache), database "
+                  "(the PostgreSQL store, shared by every controller on it) or auto (database "
+                  "with a PostgreSQL store, else files)")
+      ->capture_default_str();
   run->add_option("--cache-gc-interval", rc.cache_gc_interval, "seconds between cache collections")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40));
@@ -771,6 +794,7 @@ int main(int argc, char** argv) {
     if (run->count("--key-file")) merged.key_file = key_file;
     if (run->count("--store")) merged.store_spec = store_spec;
     if (flag("--cache-max-bytes")) merged.cache_max_bytes = rc.cache_max_bytes;
+    if (flag("--cache-storage")) merged.cache_storage = rc.cache_storage;
     if (flag("--cache-gc-interval")) merged.cache_gc_interval = rc.cache_gc_interval;
     if (flag("--cache-gc-grace")) merged.cache_gc_grace = rc.cache_gc_grace;
     if (flag("--webhook-offline-after")) merged.webhook_offline_after = rc.webhook_offline_after;

@@ -116,36 +116,100 @@ Result<std::unique_ptr<NarCache>> NarCache::Open(std::unique_ptr<ByteStorage> st
                                                  std::uint64_t max_bytes) {
   std::unique_ptr<NarCache> c(new NarCache(std::move(storage), max_bytes));
   if (auto st = c->storage_->Put("nix-cache-info", kCacheInfo); !st) return st.error();
-  for (const auto& e : c->storage_->List("")) {
-    if (e.key.find('/') != std::string::npos || e.key.size() != 32 + 8 ||
-        e.key.substr(32) != ".narinfo") {
-      continue;
-    }
-    auto text = c->storage_->Read(e.key, 0, 64 * 1024);
-    auto info = text ? nar::ParseNarInfo(*text) : Result<nar::NarInfo>(text.error());
-    auto nar_size = info ? c->storage_->Size(info->url) : std::nullopt;
-    if (!info || !nar_size) {
-      spdlog::warn("cache: skipping {}: {}", e.key,
-                   info ? "its NAR " + info->url + " is missing" : info.message());
-      continue;
-    }
-    Entry en;
-    for (const auto& r : info->references) en.refs.push_back(r.substr(0, 32));
-    en.nar_key = info->url;
-    en.file_size = *nar_size;
-    en.nar_size = info->nar_size;
-    en.info_size = e.size;
-    c->committed_bytes_ += en.file_size + en.info_size;
-    c->index_[e.key.substr(0, 32)] = std::move(en);
-  }
+  c->Sync(true);
   for (const auto& e : c->storage_->List("staging/")) c->staged_bytes_ += e.size;
   return c;
 }
 
+std::optional<NarCache::Entry> NarCache::LoadEntry(const std::string& h, std::string* why) {
+  auto text = storage_->Read(h + ".narinfo", 0, 64 * 1024);
+  auto info = text ? nar::ParseNarInfo(*text) : Result<nar::NarInfo>(text.error());
+  if (!info) {
+    *why = info.message();
+    return std::nullopt;
+  }
+  auto nar_size = storage_->Size(info->url);
+  if (!nar_size) {
+    *why = "its NAR " + info->url + " is missing";
+    return std::nullopt;
+  }
+  Entry en;
+  for (const auto& r : info->references) en.refs.push_back(r.substr(0, 32));
+  en.nar_key = info->url;
+  en.file_size = *nar_size;
+  en.nar_size = info->nar_size;
+  en.info_size = text->size();
+  return en;
+}
+
+bool NarCache::Discover(const std::string& h) {
+  if (h.size() != 32) return false;
+  std::string why;
+  auto en = LoadEntry(h, &why);
+  if (!en) return false;
+  std::lock_guard lock(mu_);
+  if (index_.count(h)) return true;
+  committed_bytes_ += en->file_size + en->info_size;
+  index_[h] = std::move(*en);
+  revision_.fetch_add(1);
+  return true;
+}
+
+void NarCache::Forget(const std::string& h) {
+  std::lock_guard lock(mu_);
+  auto it = index_.find(h);
+  if (it == index_.end()) return;
+  committed_bytes_ -= std::min(committed_bytes_, it->second.file_size + it->second.info_size);
+  index_.erase(it);
+  revision_.fetch_add(1);
+}
+
+void NarCache::Sync(bool log_skipped) {
+  std::set<std::string> listed;
+  for (const auto& e : storage_->List("")) {
+    if (e.key.find('/') != std::string::npos || e.key.size() != 32 + 8 ||
+        e.key.substr(32) != ".narinfo") {
+      continue;
+    }
+    std::string h = e.key.substr(0, 32);
+    listed.insert(h);
+    {
+      std::lock_guard lock(mu_);
+      if (index_.count(h)) continue;
+    }
+    std::string why;
+    auto en = LoadEntry(h, &why);
+    if (!en) {
+      if (log_skipped) spdlog::warn("cache: skipping {}: {}", e.key, why);
+      continue;
+    }
+    std::lock_guard lock(mu_);
+    if (index_.count(h)) continue;
+    committed_bytes_ += en->file_size + en->info_size;
+    index_[h] = std::move(*en);
+    revision_.fetch_add(1);
+  }
+  // Paths another controller sharing the storage collected.
+  std::lock_guard lock(mu_);
+  for (auto it = index_.begin(); it != index_.end();) {
+    if (listed.count(it->first)) {
+      ++it;
+      continue;
+    }
+    committed_bytes_ -= std::min(committed_bytes_, it->second.file_size + it->second.info_size);
+    it = index_.erase(it);
+    revision_.fetch_add(1);
+  }
+}
+
 bool NarCache::Has(const std::string& path_or_hash) {
   std::string h = path_or_hash.size() == 32 ? path_or_hash : nar::StorePathHash(path_or_hash);
-  std::lock_guard lock(mu_);
-  return index_.count(h) > 0;
+  {
+    std::lock_guard lock(mu_);
+    if (index_.count(h)) return true;
+  }
+  // Committed by another controller sharing the storage, perhaps.
+  return Discover(h);
 }
 
 std::uint64_t NarCache::StagedOffset(const std::string& path, const std::string& nar_hash,
@@ -279,8 +343,9 @@ Result<nar::NarInfo> NarCache::Commit(nar::NarInfo info) {
   en.nar_size = info.nar_size;
   en.info_size = text.size();
   std::lock_guard lock(mu_);
-  committed_bytes_ += en.file_size + en.info_size;
+  if (!index_.count(h)) committed_bytes_ += en.file_size + en.info_size;
   index_[h] = std::move(en);
+  revision_.fetch_add(1);
   return info;
 }
 
@@ -299,13 +364,23 @@ Result<std::string> NarCache::Read(const std::string& name, std::uint64_t offset
   bool known = name == "nix-cache-info";
   std::string h = HashOfObject(name);
   if (!h.empty()) {
-    std::lock_guard lock(mu_);
-    auto it = index_.find(h);
-    known = it != index_.end() && (name.back() == 'o' || it->second.nar_key == name);
+    auto known_here = [&] {
+      std::lock_guard lock(mu_);
+      auto it = index_.find(h);
+      if (it == index_.end()) return std::optional<bool>();
+      return std::optional<bool>(name.back() == 'o' || it->second.nar_key == name);
+    };
+    auto k = known_here();
+    if (!k && Discover(h)) k = known_here();
+    known = k.value_or(false);
   }
   if (!known) return Err("not found");
   auto size = storage_->Size(name);
-  if (!size) return Err("not found");
+  if (!size) {
+    // Collected by another controller sharing the storage.
+    if (!h.empty()) Forget(h);
+    return Err("not found");
+  }
   *total = *size;
   if (offset >= *size) return std::string();
   return storage_->Read(name, offset, std::min(max_bytes, kMaxChunk));
@@ -318,13 +393,19 @@ std::set<std::string> NarCache::Closure(const std::vector<std::string>& roots) {
     std::string h = r.size() == 32 ? r : nar::StorePathHash(r);
     if (!h.empty()) todo.push_back(h);
   }
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   while (!todo.empty()) {
     std::string h = std::move(todo.front());
     todo.pop_front();
     if (!out.insert(h).second) continue;
     auto it = index_.find(h);
-    if (it == index_.end()) continue;
+    if (it == index_.end()) {
+      // Perhaps committed by another controller sharing the storage.
+      lock.unlock();
+      bool found = Discover(h);
+      lock.lock();
+      if (!found || (it = index_.find(h)) == index_.end()) continue;
+    }
     for (const auto& r : it->second.refs) {
       if (!out.count(r)) todo.push_back(r);
     }
@@ -333,6 +414,7 @@ std::set<std::string> NarCache::Closure(const std::vector<std::string>& roots) {
 }
 
 CacheStats NarCache::Stats() {
+  Sync(false);
   CacheStats s;
   for (const auto& e : storage_->List("staging/")) {
     ++s.staged_paths;
@@ -349,6 +431,7 @@ CacheStats NarCache::Stats() {
 std::pair<std::uint64_t, std::uint64_t> NarCache::CollectGarbage(const std::set<std::string>& keep,
                                                                  std::int64_t grace_s,
                                                                  bool dry_run) {
+  Sync(false);
   std::int64_t now = static_cast<std::int64_t>(std::time(nullptr));
   // Paths uploaded within the grace period stay: their generation may not be
   // published yet.

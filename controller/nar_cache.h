@@ -16,12 +16,20 @@
 // uncompressed one names its NarHash). Nothing here trusts the uploader's word
 // beyond the narinfo's signature, which nix checks on the agent. Thread-safe
 // (one mutex around the index; I/O outside it where possible).
+//
+// Several controllers may share one storage (the fleet's PostgreSQL
+// database). Each keeps its own index and learns what the others committed
+// when it is asked for a path it lacks (Has, Read, Closure), and what they
+// collected when a read finds the bytes gone; Stats and garbage collection
+// first bring the whole index in line with storage.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -60,6 +68,10 @@ class NarCache {
 
   // Whether the store path (full path or hash) has a committed narinfo.
   bool Has(const std::string& path_or_hash);
+  // Grows whenever the index changes (a commit here, or a path found that
+  // another controller sharing the storage committed or collected): sets
+  // derived from the index are stale when it moved.
+  std::uint64_t Revision() const { return revision_.load(); }
   // Bytes of the staged upload for (path, narHash, compression) received so
   // far (0: none).
   std::uint64_t StagedOffset(const std::string& path, const std::string& nar_hash,
@@ -110,6 +122,16 @@ class NarCache {
   static constexpr std::size_t kMaxVerifiers = 8;  // uploads verified as they arrive, at once
 
   NarCache(std::unique_ptr<ByteStorage> s, std::uint64_t max);
+  // The index entry for hash h as storage holds it (nullopt, *why set, when
+  // its narinfo or NAR is missing or unreadable).
+  std::optional<Entry> LoadEntry(const std::string& h, std::string* why);
+  // Adds h to the index if storage holds it: another controller sharing the
+  // storage may have committed it. True when h is (now) in the index.
+  bool Discover(const std::string& h);
+  // Drops h from the index (its bytes went: another controller collected it).
+  void Forget(const std::string& h);
+  // Brings the index in line with storage's narinfos (Open, Stats, GC).
+  void Sync(bool log_skipped);
   static std::string StagingKey(const std::string& hash, const std::string& nar_hash_nix32,
                                 NarCompression c);
   // The verifier of key if it has seen exactly `offset` bytes (removed from
@@ -124,6 +146,7 @@ class NarCache {
   std::map<std::string, Entry> index_;  // store hash → entry
   std::uint64_t committed_bytes_ = 0;
   std::uint64_t staged_bytes_ = 0;  // a running total: no directory walk per chunk
+  std::atomic<std::uint64_t> revision_{0};
   std::map<std::string, std::unique_ptr<Verifier>> verifiers_;  // staging key → verifier
 };
 

@@ -89,32 +89,6 @@ class NarCacheTest : public ::testing::Test {
   std::unique_ptr<NarCache> cache_;
 };
 
-TEST(ByteStorage, AppendsOnlyAtTheCurrentEndAndPromotesWhole) {
-  testing::TempDir dir;
-  auto s = OpenFileByteStorage((dir / "b").string());
-  ASSERT_TRUE(s.ok());
-  ByteStorage& b = **s;
-  ASSERT_TRUE(b.Append("staging/x", 0, "hello ").ok());
-  auto wrong = b.Append("staging/x", 2, "world");
-  ASSERT_FALSE(wrong.ok());
-  EXPECT_THAT(wrong.message(), HasSubstr("resume from 6"));
-  auto absent = b.Append("staging/y", 6, "world");
-  ASSERT_FALSE(absent.ok());
-  EXPECT_THAT(absent.message(), HasSubstr("resume from 0"));
-  EXPECT_FALSE(b.Size("staging/y").has_value()) << "a later chunk creates nothing";
-  auto end = b.Append("staging/x", 6, "world");
-  ASSERT_TRUE(end.ok());
-  EXPECT_EQ(*end, 11u);
-  EXPECT_FALSE(b.Size("nar/x").has_value());
-  ASSERT_TRUE(b.Promote("staging/x", "nar/x").ok());
-  EXPECT_EQ(*b.Read("nar/x", 6, 100), "world");
-  EXPECT_FALSE(b.Size("staging/x").has_value());
-  for (const char* bad : {"../x", "/abs", "a//b", ".hidden", "a/../b", "sp ace", ""}) {
-    EXPECT_FALSE(ValidStorageKey(bad)) << bad;
-    EXPECT_FALSE(b.Put(bad, "x").ok()) << bad;
-  }
-}
-
 TEST_F(NarCacheTest, CommittedPathIsServedInNixLayout) {
   Nar n = MakeNar('a');
   ASSERT_TRUE(Upload(n).ok());

@@ -27,6 +27,7 @@ class Res {
     return r_ != nullptr && (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK);
   }
   int rows() const { return ok() ? PQntuples(r_) : 0; }
+  PGresult* get() const { return r_; }
   bool Null(int row, int col) const { return PQgetisnull(r_, row, col) != 0; }
   std::string Text(int row, int col) const {
     return std::string(PQgetvalue(r_, row, col),

@@ -326,6 +326,24 @@ CREATE TRIGGER machines_upd AFTER UPDATE ON machines FOR EACH ROW
   EXECUTE FUNCTION muster_machine_changed();
 ALTER FUNCTION muster_changed() SET plan_cache_mode = force_custom_plan;
 )SQL",
+    // 5: the binary cache's bytes (controller/pg_byte_storage.cc), shared by
+    // every controller of the fleet. Chunks are stored out of line and
+    // uncompressed: NARs arrive compressed, and such values are read in slices.
+    R"SQL(
+CREATE TABLE cache_objects (
+  id BIGSERIAL PRIMARY KEY,
+  key TEXT NOT NULL UNIQUE,
+  size BIGINT NOT NULL,
+  mtime BIGINT NOT NULL
+);
+CREATE TABLE cache_chunks (
+  object BIGINT NOT NULL REFERENCES cache_objects (id) ON DELETE CASCADE,
+  off BIGINT NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (object, off)
+);
+ALTER TABLE cache_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+)SQL",
 };
 constexpr int kSchemaVersion = static_cast<int>(std::size(kMigrations));
 

@@ -649,7 +649,7 @@ TEST_P(StoreTest, ARolloutWithAGenerationNotNewerStoresNothing) {
 }
 
 TEST_P(StoreTest, SettingsAndSchemaVersion) {
-  EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "4" : "1");
+  EXPECT_EQ(store_->GetSetting("schema_version"), GetParam() == "postgresql" ? "5" : "1");
   EXPECT_FALSE(store_->GetSetting("missing").has_value());
   ASSERT_TRUE(store_->SetSetting("k", "v1").ok());
   ASSERT_TRUE(store_->SetSetting("k", "v2").ok());
@@ -789,9 +789,9 @@ TEST_F(PgStoreTest, ControllersStartingTogetherMigrateOnce) {
   std::string rows, distinct;
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(*) FROM schema_migrations", &rows), "");
   ASSERT_EQ(pg_->Exec(db_, "SELECT COUNT(DISTINCT version) FROM schema_migrations", &distinct), "");
-  EXPECT_EQ(rows, "4") << "each migration recorded once";
+  EXPECT_EQ(rows, "5") << "each migration recorded once";
   EXPECT_EQ(distinct, rows);
-  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "4");
+  EXPECT_EQ(opened[0].value()->GetSetting("schema_version"), "5");
 }
 
 TEST_F(PgStoreTest, TwoControllersShareOneFleet) {
@@ -958,7 +958,7 @@ TEST_F(PgStoreTest, CopiesAnSqliteStoreIntoAnEmptyOne) {
   EXPECT_EQ(s->LatestGeneration("web1")->toplevel, "/nix/store/3-system");
   EXPECT_EQ(s->ListEvents("web1", 3, 10).size(), 1u);
   EXPECT_EQ(s->GetSetting("k"), "v");
-  EXPECT_EQ(s->GetSetting("schema_version"), "4");
+  EXPECT_EQ(s->GetSetting("schema_version"), "5");
   // New rows continue the copied ids.
   ASSERT_TRUE(s->AppendLogs({{0, "web1", 3, "activate", "again", 11}}).ok());
   auto logs = s->ReadLogs("web1", 3, 0, 10);

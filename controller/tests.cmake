@@ -8,6 +8,7 @@ muster_unit_test(controller_test
     metrics_test.cc rollout_test.cc rollout_manager_test.cc store_batch_test.cc
     log_writer_test.cc
     nar_cache_test.cc
+    byte_storage_test.cc
     rate_limit_test.cc
     roster_file_test.cc
     operator_set_test.cc

@@ -15,7 +15,7 @@ import unittest
 import urllib.request
 
 import pg
-from harness import EnvTest, Process, binary, wait_until
+from harness import EnvTest, Process, binary, nix_env, wait_until
 from test_webhooks import Receiver
 
 
@@ -228,6 +228,52 @@ class MultiTest(EnvTest):
         # A preview changes nothing.
         for ag in (web1, web2):
             self.assertEqual(ag.current_system(), base, ag.name)
+
+    def test_the_binary_cache_is_shared_and_outlives_the_controller_it_was_uploaded_to(self):
+        a, b = self.controllers(2)
+        web1, web2 = self.agents(["web1", "web2"])
+        wait_until(lambda: self.connected_to("web1") != "" and self.connected_to("web2") != "",
+                   30, what="both agents connected")
+        self.assertNotEqual(self.connected_to("web1"), self.connected_to("web2"))
+        self.assertIn("binary cache in the PostgreSQL store", a.proc.text())
+        env = self.env
+        key = os.path.join(env.cli_dir, "cache.key")
+        self.cli(a, "key", "generate", "--cache", "--name", "fleet-multi-1", "--out", key)
+        # Uploaded through a, fetched by web2 through b: nothing but the
+        # controllers' shared cache holds the closure.
+        one = env.build("shared-cache-1", push=False, delete=False, payload=1 << 20)
+        self.cli(a, "cache", "push", one, "--cache-key", key)
+        env.delete_local(one)
+        self.assertFalse(os.path.exists(one))
+        r = self.cli(a, "publish", "web2", one, "--cache-key", key)
+        gen = int(re.search(r"generation (\d+)", r.stdout).group(1))
+        s = env.wait_phase("web2", gen, ["succeeded", "failed"], timeout=120)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(web2.current_system(), one)
+        # Pushed through a, which then dies: b still has every path (its CLI
+        # uploads nothing), and web1, back through b, realises from it.
+        two = env.build("shared-cache-2", kernel="6.1.1", push=False, delete=False,
+                        payload=1 << 20)
+        paths = subprocess.run(["nix-store", "-q", "--requisites", two], capture_output=True,
+                               text=True, env=nix_env(), check=True).stdout.split()
+        self.cli(a, "cache", "push", two, "--cache-key", key)
+        env.delete_local(two)
+        for p in paths:
+            self.assertFalse(os.path.exists(p), p)
+        a.kill()
+        env.port = b.port  # the harness's own CLI config now names b
+        env.write_cli_config()
+        wait_until(lambda: self.connected_to("web1") == self.connected_to("web2"), 60,
+                   what="web1 failed over to b")
+        st = json.loads(self.cli(b, "cache", "status", "--json").stdout)
+        self.assertGreaterEqual(st["paths"], len(paths), st)
+        r = self.cli(b, "publish", "web1", two, "--cache-key", key)
+        gen = int(re.search(r"generation (\d+)", r.stdout).group(1))
+        s = env.wait_phase("web1", gen, ["succeeded", "failed"], timeout=120)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        self.assertEqual(web1.current_system(), two)
+        for p in paths:
+            self.assertTrue(os.path.exists(p), p)
 
     def test_three_controllers_registry_presence_and_events_everywhere(self):
         a, b, c = self.controllers(3)
