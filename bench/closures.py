@@ -9,6 +9,8 @@ worst case for time, the honest case for bytes), then measures
   upload   muster cache push             vs  nix copy --to file://…?compression=zstd
   fetch    publish → agent realised it    vs  nix-store --realise from that file:// cache
 and the peak RSS (VmHWM) of the controller and the agent. Prints one JSON object.
+With --store postgresql the controller runs on a PostgreSQL store (a server
+started here, fsync on) and keeps the cache's bytes in it (--cache-storage auto).
 With --max-rss-mib N it fails (exit 1) when either peak exceeds N MiB: memory
 is bounded by chunk sizes and windows, never by the closure's size (run it with
 --mib 1024 to check that on a closure of 1 GiB).
@@ -23,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
 from harness import Env, nix_env  # noqa: E402
+import pg  # noqa: E402
 
 
 def hwm_kib(pid):
@@ -67,10 +70,16 @@ def main():
                          "which zstd halves")
     ap.add_argument("--max-rss-mib", type=float, default=0,
                     help="fail when the controller's or the agent's peak RSS exceeds this")
+    ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     args = ap.parse_args()
     size = args.mib << 20
     env = Env("bench-closures")
+    server = db = None
     try:
+        if args.store == "postgresql":
+            server = pg.PgServer(durable=True).start()
+            db = server.new_database()
+            env.store = server.uri(db)
         env.start()
         agent = env.add_agent("m1", realiseTimeout=7200).start()
         key = os.path.join(env.cli_dir, "cache.key")
@@ -90,16 +99,26 @@ def main():
         up = time.monotonic() - t
         up_cpu = {"controller": cpu_s(cpid) - c0, "cli": children_cpu_s() - k0}
         stored = {"narinfo": {}, "fileBytes": 0}
-        cdir = os.path.join(env.ctl_dir, "cache")
-        for name in os.listdir(cdir):
-            if name.endswith(".narinfo"):
-                with open(os.path.join(cdir, name)) as f:
-                    for line in f:
-                        if line.startswith("Compression: "):
-                            c = line.split(": ", 1)[1].strip()
-                            stored["narinfo"][c] = stored["narinfo"].get(c, 0) + 1
-        for name in os.listdir(os.path.join(cdir, "nar")):
-            stored["fileBytes"] += os.path.getsize(os.path.join(cdir, "nar", name))
+        if server:
+            infos = server.psql(db, "SELECT convert_from(c.data, 'UTF8') FROM cache_objects o "
+                                    "JOIN cache_chunks c ON c.object = o.id WHERE o.key LIKE "
+                                    "'%.narinfo'").splitlines()
+            stored["fileBytes"] = int(server.psql(
+                db, "SELECT COALESCE(SUM(size), 0) FROM cache_objects WHERE key LIKE 'nar/%'"))
+            stored["databaseBytes"] = int(server.psql(db, f"SELECT pg_database_size('{db}')"))
+        else:
+            cdir = os.path.join(env.ctl_dir, "cache")
+            infos = []
+            for name in os.listdir(cdir):
+                if name.endswith(".narinfo"):
+                    with open(os.path.join(cdir, name)) as f:
+                        infos += f.read().splitlines()
+            for name in os.listdir(os.path.join(cdir, "nar")):
+                stored["fileBytes"] += os.path.getsize(os.path.join(cdir, "nar", name))
+        for line in infos:
+            if line.startswith("Compression: "):
+                c = line.split(": ", 1)[1].strip()
+                stored["narinfo"][c] = stored["narinfo"].get(c, 0) + 1
 
         fcache = os.path.join(env.root, "filecache")
         url = f"file://{fcache}?compression=zstd"
@@ -127,6 +146,7 @@ def main():
             "narBytes": nar_bytes,
             "paths": len(closure),
             "payload": args.payload,
+            "store": args.store,
             "stored": stored,
             "upload": {"muster_s": round(up, 2), "nixCopy_s": round(up_nix, 2),
                        "muster_MiBps": round(nar_bytes / up / 2**20, 1),
@@ -155,6 +175,8 @@ def main():
         except Exception:  # noqa: BLE001
             pass
         env.close()
+        if server:
+            server.close()
 
 
 if __name__ == "__main__":

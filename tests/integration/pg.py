@@ -36,7 +36,9 @@ def _as_server_user(argv):
 
 
 class PgServer:
-    def __init__(self):
+    def __init__(self, durable=False):
+        """durable: fsync on (benchmarks measure what a production server does)."""
+        self.durable = durable
         self.bin = bin_dir()
         if not self.bin:
             raise FileNotFoundError("PostgreSQL binaries (initdb, pg_ctl) not found; install "
@@ -70,9 +72,10 @@ class PgServer:
                 except OSError:  # another test made it first
                     shutil.rmtree(fresh, ignore_errors=True)
             self._run("/bin/cp", "-a", template, self.data)
+        fast = "" if self.durable else "-c fsync=off -c full_page_writes=off "
         self._run(f"{self.bin}/pg_ctl", "-D", self.data, "-w", "-t", "60", "-s", "-l", self.log,
-                  "-o", f"-k {self.dir} -c listen_addresses= -c fsync=off "
-                        "-c full_page_writes=off -c max_connections=200", "start")
+                  "-o", f"-k {self.dir} -c listen_addresses= {fast}-c max_connections=200",
+                  "start")
         self.running = True
         return self
 
