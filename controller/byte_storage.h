@@ -46,6 +46,10 @@ class ByteStorage {
                                        std::string_view bytes) = 0;
   // Makes a staging object durable and visible as `to` in one step.
   virtual Status Promote(const std::string& staging_key, const std::string& to) = 0;
+
+  // Whether a call waits for another machine (a database): callers on an
+  // I/O thread then hand it to a worker.
+  virtual bool Remote() const { return false; }
 };
 
 // A directory; staging objects and final objects are files under it, written

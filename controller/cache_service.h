@@ -47,6 +47,8 @@ class CacheService {
 
   // An agent's fetch, answered for machine; never throws.
   proto::Fetched Fetch(const std::string& machine, const proto::Fetch& f);
+  // Whether Fetch waits for a database (then not on an I/O thread).
+  bool RemoteStorage() const { return cache_->RemoteStorage(); }
   // Operator requests; throws std::invalid_argument on bad params (the Api
   // turns it into an error response), returns an error for refused uploads.
   // payload: the bytes of a binary frame (cache.upload).

@@ -66,6 +66,8 @@ class NarCache {
                                                 std::uint64_t max_bytes);
   ~NarCache();
 
+  // Whether reading bytes waits for another machine (ByteStorage::Remote).
+  bool RemoteStorage() const { return storage_->Remote(); }
   // Whether the store path (full path or hash) has a committed narinfo.
   bool Has(const std::string& path_or_hash);
   // Grows whenever the index changes (a commit here, or a path found that

@@ -238,6 +238,11 @@ class PgByteStorage : public ByteStorage {
       c->End(false);
       return Err(Describe(r, what + " " + key));
     };
+    // A staged chunk need not be durable (as in the directory, where it is
+    // not fsynced): after a crash the upload resumes from what is there, and
+    // Promote's synchronous commit flushes every chunk before it.
+    if (auto r = c->Exec("SET LOCAL synchronous_commit = off", {}); !r.ok())
+      return fail(r, "cannot begin");
     if (auto r = c->Exec(kKeyLock, {{key}}); !r.ok()) return fail(r, "cannot lock");
     auto o = c->Exec("SELECT id, size FROM cache_objects WHERE key = $1", {{key}});
     if (!o.ok()) return fail(o, "cannot read");
@@ -276,6 +281,8 @@ class PgByteStorage : public ByteStorage {
       return Err("cache storage: cannot write " + key + ": " + e);
     return offset + bytes.size();
   }
+
+  bool Remote() const override { return true; }
 
   Status Promote(const std::string& staging_key, const std::string& to) override {
     if (!ValidStorageKey(staging_key) || !ValidStorageKey(to)) return Err("invalid storage key");

@@ -215,24 +215,28 @@ class StoreWriter {
 // uploader in memory here). Callbacks run on the worker thread.
 class CacheWorker {
  public:
+  // threads: jobs run at once (started on first use).
+  explicit CacheWorker(std::size_t threads = 1) : threads_(threads) {}
   ~CacheWorker() { Stop(); }
 
   void Submit(std::function<void()> job) {
     std::lock_guard lock(mu_);
     if (stop_) return;
-    if (!thread_.joinable()) thread_ = std::thread([this] { Loop(); });
+    while (pool_.size() < threads_) pool_.emplace_back([this] { Loop(); });
     queue_.push_back(std::move(job));
     cv_.notify_one();
   }
 
-  // Joins the thread; what is still queued is dropped (never answered).
+  // Joins the threads; what is still queued is dropped (never answered).
   void Stop() {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
     }
     cv_.notify_all();
-    if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+    for (auto& t : pool_) {
+      if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
+    }
   }
 
  private:
@@ -257,7 +261,8 @@ class CacheWorker {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
-  std::thread thread_;
+  std::size_t threads_;
+  std::vector<std::thread> pool_;
   bool stop_ = false;
 };
 
@@ -289,6 +294,9 @@ struct Shared {
   LogWriter log_writer;  // agents' log lines, off the I/O threads
   CacheWorker cache_worker;
   CacheWorker rollout_worker;  // rollout.create, one at a time, off the I/O threads
+  // Agents' fetches when the cache's bytes are a database round trip away
+  // (as many at once as the cache storage has connections).
+  CacheWorker fetch_worker{4};
 };
 
 // Errors that only mean "the peer went away"; not worth a warning.
@@ -788,10 +796,20 @@ class Session : public std::enable_shared_from_this<Session>,
       return false;
     }
     if (const auto* f = std::get_if<proto::Fetch>(&msg)) {
-      // One chunk per request, read from disk on this I/O thread: the agent
-      // asks for the next only when it has room, so nothing queues up here.
+      // One chunk per request, read from disk on this I/O thread (from the
+      // database on a worker): the agent asks for the next only when it has
+      // room, so nothing queues up here.
       if (!opts().cache) {
         Queue(proto::Encode(proto::Fetched{f->id, 404, f->offset, 0, "", "no binary cache"}));
+      } else if (opts().cache->RemoteStorage()) {
+        // The bytes are in the database: never wait for it on an I/O thread.
+        // Answers carry their request's id, so their order does not matter.
+        shared_->fetch_worker.Submit([self = shared_from_this(), f = *f]() {
+          auto bytes = proto::EncodeBinary(self->opts().cache->Fetch(self->who_.name, f));
+          asio::post(self->ex_, [self, bytes = std::move(bytes)]() mutable {
+            if (!self->closed_) self->Queue(std::move(bytes), true);
+          });
+        });
       } else {
         Queue(proto::EncodeBinary(opts().cache->Fetch(who_.name, *f)), true);
       }
@@ -1233,6 +1251,8 @@ Server::~Server() {
   Stop();
   impl_->shared->store_writer.Stop();  // before the io_context its callbacks post to
   impl_->shared->cache_worker.Stop();
+  impl_->shared->fetch_worker.Stop();
+  impl_->shared->rollout_worker.Stop();
   impl_->shared->log_writer.Stop();  // stores what is queued
 }
 

@@ -115,7 +115,7 @@ class PostgresTest(EnvTest):
         plain = subprocess.run([binary("muster-controller"), "migrate", "--store", uri],
                                capture_output=True, text=True, timeout=120)
         self.assertEqual(plain.returncode, 0, plain.stderr)
-        self.assertIn("version 4", plain.stdout)
+        self.assertIn("version 5", plain.stdout)
         env.store = uri
         env.start_controller(port=env.port)
         a.wait_connected()
