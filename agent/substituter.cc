@@ -71,8 +71,14 @@ struct Substituter::Impl : std::enable_shared_from_this<Substituter::Impl> {
   // same offset, once it is back (objects never change), or cut by their
   // no-progress timer. nix cannot retry a NAR it has begun to unpack.
   std::vector<std::shared_ptr<HttpConn>> stalled;
+  // Requests that want a chunk while kMaxInFlight are on their way, first
+  // come first served as answers free the slots.
+  std::deque<std::weak_ptr<HttpConn>> hungry;
   std::size_t active = 0;
 
+  bool HasSlot() const { return waiting.size() < Substituter::kMaxInFlight; }
+  // Lets waiting requests ask while there are free slots.
+  void Feed();
   void Accept();
   bool Fetch(const std::shared_ptr<HttpConn>& c, const std::string& name, std::uint64_t offset);
   void CutAll();
@@ -96,7 +102,14 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   void Begin() {
     began_ = true;
     ++owner_->active;
-    Request(0);
+    Ask();
+  }
+
+  // A slot may be free: asks for what this request needs next.
+  void Wake() {
+    hungry_ = false;
+    if (closed_) return;
+    Ask();
   }
 
   void OnChunk(proto::Fetched f) {
@@ -153,11 +166,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
     ready_.clear();
     req_offset_ = next_offset_;
     stalled_ = false;
-    if (!header_sent_) {
-      Request(0);
-      return;
-    }
-    Pump();
+    Ask();
   }
 
  private:
@@ -214,17 +223,41 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
     return true;
   }
 
-  // Writes what is queued, and keeps up to kWindow chunks on their way or
-  // waiting to be written: the controller's latency is hidden behind the
-  // chunks already here. Beyond the first chunk of each request, the chunks
-  // in flight over all requests are bounded (kMaxInFlight).
+  // Asks for the first chunk (which tells the object's size) or for the
+  // next ones, up to kWindow on their way or waiting to be written, so that
+  // the controller's latency hides behind the chunks already here. The
+  // chunks on their way over all requests are bounded (kMaxInFlight): the
+  // controller queues every answer for this one connection, and cuts a peer
+  // for which it holds too much. A request that finds no slot free and has
+  // nothing on its way waits its turn (Impl::Feed).
+  void Ask() {
+    if (closed_ || stalled_ || finishing_) return;
+    if (!header_sent_) {
+      if (in_flight_ > 0) return;
+      if (!owner_->HasSlot()) return Hungry();
+      Request(0);
+      return;
+    }
+    Pump();
+  }
+
+  void Hungry() {
+    if (hungry_) return;
+    hungry_ = true;
+    owner_->hungry.push_back(weak_from_this());
+  }
+
+  // Writes what is queued, and asks for more (Ask).
   void Pump() {
     if (closed_) return;
     bool complete = finishing_ || (header_sent_ && next_offset_ >= total_);
-    if (!complete && header_sent_) {
+    if (!complete && header_sent_ && !stalled_) {
       while (req_offset_ < total_ &&
-             in_flight_ + ready_.size() + out_.size() < Substituter::kWindow &&
-             (in_flight_ == 0 || owner_->waiting.size() < Substituter::kMaxInFlight)) {
+             in_flight_ + ready_.size() + out_.size() < Substituter::kWindow) {
+        if (!owner_->HasSlot()) {
+          if (in_flight_ == 0) Hungry();
+          break;
+        }
         if (!Request(req_offset_)) break;
       }
     }
@@ -284,6 +317,7 @@ class HttpConn : public std::enable_shared_from_this<HttpConn> {
   std::size_t in_flight_ = 0;                   // fetches asked and not answered
   std::map<std::uint64_t, std::string> ready_;  // answers ahead of next_offset_
   bool stalled_ = false;                        // parked until the connection is back
+  bool hungry_ = false;                         // in owner_->hungry
   bool head_only_ = false;
   bool header_sent_ = false;
   bool finishing_ = false;
@@ -311,6 +345,14 @@ bool Substituter::Impl::Fetch(const std::shared_ptr<HttpConn>& c, const std::str
   return true;
 }
 
+void Substituter::Impl::Feed() {
+  while (HasSlot() && !hungry.empty()) {
+    auto c = hungry.front().lock();
+    hungry.pop_front();
+    if (c && !c->closed()) c->Wake();
+  }
+}
+
 void Substituter::Impl::CutAll() {
   std::vector<std::shared_ptr<HttpConn>> all;
   for (auto& [p, c] : conns) all.push_back(c);
@@ -318,6 +360,7 @@ void Substituter::Impl::CutAll() {
   waiting.clear();
   queued.clear();
   stalled.clear();
+  hungry.clear();
 }
 
 Substituter::Substituter(asio::io_context& ioc, SendFn send)
@@ -373,6 +416,7 @@ void Substituter::OnFetched(proto::Fetched f) {
   auto c = std::move(it->second);
   impl_->waiting.erase(it);
   if (c) c->OnChunk(std::move(f));
+  impl_->Feed();  // a slot is free
 }
 
 void Substituter::OnLinkDown() {
@@ -399,6 +443,7 @@ void Substituter::OnLinkUp() {
   for (auto& c : stalled) {
     if (done.insert(c.get()).second) c->Resend();
   }
+  impl_->Feed();
 }
 
 }  // namespace muster

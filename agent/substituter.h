@@ -4,7 +4,8 @@
 // messages over the agent's one authenticated connection, and streams the
 // answers back chunk by chunk (a window of kWindow chunks per request asked
 // for ahead, so the controller's latency hides behind the chunks already
-// here; at most kMaxRequests requests at once). The token keeps other local users
+// here; at most kMaxInFlight chunks on their way over all requests, and
+// kMaxRequests requests at once). The token keeps other local users
 // from reading through it. A loss of the connection holds the requests in
 // flight until it is back, then continues each from its offset; nothing is
 // cached.
@@ -39,9 +40,11 @@ class Substituter {
   using SendFn = std::function<bool(std::string text)>;
   static constexpr std::size_t kChunkBytes = proto::kMaxFetchChunk;  // one binary frame
   static constexpr std::size_t kMaxRequests = 16;                    // HTTP requests served at once
-  static constexpr std::size_t kWindow = 4;       // chunks per request asked for or not yet written
-  static constexpr std::size_t kMaxInFlight = 8;  // chunks asked for, over all requests, beyond
-                                                  // the first of each
+  static constexpr std::size_t kWindow = 4;  // chunks per request asked for or not yet written
+  // Chunks asked for and not yet answered, over all requests: what the
+  // controller may have to queue for this connection stays well under what
+  // it holds for one peer before it cuts it as not reading (protocol.h).
+  static constexpr std::size_t kMaxInFlight = proto::kMaxFetchesInFlight;
 
   Substituter(boost::asio::io_context& ioc, SendFn send);
   ~Substituter();

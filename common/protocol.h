@@ -206,6 +206,14 @@ constexpr std::size_t kMaxBinaryHeaderBytes = 64 * 1024;
 // and so the largest fetched frame an agent must accept whatever its message limit.
 constexpr std::size_t kMaxFetchChunk = 1 << 20;
 constexpr std::size_t kMaxFetchedFrameBytes = 4 + kMaxBinaryHeaderBytes + kMaxFetchChunk;
+// Fetches an agent has on their way at once, over all its requests: the
+// controller queues every answer for that one connection.
+constexpr std::size_t kMaxFetchesInFlight = 8;
+// What the controller queues for one connection before it cuts the peer as
+// not reading: the fetch answers an agent may have asked for at once, and
+// room for everything else.
+constexpr std::size_t kDefaultMaxOutboxBytes = 16 << 20;
+static_assert(kDefaultMaxOutboxBytes >= kMaxFetchesInFlight * kMaxFetchedFrameBytes + (4 << 20));
 
 struct DecodeLimits {
   std::size_t max_bytes = kDefaultMaxMessageBytes;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/protocol.h"
 #include "common/url.h"
 #include "controller/api.h"
 #include "controller/fleet.h"
@@ -37,7 +38,7 @@ struct ServerOptions {
   std::chrono::milliseconds idle_timeout{std::chrono::seconds(150)};
   std::size_t max_message_bytes = 1 << 20;             // agents and enrolment
   std::size_t max_operator_message_bytes = 64u << 20;  // operators (rollouts over many machines)
-  std::size_t max_outbox_bytes = 16 << 20;
+  std::size_t max_outbox_bytes = proto::kDefaultMaxOutboxBytes;
   // TLS handshakes processed at once; further connections wait their turn
   // (first come, first served) holding only a socket, at most max_waiting of
   // them for at most admission_timeout each (then they are refused and the

@@ -121,6 +121,52 @@ class NetTest(EnvTest):
         self.assertRegex(env.controller.text(), r"10\.200\.1\.2:\d+: machine natted-cache connected")
         self.assertNotIn("10.200.2.2", env.controller.text())
 
+    def test_a_closure_of_many_paths_over_a_slow_link_is_fetched_on_one_connection(self):
+        # Behind a link of 2 MB/s, what the agent has asked for and not yet
+        # received must stay under what the controller queues for one
+        # connection, or the controller would take the agent for a peer that
+        # stopped reading and cut it, again and again. (Debian's nix 2.8
+        # substitutes one path at a time; nix 2.13 and later up to 16 at once,
+        # which agent/substituter_test.cc covers.)
+        ctl, rtr, agt = nat_topology(self.net)
+        self.net.run(rtr, "tc", "qdisc", "add", "dev", "lan", "root", "tbf", "rate", "16mbit",
+                     "burst", "32kb", "latency", "200ms")
+        # Small socket buffers, as on a host with many connections: what is
+        # on its way waits in the controller's queue, not in the kernel's.
+        for ns in (ctl, agt):
+            self.net.sysctl(ns, "net.ipv4.tcp_wmem", "4096 65536 262144")
+            self.net.sysctl(ns, "net.ipv4.tcp_rmem", "4096 65536 262144")
+        env = self.make_env(ctl, "10.200.1.1", "10.200.1.1")
+        a = env.add_agent("slow-link")
+        start_agent_in(self.net, agt, a)
+        a.wait_connected()
+        key = os.path.join(env.cli_dir, "cache.key")
+        env.cli("key", "generate", "--cache", "--name", "slow-test-1", "--out", key)
+        top = env.build("slow-closure", push=False, delete=False, payload=(3 << 20) // 2,
+                        payloads=16)
+        closure = subprocess.run(["nix-store", "-q", "--requisites", top], capture_output=True,
+                                 text=True, env=nix_env(), check=True).stdout.split()
+        self.assertEqual(len([p for p in closure if "payload" in p]), 16, closure)
+        argv = [binary("muster"), "--config", os.path.join(env.cli_dir, "config.json")]
+        subprocess.run(self.net.exec_argv(ctl, argv + ["cache", "push", top, "--cache-key", key]),
+                       check=True, capture_output=True, env=env.cli_env(), timeout=300)
+        env.delete_local(top)
+        r = subprocess.run(self.net.exec_argv(ctl, argv + ["publish", "slow-link", top,
+                                                           "--cache-key", key]),
+                           capture_output=True, text=True, env=env.cli_env(), timeout=300)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        gen = int(r.stdout.split("generation ")[1].split(":")[0])
+        t = time.monotonic()
+        s = env.wait_phase("slow-link", gen, ["succeeded", "failed"], timeout=240)
+        self.assertEqual(s["phase"], "succeeded", s["detail"])
+        note(f"24 MiB in 16 paths over 2 MB/s in {time.monotonic() - t:.1f} s")
+        for p in closure:
+            self.assertTrue(os.path.exists(p), p)
+        text = env.controller.text()
+        self.assertNotIn("peer is not reading", text)
+        self.assertEqual(len(re.findall(r"machine slow-link connected", text)), 1,
+                         "the agent kept its one connection")
+
     # ------------------------------------------------------------ overlay
     def test_ipv6_ula_overlay_with_controller_on_any_address(self):
         # ZeroTier-like overlay: members addressed by fd00::/8 ULAs (rfc4193

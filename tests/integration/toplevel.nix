@@ -18,6 +18,8 @@
 #             reboot is needed
 #   payload   bytes of random data in a store path of its own that the toplevel
 #             refers to (closures of several paths and of any size); "0": none
+#   payloads  how many such store paths ("1"; the further ones are named
+#             muster-test-payload-<name>-<i>)
 #   payloadKind random (incompressible) | text (hex digits of random bytes,
 #             which zstd halves)
 #   kernelSize bytes of padding in the kernel image ("0": a one-line file), for
@@ -36,6 +38,7 @@
 , sleep ? "0"
 , payload ? "0"
 , payloadKind ? "random"
+, payloads ? "1"
 , kernelSize ? "0"
 , stopUnits ? ""
 , reloadUnits ? ""
@@ -105,16 +108,19 @@ let
     args = [ "-c" ("PATH=/usr/bin:/bin; mkdir -p $out/lib/modules; echo kernel ${kernel} > $out/bzImage; echo initrd ${kernel} > $out/initrd; echo ${salt} > $out/salt"
       + (if kernelSize != "0" then "; head -c ${kernelSize} /dev/zero >> $out/bzImage" else "")) ];
   };
-  payloadPkg = derivation {
-    name = "muster-test-payload-${name}";
+  payloadOf = suffix: derivation {
+    name = "muster-test-payload-${name}${suffix}";
     inherit system;
     builder = sh;
     args = [ "-c" ("PATH=/usr/bin:/bin; mkdir -p $out; "
       + (if payloadKind == "text"
          then "od -v -An -tx1 /dev/urandom | head -c ${payload} > $out/data; "
          else "head -c ${payload} /dev/urandom > $out/data; ")
-      + "echo ${salt} > $out/salt") ];
+      + "echo ${salt} > $out/salt${suffix}") ];
   };
+  payloadPkg = payloadOf "";
+  morePayloads = builtins.genList (i: payloadOf "-${toString (i + 2)}")
+    (builtins.fromJSON payloads - 1);
 in
 derivation {
   name = "muster-test-${name}";
@@ -151,5 +157,8 @@ derivation {
     esac
     echo "$salt" > $out/salt
     ${if payload != "0" then "ln -s ${payloadPkg} $out/payload" else ""}
+    ${if payload != "0" then builtins.concatStringsSep "\n"
+        (builtins.genList (i: "ln -s ${builtins.elemAt morePayloads i} $out/payload-${toString (i + 2)}")
+          (builtins.length morePayloads)) else ""}
   '' ];
 }
