@@ -542,9 +542,14 @@ std::vector<Result<std::string>> Fleet::AgentStatuses(
     writes.push_back(std::move(w));
   }
   bool behind;
+  std::shared_ptr<const StatusOutbox> outbox;
   {
     std::lock_guard lock(mu_);
     behind = !unstored_.empty();
+    outbox = outbox_;
+  }
+  if (outbox) {
+    for (auto& w : writes) (*outbox)(w);
   }
   if (behind) RetryUnstored();  // older reports first: a later one must not be overwritten
   {
@@ -1160,6 +1165,11 @@ void Fleet::RemotePreview(const std::string& machine, const json& message) {
 
 void Fleet::SetPreviewHook(std::function<void(const std::string&, const std::string&)> hook) {
   preview_hook_ = std::move(hook);
+}
+
+void Fleet::SetStatusOutbox(StatusOutbox outbox) {
+  std::lock_guard lock(mu_);
+  outbox_ = outbox ? std::make_shared<const StatusOutbox>(std::move(outbox)) : nullptr;
 }
 
 void Fleet::AgentPreview(const std::string& machine, proto::PreviewReport r) {

@@ -310,6 +310,11 @@ class Fleet {
   void RemotePreview(const std::string& machine, const nlohmann::json& message);
   void SetPreviewHook(
       std::function<void(const std::string& machine, const std::string& toplevel)> hook);
+  // Called for every agent status report before it is stored, from the
+  // thread storing it: what it adds to the write's deliveries is queued in
+  // the report's own transaction (webhook notifications of final phases).
+  using StatusOutbox = std::function<void(StatusWrite& write)>;
+  void SetStatusOutbox(StatusOutbox outbox);
 
   void Subscribe(std::shared_ptr<EventSink> sink);
   void Unsubscribe(const EventSink* sink);
@@ -387,6 +392,7 @@ class Fleet {
   std::vector<PendingFinal> pending_finals_;  // under mu_, at most kMaxUnstored
   FleetObserver* observer_ = nullptr;
   std::function<void(const std::string&, const std::string&)> preview_hook_;
+  std::shared_ptr<const StatusOutbox> outbox_;  // under mu_
   // Ids of previews another controller passed on (RemotePreview), whose
   // reports go back through the store; oldest first, bounded.
   std::deque<std::string> remote_previews_;

@@ -204,8 +204,43 @@ Notifier::Notifier(Fleet& fleet, NotifierOptions options, Poster poster)
 Notifier::~Notifier() { Stop(); }
 
 void Notifier::Start() {
-  if (options_.shared_poll_ms > 0 || !store_.ListWebhooks().empty()) Subscribe();
+  RefreshHooks();
+  // Final reports carry their notifications into the store's transaction.
+  fleet_.SetStatusOutbox([w = weak_from_this()](StatusWrite& write) {
+    if (auto self = w.lock()) self->Outbox(write);
+  });
+  bool any;
+  {
+    std::lock_guard lock(mu_);
+    any = !hooks_->empty();
+  }
+  if (options_.shared_poll_ms > 0 || any) Subscribe();
   sender_ = std::thread([this] { SenderLoop(); });
+}
+
+void Notifier::RefreshHooks() {
+  auto list = std::make_shared<const std::vector<WebhookRecord>>(store_.ListWebhooks());
+  any_webhook_ = !list->empty();
+  std::lock_guard lock(mu_);
+  hooks_ = std::move(list);
+}
+
+void Notifier::Outbox(StatusWrite& write) {
+  auto ph = ParsePhase(write.ev.phase);
+  if (!ph || !IsTerminal(*ph)) return;
+  std::shared_ptr<const std::vector<WebhookRecord>> hooks;
+  {
+    std::lock_guard lock(mu_);
+    hooks = hooks_;
+  }
+  if (!hooks || hooks->empty()) return;
+  json data = {{"machine", write.ev.machine},
+               {"generation", write.ev.generation},
+               {"phase", write.ev.phase},
+               {"detail", write.ev.detail},
+               {"rebootRequired", write.reboot_required}};
+  write.deliveries = Deliveries("deploy", std::move(data), *hooks, "", nullptr);
+  write.max_queued = options_.max_queued;
 }
 
 void Notifier::Subscribe() {
@@ -234,6 +269,7 @@ void Notifier::Stop() {
   }
   cv_.notify_all();
   if (sender_.joinable()) sender_.join();
+  fleet_.SetStatusOutbox(nullptr);
   fleet_.Unsubscribe(this);
 }
 
@@ -256,13 +292,9 @@ void Notifier::Deliver(std::string text) {
   try {
     const json& data = j["body"]["data"];
     if (status) {
+      // Queued with the report itself (Outbox): only the sender is woken.
       auto ph = ParsePhase(data.value("phase", ""));
-      if (!ph || !IsTerminal(*ph)) return;
-      Enqueue("deploy", {{"machine", data.value("machine", "")},
-                         {"generation", data.value("generation", std::int64_t{0})},
-                         {"phase", data.value("phase", "")},
-                         {"detail", data.value("detail", "")},
-                         {"rebootRequired", data.value("rebootRequired", false)}});
+      if (ph && IsTerminal(*ph)) Wake();
     } else if (rollout) {
       std::string id = data.value("rollout", "");
       std::string state = data.value("state", "");
@@ -302,13 +334,32 @@ void Notifier::Deliver(std::string text) {
 void Notifier::Enqueue(const std::string& event, json data, const std::string& only_webhook,
                        std::string* id_out) {
   if (options_.shared_poll_ms > 0 && only_webhook.empty() && !any_webhook_) return;
+  std::vector<DeliveryRecord> rows =
+      Deliveries(event, std::move(data), store_.ListWebhooks(), only_webhook, id_out);
+  if (rows.empty()) return;
+  auto dropped = store_.EnqueueDeliveries(rows, options_.max_queued);
+  if (!dropped) {
+    spdlog::error("notifications: cannot queue a {} notification: {}", event, dropped.message());
+    return;
+  }
+  if (*dropped > 0) {
+    spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest",
+                 options_.max_queued, *dropped);
+  }
+  Wake();
+}
+
+std::vector<DeliveryRecord> Notifier::Deliveries(const std::string& event, json data,
+                                                 const std::vector<WebhookRecord>& hooks,
+                                                 const std::string& only_webhook,
+                                                 std::string* id_out) {
   std::vector<DeliveryRecord> rows;
   std::int64_t now = fleet_.Now();
   std::string id = RandomHex(16);
   json body = {
       {"version", 1}, {"id", id}, {"event", event}, {"at", now}, {"data", std::move(data)}};
   std::string text = DumpJson(body);
-  for (const auto& w : store_.ListWebhooks()) {
+  for (const auto& w : hooks) {
     if (!only_webhook.empty() && w.id != only_webhook) continue;
     if (only_webhook.empty() && !w.events.empty() &&
         std::find(w.events.begin(), w.events.end(), event) == w.events.end()) {
@@ -323,17 +374,7 @@ void Notifier::Enqueue(const std::string& event, json data, const std::string& o
     rows.push_back(std::move(d));
   }
   if (id_out) *id_out = id;
-  if (rows.empty()) return;
-  auto dropped = store_.EnqueueDeliveries(rows, options_.max_queued);
-  if (!dropped) {
-    spdlog::error("notifications: cannot queue a {} notification: {}", event, dropped.message());
-    return;
-  }
-  if (*dropped > 0) {
-    spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest",
-                 options_.max_queued, *dropped);
-  }
-  Wake();
+  return rows;
 }
 
 Result<WebhookRecord> Notifier::Add(const std::string& url, const std::string& secret,
@@ -358,12 +399,16 @@ Result<WebhookRecord> Notifier::Add(const std::string& url, const std::string& s
   w.created_by = by;
   w.created_at = fleet_.Now();
   if (auto st = store_.AddWebhook(w); !st) return st.error();
-  any_webhook_ = true;
+  RefreshHooks();
   Subscribe();  // events cost nothing until the first webhook exists
   return w;
 }
 
-Status Notifier::Remove(const std::string& id) { return store_.RemoveWebhook(id); }
+Status Notifier::Remove(const std::string& id) {
+  auto st = store_.RemoveWebhook(id);
+  RefreshHooks();
+  return st;
+}
 
 Result<std::string> Notifier::Test(const std::string& id, const std::string& by) {
   auto hooks = store_.ListWebhooks();
@@ -459,7 +504,7 @@ void Notifier::Attempt(const DeliveryRecord& d, const std::map<std::string, Webh
 
 void Notifier::SenderLoop() {
   for (;;) {
-    if (options_.shared_poll_ms > 0) any_webhook_ = !store_.ListWebhooks().empty();
+    if (options_.shared_poll_ms > 0) RefreshHooks();  // webhooks added through the others
     std::int64_t now = fleet_.Now();
     auto offline_next = CheckOffline(now);
     auto due = store_.DueDeliveries(now, 16);

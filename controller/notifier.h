@@ -4,7 +4,10 @@
 // Every notification is first written to the store's bounded queue (one row
 // per webhook), then sent by one sender thread; a delivery leaves the queue
 // only when the receiver answered 2xx (or after max_attempts, logged), so a
-// controller restart loses nothing. Failed attempts are retried with
+// controller restart loses nothing. A deploy's notification is queued in the
+// same transaction as the final report itself (Fleet's status outbox), so
+// that a controller dying between storing the report and queueing it cannot
+// lose it either. Failed attempts are retried with
 // exponential backoff and jitter. Body and headers: docs/DASHBOARD.md.
 //
 // Threading: Deliver (the Fleet's broadcast) and the public methods may be
@@ -108,6 +111,17 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   // Queues body (with a fresh delivery id) for every webhook wanting event.
   void Enqueue(const std::string& event, nlohmann::json data, const std::string& only_webhook = "",
                std::string* id_out = nullptr);
+  // The rows of one notification (a fresh delivery id) for the hooks wanting event.
+  std::vector<DeliveryRecord> Deliveries(const std::string& event, nlohmann::json data,
+                                         const std::vector<WebhookRecord>& hooks,
+                                         const std::string& only_webhook, std::string* id_out);
+  // Fleet's status outbox: a final report's "deploy" notifications, queued
+  // in the report's own transaction, so that a controller dying between the
+  // two loses none.
+  void Outbox(StatusWrite& write);
+  // Re-reads the webhooks (at the start, on Add/Remove, and at each poll of
+  // a shared queue, for webhooks added through other controllers).
+  void RefreshHooks();
   void SenderLoop();
   void Attempt(const DeliveryRecord& d, const std::map<std::string, WebhookRecord>& hooks);
   // Offline machines past the threshold, queued once per absence; returns the
@@ -128,6 +142,8 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   // Shared queue only: whether any webhook exists, re-read by the sender at
   // each poll, so that events cost no query while there is none.
   std::atomic<bool> any_webhook_{false};
+  std::shared_ptr<const std::vector<WebhookRecord>> hooks_ =
+      std::make_shared<const std::vector<WebhookRecord>>();  // under mu_
   std::thread sender_;
   std::map<std::string, std::string> rollout_state_;   // rollout id → last state seen
   std::map<std::string, std::int64_t> offline_since_;  // machine → unix ms

@@ -119,6 +119,44 @@ TEST_F(NotifierTest, FinalStatusIsQueuedSignedAndSentOnce) {
   EXPECT_EQ(store_->QueuedDeliveries(), 0);
 }
 
+// The deploy notification is written with the final report, in its
+// transaction: it does not wait for the fleet event that follows the commit
+// (a controller killed in between used to lose it). Here that event never
+// reaches the notifier, as if the process had died right after the commit.
+TEST_F(NotifierTest, AFinalReportsNotificationIsQueuedWithTheReportItself) {
+  NotifierOptions o;
+  auto n = std::make_shared<Notifier>(*fleet_, o, Recorder({}));
+  ASSERT_TRUE(n->Add("http://127.0.0.1:1/hook", std::string(32, 's'), {"deploy"}, "alice").ok());
+  ASSERT_TRUE(n->Add("http://127.0.0.1:1/other", std::string(32, 't'), {"rollout"}, "alice").ok());
+  n->Start();
+  fleet_->Unsubscribe(n.get());
+  auto ch = std::make_shared<FakeChannel>();
+  ASSERT_TRUE(fleet_->AgentHello("web1", MakeHello(), ch).ok());
+  ASSERT_TRUE(fleet_->Publish("alice", MakeDeploy(1)).ok());
+  proto::StatusReport r;
+  r.generation = 1;
+  r.phase = "verified";
+  ASSERT_TRUE(fleet_->AgentStatus("web1", r).ok());
+  EXPECT_EQ(store_->QueuedDeliveries(), 0) << "a phase that is not final notifies nobody";
+  r.phase = "failed";
+  r.detail = "activation exited 1";
+  ASSERT_TRUE(fleet_->AgentStatus("web1", r).ok());
+  n->Stop();
+  auto due = store_->DueDeliveries(kNow + 60000, 10);
+  ASSERT_EQ(due.size(), 1u) << "one webhook wants deploy events";
+  auto hooks = store_->ListWebhooks();
+  auto hook = std::find_if(hooks.begin(), hooks.end(),
+                           [&](const WebhookRecord& w) { return w.id == due[0].webhook; });
+  ASSERT_NE(hook, hooks.end());
+  EXPECT_EQ(hook->url, "http://127.0.0.1:1/hook");
+  auto body = nlohmann::json::parse(due[0].body);
+  EXPECT_EQ(body["event"], "deploy");
+  EXPECT_EQ(body["data"]["machine"], "web1");
+  EXPECT_EQ(body["data"]["generation"], 1);
+  EXPECT_EQ(body["data"]["phase"], "failed");
+  EXPECT_EQ(body["data"]["detail"], "activation exited 1");
+}
+
 TEST_F(NotifierTest, QueueIsBoundedOldestFirst) {
   WebhookRecord w{"w1", "http://127.0.0.1:1/", std::string(32, 's'), {}, "alice", kNow};
   ASSERT_TRUE(store_->AddWebhook(w).ok());

@@ -6,6 +6,7 @@
 // (never in this process's memory), so that bounds hold whichever controller
 // writes.
 #include <libpq-fe.h>
+#include <spdlog/spdlog.h>
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -806,7 +807,20 @@ class PgStore final : public Store {
     std::lock_guard lock(mu_);
     if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
     const StatusWrite w{name, ev, toplevel, reboot_required, facts};
-    if (auto st = WriteStatusesLocked({&w}); !st) {
+    return RecordStatusWriteLocked(w);
+  }
+
+  Status RecordStatusWrite(const StatusWrite& w) override {
+    std::lock_guard lock(mu_);
+    if (auto r = Begin(); !r.ok()) return Err("store: " + r.error());
+    return RecordStatusWriteLocked(w);
+  }
+
+  // In the transaction the caller began; ends it.
+  Status RecordStatusWriteLocked(const StatusWrite& w) {
+    auto st = WriteStatusesLocked({&w});
+    if (st) st = QueueNotificationsLocked({&w});
+    if (!st) {
       (void)End("ROLLBACK");
       return st;
     }
@@ -840,6 +854,11 @@ class PgStore final : public Store {
             ok = false;
             break;
           }
+        }
+        if (ok) {
+          std::vector<const StatusWrite*> all;
+          for (const auto& w : writes) all.push_back(&w);
+          ok = QueueNotificationsLocked(all).ok();
         }
         if (ok && End("COMMIT").ok()) return std::vector<Status>(writes.size(), Status::Ok());
         (void)End("ROLLBACK");
@@ -1489,10 +1508,20 @@ class PgStore final : public Store {
     std::lock_guard lock(mu_);
     if (deliveries.empty()) return std::int64_t{0};
     if (auto b = Begin(); !b.ok()) return Err("store: " + b.error());
-    auto fail = [&](const std::string& e) {
+    auto dropped = EnqueueDeliveriesLocked(deliveries, max_queued);
+    if (!dropped) {
       (void)End("ROLLBACK");
-      return Error{"store: " + e};
-    };
+      return dropped;
+    }
+    if (auto st = CommitLocked("cannot queue notifications"); !st) return st.error();
+    return dropped;
+  }
+
+  // The inserts and the bound of EnqueueDeliveries; the caller holds mu_ and
+  // a transaction (and rolls it back on an error).
+  Result<std::int64_t> EnqueueDeliveriesLocked(const std::vector<DeliveryRecord>& deliveries,
+                                               std::int64_t max_queued) {
+    auto fail = [&](const std::string& e) { return Error{"store: " + e}; };
     for (const auto& d : deliveries) {
       auto r =
           Q("INSERT INTO deliveries (webhook, event, body, attempts, created_at, next_at, "
@@ -1508,9 +1537,25 @@ class PgStore final : public Store {
           "GREATEST(over, 0) FROM n)) RETURNING 1) SELECT COUNT(*) FROM d",
           max_queued);
     if (c.rows() != 1) return fail(c.error());
-    std::int64_t dropped = c.Int(0, 0);
-    if (auto st = CommitLocked("cannot queue notifications"); !st) return st.error();
-    return dropped;
+    return c.Int(0, 0);
+  }
+
+  // The deliveries the writes carry, in the caller's transaction.
+  Status QueueNotificationsLocked(const std::vector<const StatusWrite*>& writes) {
+    std::vector<DeliveryRecord> all;
+    std::int64_t max_queued = 0;
+    for (const auto* w : writes) {
+      all.insert(all.end(), w->deliveries.begin(), w->deliveries.end());
+      max_queued = std::max(max_queued, w->max_queued);
+    }
+    if (all.empty()) return Status::Ok();
+    auto dropped = EnqueueDeliveriesLocked(all, max_queued);
+    if (!dropped) return dropped.error();
+    if (*dropped > 0) {
+      spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest", max_queued,
+                   *dropped);
+    }
+    return Status::Ok();
   }
 
   // Claims what it returns for this controller: a delivery claimed by a live

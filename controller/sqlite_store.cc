@@ -1,5 +1,6 @@
 // SQLite implementation of Store: one connection, WAL, synchronous=FULL, a
 // mutex around every call.
+#include <spdlog/spdlog.h>
 #include <sqlite3.h>
 
 #include <map>
@@ -458,8 +459,9 @@ class SqliteStore final : public Store {
     return Status::Ok();
   }
 
-  // Group commit: every report in one transaction, one fsync. If anything
-  // fails, each report is recorded on its own so that each gets its own result.
+  // Group commit: every report in one transaction, one fsync, with the
+  // notifications they carry. If anything fails, each report is recorded on
+  // its own so that each gets its own result.
   std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) override {
     {
       std::lock_guard lock(mu_);
@@ -471,11 +473,40 @@ class SqliteStore final : public Store {
             break;
           }
         }
+        if (ok) ok = QueueNotificationsLocked(writes).ok();
         if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
         RollbackLocked();
       }
     }
     return Store::RecordStatuses(writes);
+  }
+
+  Status RecordStatusWrite(const StatusWrite& w) override {
+    std::lock_guard lock(mu_);
+    if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
+    auto st = WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts);
+    if (st) st = QueueNotificationsLocked({w});
+    if (st) st = Exec("COMMIT");
+    if (!st) RollbackLocked();
+    return st;
+  }
+
+  // The deliveries the writes carry, in the caller's transaction.
+  Status QueueNotificationsLocked(const std::vector<StatusWrite>& writes) {
+    std::vector<DeliveryRecord> all;
+    std::int64_t max_queued = 0;
+    for (const auto& w : writes) {
+      all.insert(all.end(), w.deliveries.begin(), w.deliveries.end());
+      max_queued = std::max(max_queued, w.max_queued);
+    }
+    if (all.empty()) return Status::Ok();
+    auto dropped = EnqueueDeliveriesLocked(all, max_queued);
+    if (!dropped) return dropped.error();
+    if (*dropped > 0) {
+      spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest", max_queued,
+                   *dropped);
+    }
+    return Status::Ok();
   }
 
   // The machine row and the event row of one report; the caller holds mu_ and
@@ -1105,6 +1136,22 @@ class SqliteStore final : public Store {
     std::lock_guard lock(mu_);
     if (deliveries.empty()) return std::int64_t{0};
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st.error();
+    auto dropped = EnqueueDeliveriesLocked(deliveries, max_queued);
+    if (!dropped) {
+      RollbackLocked();
+      return dropped;
+    }
+    if (auto st = Exec("COMMIT"); !st) {
+      RollbackLocked();
+      return st.error();
+    }
+    return dropped;
+  }
+
+  // The inserts and the bound of EnqueueDeliveries; the caller holds mu_ and
+  // a transaction (and rolls it back on an error).
+  Result<std::int64_t> EnqueueDeliveriesLocked(const std::vector<DeliveryRecord>& deliveries,
+                                               std::int64_t max_queued) {
     for (const auto& d : deliveries) {
       Stmt s(db_,
              "INSERT INTO deliveries (webhook, event, body, attempts, created_at, next_at, "
@@ -1116,11 +1163,7 @@ class SqliteStore final : public Store {
           .Bind(5, d.created_at)
           .Bind(6, d.next_at)
           .Bind(7, d.last_error);
-      if (s.Step() != SQLITE_DONE) {
-        std::string e = s.ErrorText();
-        RollbackLocked();
-        return Err("store: " + e);
-      }
+      if (s.Step() != SQLITE_DONE) return Err("store: " + s.ErrorText());
     }
     std::int64_t dropped = 0;
     {
@@ -1132,13 +1175,8 @@ class SqliteStore final : public Store {
       Stmt d(db_,
              "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries ORDER BY id LIMIT ?)");
       d.Bind(1, dropped);
-      if (d.Step() != SQLITE_DONE) {
-        std::string e = d.ErrorText();
-        RollbackLocked();
-        return Err("store: " + e);
-      }
+      if (d.Step() != SQLITE_DONE) return Err("store: " + d.ErrorText());
     }
-    if (auto st = Exec("COMMIT"); !st) return st.error();
     return dropped;
   }
 

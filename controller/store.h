@@ -103,12 +103,30 @@ struct HelloWrite {
 };
 
 // The arguments of one Store::RecordStatus call.
+// One queued delivery of a notification body to one webhook.
+struct DeliveryRecord {
+  std::int64_t id = 0;
+  std::string webhook;  // WebhookRecord::id
+  std::string event;    // "deploy" | "rollout" | "offline" | "test"
+  std::string body;     // the JSON body, signed as it is
+  int attempts = 0;
+  std::int64_t created_at = 0;
+  std::int64_t next_at = 0;  // unix ms of the next attempt
+  std::string last_error;
+};
+
 struct StatusWrite {
   std::string name;
   EventRecord ev;
   std::string toplevel;
   bool reboot_required = false;
   nlohmann::json facts = nullptr;  // null: keep the stored facts
+  // Webhook notifications of this report (Fleet's status outbox), queued in
+  // the same transaction as the report: a controller that dies once the
+  // report is stored has queued them too. The queue keeps at most
+  // max_queued deliveries (the oldest go), as EnqueueDeliveries.
+  std::vector<DeliveryRecord> deliveries = {};
+  std::int64_t max_queued = 0;
 };
 
 struct LogRecord {
@@ -129,18 +147,6 @@ struct WebhookRecord {
   std::vector<std::string> events;  // "deploy", "rollout", "offline", "test"; empty = all
   std::string created_by;
   std::int64_t created_at = 0;
-};
-
-// One queued delivery of a notification body to one webhook.
-struct DeliveryRecord {
-  std::int64_t id = 0;
-  std::string webhook;  // WebhookRecord::id
-  std::string event;    // "deploy" | "rollout" | "offline" | "test"
-  std::string body;     // the JSON body, signed as it is
-  int attempts = 0;
-  std::int64_t created_at = 0;
-  std::int64_t next_at = 0;  // unix ms of the next attempt
-  std::string last_error;
 };
 
 class Store {
@@ -185,10 +191,17 @@ class Store {
   virtual std::vector<Status> RecordStatuses(const std::vector<StatusWrite>& writes) {
     std::vector<Status> out;
     out.reserve(writes.size());
-    for (const auto& w : writes) {
-      out.push_back(RecordStatus(w.name, w.ev, w.toplevel, w.reboot_required, w.facts));
-    }
+    for (const auto& w : writes) out.push_back(RecordStatusWrite(w));
     return out;
+  }
+  // One report with its deliveries. Both backends write them in one
+  // transaction; this default (for stores without) queues them after.
+  virtual Status RecordStatusWrite(const StatusWrite& w) {
+    auto st = RecordStatus(w.name, w.ev, w.toplevel, w.reboot_required, w.facts);
+    if (st && !w.deliveries.empty()) {
+      if (auto q = EnqueueDeliveries(w.deliveries, w.max_queued); !q) return q.error();
+    }
+    return st;
   }
 
   virtual Status AddOperator(const OperatorRecord& op) = 0;

@@ -344,6 +344,43 @@ TEST_P(StoreTest, GroupCommitsRecordEveryHelloAndReportInOrder) {
   EXPECT_EQ(store_->ListEvents("web2", 7, 10).size(), 3u);
 }
 
+TEST_P(StoreTest, AReportsDeliveriesAreQueuedInItsTransaction) {
+  ASSERT_TRUE(store_->AddMachine(Machine("web1", "k1")).ok());
+  ASSERT_TRUE(
+      store_->AddWebhook({"w1", "http://127.0.0.1:1/", std::string(32, 's'), {}, "a", 1}).ok());
+  auto delivery = [](const std::string& body) {
+    DeliveryRecord d;
+    d.webhook = "w1";
+    d.event = "deploy";
+    d.body = body;
+    d.created_at = d.next_at = 5;
+    return d;
+  };
+  std::vector<StatusWrite> writes;
+  writes.push_back({"web1", Event(1, "realising", 10), "", false, nullptr});
+  writes.push_back({"web1", Event(1, "succeeded", 11), "/nix/store/1-system", false, nullptr});
+  writes.back().deliveries = {delivery("first")};
+  writes.back().max_queued = 10;
+  for (const auto& st : store_->RecordStatuses(writes)) ASSERT_TRUE(st.ok()) << st.message();
+  auto due = store_->DueDeliveries(100, 10);
+  ASSERT_EQ(due.size(), 1u);
+  EXPECT_EQ(due[0].body, "first");
+  StatusWrite good{"web1", Event(2, "failed", 13), "", false, nullptr};
+  good.deliveries = {delivery("second")};
+  good.max_queued = 10;
+  ASSERT_TRUE(store_->RecordStatusWrite(good).ok());
+  EXPECT_EQ(store_->QueuedDeliveries(), 2);
+  // The bound holds on this path too: the oldest go.
+  StatusWrite more{"web1", Event(3, "succeeded", 14), "", false, nullptr};
+  more.deliveries = {delivery("third"), delivery("fourth")};
+  more.max_queued = 3;
+  ASSERT_TRUE(store_->RecordStatusWrite(more).ok());
+  std::vector<std::string> bodies;
+  for (const auto& d : store_->DueDeliveries(100, 10)) bodies.push_back(d.body);
+  std::sort(bodies.begin(), bodies.end());
+  EXPECT_EQ(bodies, (std::vector<std::string>{"fourth", "second", "third"}));
+}
+
 TEST_P(StoreTest, LogsReadByGenerationAfterIdWithLimit) {
   std::vector<LogRecord> batch;
   for (int i = 0; i < 10; ++i) {
