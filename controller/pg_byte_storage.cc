@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <ctime>
 #include <mutex>
+#include <optional>
 
 #include "controller/byte_storage.h"
 #include "controller/pg_result.h"
@@ -122,6 +123,19 @@ std::string Describe(const pg::Res& r, const std::string& what) {
   return e;
 }
 
+// Inserts bytes as the chunks of object id from offset on (kChunk each, the
+// last shorter), in the caller's transaction; the failed statement, if one did.
+std::optional<pg::Res> WriteChunks(Connection& c, const std::string& id, std::uint64_t offset,
+                                   std::string_view bytes) {
+  for (std::size_t done = 0; done < bytes.size(); done += kChunk) {
+    std::string at = std::to_string(offset + done);
+    auto w = c.Exec("INSERT INTO cache_chunks (object, off, data) VALUES ($1, $2, $3)",
+                    {{id}, {at}, {bytes.substr(done, kChunk), true}});
+    if (!w.ok()) return w;
+  }
+  return std::nullopt;
+}
+
 class PgByteStorage : public ByteStorage {
  public:
   PgByteStorage(const std::string& conninfo, std::size_t connections) {
@@ -156,12 +170,7 @@ class PgByteStorage : public ByteStorage {
                 {{key}, {size}, {now}});
     if (ins.rows() != 1) return fail(ins, "cannot write");
     std::string id = ins.Text(0, 0);
-    for (std::size_t off = 0; off < bytes.size(); off += kChunk) {
-      std::string o = std::to_string(off);
-      auto w = c->Exec("INSERT INTO cache_chunks (object, off, data) VALUES ($1, $2, $3)",
-                       {{id}, {o}, {bytes.substr(off, kChunk), true}});
-      if (!w.ok()) return fail(w, "cannot write");
-    }
+    if (auto w = WriteChunks(*c, id, 0, bytes)) return fail(*w, "cannot write");
     if (auto e = c->End(true); !e.empty())
       return Err("cache storage: cannot write " + key + ": " + e);
     return Status::Ok();
@@ -267,12 +276,7 @@ class PgByteStorage : public ByteStorage {
       if (ins.rows() != 1) return fail(ins, "cannot create");
       id = ins.Text(0, 0);
     }
-    for (std::size_t done = 0; done < bytes.size(); done += kChunk) {
-      std::string o2 = std::to_string(offset + done);
-      auto w = c->Exec("INSERT INTO cache_chunks (object, off, data) VALUES ($1, $2, $3)",
-                       {{id}, {o2}, {bytes.substr(done, kChunk), true}});
-      if (!w.ok()) return fail(w, "cannot write");
-    }
+    if (auto w = WriteChunks(*c, id, offset, bytes)) return fail(*w, "cannot write");
     std::string new_size = std::to_string(offset + bytes.size());
     auto u = c->Exec("UPDATE cache_objects SET size = $2, mtime = $3 WHERE id = $1",
                      {{id}, {new_size}, {now}});
@@ -332,6 +336,7 @@ class PgByteStorage : public ByteStorage {
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     Connection* operator->() { return c_; }
+    Connection& operator*() { return *c_; }
 
    private:
     PgByteStorage& s_;

@@ -1542,19 +1542,12 @@ class PgStore final : public Store {
 
   // The deliveries the writes carry, in the caller's transaction.
   Status QueueNotificationsLocked(const std::vector<const StatusWrite*>& writes) {
-    std::vector<DeliveryRecord> all;
     std::int64_t max_queued = 0;
-    for (const auto* w : writes) {
-      all.insert(all.end(), w->deliveries.begin(), w->deliveries.end());
-      max_queued = std::max(max_queued, w->max_queued);
-    }
+    auto all = DeliveriesOf(writes, &max_queued);
     if (all.empty()) return Status::Ok();
     auto dropped = EnqueueDeliveriesLocked(all, max_queued);
     if (!dropped) return dropped.error();
-    if (*dropped > 0) {
-      spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest", max_queued,
-                   *dropped);
-    }
+    if (*dropped > 0) spdlog::warn("notifications: queue full; dropped the {} oldest", *dropped);
     return Status::Ok();
   }
 

@@ -473,7 +473,11 @@ class SqliteStore final : public Store {
             break;
           }
         }
-        if (ok) ok = QueueNotificationsLocked(writes).ok();
+        if (ok) {
+          std::vector<const StatusWrite*> all;
+          for (const auto& w : writes) all.push_back(&w);
+          ok = QueueNotificationsLocked(all).ok();
+        }
         if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
         RollbackLocked();
       }
@@ -485,27 +489,20 @@ class SqliteStore final : public Store {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
     auto st = WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts);
-    if (st) st = QueueNotificationsLocked({w});
+    if (st) st = QueueNotificationsLocked({&w});
     if (st) st = Exec("COMMIT");
     if (!st) RollbackLocked();
     return st;
   }
 
   // The deliveries the writes carry, in the caller's transaction.
-  Status QueueNotificationsLocked(const std::vector<StatusWrite>& writes) {
-    std::vector<DeliveryRecord> all;
+  Status QueueNotificationsLocked(const std::vector<const StatusWrite*>& writes) {
     std::int64_t max_queued = 0;
-    for (const auto& w : writes) {
-      all.insert(all.end(), w.deliveries.begin(), w.deliveries.end());
-      max_queued = std::max(max_queued, w.max_queued);
-    }
+    auto all = DeliveriesOf(writes, &max_queued);
     if (all.empty()) return Status::Ok();
     auto dropped = EnqueueDeliveriesLocked(all, max_queued);
     if (!dropped) return dropped.error();
-    if (*dropped > 0) {
-      spdlog::warn("notifications: queue full ({} deliveries); dropped the {} oldest", max_queued,
-                   *dropped);
-    }
+    if (*dropped > 0) spdlog::warn("notifications: queue full; dropped the {} oldest", *dropped);
     return Status::Ok();
   }
 

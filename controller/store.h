@@ -8,6 +8,7 @@
 // serialise internally.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -148,6 +149,19 @@ struct WebhookRecord {
   std::string created_by;
   std::int64_t created_at = 0;
 };
+
+// The deliveries a batch of status writes carries, and the bound to keep
+// (the largest any of them names).
+inline std::vector<DeliveryRecord> DeliveriesOf(const std::vector<const StatusWrite*>& writes,
+                                                std::int64_t* max_queued) {
+  std::vector<DeliveryRecord> all;
+  *max_queued = 0;
+  for (const auto* w : writes) {
+    all.insert(all.end(), w->deliveries.begin(), w->deliveries.end());
+    *max_queued = std::max(*max_queued, w->max_queued);
+  }
+  return all;
+}
 
 class Store {
  public:
