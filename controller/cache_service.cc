@@ -108,8 +108,10 @@ std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::st
   auto roots = Roots(machine);
   // The cache's revision is part of the key: a set is recomputed once the
   // index changed (a commit, or a path another controller committed).
-  std::string key = std::to_string(cache_->Revision()) + "\n";
-  for (const auto& r : roots) key += r + "\n";
+  std::string roots_key;
+  for (const auto& r : roots) roots_key += "\n" + r;
+  auto key_at = [&](std::uint64_t revision) { return std::to_string(revision) + roots_key; };
+  std::string key = key_at(cache_->Revision());
   {
     std::lock_guard lock(mu_);
     auto it = allowed_.find(machine);
@@ -122,7 +124,7 @@ std::shared_ptr<const std::set<std::string>> CacheService::Allowed(const std::st
   }
   auto set = std::make_shared<const std::set<std::string>>(cache_->Closure(roots));
   // The walk may itself have found paths: key the set by the revision after it.
-  key = std::to_string(cache_->Revision()) + key.substr(key.find('\n'));
+  key = key_at(cache_->Revision());
   std::lock_guard lock(mu_);
   if (allowed_.size() > 100000) allowed_.clear();
   if (by_roots_.size() > 100000) by_roots_.clear();
@@ -140,9 +142,11 @@ proto::Fetched CacheService::Fetch(const std::string& machine, const proto::Fetc
     if (f.name != "nix-cache-info") {
       // Paths outside this machine's closures look exactly like absent ones.
       // A path this controller has not seen may have been committed through
-      // another one sharing the storage: Has finds it, and the set is redone.
-      if (h.empty() ||
-          (!Allowed(machine)->count(h) && (!cache_->Has(h) || !Allowed(machine)->count(h)))) {
+      // another one sharing the storage: Has finds it, which moves the
+      // cache's revision, and the set is computed again.
+      auto allowed = Allowed(machine);
+      if (!h.empty() && !allowed->count(h) && cache_->Has(h)) allowed = Allowed(machine);
+      if (h.empty() || !allowed->count(h)) {
         r.status = 404;
         r.error = "not in a closure published for " + machine;
         return r;

@@ -142,11 +142,14 @@ std::optional<NarCache::Entry> NarCache::LoadEntry(const std::string& h, std::st
   return en;
 }
 
-bool NarCache::Discover(const std::string& h) {
+bool NarCache::Discover(const std::string& h, bool log_skipped) {
   if (h.size() != 32) return false;
   std::string why;
   auto en = LoadEntry(h, &why);
-  if (!en) return false;
+  if (!en) {
+    if (log_skipped) spdlog::warn("cache: skipping {}.narinfo: {}", h, why);
+    return false;
+  }
   std::lock_guard lock(mu_);
   if (index_.count(h)) return true;
   committed_bytes_ += en->file_size + en->info_size;
@@ -173,21 +176,12 @@ void NarCache::Sync(bool log_skipped) {
     }
     std::string h = e.key.substr(0, 32);
     listed.insert(h);
+    bool known;
     {
       std::lock_guard lock(mu_);
-      if (index_.count(h)) continue;
+      known = index_.count(h) > 0;
     }
-    std::string why;
-    auto en = LoadEntry(h, &why);
-    if (!en) {
-      if (log_skipped) spdlog::warn("cache: skipping {}: {}", e.key, why);
-      continue;
-    }
-    std::lock_guard lock(mu_);
-    if (index_.count(h)) continue;
-    committed_bytes_ += en->file_size + en->info_size;
-    index_[h] = std::move(*en);
-    revision_.fetch_add(1);
+    if (!known) Discover(h, log_skipped);
   }
   // Paths another controller sharing the storage collected.
   std::lock_guard lock(mu_);
@@ -363,16 +357,10 @@ Result<std::string> NarCache::Read(const std::string& name, std::uint64_t offset
                                    std::size_t max_bytes, std::uint64_t* total) {
   bool known = name == "nix-cache-info";
   std::string h = HashOfObject(name);
-  if (!h.empty()) {
-    auto known_here = [&] {
-      std::lock_guard lock(mu_);
-      auto it = index_.find(h);
-      if (it == index_.end()) return std::optional<bool>();
-      return std::optional<bool>(name.back() == 'o' || it->second.nar_key == name);
-    };
-    auto k = known_here();
-    if (!k && Discover(h)) k = known_here();
-    known = k.value_or(false);
+  if (!h.empty() && Has(h)) {  // Has finds a path committed through another controller
+    std::lock_guard lock(mu_);
+    auto it = index_.find(h);
+    known = it != index_.end() && (name.back() == 'o' || it->second.nar_key == name);
   }
   if (!known) return Err("not found");
   auto size = storage_->Size(name);

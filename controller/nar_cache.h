@@ -129,7 +129,7 @@ class NarCache {
   std::optional<Entry> LoadEntry(const std::string& h, std::string* why);
   // Adds h to the index if storage holds it: another controller sharing the
   // storage may have committed it. True when h is (now) in the index.
-  bool Discover(const std::string& h);
+  bool Discover(const std::string& h, bool log_skipped = false);
   // Drops h from the index (its bytes went: another controller collected it).
   void Forget(const std::string& h);
   // Brings the index in line with storage's narinfos (Open, Stats, GC).
