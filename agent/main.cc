@@ -1,5 +1,6 @@
 // muster-agent: keeps one connection to the controller and deploys what it is
 // given. See README.md for the configuration file.
+#include <malloc.h>
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
@@ -42,6 +43,16 @@ int WrapperMain(int argc, char** argv) {
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--activation-wrapper") return WrapperMain(argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
+#ifdef __GLIBC__
+  // The controller's cache chunks (1 MiB each, a few on their way) come and
+  // go while nix realises through the agent. Under glibc's defaults the heap
+  // top they freed was trimmed and faulted in again, zeroed, for the next
+  // one. Chunks stay on the heap and up to 16 MiB of it is kept; the
+  // substituter gives it back when the realise ends (Substituter::Close), so
+  // an idle agent holds none of it.
+  ::mallopt(M_MMAP_THRESHOLD, 4 << 20);
+  ::mallopt(M_TRIM_THRESHOLD, 16 << 20);
+#endif
   InitCrypto();
   CLI::App app{"muster-agent: pulls signed system generations from a muster controller"};
   app.set_version_flag("--version", std::string("muster-agent ") + MUSTER_VERSION);

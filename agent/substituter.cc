@@ -1,5 +1,6 @@
 #include "agent/substituter.h"
 
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/ip/tcp.hpp>
@@ -405,6 +406,9 @@ void Substituter::Close() {
     }
     impl->CutAll();
     impl->token.clear();
+#ifdef __GLIBC__
+    ::malloc_trim(0);  // the chunks' heap (agent/main.cc keeps it while fetching)
+#endif
     done.set_value();
   });
   fut.wait();

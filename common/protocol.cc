@@ -353,28 +353,32 @@ std::string Encode(const Message& m) {
   return DumpJson(json{{"v", kVersion}, {"type", TypeName(m)}, {"body", std::move(body)}});
 }
 
-std::string EncodeBinary(Message m) {
-  // The bulk bytes are moved out of the message, never copied, and appended
-  // once after the header: one copy of the payload per frame.
-  std::string payload;
+BinaryFrame EncodeBinaryParts(Message m) {
+  BinaryFrame out;
   if (auto* f = std::get_if<Fetched>(&m)) {
-    payload = std::move(f->data);
+    out.payload = std::move(f->data);
     f->data.clear();
   } else if (auto* r = std::get_if<Request>(&m)) {
-    payload = std::move(r->payload);
+    out.payload = std::move(r->payload);
     r->payload.clear();
   }
   std::string header = Encode(m);
-  std::string out;
-  out.reserve(4 + header.size() + payload.size());
   auto n = static_cast<std::uint32_t>(header.size());
-  out.push_back(static_cast<char>((n >> 24) & 0xff));
-  out.push_back(static_cast<char>((n >> 16) & 0xff));
-  out.push_back(static_cast<char>((n >> 8) & 0xff));
-  out.push_back(static_cast<char>(n & 0xff));
-  out += header;
-  out += payload;
+  out.head.reserve(4 + header.size());
+  out.head.push_back(static_cast<char>((n >> 24) & 0xff));
+  out.head.push_back(static_cast<char>((n >> 16) & 0xff));
+  out.head.push_back(static_cast<char>((n >> 8) & 0xff));
+  out.head.push_back(static_cast<char>(n & 0xff));
+  out.head += header;
   return out;
+}
+
+std::string EncodeBinary(Message m) {
+  // One copy of the payload, appended after the header.
+  BinaryFrame f = EncodeBinaryParts(std::move(m));
+  f.head.reserve(f.size());
+  f.head += f.payload;
+  return std::move(f.head);
 }
 
 namespace {

@@ -199,6 +199,14 @@ std::string Encode(const Message& m);
 // a Request (payload: payload); other messages carry no payload and are
 // encoded with an empty one.
 std::string EncodeBinary(Message m);  // pass an rvalue to move the payload in
+// The same frame in its two parts, for a gathered write: the length-prefixed
+// header, then the payload as it was moved out of the message, never copied.
+struct BinaryFrame {
+  std::string head;
+  std::string payload;
+  std::size_t size() const { return head.size() + payload.size(); }
+};
+BinaryFrame EncodeBinaryParts(Message m);
 // Largest header a binary frame may carry (the payload is bounded by the
 // websocket's message limit).
 constexpr std::size_t kMaxBinaryHeaderBytes = 64 * 1024;

@@ -396,6 +396,20 @@ TEST(Protocol, BinaryFramesCarryBytesAfterAJsonHeader) {
   EXPECT_TRUE(std::get<Request>(DecodeOk(Encode(r))).payload.empty());
 }
 
+TEST(Protocol, AFrameInTwoPartsIsTheSameFrameWithItsPayloadMovedNotCopied) {
+  std::string bytes(1 << 20, 'n');
+  const char* where = bytes.data();
+  Fetched f{3, 200, 0, 1 << 20, std::move(bytes), ""};
+  std::string whole = EncodeBinary(f);
+  BinaryFrame parts = EncodeBinaryParts(std::move(f));
+  EXPECT_EQ(parts.payload.data(), where) << "the payload's buffer is the message's own";
+  EXPECT_EQ(parts.size(), whole.size());
+  EXPECT_EQ(parts.head + parts.payload, whole);
+  auto back = Decode(parts.head + parts.payload);
+  ASSERT_TRUE(back.ok()) << back.message();
+  EXPECT_EQ(std::get<Fetched>(*back).data.size(), 1u << 20);
+}
+
 TEST(Protocol, MalformedBinaryFramesAreRefused) {
   std::string ack = Encode(Ack{7});
   auto frame = [](std::uint32_t n, std::string_view rest) {

@@ -4,6 +4,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 
+#include <array>
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -805,13 +806,13 @@ class Session : public std::enable_shared_from_this<Session>,
         // The bytes are in the database: never wait for it on an I/O thread.
         // Answers carry their request's id, so their order does not matter.
         shared_->fetch_worker.Submit([self = shared_from_this(), f = *f]() {
-          auto bytes = proto::EncodeBinary(self->opts().cache->Fetch(self->who_.name, f));
-          asio::post(self->ex_, [self, bytes = std::move(bytes)]() mutable {
-            if (!self->closed_) self->Queue(std::move(bytes), true);
+          auto frame = proto::EncodeBinaryParts(self->opts().cache->Fetch(self->who_.name, f));
+          asio::post(self->ex_, [self, frame = std::move(frame)]() mutable {
+            if (!self->closed_) self->Queue(std::move(frame));
           });
         });
       } else {
-        Queue(proto::EncodeBinary(opts().cache->Fetch(who_.name, *f)), true);
+        Queue(proto::EncodeBinaryParts(opts().cache->Fetch(who_.name, *f)));
       }
       return true;
     }
@@ -1000,15 +1001,22 @@ class Session : public std::enable_shared_from_this<Session>,
   struct CloseFrame {
     websocket::close_reason reason;
   };
-  struct Binary {
-    std::string bytes;
-  };
+  using Binary = proto::BinaryFrame;  // written gathered: the payload is never copied
   using Out = std::variant<std::string, Ping, CloseFrame, Binary>;
 
-  // Queues a text message, or a binary frame (proto::EncodeBinary).
-  void Queue(std::string text, bool binary = false) {
+  static std::size_t SizeOf(const Out& o) {
+    if (auto* text = std::get_if<std::string>(&o)) return text->size();
+    if (auto* bin = std::get_if<Binary>(&o)) return bin->size();
+    return 0;
+  }
+
+  // Queues a text message, or a binary frame (proto::EncodeBinaryParts).
+  void Queue(std::string text) { Enqueue(Out{std::move(text)}); }
+  void Queue(Binary frame) { Enqueue(Out{std::move(frame)}); }
+
+  void Enqueue(Out out) {
     if (closed_) return;
-    outbox_bytes_ += text.size();
+    outbox_bytes_ += SizeOf(out);
     if (outbox_bytes_ > opts().max_outbox_bytes) {
       spdlog::warn("{} ({}): peer is not reading ({} bytes queued); closing", peer_, who_.name,
                    outbox_bytes_);
@@ -1020,11 +1028,9 @@ class Session : public std::enable_shared_from_this<Session>,
       // Insert before the close frame.
       auto it = outbox_.end();
       if (!outbox_.empty() && std::holds_alternative<CloseFrame>(outbox_.back())) --it;
-      outbox_.insert(it, binary ? Out{Binary{std::move(text)}} : Out{std::move(text)});
-    } else if (binary) {
-      outbox_.push_back(Binary{std::move(text)});
+      outbox_.insert(it, std::move(out));
     } else {
-      outbox_.push_back(std::move(text));
+      outbox_.push_back(std::move(out));
     }
     Flush();
   }
@@ -1040,8 +1046,8 @@ class Session : public std::enable_shared_from_this<Session>,
                        [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (auto* bin = std::get_if<Binary>(&front)) {
       ws_->binary(true);
-      ws_->async_write(asio::buffer(bin->bytes),
-                       [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
+      std::array<asio::const_buffer, 2> parts{asio::buffer(bin->head), asio::buffer(bin->payload)};
+      ws_->async_write(parts, [self](beast::error_code ec, std::size_t) { self->OnWrite(ec); });
     } else if (std::holds_alternative<Ping>(front)) {
       ws_->async_ping({}, [self](beast::error_code ec) { self->OnWrite(ec); });
     } else {
@@ -1065,8 +1071,7 @@ class Session : public std::enable_shared_from_this<Session>,
       if (!Benign(ec)) spdlog::info("{} ({}): write failed: {}", peer_, who_.name, ec.message());
       return Abort();
     }
-    if (auto* text = std::get_if<std::string>(&outbox_.front())) outbox_bytes_ -= text->size();
-    if (auto* bin = std::get_if<Binary>(&outbox_.front())) outbox_bytes_ -= bin->bytes.size();
+    outbox_bytes_ -= SizeOf(outbox_.front());
     outbox_.pop_front();
     Flush();
   }

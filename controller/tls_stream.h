@@ -197,13 +197,22 @@ class TlsStream {
   struct Write {
     Buffers buffers;
     Attempt operator()(TlsStream& s) {
-      // Gathered into one record (up to 16 KiB) so that a websocket frame's
-      // header and payload do not become two records. The scratch space is
-      // per thread, not per connection; OpenSSL copies it before returning
-      // (and ACCEPT_MOVING_WRITE_BUFFER lets a retry pass the same bytes anew).
+      // Small pieces (a websocket frame's header, a short message) are
+      // gathered into one record (up to 16 KiB) so that a header and its
+      // payload do not become two records. A large first piece (the middle
+      // of a cache chunk) goes to OpenSSL as it is: it copies the bytes into
+      // its record buffer anyway. The scratch space is per thread, not per
+      // connection; OpenSSL copies it before returning (and
+      // ACCEPT_MOVING_WRITE_BUFFER lets a retry pass the same bytes anew).
       thread_local unsigned char scratch[16384];
+      const unsigned char* data = scratch;
       std::size_t len = 0;
       for (auto b : boost::beast::buffers_range_ref(buffers)) {
+        if (len == 0 && b.size() >= sizeof scratch) {
+          data = static_cast<const unsigned char*>(b.data());
+          len = b.size();
+          break;
+        }
         std::size_t take = std::min(b.size(), sizeof scratch - len);
         std::memcpy(scratch + len, b.data(), take);
         len += take;
@@ -213,7 +222,7 @@ class TlsStream {
       ERR_clear_error();
       errno = 0;
       std::size_t n = 0;
-      int r = SSL_write_ex(s.ssl_, scratch, len, &n);
+      int r = SSL_write_ex(s.ssl_, data, len, &n);
       if (r == 1) return {true, false, {}, n};
       return s.Fail(r);
     }
