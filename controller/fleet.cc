@@ -365,32 +365,88 @@ Identity Fleet::Lookup(const PublicKey& key) const {
   return live_tokens_ > 0 ? Identity{Role::kEnrollee, ""} : Identity{};
 }
 
-std::string Fleet::DeployText(const GenerationRecord& g) {
-  // proto::Encode's bytes (sorted keys, no whitespace), each string escaped
-  // on its own: no document of the whole message is built.
-  auto quoted = [](const std::string& s) {
-    // Base64 (vars, signature, key) needs no escaping: copied as it is.
-    bool plain = std::all_of(s.begin(), s.end(), [](char c) {
+namespace {
+
+// Writes the deploy message for a record as proto::Encode would (sorted keys,
+// no whitespace), each string escaped on its own: no document of the whole
+// message is built. Out appends raw text and quoted strings, or counts them.
+template <class Out>
+void WriteDeploy(const GenerationRecord& g, Out& out) {
+  out.Raw(R"({"body":{"manifest":)");
+  out.Quoted(g.manifest.manifest);
+  out.Raw(R"(,"signature":)");
+  out.Quoted(g.manifest.signature);
+  out.Raw(R"(,"signer":)");
+  out.Quoted(g.manifest.signer);
+  out.Raw(R"(,"vars":)");
+  out.Quoted(g.vars);
+  out.Raw(R"(},"type":"deploy","v":)");
+  out.Raw(std::to_string(proto::kVersion));
+  out.Raw("}");
+}
+
+bool Plain(const std::string& s) {
+  // Base64 (vars, signature, key) needs no escaping: copied as it is.
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return u >= 0x20 && u < 0x80 && c != '"' && c != '\\';
+  });
+}
+
+struct DeployAppender {
+  std::string& text;
+  void Raw(std::string_view s) { text += s; }
+  void Quoted(const std::string& s) {
+    if (Plain(s)) {
+      text += '"';
+      text += s;
+      text += '"';
+    } else {
+      text += DumpJson(json(s));
+    }
+  }
+};
+
+struct DeployCounter {
+  std::size_t size = 0;
+  void Raw(std::string_view s) { size += s.size(); }
+  // The length DumpJson gives s, without writing it for ASCII (a manifest).
+  void Quoted(const std::string& s) {
+    std::size_t n = 2;
+    for (char c : s) {
       auto u = static_cast<unsigned char>(c);
-      return u >= 0x20 && u < 0x80 && c != '"' && c != '\\';
-    });
-    return plain ? '"' + s + '"' : DumpJson(json(s));
-  };
+      if (u >= 0x80) {  // UTF-8, valid or replaced: the serialiser decides
+        size += DumpJson(json(s)).size();
+        return;
+      }
+      if (c == '"' || c == '\\') {
+        n += 2;
+      } else if (u < 0x20) {
+        bool short_escape = c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t';
+        n += short_escape ? 2 : 6;
+      } else {
+        n += 1;
+      }
+    }
+    size += n;
+  }
+};
+
+}  // namespace
+
+std::string Fleet::DeployText(const GenerationRecord& g) {
   std::string out;
   out.reserve(96 + g.manifest.manifest.size() * 5 / 4 + g.manifest.signer.size() +
               g.manifest.signature.size() + g.vars.size());
-  out += R"({"body":{"manifest":)";
-  out += quoted(g.manifest.manifest);
-  out += R"(,"signature":)";
-  out += quoted(g.manifest.signature);
-  out += R"(,"signer":)";
-  out += quoted(g.manifest.signer);
-  out += R"(,"vars":)";
-  out += quoted(g.vars);
-  out += R"(},"type":"deploy","v":)";
-  out += std::to_string(proto::kVersion);
-  out += '}';
+  DeployAppender a{out};
+  WriteDeploy(g, a);
   return out;
+}
+
+std::size_t Fleet::DeployTextSize(const GenerationRecord& g) {
+  DeployCounter c;
+  WriteDeploy(g, c);
+  return c.size;
 }
 
 Result<std::vector<std::string>> Fleet::AgentHello(const std::string& machine,
@@ -891,7 +947,7 @@ Result<GenerationRecord> Fleet::CheckSigned(const std::string& operator_name,
   g.vars = std::move(vars_b64);
   // The agent closes a connection on a larger message and would receive the
   // same one on every reconnect: refuse it here, where an operator sees why.
-  if (std::size_t size = DeployText(g).size(); size > max_deploy_bytes_) {
+  if (std::size_t size = DeployTextSize(g); size > max_deploy_bytes_) {
     std::size_t rest = size - g.vars.size();  // manifest and framing
     // Sealed vars are base64 of a box holding base64 contents: ~16/9 of the files.
     std::size_t room = max_deploy_bytes_ > rest ? (max_deploy_bytes_ - rest) * 9 / 16 : 0;

@@ -329,12 +329,15 @@ class Fleet {
   FleetCounters counters() const;
   std::int64_t Now() const { return clock_(); }
 
+  // The deploy message for a record: the bytes proto::Encode(Deploy) gives,
+  // written without building a JSON document; and its size, counted without
+  // writing it.
+  static std::string DeployText(const GenerationRecord& g);
+  static std::size_t DeployTextSize(const GenerationRecord& g);
+
  private:
   // The machine's connection to this controller, if any.
   std::shared_ptr<AgentChannel> LocalChannel(const std::string& machine) const;
-  // The deploy message for a record: the bytes proto::Encode(Deploy) gives,
-  // written without building a JSON document.
-  static std::string DeployText(const GenerationRecord& g);
   // ValidateDeploy's checks that need no store or lock: signature, manifest,
   // vars hash and the deploy message's size. sealed: the raw box; the record
   // keeps vars_b64. Thread-safe.

@@ -587,6 +587,26 @@ TEST_F(FleetTest, AgentStringsAreStoredAndBroadcastAsValidUtf8CutBetweenCharacte
   EXPECT_EQ(log_event.data["lines"][0], stored[0].line) << "events carry the stored (cut) lines";
 }
 
+TEST(DeployText, IsWhatTheProtocolEncodesAndItsSizeIsCountedExactly) {
+  // Every kind of character a manifest or vars could hold: quotes and
+  // backslashes, short and long control escapes, DEL, valid and invalid UTF-8.
+  const std::vector<std::string> texts = {
+      "", "plain", "{\"a\":\"b\\c\"}", std::string("nul\0x", 5), "\b\f\n\r\t\x01\x1f\x7f",
+      "caf\xc3\xa9 \xe2\x82\xac", "cut \xc3", "bad \xff\xfe"};
+  for (const auto& m : texts) {
+    for (const auto& v : texts) {
+      GenerationRecord g;
+      g.manifest.manifest = m;
+      g.manifest.signature = v;
+      g.manifest.signer = "ed25519:" + v;
+      g.vars = v;
+      proto::Deploy d{g.manifest, g.vars};
+      EXPECT_EQ(Fleet::DeployText(g), proto::Encode(d)) << m << " / " << v;
+      EXPECT_EQ(Fleet::DeployTextSize(g), Fleet::DeployText(g).size()) << m << " / " << v;
+    }
+  }
+}
+
 TEST_F(FleetTest, PublishRefusesADeployLargerThanAgentsAccept) {
   proto::Deploy d = MakeDeploy(1);
   std::size_t size = proto::Encode(d).size();
