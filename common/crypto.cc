@@ -6,9 +6,9 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <stdexcept>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 
 #include "common/fsutil.h"
 #include "common/utf8.h"
@@ -64,9 +64,13 @@ std::string Sha256Hex(std::string_view bytes) {
   // OpenSSL's SHA-256 uses the CPU's SHA extensions where it has them:
   // 1.3 GB/s against libsodium's 0.26 GB/s on the benchmark machine, and
   // every publish hashes each machine's sealed vars on both ends.
+  // Fetched once: OpenSSL 3 would look the algorithm up in its provider
+  // store (under a lock) on every call.
+  static EVP_MD* const sha256 = EVP_MD_fetch(nullptr, "SHA256", nullptr);
   unsigned char h[EVP_MAX_MD_SIZE];
   unsigned int n = 0;
-  if (EVP_Digest(bytes.data(), bytes.size(), h, &n, EVP_sha256(), nullptr) != 1 || n != 32) {
+  if (sha256 == nullptr || EVP_Digest(bytes.data(), bytes.size(), h, &n, sha256, nullptr) != 1 ||
+      n != 32) {
     throw std::runtime_error("SHA-256 failed in OpenSSL");
   }
   return HexEncode({reinterpret_cast<const char*>(h), n});

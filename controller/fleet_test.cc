@@ -590,9 +590,14 @@ TEST_F(FleetTest, AgentStringsAreStoredAndBroadcastAsValidUtf8CutBetweenCharacte
 TEST(DeployText, IsWhatTheProtocolEncodesAndItsSizeIsCountedExactly) {
   // Every kind of character a manifest or vars could hold: quotes and
   // backslashes, short and long control escapes, DEL, valid and invalid UTF-8.
-  const std::vector<std::string> texts = {
-      "", "plain", "{\"a\":\"b\\c\"}", std::string("nul\0x", 5), "\b\f\n\r\t\x01\x1f\x7f",
-      "caf\xc3\xa9 \xe2\x82\xac", "cut \xc3", "bad \xff\xfe"};
+  const std::vector<std::string> texts = {"",
+                                          "plain",
+                                          "{\"a\":\"b\\c\"}",
+                                          std::string("nul\0x", 5),
+                                          "\b\f\n\r\t\x01\x1f\x7f",
+                                          "caf\xc3\xa9 \xe2\x82\xac",
+                                          "cut \xc3",
+                                          "bad \xff\xfe"};
   for (const auto& m : texts) {
     for (const auto& v : texts) {
       GenerationRecord g;
