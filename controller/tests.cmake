@@ -14,4 +14,5 @@ muster_unit_test(controller_test
     operator_set_test.cc
     store_test.cc
     cluster_test.cc
+    pg_result_test.cc
   LIBS muster_controller_lib)
