@@ -209,31 +209,26 @@ void Notifier::Start() {
   fleet_.SetStatusOutbox([w = weak_from_this()](StatusWrite& write) {
     if (auto self = w.lock()) self->Outbox(write);
   });
-  bool any;
-  {
-    std::lock_guard lock(mu_);
-    any = !hooks_->empty();
-  }
-  if (options_.shared_poll_ms > 0 || any) Subscribe();
+  if (options_.shared_poll_ms > 0 || !Hooks()->empty()) Subscribe();
   sender_ = std::thread([this] { SenderLoop(); });
 }
 
 void Notifier::RefreshHooks() {
   auto list = std::make_shared<const std::vector<WebhookRecord>>(store_.ListWebhooks());
-  any_webhook_ = !list->empty();
   std::lock_guard lock(mu_);
   hooks_ = std::move(list);
+}
+
+std::shared_ptr<const std::vector<WebhookRecord>> Notifier::Hooks() const {
+  std::lock_guard lock(mu_);
+  return hooks_;
 }
 
 void Notifier::Outbox(StatusWrite& write) {
   auto ph = ParsePhase(write.ev.phase);
   if (!ph || !IsTerminal(*ph)) return;
-  std::shared_ptr<const std::vector<WebhookRecord>> hooks;
-  {
-    std::lock_guard lock(mu_);
-    hooks = hooks_;
-  }
-  if (!hooks || hooks->empty()) return;
+  auto hooks = Hooks();
+  if (hooks->empty()) return;
   json data = {{"machine", write.ev.machine},
                {"generation", write.ev.generation},
                {"phase", write.ev.phase},
@@ -333,9 +328,14 @@ void Notifier::Deliver(std::string text) {
 
 void Notifier::Enqueue(const std::string& event, json data, const std::string& only_webhook,
                        std::string* id_out) {
-  if (options_.shared_poll_ms > 0 && only_webhook.empty() && !any_webhook_) return;
+  // Broadcasts use the webhooks kept current (RefreshHooks); a test of one
+  // webhook reads it afresh, as it may have been added through another
+  // controller since the last poll.
+  auto hooks = only_webhook.empty()
+                   ? Hooks()
+                   : std::make_shared<const std::vector<WebhookRecord>>(store_.ListWebhooks());
   std::vector<DeliveryRecord> rows =
-      Deliveries(event, std::move(data), store_.ListWebhooks(), only_webhook, id_out);
+      Deliveries(event, std::move(data), *hooks, only_webhook, id_out);
   if (rows.empty()) return;
   auto dropped = store_.EnqueueDeliveries(rows, options_.max_queued);
   if (!dropped) {

@@ -15,7 +15,6 @@
 // Stop.
 #pragma once
 
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -122,6 +121,7 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   // Re-reads the webhooks (at the start, on Add/Remove, and at each poll of
   // a shared queue, for webhooks added through other controllers).
   void RefreshHooks();
+  std::shared_ptr<const std::vector<WebhookRecord>> Hooks() const;
   void SenderLoop();
   void Attempt(const DeliveryRecord& d, const std::map<std::string, WebhookRecord>& hooks);
   // Offline machines past the threshold, queued once per absence; returns the
@@ -134,14 +134,12 @@ class Notifier : public EventSink, public std::enable_shared_from_this<Notifier>
   Store& store_;
   NotifierOptions options_;
   Poster poster_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
   bool wake_ = false;
   bool subscribed_ = false;
-  // Shared queue only: whether any webhook exists, re-read by the sender at
-  // each poll, so that events cost no query while there is none.
-  std::atomic<bool> any_webhook_{false};
+  // The webhooks, as last read (RefreshHooks): events cost no query.
   std::shared_ptr<const std::vector<WebhookRecord>> hooks_ =
       std::make_shared<const std::vector<WebhookRecord>>();  // under mu_
   std::thread sender_;

@@ -6,7 +6,6 @@
 // (never in this process's memory), so that bounds hold whichever controller
 // writes.
 #include <libpq-fe.h>
-#include <spdlog/spdlog.h>
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -819,7 +818,7 @@ class PgStore final : public Store {
   // In the transaction the caller began; ends it.
   Status RecordStatusWriteLocked(const StatusWrite& w) {
     auto st = WriteStatusesLocked({&w});
-    if (st) st = QueueNotificationsLocked({&w});
+    if (st) st = QueueNotificationsLocked({&w, 1});
     if (!st) {
       (void)End("ROLLBACK");
       return st;
@@ -855,11 +854,7 @@ class PgStore final : public Store {
             break;
           }
         }
-        if (ok) {
-          std::vector<const StatusWrite*> all;
-          for (const auto& w : writes) all.push_back(&w);
-          ok = QueueNotificationsLocked(all).ok();
-        }
+        if (ok) ok = QueueNotificationsLocked(writes).ok();
         if (ok && End("COMMIT").ok()) return std::vector<Status>(writes.size(), Status::Ok());
         (void)End("ROLLBACK");
       }
@@ -1541,14 +1536,10 @@ class PgStore final : public Store {
   }
 
   // The deliveries the writes carry, in the caller's transaction.
-  Status QueueNotificationsLocked(const std::vector<const StatusWrite*>& writes) {
-    std::int64_t max_queued = 0;
-    auto all = DeliveriesOf(writes, &max_queued);
-    if (all.empty()) return Status::Ok();
-    auto dropped = EnqueueDeliveriesLocked(all, max_queued);
-    if (!dropped) return dropped.error();
-    if (*dropped > 0) spdlog::warn("notifications: queue full; dropped the {} oldest", *dropped);
-    return Status::Ok();
+  Status QueueNotificationsLocked(std::span<const StatusWrite> writes) {
+    return QueueDeliveriesOf(writes, [this](const auto& all, std::int64_t max_queued) {
+      return EnqueueDeliveriesLocked(all, max_queued);
+    });
   }
 
   // Claims what it returns for this controller: a delivery claimed by a live

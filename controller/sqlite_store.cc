@@ -1,6 +1,5 @@
 // SQLite implementation of Store: one connection, WAL, synchronous=FULL, a
 // mutex around every call.
-#include <spdlog/spdlog.h>
 #include <sqlite3.h>
 
 #include <map>
@@ -473,11 +472,7 @@ class SqliteStore final : public Store {
             break;
           }
         }
-        if (ok) {
-          std::vector<const StatusWrite*> all;
-          for (const auto& w : writes) all.push_back(&w);
-          ok = QueueNotificationsLocked(all).ok();
-        }
+        if (ok) ok = QueueNotificationsLocked(writes).ok();
         if (ok && Exec("COMMIT")) return std::vector<Status>(writes.size(), Status::Ok());
         RollbackLocked();
       }
@@ -489,21 +484,17 @@ class SqliteStore final : public Store {
     std::lock_guard lock(mu_);
     if (auto st = Exec("BEGIN IMMEDIATE"); !st) return st;
     auto st = WriteStatusLocked(w.name, w.ev, w.toplevel, w.reboot_required, w.facts);
-    if (st) st = QueueNotificationsLocked({&w});
+    if (st) st = QueueNotificationsLocked({&w, 1});
     if (st) st = Exec("COMMIT");
     if (!st) RollbackLocked();
     return st;
   }
 
   // The deliveries the writes carry, in the caller's transaction.
-  Status QueueNotificationsLocked(const std::vector<const StatusWrite*>& writes) {
-    std::int64_t max_queued = 0;
-    auto all = DeliveriesOf(writes, &max_queued);
-    if (all.empty()) return Status::Ok();
-    auto dropped = EnqueueDeliveriesLocked(all, max_queued);
-    if (!dropped) return dropped.error();
-    if (*dropped > 0) spdlog::warn("notifications: queue full; dropped the {} oldest", *dropped);
-    return Status::Ok();
+  Status QueueNotificationsLocked(std::span<const StatusWrite> writes) {
+    return QueueDeliveriesOf(writes, [this](const auto& all, std::int64_t max_queued) {
+      return EnqueueDeliveriesLocked(all, max_queued);
+    });
   }
 
   // The machine row and the event row of one report; the caller holds mu_ and

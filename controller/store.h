@@ -8,12 +8,13 @@
 // serialise internally.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -103,7 +104,6 @@ struct HelloWrite {
   std::int64_t last_applied = 0;
 };
 
-// The arguments of one Store::RecordStatus call.
 // One queued delivery of a notification body to one webhook.
 struct DeliveryRecord {
   std::int64_t id = 0;
@@ -116,6 +116,7 @@ struct DeliveryRecord {
   std::string last_error;
 };
 
+// The arguments of one Store::RecordStatus call.
 struct StatusWrite {
   std::string name;
   EventRecord ev;
@@ -150,18 +151,12 @@ struct WebhookRecord {
   std::int64_t created_at = 0;
 };
 
-// The deliveries a batch of status writes carries, and the bound to keep
-// (the largest any of them names).
-inline std::vector<DeliveryRecord> DeliveriesOf(const std::vector<const StatusWrite*>& writes,
-                                                std::int64_t* max_queued) {
-  std::vector<DeliveryRecord> all;
-  *max_queued = 0;
-  for (const auto* w : writes) {
-    all.insert(all.end(), w->deliveries.begin(), w->deliveries.end());
-    *max_queued = std::max(*max_queued, w->max_queued);
-  }
-  return all;
-}
+// Queues the webhook deliveries that status writes carry through enqueue (a
+// store's inserts in the caller's transaction), under the largest bound any
+// of them names, and logs what that bound dropped.
+using EnqueueDeliveriesFn =
+    std::function<Result<std::int64_t>(const std::vector<DeliveryRecord>&, std::int64_t)>;
+Status QueueDeliveriesOf(std::span<const StatusWrite> writes, const EnqueueDeliveriesFn& enqueue);
 
 class Store {
  public:
